@@ -1,0 +1,562 @@
+"""The bus and its four roles: Producer and Publisher send, Consumer and Subscriber receive."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from datetime import timedelta
+from types import TracebackType
+from typing import Any, Generic, Self, TypeVar, overload
+
+from . import _codec, _runtime
+from ._capabilities import Capabilities
+from ._message import Message, Outgoing
+from ._retry import RetryPolicy
+from ._url import BusURL
+from .adapter import RESERVED_HEADER_PREFIX, Adapter, Delivery, Endpoint, Receiver, Record
+from .errors import (
+    CapabilityMissing,
+    ClosedError,
+    ConfigError,
+    DecodeError,
+    InvalidMessage,
+    MessageTooLarge,
+    MsgbusError,
+)
+
+log = logging.getLogger("msgbus")
+
+T = TypeVar("T")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
+
+
+def _check_name(what: str, name: object) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ConfigError(
+            f"{what} name must be 1-200 characters of letters, digits, '_', '.', '-' (starting with a letter or "
+            f"digit), got {name!r}"
+        )
+    return name
+
+
+class Bus:
+    """A connection to one backend; an async context manager. Task-safe; open once, share widely."""
+
+    def __init__(self, adapter: Adapter, url: BusURL, *, create_topology: bool = True) -> None:
+        self._adapter = adapter
+        self._url = url
+        self._create = create_topology
+        self._state = "new"
+        self._open_lock = asyncio.Lock()
+        self._declared: set[Endpoint] = set()
+        self._consumers: set[Consumer[Any]] = set()
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._adapter.capabilities
+
+    @property
+    def url(self) -> str:
+        """The bus URL with secrets redacted."""
+        return self._url.redacted
+
+    @property
+    def adapter(self) -> Adapter:
+        """The backend adapter (escape hatch; not portable)."""
+        return self._adapter
+
+    def __repr__(self) -> str:
+        return f"<Bus {self._url.redacted} {self._state}>"
+
+    async def open(self) -> None:
+        """Connect to the backend; idempotent. Raises ``ConnectionLost`` when it cannot be reached."""
+        if self._state == "open":
+            return
+        async with self._open_lock:
+            if self._state == "closed":
+                raise ClosedError(f"{self!r} is closed")
+            if self._state == "new":
+                await self._adapter.open()
+                self._state = "open"
+
+    async def close(self) -> None:
+        """Close consumers (releasing unhandled prefetched messages) and disconnect; idempotent."""
+        if self._state == "closed":
+            return
+        for consumer in list(self._consumers):
+            await consumer.close()
+        self._state = "closed"
+        await self._adapter.close()
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _ready(self, endpoint: Endpoint) -> None:
+        if self._state != "open":
+            await self.open()
+        if endpoint not in self._declared:
+            await self._adapter.declare(endpoint, create=self._create)
+            self._declared.add(endpoint)
+
+    def producer(self, queue: str) -> Producer:
+        """A sender to work queue ``queue``: each message is processed by one consumer."""
+        return Producer(self, Endpoint("queue", _check_name("queue", queue)))
+
+    def publisher(self, topic: str) -> Publisher:
+        """A sender to ``topic``: every subscription gets its own copy."""
+        return Publisher(self, Endpoint("topic", _check_name("topic", topic)))
+
+    @overload
+    def consumer(
+        self, queue: str, *, model: None = None, prefetch: int | None = None, retry: RetryPolicy | None = None
+    ) -> Consumer[Any]: ...
+    @overload
+    def consumer(
+        self, queue: str, *, model: type[T], prefetch: int | None = None, retry: RetryPolicy | None = None
+    ) -> Consumer[T]: ...
+    def consumer(
+        self,
+        queue: str,
+        *,
+        model: type[Any] | None = None,
+        prefetch: int | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> Consumer[Any]:
+        """A competing consumer of work queue ``queue``; ``model`` validates bodies on receipt."""
+        return Consumer(self, Endpoint("queue", _check_name("queue", queue)), model, prefetch, retry)
+
+    @overload
+    def subscriber(
+        self,
+        topic: str,
+        *,
+        subscription: str,
+        model: None = None,
+        prefetch: int | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> Subscriber[Any]: ...
+    @overload
+    def subscriber(
+        self,
+        topic: str,
+        *,
+        subscription: str,
+        model: type[T],
+        prefetch: int | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> Subscriber[T]: ...
+    def subscriber(
+        self,
+        topic: str,
+        *,
+        subscription: str,
+        model: type[Any] | None = None,
+        prefetch: int | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> Subscriber[Any]:
+        """A consumer of the durable ``subscription`` of ``topic`` (consumers of one subscription compete)."""
+        endpoint = Endpoint("topic", _check_name("topic", topic), _check_name("subscription", subscription))
+        return Subscriber(self, endpoint, model, prefetch, retry)
+
+    def dead_letters(
+        self, name: str, *, subscription: str | None = None, model: type[Any] | None = None
+    ) -> Consumer[Any]:
+        """A consumer of what was dead-lettered from queue ``name`` (or from ``subscription`` of topic ``name``)."""
+        if subscription is None:
+            endpoint = Endpoint("queue", _check_name("queue", name), dead_letter=True)
+        else:
+            endpoint = Endpoint("topic", _check_name("topic", name), _check_name("subscription", subscription), True)
+        return Consumer(self, endpoint, model, None, None)
+
+
+class _Sender:
+    """Shared send path of Producer and Publisher: codec -> Record -> adapter."""
+
+    def __init__(self, bus: Bus, endpoint: Endpoint) -> None:
+        self._bus = bus
+        self._endpoint = endpoint
+
+    @property
+    def name(self) -> str:
+        return self._endpoint.name
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._endpoint.name!r} on {self._bus.url}>"
+
+    def _record(
+        self,
+        body: object,
+        key: str | None,
+        headers: Mapping[str, str] | None,
+        message_id: str | None,
+        correlation_id: str | None,
+        content_type: str | None,
+        now: float,
+    ) -> Record:
+        payload, ctype = _codec.encode(body, content_type)
+        record = Record(
+            body=payload,
+            id=_opt_str("message_id", message_id) or uuid.uuid4().hex,
+            headers=_check_headers(headers),
+            key=_opt_str("key", key),
+            correlation_id=_opt_str("correlation_id", correlation_id),
+            content_type=ctype,
+            timestamp=now,
+        )
+        limit = self._bus.capabilities.max_message_size
+        if limit is not None:
+            size = record.size()
+            if size > limit:
+                raise MessageTooLarge(size, limit)
+        return record
+
+    def _delay(self, delay: float | timedelta | None) -> float | None:
+        if delay is None:
+            return None
+        seconds = delay.total_seconds() if isinstance(delay, timedelta) else delay
+        if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds != seconds or seconds < 0:
+            raise InvalidMessage(f"delay must be a number of seconds >= 0 or a timedelta, got {delay!r}")
+        if seconds == 0:
+            return None
+        caps = self._bus.capabilities
+        if not caps.delayed_delivery:
+            raise CapabilityMissing(f"{self._bus.url} does not support delayed delivery")
+        if caps.max_delay is not None and seconds > caps.max_delay:
+            raise InvalidMessage(f"delay {seconds:g}s is longer than the backend's maximum {caps.max_delay:g}s")
+        return float(seconds)
+
+    async def _send(self, records: Sequence[Record], delay: float | None) -> None:
+        if self._bus._state == "closed":
+            raise ClosedError(f"{self._bus!r} is closed")
+        await self._bus._ready(self._endpoint)
+        await self._bus._adapter.send(self._endpoint, records, delay)
+
+    async def _one(
+        self,
+        body: object,
+        key: str | None,
+        headers: Mapping[str, str] | None,
+        delay: float | timedelta | None,
+        message_id: str | None,
+        correlation_id: str | None,
+        content_type: str | None,
+    ) -> str:
+        record = self._record(body, key, headers, message_id, correlation_id, content_type, time.time())
+        await self._send((record,), self._delay(delay))
+        return record.id
+
+    async def _many(
+        self, items: Iterable[Any], key: str | None, headers: Mapping[str, str] | None, delay: float | timedelta | None
+    ) -> list[str]:
+        now = time.time()
+        records = []
+        for item in items:
+            if isinstance(item, Outgoing):
+                merged = {**(headers or {}), **(item.headers or {})} if headers or item.headers else None
+                records.append(
+                    self._record(
+                        item.body,
+                        item.key if item.key is not None else key,
+                        merged,
+                        item.message_id,
+                        item.correlation_id,
+                        item.content_type,
+                        now,
+                    )
+                )
+            else:
+                records.append(self._record(item, key, headers, None, None, None, now))
+        if records:
+            await self._send(records, self._delay(delay))
+        return [r.id for r in records]
+
+
+class Producer(_Sender):
+    """Sends to a work queue. ``send`` returns once the backend stored the message durably."""
+
+    async def send(
+        self,
+        body: object,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        delay: float | timedelta | None = None,
+        message_id: str | None = None,
+        correlation_id: str | None = None,
+        content_type: str | None = None,
+    ) -> str:
+        """Send one message; returns its id. Raises (never fails silently) when the backend did not store it."""
+        return await self._one(body, key, headers, delay, message_id, correlation_id, content_type)
+
+    async def send_many(
+        self,
+        items: Iterable[Any],
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        delay: float | timedelta | None = None,
+    ) -> list[str]:
+        """Send bodies or ``Outgoing`` items as one batch (native where the broker has it); returns their ids."""
+        return await self._many(items, key, headers, delay)
+
+
+class Publisher(_Sender):
+    """Publishes to a topic. ``publish`` returns once the backend stored the message durably."""
+
+    async def publish(
+        self,
+        body: object,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        delay: float | timedelta | None = None,
+        message_id: str | None = None,
+        correlation_id: str | None = None,
+        content_type: str | None = None,
+    ) -> str:
+        """Publish one message to every subscription of the topic; returns its id."""
+        return await self._one(body, key, headers, delay, message_id, correlation_id, content_type)
+
+    async def publish_many(
+        self,
+        items: Iterable[Any],
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        delay: float | timedelta | None = None,
+    ) -> list[str]:
+        """Publish bodies or ``Outgoing`` items as one batch; returns their ids."""
+        return await self._many(items, key, headers, delay)
+
+
+def _opt_str(name: str, value: object) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise InvalidMessage(f"{name} must be a str, not {type(value).__name__}")
+
+
+def _check_headers(headers: Mapping[str, str] | None) -> Mapping[str, str]:
+    if not headers:
+        return {}
+    if not isinstance(headers, Mapping):
+        raise InvalidMessage(f"headers must be a mapping of str to str, not {type(headers).__name__}")
+    out: dict[str, str] = {}
+    for k, v in headers.items():
+        if not isinstance(k, str) or not k:
+            raise InvalidMessage(f"header names must be non-empty str, got {k!r}")
+        if not isinstance(v, str):
+            raise InvalidMessage(f"header {k!r} must have a str value, not {type(v).__name__}")
+        if k.lower().startswith(RESERVED_HEADER_PREFIX):
+            raise InvalidMessage(f"header {k!r}: names starting with {RESERVED_HEADER_PREFIX!r} are reserved")
+        out[k] = v
+    return out
+
+
+class Consumer(Generic[T]):
+    """Receives from a work queue (or a subscription, or dead letters).
+
+    Use ``run(handler)``, ``async for``, or ``receive()``. At most ``prefetch`` messages are held
+    unsettled. Not meant to be iterated by several tasks at once; open one consumer per task instead.
+    """
+
+    def __init__(
+        self, bus: Bus, endpoint: Endpoint, model: type[T] | None, prefetch: int | None, retry: RetryPolicy | None
+    ) -> None:
+        if prefetch is not None and (not isinstance(prefetch, int) or prefetch < 1):
+            raise ConfigError(f"prefetch must be a positive int, got {prefetch!r}")
+        self._bus = bus
+        self._endpoint = endpoint
+        self._model = model
+        self._prefetch = prefetch
+        self._retry = retry or RetryPolicy()
+        self._receiver: Receiver | None = None
+        self._buffer: deque[Message[T]] = deque()
+        self._unsettled = 0
+        self._lock = asyncio.Lock()
+        self._closed = False
+        self._stop: asyncio.Event | None = None
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._endpoint} on {self._bus.url}>"
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._bus.capabilities
+
+    async def open(self, *, prefetch: int | None = None) -> None:
+        """Declare the queue or subscription and start receiving; idempotent.
+
+        For a subscription, every message published after ``open()`` returns reaches it.
+        """
+        if self._closed:
+            raise ClosedError(f"{self!r} is closed")
+        if self._receiver is None:
+            await self._bus._ready(self._endpoint)
+            size = self._prefetch or prefetch or 16
+            self._prefetch = size
+            self._receiver = await self._bus._adapter.receiver(self._endpoint, size)
+            self._bus._consumers.add(self)
+
+    async def close(self) -> None:
+        """Stop receiving; messages fetched but not handed out are released (nacked). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._stop is not None:
+            self._stop.set()
+        await self._release_buffered()
+        if self._receiver is not None:
+            await self._receiver.close()
+        self._bus._consumers.discard(self)
+
+    async def _abandon(self) -> None:
+        """Test hook: drop the receiver without settling anything, as if the process died."""
+        self._closed = True
+        self._buffer.clear()
+        if self._receiver is not None:
+            await self._receiver.close()
+        self._bus._consumers.discard(self)
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def _settled(self, msg: Message[Any]) -> None:
+        self._unsettled -= 1
+
+    def _buffered(self) -> list[Message[T]]:
+        return list(self._buffer)
+
+    async def _release_buffered(self) -> None:
+        while self._buffer:
+            msg = self._buffer.popleft()
+            try:
+                await msg.nack()
+            except MsgbusError as err:
+                log.debug("msgbus: release of %s failed (its lock will expire): %s", msg.id, err)
+
+    async def _fetch(self, max_messages: int, timeout: float) -> list[Message[T]]:
+        """One receive call on the backend; undecodable deliveries are dead-lettered, not returned."""
+        await self.open()
+        assert self._receiver is not None and self._prefetch is not None
+        room = max(1, min(max_messages, self._prefetch - self._unsettled))
+        out: list[Message[T]] = []
+        for delivery in await self._receiver.receive(room, timeout):
+            try:
+                body = _codec.decode(delivery.record.body, delivery.record.content_type, self._model)
+            except DecodeError as err:
+                await self._dead_letter_undecodable(delivery, err)
+                continue
+            self._unsettled += 1
+            out.append(Message(delivery, body, self))
+        return out
+
+    async def _dead_letter_undecodable(self, delivery: Delivery, err: DecodeError) -> None:
+        log.warning(
+            "msgbus: message %s on %s is undecodable; dead-lettering it: %s", delivery.record.id, self._endpoint, err
+        )
+        try:
+            await delivery.dead_letter(f"DecodeError: {err}")
+        except MsgbusError as exc:
+            log.warning("msgbus: could not dead-letter undecodable %s: %s", delivery.record.id, exc)
+
+    async def receive(self, max_messages: int = 1, timeout: float = 1.0) -> list[Message[T]]:
+        """Wait up to ``timeout`` seconds for messages; returns up to ``max_messages`` (``[]`` on timeout)."""
+        if max_messages < 1:
+            raise ConfigError("max_messages must be >= 1")
+        if self._closed:
+            raise ClosedError(f"{self!r} is closed")
+        out: list[Message[T]] = []
+        while self._buffer and len(out) < max_messages:
+            out.append(self._buffer.popleft())
+        if out:
+            return out
+        async with self._lock:
+            return await self._fetch(max_messages, timeout)
+
+    def __aiter__(self) -> AsyncIterator[Message[T]]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Message[T]]:
+        stop = asyncio.Event()
+        while True:
+            msg = await self._next(stop)
+            if msg is None:
+                return
+            yield msg
+
+    async def _next(self, stop: asyncio.Event) -> Message[T] | None:
+        """The next message, fetching a batch when the buffer is empty; ``None`` once stopped or closed."""
+        failures = 0
+        while not stop.is_set() and not self._closed:
+            if self._buffer:
+                return self._buffer.popleft()
+            async with self._lock:
+                if self._buffer or stop.is_set() or self._closed:
+                    continue
+                try:
+                    batch = await self._fetch(self._prefetch or 16, 0.25)
+                except MsgbusError as err:
+                    if not err.retryable:
+                        raise
+                    failures += 1
+                    delay = min(5.0, 0.1 * 2**failures)
+                    log.warning("msgbus: receive from %s failed (%s); retrying in %.1fs", self._endpoint, err, delay)
+                    await asyncio.sleep(delay)
+                    continue
+                failures = 0
+                self._buffer.extend(batch)
+        return None
+
+    def stop(self) -> None:
+        """Ask a running ``run()`` to finish gracefully (no new messages; in-flight ones complete)."""
+        if self._stop is not None:
+            self._stop.set()
+
+    async def run(
+        self,
+        handler: _runtime.Handler,
+        *,
+        concurrency: int = 1,
+        retry: RetryPolicy | None = None,
+        middleware: Sequence[_runtime.Middleware] = (),
+        shutdown_timeout: float = 30.0,
+    ) -> None:
+        """Handle messages until ``stop()`` or cancellation: return = ack, raise = nack under the retry policy.
+
+        After ``retry.max_attempts`` failed deliveries the message is dead-lettered with the exception
+        as its reason; undecodable messages are dead-lettered at once. On stop, prefetched messages are
+        released and in-flight handlers get ``shutdown_timeout`` seconds before being cancelled (and nacked).
+        """
+        if not isinstance(concurrency, int) or concurrency < 1:
+            raise ConfigError(f"concurrency must be a positive int, got {concurrency!r}")
+        if self._stop is not None and not self._stop.is_set():
+            raise RuntimeError(f"{self!r} is already running")
+        self._stop = asyncio.Event()
+        await self.open(prefetch=max(2 * concurrency, 16))
+        await _runtime.run(
+            self,
+            _runtime.compose(handler, middleware),
+            concurrency=concurrency,
+            retry=retry or self._retry,
+            shutdown_timeout=shutdown_timeout,
+            stop=self._stop,
+        )
+
+
+class Subscriber(Consumer[T]):
+    """Receives the messages of one durable subscription of a topic."""

@@ -1,0 +1,538 @@
+"""The ``memory://`` backend: an in-process broker with the same delivery semantics as a real one.
+
+``memory://`` is the default namespace and ``memory://<name>`` a separate one; every adapter in the
+process that names the same namespace shares its queues, topics and subscriptions. Nothing survives
+the process. Options: ``visibility_timeout`` (seconds a received message stays leased, default 30)
+and ``max_message_size`` (bytes, default 1 MiB).
+
+Design notes. All state of a namespace is guarded by one ``threading.Lock`` (the sync facade runs
+the core on another thread's loop). No asyncio object lives in the shared state longer than one
+``receive`` call: a waiting receiver registers a waiter bound to its own loop, and is woken when a
+message becomes ready or when the earliest delay/lease deadline it computed passes. Delays and
+lease expiries are applied lazily on the next ``receive`` (no timers, no tasks per message). Ready
+messages are ordered by send sequence: fresh sends go to a deque (already in order), redeliveries
+to a heap keyed by their original sequence, and ``receive`` takes the smaller head of the two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+
+from ._url import BusURL, OptionReader
+from .adapter import Adapter, Capabilities, Delivery, Endpoint, Receiver, Record, dead_letter_record
+from .errors import ClosedError, ConfigError, MessageTooLarge, TopologyError
+
+__all__ = ["MemoryAdapter", "create", "reset"]
+
+_READY, _DELAYED, _BLOCKED, _LEASED, _GONE = range(5)
+_ACK, _NACK, _DEAD_LETTER = range(3)
+_FOREVER = float("inf")
+
+
+class _Message:
+    """One stored copy of a record in one queue, subscription or dead-letter destination."""
+
+    __slots__ = ("attempt", "blocked", "key", "lease_deadline", "lease_token", "record", "seq", "state", "visible_at")
+
+    def __init__(self, record: Record, seq: int, key: str | None) -> None:
+        self.record = record
+        self.seq = seq
+        self.key = key  # None when unkeyed or when the store does not order by key
+        self.attempt = 0  # deliveries so far
+        self.state = _READY
+        self.blocked = False  # an earlier message with the same key is still present
+        self.visible_at = 0.0
+        self.lease_token = 0
+        self.lease_deadline = 0.0
+
+
+class _Waiter:
+    """A receiver blocked in ``receive``: a future on the receiver's own loop, woken at most once."""
+
+    __slots__ = ("fut", "loop", "wake_at", "woken")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, wake_at: float) -> None:
+        self.loop = loop
+        self.fut: asyncio.Future[None] = loop.create_future()
+        self.wake_at = wake_at  # monotonic time at which it wakes by itself
+        self.woken = False
+
+    def wake(self) -> None:
+        """Wake the waiter from any thread; a waiter whose loop is gone is ignored."""
+        if self.woken:
+            return
+        self.woken = True
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self.loop:
+            _resolve(self.fut)
+        elif not self.loop.is_closed():
+            try:
+                self.loop.call_soon_threadsafe(_resolve, self.fut)
+            except RuntimeError:  # the loop closed in between
+                pass
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class _Namespace:
+    """Everything one ``memory://<name>`` holds."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.queues: dict[str, _Store] = {}
+        self.topics: dict[str, dict[str, _Store]] = {}  # topic -> subscription -> store
+        self.tokens = itertools.count(1)  # lease tokens, unique within the namespace
+
+
+class _Store:
+    """Messages of one queue, subscription or dead-letter destination. Callers hold ``ns.lock``."""
+
+    def __init__(self, ns: _Namespace, *, ordered: bool, with_dead_letters: bool) -> None:
+        self.ns = ns
+        self.ordered = ordered
+        self.dead_letters = _Store(ns, ordered=False, with_dead_letters=False) if with_dead_letters else None
+        self.count = 0
+        self._seq = itertools.count()
+        self._ready: deque[_Message] = deque()  # in sequence order
+        self._ready_heap: list[tuple[int, _Message]] = []  # redelivered, by original sequence
+        self._delayed: list[tuple[float, int, _Message]] = []
+        self._leases: deque[tuple[float, int, _Message]] = deque()  # in deadline order
+        self._lease_heap: list[tuple[float, int, _Message]] = []  # deadlines that arrived out of order
+        self._keys: dict[str, deque[_Message]] = {}  # key -> its present messages, in send order
+        self.waiters: set[_Waiter] = set()
+
+    # -- adding ---------------------------------------------------------------------------------
+
+    def add(self, record: Record, visible_at: float, now: float) -> None:
+        msg = _Message(record, next(self._seq), record.key if self.ordered else None)
+        self.count += 1
+        if msg.key is not None:
+            same_key = self._keys.get(msg.key)
+            if same_key:
+                same_key.append(msg)
+                msg.blocked = True
+            else:
+                self._keys[msg.key] = deque((msg,))
+        self._make_eligible(msg, visible_at, now)
+
+    def _make_eligible(self, msg: _Message, visible_at: float, now: float) -> None:
+        """Route a message that is not leased to ready, delayed or blocked."""
+        msg.visible_at = visible_at
+        if msg.blocked:
+            msg.state = _BLOCKED
+        elif visible_at > now:
+            msg.state = _DELAYED
+            heapq.heappush(self._delayed, (visible_at, msg.seq, msg))
+            self._due_added(visible_at)
+        else:
+            self._push_ready(msg)
+
+    def _push_ready(self, msg: _Message) -> None:
+        msg.state = _READY
+        if not self._ready or msg.seq > self._ready[-1].seq:
+            self._ready.append(msg)
+        else:
+            heapq.heappush(self._ready_heap, (msg.seq, msg))
+
+    def _due_added(self, due: float) -> None:
+        """A deadline was added: waiters sleeping past it must wake to re-plan."""
+        for w in self.waiters:
+            if w.wake_at > due:
+                w.wake()
+
+    def notify(self) -> None:
+        """Wake every waiter when something is ready; they race for it and re-wait if they lose."""
+        if self.waiters and (self._ready or self._ready_heap):
+            for w in self.waiters:
+                w.wake()
+
+    # -- taking ---------------------------------------------------------------------------------
+
+    def _advance(self, now: float) -> None:
+        """Apply delays and lease expiries that are due."""
+        delayed = self._delayed
+        while delayed and delayed[0][0] <= now:
+            self._push_ready(heapq.heappop(delayed)[2])
+        leases = self._leases
+        while leases and leases[0][0] <= now:
+            _, token, msg = leases.popleft()
+            self._expire(msg, token, now)
+        heap = self._lease_heap
+        while heap and heap[0][0] <= now:
+            _, token, msg = heapq.heappop(heap)
+            self._expire(msg, token, now)
+
+    def _expire(self, msg: _Message, token: int, now: float) -> None:
+        # Skip entries for leases that were settled, re-leased, or extended (a later entry exists).
+        if msg.state == _LEASED and msg.lease_token == token and msg.lease_deadline <= now:
+            self._push_ready(msg)
+
+    def take(self, n: int, now: float, lease: float) -> list[tuple[_Message, int]]:
+        """Lease up to ``n`` ready messages in sequence order; return them with their lease tokens."""
+        self._advance(now)
+        out: list[tuple[_Message, int]] = []
+        ready, heap = self._ready, self._ready_heap
+        if not (ready or heap):
+            return out
+        tokens = self.ns.tokens
+        deadline = now + lease
+        for _ in range(n):
+            if ready:
+                msg = heapq.heappop(heap)[1] if heap and heap[0][0] < ready[0].seq else ready.popleft()
+            elif heap:
+                msg = heapq.heappop(heap)[1]
+            else:
+                break
+            token = next(tokens)
+            msg.state = _LEASED
+            msg.attempt += 1
+            msg.lease_token = token
+            msg.lease_deadline = deadline
+            self._push_lease(deadline, token, msg)
+            out.append((msg, token))
+        if self.waiters:
+            self._due_added(deadline)
+        return out
+
+    def _push_lease(self, deadline: float, token: int, msg: _Message) -> None:
+        if not self._leases or deadline >= self._leases[-1][0]:
+            self._leases.append((deadline, token, msg))
+        else:
+            heapq.heappush(self._lease_heap, (deadline, token, msg))
+
+    def next_due(self) -> float:
+        """The earliest time a delay or lease may make something ready (``inf`` when none)."""
+        due = _FOREVER
+        if self._delayed:
+            due = self._delayed[0][0]
+        if self._leases:
+            due = min(due, self._leases[0][0])
+        if self._lease_heap:
+            due = min(due, self._lease_heap[0][0])
+        return due
+
+    # -- settling -------------------------------------------------------------------------------
+
+    def holds(self, msg: _Message, token: int) -> bool:
+        """Whether ``token`` is still the live lease on ``msg`` (not settled, not re-leased)."""
+        return msg.state == _LEASED and msg.lease_token == token
+
+    def extend(self, msg: _Message, token: int, seconds: float, now: float) -> None:
+        if self.holds(msg, token):
+            msg.lease_deadline = now + seconds
+            self._push_lease(msg.lease_deadline, token, msg)
+
+    def release(self, msg: _Message, visible_at: float, now: float) -> None:
+        """Nack: deliverable again at ``visible_at``, keeping its place in the order."""
+        self._make_eligible(msg, visible_at, now)
+
+    def remove(self, msg: _Message, now: float) -> None:
+        """Ack or dead-letter: gone for good; the next message with its key is unblocked."""
+        msg.state = _GONE
+        self.count -= 1
+        if msg.key is not None:
+            same_key = self._keys[msg.key]
+            same_key.popleft()  # only the head of a key is ever leased
+            if same_key:
+                nxt = same_key[0]
+                nxt.blocked = False
+                self._make_eligible(nxt, nxt.visible_at, now)
+            else:
+                del self._keys[msg.key]
+
+
+class _MemoryDelivery(Delivery):
+    """A leased message; settling checks the lease token, so a stale handle changes nothing."""
+
+    __slots__ = ("_msg", "_receiver", "_settled", "_token")
+
+    def __init__(self, receiver: _MemoryReceiver, msg: _Message, token: int) -> None:
+        super().__init__(msg.record, msg.attempt)
+        self._receiver = receiver
+        self._msg = msg
+        self._token = token
+        self._settled = False
+
+    async def ack(self) -> None:
+        self._receiver.settle((self,), _ACK, 0.0, "")
+
+    async def nack(self, delay: float | None = None) -> None:
+        self._receiver.settle((self,), _NACK, delay or 0.0, "")
+
+    async def dead_letter(self, reason: str) -> None:
+        self._receiver.settle((self,), _DEAD_LETTER, 0.0, reason)
+
+    async def extend(self, seconds: float) -> None:
+        """Keep the message leased for ``seconds`` from now (ignored when the lease was lost)."""
+        store = self._receiver.store
+        with store.ns.lock:
+            store.extend(self._msg, self._token, seconds, time.monotonic())
+
+
+class _MemoryReceiver(Receiver):
+    """Leases messages from one store; at most ``prefetch`` unsettled deliveries at a time."""
+
+    def __init__(self, adapter: MemoryAdapter, store: _Store, endpoint: Endpoint, prefetch: int) -> None:
+        self.store = store
+        self._adapter = adapter
+        self._endpoint = endpoint
+        self._prefetch = max(1, prefetch)
+        self._held = 0
+        self._closed = False
+        self._waiter: _Waiter | None = None  # set while receive() sleeps
+
+    async def receive(self, max_messages: int, timeout: float) -> list[Delivery]:
+        """Wait up to ``timeout`` seconds for a ready message; lease up to ``max_messages``.
+
+        Returns ``[]`` on timeout or when the receiver is closed meanwhile. Not task-safe: one
+        ``receive`` at a time per receiver.
+        """
+        if self._closed:
+            raise ClosedError(f"receiver for {self._endpoint} is closed")
+        loop = asyncio.get_running_loop()
+        store, lock, lease = self.store, self.store.ns.lock, self._adapter.visibility_timeout
+        deadline = time.monotonic() + max(0.0, timeout)
+        while not self._closed:
+            if max_messages <= 0:
+                return []
+            room = min(max_messages, self._prefetch - self._held)
+            waiter: _Waiter | None = None
+            with lock:
+                now = time.monotonic()
+                if room > 0:
+                    taken = store.take(room, now, lease)
+                    if taken:
+                        store.notify()  # leftovers for other waiters
+                        self._held += len(taken)
+                        return [_MemoryDelivery(self, msg, token) for msg, token in taken]
+                if now >= deadline:
+                    return []
+                # With no room, only a settle (which wakes us directly) can help.
+                wake_at = min(deadline, store.next_due()) if room > 0 else deadline
+                waiter = _Waiter(loop, wake_at)
+                if room > 0:
+                    store.waiters.add(waiter)
+            self._waiter = waiter
+            timer = loop.call_later(wake_at - now, _resolve, waiter.fut) if wake_at != _FOREVER else None
+            try:
+                await waiter.fut
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                self._waiter = None
+                with lock:
+                    store.waiters.discard(waiter)
+        return []
+
+    def settle(self, deliveries: Sequence[_MemoryDelivery], action: int, delay: float, reason: str) -> None:
+        """Apply one settlement to deliveries of this receiver; stale or repeated ones are no-ops."""
+        store = self.store
+        freed = 0
+        with store.ns.lock:
+            now = time.monotonic()
+            for d in deliveries:
+                if d._settled:
+                    continue
+                d._settled = True
+                freed += 1
+                msg = d._msg
+                if not store.holds(msg, d._token):
+                    continue  # the lease expired and the message moved on
+                if action == _ACK:
+                    store.remove(msg, now)
+                elif action == _NACK:
+                    store.release(msg, now + delay, now)
+                else:
+                    store.remove(msg, now)
+                    target = store.dead_letters
+                    if target is None:  # already a dead-letter destination: back to its end
+                        store.add(msg.record, 0.0, now)
+                    else:
+                        target.add(dead_letter_record(msg.record, reason, msg.attempt, self._endpoint), 0.0, now)
+                        target.notify()
+            store.notify()
+        self._held -= freed
+        if freed and self._waiter is not None:
+            self._waiter.wake()
+
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """Ack a batch under one lock acquisition."""
+        mine = [d for d in deliveries if isinstance(d, _MemoryDelivery) and d._receiver is self]
+        self.settle(mine, _ACK, 0.0, "")
+        for d in deliveries:
+            if not (isinstance(d, _MemoryDelivery) and d._receiver is self):
+                await d.ack()
+
+    async def close(self) -> None:
+        """Stop receiving; unsettled deliveries keep their leases until they expire. Idempotent."""
+        self._closed = True
+        if self._waiter is not None:
+            self._waiter.wake()
+        self._adapter._receivers.discard(self)
+
+
+class MemoryAdapter(Adapter):
+    """An adapter over one in-process namespace. Every method is task-safe and thread-safe."""
+
+    def __init__(self, url: BusURL, namespace: _Namespace, visibility_timeout: float, max_message_size: int) -> None:
+        self.url = url
+        self.visibility_timeout = visibility_timeout
+        self.max_message_size = max_message_size
+        self.capabilities = Capabilities(
+            ordering="per_key",
+            delayed_delivery=True,
+            max_delay=None,
+            delayed_nack=True,
+            native_dead_letter=True,
+            max_message_size=max_message_size,
+            persistence="none",
+            cross_process=False,
+            lock_extension=True,
+            lock_duration=visibility_timeout,
+            restartable=False,
+        )
+        self._ns = namespace
+        self._closed = False
+        self._receivers: set[_MemoryReceiver] = set()
+
+    def __repr__(self) -> str:
+        return f"MemoryAdapter({self.url.redacted!r})"
+
+    async def open(self) -> None:
+        """Nothing to connect to; reopening a closed adapter is allowed."""
+        self._closed = False
+
+    async def close(self) -> None:
+        """Close every receiver of this adapter; the namespace and its messages stay. Idempotent."""
+        self._closed = True
+        for r in list(self._receivers):
+            await r.close()
+
+    async def declare(self, endpoint: Endpoint, *, create: bool = True) -> None:
+        """Create (or with ``create=False`` verify) the queue, topic or subscription; idempotent."""
+        with self._ns.lock:
+            self._find(endpoint, create=create, receiving=False)
+
+    async def send(self, endpoint: Endpoint, records: Sequence[Record], delay: float | None = None) -> None:
+        """Store every record (all or none) at a queue, topic, subscription or dead-letter destination.
+
+        Publishing to a topic copies each record into every current subscription (none: dropped).
+        A queue or topic that does not exist yet is created.
+        """
+        self._check_open()
+        limit = self.max_message_size
+        for r in records:
+            size = r.size()
+            if size > limit:
+                raise MessageTooLarge(size, limit)
+        with self._ns.lock:
+            now = time.monotonic()
+            visible_at = now + delay if delay and delay > 0 else 0.0
+            for store in self._targets(endpoint):
+                for r in records:
+                    store.add(r, visible_at, now)
+                store.notify()
+
+    async def receiver(self, endpoint: Endpoint, prefetch: int) -> Receiver:
+        """Receive from a queue, a subscription, or a dead-letter destination (created if missing)."""
+        self._check_open()
+        with self._ns.lock:
+            store = self._find(endpoint, create=True, receiving=True)
+        assert store is not None
+        r = _MemoryReceiver(self, store, endpoint, prefetch)
+        self._receivers.add(r)
+        return r
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"{self!r} is closed")
+
+    def _targets(self, endpoint: Endpoint) -> list[_Store]:
+        """The stores a send reaches: a topic fans out to all its subscriptions."""
+        if endpoint.kind == "topic" and endpoint.subscription is None:
+            if endpoint.dead_letter:
+                raise ConfigError(f"{endpoint}: a topic has no dead-letter destination, its subscriptions do")
+            return list(self._ns.topics.setdefault(endpoint.name, {}).values())
+        store = self._find(endpoint, create=True, receiving=True)
+        assert store is not None
+        return [store]
+
+    def _find(self, endpoint: Endpoint, *, create: bool, receiving: bool) -> _Store | None:
+        """The store an endpoint names, creating it (and its topic) when allowed. Caller holds the lock."""
+        ns = self._ns
+        if endpoint.kind == "queue":
+            if endpoint.subscription is not None:
+                raise ConfigError(f"queue {endpoint.name!r} cannot have a subscription")
+            store = ns.queues.get(endpoint.name)
+            if store is None:
+                if not create:
+                    raise TopologyError(f"{endpoint} does not exist (topology=verify)")
+                store = ns.queues[endpoint.name] = _Store(ns, ordered=True, with_dead_letters=True)
+        elif endpoint.kind == "topic":
+            subs = ns.topics.get(endpoint.name)
+            if subs is None:
+                if not create:
+                    raise TopologyError(f"topic:{endpoint.name} does not exist (topology=verify)")
+                subs = ns.topics[endpoint.name] = {}
+            if endpoint.subscription is None:
+                if receiving or endpoint.dead_letter:
+                    raise ConfigError(f"{endpoint}: receiving from a topic needs a subscription")
+                return None
+            store = subs.get(endpoint.subscription)
+            if store is None:
+                if not create:
+                    raise TopologyError(f"{endpoint} does not exist (topology=verify)")
+                store = subs[endpoint.subscription] = _Store(ns, ordered=True, with_dead_letters=True)
+        else:
+            raise ConfigError(f"unknown endpoint kind {endpoint.kind!r}")
+        if endpoint.dead_letter:
+            assert store.dead_letters is not None
+            return store.dead_letters
+        return store
+
+
+_namespaces: dict[str, _Namespace] = {}
+_registry_lock = threading.Lock()
+
+
+def _namespace(name: str) -> _Namespace:
+    with _registry_lock:
+        ns = _namespaces.get(name)
+        if ns is None:
+            ns = _namespaces[name] = _Namespace()
+        return ns
+
+
+def reset(namespace: str | None = None) -> None:
+    """Forget one namespace (``""`` is the default) or, with no argument, all of them.
+
+    Adapters created earlier keep their (now private) namespace; new ones start empty.
+    """
+    with _registry_lock:
+        if namespace is None:
+            _namespaces.clear()
+        else:
+            _namespaces.pop(namespace, None)
+
+
+def create(url: BusURL, options: OptionReader) -> Adapter:
+    """Entry point for ``memory://[namespace]``; reads ``visibility_timeout`` and ``max_message_size``."""
+    if url.path not in ("", "/"):
+        raise ConfigError(f"{url.redacted!r}: memory:// takes no path; name a namespace as memory://<name>")
+    if url.port is not None or url.username is not None or url.password is not None:
+        raise ConfigError("memory:// takes only a namespace name, e.g. memory://tests")
+    visibility_timeout = options.float("visibility_timeout", 30.0, min=0.001)
+    max_message_size = options.int("max_message_size", 1_048_576, min=1)
+    return MemoryAdapter(url, _namespace(url.host or ""), visibility_timeout, max_message_size)

@@ -1,0 +1,124 @@
+"""Messages: ``Outgoing`` (what to send) and ``Message`` (what was received, with its settlement)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from .adapter import HEADER_ATTEMPTS, HEADER_DEAD_LETTER_REASON, Delivery
+
+if TYPE_CHECKING:
+    from ._bus import Consumer
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A message to send with its own options, for ``send_many`` / ``publish_many``."""
+
+    body: Any
+    key: str | None = None
+    headers: Mapping[str, str] | None = None
+    message_id: str | None = None
+    correlation_id: str | None = None
+    content_type: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+
+class Message(Generic[T]):
+    """A received message. Settle it once with ``ack``, ``nack`` or ``reject``; repeats do nothing.
+
+    ``body`` is decoded (bytes, str, a JSON value, or the consumer's ``model``); ``payload`` is the raw bytes.
+    Not task-safe for concurrent settlement from two tasks at once (the first one wins).
+    """
+
+    __slots__ = ("_consumer", "_delivery", "body", "settled")
+
+    def __init__(self, delivery: Delivery, body: T, consumer: Consumer[Any] | None) -> None:
+        self._delivery = delivery
+        self._consumer = consumer
+        self.body: T = body
+        self.settled = False
+
+    # Metadata, straight from the delivered record.
+    @property
+    def payload(self) -> bytes:
+        return self._delivery.record.body
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self._delivery.record.headers
+
+    @property
+    def key(self) -> str | None:
+        return self._delivery.record.key
+
+    @property
+    def id(self) -> str:
+        return self._delivery.record.id
+
+    @property
+    def correlation_id(self) -> str | None:
+        return self._delivery.record.correlation_id
+
+    @property
+    def content_type(self) -> str | None:
+        return self._delivery.record.content_type
+
+    @property
+    def timestamp(self) -> float:
+        """When the sender created it, in seconds since the epoch."""
+        return self._delivery.record.timestamp
+
+    @property
+    def created_at(self) -> datetime:
+        return datetime.fromtimestamp(self._delivery.record.timestamp, UTC)
+
+    @property
+    def attempt(self) -> int:
+        """1 on first delivery, then +1 per redelivery."""
+        return self._delivery.attempt
+
+    @property
+    def raw(self) -> object:
+        """The backend's own message object (escape hatch; not portable)."""
+        return self._delivery.raw
+
+    @property
+    def dead_letter_reason(self) -> str | None:
+        """Why it was dead-lettered (messages read from ``bus.dead_letters(...)``)."""
+        return self._delivery.record.headers.get(HEADER_DEAD_LETTER_REASON)
+
+    @property
+    def dead_letter_attempts(self) -> int | None:
+        value = self._delivery.record.headers.get(HEADER_ATTEMPTS)
+        return int(value) if value and value.isdigit() else None
+
+    async def ack(self) -> None:
+        """Remove the message for good."""
+        if self._settle():
+            await self._delivery.ack()
+
+    async def nack(self, delay: float | None = None) -> None:
+        """Make the message available again, after ``delay`` seconds where the backend supports it."""
+        if self._settle():
+            await self._delivery.nack(delay)
+
+    async def reject(self, reason: str) -> None:
+        """Dead-letter the message with ``reason``; it is not redelivered here."""
+        if self._settle():
+            await self._delivery.dead_letter(reason)
+
+    def _settle(self) -> bool:
+        if self.settled:
+            return False
+        self.settled = True
+        if self._consumer is not None:
+            self._consumer._settled(self)
+        return True
+
+    def __repr__(self) -> str:
+        return f"<Message id={self.id!r} attempt={self.attempt} key={self.key!r} settled={self.settled}>"

@@ -1,0 +1,203 @@
+"""Bus URLs: parsing, typed option reading, and redaction of secrets."""
+
+from __future__ import annotations
+
+import builtins
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
+
+from .errors import ConfigError
+
+_SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*$")
+_SECRET_OPTION = re.compile(r"(pass|secret|token|key|sig|credential|auth)", re.I)
+REDACTED = "***"
+
+
+def _is_secret(name: str) -> bool:
+    return bool(_SECRET_OPTION.search(name)) and name not in _NOT_SECRET
+
+
+# Option names that match the secret pattern but hold no secret.
+_NOT_SECRET = frozenset({"key_field", "partition_key", "ordering_key"})
+
+
+@dataclass(frozen=True, slots=True)
+class BusURL:
+    """A parsed bus URL. ``repr`` and ``str`` never show the password or secret options."""
+
+    scheme: str
+    host: str | None = None
+    port: int | None = None
+    username: str | None = field(default=None, repr=False)
+    password: str | None = field(default=None, repr=False)
+    path: str = ""
+    options: Mapping[str, str] = field(default_factory=dict, repr=False)
+    raw: str = field(default="", repr=False, compare=False)
+
+    @property
+    def redacted(self) -> str:
+        """The URL as text with the password and secret-looking option values replaced."""
+        auth = ""
+        if self.username is not None:
+            auth = quote(self.username, safe="")
+            if self.password is not None:
+                auth += ":" + REDACTED
+            auth += "@"
+        elif self.password is not None:
+            auth = ":" + REDACTED + "@"
+        netloc = auth + (self.host or "")
+        if self.port is not None:
+            netloc += f":{self.port}"
+        query = "&".join(f"{k}={REDACTED if _is_secret(k) else quote(v, safe='/:,')}" for k, v in self.options.items())
+        return f"{self.scheme}://{netloc}{self.path}" + (f"?{query}" if query else "")
+
+    def __str__(self) -> str:
+        return self.redacted
+
+    def __repr__(self) -> str:
+        return f"BusURL({self.redacted!r})"
+
+    def reader(self, extra: Mapping[str, object] | None = None) -> OptionReader:
+        """Typed access to the URL's query options (plus ``extra`` keyword options)."""
+        merged: dict[str, str] = dict(self.options)
+        for k, v in (extra or {}).items():
+            merged[k] = v if isinstance(v, str) else _to_text(k, v)
+        return OptionReader(self.scheme, merged)
+
+
+def _to_text(name: str, value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    raise ConfigError(f"option '{name}' must be a string, number or bool, not {type(value).__name__}")
+
+
+def redact(text: str, secrets: list[str | None]) -> str:
+    """Remove each known secret from free text (used on error messages from client libraries)."""
+    for s in secrets:
+        if s:
+            text = text.replace(s, REDACTED)
+            quoted = quote(s, safe="")
+            if quoted != s:
+                text = text.replace(quoted, REDACTED)
+    return text
+
+
+def parse_url(url: str) -> BusURL:
+    """Parse a bus URL, raising ``ConfigError`` (with the secret removed) when it is malformed."""
+    if not isinstance(url, str):
+        raise ConfigError(f"bus URL must be a string, not {type(url).__name__}")
+    text = url.strip()
+    if "://" not in text:
+        raise ConfigError("bus URL needs a scheme, e.g. 'memory://' or 'amqp://host:5672/'")
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        safe = _scrub(text)
+        raise ConfigError(f"malformed bus URL {safe!r}: {exc}") from None
+    scheme = parts.scheme.lower()
+    if not _SCHEME.match(scheme):
+        raise ConfigError(f"malformed URL scheme {scheme!r}")
+    if parts.fragment:
+        raise ConfigError(f"bus URL {_scrub(text)!r} must not have a '#fragment'")
+    options: dict[str, str] = {}
+    for k, v in parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False):
+        if not k:
+            raise ConfigError(f"bus URL {_scrub(text)!r} has an option without a name")
+        if k in options:
+            raise ConfigError(f"option '{k}' is given twice in the bus URL")
+        options[k] = v
+    return BusURL(
+        scheme=scheme,
+        host=unquote(parts.hostname) if parts.hostname else None,
+        port=port,
+        username=unquote(parts.username) if parts.username is not None else None,
+        password=unquote(parts.password) if parts.password is not None else None,
+        path=parts.path,
+        options=options,
+        raw=text,
+    )
+
+
+def _scrub(text: str) -> str:
+    """Best-effort redaction of a URL that could not be parsed."""
+    text = re.sub(r"(://[^:/@]*):[^@]*@", r"\1:" + REDACTED + "@", text)
+    return re.sub(
+        r"([?&][^=&]*(?:pass|secret|token|key|sig|credential|auth)[^=&]*=)[^&]*", r"\1" + REDACTED, text, flags=re.I
+    )
+
+
+class OptionReader:
+    """Reads typed options once each; ``finish()`` rejects any option nobody asked for."""
+
+    def __init__(self, scheme: builtins.str, options: dict[builtins.str, builtins.str]) -> None:
+        self._scheme = scheme
+        self._options = options
+        self._known: list[builtins.str] = []
+
+    def _take(self, name: builtins.str) -> builtins.str | None:
+        self._known.append(name)
+        return self._options.pop(name, None)
+
+    def str(self, name: builtins.str, default: builtins.str | None = None) -> builtins.str | None:
+        value = self._take(name)
+        return default if value is None else value
+
+    def int(self, name: builtins.str, default: builtins.int, *, min: builtins.int | None = None) -> builtins.int:
+        value = self._take(name)
+        if value is None:
+            return default
+        try:
+            out = int(value)
+        except ValueError:
+            raise ConfigError(f"option '{name}' must be an integer, got {self._show(name, value)}") from None
+        if min is not None and out < min:
+            raise ConfigError(f"option '{name}' must be >= {min}, got {out}")
+        return out
+
+    def float(
+        self, name: builtins.str, default: builtins.float, *, min: builtins.float | None = None
+    ) -> builtins.float:
+        value = self._take(name)
+        if value is None:
+            return default
+        try:
+            out = float(value)
+        except ValueError:
+            raise ConfigError(f"option '{name}' must be a number, got {self._show(name, value)}") from None
+        if out != out or (min is not None and out < min):
+            raise ConfigError(f"option '{name}' must be a number >= {min}, got {value}")
+        return out
+
+    def bool(self, name: builtins.str, default: builtins.bool) -> builtins.bool:
+        value = self._take(name)
+        if value is None:
+            return default
+        low = value.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"option '{name}' must be true or false, got {self._show(name, value)}")
+
+    def choice(self, name: builtins.str, default: builtins.str, choices: tuple[builtins.str, ...]) -> builtins.str:
+        value = self._take(name)
+        if value is None:
+            return default
+        if value not in choices:
+            raise ConfigError(f"option '{name}' must be one of {', '.join(choices)}; got {self._show(name, value)}")
+        return value
+
+    def _show(self, name: builtins.str, value: builtins.str) -> builtins.str:
+        return REDACTED if _is_secret(name) else repr(value)
+
+    def finish(self) -> None:
+        """Raise ``ConfigError`` naming any option that no reader asked for."""
+        if self._options:
+            unknown = ", ".join(sorted(self._options))
+            known = ", ".join(sorted(set(self._known))) or "none"
+            raise ConfigError(f"unknown option(s) for {self._scheme}://: {unknown} (known: {known})")
