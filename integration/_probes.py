@@ -21,8 +21,9 @@ _TIMEOUT = 5.0
 
 def amqp(url: str, host: str, port: int) -> str | None:
     """Ready when an AMQP 0-9-1 connection logs in and opens a channel (aiormq), else on the AMQP greeting."""
-    if importlib.util.find_spec("aiormq") is None:
-        return _amqp_greeting(host, port)
+    greeting = _amqp_greeting(host, port)
+    if greeting is not None or importlib.util.find_spec("aiormq") is None:
+        return greeting
 
     async def login() -> None:
         import aiormq

@@ -459,8 +459,11 @@ class Consumer(Generic[T]):
             try:
                 body = _codec.decode(delivery.record.body, delivery.record.content_type, self._model)
             except DecodeError as err:
-                await self._dead_letter_undecodable(delivery, err)
-                continue
+                if self._endpoint.dead_letter:  # already dead: hand it out raw rather than loop
+                    body = delivery.record.body
+                else:
+                    await self._dead_letter_undecodable(delivery, err)
+                    continue
             self._unsettled += 1
             out.append(Message(delivery, body, self))
         return out

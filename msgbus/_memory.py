@@ -22,7 +22,7 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from ._url import BusURL, OptionReader
 from .adapter import Adapter, Capabilities, Delivery, Endpoint, Receiver, Record, dead_letter_record
@@ -38,17 +38,15 @@ _FOREVER = float("inf")
 class _Message:
     """One stored copy of a record in one queue, subscription or dead-letter destination."""
 
-    __slots__ = ("attempt", "blocked", "key", "lease_deadline", "lease_token", "record", "seq", "state", "visible_at")
+    __slots__ = ("attempt", "key", "lease_deadline", "record", "seq", "state", "visible_at")
 
     def __init__(self, record: Record, seq: int, key: str | None) -> None:
         self.record = record
-        self.seq = seq
+        self.seq = seq  # send order within its store
         self.key = key  # None when unkeyed or when the store does not order by key
-        self.attempt = 0  # deliveries so far
+        self.attempt = 0  # deliveries so far; also the token of the current lease
         self.state = _READY
-        self.blocked = False  # an earlier message with the same key is still present
         self.visible_at = 0.0
-        self.lease_token = 0
         self.lease_deadline = 0.0
 
 
@@ -93,46 +91,70 @@ class _Namespace:
         self.lock = threading.Lock()
         self.queues: dict[str, _Store] = {}
         self.topics: dict[str, dict[str, _Store]] = {}  # topic -> subscription -> store
-        self.tokens = itertools.count(1)  # lease tokens, unique within the namespace
+
+
+# A lease entry covers every message leased by one take (or one extend) with the same deadline.
+_LeaseEntry = tuple[float, int, list[_Message]]
 
 
 class _Store:
-    """Messages of one queue, subscription or dead-letter destination. Callers hold ``ns.lock``."""
+    """Messages of one queue, subscription or dead-letter destination. Callers hold ``ns.lock``.
+
+    A message's lease is identified by its ``attempt``: a settle carrying an older attempt is stale.
+    Lease entries are not removed on settle; they are skipped when they come due, and compacted
+    once stale references outnumber live leases, so memory stays proportional to what is held.
+    """
 
     def __init__(self, ns: _Namespace, *, ordered: bool, with_dead_letters: bool) -> None:
         self.ns = ns
         self.ordered = ordered
         self.dead_letters = _Store(ns, ordered=False, with_dead_letters=False) if with_dead_letters else None
-        self.count = 0
-        self._seq = itertools.count()
+        self.count = 0  # messages present, in any state
+        self.leased = 0
+        self._seq = 0
         self._ready: deque[_Message] = deque()  # in sequence order
         self._ready_heap: list[tuple[int, _Message]] = []  # redelivered, by original sequence
         self._delayed: list[tuple[float, int, _Message]] = []
-        self._leases: deque[tuple[float, int, _Message]] = deque()  # in deadline order
-        self._lease_heap: list[tuple[float, int, _Message]] = []  # deadlines that arrived out of order
+        self._leases: deque[_LeaseEntry] = deque()  # in deadline order
+        self._lease_heap: list[_LeaseEntry] = []  # deadlines that arrived out of order
+        self._lease_refs = 0  # message references held by lease entries, live or stale
+        self._lease_no = itertools.count()
         self._keys: dict[str, deque[_Message]] = {}  # key -> its present messages, in send order
         self.waiters: set[_Waiter] = set()
 
     # -- adding ---------------------------------------------------------------------------------
 
-    def add(self, record: Record, visible_at: float, now: float) -> None:
-        msg = _Message(record, next(self._seq), record.key if self.ordered else None)
-        self.count += 1
+    def add(self, records: Sequence[Record], visible_at: float, now: float) -> None:
+        """Store records in send order (visible from ``visible_at``; 0 means now)."""
+        ready_append = self._ready.append
+        ordered = self.ordered
+        seq = self._seq
+        for r in records:
+            key = r.key if ordered else None
+            msg = _Message(r, seq, key)
+            seq += 1
+            if key is None and not visible_at:
+                ready_append(msg)  # a fresh sequence number is the largest: the deque stays sorted
+            else:
+                self._add_slow(msg, visible_at, now)
+        self.count += seq - self._seq
+        self._seq = seq
+
+    def _add_slow(self, msg: _Message, visible_at: float, now: float) -> None:
         if msg.key is not None:
             same_key = self._keys.get(msg.key)
             if same_key:
                 same_key.append(msg)
-                msg.blocked = True
-            else:
-                self._keys[msg.key] = deque((msg,))
+                msg.state = _BLOCKED  # until every earlier message with its key is gone
+                msg.visible_at = visible_at
+                return
+            self._keys[msg.key] = deque((msg,))
         self._make_eligible(msg, visible_at, now)
 
     def _make_eligible(self, msg: _Message, visible_at: float, now: float) -> None:
-        """Route a message that is not leased to ready, delayed or blocked."""
+        """Route a message that is neither leased nor blocked to ready or delayed."""
         msg.visible_at = visible_at
-        if msg.blocked:
-            msg.state = _BLOCKED
-        elif visible_at > now:
+        if visible_at > now:
             msg.state = _DELAYED
             heapq.heappush(self._delayed, (visible_at, msg.seq, msg))
             self._due_added(visible_at)
@@ -167,50 +189,73 @@ class _Store:
             self._push_ready(heapq.heappop(delayed)[2])
         leases = self._leases
         while leases and leases[0][0] <= now:
-            _, token, msg = leases.popleft()
-            self._expire(msg, token, now)
+            self._expire(leases.popleft()[2], now)
         heap = self._lease_heap
         while heap and heap[0][0] <= now:
-            _, token, msg = heapq.heappop(heap)
-            self._expire(msg, token, now)
+            self._expire(heapq.heappop(heap)[2], now)
 
-    def _expire(self, msg: _Message, token: int, now: float) -> None:
-        # Skip entries for leases that were settled, re-leased, or extended (a later entry exists).
-        if msg.state == _LEASED and msg.lease_token == token and msg.lease_deadline <= now:
-            self._push_ready(msg)
+    def _expire(self, msgs: list[_Message], now: float) -> None:
+        self._lease_refs -= len(msgs)
+        for msg in msgs:
+            # Settled, re-leased later or extended messages are not due: their state or deadline says so.
+            if msg.state == _LEASED and msg.lease_deadline <= now:
+                self.leased -= 1
+                self._push_ready(msg)
 
-    def take(self, n: int, now: float, lease: float) -> list[tuple[_Message, int]]:
-        """Lease up to ``n`` ready messages in sequence order; return them with their lease tokens."""
+    def take(self, n: int, now: float, lease: float) -> list[_Message]:
+        """Lease up to ``n`` ready messages in sequence order."""
         self._advance(now)
-        out: list[tuple[_Message, int]] = []
+        out: list[_Message] = []
         ready, heap = self._ready, self._ready_heap
-        if not (ready or heap):
-            return out
-        tokens = self.ns.tokens
         deadline = now + lease
-        for _ in range(n):
-            if ready:
-                msg = heapq.heappop(heap)[1] if heap and heap[0][0] < ready[0].seq else ready.popleft()
-            elif heap:
-                msg = heapq.heappop(heap)[1]
-            else:
-                break
-            token = next(tokens)
-            msg.state = _LEASED
-            msg.attempt += 1
-            msg.lease_token = token
-            msg.lease_deadline = deadline
-            self._push_lease(deadline, token, msg)
-            out.append((msg, token))
-        if self.waiters:
-            self._due_added(deadline)
+        if not heap:
+            pop = ready.popleft
+            for _ in range(min(n, len(ready))):
+                msg = pop()
+                msg.state = _LEASED
+                msg.attempt += 1
+                msg.lease_deadline = deadline
+                out.append(msg)
+        else:
+            while len(out) < n and (ready or heap):
+                if ready and not (heap and heap[0][0] < ready[0].seq):
+                    msg = ready.popleft()
+                else:
+                    msg = heapq.heappop(heap)[1]
+                msg.state = _LEASED
+                msg.attempt += 1
+                msg.lease_deadline = deadline
+                out.append(msg)
+        if out:
+            self.leased += len(out)
+            self._push_lease(deadline, out)
         return out
 
-    def _push_lease(self, deadline: float, token: int, msg: _Message) -> None:
+    def _push_lease(self, deadline: float, msgs: list[_Message]) -> None:
+        entry = (deadline, next(self._lease_no), msgs)
         if not self._leases or deadline >= self._leases[-1][0]:
-            self._leases.append((deadline, token, msg))
+            self._leases.append(entry)
         else:
-            heapq.heappush(self._lease_heap, (deadline, token, msg))
+            heapq.heappush(self._lease_heap, entry)
+        self._lease_refs += len(msgs)
+        if self.waiters:
+            self._due_added(deadline)
+
+    def compact(self) -> None:
+        """Drop stale lease references once they outnumber live leases (amortised O(1) per settle)."""
+        if self._lease_refs <= 2 * self.leased + 1024:
+            return
+
+        def live(entries: Iterable[_LeaseEntry]) -> Iterator[_LeaseEntry]:
+            for deadline, no, msgs in entries:
+                keep = [m for m in msgs if m.state == _LEASED and m.lease_deadline == deadline]
+                if keep:
+                    yield deadline, no, keep
+
+        self._leases = deque(live(self._leases))
+        self._lease_heap = list(live(self._lease_heap))
+        heapq.heapify(self._lease_heap)
+        self._lease_refs = sum(len(e[2]) for e in self._leases) + sum(len(e[2]) for e in self._lease_heap)
 
     def next_due(self) -> float:
         """The earliest time a delay or lease may make something ready (``inf`` when none)."""
@@ -223,16 +268,11 @@ class _Store:
             due = min(due, self._lease_heap[0][0])
         return due
 
-    # -- settling -------------------------------------------------------------------------------
+    # -- settling (the caller checked that the lease is live and counted it off ``leased``) -----
 
-    def holds(self, msg: _Message, token: int) -> bool:
-        """Whether ``token`` is still the live lease on ``msg`` (not settled, not re-leased)."""
-        return msg.state == _LEASED and msg.lease_token == token
-
-    def extend(self, msg: _Message, token: int, seconds: float, now: float) -> None:
-        if self.holds(msg, token):
-            msg.lease_deadline = now + seconds
-            self._push_lease(msg.lease_deadline, token, msg)
+    def extend(self, msg: _Message, seconds: float, now: float) -> None:
+        msg.lease_deadline = now + seconds
+        self._push_lease(msg.lease_deadline, [msg])
 
     def release(self, msg: _Message, visible_at: float, now: float) -> None:
         """Nack: deliverable again at ``visible_at``, keeping its place in the order."""
@@ -247,22 +287,23 @@ class _Store:
             same_key.popleft()  # only the head of a key is ever leased
             if same_key:
                 nxt = same_key[0]
-                nxt.blocked = False
                 self._make_eligible(nxt, nxt.visible_at, now)
             else:
                 del self._keys[msg.key]
 
 
 class _MemoryDelivery(Delivery):
-    """A leased message; settling checks the lease token, so a stale handle changes nothing."""
+    """A leased message; settling checks the lease (its attempt), so a stale handle changes nothing."""
 
-    __slots__ = ("_msg", "_receiver", "_settled", "_token")
+    __slots__ = ("_lease", "_msg", "_receiver", "_settled")
 
-    def __init__(self, receiver: _MemoryReceiver, msg: _Message, token: int) -> None:
-        super().__init__(msg.record, msg.attempt)
+    def __init__(self, receiver: _MemoryReceiver, msg: _Message) -> None:
+        # Base __init__ inlined: this runs once per received message.
+        self.record = msg.record
+        self.attempt = self._lease = msg.attempt
+        self.raw = None
         self._receiver = receiver
         self._msg = msg
-        self._token = token
         self._settled = False
 
     async def ack(self) -> None:
@@ -277,8 +318,10 @@ class _MemoryDelivery(Delivery):
     async def extend(self, seconds: float) -> None:
         """Keep the message leased for ``seconds`` from now (ignored when the lease was lost)."""
         store = self._receiver.store
+        msg = self._msg
         with store.ns.lock:
-            store.extend(self._msg, self._token, seconds, time.monotonic())
+            if not self._settled and msg.state == _LEASED and msg.attempt == self._lease:
+                store.extend(msg, seconds, time.monotonic())
 
 
 class _MemoryReceiver(Receiver):
@@ -308,7 +351,6 @@ class _MemoryReceiver(Receiver):
             if max_messages <= 0:
                 return []
             room = min(max_messages, self._prefetch - self._held)
-            waiter: _Waiter | None = None
             with lock:
                 now = time.monotonic()
                 if room > 0:
@@ -316,10 +358,10 @@ class _MemoryReceiver(Receiver):
                     if taken:
                         store.notify()  # leftovers for other waiters
                         self._held += len(taken)
-                        return [_MemoryDelivery(self, msg, token) for msg, token in taken]
+                        return [_MemoryDelivery(self, msg) for msg in taken]
                 if now >= deadline:
                     return []
-                # With no room, only a settle (which wakes us directly) can help.
+                # With no room only a settle, which wakes us directly, can help.
                 wake_at = min(deadline, store.next_due()) if room > 0 else deadline
                 waiter = _Waiter(loop, wake_at)
                 if room > 0:
@@ -348,20 +390,26 @@ class _MemoryReceiver(Receiver):
                 d._settled = True
                 freed += 1
                 msg = d._msg
-                if not store.holds(msg, d._token):
+                if msg.state != _LEASED or msg.attempt != d._lease:
                     continue  # the lease expired and the message moved on
+                store.leased -= 1
                 if action == _ACK:
-                    store.remove(msg, now)
+                    if msg.key is None:
+                        msg.state = _GONE
+                        store.count -= 1
+                    else:
+                        store.remove(msg, now)
                 elif action == _NACK:
                     store.release(msg, now + delay, now)
                 else:
                     store.remove(msg, now)
                     target = store.dead_letters
                     if target is None:  # already a dead-letter destination: back to its end
-                        store.add(msg.record, 0.0, now)
+                        store.add((msg.record,), 0.0, now)
                     else:
-                        target.add(dead_letter_record(msg.record, reason, msg.attempt, self._endpoint), 0.0, now)
+                        target.add((dead_letter_record(msg.record, reason, msg.attempt, self._endpoint),), 0.0, now)
                         target.notify()
+            store.compact()
             store.notify()
         self._held -= freed
         if freed and self._waiter is not None:
@@ -369,11 +417,13 @@ class _MemoryReceiver(Receiver):
 
     async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
         """Ack a batch under one lock acquisition."""
-        mine = [d for d in deliveries if isinstance(d, _MemoryDelivery) and d._receiver is self]
-        self.settle(mine, _ACK, 0.0, "")
+        mine: list[_MemoryDelivery] = []
         for d in deliveries:
-            if not (isinstance(d, _MemoryDelivery) and d._receiver is self):
+            if isinstance(d, _MemoryDelivery) and d._receiver is self:
+                mine.append(d)
+            else:
                 await d.ack()
+        self.settle(mine, _ACK, 0.0, "")
 
     async def close(self) -> None:
         """Stop receiving; unsettled deliveries keep their leases until they expire. Idempotent."""
@@ -441,8 +491,7 @@ class MemoryAdapter(Adapter):
             now = time.monotonic()
             visible_at = now + delay if delay and delay > 0 else 0.0
             for store in self._targets(endpoint):
-                for r in records:
-                    store.add(r, visible_at, now)
+                store.add(records, visible_at, now)
                 store.notify()
 
     async def receiver(self, endpoint: Endpoint, prefetch: int) -> Receiver:

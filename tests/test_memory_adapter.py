@@ -45,7 +45,7 @@ def namespace() -> str:
 
 @pytest.fixture
 async def adapter(namespace: str) -> AsyncIterator[Adapter]:
-    a = make(namespace, visibility_timeout=0.2)
+    a = make(namespace, visibility_timeout=0.5)
     await a.open()
     yield a
     await a.close()
@@ -126,8 +126,8 @@ async def test_extend_keeps_the_lease(adapter: Adapter) -> None:
     r = await adapter.receiver(Q, prefetch=10)
     other = await adapter.receiver(Q, prefetch=10)
     (d,) = await r.receive(1, 1.0)
-    for _ in range(3):  # 0.45 s in total, more than twice the 0.2 s lease
-        await d.extend(0.4)
+    for _ in range(4):  # 0.6 s in total, longer than the 0.5 s lease
+        await d.extend(1.0)
         assert await other.receive(1, 0.15) == []
     await d.ack()
     assert await other.receive(1, 0.5) == []

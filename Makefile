@@ -1,0 +1,52 @@
+# msgbus: `make demo` runs the order-system demo on the embedded default; `make test` runs everything.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+ADAPTERS := $(wildcard adapters/*/pyproject.toml)
+ADAPTER_DIRS := $(patsubst %/pyproject.toml,%,$(ADAPTERS))
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint unit integration bench install clean help
+
+help:
+	@echo "make demo          run the order-system demo on the embedded SQLite backend"
+	@echo "make test          lint, type-check, start local brokers, run every test"
+	@echo "make lint          ruff + mypy only"
+	@echo "make brokers       start the local test brokers; make brokers-stop stops them"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# The core alone: what a user of the embedded backends installs.
+$(VENV)/.core: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q -e .
+	@touch $@
+
+# The core with dev tools and every adapter in the workspace.
+$(VENV)/.dev: $(BIN)/python pyproject.toml $(ADAPTERS)
+	$(BIN)/pip install -q -e ".[dev]" $(foreach a,$(ADAPTER_DIRS),-e $(a))
+	@touch $@
+
+install: $(VENV)/.dev
+
+demo: $(VENV)/.core
+	$(BIN)/msgbus demo
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy --strict msgbus $(foreach a,$(ADAPTER_DIRS),$(a)/msgbus_$(notdir $(a)))
+
+unit: $(VENV)/.dev
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+integration: $(VENV)/.dev brokers
+	$(BIN)/python -m pytest integration $(foreach a,$(ADAPTER_DIRS),$(a)/tests) $(PYTEST_ARGS)
+
+test: lint unit integration
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+
+-include mk/brokers.mk

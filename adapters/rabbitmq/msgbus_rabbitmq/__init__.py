@@ -1,0 +1,5 @@
+"""RabbitMQ adapter for msgbus (``amqp://`` and ``amqps://``), built on aio-pika."""
+
+from ._adapter import RabbitMQAdapter, create
+
+__all__ = ["RabbitMQAdapter", "create"]

@@ -1,0 +1,477 @@
+"""The RabbitMQ adapter: endpoints, sends with publisher confirms, receivers with bounded credit.
+
+Mapping (see docs/adapters/rabbitmq.md): queue ``q`` -> durable queue ``q``; topic ``t`` -> durable topic
+exchange ``t``; subscription ``s`` of ``t`` -> durable queue ``t.s`` bound to ``t`` with ``#``; the
+dead letters of queue ``x`` -> durable queue ``x.dlq`` (also the broker's dead-letter target for ``x``);
+a delay of ``d`` ms towards ``x`` -> holding queue ``msgbus.delay.<d>ms.<x>`` whose messages expire
+after ``d`` ms into ``x`` (TTL + dead-letter exchange), so nothing blocks while a message waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection, AbstractRobustQueue
+from aiormq.exceptions import ChannelInvalidStateError
+
+from msgbus._url import BusURL, OptionReader
+from msgbus.adapter import Adapter, Capabilities, Delivery, Endpoint, Receiver, Record, dead_letter_record
+from msgbus.errors import ClosedError, ConfigError, ConnectionLost, MessageTooLarge, MsgbusError
+
+from ._codec import decode, encode
+from ._config import Settings, read_settings
+from ._errors import convert, translate
+
+_T = TypeVar("_T")
+
+MAX_DELAY = 7 * 24 * 3600.0  # holding-queue TTLs are 32-bit milliseconds; a week is a sane ceiling
+_HOLDING_GRACE_MS = 300_000  # an idle holding queue is deleted this long after its messages are due
+_HOLDING_REDECLARE = 60.0  # re-declare (resetting x-expires) when the last declare is older than this
+_MAX_NAME = 255  # bytes in an AMQP queue or exchange name
+
+
+def create(url: BusURL, options: OptionReader) -> RabbitMQAdapter:
+    """Entry point for ``amqp://`` and ``amqps://`` URLs (registered under ``msgbus.adapters``)."""
+    return RabbitMQAdapter(url, read_settings(url, options))
+
+
+def queue_name(endpoint: Endpoint) -> str:
+    """The RabbitMQ queue that holds ``endpoint``'s messages (a queue, a subscription, or dead letters)."""
+    if endpoint.kind == "queue":
+        base = endpoint.name
+    elif endpoint.subscription is not None:
+        base = f"{endpoint.name}.{endpoint.subscription}"
+    else:
+        raise ConfigError(f"{endpoint}: receiving from a topic needs a subscription name")
+    return f"{base}.dlq" if endpoint.dead_letter else base
+
+
+def delay_bucket_ms(delay: float) -> int:
+    """``delay`` in whole milliseconds, rounded up to two significant digits.
+
+    Every distinct delay needs its own holding queue (a queue has one TTL), so jittered backoffs are
+    grouped: a message waits at least ``delay`` and at most about 10 % longer.
+    """
+    ms = max(1, math.ceil(delay * 1000))
+    if ms < 100:
+        return ms
+    scale = 10 ** (len(str(ms)) - 2)
+    return -(-ms // scale) * scale
+
+
+def holding_queue_name(ms: int, target: str, kind: str) -> str:
+    """Name of the holding queue for ``ms`` milliseconds towards queue/exchange ``target``."""
+    name = f"msgbus.delay.{ms}ms.{kind}.{target}"
+    if len(name.encode()) <= _MAX_NAME:
+        return name
+    digest = hashlib.sha256(target.encode()).hexdigest()[:16]
+    return f"msgbus.delay.{ms}ms.{kind}.{digest}"
+
+
+class RabbitMQAdapter(Adapter):
+    """One robust AMQP connection: a confirming publish channel, a topology channel, a channel per receiver.
+
+    Task-safe: sends, declares and receivers may run concurrently on one event loop. The connection
+    reconnects by itself; declared topology and consumers are restored by aio-pika on reconnect.
+    """
+
+    def __init__(self, url: BusURL, settings: Settings) -> None:
+        self.url = url
+        self._s = settings
+        self.capabilities = Capabilities(
+            ordering="none",
+            delayed_delivery=True,
+            max_delay=MAX_DELAY,
+            delayed_nack=True,
+            native_dead_letter=False,  # the adapter re-publishes with the reason headers, then acks
+            max_message_size=settings.max_message_size,
+            persistence="disk",
+            cross_process=True,
+            lock_extension=False,
+            restartable=True,
+        )
+        self._conn: AbstractRobustConnection | None = None
+        self._publish_channel: AbstractRobustChannel | None = None
+        self._topology: AbstractRobustChannel | None = None
+        self._declared: set[tuple[str, str, str | None]] = set()
+        self._holding: dict[str, float] = {}  # holding queue -> loop time of its last declare
+        self._lock = asyncio.Lock()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"RabbitMQAdapter({self.url.redacted!r})"
+
+    # -- connection -------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect (fails fast with ``ConnectionLost`` if the broker is unreachable now)."""
+        if self._conn is not None:
+            return
+        s = self._s
+        with translate(f"connecting to {self.url.redacted}", [s.password]):
+            conn = await aio_pika.connect_robust(
+                host=s.host,
+                port=s.port,
+                login=s.username,
+                password=s.password,
+                virtualhost=s.vhost,
+                ssl=s.tls is not None,
+                ssl_context=s.tls,
+                timeout=s.connect_timeout,
+                client_properties={"connection_name": "msgbus"},
+                heartbeat=s.heartbeat,
+                reconnect_interval=s.reconnect_interval,
+            )
+            try:
+                self._publish_channel = await conn.channel(
+                    publisher_confirms=s.confirms, on_return_raises=s.confirms
+                )
+                self._topology = await conn.channel(publisher_confirms=False)
+            except BaseException:
+                await conn.close()
+                raise
+        conn.reconnect_callbacks.add(self._on_reconnect)
+        self._conn = conn
+        self._closed = False
+
+    async def _on_reconnect(self, *_: object) -> None:
+        self._holding.clear()  # the broker may have lost them; declare again on next use
+
+    async def close(self) -> None:
+        """Close the connection; unacked deliveries return to their queues. Idempotent."""
+        self._closed = True
+        conn, self._conn = self._conn, None
+        self._publish_channel = self._topology = None
+        self._declared.clear()
+        self._holding.clear()
+        if conn is not None:
+            with translate("closing the connection", [self._s.password]):
+                await conn.close()
+
+    def _connection(self) -> AbstractRobustConnection:
+        if self._conn is None:
+            raise ClosedError("the RabbitMQ adapter is closed" if self._closed else "the RabbitMQ adapter is not open")
+        return self._conn
+
+    def _channels(self) -> tuple[AbstractRobustChannel, AbstractRobustChannel]:
+        self._connection()
+        assert self._publish_channel is not None and self._topology is not None
+        return self._publish_channel, self._topology
+
+    async def _retrying(self, doing: str, operation: Callable[[], Awaitable[_T]]) -> _T:
+        """Run ``operation``; while the connection is down, wait for it and retry up to ``send_timeout``.
+
+        A retry after a lost confirm may store the message twice (at-least-once, never at-most-once).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._s.send_timeout
+        while True:
+            try:
+                return await operation()
+            except MsgbusError:
+                raise
+            except Exception as exc:
+                err = convert(exc, doing, [self._s.password])
+                remaining = deadline - loop.time()
+                if not isinstance(err, ConnectionLost) or remaining <= 0 or self._conn is None:
+                    raise err from exc
+                pub, _ = self._channels()
+                try:
+                    await asyncio.wait_for(pub.ready(), remaining)
+                except TimeoutError:
+                    raise err from exc
+                await asyncio.sleep(0.05)  # let the restored channels settle before retrying
+
+    # -- topology ---------------------------------------------------------------------------------
+
+    def _queue_arguments(self, dlq: str | None) -> dict[str, Any]:
+        args: dict[str, Any] = {}
+        if self._s.queue_type == "quorum":
+            args["x-queue-type"] = "quorum"
+        if dlq is not None:
+            args["x-dead-letter-exchange"] = ""  # the default exchange routes by queue name
+            args["x-dead-letter-routing-key"] = dlq
+        return args
+
+    async def declare(self, endpoint: Endpoint, *, create: bool = True) -> None:
+        """Create (or with ``create=False`` only check) the queue/exchange and its dead-letter queue.
+
+        Idempotent. Declaring a subscription creates the topic exchange, the subscription queue and its
+        binding, so every message published after this returns reaches it.
+        """
+        key = (endpoint.kind, endpoint.name, endpoint.subscription)
+        if key in self._declared:
+            return
+        _, topology = self._channels()
+        async with self._lock:
+            if key in self._declared:
+                return
+            if create:
+                with translate(f"declaring {endpoint}", [self._s.password]):
+                    await self._declare(topology, endpoint)
+            else:
+                await self._verify(endpoint)
+            self._declared.add(key)
+
+    async def _declare(self, channel: AbstractRobustChannel, endpoint: Endpoint) -> None:
+        exchange = None
+        if endpoint.kind == "topic":
+            exchange = await channel.declare_exchange(endpoint.name, aio_pika.ExchangeType.TOPIC, durable=True)
+            if endpoint.subscription is None:
+                return
+        main = queue_name(Endpoint(endpoint.kind, endpoint.name, endpoint.subscription))
+        dlq = f"{main}.dlq"
+        await channel.declare_queue(dlq, durable=True, arguments=self._queue_arguments(None))
+        queue = await channel.declare_queue(main, durable=True, arguments=self._queue_arguments(dlq))
+        if exchange is not None:
+            await queue.bind(exchange, "#")
+
+    async def _verify(self, endpoint: Endpoint) -> None:
+        """Passive declares on a throwaway channel: a missing entity closes that channel, not ours."""
+        conn = self._connection()
+        with translate(f"verifying {endpoint}", [self._s.password]):
+            probe = await conn.channel(publisher_confirms=False)
+        try:
+            with translate(f"verifying {endpoint}", [self._s.password]):
+                if endpoint.kind == "topic":
+                    await probe.declare_exchange(endpoint.name, passive=True, robust=False)
+                if endpoint.kind == "queue" or endpoint.subscription is not None:
+                    main = queue_name(Endpoint(endpoint.kind, endpoint.name, endpoint.subscription))
+                    for name in (main, f"{main}.dlq"):
+                        await probe.declare_queue(name, passive=True, robust=False)
+        finally:
+            try:
+                await probe.close()
+            except Exception:  # the probe may already be closed by the broker's 404
+                pass
+
+    async def _holding_queue(self, ms: int, target: str, kind: str) -> str:
+        """Declare (or refresh) the holding queue that releases into ``target`` after ``ms`` ms."""
+        name = holding_queue_name(ms, target, kind)
+        now = asyncio.get_running_loop().time()
+        if now - self._holding.get(name, -math.inf) < _HOLDING_REDECLARE:
+            return name
+        _, topology = self._channels()
+        arguments: dict[str, Any] = {
+            "x-message-ttl": ms,
+            "x-expires": ms + _HOLDING_GRACE_MS,
+            "x-dead-letter-exchange": "" if kind == "q" else target,
+        }
+        if kind == "q":
+            arguments["x-dead-letter-routing-key"] = target
+        # robust=False: holding queues are re-declared lazily, not restored forever on every reconnect.
+        await topology.declare_queue(name, durable=True, arguments=arguments, robust=False)
+        self._holding[name] = now
+        return name
+
+    # -- sending ----------------------------------------------------------------------------------
+
+    async def send(self, endpoint: Endpoint, records: Sequence[Record], delay: float | None = None) -> None:
+        """Publish persistent messages; return once the broker confirmed every one of them.
+
+        Raises ``MessageTooLarge`` before sending anything, ``PublishError`` when the broker nacks or
+        returns a message (queue missing), ``ConnectionLost`` when the broker stays unreachable for
+        ``send_timeout`` seconds. Messages already confirmed in a failed batch stay sent.
+        """
+        limit = self._s.max_message_size
+        for r in records:
+            if r.size() > limit:
+                raise MessageTooLarge(r.size(), limit)
+        messages = [encode(r) for r in records]
+        if endpoint.kind == "queue":
+            target = queue_name(endpoint)
+            exchange, routing_key, mandatory = "", target, True
+        else:
+            target = endpoint.name
+            exchange, routing_key, mandatory = target, target, False  # no subscription yet is not an error
+        if delay is not None and delay > 0:
+            if delay > MAX_DELAY:
+                raise ConfigError(f"delay {delay}s exceeds the RabbitMQ adapter's max_delay of {MAX_DELAY}s")
+            ms = delay_bucket_ms(delay)
+            with translate(f"declaring the delay queue for {endpoint}", [self._s.password]):
+                holding = await self._holding_queue(ms, target, "q" if endpoint.kind == "queue" else "t")
+            exchange, routing_key, mandatory = "", holding, True
+        await self._publish_all(str(endpoint), exchange, routing_key, messages, mandatory)
+
+    async def _publish_all(
+        self, what: str, exchange: str, routing_key: str, messages: Sequence[aio_pika.Message], mandatory: bool
+    ) -> None:
+        """Pipeline the publishes on the confirming channel and wait for all confirms."""
+        if not messages:
+            return
+        results = await asyncio.gather(
+            *(self._publish(what, exchange, routing_key, m, mandatory) for m in messages), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def _publish(
+        self, what: str, exchange: str, routing_key: str, message: aio_pika.Message, mandatory: bool
+    ) -> None:
+        async def attempt() -> None:
+            pub, _ = self._channels()
+            channel = await pub.get_underlay_channel()
+            await channel.basic_publish(
+                message.body,
+                exchange=exchange,
+                routing_key=routing_key,
+                properties=message.properties,
+                mandatory=mandatory,
+            )
+
+        await self._retrying(f"sending to {what}", attempt)
+
+    # -- receiving --------------------------------------------------------------------------------
+
+    async def receiver(self, endpoint: Endpoint, prefetch: int) -> Receiver:
+        """Consume from a queue, subscription or dead-letter queue with ``basic.qos(prefetch)``."""
+        name = queue_name(endpoint)
+        conn = self._connection()
+        with translate(f"opening a receiver on {endpoint}", [self._s.password]):
+            channel = await conn.channel(publisher_confirms=False)
+            try:
+                await channel.set_qos(prefetch_count=max(1, prefetch))
+                queue = await channel.declare_queue(name, passive=True)
+                receiver = _Receiver(self, endpoint, name, channel)
+                await queue.consume(receiver._on_message, no_ack=False)
+            except BaseException:
+                await channel.close()
+                raise
+        receiver._queue = queue
+        return receiver
+
+    async def _requeue_copy(self, record: Record, queue: str, prior_attempts: int, delay: float | None) -> None:
+        """Re-publish ``record`` into ``queue`` (after ``delay``) carrying the attempts made so far."""
+        message = encode(record, prior_attempts)
+        routing_key = queue
+        if delay is not None and delay > 0:
+            ms = delay_bucket_ms(min(delay, MAX_DELAY))
+            with translate(f"declaring the delay queue for {queue}", [self._s.password]):
+                routing_key = await self._holding_queue(ms, queue, "q")
+        await self._publish_all(f"queue {queue}", "", routing_key, [message], True)
+
+
+class _Receiver(Receiver):
+    """Buffers what the broker pushes (at most ``prefetch`` unacked) and hands it out in batches."""
+
+    def __init__(self, adapter: RabbitMQAdapter, endpoint: Endpoint, name: str, channel: AbstractRobustChannel):
+        self._adapter = adapter
+        self._endpoint = endpoint
+        self._name = name
+        self._channel = channel
+        self._queue: AbstractRobustQueue | None = None
+        self._buffer: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self._closed = False
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        self._buffer.put_nowait(message)
+
+    async def receive(self, max_messages: int, timeout: float) -> list[Delivery]:
+        """Wait up to ``timeout`` s for a delivery, then take what else is buffered, up to ``max_messages``.
+
+        Messages that arrived on a channel that has since closed are dropped here: the broker has
+        already put them back, and they will arrive again on the restored channel.
+        """
+        if self._closed:
+            raise ClosedError(f"receiver on {self._endpoint} is closed")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, timeout)
+        out: list[Delivery] = []
+        while not out:
+            if self._buffer.empty():
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return out
+                try:
+                    first = await asyncio.wait_for(self._buffer.get(), remaining)
+                except TimeoutError:
+                    return out
+                self._take(first, out)
+            while len(out) < max_messages and not self._buffer.empty():
+                self._take(self._buffer.get_nowait(), out)
+            if self._closed:
+                raise ClosedError(f"receiver on {self._endpoint} is closed")
+        return out
+
+    def _take(self, message: AbstractIncomingMessage, out: list[Delivery]) -> None:
+        if _stale(message):
+            return
+        decoded = decode(
+            message.body,
+            message.headers,
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+            content_type=message.content_type,
+            timestamp=message.timestamp,
+            redelivered=message.redelivered,
+        )
+        out.append(_Delivery(decoded.record, decoded.attempt, message, self))
+
+    async def close(self) -> None:
+        """Cancel the consumer and close its channel; acks nothing, so unsettled messages go back."""
+        if self._closed:
+            return
+        self._closed = True
+        while not self._buffer.empty():
+            self._buffer.get_nowait()
+        try:
+            await self._channel.close()
+        except Exception:  # the connection may already be gone; the broker releases them either way
+            pass
+
+
+def _stale(message: AbstractIncomingMessage) -> bool:
+    try:
+        _ = message.channel
+    except ChannelInvalidStateError:
+        return True
+    return False
+
+
+class _Delivery(Delivery):
+    """One AMQP delivery. Settling on a closed channel is a no-op for nack (the broker already put it back)."""
+
+    __slots__ = ("_receiver",)
+
+    raw: AbstractIncomingMessage
+
+    def __init__(self, record: Record, attempt: int, raw: AbstractIncomingMessage, receiver: _Receiver) -> None:
+        super().__init__(record, attempt, raw)
+        self._receiver = receiver
+
+    async def ack(self) -> None:
+        """basic.ack. Raises ``ConnectionLost`` if the channel closed first (the message will come back)."""
+        with translate(f"acking on {self._receiver._endpoint}"):
+            await self.raw.ack()
+
+    async def nack(self, delay: float | None = None) -> None:
+        """Release for another attempt (after ``delay`` s via a holding queue, without blocking anyone)."""
+        if _stale(self.raw):
+            return
+        adapter = self._receiver._adapter
+        if (delay is None or delay <= 0) and adapter._s.queue_type == "quorum":
+            # Quorum queues count this return in x-delivery-count, so a plain requeue keeps the count.
+            with translate(f"nacking on {self._receiver._endpoint}"):
+                await self.raw.nack(requeue=True)
+            return
+        # Classic queues only flag redeliveries, so carry the count on a confirmed copy, then ack.
+        await adapter._requeue_copy(self.record, self._receiver._name, self.attempt, delay)
+        await self.ack()
+
+    async def dead_letter(self, reason: str) -> None:
+        """Publish ``dead_letter_record`` to the dead-letter queue with a confirm, then ack here.
+
+        At-least-once: a crash between the two leaves the message in both places, never in neither.
+        """
+        receiver = self._receiver
+        source = receiver._endpoint
+        target = receiver._name if source.dead_letter else f"{receiver._name}.dlq"
+        record = dead_letter_record(self.record, reason, self.attempt, source)
+        await receiver._adapter._publish_all(f"dead letters of {source}", "", target, [encode(record)], True)
+        await self.ack()

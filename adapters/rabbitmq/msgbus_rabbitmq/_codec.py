@@ -1,0 +1,146 @@
+"""Record <-> AMQP 0-9-1 message. Pure functions: no I/O, unit-tested without a broker.
+
+Mapping: body -> body; id -> ``message_id``; correlation_id -> ``correlation_id``; content_type ->
+``content_type``; timestamp -> ``timestamp`` (whole seconds, for other AMQP tools) plus the exact float in
+header ``x-msgbus-timestamp``; key -> header ``x-msgbus-key``; headers -> AMQP headers (str -> str).
+Every message is persistent (delivery mode 2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Any
+
+from aio_pika import DeliveryMode, Message
+
+from msgbus.adapter import Record
+from msgbus.errors import InvalidMessage
+
+HEADER_KEY = "x-msgbus-key"
+HEADER_TIMESTAMP = "x-msgbus-timestamp"
+# Attempts already made before this copy was re-published (delayed nack / classic-queue nack).
+HEADER_PRIOR_ATTEMPTS = "x-msgbus-prior-attempts"
+# Headers the broker adds; they describe the transport, not the sender's message.
+BROKER_HEADER = "x-delivery-count"
+_BROKER_PREFIXES = ("x-death", "x-first-death-", "x-last-death-")
+_PRIVATE = frozenset({HEADER_KEY, HEADER_TIMESTAMP, HEADER_PRIOR_ATTEMPTS, BROKER_HEADER})
+_SHORTSTR = 255  # AMQP short strings (ids, content type, header names) hold at most 255 bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """A received message: the record as sent, and which delivery attempt this is (1 = first)."""
+
+    record: Record
+    attempt: int
+
+
+def encode(record: Record, prior_attempts: int = 0) -> Message:
+    """The persistent AMQP message for ``record``; raises ``InvalidMessage`` for what AMQP cannot carry."""
+    _shortstr("message id", record.id)
+    if record.correlation_id is not None:
+        _shortstr("correlation id", record.correlation_id)
+    if record.content_type is not None:
+        _shortstr("content type", record.content_type)
+    headers: dict[str, Any] = {}
+    for name, value in record.headers.items():
+        _shortstr("header name", name)
+        if name in _PRIVATE or name.startswith(_BROKER_PREFIXES):
+            raise InvalidMessage(f"header {name!r} is reserved by the RabbitMQ adapter or the broker")
+        headers[name] = value
+    if record.key is not None:
+        headers[HEADER_KEY] = record.key
+    if record.timestamp:
+        headers[HEADER_TIMESTAMP] = repr(record.timestamp)
+    if prior_attempts:
+        headers[HEADER_PRIOR_ATTEMPTS] = str(prior_attempts)
+    return Message(
+        record.body,
+        headers=headers,
+        message_id=record.id,
+        correlation_id=record.correlation_id,
+        content_type=record.content_type,
+        timestamp=datetime.fromtimestamp(int(record.timestamp), tz=timezone.utc) if record.timestamp else None,
+        delivery_mode=DeliveryMode.PERSISTENT,
+    )
+
+
+def decode(
+    body: bytes,
+    headers: Mapping[str, Any] | None,
+    *,
+    message_id: str | None,
+    correlation_id: str | None,
+    content_type: str | None,
+    timestamp: datetime | None,
+    redelivered: bool | None,
+) -> Decoded:
+    """The record and attempt number of a received message (also one sent by a non-msgbus producer).
+
+    The attempt is the attempts carried on re-publish, plus the broker's count of redeliveries
+    (``x-delivery-count`` on quorum queues; the ``redelivered`` flag, i.e. at least one, on classic
+    queues), plus one.
+    """
+    raw = dict(headers or {})
+    user = {k: _text(v) for k, v in raw.items() if k not in _PRIVATE and not k.startswith(_BROKER_PREFIXES)}
+    prior = _count(raw.get(HEADER_PRIOR_ATTEMPTS))
+    if BROKER_HEADER in raw:
+        redeliveries = _count(raw[BROKER_HEADER])
+    else:
+        redeliveries = 1 if redelivered else 0
+    ts_header = raw.get(HEADER_TIMESTAMP)
+    if ts_header is not None:
+        try:
+            ts = float(_text(ts_header))
+        except ValueError:
+            ts = 0.0
+    else:
+        ts = timestamp.timestamp() if timestamp is not None else 0.0
+    key = raw.get(HEADER_KEY)
+    record = Record(
+        body=body,
+        id=message_id if message_id else _fallback_id(body),
+        headers=user,
+        key=_text(key) if key is not None else None,
+        correlation_id=correlation_id,
+        content_type=content_type,
+        timestamp=ts,
+    )
+    return Decoded(record, prior + redeliveries + 1)
+
+
+def _shortstr(what: str, value: str) -> None:
+    if len(value.encode()) > _SHORTSTR:
+        raise InvalidMessage(f"{what} is longer than AMQP's {_SHORTSTR}-byte limit: {value[:40]!r}...")
+
+
+def _count(value: object) -> int:
+    try:
+        return max(0, int(_text(value)))
+    except ValueError:
+        return 0
+
+
+def _text(value: object) -> str:
+    """A header value as text; values from non-msgbus producers may be any AMQP field type."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", "replace")
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float | Decimal):
+        return str(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return json.dumps(value, default=str, sort_keys=True)
+
+
+def _fallback_id(body: bytes) -> str:
+    """A stable id for a message whose producer set none (same body -> same id)."""
+    return "sha256:" + hashlib.sha256(body).hexdigest()[:32]

@@ -1,0 +1,130 @@
+"""Durable throughput of the ``sqlite://`` backend with two processes: one producer, one consumer.
+
+The producer sends ``--messages`` messages of ``--size`` bytes in batches (``send_many``) from
+``--concurrency`` tasks; the consumer receives batches and acks them (one ``ack_many`` per batch, or one
+``ack`` per message with ``--ack single``). Prints msgs/s for the producer, the consumer, and end to end
+(first send to last ack). Run: ``python benchmarks/sqlite_throughput.py [--synchronous full]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from msgbus._sqlite import create
+from msgbus._url import parse_url
+from msgbus.adapter import Adapter, Endpoint, Record
+
+QUEUE = Endpoint("queue", "bench")
+
+
+def _adapter(url: str) -> Adapter:
+    parsed = parse_url(url)
+    return create(parsed, parsed.reader())
+
+
+async def produce(url: str, messages: int, size: int, batch: int, concurrency: int) -> dict[str, Any]:
+    adapter = _adapter(url)
+    await adapter.open()
+    await adapter.declare(QUEUE)
+    body = os.urandom(size)
+    batches = [range(i, min(i + batch, messages)) for i in range(0, messages, batch)]
+
+    async def sender(mine: list[range]) -> None:
+        for ids in mine:
+            await adapter.send(QUEUE, [Record(body, f"m{i}", timestamp=time.time()) for i in ids])
+
+    start = time.time()
+    await asyncio.gather(*(sender(batches[k::concurrency]) for k in range(concurrency)))
+    end = time.time()
+    await adapter.close()
+    return {"start": start, "end": end, "count": messages}
+
+
+async def consume(url: str, messages: int, batch: int, ack: str) -> dict[str, Any]:
+    adapter = _adapter(url)
+    await adapter.open()
+    await adapter.declare(QUEUE)
+    receiver = await adapter.receiver(QUEUE, prefetch=2 * batch)
+    print("ready", flush=True)
+    seen: set[str] = set()
+    received = 0
+    start = 0.0
+    while len(seen) < messages:
+        got = await receiver.receive(batch, timeout=30.0)
+        if not got:
+            break
+        if not start:
+            start = time.time()
+        received += len(got)
+        seen.update(d.record.id for d in got)
+        if ack == "many":
+            await receiver.ack_many(got)
+        else:
+            await asyncio.gather(*(d.ack() for d in got))
+    end = time.time()
+    await receiver.close()
+    await adapter.close()
+    return {"start": start, "end": end, "count": len(seen), "duplicates": received - len(seen)}
+
+
+def child(args: argparse.Namespace) -> None:
+    if args.role == "producer":
+        result = asyncio.run(produce(args.url, args.messages, args.size, args.batch, args.concurrency))
+    else:
+        result = asyncio.run(consume(args.url, args.messages, args.batch, args.ack))
+    print(json.dumps(result), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--messages", type=int, default=100_000)
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=100, help="messages per send_many and per receive")
+    parser.add_argument("--concurrency", type=int, default=4, help="concurrent send tasks in the producer")
+    parser.add_argument("--ack", choices=("many", "single"), default="many")
+    parser.add_argument("--synchronous", choices=("normal", "full"), default="normal")
+    parser.add_argument("--role", choices=("producer", "consumer"), help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role:
+        child(args)
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        url = f"sqlite:///{tmp}/bench.db?synchronous={args.synchronous}"
+        common = [
+            *("--messages", str(args.messages), "--size", str(args.size), "--batch", str(args.batch)),
+            *("--concurrency", str(args.concurrency), "--ack", args.ack, "--url", url),
+        ]
+        me = [sys.executable, __file__, *common]
+        consumer = subprocess.Popen([*me, "--role", "consumer"], stdout=subprocess.PIPE, text=True)
+        assert consumer.stdout is not None
+        consumer.stdout.readline()  # "ready": queue declared, receiver polling
+        producer = subprocess.Popen([*me, "--role", "producer"], stdout=subprocess.PIPE, text=True)
+        p_out, _ = producer.communicate()
+        c_out, _ = consumer.communicate()
+        if producer.returncode or consumer.returncode:
+            sys.exit(f"benchmark child failed (producer {producer.returncode}, consumer {consumer.returncode})")
+        prod, cons = json.loads(p_out), json.loads(c_out)
+
+    n = args.messages
+    print(
+        f"sqlite:// two processes, {n} x {args.size} B, batch {args.batch}, {args.concurrency} send tasks, "
+        f"ack={args.ack}, synchronous={args.synchronous}"
+    )
+    print(f"  producer   {n / (prod['end'] - prod['start']):>10,.0f} msgs/s")
+    print(f"  consumer   {cons['count'] / (cons['end'] - cons['start']):>10,.0f} msgs/s")
+    print(f"  end to end {cons['count'] / (cons['end'] - prod['start']):>10,.0f} msgs/s")
+    print(f"  received {cons['count']} of {n}, duplicates {cons['duplicates']}, lost {n - cons['count']}")
+
+
+if __name__ == "__main__":
+    main()

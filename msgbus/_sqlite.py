@@ -1,0 +1,764 @@
+"""The ``sqlite://`` embedded backend: a durable bus in one SQLite file, shared by processes on one host.
+
+URL like SQLAlchemy: ``sqlite:///relative/path.db`` (relative to the working directory at ``connect``),
+``sqlite:////absolute/path.db``. Options: ``visibility_timeout`` (seconds a received message stays
+leased, default 30), ``poll_interval`` (longest idle pause between polls, default 0.05),
+``synchronous`` (``normal`` | ``full``), ``busy_timeout`` (seconds to wait for another process's write
+lock, default 10), ``max_message_size`` (bytes, default 1 MiB).
+
+Durability: the database always runs in WAL mode and ``send`` returns only after its transaction
+committed. With ``synchronous=normal`` (default) a committed message survives the crash or ``kill -9`` of
+any process, but an OS crash or power loss may roll back the last few commits (never corrupting the file).
+``synchronous=full`` syncs the WAL to disk on every commit, so committed messages also survive power loss.
+
+Each receive leases rows for ``visibility_timeout`` with a fresh random token; a lease that is neither
+settled nor extended expires and the message is delivered again with ``attempt + 1``. Every settlement is
+guarded by the token, so a stale handle never touches a message that someone else has since leased.
+
+All SQLite work of one adapter runs on its own thread with one connection. That thread drains every
+pending operation (sends, receives, acks from any number of tasks) into one transaction and resolves their
+futures after the commit: group commit is what makes durable throughput cheap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+
+from ._capabilities import Capabilities
+from ._url import BusURL, OptionReader
+from .adapter import Adapter, Delivery, Endpoint, Receiver, Record, dead_letter_record
+from .errors import (
+    BrokerError,
+    ClosedError,
+    ConfigError,
+    ConnectionLost,
+    MessageTooLarge,
+    MsgbusError,
+    TopologyError,
+)
+
+__all__ = ["SqliteAdapter", "SqliteMessage", "create"]
+
+log = logging.getLogger("msgbus.sqlite")
+
+T = TypeVar("T")
+
+_SCHEMA_VERSION: Final = 1
+_MAX_OPS_PER_COMMIT: Final = 512
+_FIRST_POLL: Final = 0.001  # idle polling starts here and doubles up to poll_interval
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS msgbus_endpoints (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,
+    name TEXT NOT NULL,
+    subscription TEXT NOT NULL,
+    dead_letter INTEGER NOT NULL,
+    UNIQUE (kind, name, subscription, dead_letter)
+);
+CREATE TABLE IF NOT EXISTS msgbus_messages (
+    seq INTEGER PRIMARY KEY,
+    endpoint INTEGER NOT NULL,
+    visible_at REAL NOT NULL,
+    lease INTEGER,
+    attempts INTEGER NOT NULL,
+    id TEXT NOT NULL,
+    body BLOB NOT NULL,
+    headers TEXT NOT NULL,
+    key TEXT,
+    correlation_id TEXT,
+    content_type TEXT,
+    timestamp REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS msgbus_messages_ready ON msgbus_messages (endpoint, seq, visible_at);
+CREATE INDEX IF NOT EXISTS msgbus_messages_key ON msgbus_messages (endpoint, key, seq) WHERE key IS NOT NULL;
+"""
+
+_INSERT: Final = (
+    "INSERT INTO msgbus_messages (endpoint, visible_at, lease, attempts, id, body, headers, key,"
+    " correlation_id, content_type, timestamp) VALUES (?, ?, NULL, 0, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+# A row is deliverable when it is visible and no earlier row with its key is still present (per-key order).
+_LEASE: Final = """
+UPDATE msgbus_messages SET lease = :lease, visible_at = :until, attempts = attempts + 1
+WHERE seq IN (
+    SELECT m.seq FROM msgbus_messages AS m
+    WHERE m.endpoint = :endpoint AND m.visible_at <= :now
+      AND (m.key IS NULL OR NOT EXISTS (
+          SELECT 1 FROM msgbus_messages AS e
+          WHERE e.endpoint = m.endpoint AND e.key = m.key AND e.seq < m.seq))
+    ORDER BY m.seq LIMIT :limit)
+RETURNING seq, attempts, id, body, headers, key, correlation_id, content_type, timestamp
+"""
+
+_Row = tuple[Any, ...]
+_EndpointKey = tuple[str, str, str, int]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Error translation: the one place where sqlite3 exceptions become msgbus errors.
+
+
+def _translate(exc: BaseException, path: str) -> BaseException:
+    """The msgbus error for ``exc`` (with ``exc`` as its cause); non-sqlite exceptions pass through."""
+    if not isinstance(exc, sqlite3.Error):
+        return exc
+    code = (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
+    err: MsgbusError
+    if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        err = BrokerError(f"sqlite database {path} stayed locked by another process (raise busy_timeout?)")
+    elif code == sqlite3.SQLITE_NOTADB:
+        err = ConfigError(f"{path} is not a SQLite database")
+    elif code == sqlite3.SQLITE_CANTOPEN:
+        err = ConnectionLost(f"cannot open sqlite database {path}: {exc}")
+    elif code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_PERM, sqlite3.SQLITE_AUTH):
+        err = ConnectionLost(f"sqlite database {path} is not writable: {exc}")
+    elif code == sqlite3.SQLITE_FULL:
+        err = BrokerError(f"disk full writing sqlite database {path}")
+    else:
+        err = BrokerError(f"sqlite error on {path}: {exc}")
+    err.__cause__ = exc
+    return err
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    code = (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
+    return code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The database side: runs only on the adapter's thread.
+
+
+def _key(endpoint: Endpoint) -> _EndpointKey:
+    return (endpoint.kind, endpoint.name, endpoint.subscription or "", int(endpoint.dead_letter))
+
+
+def _rows_to_create(endpoint: Endpoint) -> list[_EndpointKey]:
+    """The endpoint rows ``declare`` makes: the endpoint, its parent topic, and its dead-letter destination."""
+    if endpoint.kind == "queue":
+        return [("queue", endpoint.name, "", 0), ("queue", endpoint.name, "", 1)]
+    rows: list[_EndpointKey] = [("topic", endpoint.name, "", 0)]
+    if endpoint.subscription is not None:
+        rows += [("topic", endpoint.name, endpoint.subscription, 0), ("topic", endpoint.name, endpoint.subscription, 1)]
+    return rows
+
+
+class _Store:
+    """One SQLite connection and the statements of the bus. Methods raise msgbus errors only before writing."""
+
+    def __init__(self, path: str, synchronous: str, busy_timeout: float) -> None:
+        self.conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, cached_statements=64)
+        self._ids: dict[_EndpointKey, int] = {}
+        try:
+            mode = self.conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise ConfigError(f"sqlite database {path} cannot use WAL mode (journal_mode is {mode})")
+            self.conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+                if version > _SCHEMA_VERSION:
+                    raise ConfigError(f"sqlite database {path} was made by a newer msgbus (schema {version})")
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        self.conn.execute(statement)
+                self.conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+                self.conn.execute("COMMIT")
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+        except BaseException:
+            self.conn.close()
+            raise
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def endpoint_id(self, endpoint: Endpoint) -> int:
+        """The row id of ``endpoint``; ``TopologyError`` when it was never declared. Ids never change."""
+        return self._id_of(_key(endpoint), endpoint)
+
+    def _id_of(self, key: _EndpointKey, endpoint: Endpoint) -> int:
+        found = self._ids.get(key)
+        if found is None:
+            row = self.conn.execute(
+                "SELECT id FROM msgbus_endpoints WHERE kind = ? AND name = ? AND subscription = ? AND dead_letter = ?",
+                key,
+            ).fetchone()
+            if row is None:
+                raise TopologyError(f"{endpoint} does not exist (declare it first, or use topology=declare)")
+            found = self._ids[key] = int(row[0])
+        return found
+
+    def declare(self, endpoint: Endpoint, create: bool) -> None:
+        if create:
+            self.conn.executemany(
+                "INSERT OR IGNORE INTO msgbus_endpoints (kind, name, subscription, dead_letter) VALUES (?, ?, ?, ?)",
+                _rows_to_create(endpoint),
+            )
+        else:
+            for key in _rows_to_create(endpoint):
+                self._id_of(key, endpoint)
+
+    def targets(self, endpoint: Endpoint) -> list[int]:
+        """Endpoint ids a send lands in: one queue, or every current subscription of a topic (maybe none)."""
+        if endpoint.kind == "topic" and endpoint.subscription is None and not endpoint.dead_letter:
+            self.endpoint_id(endpoint)  # the topic itself must exist
+            rows = self.conn.execute(
+                "SELECT id FROM msgbus_endpoints WHERE kind = 'topic' AND name = ? AND subscription != ''"
+                " AND dead_letter = 0",
+                (endpoint.name,),
+            ).fetchall()
+            return [int(r[0]) for r in rows]
+        return [self.endpoint_id(endpoint)]
+
+    def send(self, endpoint: Endpoint, rows: Sequence[_Row], visible_at: float) -> list[int]:
+        targets = self.targets(endpoint)
+        self.conn.executemany(_INSERT, [(t, visible_at, *row) for t in targets for row in rows])
+        return targets
+
+    def lease(self, endpoint_id: int, limit: int, lease: int, now: float, until: float) -> list[_Row]:
+        params = {"lease": lease, "until": until, "endpoint": endpoint_id, "now": now, "limit": limit}
+        rows = self.conn.execute(_LEASE, params).fetchall()
+        rows.sort(key=lambda r: r[0])
+        return rows
+
+    def ack(self, held: Iterable[tuple[int, int]]) -> int:
+        cur = self.conn.executemany("DELETE FROM msgbus_messages WHERE seq = ? AND lease = ?", held)
+        return cur.rowcount
+
+    def nack(self, seq: int, lease: int, visible_at: float) -> int:
+        cur = self.conn.execute(
+            "UPDATE msgbus_messages SET lease = NULL, visible_at = ? WHERE seq = ? AND lease = ?",
+            (visible_at, seq, lease),
+        )
+        return cur.rowcount
+
+    def extend(self, seq: int, lease: int, until: float) -> int:
+        cur = self.conn.execute(
+            "UPDATE msgbus_messages SET visible_at = ? WHERE seq = ? AND lease = ?", (until, seq, lease)
+        )
+        return cur.rowcount
+
+    def dead_letter(self, seq: int, lease: int, dlq_id: int, row: _Row, now: float) -> int:
+        cur = self.conn.execute("DELETE FROM msgbus_messages WHERE seq = ? AND lease = ?", (seq, lease))
+        if cur.rowcount:
+            self.conn.execute(_INSERT, (dlq_id, now, *row))
+        return cur.rowcount
+
+
+def _encode(record: Record) -> _Row:
+    headers = json.dumps(dict(record.headers), separators=(",", ":"), ensure_ascii=False)
+    return (
+        record.id,
+        record.body,
+        headers,
+        record.key,
+        record.correlation_id,
+        record.content_type,
+        record.timestamp,
+    )
+
+
+def _decode(row: _Row) -> Record:
+    """A ``Record`` from a leased row (seq, attempts, id, body, headers, key, correlation_id, content_type, ts)."""
+    return Record(
+        body=bytes(row[3]),
+        id=row[2],
+        headers=json.loads(row[4]),
+        key=row[5],
+        correlation_id=row[6],
+        content_type=row[7],
+        timestamp=row[8],
+    )
+
+
+# An operation run on the database thread: gets the store and the batch's clock, returns its result and
+# the endpoint ids whose deliverable messages may have changed (their waiting receivers are woken).
+_OpFn = Callable[[_Store, float], tuple[T, Iterable[int]]]
+
+
+@dataclass(slots=True)
+class _Op:
+    fn: _OpFn[Any]
+    future: concurrent.futures.Future[Any]
+
+
+class _DbThread:
+    """The adapter's database thread: one connection, operations grouped into one transaction per batch."""
+
+    def __init__(self, path: str, synchronous: str, busy_timeout: float, on_commit: Callable[[set[int]], None]) -> None:
+        self._path = path
+        self._synchronous = synchronous
+        self._busy_timeout = busy_timeout
+        self._on_commit = on_commit
+        self._ops: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self.ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self.stopped: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._main, name=f"msgbus-sqlite:{path}", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: _OpFn[T]) -> concurrent.futures.Future[T]:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._ops.put(_Op(fn, future))
+        return future
+
+    def stop(self) -> None:
+        """Finish the operations already submitted, then close the connection (``stopped`` resolves)."""
+        self._ops.put(None)
+
+    def _main(self) -> None:
+        try:
+            try:
+                store = self._open()
+            except BaseException as exc:
+                self.ready.set_exception(_translate(exc, self._path))
+                self._drain(ClosedError("sqlite adapter failed to open"))
+                return
+            self.ready.set_result(None)
+            try:
+                self._serve(store)
+            finally:
+                store.close()
+                self._drain(ClosedError("sqlite adapter is closed"))
+        finally:
+            self.stopped.set_result(None)
+
+    def _open(self) -> _Store:
+        parent = os.path.dirname(self._path) or "."
+        if not os.path.isdir(parent):
+            raise ConfigError(f"directory {parent} for sqlite database {self._path} does not exist")
+        for attempt in range(50):
+            try:
+                return _Store(self._path, self._synchronous, self._busy_timeout)
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc) or attempt == 49:
+                    raise
+                time.sleep(0.01 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def _serve(self, store: _Store) -> None:
+        while True:
+            item = self._ops.get()
+            batch: list[_Op] = []
+            while item is not None:
+                if item.future.set_running_or_notify_cancel():
+                    batch.append(item)
+                if len(batch) >= _MAX_OPS_PER_COMMIT:
+                    break
+                try:
+                    item = self._ops.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                self._run(store, batch)
+            if item is None:
+                return
+
+    def _drain(self, error: MsgbusError) -> None:
+        while True:
+            try:
+                item = self._ops.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None and item.future.set_running_or_notify_cancel():
+                item.future.set_exception(error)
+
+    def _begin(self, store: _Store) -> None:
+        """``BEGIN IMMEDIATE`` (take the write lock now), retrying while other processes hold it."""
+        deadline = time.monotonic() + self._busy_timeout
+        pause = 0.001
+        while True:
+            try:
+                store.conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(pause)
+                pause = min(pause * 2, 0.05)
+
+    def _run(self, store: _Store, batch: list[_Op]) -> None:
+        """Run ``batch`` in one transaction; resolve each future only after the commit."""
+        results: list[tuple[_Op, Any, BaseException | None]] = []
+        touched: set[int] = set()
+        try:
+            self._begin(store)
+            now = time.time()
+            for op in batch:
+                try:
+                    value, ids = op.fn(store, now)
+                except MsgbusError as exc:  # raised before the op wrote anything: fail only this op
+                    results.append((op, None, exc))
+                else:
+                    results.append((op, value, None))
+                    touched.update(ids)
+            store.conn.execute("COMMIT")
+        except BaseException as exc:
+            if store.conn.in_transaction:
+                try:
+                    store.conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    log.debug("msgbus: sqlite rollback failed", exc_info=True)
+            if len(batch) > 1 and not (isinstance(exc, sqlite3.Error) and _is_busy(exc)):
+                for op in batch:  # isolate the failing operation: the others still succeed
+                    self._run(store, [op])
+                return
+            err = _translate(exc, self._path)
+            for op in batch:
+                op.future.set_exception(err)
+            return
+        for op, value, error in results:
+            if error is None:
+                op.future.set_result(value)
+            else:
+                op.future.set_exception(error)
+        if touched:
+            self._on_commit(touched)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The asyncio side.
+
+
+@dataclass(frozen=True, slots=True)
+class SqliteMessage:
+    """``Delivery.raw`` of the sqlite backend: the row's position and the lease that holds it."""
+
+    seq: int
+    endpoint_id: int
+    lease: int
+
+
+def _new_lease() -> int:
+    # os.urandom, not ``random``: processes started by fork must not share a token sequence.
+    return int.from_bytes(os.urandom(8), "big") >> 1
+
+
+class _SqliteDelivery(Delivery):
+    __slots__ = ("_receiver", "_ref", "_settled")
+
+    def __init__(self, receiver: _SqliteReceiver, record: Record, attempt: int, ref: SqliteMessage) -> None:
+        super().__init__(record, attempt, ref)
+        self._receiver = receiver
+        self._ref = ref
+        self._settled = False
+
+    async def ack(self) -> None:
+        seq, lease, endpoint_id = self._ref.seq, self._ref.lease, self._ref.endpoint_id
+        await self._receiver._settle(self, lambda s, now: (s.ack([(seq, lease)]), (endpoint_id,)))
+
+    async def nack(self, delay: float | None = None) -> None:
+        seq, lease, endpoint_id = self._ref.seq, self._ref.lease, self._ref.endpoint_id
+        pause = max(delay or 0.0, 0.0)
+        await self._receiver._settle(self, lambda s, now: (s.nack(seq, lease, now + pause), (endpoint_id,)))
+
+    async def dead_letter(self, reason: str) -> None:
+        receiver = self._receiver
+        row = _encode(dead_letter_record(self.record, reason, self.attempt, receiver.endpoint))
+        seq, lease, dlq_id = self._ref.seq, self._ref.lease, receiver.dlq_id
+        await receiver._settle(self, lambda s, now: (s.dead_letter(seq, lease, dlq_id, row, now), (dlq_id,)))
+
+    async def extend(self, seconds: float) -> None:
+        seq, lease = self._ref.seq, self._ref.lease
+        extra = max(seconds, 0.0)
+        changed = await self._receiver.adapter._call(lambda s, now: (s.extend(seq, lease, now + extra), ()))
+        if not changed:
+            log.warning(
+                "msgbus: lease on message %s was lost before extend (it may be delivered again)", self.record.id
+            )
+
+
+class _SqliteReceiver(Receiver):
+    """Leases messages of one queue, subscription or dead-letter destination; holds at most ``prefetch``."""
+
+    def __init__(self, adapter: SqliteAdapter, endpoint: Endpoint, endpoint_id: int, dlq_id: int, prefetch: int):
+        self.adapter = adapter
+        self.endpoint = endpoint
+        self.endpoint_id = endpoint_id
+        self.dlq_id = dlq_id
+        self._prefetch = max(prefetch, 1)
+        self._held = 0
+        self._closed = False
+
+    async def receive(self, max_messages: int, timeout: float) -> list[Delivery]:
+        """Wait up to ``timeout`` s for deliverable messages; lease and return up to ``max_messages``.
+
+        Polls with backoff up to ``poll_interval`` (another process's sends are seen on the next poll); a
+        send, nack or settle through this adapter wakes the wait at once.
+        """
+        if self._closed:
+            raise ClosedError(f"receiver for {self.endpoint} is closed")
+        adapter = self.adapter
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(timeout, 0.0)
+        pause = _FIRST_POLL
+        while True:
+            room = min(max_messages, self._prefetch - self._held)
+            if room > 0:
+                deliveries = await self._lease(room)
+                if deliveries:
+                    return deliveries
+            remaining = deadline - loop.time()
+            if remaining <= 0 or self._closed:
+                return []
+            await adapter._wait(self.endpoint_id, min(pause, remaining))
+            pause = min(pause * 2, adapter.poll_interval)
+
+    async def _lease(self, limit: int) -> list[Delivery]:
+        adapter = self.adapter
+        endpoint_id, lease, vt = self.endpoint_id, _new_lease(), adapter.visibility_timeout
+        future = adapter._submit(lambda s, now: (s.lease(endpoint_id, limit, lease, now, now + vt), ()))
+        try:
+            rows: list[_Row] = await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(lambda f: self._release_orphans(f, lease))
+            raise
+        self._held += len(rows)
+        return [_SqliteDelivery(self, _decode(row), row[1], SqliteMessage(row[0], endpoint_id, lease)) for row in rows]
+
+    def _release_orphans(self, future: concurrent.futures.Future[list[_Row]], lease: int) -> None:
+        """Return rows leased by a receive that was cancelled before it could hand them out."""
+        if future.cancelled() or future.exception() is not None or not future.result():
+            return
+        rows = [(row[0], lease) for row in future.result()]
+        endpoint_id = self.endpoint_id
+
+        def release(s: _Store, now: float) -> tuple[None, Iterable[int]]:
+            # attempts was already counted by the lease; give it back since nobody saw the message
+            s.conn.executemany(
+                "UPDATE msgbus_messages SET lease = NULL, visible_at = ?, attempts = attempts - 1"
+                " WHERE seq = ? AND lease = ?",
+                [(now, seq, tok) for seq, tok in rows],
+            )
+            return None, (endpoint_id,)
+
+        try:
+            self.adapter._submit(release)
+        except ClosedError:
+            pass
+
+    async def _settle(self, delivery: _SqliteDelivery, fn: _OpFn[int]) -> None:
+        if delivery._settled:
+            return
+        delivery._settled = True
+        self._held -= 1
+        changed = await self.adapter._call(fn)
+        if not changed:
+            log.warning("msgbus: lease on message %s expired before it was settled", delivery.record.id)
+
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """Ack all of ``deliveries`` in one operation (one transaction, one round trip to the db thread)."""
+        held: list[tuple[int, int]] = []
+        for d in deliveries:
+            if not isinstance(d, _SqliteDelivery) or d._receiver is not self:
+                await d.ack()
+            elif not d._settled:
+                d._settled = True
+                self._held -= 1
+                held.append((d._ref.seq, d._ref.lease))
+        if held:
+            endpoint_id = self.endpoint_id
+            await self.adapter._call(lambda s, now: (s.ack(held), (endpoint_id,)))
+
+    async def close(self) -> None:
+        """Stop receiving. Held deliveries stay leased (and can still be settled) until they expire."""
+        self._closed = True
+        self.adapter._wake({self.endpoint_id})
+
+
+class SqliteAdapter(Adapter):
+    """A bus in one SQLite file. Task-safe; several adapters (in any processes) may share the file."""
+
+    def __init__(
+        self,
+        url: BusURL,
+        path: str,
+        *,
+        visibility_timeout: float,
+        poll_interval: float,
+        synchronous: str,
+        busy_timeout: float,
+        max_message_size: int,
+    ) -> None:
+        self.url = url
+        self.path = path
+        self.visibility_timeout = visibility_timeout
+        self.poll_interval = poll_interval
+        self.max_message_size = max_message_size
+        self._synchronous = synchronous
+        self._busy_timeout = busy_timeout
+        self.capabilities = Capabilities(
+            ordering="per_key",
+            delayed_delivery=True,
+            delayed_nack=True,
+            native_dead_letter=True,
+            max_message_size=max_message_size,
+            persistence="disk",
+            cross_process=True,
+            lock_extension=True,
+            lock_duration=visibility_timeout,
+            restartable=False,
+        )
+        self._db: _DbThread | None = None
+        self._closed = False
+        self._waiters: dict[int, set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]] = {}
+        self._waiters_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"SqliteAdapter({self.url.redacted!r})"
+
+    async def open(self) -> None:
+        """Open (creating if needed) the database file; ``ConfigError`` if its directory is missing."""
+        if self._closed:
+            raise ClosedError("sqlite adapter is closed")
+        if self._db is not None:
+            return
+        db = _DbThread(self.path, self._synchronous, self._busy_timeout, self._wake)
+        self._db = db
+        try:
+            await asyncio.wrap_future(db.ready)
+        except BaseException:
+            self._db = None
+            raise
+
+    async def close(self) -> None:
+        """Finish submitted operations, close the connection and wake waiting receivers; idempotent."""
+        self._closed = True
+        db, self._db = self._db, None
+        if db is not None:
+            db.stop()
+            await asyncio.wrap_future(db.stopped)
+        with self._waiters_lock:
+            everyone = set(self._waiters)
+        self._wake(everyone)
+
+    def _submit(self, fn: _OpFn[T]) -> concurrent.futures.Future[T]:
+        db = self._db
+        if db is None:
+            raise ClosedError("sqlite adapter is closed" if self._closed else "sqlite adapter is not open")
+        return db.submit(fn)
+
+    async def _call(self, fn: _OpFn[T]) -> T:
+        return await asyncio.wrap_future(self._submit(fn))
+
+    async def _wait(self, endpoint_id: int, seconds: float) -> None:
+        """Sleep up to ``seconds``, or until a commit through this adapter touches ``endpoint_id``."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        entry = (loop, waiter)
+        with self._waiters_lock:
+            self._waiters.setdefault(endpoint_id, set()).add(entry)
+        try:
+            await asyncio.wait([waiter], timeout=seconds)
+        finally:
+            with self._waiters_lock:
+                waiting = self._waiters.get(endpoint_id)
+                if waiting is not None:
+                    waiting.discard(entry)
+                    if not waiting:
+                        del self._waiters[endpoint_id]
+            waiter.cancel()
+        if self._closed:
+            raise ClosedError("sqlite adapter is closed")
+
+    def _wake(self, endpoint_ids: set[int]) -> None:
+        """Wake receivers waiting on ``endpoint_ids`` (called from any thread)."""
+        with self._waiters_lock:
+            entries = [e for i in endpoint_ids for e in self._waiters.get(i, ())]
+        for loop, waiter in entries:
+            try:
+                loop.call_soon_threadsafe(_resolve, waiter)
+            except RuntimeError:  # that loop is closed; nobody is waiting any more
+                pass
+
+    async def declare(self, endpoint: Endpoint, *, create: bool = True) -> None:
+        """Create the endpoint, its topic and its dead-letter destination (idempotent, across processes)."""
+        _check_endpoint(endpoint)
+
+        def run(s: _Store, now: float) -> tuple[None, Iterable[int]]:
+            s.declare(endpoint, create)
+            return None, ()
+
+        await self._call(run)
+
+    async def send(self, endpoint: Endpoint, records: Sequence[Record], delay: float | None = None) -> None:
+        """Store ``records``; returns after the commit. A topic send copies them to each subscription."""
+        _check_endpoint(endpoint)
+        for record in records:
+            size = record.size()
+            if size > self.max_message_size:
+                raise MessageTooLarge(size, self.max_message_size)
+        if not records:
+            return
+        rows = [_encode(r) for r in records]
+        pause = max(delay or 0.0, 0.0)
+        await self._call(lambda s, now: _with_ids(s.send(endpoint, rows, now + pause)))
+
+    async def receiver(self, endpoint: Endpoint, prefetch: int) -> Receiver:
+        """A receiver for a queue, a subscription or a dead-letter destination (which must exist)."""
+        _check_endpoint(endpoint)
+        if endpoint.kind == "topic" and endpoint.subscription is None:
+            raise ConfigError(f"cannot receive from {endpoint} without a subscription name")
+        dlq = Endpoint(endpoint.kind, endpoint.name, endpoint.subscription, dead_letter=True)
+        ids = await self._call(lambda s, now: ((s.endpoint_id(endpoint), s.endpoint_id(dlq)), ()))
+        return _SqliteReceiver(self, endpoint, ids[0], ids[1], prefetch)
+
+
+def _with_ids(targets: list[int]) -> tuple[None, Iterable[int]]:
+    return None, targets
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _check_endpoint(endpoint: Endpoint) -> None:
+    if not endpoint.name:
+        raise ConfigError("queue and topic names must not be empty")
+    if endpoint.subscription == "":
+        raise ConfigError("subscription names must not be empty")
+    if endpoint.kind == "queue" and endpoint.subscription is not None:
+        raise ConfigError(f"queue {endpoint.name!r} cannot have a subscription")
+    if endpoint.kind == "topic" and endpoint.dead_letter and endpoint.subscription is None:
+        raise ConfigError(f"dead letters belong to a subscription of topic {endpoint.name!r}, name one")
+
+
+def database_path(url: BusURL) -> str:
+    """The absolute file path a ``sqlite://`` URL names (relative paths resolve against the cwd now)."""
+    if url.host or url.port or url.username or url.password:
+        raise ConfigError("sqlite URLs take no host: use sqlite:///relative.db or sqlite:////absolute/path.db")
+    path = url.path[1:] if url.path.startswith("/") else url.path
+    if not path or path.endswith("/"):
+        raise ConfigError("sqlite URL needs a database file, e.g. sqlite:///./msgbus.db")
+    if path == ":memory:":
+        raise ConfigError("sqlite://:memory: is not supported; use memory:// for a bus without a file")
+    return os.path.abspath(path)
+
+
+def create(url: BusURL, options: OptionReader) -> Adapter:
+    """The ``sqlite`` adapter factory (entry point ``msgbus.adapters``). Reads options; touches no files."""
+    path = database_path(url)
+    return SqliteAdapter(
+        url,
+        path,
+        visibility_timeout=options.float("visibility_timeout", 30.0, min=0.001),
+        poll_interval=options.float("poll_interval", 0.05, min=0.001),
+        synchronous=options.choice("synchronous", "normal", ("normal", "full")),
+        busy_timeout=options.float("busy_timeout", 10.0, min=0.0),
+        max_message_size=options.int("max_message_size", 1_048_576, min=1),
+    )

@@ -1,0 +1,295 @@
+"""Blocking facade: the same shapes as the async API for code that isn't async.
+
+Each ``SyncBus`` runs the async core on one background event-loop thread (a portal); every method
+is one call through it, so there is no second copy of the I/O path. Handlers given to ``run`` are
+plain functions executed in worker threads, and may settle their message themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
+from datetime import timedelta
+from types import TracebackType
+from typing import Any, Generic, Self, TypeVar
+
+from . import _bus
+from ._capabilities import Capabilities
+from ._message import Message
+from ._retry import RetryPolicy
+
+__all__ = ["SyncBus", "SyncConsumer", "SyncMessage", "SyncProducer", "SyncPublisher", "connect"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class _Portal:
+    """One event loop on a daemon thread; ``call`` runs a coroutine there and blocks for its result."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="msgbus-portal", daemon=True)
+        self._thread.start()
+
+    def call(self, coro: Coroutine[Any, Any, R]) -> R:
+        if threading.current_thread() is self._thread:
+            coro.close()
+            raise RuntimeError("msgbus.sync called from its own event loop thread; use the async API there")
+        future: Future[R] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result()
+        except KeyboardInterrupt:
+            future.cancel()  # graceful: run() treats cancellation as a stop request
+            try:
+                future.result()
+            except BaseException:
+                pass
+            raise
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        if not self.loop.is_running():
+            self.loop.close()
+
+
+def connect(url: str | None = None, *, profile: str | None = None, **options: Any) -> SyncBus:
+    """Blocking twin of ``msgbus.connect``; use as a context manager or call ``close()``."""
+    from . import connect as aconnect
+
+    return SyncBus(aconnect(url, profile=profile, **options))
+
+
+class SyncBus:
+    """Blocking twin of ``msgbus.Bus``."""
+
+    def __init__(self, bus: _bus.Bus) -> None:
+        self._bus = bus
+        self._portal = _Portal()
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._bus.capabilities
+
+    @property
+    def url(self) -> str:
+        return self._bus.url
+
+    def __repr__(self) -> str:
+        return f"<SyncBus {self._bus.url}>"
+
+    def open(self) -> None:
+        self._portal.call(self._bus.open())
+
+    def close(self) -> None:
+        try:
+            self._portal.call(self._bus.close())
+        finally:
+            self._portal.stop()
+
+    def __enter__(self) -> Self:
+        self.open()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def producer(self, queue: str) -> SyncProducer:
+        return SyncProducer(self._bus.producer(queue), self._portal)
+
+    def publisher(self, topic: str) -> SyncPublisher:
+        return SyncPublisher(self._bus.publisher(topic), self._portal)
+
+    def consumer(
+        self,
+        queue: str,
+        *,
+        model: type[Any] | None = None,
+        prefetch: int | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> SyncConsumer[Any]:
+        return SyncConsumer(self._bus.consumer(queue, model=model, prefetch=prefetch, retry=retry), self._portal)
+
+    def subscriber(
+        self,
+        topic: str,
+        *,
+        subscription: str,
+        model: type[Any] | None = None,
+        prefetch: int | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> SyncConsumer[Any]:
+        sub = self._bus.subscriber(topic, subscription=subscription, model=model, prefetch=prefetch, retry=retry)
+        return SyncConsumer(sub, self._portal)
+
+    def dead_letters(
+        self, name: str, *, subscription: str | None = None, model: type[Any] | None = None
+    ) -> SyncConsumer[Any]:
+        return SyncConsumer(self._bus.dead_letters(name, subscription=subscription, model=model), self._portal)
+
+
+class SyncProducer:
+    """Blocking twin of ``msgbus.Producer``."""
+
+    def __init__(self, producer: _bus.Producer, portal: _Portal) -> None:
+        self._p = producer
+        self._portal = portal
+
+    def send(
+        self,
+        body: object,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        delay: float | timedelta | None = None,
+        message_id: str | None = None,
+        correlation_id: str | None = None,
+        content_type: str | None = None,
+    ) -> str:
+        return self._portal.call(
+            self._p.send(
+                body,
+                key=key,
+                headers=headers,
+                delay=delay,
+                message_id=message_id,
+                correlation_id=correlation_id,
+                content_type=content_type,
+            )
+        )
+
+    def send_many(
+        self,
+        items: Iterable[Any],
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        delay: float | timedelta | None = None,
+    ) -> list[str]:
+        return self._portal.call(self._p.send_many(items, key=key, headers=headers, delay=delay))
+
+
+class SyncPublisher:
+    """Blocking twin of ``msgbus.Publisher``."""
+
+    def __init__(self, publisher: _bus.Publisher, portal: _Portal) -> None:
+        self._p = publisher
+        self._portal = portal
+
+    def publish(
+        self,
+        body: object,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        delay: float | timedelta | None = None,
+        message_id: str | None = None,
+        correlation_id: str | None = None,
+        content_type: str | None = None,
+    ) -> str:
+        return self._portal.call(
+            self._p.publish(
+                body,
+                key=key,
+                headers=headers,
+                delay=delay,
+                message_id=message_id,
+                correlation_id=correlation_id,
+                content_type=content_type,
+            )
+        )
+
+    def publish_many(
+        self,
+        items: Iterable[Any],
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        delay: float | timedelta | None = None,
+    ) -> list[str]:
+        return self._portal.call(self._p.publish_many(items, key=key, headers=headers, delay=delay))
+
+
+class SyncMessage(Generic[T]):
+    """Blocking view of a received ``Message``: same attributes, blocking ``ack``/``nack``/``reject``."""
+
+    def __init__(self, message: Message[T], portal: _Portal) -> None:
+        self.message = message
+        self._portal = portal
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.message, name)
+
+    @property
+    def body(self) -> T:
+        return self.message.body
+
+    def ack(self) -> None:
+        self._portal.call(self.message.ack())
+
+    def nack(self, delay: float | None = None) -> None:
+        self._portal.call(self.message.nack(delay))
+
+    def reject(self, reason: str) -> None:
+        self._portal.call(self.message.reject(reason))
+
+    def __repr__(self) -> str:
+        return repr(self.message)
+
+
+class SyncConsumer(Generic[T]):
+    """Blocking twin of ``msgbus.Consumer``: iterate, ``receive`` or ``run(handler)``."""
+
+    def __init__(self, consumer: _bus.Consumer[T], portal: _Portal) -> None:
+        self._c = consumer
+        self._portal = portal
+
+    def open(self) -> None:
+        self._portal.call(self._c.open())
+
+    def close(self) -> None:
+        self._portal.call(self._c.close())
+
+    def __enter__(self) -> Self:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def receive(self, max_messages: int = 1, timeout: float = 1.0) -> list[SyncMessage[T]]:
+        msgs = self._portal.call(self._c.receive(max_messages, timeout))
+        return [SyncMessage(m, self._portal) for m in msgs]
+
+    def __iter__(self) -> Iterator[SyncMessage[T]]:
+        while True:
+            yield from self.receive(1, 1.0)
+
+    def stop(self) -> None:
+        self._portal.loop.call_soon_threadsafe(self._c.stop)
+
+    def run(
+        self,
+        handler: Callable[[SyncMessage[T]], None],
+        *,
+        concurrency: int = 1,
+        retry: RetryPolicy | None = None,
+        shutdown_timeout: float = 30.0,
+        middleware: Sequence[Any] = (),
+    ) -> None:
+        """Block running ``handler`` in ``concurrency`` threads until ``stop()`` or Ctrl-C."""
+        portal = self._portal
+
+        async def call(msg: Message[T]) -> None:
+            await asyncio.to_thread(handler, SyncMessage(msg, portal))
+
+        self._portal.call(
+            self._c.run(
+                call, concurrency=concurrency, retry=retry, middleware=middleware, shutdown_timeout=shutdown_timeout
+            )
+        )

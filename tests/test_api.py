@@ -1,0 +1,348 @@
+"""The public surface: connect() resolution, registry errors, send-side validation, roles, sync facade."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import msgbus
+import msgbus.sync
+from msgbus.errors import (
+    AdapterNotInstalled,
+    CapabilityMissing,
+    ClosedError,
+    ConfigError,
+    InvalidMessage,
+    MessageTooLarge,
+)
+
+
+def mem(**opts: str) -> str:
+    query = "&".join(f"{k}={v}" for k, v in opts.items())
+    return f"memory://{uuid.uuid4().hex}" + (f"?{query}" if query else "")
+
+
+def test_all_is_complete_and_sorted() -> None:
+    public = {n for n in dir(msgbus) if not n.startswith("_") and n not in {"annotations", "Any"}}
+    modules = {"adapter", "errors", "sync", "testing", "cli", "msgbus_adapter"}
+    assert sorted(msgbus.__all__) == list(msgbus.__all__) or msgbus.__all__ == sorted(
+        msgbus.__all__, key=lambda s: (not s.isupper(), s)
+    )
+    assert public - modules - {
+        "connect",
+        "require",
+        "schemes",
+        "resolve",
+        "factory",
+        "parse_url",
+        "ConfigError",
+    } <= set(msgbus.__all__)
+    for name in msgbus.__all__:
+        assert hasattr(msgbus, name), name
+
+
+def test_errors_all_is_complete() -> None:
+    exported = {n for n, v in vars(msgbus.errors).items() if isinstance(v, type) and issubclass(v, Exception)}
+    assert exported == set(msgbus.errors.__all__)
+
+
+def test_unknown_scheme_and_missing_adapter_name_the_package() -> None:
+    with pytest.raises(AdapterNotInstalled, match="pip install msgbus-kafka"):
+        msgbus.connect("kafka://127.0.0.1:9092")
+    with pytest.raises(AdapterNotInstalled, match="unknown URL scheme 'gopher"):
+        msgbus.connect("gopher://x")
+
+
+def test_unknown_option_is_a_config_error_naming_it() -> None:
+    with pytest.raises(ConfigError, match="colour"):
+        msgbus.connect(mem(colour="blue"))
+    with pytest.raises(ConfigError, match="topology"):
+        msgbus.connect(mem(), topology="sometimes")
+
+
+def test_connect_resolution_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MSGBUS_URL", raising=False)
+    monkeypatch.delenv("MSGBUS_CONFIG", raising=False)
+    with caplog.at_level(logging.WARNING, logger="msgbus"):
+        bus = msgbus.connect()
+    assert bus.url == "sqlite:///./msgbus.db"
+    assert [r for r in caplog.records if "msgbus.db" in r.getMessage()], "the fallback must warn, naming the file"
+
+    (tmp_path / "msgbus.toml").write_text(
+        '[bus.default]\nurl = "memory://from-file"\n[bus.orders]\nurl = "memory://orders"\nvisibility_timeout = 5\n'
+    )
+    assert msgbus.connect().url == "memory://from-file"
+    orders = msgbus.connect(profile="orders")
+    assert orders.url == "memory://orders" and orders.capabilities.lock_duration == 5
+    with pytest.raises(ConfigError, match="profiles: default, orders"):
+        msgbus.connect(profile="missing")
+
+    monkeypatch.setenv("MSGBUS_URL", "memory://from-env")
+    assert msgbus.connect().url == "memory://from-env"
+    assert msgbus.connect("memory://explicit").url == "memory://explicit"
+
+    other = tmp_path / "other.toml"
+    other.write_text('[bus.default]\nurl = "memory://other"\n')
+    monkeypatch.delenv("MSGBUS_URL")
+    monkeypatch.setenv("MSGBUS_CONFIG", str(other))
+    assert msgbus.connect().url == "memory://other"
+    monkeypatch.setenv("MSGBUS_CONFIG", str(tmp_path / "nope.toml"))
+    with pytest.raises(ConfigError, match="not a file"):
+        msgbus.connect()
+
+
+def test_bad_config_file_is_a_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("[bus.default\nurl=")
+    monkeypatch.setenv("MSGBUS_CONFIG", str(path))
+    monkeypatch.delenv("MSGBUS_URL", raising=False)
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        msgbus.connect()
+
+
+@pytest.mark.parametrize("name", ["", "has space", "-lead", "x" * 201, "a/b", 5])
+def test_bad_names_rejected(name: object) -> None:
+    bus = msgbus.connect(mem())
+    with pytest.raises(ConfigError):
+        bus.producer(name)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError):
+        bus.subscriber("t", subscription=name)  # type: ignore[arg-type]
+
+
+async def test_send_side_validation_raises_typed_errors() -> None:
+    async with msgbus.connect(mem(max_message_size="1000")) as bus:
+        p = bus.producer("q")
+        with pytest.raises(InvalidMessage, match="header 'a'"):
+            await p.send(b"x", headers={"a": 1})  # type: ignore[dict-item]
+        with pytest.raises(InvalidMessage, match="reserved"):
+            await p.send(b"x", headers={"x-msgbus-attempts": "1"})
+        with pytest.raises(InvalidMessage, match="key"):
+            await p.send(b"x", key=5)  # type: ignore[arg-type]
+        with pytest.raises(InvalidMessage, match="delay"):
+            await p.send(b"x", delay=-1)
+        with pytest.raises(InvalidMessage, match="cannot encode"):
+            await p.send(object())
+        with pytest.raises(MessageTooLarge) as info:
+            await p.send(b"x" * 2000)
+        assert info.value.limit == 1000
+        assert await bus.consumer("q").receive(10, 0.2) == [], "nothing invalid may have been stored"
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.dictionaries(st.one_of(st.text(), st.integers()), st.one_of(st.text(), st.integers(), st.none()), max_size=5))
+def test_any_headers_either_roundtrip_or_raise_invalid_message(headers: dict[object, object]) -> None:
+    async def go() -> None:
+        async with msgbus.connect(mem()) as bus:
+            try:
+                await bus.producer("q").send(b"x", headers=headers)  # type: ignore[arg-type]
+            except InvalidMessage:
+                return
+            [msg] = await bus.consumer("q").receive(1, 1.0)
+            assert dict(msg.headers) == headers
+
+    asyncio.run(go())
+
+
+async def test_closed_bus_raises_closed_error() -> None:
+    bus = msgbus.connect(mem())
+    async with bus:
+        await bus.producer("q").send(b"x")
+    with pytest.raises(ClosedError):
+        await bus.producer("q").send(b"y")
+    with pytest.raises(ClosedError):
+        await bus.open()
+
+
+async def test_require_fails_at_start_up() -> None:
+    bus = msgbus.connect(mem())
+    msgbus.require(bus, "delayed_delivery", "ordering")
+    with pytest.raises(CapabilityMissing, match="exactly_once"):
+        msgbus.require(bus, "exactly_once")
+
+
+async def test_roundtrip_of_metadata_and_settlement_idempotence() -> None:
+    async with msgbus.connect(mem()) as bus:
+        mid = await bus.producer("q").send({"a": 1}, key="k", headers={"h": "é"}, correlation_id="c1")
+        [msg] = await bus.consumer("q").receive(1, 1.0)
+        assert (msg.id, msg.body, msg.key, dict(msg.headers), msg.correlation_id, msg.attempt) == (
+            mid,
+            {"a": 1},
+            "k",
+            {"h": "é"},
+            "c1",
+            1,
+        )
+        assert msg.content_type == "application/json" and msg.timestamp > 0
+        await msg.ack()
+        await msg.ack()
+        await msg.nack()  # no effect after ack
+        assert await bus.consumer("q").receive(1, 0.3) == []
+
+
+async def test_run_retries_then_dead_letters_with_reason() -> None:
+    async with msgbus.connect(mem()) as bus:
+        await bus.producer("q").send_many([{"n": i} for i in range(20)])
+        seen: dict[int, int] = {}
+
+        async def handler(msg: msgbus.Message) -> None:
+            n = msg.body["n"]
+            seen[n] = seen.get(n, 0) + 1
+            if n % 5 == 0:
+                raise ValueError(f"bad {n}")
+
+        consumer = bus.consumer("q")
+        task = asyncio.create_task(
+            consumer.run(handler, concurrency=4, retry=msgbus.RetryPolicy(max_attempts=3, initial_backoff=0.01))
+        )
+        dead = []
+        async with asyncio.timeout(10):
+            while len(dead) < 4:
+                dead += await bus.dead_letters("q").receive(10, 0.5)
+        consumer.stop()
+        await task
+        assert sorted(seen) == list(range(20))
+        assert {n: c for n, c in seen.items() if n % 5 == 0} == {0: 3, 5: 3, 10: 3, 15: 3}
+        assert all(c == 1 for n, c in seen.items() if n % 5)
+        assert sorted(m.body["n"] for m in dead) == [0, 5, 10, 15]
+        assert all(m.dead_letter_reason == f"ValueError: bad {m.body['n']}" for m in dead)
+        assert all(m.dead_letter_attempts == 3 for m in dead)
+
+
+async def test_cancelled_run_finishes_in_flight_and_releases_the_rest() -> None:
+    async with msgbus.connect(mem()) as bus:
+        await bus.producer("q").send_many(list(range(50)))
+        started = asyncio.Event()
+        done: list[int] = []
+
+        async def slow(msg: msgbus.Message) -> None:
+            started.set()
+            await asyncio.sleep(0.3)
+            done.append(msg.body)
+
+        consumer = bus.consumer("q")
+        task = asyncio.create_task(consumer.run(slow, concurrency=4))
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert len(done) == 4, "in-flight handlers finish on cancellation"
+        rest = []
+        async with asyncio.timeout(5):
+            while len(rest) < 46:
+                batch = await bus.consumer("q").receive(50, 0.5)
+                rest += batch
+                for m in batch:
+                    await m.ack()
+        assert sorted(done + [m.body for m in rest]) == list(range(50)), "0 lost, 0 duplicates"
+
+
+async def test_shutdown_deadline_cancels_and_nacks_stuck_handlers() -> None:
+    async with msgbus.connect(mem()) as bus:
+        await bus.producer("q").send(b"stuck")
+        started = asyncio.Event()
+
+        async def stuck(msg: msgbus.Message) -> None:
+            started.set()
+            await asyncio.sleep(60)
+
+        consumer = bus.consumer("q")
+        task = asyncio.create_task(consumer.run(stuck, shutdown_timeout=0.2))
+        await started.wait()
+        consumer.stop()
+        await asyncio.wait_for(task, 5)
+        [again] = await bus.consumer("q").receive(1, 1.0)
+        assert again.payload == b"stuck" and again.attempt == 2
+
+
+async def test_undecodable_message_is_dead_lettered_and_loop_goes_on() -> None:
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Order:
+        id: int
+
+    async with msgbus.connect(mem()) as bus:
+        p = bus.producer("q")
+        await p.send({"id": 1})
+        await p.send(b"{broken", content_type="application/json")
+        await p.send({"id": 2})
+        got: list[Order] = []
+
+        async def handle(msg: msgbus.Message[Order]) -> None:
+            got.append(msg.body)
+
+        consumer = bus.consumer("q", model=Order)
+        task = asyncio.create_task(consumer.run(handle))
+        [dead] = await bus.dead_letters("q").receive(1, 3.0)
+        async with asyncio.timeout(3):
+            while len(got) < 2:
+                await asyncio.sleep(0.01)
+        consumer.stop()
+        await task
+        assert got == [Order(1), Order(2)]
+        assert dead.payload == b"{broken" and (dead.dead_letter_reason or "").startswith("DecodeError")
+
+
+async def test_middleware_wraps_the_handler_once() -> None:
+    calls: list[str] = []
+
+    def tag(name: str) -> msgbus.Middleware:
+        def wrap(inner: msgbus.Handler) -> msgbus.Handler:
+            async def handler(msg: msgbus.Message) -> None:
+                calls.append(name)
+                await inner(msg)
+
+            return handler
+
+        return wrap
+
+    async with msgbus.connect(mem()) as bus:
+        await bus.producer("q").send_many([1, 2])
+        seen: list[int] = []
+
+        async def handle(msg: msgbus.Message) -> None:
+            seen.append(msg.body)
+
+        consumer = bus.consumer("q")
+        task = asyncio.create_task(consumer.run(handle, middleware=[tag("outer"), tag("inner")]))
+        async with asyncio.timeout(3):
+            while len(seen) < 2:
+                await asyncio.sleep(0.01)
+        consumer.stop()
+        await task
+        assert calls == ["outer", "inner", "outer", "inner"]
+
+
+def test_sync_facade_same_shapes() -> None:
+    url = mem()
+    with msgbus.sync.connect(url) as bus:
+        ids = bus.producer("q").send_many([{"n": i} for i in range(10)])
+        bus.publisher("t")  # shape exists
+        got = []
+        for msg in bus.consumer("q"):
+            got.append(msg.id)
+            msg.ack()
+            if len(got) == 10:
+                break
+        assert got == ids
+
+        bus.producer("q").send_many(list(range(30)))
+        handled: list[int] = []
+        consumer = bus.consumer("q")
+
+        def handle(msg: msgbus.sync.SyncMessage) -> None:
+            handled.append(msg.body)
+            if len(handled) == 30:
+                consumer.stop()
+
+        consumer.run(handle, concurrency=4)
+        assert sorted(handled) == list(range(30))

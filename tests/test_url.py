@@ -1,0 +1,115 @@
+"""Bus URL parsing, option reading and redaction."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from msgbus._url import REDACTED, parse_url, redact
+from msgbus.errors import ConfigError
+
+SECRET = "s3cr3t-P@ss"
+
+
+def test_parses_every_part() -> None:
+    url = parse_url("amqp://user:pw@host.example:5672/vhost?heartbeat=30&prefetch=10")
+    assert (url.scheme, url.host, url.port, url.username, url.password, url.path) == (
+        "amqp",
+        "host.example",
+        5672,
+        "user",
+        "pw",
+        "/vhost",
+    )
+    assert dict(url.options) == {"heartbeat": "30", "prefetch": "10"}
+
+
+def test_password_never_in_str_or_repr() -> None:
+    url = parse_url("amqp://user:" + SECRET.replace("@", "%40") + "@host/?sas_key=abc123&region=eu")
+    assert url.password == SECRET
+    for text in (str(url), repr(url), url.redacted):
+        assert SECRET not in text and "abc123" not in text
+        assert REDACTED in text and "region=eu" in text
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["", "localhost:5672", "amqp://host:notaport/", "amqp://host:99999/", "://x", "memory://x#frag", "9x://host"],
+)
+def test_malformed_urls_raise_config_error(bad: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_url(bad)
+
+
+def test_malformed_url_error_hides_password() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_url(f"amqp://user:{SECRET}@host:bad/")
+    assert SECRET not in str(info.value)
+
+
+def test_duplicate_option_rejected() -> None:
+    with pytest.raises(ConfigError, match="twice"):
+        parse_url("memory://?a=1&a=2")
+
+
+def test_option_reader_types_and_unknowns() -> None:
+    reader = parse_url("memory://?n=3&t=1.5&flag=yes&mode=b&extra=1").reader({"kw": 7})
+    assert reader.int("n", 0) == 3
+    assert reader.float("t", 0.0) == 1.5
+    assert reader.bool("flag", False) is True
+    assert reader.choice("mode", "a", ("a", "b")) == "b"
+    assert reader.int("kw", 0) == 7
+    assert reader.str("absent", "dflt") == "dflt"
+    with pytest.raises(ConfigError, match="extra") as info:
+        reader.finish()
+    assert "known:" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("query", "call"),
+    [
+        ("n=x", lambda r: r.int("n", 0)),
+        ("n=-1", lambda r: r.int("n", 0, min=0)),
+        ("t=nan", lambda r: r.float("t", 0.0)),
+        ("f=maybe", lambda r: r.bool("f", False)),
+        ("m=z", lambda r: r.choice("m", "a", ("a", "b"))),
+    ],
+)
+def test_option_reader_rejects_bad_values(query: str, call: object) -> None:
+    reader = parse_url(f"memory://?{query}").reader()
+    with pytest.raises(ConfigError):
+        call(reader)  # type: ignore[operator]
+
+
+def test_secret_option_value_not_echoed_in_errors() -> None:
+    reader = parse_url("memory://?token_ttl=" + SECRET).reader()
+    with pytest.raises(ConfigError) as info:
+        reader.int("token_ttl", 0)
+    assert SECRET not in str(info.value)
+
+
+def test_redact_free_text() -> None:
+    assert redact(f"login failed for {SECRET}", ["", None, SECRET]) == f"login failed for {REDACTED}"
+
+
+@given(st.text(max_size=80))
+def test_parse_never_raises_anything_but_config_error(text: str) -> None:
+    try:
+        url = parse_url(text)
+    except ConfigError:
+        return
+    assert url.scheme
+
+
+@given(
+    user=st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=20),
+    password=st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=4, max_size=30),
+)
+def test_any_password_roundtrips_and_is_redacted(user: str, password: str) -> None:
+    from urllib.parse import quote
+
+    url = parse_url(f"amqp://{quote(user, safe='')}:{quote(password, safe='')}@h:1/")
+    assert url.username == user and url.password == password
+    auth = url.redacted.split("://", 1)[1].rsplit("@", 1)[0]
+    assert auth == f"{quote(user, safe='')}:{REDACTED}"
