@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Literal, NoReturn, Protocol
+from typing import Literal, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 from ._containers import ContainerBroker, docker_answers
@@ -238,9 +238,5 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def _exit(code: int) -> NoReturn:
-    sys.exit(code)
-
-
 if __name__ == "__main__":
-    _exit(main())
+    raise SystemExit(main())

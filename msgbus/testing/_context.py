@@ -6,14 +6,14 @@ import asyncio
 import re
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import msgbus
 from msgbus import Bus, Capabilities
 
-__all__ = ["ContractContext", "ContractFailure", "ContractSkip", "RestartHook", "Tally", "ensure", "fail"]
+__all__ = ["ContractContext", "ContractFailure", "ContractSkip", "RestartHook", "Tally", "ensure", "examples", "fail"]
 
 RestartHook = Callable[[], Awaitable[None]]
 
@@ -37,8 +37,9 @@ def ensure(condition: bool, message: str) -> None:
         raise ContractFailure(message)
 
 
-def _examples(ids: object, limit: int = 3) -> str:
-    items = sorted(str(i) for i in ids)  # type: ignore[attr-defined]
+def examples(ids: Iterable[object], limit: int = 3) -> str:
+    """A few of ``ids`` for a failure message."""
+    items = sorted(str(i) for i in ids)
     more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
     return ", ".join(items[:limit]) + more
 
@@ -103,11 +104,11 @@ class Tally:
         dup_ids = [i for i, c in self.counts.items() if c > 1]
         problems = []
         if lost:
-            problems.append(f"lost e.g. {_examples(lost)}")
+            problems.append(f"lost e.g. {examples(lost)}")
         if unexpected:
-            problems.append(f"unexpected ids e.g. {_examples(unexpected)}")
+            problems.append(f"unexpected ids e.g. {examples(unexpected)}")
         if dup_ids and not allow_dups:
-            problems.append(f"delivered twice e.g. {_examples(dup_ids)}")
+            problems.append(f"delivered twice e.g. {examples(dup_ids)}")
         ensure(not problems, f"{line} ({'; '.join(problems)})")
         return line
 
@@ -189,11 +190,7 @@ class ContractContext:
         """Cancel background tasks, run cleanup hooks, close every bus this check opened."""
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            try:
-                await task
-            except BaseException:  # noqa: S110 - the check already reported its outcome
-                pass
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for fn in reversed(self._cleanups):
             try:
                 await fn()

@@ -1,0 +1,133 @@
+"""Lua scripts: every multi-step change to a stream runs atomically inside Redis.
+
+Times come from Redis' own clock (``TIME``), so producers and consumers on hosts with skewed clocks
+agree on when a delayed entry is due. Delayed entries are ``cmsgpack``-packed field lists in a sorted
+set scored by due time (ms), with a unique tag as the first element so equal messages stay distinct.
+"""
+
+from __future__ import annotations
+
+_NOW_MS = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
+# KEYS[1] sorted set. ARGV[1] delay ms, then per record: field count n, unique tag, n fields.
+SEND_DELAYED = (
+    _NOW_MS
+    + """
+local due = now_ms() + tonumber(ARGV[1])
+local i = 2
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  local member = {ARGV[i + 1]}
+  for j = i + 2, i + 1 + n do member[#member + 1] = ARGV[j] end
+  redis.call('ZADD', KEYS[1], due, cmsgpack.pack(member))
+  i = i + 2 + n
+end
+return 1
+"""
+)
+
+# KEYS[1] sorted set, KEYS[2] target stream. ARGV[1] most entries to move. Returns how many moved.
+MOVE_DUE = (
+    _NOW_MS
+    + """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms(), 'LIMIT', 0, tonumber(ARGV[1]))
+for _, member in ipairs(due) do
+  local fields = cmsgpack.unpack(member)
+  redis.call('XADD', KEYS[2], '*', unpack(fields, 2))
+  redis.call('ZREM', KEYS[1], member)
+end
+return #due
+"""
+)
+
+# Settle a pending entry by storing a new one first and acking the old one second (nack, nack with
+# delay, dead-letter). Does nothing (returns 0) when the entry is no longer pending in the group, so a
+# retried call cannot store a second copy.
+# KEYS[1] source stream, KEYS[2] target stream, KEYS[3] target sorted set (delayed).
+# ARGV[1] group, ARGV[2] entry id, ARGV[3] '1' to XDEL the source entry, ARGV[4] delay ms, ARGV[5..] fields.
+SETTLE = (
+    _NOW_MS
+    + """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1) == 0 then return 0 end
+local delay = tonumber(ARGV[4])
+if delay > 0 then
+  local member = {KEYS[1] .. '/' .. ARGV[2]}
+  for i = 5, #ARGV do member[#member + 1] = ARGV[i] end
+  redis.call('ZADD', KEYS[3], now_ms() + delay, cmsgpack.pack(member))
+else
+  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
+end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+if ARGV[3] == '1' then redis.call('XDEL', KEYS[1], ARGV[2]) end
+return 1
+"""
+)
+
+# Claim entries idle for at least the visibility timeout (their consumer died or is too slow).
+# KEYS[1] stream. ARGV[1] group, ARGV[2] consumer, ARGV[3] min idle ms, ARGV[4] count.
+# Returns {id, deliveries so far, fields} per claimed entry; XCLAIM counts this delivery.
+RECLAIM = """
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', tonumber(ARGV[3]), '-', '+', tonumber(ARGV[4]))
+if #pending == 0 then return {} end
+local ids, counts = {}, {}
+for i, p in ipairs(pending) do
+  ids[i] = p[1]
+  counts[p[1]] = p[4]
+end
+local out = {}
+for _, e in ipairs(redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3]), unpack(ids))) do
+  if e and e[2] then out[#out + 1] = {e[1], counts[e[1]] + 1, e[2]} end
+end
+return out
+"""
+
+# Trim a fan-out stream below the oldest entry any group still needs: its oldest pending entry, or
+# (when nothing is pending) its last delivered id. Entries a slower group has not read or not acked are
+# never removed. With no groups at all, nobody can receive what is there: trim everything.
+# KEYS[1] stream. Returns the number of entries removed.
+TRIM_SHARED = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local function older(a, b)
+  local ams, aseq = string.match(a, '(%d+)-(%d+)')
+  local bms, bseq = string.match(b, '(%d+)-(%d+)')
+  ams, bms = tonumber(ams), tonumber(bms)
+  if ams ~= bms then return ams < bms end
+  return tonumber(aseq) < tonumber(bseq)
+end
+local floor = nil
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local info = {}
+  for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+  local low = info['last-delivered-id']
+  if tonumber(info['pending']) > 0 then low = redis.call('XPENDING', KEYS[1], info['name'])[2] end
+  if floor == nil or older(low, floor) then floor = low end
+end
+if floor == nil then return redis.call('XTRIM', KEYS[1], 'MAXLEN', 0) end
+return redis.call('XTRIM', KEYS[1], 'MINID', floor)
+"""
+
+# Create a topic stream (empty) if it does not exist, without touching an existing one.
+ENSURE_STREAM = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('XADD', KEYS[1], 'MAXLEN', '0', '*', 'msgbus', 'created')
+return 1
+"""
+
+# Remove this receiver's consumer from each stream's group, but only when it holds no pending entry
+# (deleting a consumer drops its pending entries, which would lose them). ARGV[1] group, ARGV[2] consumer.
+FORGET_CONSUMER = """
+local removed = 0
+for _, key in ipairs(KEYS) do
+  local ok, p = pcall(redis.call, 'XPENDING', key, ARGV[1], '-', '+', 1, ARGV[2])
+  if ok and #p == 0 then
+    redis.call('XGROUP', 'DELCONSUMER', key, ARGV[1], ARGV[2])
+    removed = removed + 1
+  end
+end
+return removed
+"""
