@@ -25,9 +25,7 @@ def apt_installed(package: str) -> bool:
     """True when the Debian package is installed."""
     if shutil.which("dpkg-query") is None:
         return False
-    done = subprocess.run(
-        ["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True, check=False
-    )
+    done = subprocess.run(["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True, check=False)
     return done.returncode == 0 and done.stdout.strip().endswith("install ok installed")
 
 
@@ -71,9 +69,17 @@ def apt_install(packages: Sequence[str]) -> None:
         _run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing], env)
 
 
+def importable(module: str) -> bool:
+    """True when ``module`` (dotted names allowed) can be imported by this interpreter."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def pip_install(module: str, requirement: str) -> None:
     """Install ``requirement`` into this interpreter when ``module`` cannot be imported."""
-    if importlib.util.find_spec(module) is not None:
+    if importable(module):
         return
     progress(f"pip install {requirement}")
     _run([sys.executable, "-m", "pip", "install", "-q", requirement], dict(os.environ))

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import ClassVar, TypeVar
 
 from . import _probes
-from ._install import apt_install, pip_install
+from ._install import apt_install, importable, pip_install
 from ._process import (
     PidRecord,
     locked,
@@ -25,6 +25,7 @@ from ._process import (
     progress,
     read_pid,
     spawn,
+    start_time,
     terminate,
     wait_until,
 )
@@ -142,31 +143,34 @@ class LocalBroker:
         did not start, or the broker does not become ready within ``start_timeout``.
         """
         with locked(self.dir / "lock"):
-            record = self.running()
-            if record is not None:
-                self._wait_ready(record)
-                progress(f"{self.name}: already running (pid {record.pid}) on {HOST}:{self.port}")
-                return False
+            return self._start_locked(install=install)
+
+    def _start_locked(self, *, install: bool) -> bool:
+        record = self.running()
+        if record is not None:
+            self._wait_ready(record)
+            progress(f"{self.name}: already running (pid {record.pid}) on {HOST}:{self.port}")
+            return False
+        if not self.installed():
+            if not install:
+                raise LauncherError(f"{self.name} is not installed (packages: {' '.join(self.apt_packages)})")
+            self.install()
             if not self.installed():
-                if not install:
-                    raise LauncherError(f"{self.name} is not installed (packages: {' '.join(self.apt_packages)})")
-                self.install()
-                if not self.installed():
-                    raise LauncherError(f"{self.name}: installed {self.apt_packages} but found no executable")
-            self._check_ports_free()
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self.prepare()
-            began = time.monotonic()
-            progress(f"{self.name}: starting on {HOST}:{self.port} (state {self.dir})")
-            record = spawn(self.argv(), env=self.environment(), cwd=self.dir, log=self.log, pid_file=self.pid_file)
-            try:
-                self._wait_ready(record)
-            except LauncherError:
-                terminate(record, timeout=5, hard=True)
-                self.pid_file.unlink(missing_ok=True)
-                raise
-            progress(f"{self.name}: ready in {time.monotonic() - began:.1f}s (pid {record.pid})")
-            return True
+                raise LauncherError(f"{self.name}: installed {self.apt_packages} but found no executable")
+        self._check_ports_free()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.prepare()
+        began = time.monotonic()
+        progress(f"{self.name}: starting on {HOST}:{self.port} (state {self.dir})")
+        record = spawn(self.argv(), env=self.environment(), cwd=self.dir, log=self.log, pid_file=self.pid_file)
+        try:
+            self._wait_ready(record)
+        except LauncherError:
+            terminate(record, timeout=5, hard=True)
+            self.pid_file.unlink(missing_ok=True)
+            raise
+        progress(f"{self.name}: ready in {time.monotonic() - began:.1f}s (pid {record.pid})")
+        return True
 
     def stop(self, *, hard: bool = False) -> bool:
         """Stop the broker we started: gracefully (SIGTERM), or ``hard=True`` with SIGKILL like a crash.
@@ -175,21 +179,63 @@ class LocalBroker:
         started is removed and nothing is signalled. Blocks until the process group has exited.
         """
         with locked(self.dir / "lock"):
-            record = read_pid(self.pid_file)
-            if record is None or not record.alive():
-                self.pid_file.unlink(missing_ok=True)
-                return False
-            began = time.monotonic()
-            progress(f"{self.name}: stopping pid {record.pid}{' (SIGKILL)' if hard else ''}")
-            terminate(record, timeout=self.stop_timeout, hard=hard)
+            self._auto_stop.unlink(missing_ok=True)
+            return self._stop_locked(hard=hard)
+
+    def _stop_locked(self, *, hard: bool) -> bool:
+        record = read_pid(self.pid_file)
+        if record is None or not record.alive():
             self.pid_file.unlink(missing_ok=True)
-            progress(f"{self.name}: stopped in {time.monotonic() - began:.1f}s")
-            return True
+            return False
+        began = time.monotonic()
+        progress(f"{self.name}: stopping pid {record.pid}{' (SIGKILL)' if hard else ''}")
+        terminate(record, timeout=self.stop_timeout, hard=hard)
+        self.pid_file.unlink(missing_ok=True)
+        progress(f"{self.name}: stopped in {time.monotonic() - began:.1f}s")
+        return True
+
+    # --- sharing one broker between concurrent test runs ---
+
+    @property
+    def _auto_stop(self) -> Path:
+        # Present while the broker was started by a test run (not by `start` on the CLI): the last test
+        # run to let go of it stops it.
+        return self.dir / "auto-stop"
+
+    def lease(self, *, started: bool) -> None:
+        """Record that this process uses the broker; ``started``: this process started it for its tests."""
+        with locked(self.dir / "lock"):
+            leases = self.dir / "leases"
+            leases.mkdir(exist_ok=True)
+            (leases / str(os.getpid())).write_text(str(start_time(os.getpid())))
+            if started:
+                self._auto_stop.touch()
+
+    def unlease(self) -> bool:
+        """Drop this process's lease; stop the broker when a test run started it and no other live process
+        holds a lease on it. Returns True when it stopped the broker."""
+        with locked(self.dir / "lock"):
+            others = 0
+            for lease in (self.dir / "leases").glob("*"):
+                pid = int(lease.name)
+                if pid == os.getpid() or str(start_time(pid)) != lease.read_text(errors="replace"):
+                    lease.unlink(missing_ok=True)
+                else:
+                    others += 1
+            if others or not self._auto_stop.exists():
+                return False
+            return self._stop_locked(hard=False)
+
+    def keep(self) -> None:
+        """Keep the broker running after the test runs using it end (what ``start`` on the CLI asks for)."""
+        self._auto_stop.unlink(missing_ok=True)
 
     def restart(self, *, hard: bool = False) -> None:
         """Stop the broker (``hard=True``: kill it) and start it again on the same data; blocks until ready."""
-        self.stop(hard=hard)
-        self.start(install=False)
+        # One lock across stop and start: no other process can start a broker on the ports in between.
+        with locked(self.dir / "lock"):
+            self._stop_locked(hard=hard)
+            self._start_locked(install=False)
 
     def status(self) -> str:
         """One line: running or not, ready or why not, where its state lives."""
@@ -206,7 +252,11 @@ class LocalBroker:
             raise LauncherError(str(exc)) from exc
 
     def _check_ports_free(self) -> None:
+        # A port can stay bound for a moment after the previous process exited; wait a little, then blame.
+        deadline = time.monotonic() + 2
         for port in (self.port, *self.extra_ports):
+            while not port_bindable(port, HOST) and time.monotonic() < deadline:
+                time.sleep(0.2)
             if not port_bindable(port, HOST):
                 env = f"MSGBUS_TEST_{self.name.upper()}_URL"
                 raise LauncherError(
@@ -237,7 +287,7 @@ class PlannedBroker(LocalBroker):
         raise NotImplementedLauncher(self._todo())
 
     def status(self) -> str:
-        return f"{self.name}: no local launcher yet ({self.plan})"
+        return f"{self.name}: {self._todo()}"
 
     def _todo(self) -> str:
         env = " or ".join((f"MSGBUS_TEST_{self.name.upper()}_URL", *self.env_vars))
@@ -424,12 +474,11 @@ class Moto(LocalBroker):
         return _probes.http_ok(f"http://{host}:{port(self.port)}/moto-api/")
 
     def executable(self) -> str | None:
-        import importlib.util
-
-        return sys.executable if importlib.util.find_spec("moto.server") is not None else None
+        # moto's server needs its [server] extra (flask, flask-cors) besides moto itself.
+        return sys.executable if importable("moto.server") and importable("flask_cors") else None
 
     def install(self) -> None:
-        pip_install("moto.server", "moto[server]")
+        pip_install("flask_cors", "moto[server]")
 
     def argv(self) -> list[str]:
         return [sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(self.port)]

@@ -162,9 +162,7 @@ def locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def wait_until(
-    ready: Callable[[], str | None], *, record: PidRecord, timeout: float, log: Path, what: str
-) -> None:
+def wait_until(ready: Callable[[], str | None], *, record: PidRecord, timeout: float, log: Path, what: str) -> None:
     """Poll ``ready`` (None = ready, else why not) until it succeeds, the process dies, or ``timeout`` passes.
 
     Raises RuntimeError naming the last reason and showing the end of the broker's log.

@@ -104,7 +104,7 @@ def required(backend: str) -> bool:
 
 
 _resolved: dict[str, Endpoint | BrokerUnavailable] = {}
-_started_local: list[LocalBroker] = []
+_leased: list[LocalBroker] = []
 _started_containers: list[ContainerBroker] = []
 
 
@@ -136,20 +136,18 @@ def _resolve(backend: str) -> Endpoint:
 
     reasons = []
     allow_install = required(backend) or os.environ.get("MSGBUS_TEST_INSTALL") == "1"
-    if not broker.implemented:
-        reasons.append(broker.status())
-    elif broker.installed() or allow_install:
+    if broker.implemented and not broker.installed() and not allow_install:
+        reasons.append(
+            f"not installed locally (`python -m integration.brokers start {backend}` installs it, "
+            "or set MSGBUS_TEST_INSTALL=1)"
+        )
+    else:
         try:
-            if broker.start(install=allow_install):
-                _started_local.append(broker)
+            broker.lease(started=broker.start(install=allow_install))
+            _leased.append(broker)
             return Endpoint(backend, broker.url, "local", broker)
         except LauncherError as exc:
-            reasons.append(f"local broker failed: {exc}")
-    else:
-        reasons.append(
-            f"not installed locally (run `python -m integration.brokers start {backend}`, or set "
-            "MSGBUS_TEST_INSTALL=1)"
-        )
+            reasons.append(str(exc))
 
     docker = docker_answers()
     if docker is not None:
@@ -169,7 +167,8 @@ def _resolve(backend: str) -> Endpoint:
             return Endpoint(backend, container.url, "container", container)
 
     raise BrokerUnavailable(
-        backend, f"no {backend} broker: set MSGBUS_TEST_{backend.upper()}_URL; " + "; ".join(reasons),
+        backend,
+        f"no broker: {'; '.join(reasons)}",
         required=required(backend),
     )
 
@@ -189,15 +188,17 @@ def endpoint(backend: str) -> Endpoint:
 
 
 def release() -> None:
-    """Stop the local brokers and containers this process started (not ones that were already running).
+    """Let go of the brokers this process resolved; stop those a test run started once no run uses them.
 
-    ``MSGBUS_TEST_KEEP_BROKERS=1`` keeps local brokers running for the next run. Idempotent.
+    Brokers started from the CLI (``make brokers``, ``.ci/provision.sh``) keep running, and so does every
+    broker when ``MSGBUS_TEST_KEEP_BROKERS=1``. Containers this process started are removed. Idempotent.
     """
     keep = os.environ.get("MSGBUS_TEST_KEEP_BROKERS") == "1"
-    while _started_local:
-        broker = _started_local.pop()
-        if not keep:
-            broker.stop()
+    while _leased:
+        broker = _leased.pop()
+        if keep:
+            broker.keep()
+        broker.unlease()
     while _started_containers:
         _started_containers.pop().stop()
     _resolved.clear()
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("action", choices=("start", "stop", "restart", "status"))
     parser.add_argument("names", nargs="*", help=f"brokers (default: {' '.join(DEFAULT_BROKERS)}; all: every one)")
     parser.add_argument("--hard", action="store_true", help="stop/restart with SIGKILL, like a crash")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     names = args.names or list(DEFAULT_BROKERS)
     if names == ["all"]:
         names = sorted(LAUNCHERS)
@@ -222,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.action == "start":
                 broker.start()
+                broker.keep()
             elif args.action == "stop":
                 if not broker.stop(hard=args.hard):
                     print(f"{name}: not running", file=sys.stderr)

@@ -168,14 +168,19 @@ class Bus:
         return Subscriber(self, endpoint, model, prefetch, retry)
 
     def dead_letters(
-        self, name: str, *, subscription: str | None = None, model: type[Any] | None = None
+        self,
+        name: str,
+        *,
+        subscription: str | None = None,
+        model: type[Any] | None = None,
+        prefetch: int | None = None,
     ) -> Consumer[Any]:
         """A consumer of what was dead-lettered from queue ``name`` (or from ``subscription`` of topic ``name``)."""
         if subscription is None:
             endpoint = Endpoint("queue", _check_name("queue", name), dead_letter=True)
         else:
             endpoint = Endpoint("topic", _check_name("topic", name), _check_name("subscription", subscription), True)
-        return Consumer(self, endpoint, model, None, None)
+        return Consumer(self, endpoint, model, prefetch, None)
 
 
 class _Sender:

@@ -218,10 +218,8 @@ class _Store:
                 out.append(msg)
         else:
             while len(out) < n and (ready or heap):
-                if ready and not (heap and heap[0][0] < ready[0].seq):
-                    msg = ready.popleft()
-                else:
-                    msg = heapq.heappop(heap)[1]
+                fresh_first = ready and not (heap and heap[0][0] < ready[0].seq)
+                msg = ready.popleft() if fresh_first else heapq.heappop(heap)[1]
                 msg.state = _LEASED
                 msg.attempt += 1
                 msg.lease_deadline = deadline

@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar
 
 from ._capabilities import Capabilities
 from ._url import BusURL, OptionReader
@@ -157,7 +157,10 @@ def _rows_to_create(endpoint: Endpoint) -> list[_EndpointKey]:
 
 
 class _Store:
-    """One SQLite connection and the statements of the bus. Methods raise msgbus errors only before writing."""
+    """One SQLite connection and the statements of the bus.
+
+    Methods raise msgbus errors only before they write, so a failed operation needs no rollback of its own.
+    """
 
     def __init__(self, path: str, synchronous: str, busy_timeout: float) -> None:
         self.conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, cached_statements=64)
@@ -167,6 +170,8 @@ class _Store:
             if str(mode).lower() != "wal":
                 raise ConfigError(f"sqlite database {path} cannot use WAL mode (journal_mode is {mode})")
             self.conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+            # A busy bus can grow the WAL while two processes keep it in use; shrink it back on each reset.
+            self.conn.execute("PRAGMA journal_size_limit = 67108864")
             self.conn.execute("BEGIN IMMEDIATE")
             try:
                 version = self.conn.execute("PRAGMA user_version").fetchone()[0]
@@ -187,43 +192,54 @@ class _Store:
     def close(self) -> None:
         self.conn.close()
 
-    def endpoint_id(self, endpoint: Endpoint) -> int:
-        """The row id of ``endpoint``; ``TopologyError`` when it was never declared. Ids never change."""
-        return self._id_of(_key(endpoint), endpoint)
-
-    def _id_of(self, key: _EndpointKey, endpoint: Endpoint) -> int:
+    def endpoint_id(self, endpoint: Endpoint, *, create: bool) -> int:
+        """The row id of ``endpoint`` (ids never change), declaring it first when missing and ``create``."""
+        key = _key(endpoint)
         found = self._ids.get(key)
         if found is None:
-            row = self.conn.execute(
-                "SELECT id FROM msgbus_endpoints WHERE kind = ? AND name = ? AND subscription = ? AND dead_letter = ?",
-                key,
-            ).fetchone()
-            if row is None:
-                raise TopologyError(f"{endpoint} does not exist (declare it first, or use topology=declare)")
-            found = self._ids[key] = int(row[0])
+            found = self._lookup(key)
+            if found is None:
+                if not create:
+                    raise TopologyError(f"{endpoint} does not exist (topology=verify)")
+                self.declare(endpoint, create=True)
+                found = self._lookup(key)
+                assert found is not None
+            self._ids[key] = found
         return found
 
+    def _lookup(self, key: _EndpointKey) -> int | None:
+        row = self.conn.execute(
+            "SELECT id FROM msgbus_endpoints WHERE kind = ? AND name = ? AND subscription = ? AND dead_letter = ?",
+            key,
+        ).fetchone()
+        return None if row is None else int(row[0])
+
     def declare(self, endpoint: Endpoint, create: bool) -> None:
+        rows = _rows_to_create(endpoint)
         if create:
             self.conn.executemany(
                 "INSERT OR IGNORE INTO msgbus_endpoints (kind, name, subscription, dead_letter) VALUES (?, ?, ?, ?)",
-                _rows_to_create(endpoint),
+                rows,
             )
-        else:
-            for key in _rows_to_create(endpoint):
-                self._id_of(key, endpoint)
+            return
+        for key in rows:
+            if key not in self._ids and self._lookup(key) is None:
+                raise TopologyError(f"{endpoint} does not exist (topology=verify)")
 
     def targets(self, endpoint: Endpoint) -> list[int]:
-        """Endpoint ids a send lands in: one queue, or every current subscription of a topic (maybe none)."""
-        if endpoint.kind == "topic" and endpoint.subscription is None and not endpoint.dead_letter:
-            self.endpoint_id(endpoint)  # the topic itself must exist
+        """Endpoint ids a send lands in: one queue, or every current subscription of a topic (maybe none).
+
+        A queue or topic that does not exist yet is created, as the memory backend does.
+        """
+        if endpoint.kind == "topic" and endpoint.subscription is None:
+            self.endpoint_id(endpoint, create=True)
             rows = self.conn.execute(
                 "SELECT id FROM msgbus_endpoints WHERE kind = 'topic' AND name = ? AND subscription != ''"
                 " AND dead_letter = 0",
                 (endpoint.name,),
             ).fetchall()
             return [int(r[0]) for r in rows]
-        return [self.endpoint_id(endpoint)]
+        return [self.endpoint_id(endpoint, create=True)]
 
     def send(self, endpoint: Endpoint, rows: Sequence[_Row], visible_at: float) -> list[int]:
         targets = self.targets(endpoint)
@@ -275,10 +291,11 @@ def _encode(record: Record) -> _Row:
 
 def _decode(row: _Row) -> Record:
     """A ``Record`` from a leased row (seq, attempts, id, body, headers, key, correlation_id, content_type, ts)."""
+    headers = row[4]
     return Record(
-        body=bytes(row[3]),
+        body=row[3],
         id=row[2],
-        headers=json.loads(row[4]),
+        headers={} if headers == "{}" else json.loads(headers),
         key=row[5],
         correlation_id=row[6],
         content_type=row[7],
@@ -434,8 +451,7 @@ class _DbThread:
 # The asyncio side.
 
 
-@dataclass(frozen=True, slots=True)
-class SqliteMessage:
+class SqliteMessage(NamedTuple):
     """``Delivery.raw`` of the sqlite backend: the row's position and the lease that holds it."""
 
     seq: int
@@ -458,8 +474,12 @@ class _SqliteDelivery(Delivery):
         self._settled = False
 
     async def ack(self) -> None:
-        seq, lease, endpoint_id = self._ref.seq, self._ref.lease, self._ref.endpoint_id
-        await self._receiver._settle(self, lambda s, now: (s.ack([(seq, lease)]), (endpoint_id,)))
+        if self._settled:
+            return
+        self._settled = True
+        receiver = self._receiver
+        receiver._held -= 1
+        await receiver.adapter._ack([(self._ref.seq, self._ref.lease)], self._ref.endpoint_id)
 
     async def nack(self, delay: float | None = None) -> None:
         seq, lease, endpoint_id = self._ref.seq, self._ref.lease, self._ref.endpoint_id
@@ -561,7 +581,7 @@ class _SqliteReceiver(Receiver):
             log.warning("msgbus: lease on message %s expired before it was settled", delivery.record.id)
 
     async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
-        """Ack all of ``deliveries`` in one operation (one transaction, one round trip to the db thread)."""
+        """Ack all of ``deliveries`` with one statement in one transaction."""
         held: list[tuple[int, int]] = []
         for d in deliveries:
             if not isinstance(d, _SqliteDelivery) or d._receiver is not self:
@@ -571,8 +591,7 @@ class _SqliteReceiver(Receiver):
                 self._held -= 1
                 held.append((d._ref.seq, d._ref.lease))
         if held:
-            endpoint_id = self.endpoint_id
-            await self.adapter._call(lambda s, now: (s.ack(held), (endpoint_id,)))
+            await self.adapter._ack(held, self.endpoint_id)
 
     async def close(self) -> None:
         """Stop receiving. Held deliveries stay leased (and can still be settled) until they expire."""
@@ -617,6 +636,8 @@ class SqliteAdapter(Adapter):
         self._closed = False
         self._waiters: dict[int, set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]] = {}
         self._waiters_lock = threading.Lock()
+        self._acks: _AckBatch | None = None
+        self._acks_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"SqliteAdapter({self.url.redacted!r})"
@@ -654,6 +675,43 @@ class SqliteAdapter(Adapter):
 
     async def _call(self, fn: _OpFn[T]) -> T:
         return await asyncio.wrap_future(self._submit(fn))
+
+    async def _ack(self, held: list[tuple[int, int]], endpoint_id: int) -> None:
+        """Delete ``held`` (seq, lease) rows, sharing one database operation with concurrent acks.
+
+        The per-message ack path of the consume runtime: acks from many tasks that arrive while the
+        database thread is busy become one DELETE and one cross-thread wake-up, not one each.
+        """
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        with self._acks_lock:
+            batch = self._acks
+            fresh = batch is None or batch.loop is not loop
+            if fresh:
+                batch = self._acks = _AckBatch(loop)
+            assert batch is not None
+            batch.entries.append((held, endpoint_id, waiter))
+        if fresh:
+            try:
+                future = self._submit(lambda s, now: self._flush_acks(batch, s))
+            except ClosedError:
+                with self._acks_lock:
+                    if self._acks is batch:
+                        self._acks = None
+                raise
+            future.add_done_callback(batch.finish)
+        await waiter
+
+    def _flush_acks(self, batch: _AckBatch, store: _Store) -> tuple[None, Iterable[int]]:
+        """On the database thread: detach ``batch`` (later acks start a new one) and delete its rows."""
+        with self._acks_lock:
+            if self._acks is batch:
+                self._acks = None
+        pairs = [pair for held, _, _ in batch.entries for pair in held]
+        changed = store.ack(pairs)
+        if changed < len(pairs):
+            log.warning("msgbus: %d message(s) were acked after their lease expired", len(pairs) - changed)
+        return None, {endpoint_id for _, endpoint_id, _ in batch.entries}
 
     async def _wait(self, endpoint_id: int, seconds: float) -> None:
         """Sleep up to ``seconds``, or until a commit through this adapter touches ``endpoint_id``."""
@@ -709,13 +767,42 @@ class SqliteAdapter(Adapter):
         await self._call(lambda s, now: _with_ids(s.send(endpoint, rows, now + pause)))
 
     async def receiver(self, endpoint: Endpoint, prefetch: int) -> Receiver:
-        """A receiver for a queue, a subscription or a dead-letter destination (which must exist)."""
+        """A receiver for a queue, a subscription or a dead-letter destination (created if missing)."""
         _check_endpoint(endpoint)
         if endpoint.kind == "topic" and endpoint.subscription is None:
             raise ConfigError(f"cannot receive from {endpoint} without a subscription name")
         dlq = Endpoint(endpoint.kind, endpoint.name, endpoint.subscription, dead_letter=True)
-        ids = await self._call(lambda s, now: ((s.endpoint_id(endpoint), s.endpoint_id(dlq)), ()))
+        ids = await self._call(
+            lambda s, now: ((s.endpoint_id(endpoint, create=True), s.endpoint_id(dlq, create=True)), ())
+        )
         return _SqliteReceiver(self, endpoint, ids[0], ids[1], prefetch)
+
+
+class _AckBatch:
+    """Acks gathered while a flush is queued; resolved together on their event loop."""
+
+    __slots__ = ("entries", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.entries: list[tuple[list[tuple[int, int]], int, asyncio.Future[None]]] = []
+
+    def finish(self, future: concurrent.futures.Future[None]) -> None:
+        """Done-callback of the flush (on the database thread): settle every waiter on its loop."""
+        try:
+            self.loop.call_soon_threadsafe(self._resolve, future)
+        except RuntimeError:  # the loop is closed; nobody awaits these acks any more
+            pass
+
+    def _resolve(self, future: concurrent.futures.Future[None]) -> None:
+        error = future.exception()
+        for _, _, waiter in self.entries:
+            if waiter.done():
+                continue
+            if error is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(error)
 
 
 def _with_ids(targets: list[int]) -> tuple[None, Iterable[int]]:
@@ -728,6 +815,8 @@ def _resolve(waiter: asyncio.Future[None]) -> None:
 
 
 def _check_endpoint(endpoint: Endpoint) -> None:
+    if endpoint.kind not in ("queue", "topic"):
+        raise ConfigError(f"unknown endpoint kind {endpoint.kind!r}")
     if not endpoint.name:
         raise ConfigError("queue and topic names must not be empty")
     if endpoint.subscription == "":

@@ -128,9 +128,15 @@ class SyncBus:
         return SyncConsumer(sub, self._portal)
 
     def dead_letters(
-        self, name: str, *, subscription: str | None = None, model: type[Any] | None = None
+        self,
+        name: str,
+        *,
+        subscription: str | None = None,
+        model: type[Any] | None = None,
+        prefetch: int | None = None,
     ) -> SyncConsumer[Any]:
-        return SyncConsumer(self._bus.dead_letters(name, subscription=subscription, model=model), self._portal)
+        dlq = self._bus.dead_letters(name, subscription=subscription, model=model, prefetch=prefetch)
+        return SyncConsumer(dlq, self._portal)
 
 
 class SyncProducer:

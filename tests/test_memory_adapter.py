@@ -385,3 +385,32 @@ async def test_exact_counts_competing_receivers_with_nacks(adapter: Adapter) -> 
     await asyncio.gather(*(work(r) for r in receivers))
     assert len(acked) == n  # 0 lost
     assert set(acked.values()) == {1}  # 0 duplicates
+
+
+async def test_stale_settles_change_nothing(adapter: Adapter) -> None:
+    await adapter.send(Q, [rec(0)])
+    r = await adapter.receiver(Q, prefetch=10)
+    (old,) = await r.receive(1, 1.0)
+    (new,) = await r.receive(1, 2.0)  # the old lease ran out; this is the same message again
+    assert (new.record.id, new.attempt) == ("m0", 2)
+    await old.nack()
+    await old.dead_letter("stale")
+    await old.extend(0.01)
+    await old.ack()
+    assert await r.receive(1, 0.05) == []  # still leased to ``new``, nothing dead-lettered
+    assert await (await adapter.receiver(DLQ, 10)).receive(1, 0.02) == []
+    await new.ack()
+    assert await r.receive(1, 0.6) == []
+
+
+async def test_lease_bookkeeping_stays_bounded(adapter: Adapter, namespace: str) -> None:
+    r = await adapter.receiver(Q, prefetch=100)
+    for start in range(0, 5000, 100):
+        await adapter.send(Q, [rec(i) for i in range(start, start + 100)])
+        got = await r.receive(100, 1.0)
+        assert len(got) == 100
+        for d in got:
+            await d.ack()
+    store = _memory._namespaces[namespace].queues["work"]
+    assert (store.count, store.leased) == (0, 0)
+    assert store._lease_refs <= 1024 + 100  # acked messages are not kept alive until their deadline

@@ -90,9 +90,8 @@ class Tally:
         expected = set(sent)
         lost = expected - set(self.counts)
         unexpected = set(self.counts) - expected
-        return (
-            f"{len(expected)} sent, {self.distinct} {what}, {len(lost)} lost, {self.dups} dup"
-            + (f", {len(unexpected)} unexpected" if unexpected else "")
+        return f"{len(expected)} sent, {self.distinct} {what}, {len(lost)} lost, {self.dups} dup" + (
+            f", {len(unexpected)} unexpected" if unexpected else ""
         )
 
     def ensure_exact(self, sent: set[str] | list[str], label: str, *, allow_dups: bool = False) -> str:
@@ -128,10 +127,13 @@ class ContractContext:
     slug: str = "check"
     bus: Bus = field(init=False)
     notes: list[str] = field(default_factory=list)
-    waiting: str = "starting"  # what the check is waiting for (reported when the deadline passes)
+    waiting: str | Callable[[], str] = "starting"  # what the check waits for (reported when the deadline passes)
     _buses: list[Bus] = field(default_factory=list)
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     _cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    def waiting_for(self) -> str:
+        return self.waiting() if callable(self.waiting) else self.waiting
 
     @property
     def caps(self) -> Capabilities:
@@ -194,10 +196,10 @@ class ContractContext:
         for fn in reversed(self._cleanups):
             try:
                 await fn()
-            except Exception:  # noqa: S110
+            except Exception:
                 pass
         for bus in self._buses:
             try:
                 await bus.close()
-            except Exception:  # noqa: S110
+            except Exception:
                 pass

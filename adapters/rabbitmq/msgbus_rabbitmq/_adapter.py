@@ -33,6 +33,7 @@ MAX_DELAY = 7 * 24 * 3600.0  # holding-queue TTLs are 32-bit milliseconds; a wee
 _HOLDING_GRACE_MS = 300_000  # an idle holding queue is deleted this long after its messages are due
 _HOLDING_REDECLARE = 60.0  # re-declare (resetting x-expires) when the last declare is older than this
 _MAX_NAME = 255  # bytes in an AMQP queue or exchange name
+_IDLE_PAUSE = 0.25  # seconds without receive() before a receiver stops taking new messages
 
 
 def create(url: BusURL, options: OptionReader) -> RabbitMQAdapter:
@@ -61,7 +62,7 @@ def delay_bucket_ms(delay: float) -> int:
     if ms < 100:
         return ms
     scale = 10 ** (len(str(ms)) - 2)
-    return -(-ms // scale) * scale
+    return int(-(-ms // scale) * scale)
 
 
 def holding_queue_name(ms: int, target: str, kind: str) -> str:
@@ -128,9 +129,7 @@ class RabbitMQAdapter(Adapter):
                 reconnect_interval=s.reconnect_interval,
             )
             try:
-                self._publish_channel = await conn.channel(
-                    publisher_confirms=s.confirms, on_return_raises=s.confirms
-                )
+                self._publish_channel = await conn.channel(publisher_confirms=s.confirms, on_return_raises=s.confirms)
                 self._topology = await conn.channel(publisher_confirms=False)
             except BaseException:
                 await conn.close()
@@ -338,12 +337,12 @@ class RabbitMQAdapter(Adapter):
             try:
                 await channel.set_qos(prefetch_count=max(1, prefetch))
                 queue = await channel.declare_queue(name, passive=True)
-                receiver = _Receiver(self, endpoint, name, channel)
-                await queue.consume(receiver._on_message, no_ack=False)
+                receiver = _Receiver(self, endpoint, name, channel, queue)
+                await receiver._resume()
             except BaseException:
                 await channel.close()
                 raise
-        receiver._queue = queue
+        receiver._pause_later()
         return receiver
 
     async def _requeue_copy(self, record: Record, queue: str, prior_attempts: int, delay: float | None) -> None:
@@ -358,19 +357,60 @@ class RabbitMQAdapter(Adapter):
 
 
 class _Receiver(Receiver):
-    """Buffers what the broker pushes (at most ``prefetch`` unacked) and hands it out in batches."""
+    """Buffers what the broker pushes (at most ``prefetch`` unacked) and hands it out in batches.
 
-    def __init__(self, adapter: RabbitMQAdapter, endpoint: Endpoint, name: str, channel: AbstractRobustChannel):
+    RabbitMQ pushes to every consumer with free credit, so a receiver nobody reads from would sit on
+    messages other consumers are waiting for. The consumer is therefore cancelled after ``_IDLE_PAUSE``
+    seconds without a ``receive()`` call (what it already holds stays held) and resumed by the next call.
+    """
+
+    def __init__(
+        self,
+        adapter: RabbitMQAdapter,
+        endpoint: Endpoint,
+        name: str,
+        channel: AbstractRobustChannel,
+        queue: AbstractRobustQueue,
+    ) -> None:
         self._adapter = adapter
         self._endpoint = endpoint
         self._name = name
         self._channel = channel
-        self._queue: AbstractRobustQueue | None = None
+        self._queue = queue
         self._buffer: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         self._closed = False
+        self._tag: str | None = None
+        self._switch = asyncio.Lock()  # serialises consume/cancel
+        self._receiving = 0
+        self._idle: asyncio.TimerHandle | None = None
+        self._pausing: asyncio.Task[None] | None = None
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         self._buffer.put_nowait(message)
+
+    async def _resume(self) -> None:
+        async with self._switch:
+            if self._tag is None and not self._closed:
+                self._tag = await self._queue.consume(self._on_message, no_ack=False)
+
+    async def _pause(self) -> None:
+        async with self._switch:
+            if self._tag is not None and not self._receiving and not self._closed:
+                tag, self._tag = self._tag, None
+                try:
+                    await self._queue.cancel(tag)
+                except Exception:  # channel gone: the broker has dropped the consumer anyway
+                    pass
+
+    def _pause_later(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+        self._idle = asyncio.get_running_loop().call_later(_IDLE_PAUSE, self._start_pause)
+
+    def _start_pause(self) -> None:
+        self._idle = None
+        if not self._receiving and not self._closed:
+            self._pausing = asyncio.ensure_future(self._pause())
 
     async def receive(self, max_messages: int, timeout: float) -> list[Delivery]:
         """Wait up to ``timeout`` s for a delivery, then take what else is buffered, up to ``max_messages``.
@@ -380,6 +420,21 @@ class _Receiver(Receiver):
         """
         if self._closed:
             raise ClosedError(f"receiver on {self._endpoint} is closed")
+        self._receiving += 1
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        try:
+            if self._tag is None:
+                with translate(f"receiving from {self._endpoint}"):
+                    await self._resume()
+            return await self._collect(max_messages, timeout)
+        finally:
+            self._receiving -= 1
+            if not self._receiving and not self._closed:
+                self._pause_later()
+
+    async def _collect(self, max_messages: int, timeout: float) -> list[Delivery]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, timeout)
         out: list[Delivery] = []
@@ -414,10 +469,14 @@ class _Receiver(Receiver):
         out.append(_Delivery(decoded.record, decoded.attempt, message, self))
 
     async def close(self) -> None:
-        """Cancel the consumer and close its channel; acks nothing, so unsettled messages go back."""
+        """Close the channel; acks nothing, so unsettled and buffered messages go back to the queue."""
         if self._closed:
             return
         self._closed = True
+        if self._idle is not None:
+            self._idle.cancel()
+        if self._pausing is not None:
+            await asyncio.gather(self._pausing, return_exceptions=True)
         while not self._buffer.empty():
             self._buffer.get_nowait()
         try:

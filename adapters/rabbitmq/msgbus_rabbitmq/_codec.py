@@ -12,7 +12,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -25,10 +25,12 @@ HEADER_KEY = "x-msgbus-key"
 HEADER_TIMESTAMP = "x-msgbus-timestamp"
 # Attempts already made before this copy was re-published (delayed nack / classic-queue nack).
 HEADER_PRIOR_ATTEMPTS = "x-msgbus-prior-attempts"
+# aio-pika sends an empty id/correlation id/content type as "absent"; this header names those that were "".
+HEADER_EMPTY = "x-msgbus-empty"
 # Headers the broker adds; they describe the transport, not the sender's message.
 BROKER_HEADER = "x-delivery-count"
 _BROKER_PREFIXES = ("x-death", "x-first-death-", "x-last-death-")
-_PRIVATE = frozenset({HEADER_KEY, HEADER_TIMESTAMP, HEADER_PRIOR_ATTEMPTS, BROKER_HEADER})
+_PRIVATE = frozenset({HEADER_KEY, HEADER_TIMESTAMP, HEADER_PRIOR_ATTEMPTS, HEADER_EMPTY, BROKER_HEADER})
 _SHORTSTR = 255  # AMQP short strings (ids, content type, header names) hold at most 255 bytes
 
 
@@ -59,13 +61,16 @@ def encode(record: Record, prior_attempts: int = 0) -> Message:
         headers[HEADER_TIMESTAMP] = repr(record.timestamp)
     if prior_attempts:
         headers[HEADER_PRIOR_ATTEMPTS] = str(prior_attempts)
+    empty = [n for n, v in (("id", record.id), ("cid", record.correlation_id), ("ct", record.content_type)) if v == ""]
+    if empty:
+        headers[HEADER_EMPTY] = ",".join(empty)
     return Message(
         record.body,
         headers=headers,
         message_id=record.id,
         correlation_id=record.correlation_id,
         content_type=record.content_type,
-        timestamp=datetime.fromtimestamp(int(record.timestamp), tz=timezone.utc) if record.timestamp else None,
+        timestamp=datetime.fromtimestamp(int(record.timestamp), tz=UTC) if record.timestamp else None,
         delivery_mode=DeliveryMode.PERSISTENT,
     )
 
@@ -89,10 +94,7 @@ def decode(
     raw = dict(headers or {})
     user = {k: _text(v) for k, v in raw.items() if k not in _PRIVATE and not k.startswith(_BROKER_PREFIXES)}
     prior = _count(raw.get(HEADER_PRIOR_ATTEMPTS))
-    if BROKER_HEADER in raw:
-        redeliveries = _count(raw[BROKER_HEADER])
-    else:
-        redeliveries = 1 if redelivered else 0
+    redeliveries = _count(raw[BROKER_HEADER]) if BROKER_HEADER in raw else int(bool(redelivered))
     ts_header = raw.get(HEADER_TIMESTAMP)
     if ts_header is not None:
         try:
@@ -102,13 +104,14 @@ def decode(
     else:
         ts = timestamp.timestamp() if timestamp is not None else 0.0
     key = raw.get(HEADER_KEY)
+    empty = set(_text(raw.get(HEADER_EMPTY, "")).split(","))
     record = Record(
         body=body,
-        id=message_id if message_id else _fallback_id(body),
+        id="" if "id" in empty else message_id or _fallback_id(body),
         headers=user,
         key=_text(key) if key is not None else None,
-        correlation_id=correlation_id,
-        content_type=content_type,
+        correlation_id="" if "cid" in empty else correlation_id or None,
+        content_type="" if "ct" in empty else content_type or None,
         timestamp=ts,
     )
     return Decoded(record, prior + redeliveries + 1)

@@ -71,7 +71,8 @@ def _tls_context(ca_file: str | None, cert_file: str | None, key_file: str | Non
         if cert_file:
             ctx.load_cert_chain(cert_file, key_file)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load TLS files for amqps://: {exc.__class__.__name__}: {exc.strerror or exc}") from exc
+        detail = exc.strerror or str(exc)
+        raise ConfigError(f"cannot load TLS files for amqps://: {type(exc).__name__}: {detail}") from exc
     if not verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE

@@ -24,21 +24,25 @@ TIMESTAMP = b"timestamp"
 ATTEMPTS = b"attempts"
 
 
-def encode(record: Record, attempts: int = 0) -> list[bytes]:
-    """The entry's fields as a flat ``[name, value, ...]`` list (what XADD and the Lua scripts take)."""
-    fields = [BODY, record.body, ID, record.id.encode(), TIMESTAMP, repr(record.timestamp).encode()]
+def encode(record: Record, attempts: int = 0) -> dict[bytes, bytes]:
+    """The entry's fields, in the order XADD writes them."""
+    fields = {BODY: record.body, ID: record.id.encode(), TIMESTAMP: repr(record.timestamp).encode()}
     if record.key is not None:
-        fields += (KEY, record.key.encode())
+        fields[KEY] = record.key.encode()
     if record.correlation_id is not None:
-        fields += (CORRELATION_ID, record.correlation_id.encode())
+        fields[CORRELATION_ID] = record.correlation_id.encode()
     if record.content_type is not None:
-        fields += (CONTENT_TYPE, record.content_type.encode())
+        fields[CONTENT_TYPE] = record.content_type.encode()
     if record.headers:
-        text = json.dumps(dict(record.headers), ensure_ascii=False, separators=(",", ":"))
-        fields += (HEADERS, text.encode())
+        fields[HEADERS] = json.dumps(dict(record.headers), ensure_ascii=False, separators=(",", ":")).encode()
     if attempts:
-        fields += (ATTEMPTS, str(attempts).encode())
+        fields[ATTEMPTS] = str(attempts).encode()
     return fields
+
+
+def flatten(fields: Mapping[bytes, bytes]) -> list[bytes]:
+    """``[name, value, ...]``: how the Lua scripts take an entry's fields."""
+    return [part for pair in fields.items() for part in pair]
 
 
 def decode(fields: Mapping[bytes, bytes]) -> tuple[Record, int]:

@@ -38,7 +38,9 @@ def is_nogroup(exc: BaseException) -> bool:
     return isinstance(exc, rx.ResponseError) and str(exc).startswith("NOGROUP")
 
 
-def translate(exc: BaseException, action: str, *, publish: bool = False, secrets: Sequence[str | None] = ()) -> Exception:
+def translate(
+    exc: BaseException, action: str, *, publish: bool = False, secrets: Sequence[str | None] = ()
+) -> Exception:
     """The ``msgbus`` error for ``exc``; ``publish`` marks a send, whose refusals are ``PublishError``."""
     text = f"redis {action} failed: {redact(str(exc) or type(exc).__name__, list(secrets))}"
     if is_nogroup(exc):

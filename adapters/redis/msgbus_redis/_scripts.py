@@ -31,20 +31,6 @@ return 1
 """
 )
 
-# KEYS[1] sorted set, KEYS[2] target stream. ARGV[1] most entries to move. Returns how many moved.
-MOVE_DUE = (
-    _NOW_MS
-    + """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms(), 'LIMIT', 0, tonumber(ARGV[1]))
-for _, member in ipairs(due) do
-  local fields = cmsgpack.unpack(member)
-  redis.call('XADD', KEYS[2], '*', unpack(fields, 2))
-  redis.call('ZREM', KEYS[1], member)
-end
-return #due
-"""
-)
-
 # Settle a pending entry by storing a new one first and acking the old one second (nack, nack with
 # delay, dead-letter). Does nothing (returns 0) when the entry is no longer pending in the group, so a
 # retried call cannot store a second copy.
@@ -68,30 +54,42 @@ return 1
 """
 )
 
+# Move due delayed entries into their streams (first key of each pair into the second).
+_MOVE_DUE = """
+local function move_due(zset, stream, limit)
+  local due = redis.call('ZRANGEBYSCORE', zset, '-inf', now_ms(), 'LIMIT', 0, limit)
+  for _, member in ipairs(due) do
+    local fields = cmsgpack.unpack(member)
+    redis.call('XADD', stream, '*', unpack(fields, 2))
+    redis.call('ZREM', zset, member)
+  end
+  return #due
+end
+"""
+
 # Claim entries idle for at least the visibility timeout (their consumer died or is too slow).
-# KEYS[1] stream. ARGV[1] group, ARGV[2] consumer, ARGV[3] min idle ms, ARGV[4] count.
-# Returns {id, deliveries so far, fields} per claimed entry; XCLAIM counts this delivery.
-RECLAIM = """
-local pending = redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', tonumber(ARGV[3]), '-', '+', tonumber(ARGV[4]))
-if #pending == 0 then return {} end
-local ids, counts = {}, {}
-for i, p in ipairs(pending) do
-  ids[i] = p[1]
-  counts[p[1]] = p[4]
+# Returns {id, deliveries including this one, fields} per claimed entry (XCLAIM counts this delivery).
+_RECLAIM = """
+local function reclaim(stream, group, consumer, min_idle, count)
+  local pending = redis.call('XPENDING', stream, group, 'IDLE', min_idle, '-', '+', count)
+  if #pending == 0 then return {} end
+  local ids, counts = {}, {}
+  for i, p in ipairs(pending) do
+    ids[i] = p[1]
+    counts[p[1]] = p[4]
+  end
+  local out = {}
+  for _, e in ipairs(redis.call('XCLAIM', stream, group, consumer, min_idle, unpack(ids))) do
+    if e and e[2] then out[#out + 1] = {e[1], counts[e[1]] + 1, e[2]} end
+  end
+  return out
 end
-local out = {}
-for _, e in ipairs(redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3]), unpack(ids))) do
-  if e and e[2] then out[#out + 1] = {e[1], counts[e[1]] + 1, e[2]} end
-end
-return out
 """
 
 # Trim a fan-out stream below the oldest entry any group still needs: its oldest pending entry, or
 # (when nothing is pending) its last delivered id. Entries a slower group has not read or not acked are
-# never removed. With no groups at all, nobody can receive what is there: trim everything.
-# KEYS[1] stream. Returns the number of entries removed.
-TRIM_SHARED = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+# never removed. With no groups at all nobody can receive what is there, so everything goes.
+_TRIM_SHARED = """
 local function older(a, b)
   local ams, aseq = string.match(a, '(%d+)-(%d+)')
   local bms, bseq = string.match(b, '(%d+)-(%d+)')
@@ -99,17 +97,41 @@ local function older(a, b)
   if ams ~= bms then return ams < bms end
   return tonumber(aseq) < tonumber(bseq)
 end
-local floor = nil
-for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-  local info = {}
-  for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
-  local low = info['last-delivered-id']
-  if tonumber(info['pending']) > 0 then low = redis.call('XPENDING', KEYS[1], info['name'])[2] end
-  if floor == nil or older(low, floor) then floor = low end
+local function trim_shared(stream)
+  if redis.call('EXISTS', stream) == 0 then return 0 end
+  local floor = nil
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+    local info = {}
+    for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+    local low = info['last-delivered-id']
+    if tonumber(info['pending']) > 0 then low = redis.call('XPENDING', stream, info['name'])[2] end
+    if floor == nil or older(low, floor) then floor = low end
+  end
+  if floor == nil then return redis.call('XTRIM', stream, 'MAXLEN', 0) end
+  return redis.call('XTRIM', stream, 'MINID', floor)
 end
-if floor == nil then return redis.call('XTRIM', KEYS[1], 'MAXLEN', 0) end
-return redis.call('XTRIM', KEYS[1], 'MINID', floor)
 """
+
+# A receiver's periodic housekeeping in one round trip.
+# KEYS: n (sorted set, stream) mover pairs, then the stream to reclaim from, then the stream to trim.
+# ARGV[1] n, ARGV[2] most entries to move per pair, ARGV[3] group, ARGV[4] consumer,
+# ARGV[5] visibility timeout ms, ARGV[6] most entries to reclaim, ARGV[7] '1' to trim.
+# Returns {largest number moved from one set, reclaimed entries, entries trimmed}.
+MAINTAIN = (
+    _NOW_MS
+    + _MOVE_DUE
+    + _RECLAIM
+    + _TRIM_SHARED
+    + """
+local n = tonumber(ARGV[1])
+local moved = 0
+for i = 1, n do moved = math.max(moved, move_due(KEYS[2 * i - 1], KEYS[2 * i], tonumber(ARGV[2]))) end
+local claimed = reclaim(KEYS[2 * n + 1], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]))
+local trimmed = 0
+if ARGV[7] == '1' then trimmed = trim_shared(KEYS[2 * n + 2]) end
+return {moved, claimed, trimmed}
+"""
+)
 
 # Create a topic stream (empty) if it does not exist, without touching an existing one.
 ENSURE_STREAM = """

@@ -1,0 +1,97 @@
+"""URL options: defaults, validation, TLS, and that secrets never show."""
+
+from __future__ import annotations
+
+import pytest
+from msgbus_rabbitmq import create
+from msgbus_rabbitmq._adapter import delay_bucket_ms, holding_queue_name, queue_name
+from msgbus_rabbitmq._config import DEFAULT_MAX_MESSAGE_SIZE, read_settings
+
+from msgbus._url import parse_url
+from msgbus.adapter import Endpoint
+from msgbus.errors import ConfigError
+
+
+def _settings(url: str):
+    parsed = parse_url(url)
+    reader = parsed.reader()
+    settings = read_settings(parsed, reader)
+    reader.finish()
+    return settings
+
+
+def test_defaults() -> None:
+    s = _settings("amqp://")
+    assert (s.host, s.port, s.username, s.password, s.vhost) == ("localhost", 5672, "guest", "guest", "/")
+    assert (s.queue_type, s.confirms, s.max_message_size, s.tls) == ("quorum", True, DEFAULT_MAX_MESSAGE_SIZE, None)
+
+
+def test_vhost_and_options() -> None:
+    s = _settings("amqp://u:p@h:1234/my%2Fvhost?queue_type=classic&send_timeout=2.5&max_message_size=1024")
+    assert (s.host, s.port, s.vhost, s.queue_type, s.send_timeout, s.max_message_size) == (
+        "h",
+        1234,
+        "my/vhost",
+        "classic",
+        2.5,
+        1024,
+    )
+
+
+def test_amqps_defaults_to_port_5671_and_verifying_tls() -> None:
+    s = _settings("amqps://h/")
+    assert s.port == 5671 and s.tls is not None and s.tls.check_hostname
+
+
+def test_amqps_verify_false_turns_checks_off() -> None:
+    s = _settings("amqps://h/?verify=false")
+    assert s.tls is not None and not s.tls.check_hostname
+
+
+@pytest.mark.parametrize(
+    ("url", "match"),
+    [
+        ("amqp://h/?ca_file=/x.pem", "amqps"),
+        ("amqps://h/?key_file=/k.pem", "cert_file"),
+        ("amqps://h/?ca_file=/nonexistent/ca.pem", "cannot load TLS"),
+        ("amqp://h/?queue_type=stream", "queue_type"),
+        ("amqp://h/?max_message_size=999999999999", "max_message_size"),
+        ("amqp://h/?send_timeout=-1", "send_timeout"),
+    ],
+)
+def test_bad_options_raise_config_error(url: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        _settings(url)
+
+
+def test_unknown_option_is_left_for_the_core_to_reject() -> None:
+    parsed = parse_url("amqp://h/?bogus=1")
+    reader = parsed.reader()
+    create(parsed, reader)
+    with pytest.raises(ConfigError, match="bogus"):
+        reader.finish()
+
+
+def test_password_never_in_repr() -> None:
+    parsed = parse_url("amqp://user:s3cret@h/")
+    adapter = create(parsed, parsed.reader())
+    assert "s3cret" not in repr(adapter) and "s3cret" not in repr(_settings("amqp://user:s3cret@h/"))
+
+
+def test_queue_names() -> None:
+    assert queue_name(Endpoint("queue", "orders")) == "orders"
+    assert queue_name(Endpoint("queue", "orders", dead_letter=True)) == "orders.dlq"
+    assert queue_name(Endpoint("topic", "placed", "inventory")) == "placed.inventory"
+    assert queue_name(Endpoint("topic", "placed", "inventory", dead_letter=True)) == "placed.inventory.dlq"
+    with pytest.raises(ConfigError):
+        queue_name(Endpoint("topic", "placed"))
+
+
+@pytest.mark.parametrize(("delay", "ms"), [(0.0001, 1), (0.05, 50), (0.123, 130), (1.0, 1000), (1.234, 1300)])
+def test_delays_round_up_to_two_significant_digits(delay: float, ms: int) -> None:
+    assert delay_bucket_ms(delay) == ms
+
+
+def test_holding_queue_names_fit_amqp_limits() -> None:
+    assert holding_queue_name(500, "orders", "q") == "msgbus.delay.500ms.q.orders"
+    assert len(holding_queue_name(500, "o" * 255, "q")) <= 255

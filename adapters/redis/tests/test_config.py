@@ -1,0 +1,121 @@
+"""URL options, key layout and error translation, without a broker."""
+
+from __future__ import annotations
+
+import pytest
+from msgbus_redis import RedisAdapter, create
+from msgbus_redis._errors import translate, translated
+from msgbus_redis._keys import route
+from redis import exceptions as rx
+
+from msgbus._url import parse_url
+from msgbus.adapter import Endpoint
+from msgbus.errors import BrokerError, ConfigError, ConnectionLost, InvalidMessage, PublishError, TopologyError
+
+
+def _adapter(url: str) -> RedisAdapter:
+    parsed = parse_url(url)
+    reader = parsed.reader()
+    adapter = create(parsed, reader)
+    reader.finish()
+    return adapter
+
+
+def test_defaults() -> None:
+    adapter = _adapter("redis://")
+    o = adapter._options
+    assert (o.host, o.port, o.db, o.tls, o.prefix) == ("127.0.0.1", 6379, 0, False, "msgbus")
+    caps = adapter.capabilities
+    assert caps.lock_duration == o.visibility_timeout == 30.0
+    assert caps.max_message_size == 8 * 1024 * 1024
+    assert (caps.ordering, caps.delayed_delivery, caps.delayed_nack, caps.lock_extension) == ("none", True, True, True)
+    assert caps.persistence == "none"  # "auto" until open() reads the server's AOF settings
+
+
+def test_options_are_read_and_typed() -> None:
+    adapter = _adapter(
+        "rediss://u:pw@cache.example:6390/3?prefix=app&visibility_timeout=2.5&persistence=disk"
+        "&max_message_size=1000&wait_replicas=1&ssl_check_hostname=false"
+    )
+    o = adapter._options
+    assert (o.host, o.port, o.db, o.tls, o.prefix, o.wait_replicas) == ("cache.example", 6390, 3, True, "app", 1)
+    assert adapter.capabilities.persistence == "disk"
+    assert adapter.capabilities.lock_duration == 2.5
+    assert adapter.capabilities.max_message_size == 1000
+    assert o.ssl_check_hostname is False
+
+
+def test_password_never_shows() -> None:
+    adapter = _adapter("redis://user:s3cret@host:6379/0")
+    assert "s3cret" not in repr(adapter)
+    assert "s3cret" not in repr(adapter._options)
+    assert "s3cret" not in str(adapter.url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://host/zero",
+        "redis://host/0?visibility_timeout=-1",
+        "redis://host/0?persistence=maybe",
+        "redis://host/0?prefix=a{b}",
+        "redis://host/0?max_message_size=999999999999",
+        "redis://host/0?ssl_certfile=/x.pem",  # TLS options only on rediss://
+        "redis://host/0?poll_interval=20",  # longer than socket_timeout
+    ],
+)
+def test_bad_options_raise_config_error(url: str) -> None:
+    with pytest.raises(ConfigError):
+        _adapter(url)
+
+
+def test_every_key_is_distinct_and_shares_the_hash_tag() -> None:
+    routes = [
+        route("p", Endpoint("queue", "a")),
+        route("p", Endpoint("queue", "a", dead_letter=True)),
+        route("p", Endpoint("topic", "a", "x")),
+        route("p", Endpoint("topic", "a", "x", dead_letter=True)),
+        route("p", Endpoint("topic", "a", "x:dlq")),  # would collide with suffix-style naming
+        route("p", Endpoint("topic", "a", "x:dlq", dead_letter=True)),
+    ]
+    per_route = [
+        {r.retry_stream, r.retry_delayed, r.dead_letter_stream} | set(r.streams) | {k for m in r.movers for k in m}
+        for r in routes[2:6:2]
+    ]
+    assert not per_route[0] & per_route[1] - {"p:{t:a}", "p:{t:a}:delayed"}
+    queue = routes[0]
+    assert queue.streams == ("p:{q:a}",) and queue.dead_letter_stream == "p:{q:a}:dlq"
+    assert routes[1].streams == ("p:{q:a}:dlq",)
+    for r in routes:
+        tag = "{q:a}" if r.endpoint.kind == "queue" else "{t:a}"
+        keys = [*r.streams, r.retry_stream, r.retry_delayed, r.dead_letter_stream, r.send_stream, r.send_delayed]
+        assert all(tag in k for k in keys)
+
+
+@pytest.mark.parametrize("endpoint", [Endpoint("queue", ""), Endpoint("queue", "a}b"), Endpoint("topic", "t", "{s")])
+def test_unusable_names_raise_config_error(endpoint: Endpoint) -> None:
+    with pytest.raises(ConfigError):
+        route("p", endpoint)
+
+
+def test_translation_table() -> None:
+    lost = translate(rx.ConnectionError("Connection refused"), "send")
+    assert isinstance(lost, ConnectionLost) and lost.retryable
+    assert isinstance(translate(rx.BusyLoadingError("LOADING"), "receive"), ConnectionLost)
+    assert isinstance(translate(rx.TimeoutError("timeout"), "receive"), ConnectionLost)
+    auth = translate(rx.AuthenticationError("WRONGPASS"), "connect")
+    assert isinstance(auth, ConfigError) and not auth.retryable
+    perm = translate(rx.NoPermissionError("NOPERM"), "send")
+    assert type(perm) is BrokerError and not perm.retryable
+    assert isinstance(translate(rx.ResponseError("NOGROUP No such key"), "receive"), TopologyError)
+    assert isinstance(translate(rx.DataError("bad"), "send"), InvalidMessage)
+    oom = translate(rx.OutOfMemoryError("OOM command not allowed"), "send", publish=True)
+    assert isinstance(oom, PublishError) and oom.retryable
+    assert type(translate(rx.ResponseError("ERR x"), "ack")) is BrokerError
+
+
+def test_translated_chains_the_cause_and_removes_secrets() -> None:
+    with pytest.raises(ConnectionLost) as info, translated("connect", secrets=["hunter2"]):
+        raise rx.ConnectionError("could not auth with hunter2")
+    assert "hunter2" not in str(info.value)
+    assert isinstance(info.value.__cause__, rx.ConnectionError)

@@ -1,0 +1,524 @@
+"""The ``msgbus`` command: send, consume and inspect messages on any backend, and run the demo.
+
+Every command takes the bus URL as its first positional argument or as ``--url``; without one it
+resolves the URL like ``msgbus.connect()`` (``MSGBUS_URL``, the config file, the embedded default).
+Errors from msgbus print one line ``msgbus: error: ...`` and exit with status 2; URLs are always
+shown redacted (``bus.url``), so secrets never reach the terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import importlib
+import json
+import logging
+import os
+import signal
+import sys
+import textwrap
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TextIO
+
+import msgbus
+
+from . import _demo, _registry
+from ._url import parse_url
+from .errors import MsgbusError
+
+__all__ = ["main"]
+
+log = logging.getLogger("msgbus")
+
+EXIT_OK, EXIT_FAILED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+_SEND_CHUNK = 100  # messages per send_many call for --count
+_POLL = 0.25  # seconds a receive waits before checking for Ctrl-C / SIGTERM again
+
+
+class UsageError(Exception):
+    """A command-line mistake argparse cannot see (bad JSON body, conflicting URL arguments)."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``msgbus`` command line; returns the exit status (0 ok, 1 failed check, 2 error, 130 Ctrl-C)."""
+    parser = _parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra and args.command != "contract":
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as exc:  # --help, --version, usage errors: argparse already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_ERROR
+    if args.command is None:
+        parser.print_help()
+        return EXIT_ERROR
+    command: Callable[[argparse.Namespace, list[str]], int] = args.run
+    with _logging(args.verbose, quiet_warnings=args.command == "demo"):
+        try:
+            return command(args, extra)
+        except SystemExit as exc:  # a delegated parser (contract) exiting on a usage error
+            return exc.code if isinstance(exc.code, int) else EXIT_ERROR
+        except (MsgbusError, UsageError) as err:
+            print(f"msgbus: error: {_one_line(err)}", file=sys.stderr)
+            return EXIT_ERROR
+        except KeyboardInterrupt:
+            print("msgbus: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except BrokenPipeError:  # the reader went away (`msgbus consume ... | head`); unsettled ones were released
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # silence the flush at exit
+            return EXIT_OK
+
+
+# --- argument parsing -------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="msgbus",
+        description="Send, consume and inspect messages on any msgbus backend, chosen by URL.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_examples(
+            "msgbus demo                                  # the order-system demo on a fresh SQLite file",
+            "msgbus send sqlite:///./bus.db orders '{\"id\": 1}' --json",
+            "msgbus consume sqlite:///./bus.db orders --count 10",
+            "msgbus info amqp://guest:guest@127.0.0.1:5672/",
+            "",
+            "Without a URL: MSGBUS_URL, then msgbus.toml ([bus.default] url=...), then sqlite:///./msgbus.db.",
+            "memory:// lives inside one process: use sqlite:// (or a broker) to pass messages between commands.",
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"msgbus {msgbus.__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what msgbus does (retries, reconnects)")
+    parser.set_defaults(command=None)
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    demo = _command(
+        commands,
+        "demo",
+        "run the order-system demo: retries, dead letters, fan-out, and a lost = 0 check",
+        _run_demo,
+        "msgbus demo",
+        "msgbus demo --orders 1000 --workers 16",
+        "msgbus demo --url memory:// --quiet",
+        "",
+        "Without --url the demo uses a fresh SQLite database in a temporary directory (removed afterwards).",
+        "Exit status 1 when anything was lost.",
+    )
+    demo.add_argument("--url", help="bus to run on (default: a fresh temporary sqlite:// database)")
+    demo.add_argument("--orders", type=_positive_int, default=200, metavar="N", help="orders to send (default 200)")
+    demo.add_argument("--workers", type=_positive_int, default=8, metavar="N", help="order workers (default 8)")
+    demo.add_argument("--quiet", action="store_true", help="no live progress, only the summary")
+
+    send = _command(
+        commands,
+        "send",
+        "send a message to a queue (or publish to a topic with --topic)",
+        _run_send,
+        "msgbus send sqlite:///./bus.db orders 'hello'",
+        "msgbus send orders '{\"id\": 7}' --json --key customer-7 --header source=cli",
+        "msgbus send sqlite:///./bus.db order-placed '{\"id\": 7}' --json --topic",
+        "cat order.json | msgbus send sqlite:///./bus.db orders - --json",
+        "",
+        "BODY is sent as text (text/plain), as JSON with --json, or read from stdin with '-' (text if it is",
+        "UTF-8, else bytes). The message ids are printed, one per line.",
+    )
+    _url_argument(send)
+    send.add_argument("queue", metavar="QUEUE", help="queue name (the topic name with --topic)")
+    send.add_argument("body", metavar="BODY", help="message body; '-' reads stdin")
+    send.add_argument("--topic", action="store_true", help="publish to topic QUEUE instead of sending to a queue")
+    send.add_argument("--key", help="ordering / partition key")
+    send.add_argument(
+        "--header", action="append", type=_header, default=[], metavar="K=V", help="a header (repeatable)"
+    )
+    send.add_argument("--json", action="store_true", help="BODY is JSON: send the parsed value")
+    send.add_argument("--count", type=_positive_int, default=1, metavar="N", help="send N copies (default 1)")
+    send.add_argument("--delay", type=float, metavar="SECONDS", help="deliver after a delay (if the backend can)")
+
+    consume = _command(
+        commands,
+        "consume",
+        "print messages from a queue as they arrive (acking them) until Ctrl-C",
+        _run_consume,
+        "msgbus consume sqlite:///./bus.db orders",
+        "msgbus consume sqlite:///./bus.db orders --count 10 --json-lines",
+        "msgbus consume sqlite:///./bus.db orders --no-ack           # peek: messages stay on the queue",
+        "msgbus consume sqlite:///./bus.db orders --dead-letters     # what was dead-lettered, with reasons",
+        "msgbus consume sqlite:///./bus.db order-placed --subscription audit",
+        "",
+        "Ctrl-C or SIGTERM stops it gracefully: no new messages are taken and unsettled ones are released.",
+    )
+    _url_argument(consume)
+    consume.add_argument("queue", metavar="QUEUE", help="queue name (the topic name with --subscription)")
+    consume.add_argument("--subscription", metavar="S", help="consume subscription S of topic QUEUE")
+    _receive_options(consume)
+
+    tail = _command(
+        commands,
+        "tail",
+        "follow a topic through one subscription, printing each message",
+        _run_tail,
+        "msgbus tail sqlite:///./bus.db order-placed --subscription audit",
+        "msgbus tail order-placed --subscription audit --json-lines",
+        "",
+        "The subscription is created if it does not exist; it receives what is published after that.",
+    )
+    _url_argument(tail)
+    tail.add_argument("queue", metavar="TOPIC", help="topic name")
+    tail.add_argument("--subscription", metavar="S", required=True, help="the (durable) subscription to read")
+    _receive_options(tail)
+
+    contract = _command(
+        commands,
+        "contract",
+        "run the shipped contract suite against a backend",
+        _run_contract,
+        "msgbus contract memory://",
+        "msgbus contract sqlite:///./contract.db --quick",
+        "msgbus contract amqp://guest:guest@127.0.0.1:5672/ --only fan-out --only 'per-key ordering'",
+        "",
+        "NAME is a promise of the suite (its table lists them). Exit status 1 when a check failed.",
+    )
+    # Required: the suite creates and drains its own queues, so it should never run on a bus by accident.
+    contract.add_argument("url", metavar="URL", help="the bus to test")
+    contract.add_argument("--quick", action="store_true", help="the fast subset of the suite")
+    contract.add_argument("--only", action="append", default=[], metavar="NAME", help="run only test NAME")
+
+    info = _command(
+        commands,
+        "info",
+        "show a backend's declared capabilities",
+        _run_info,
+        "msgbus info memory://",
+        "msgbus info sqlite:///./bus.db --json",
+    )
+    _url_argument(info)
+    info.add_argument("--json", action="store_true", help="print the capabilities as a JSON object")
+
+    _command(commands, "schemes", "list the URL schemes with an installed adapter", _run_schemes, "msgbus schemes")
+    return parser
+
+
+def _command(
+    commands: Any, name: str, summary: str, run: Callable[[argparse.Namespace, list[str]], int], *examples: str
+) -> argparse.ArgumentParser:
+    sub: argparse.ArgumentParser = commands.add_parser(
+        name,
+        help=summary,
+        description=summary[0].upper() + summary[1:] + ".",
+        epilog=_examples(*examples),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub.set_defaults(command=name, run=run)
+    return sub
+
+
+def _examples(*lines: str) -> str:
+    return "examples:\n" + textwrap.indent("\n".join(lines), "  ")
+
+
+def _url_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("url", metavar="URL", nargs="?", help="bus URL (or --url; default: as msgbus.connect())")
+    parser.add_argument("--url", dest="url_option", metavar="URL", help="bus URL, as an option")
+
+
+def _receive_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--count", type=_positive_int, metavar="N", help="stop after N messages")
+    parser.add_argument("--idle", type=float, metavar="SECONDS", help="stop after SECONDS without a message")
+    parser.add_argument("--no-ack", action="store_true", help="leave messages on the queue (released on exit)")
+    parser.add_argument("--json-lines", action="store_true", help="one JSON object per message")
+    parser.add_argument("--dead-letters", action="store_true", help="read what was dead-lettered from it instead")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _header(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"headers look like name=value, got {text!r}")
+    return name, value
+
+
+def _url(args: argparse.Namespace) -> str | None:
+    """The URL from the positional argument or ``--url``; ``None`` lets ``msgbus.connect()`` resolve it."""
+    positional: str | None = args.url
+    option: str | None = args.url_option
+    if positional is not None and option is not None:
+        raise UsageError("give the URL once, either as an argument or with --url")
+    return positional if positional is not None else option
+
+
+# --- commands ------------------------------------------------------------------------------------------
+
+
+def _run_demo(args: argparse.Namespace, _extra: list[str]) -> int:
+    out = sys.stdout
+    progress = None if args.quiet else out
+    live = progress is not None and out.isatty()
+
+    def run(url: str) -> _demo.DemoResult:
+        if progress is not None:
+            print(f"msgbus demo: {args.orders} orders, {args.workers} workers on {_redacted(url)}", file=out)
+        return asyncio.run(_demo.run(url, orders=args.orders, workers=args.workers, out=progress, live=live))
+
+    if args.url is not None:
+        result = run(args.url)
+    else:
+        with _demo.fresh_sqlite_url() as url:
+            result = run(url)
+    print(("\n" if progress is not None else "") + result.summary(), file=out)
+    return EXIT_OK if result.lost == 0 else EXIT_FAILED
+
+
+def _run_send(args: argparse.Namespace, _extra: list[str]) -> int:
+    body = _body(args.body, args.json)
+    return asyncio.run(_send(_url(args), args, body))
+
+
+async def _send(url: str | None, args: argparse.Namespace, body: object) -> int:
+    headers = dict(args.header) or None
+    async with msgbus.connect(url) as bus:
+        sender = bus.publisher(args.queue) if args.topic else bus.producer(args.queue)
+        ids: list[str] = []
+        remaining = args.count
+        while remaining:
+            n = min(remaining, _SEND_CHUNK)
+            items = [body] * n
+            if isinstance(sender, msgbus.Publisher):
+                ids += await sender.publish_many(items, key=args.key, headers=headers, delay=args.delay)
+            else:
+                ids += await sender.send_many(items, key=args.key, headers=headers, delay=args.delay)
+            remaining -= n
+        for message_id in ids:
+            print(message_id)
+        where = f"topic {args.queue!r}" if args.topic else f"queue {args.queue!r}"
+        print(f"msgbus: sent {len(ids)} message(s) to {where} on {bus.url}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _body(text: str, as_json: bool) -> object:
+    """BODY as the value to send: text, parsed JSON, or stdin (text when it is UTF-8, else bytes)."""
+    raw: str | bytes = sys.stdin.buffer.read() if text == "-" else text
+    if as_json:
+        try:
+            return json.loads(raw)
+        except ValueError as exc:
+            raise UsageError(f"BODY is not valid JSON ({exc})") from None
+    if isinstance(raw, bytes):
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            return raw
+    return raw
+
+
+def _run_consume(args: argparse.Namespace, _extra: list[str]) -> int:
+    return asyncio.run(_consume(_url(args), args))
+
+
+def _run_tail(args: argparse.Namespace, _extra: list[str]) -> int:
+    return asyncio.run(_consume(_url(args), args))
+
+
+async def _consume(url: str | None, args: argparse.Namespace) -> int:
+    """Print messages until --count, --idle, Ctrl-C or SIGTERM; unsettled ones are released on the way out."""
+    out = sys.stdout
+    stop = asyncio.Event()
+    received = 0
+    unsettled: list[msgbus.Message[Any]] = []  # handed to us, not yet acked (all of them with --no-ack)
+    # With --no-ack every message stays held until exit, so allow holding that many.
+    prefetch = (args.count or 1000) if args.no_ack else None
+    async with msgbus.connect(url) as bus:
+        subscription: str | None = args.subscription
+        consumer: msgbus.Consumer[Any]
+        if args.dead_letters:
+            consumer = bus.dead_letters(args.queue, subscription=subscription)
+            what = f"dead letters of {_endpoint(args.queue, subscription)}"
+        elif subscription is not None:
+            consumer = bus.subscriber(args.queue, subscription=subscription, prefetch=prefetch)
+            what = _endpoint(args.queue, subscription)
+        else:
+            consumer = bus.consumer(args.queue, prefetch=prefetch)
+            what = _endpoint(args.queue, None)
+        async with consumer:
+            print(f"msgbus: consuming {what} on {bus.url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+            loop = asyncio.get_running_loop()
+            idle_since = loop.time()
+            try:
+                with _stop_on_signals(stop):
+                    while not stop.is_set() and (args.count is None or received < args.count):
+                        want = 100 if args.count is None else min(100, args.count - received)
+                        batch = await consumer.receive(max_messages=want, timeout=_POLL)
+                        if not batch:
+                            if args.idle is not None and loop.time() - idle_since >= args.idle:
+                                break
+                            continue
+                        idle_since = loop.time()
+                        unsettled += batch
+                        for msg in batch:
+                            received += 1
+                            _print_message(out, received, msg, args.json_lines)
+                            if not args.no_ack:
+                                await msg.ack()
+                        unsettled = [m for m in unsettled if not m.settled]
+            finally:
+                for msg in unsettled:
+                    await msg.nack()  # release: the next consumer gets it at once (attempt + 1)
+        kept = f"; {len(unsettled)} left on the queue" if args.no_ack else ""
+        print(f"msgbus: received {received} message(s) from {what}{kept}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _endpoint(name: str, subscription: str | None) -> str:
+    return f"subscription {subscription!r} of topic {name!r}" if subscription else f"queue {name!r}"
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
+    """Turn Ctrl-C and SIGTERM into ``stop.set()`` for the duration (where the platform allows it)."""
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError, ValueError):  # Windows, or not the main thread
+            continue
+        installed.append(sig)
+    try:
+        yield
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+def _print_message(out: TextIO, n: int, msg: msgbus.Message[Any], json_lines: bool) -> None:
+    if json_lines:
+        record: dict[str, Any] = {
+            "id": msg.id,
+            "attempt": msg.attempt,
+            "key": msg.key,
+            "headers": dict(msg.headers),
+            "correlation_id": msg.correlation_id,
+            "content_type": msg.content_type,
+            "timestamp": msg.timestamp,
+        }
+        if isinstance(msg.body, bytes):
+            record["body_base64"] = base64.b64encode(msg.body).decode()
+        else:
+            record["body"] = msg.body
+        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    else:
+        headers = " ".join(f"{k}={v}" for k, v in msg.headers.items())
+        meta = f"#{n} id={msg.id} attempt={msg.attempt} key={msg.key or '-'}" + (f" {headers}" if headers else "")
+        out.write(f"{meta}\n  {_text(msg.body)}\n")
+    out.flush()
+
+
+def _text(body: object) -> str:
+    if isinstance(body, bytes):
+        try:
+            return body.decode()
+        except UnicodeDecodeError:
+            return f"<{len(body)} bytes> {body[:32].hex()}{'...' if len(body) > 32 else ''}"
+    if isinstance(body, str):
+        return body
+    return json.dumps(body, ensure_ascii=False)
+
+
+def _run_contract(args: argparse.Namespace, extra: list[str]) -> int:
+    try:  # imported lazily (and by name): the suite pulls in pytest, which plain commands don't need
+        contract_main: Callable[[list[str]], object] = importlib.import_module("msgbus.testing._cli").main
+    except ImportError as exc:
+        raise UsageError(f"the contract suite is not available ({exc})") from None
+    argv = [args.url, *(["--quick"] if args.quick else [])]
+    for name in args.only:
+        argv += ["--only", name]
+    status = contract_main([*argv, *extra])
+    return status if isinstance(status, int) else EXIT_OK
+
+
+def _run_info(args: argparse.Namespace, _extra: list[str]) -> int:
+    bus = msgbus.connect(_url(args))  # nothing is opened: capabilities are declared, not discovered
+    caps = bus.capabilities.as_dict()
+    if args.json:
+        print(json.dumps({"url": bus.url, "adapter": type(bus.adapter).__name__, "capabilities": caps}, indent=2))
+        return EXIT_OK
+    rows = [("url", bus.url), ("adapter", f"{type(bus.adapter).__module__}.{type(bus.adapter).__name__}")]
+    rows += [(name, _capability(name, value)) for name, value in caps.items()]
+    _table(("capability", "value"), rows)
+    return EXIT_OK
+
+
+_UNITS = {"max_message_size": " bytes", "max_delay": " s", "lock_duration": " s"}
+
+
+def _capability(name: str, value: object) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if value is None:
+        return "no limit" if name.startswith("max_") else "-"
+    if isinstance(value, float):
+        return f"{value:g}{_UNITS.get(name, '')}"
+    return f"{value}{_UNITS.get(name, '')}"
+
+
+def _run_schemes(_args: argparse.Namespace, _extra: list[str]) -> int:
+    installed = msgbus.schemes()
+    targets = _registry._registered()
+    rows = [(scheme, targets.get(scheme, "?")) for scheme in installed]
+    missing = sorted(s for s in _registry.PACKAGES if s not in installed)
+    rows += [(scheme, f"not installed: pip install {_registry.PACKAGES[scheme]}") for scheme in missing]
+    _table(("scheme", "adapter"), rows)
+    return EXIT_OK
+
+
+def _table(header: tuple[str, str], rows: list[tuple[str, str]]) -> None:
+    width = max(len(header[0]), *(len(name) for name, _ in rows))
+    print(f"{header[0]:<{width}}  {header[1]}")
+    print(f"{'-' * width}  {'-' * len(header[1])}")
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
+# --- helpers -------------------------------------------------------------------------------------------
+
+
+def _redacted(url: str) -> str:
+    """``url`` with secrets replaced, for display before a bus exists (falls back to the scheme alone)."""
+    try:
+        return parse_url(url).redacted
+    except MsgbusError:
+        return url.split("://", 1)[0] + "://..."
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+@contextlib.contextmanager
+def _logging(verbose: bool, *, quiet_warnings: bool) -> Iterator[None]:
+    """Route msgbus's log to stderr as bare lines for the duration of one command.
+
+    ``-v`` shows INFO (each retry); the demo hides the WARNING lines its dead letters cause on purpose.
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    saved = (log.level, log.propagate)
+    log.addHandler(handler)
+    log.setLevel(logging.INFO if verbose else logging.ERROR if quiet_warnings else logging.WARNING)
+    log.propagate = False
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(saved[0])
+        log.propagate = saved[1]

@@ -1,0 +1,54 @@
+"""The contract, in order: one entry per promise, with required capabilities and total deadline."""
+
+from __future__ import annotations
+
+from ._checks_consumers import (
+    check_cancelled_subscription,
+    check_competing_consumers,
+    check_fan_out,
+    check_graceful_shutdown,
+    check_held_message_invisible,
+    check_lock_extension,
+    check_per_key_ordering,
+)
+from ._checks_delivery import (
+    check_ack_removes,
+    check_at_least_once_after_crash,
+    check_durable_send,
+    check_nack_redelivers,
+    check_reject_dead_letters,
+    check_retries_then_dead_letter,
+)
+from ._checks_messages import (
+    check_bad_input,
+    check_batches,
+    check_delayed_delivery,
+    check_headers_round_trip,
+    check_undecodable_dead_lettered,
+)
+from ._checks_reconnect import check_reconnect
+from ._registry import Check
+
+__all__ = ["CHECKS"]
+
+CHECKS: tuple[Check, ...] = (
+    Check("durable send", check_durable_send, deadline=90),
+    Check("at-least-once after consumer crash", check_at_least_once_after_crash, deadline=60, lock_waits=2),
+    Check("ack removes", check_ack_removes, deadline=60, lock_waits=2),
+    Check("nack redelivers", check_nack_redelivers, deadline=60),
+    Check("reject dead-letters with reason", check_reject_dead_letters, deadline=60, lock_waits=2),
+    Check("retries then dead-letter", check_retries_then_dead_letter, deadline=60),
+    Check("competing consumers", check_competing_consumers, deadline=120),
+    Check("held message invisible to others", check_held_message_invisible, deadline=30, lock_waits=2),
+    Check("lock extended for long handlers", check_lock_extension, ("lock_extension",), deadline=30, lock_waits=5),
+    Check("fan-out", check_fan_out, deadline=90),
+    Check("cancelled subscription stops receiving", check_cancelled_subscription, deadline=60, lock_waits=2),
+    Check("per-key ordering", check_per_key_ordering, ("ordering",), deadline=90),
+    Check("headers and ids round-trip", check_headers_round_trip, deadline=30),
+    Check("batches", check_batches, deadline=60),
+    Check("delayed delivery", check_delayed_delivery, ("delayed_delivery",), deadline=30),
+    Check("graceful shutdown", check_graceful_shutdown, deadline=60, lock_waits=1),
+    Check("undecodable payloads dead-lettered", check_undecodable_dead_lettered, deadline=60),
+    Check("bad input raises typed errors", check_bad_input, deadline=30),
+    Check("reconnect after broker restart", check_reconnect, ("restartable", "persistence"), deadline=180),
+)

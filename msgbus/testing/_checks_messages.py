@@ -1,0 +1,344 @@
+"""Checks for promises 7-9 and 12: headers and ids, batches, delayed delivery, undecodable and bad input."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+import msgbus
+from msgbus import Message, Outgoing
+from msgbus.errors import AdapterNotInstalled, CapabilityMissing, ConfigError, InvalidMessage, MessageTooLarge
+
+from ._context import ContractContext, Tally, ensure, fail
+from ._flow import (
+    SENTINEL_HEADER,
+    chunked,
+    drain,
+    expect_only_sentinel,
+    expect_raises,
+    quiet_then_sentinel,
+    reached,
+    sentinel_sender,
+    stop_run,
+)
+
+__all__ = [
+    "ContractOrder",
+    "check_bad_input",
+    "check_batches",
+    "check_delayed_delivery",
+    "check_headers_round_trip",
+    "check_undecodable_dead_lettered",
+]
+
+TS_SLACK = 0.002  # seconds: backends may store timestamps in milliseconds
+
+
+async def check_headers_round_trip(ctx: ContractContext) -> None:
+    """Headers (unicode, empty, long), id, correlation id, content type, key and timestamp arrive unchanged."""
+    m = ctx.scale(50, 10)
+    limit = ctx.caps.max_message_size
+    long_len = 2000 if limit is None else max(16, min(2000, limit // 16))
+    base = {
+        "plain": "value",
+        "ünïcødé-名前": "значение ✓ 🚀 ☃",
+        "empty": "",
+        "long": "x" * long_len,
+        "spaces": "  padded  value  ",
+        "punctuation": "a=b; c,d \"q\" 'q' \\ / ? & #",
+        "Mixed-Case": "MiXeD",
+        **{f"h{j:02d}": f"v{j}" for j in range(20)},
+    }
+    queue, run_id = ctx.name(), uuid.uuid4().hex[:8]
+    producer = ctx.bus.producer(queue)
+    expected: dict[str, Outgoing] = {}
+    t_before = time.time()
+    batch: list[Outgoing] = []
+    for i in range(m):
+        body: object = f"payload-{i}".encode() if i % 2 else {"i": i, "text": "✓"}
+        ctype = "application/x-contract" if i % 2 else "application/vnd.contract+json"
+        item = Outgoing(
+            body,
+            key=f"kéy-{i}",
+            headers={**base, "seq": str(i)},
+            message_id=f"ct-id-{run_id}-{i}",
+            correlation_id=f"corr-{i}",
+            content_type=ctype,
+        )
+        expected[item.message_id or ""] = item
+        if i < m // 2:
+            got = await producer.send(
+                item.body,
+                key=item.key,
+                headers=item.headers,
+                message_id=item.message_id,
+                correlation_id=item.correlation_id,
+                content_type=item.content_type,
+            )
+            ensure(got == item.message_id, f"send(message_id={item.message_id!r}) returned {got!r}")
+        else:
+            batch.append(item)
+    got_ids = await producer.send_many(batch)
+    ensure(got_ids == [b.message_id for b in batch], f"send_many returned {got_ids[:2]}..., not the given ids")
+    t_after = time.time()
+    consumer = ctx.bus.consumer(queue, prefetch=m)
+    problems: list[str] = []
+    first_ts: dict[str, float] = {}
+
+    def compare(msg: Message[Any]) -> None:
+        want = expected[msg.id]
+        for field, value, original in (
+            ("body", msg.body, want.body),
+            ("headers", dict(msg.headers), want.headers),
+            ("key", msg.key, want.key),
+            ("correlation_id", msg.correlation_id, want.correlation_id),
+            ("content_type", msg.content_type, want.content_type),
+        ):
+            if value != original:
+                problems.append(f"{msg.id} #{msg.attempt}: {field} {str(value)[:80]!r} != sent {str(original)[:80]!r}")
+        ts = first_ts.setdefault(msg.id, msg.timestamp)
+        if not t_before - TS_SLACK <= msg.timestamp <= t_after + TS_SLACK or msg.timestamp != ts:
+            problems.append(f"{msg.id}: timestamp {msg.timestamp} outside the send window or changed on redelivery")
+
+    for attempt in (1, 2):
+        tally = Tally()
+        received = await drain(ctx, consumer, tally, reached(tally, m), settle=False, on_message=compare)
+        tally.ensure_exact(set(expected), f"round {attempt}")
+        for msg in received:
+            if msg.attempt != attempt:
+                problems.append(f"{msg.id}: attempt {msg.attempt}, expected {attempt}")
+            await (msg.nack() if attempt == 1 else msg.ack())
+    ensure(not problems, f"{len(problems)} differences, e.g. {'; '.join(problems[:3])}")
+    await _check_published_headers(ctx, base)
+    ctx.note(
+        f"{m} messages x {len(base) + 1} headers (unicode, empty, {long_len}-char) plus id, correlation id, content "
+        "type, key, timestamp: unchanged on first delivery, after a nack (same id), and through a topic"
+    )
+
+
+async def _check_published_headers(ctx: ContractContext, headers: dict[str, str]) -> None:
+    topic = ctx.name("t")
+    sub = ctx.bus.subscriber(topic, subscription=ctx.name("s"))
+    await sub.open()
+    msg_id = await ctx.bus.publisher(topic).publish(
+        b"published", headers=headers, key="k", correlation_id="c", content_type="application/x-contract"
+    )
+    tally = Tally()
+    (msg,) = await drain(ctx, sub, tally, lambda: tally.distinct >= 1, what="the published message")
+    sent = (msg_id, b"published", headers, "k", "c", "application/x-contract")
+    got = (msg.id, msg.body, dict(msg.headers), msg.key, msg.correlation_id, msg.content_type)
+    ensure(got == sent, f"published message changed: {str(got)[:200]} != {str(sent)[:200]}")
+
+
+async def check_batches(ctx: ContractContext) -> None:
+    """send_many / publish_many take large batches; receive(max_messages) returns several per call; exact counts."""
+    n = ctx.scale(2000, 200)
+    ensure(await ctx.bus.producer(ctx.name()).send_many([]) == [], "send_many([]) must return []")
+    notes: list[str] = []
+    for kind in ("queue", "topic"):
+        name = ctx.name(kind[0])
+        if kind == "queue":
+            consumer: msgbus.Consumer[Any] = ctx.bus.consumer(name, prefetch=250)
+            sender: msgbus.Producer | msgbus.Publisher = ctx.bus.producer(name)
+            ids = await ctx.bus.producer(name).send_many([{"i": i} for i in range(n)])
+        else:
+            consumer = ctx.bus.subscriber(name, subscription=ctx.name("s"), prefetch=250)
+            await consumer.open()
+            sender = ctx.bus.publisher(name)
+            ids = await ctx.bus.publisher(name).publish_many([{"i": i} for i in range(n)])
+        ensure(len(ids) == len(set(ids)) == n, f"{kind}: a batch of {n} returned {len(set(ids))} distinct ids")
+        tally, sizes = Tally(), list[int]()
+        await drain(ctx, consumer, tally, reached(tally, n), batch_sizes=sizes, max_messages=100)
+        line = tally.ensure_exact(set(ids), f"{kind}: one batch of {n}")
+        ensure(max(sizes) <= 100, f"{kind}: receive(max_messages=100) returned {max(sizes)} messages")
+        ensure(max(sizes) > 1, f"{kind}: receive(max_messages=100) never returned more than one message")
+        quiet = await expect_only_sentinel(ctx, consumer, sentinel_sender(sender), ctx.quiet, "after the batch")
+        notes.append(f"{line}; {len(sizes)} receive calls, up to {max(sizes)} (mean {n / len(sizes):.0f}); {quiet}")
+    for note in notes:
+        ctx.note(note)
+
+
+async def check_delayed_delivery(ctx: ContractContext) -> None:
+    """send(delay=d) is not received before d has passed (monotonic time at send) and is received after."""
+    delay, m = (1.0 if ctx.quick else 1.5), ctx.scale(20, 5)
+    queue = ctx.name()
+    producer = ctx.bus.producer(queue)
+    consumer = ctx.bus.consumer(queue, prefetch=100)
+    await consumer.open()
+    sent_at: dict[str, float] = {}
+    immediate = set(await producer.send_many([{"now": i} for i in range(m)]))
+    t0 = time.monotonic()
+    for msg_id in await producer.send_many([{"later": i} for i in range(m)], delay=delay):
+        sent_at[msg_id] = t0
+    t1 = time.monotonic()
+    sent_at[await producer.send(b"timedelta", delay=timedelta(seconds=delay))] = t1
+    received_at: dict[str, float] = {}
+
+    def stamp(msg: Message[Any]) -> None:
+        received_at.setdefault(msg.id, time.monotonic())
+
+    tally = Tally()
+    await drain(ctx, consumer, tally, lambda: tally.distinct >= 2 * m + 1, on_message=stamp)
+    line = tally.ensure_exact(immediate | set(sent_at), f"{m} immediate + {m + 1} delayed {delay}s")
+    early = {i: received_at[i] - t for i, t in sent_at.items() if received_at[i] < t + delay - 0.05}
+    ensure(not early, f"{len(early)} delayed messages arrived early, e.g. after {min(early.values(), default=0):.2f}s")
+    late_first = [i for i in immediate if received_at[i] > min(received_at[j] for j in sent_at)]
+    ensure(not late_first, f"{len(late_first)} undelayed messages arrived after a delayed one")
+    notes = [line, f"none of the delayed arrived before {delay}s"]
+    notes.append(await expect_raises(producer.send(b"x", delay=-1), InvalidMessage, "delay=-1"))
+    max_delay = ctx.caps.max_delay
+    if max_delay is not None:
+        too_long = producer.send(b"x", delay=max_delay + 1)
+        notes.append(await expect_raises(too_long, InvalidMessage, f"delay {max_delay + 1}s > max_delay"))
+    notes.append(await expect_only_sentinel(ctx, consumer, sentinel_sender(producer), ctx.quiet, "after"))
+    ctx.note("; ".join(notes))
+
+
+@dataclass(frozen=True)
+class ContractOrder:
+    """The typed payload of the undecodable-payload check."""
+
+    id: int
+    name: str
+
+
+async def check_undecodable_dead_lettered(ctx: ContractContext) -> None:
+    """With model=..., invalid JSON and wrong shapes are dead-lettered with a decode reason; the loop goes on."""
+    good_n, per_kind = ctx.scale(300, 30), ctx.scale(15, 3)
+    bad_kinds: dict[str, tuple[object, str | None]] = {
+        "invalid-json": (b"{not json", "application/json"),
+        "not-utf8": (b"\xff\xfe{", "application/json"),
+        "array": ([1, 2, 3], None),
+        "missing-field": ({"name": "no id"}, None),
+    }
+    items: list[Outgoing] = []
+    for i in range(good_n):
+        items.append(Outgoing({"id": i, "name": f"order-{i}"}))
+        kind = list(bad_kinds)[i % len(bad_kinds)]
+        if i < per_kind * len(bad_kinds):
+            body, ctype = bad_kinds[kind]
+            items.append(Outgoing(body, content_type=ctype, headers={"contract-bad": kind}))
+    queue = ctx.name()
+    producer = ctx.bus.producer(queue)
+    sent: dict[str, Outgoing] = {}
+    for chunk in chunked(items, 200):
+        sent.update(zip(await producer.send_many(chunk), chunk, strict=True))
+    good = {i for i, o in sent.items() if not o.headers}
+    bad = set(sent) - good
+    tally, wrong_type = Tally(), list[str]()
+
+    async def handle(msg: Message[ContractOrder]) -> None:
+        if not isinstance(msg.body, ContractOrder):
+            wrong_type.append(f"{msg.id}: {type(msg.body).__name__}")
+        tally.add(msg.id)
+
+    consumer = ctx.bus.consumer(queue, model=ContractOrder)
+    task = ctx.background(consumer.run(handle, concurrency=4))
+    dead, problems = Tally(), list[str]()
+
+    def inspect(msg: Message[Any]) -> None:
+        want = sent.get(msg.id)
+        if want is None:
+            return
+        reason = msg.headers.get(msgbus.HEADER_DEAD_LETTER_REASON, "")
+        if "decode" not in reason.lower():
+            problems.append(f"{msg.id}: reason {reason!r} does not name the decode failure")
+        original = want.body if isinstance(want.body, bytes) else None
+        if original is not None and msg.payload != original:
+            problems.append(f"{msg.id}: payload {msg.payload!r} != sent {original!r}")
+        if original is None and json.loads(msg.payload) != want.body:
+            problems.append(f"{msg.id}: payload {msg.payload!r} does not decode to the sent {want.body!r}")
+        if msg.headers.get("contract-bad") != (want.headers or {}).get("contract-bad"):
+            problems.append(f"{msg.id}: original headers lost: {dict(msg.headers)}")
+
+    dlq = ctx.bus.dead_letters(queue)  # must hand undecodable payloads out raw, not dead-letter them again
+    await drain(ctx, dlq, dead, lambda: dead.distinct >= len(bad), on_message=inspect, what="dead letters")
+    await tally.wait_distinct(len(good))
+    line_bad = dead.ensure_exact(bad, "undecodable, dead-lettered")
+    line_good = tally.ensure_exact(good, "valid, handled")
+    ensure(not problems, f"{line_bad}; {len(problems)} dead letters wrong, e.g. {'; '.join(problems[:3])}")
+    ensure(not wrong_type, f"the handler got non-model bodies: {wrong_type[:3]}")
+    ensure(not task.done(), f"run() ended after undecodable messages: {task}")
+    more = set(await producer.send_many([{"id": i, "name": "after"} for i in range(per_kind)]))
+    await tally.wait_until(lambda: more <= set(tally.counts))
+
+    async def valid_sentinel() -> str:
+        return await producer.send({"id": -1, "name": "sentinel"}, headers={SENTINEL_HEADER: "1"})
+
+    quiet = await quiet_then_sentinel(ctx, tally, valid_sentinel, ctx.quiet, "handler")
+    await stop_run(consumer, task)
+    ctx.note(f"{line_good}; {line_bad} ({', '.join(bad_kinds)}), decode reason, payload intact")
+    ctx.note(f"the loop went on: {len(more)} more handled afterwards; {quiet}")
+
+
+def _with_option(url: str, name: str, value: str) -> str:
+    return url + ("&" if "?" in url else "?") + f"{name}={value}"
+
+
+async def _expect_config_error(ctx: ContractContext, url: str, names: str | None, secret: str | None = None) -> str:
+    """connect(url) (or opening it) must raise ConfigError naming ``names`` and not showing ``secret``."""
+    try:
+        bus = msgbus.connect(url)
+        ctx.on_cleanup(bus.close)
+        await bus.open()
+    except ConfigError as exc:
+        text = f"{exc} {exc!r}"
+        ensure(names is None or names in text, f"ConfigError for {names!r} does not name it: {exc}")
+        ensure(secret is None or secret not in text, f"ConfigError shows the secret value: {type(exc).__name__}")
+        return type(exc).__name__
+    except Exception as exc:
+        fail(f"bad URL/option {names or ''}: expected ConfigError, got {type(exc).__name__}")
+    fail(f"bad URL/option {names or url!r}: connect() and open() succeeded")
+
+
+async def check_bad_input(ctx: ContractContext) -> None:
+    """Bad URLs, options, bodies, headers, keys and sizes raise typed errors with clear text; nothing is sent."""
+    url, scheme = ctx.url, ctx.url.split("://", 1)[0]
+    secret = f"s3cret-{uuid.uuid4().hex[:8]}"
+    await _expect_config_error(ctx, _with_option(url, "contract_bogus_option", "1"), "contract_bogus_option")
+    await _expect_config_error(ctx, _with_option(url, "contract_password", secret), "contract_password", secret)
+    await _expect_config_error(ctx, _with_option(url, "topology", "sometimes"), "topology")
+    await _expect_config_error(ctx, "no-scheme-at-all", None)
+    await _expect_config_error(ctx, f"{scheme}://host:notaport/", None)
+    unknown = await _expect_config_error(ctx, "nosuchbroker-contract://x", "nosuchbroker-contract")
+    ensure(unknown == AdapterNotInstalled.__name__, f"an unknown scheme raised {unknown}, not AdapterNotInstalled")
+    password = urlsplit(url).password
+    if password:
+        shown = f"{ctx.bus!r} {ctx.bus.url}"
+        ensure(password not in shown, "the bus repr or url shows the password")
+    queue = ctx.name()
+    producer = ctx.bus.producer(queue)
+    bad: Any = 5  # wrong types on purpose, past the type checker
+    cases: list[tuple[Callable[[], Awaitable[object]], type[Exception], str]] = [
+        (lambda: producer.send(b"x", headers={"n": bad}), InvalidMessage, "non-str header value"),
+        (lambda: producer.send(b"x", headers={bad: "v"}), InvalidMessage, "non-str header name"),
+        (lambda: producer.send(b"x", headers={"x-msgbus-mine": "v"}), InvalidMessage, "reserved header name"),
+        (lambda: producer.send(object()), InvalidMessage, "object() body"),
+        (lambda: producer.send({1, 2}), InvalidMessage, "set body"),
+        (lambda: producer.send(b"x", key=bad), InvalidMessage, "int key"),
+        (lambda: producer.send_many([{"ok": 1}, object()]), InvalidMessage, "send_many with one bad body"),
+        (lambda: producer.send(b"x", delay=-1), InvalidMessage, "delay=-1"),
+    ]
+    if not ctx.caps.delayed_delivery:
+        cases.append((lambda: producer.send(b"x", delay=1), CapabilityMissing, "delay without delayed_delivery"))
+    limit = ctx.caps.max_message_size
+    if limit is not None and limit <= 256 * 1024 * 1024:
+        big = b"\0" * (limit + 1)
+        cases.append((lambda: producer.send(big), MessageTooLarge, f"{limit + 1}-byte body"))
+        cases.append((lambda: producer.send_many([b"ok", big]), MessageTooLarge, "send_many with one oversize"))
+    notes = [await expect_raises(make(), error, what) for make, error, what in cases]
+    try:
+        ctx.bus.consumer("bad name with spaces")
+        fail("bus.consumer('bad name with spaces') did not raise")
+    except ConfigError:
+        notes.append("bad queue name -> ConfigError")
+    quiet = await expect_only_sentinel(ctx, ctx.bus.consumer(queue), sentinel_sender(producer), ctx.quiet, "queue")
+    ctx.note("bad URL, unknown/secret/invalid options, unknown scheme -> ConfigError naming the option, no secret")
+    ctx.note("; ".join(notes))
+    ctx.note(f"nothing from the failed sends was stored: {quiet}")

@@ -1,0 +1,56 @@
+"""``msgbus contract URL [--quick] [--only NAME]``: run the contract suite and print a table."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from ._catalog import CHECKS
+from ._runner import run_contract, select
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="msgbus contract",
+        description="Prove a backend keeps msgbus's promises: run the contract suite against URL.",
+        epilog="checks: " + "; ".join(c.name for c in CHECKS),
+    )
+    parser.add_argument(
+        "url", nargs="?", help="the bus URL to test (default: $MSGBUS_URL), e.g. amqp://guest:guest@127.0.0.1:5672/"
+    )
+    parser.add_argument("--quick", action="store_true", help="scale volumes down (the default is full volume)")
+    parser.add_argument("--only", action="append", metavar="NAME", help="run only this check (repeatable)")
+    parser.add_argument("--verbose", action="store_true", help="show msgbus's own warnings while checks run")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the suite; prints progress and the result table. Returns 0 when nothing failed, 1 otherwise, 2 on usage."""
+    args = _parser().parse_args(argv)
+    url = args.url or os.environ.get("MSGBUS_URL")
+    if not url:
+        print("msgbus contract: give a bus URL (or set MSGBUS_URL)", file=sys.stderr)
+        return 2
+    if not args.verbose:  # the checks provoke failures on purpose; the runtime's warnings about them are noise here
+        logging.getLogger("msgbus").setLevel(logging.ERROR)
+    try:
+        select(args.only)
+    except ValueError as exc:
+        print(f"msgbus contract: {exc}", file=sys.stderr)
+        return 2
+    report = asyncio.run(
+        run_contract(url, quick=args.quick, only=args.only, progress=lambda line: print(line, flush=True))
+    )
+    print()
+    print(report.table())
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,153 @@
+"""Run contract checks against a bus URL: each with a fresh bus and a total deadline; collect a report."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from msgbus._url import parse_url
+from msgbus.errors import MsgbusError
+
+from ._catalog import CHECKS
+from ._context import ContractContext, ContractFailure, ContractSkip, RestartHook
+from ._registry import Check, slugify
+
+__all__ = ["CheckResult", "Report", "run_check", "run_contract", "select"]
+
+Progress = Callable[[str], None]
+OPEN_DEADLINE = 30.0  # seconds to connect before a check starts
+CLEANUP_DEADLINE = 20.0  # seconds to close what a check opened
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    """The outcome of one check: ``pass``, ``fail`` (detail says what broke) or ``skip`` (detail is the reason)."""
+
+    promise: str
+    status: Literal["pass", "fail", "skip"]
+    detail: str
+    elapsed: float
+
+
+@dataclass
+class Report:
+    """Results of a contract run, in check order."""
+
+    url: str  # redacted
+    quick: bool
+    results: list[CheckResult] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """No check failed (skips are not failures here; CI decides what a skip means)."""
+        return all(r.status != "fail" for r in self.results)
+
+    def count(self, status: str) -> int:
+        return sum(1 for r in self.results if r.status == status)
+
+    def table(self) -> str:
+        """``promise | result | detail`` as a plain-text table, one row per check."""
+        rows = [("promise", "result", "detail")]
+        rows += [(r.promise, f"{r.status} {r.elapsed:.1f}s", r.detail.replace("\n", " | ")) for r in self.results]
+        w0, w1 = (max(len(row[i]) for row in rows) for i in (0, 1))
+        lines = [f"{a:<{w0}} | {b:<{w1}} | {c}" for a, b, c in rows]
+        lines.insert(1, f"{'-' * w0}-+-{'-' * w1}-+-{'-' * 6}")
+        summary = f"{self.count('pass')} passed, {self.count('fail')} failed, {self.count('skip')} skipped"
+        return "\n".join([*lines, "", f"{self.url}{' (quick)' if self.quick else ''}: {summary}"])
+
+
+def select(only: str | Iterable[str] | None) -> list[Check]:
+    """The checks named in ``only`` (promise names or their slugs), in contract order; all when ``None``."""
+    if only is None:
+        return list(CHECKS)
+    wanted = {slugify(n) for n in ([only] if isinstance(only, str) else only)}
+    unknown = wanted - {c.slug for c in CHECKS}
+    if unknown:
+        names = ", ".join(repr(c.name) for c in CHECKS)
+        raise ValueError(f"unknown check(s) {', '.join(sorted(unknown))}; the checks are: {names}")
+    return [c for c in CHECKS if c.slug in wanted]
+
+
+def _redacted(url: str) -> str:
+    try:
+        return parse_url(url).redacted
+    except MsgbusError:
+        return "<malformed URL>"
+
+
+def _where(exc: BaseException) -> str:
+    """The innermost frame of an unexpected exception, to point at the failing line."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f" (at {frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno})" if frames else ""
+
+
+async def run_check(
+    check: Check, url: str, *, quick: bool = False, restart_broker: RestartHook | None = None
+) -> CheckResult:
+    """Run one check with a fresh, opened bus on ``url`` under the check's total deadline."""
+    started = time.monotonic()
+    ctx = ContractContext(url=url, quick=quick, restart_broker=restart_broker, slug=check.slug)
+
+    def result(status: Literal["pass", "fail", "skip"], detail: str) -> CheckResult:
+        return CheckResult(check.name, status, detail, time.monotonic() - started)
+
+    try:
+        ctx.bus = ctx.connect()
+        async with asyncio.timeout(OPEN_DEADLINE):
+            await ctx.bus.open()
+        reason = check.skip_reason(ctx.caps)
+        if reason:
+            return result("skip", reason)
+        deadline = check.total_deadline(ctx.caps)
+        timer = asyncio.timeout(deadline)
+        try:
+            async with timer:
+                await check.fn(ctx)
+        except TimeoutError:
+            if not timer.expired():
+                raise
+            done = f" (so far: {'; '.join(ctx.notes)})" if ctx.notes else ""
+            return result("fail", f"deadline of {deadline:.0f}s passed while waiting for {ctx.waiting_for()}{done}")
+        return result("pass", "; ".join(ctx.notes))
+    except ContractSkip as skip:
+        return result("skip", str(skip))
+    except ContractFailure as failure:
+        return result("fail", str(failure))
+    except Exception as exc:
+        return result("fail", f"{type(exc).__name__}: {exc}{_where(exc)}")
+    finally:
+        try:
+            async with asyncio.timeout(CLEANUP_DEADLINE):
+                await ctx.cleanup()
+        except TimeoutError:
+            pass
+
+
+async def run_contract(
+    url: str,
+    *,
+    quick: bool = False,
+    restart_broker: RestartHook | None = None,
+    only: str | Iterable[str] | None = None,
+    progress: Progress | None = None,
+) -> Report:
+    """Run the contract (or the ``only`` checks) against ``url``, one check at a time, each with a fresh bus.
+
+    ``quick`` scales volumes down; ``restart_broker`` enables the reconnect check; ``progress`` receives a
+    line as each check starts and ends. Never raises for a broken promise: read ``Report.ok`` / ``table()``.
+    """
+    checks = select(only)
+    report = Report(_redacted(url), quick)
+    for n, check in enumerate(checks, 1):
+        tag = f"[{n:>2}/{len(checks)}] {check.name}"
+        if progress:
+            progress(f"{tag} ...")
+        res = await run_check(check, url, quick=quick, restart_broker=restart_broker)
+        report.results.append(res)
+        if progress:
+            progress(f"{tag}: {res.status} ({res.elapsed:.1f}s) {res.detail}")
+    return report
