@@ -116,14 +116,16 @@ def main() -> None:
         for run in range(args.runs):
             results["memory"].append(asyncio.run(memory_run(args.messages, args.size, args.concurrency)))
             results["sqlite"].append(sqlite_run(args.messages, args.size, args.concurrency, Path(tmp)))
-            print(f"run {run + 1}/{args.runs}: " + ", ".join(f"{k} {v[-1]:,.0f} msgs/s" for k, v in results.items()),
-                  file=sys.stderr)
-    summary = {
-        k: {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v} for k, v in results.items()
-    }
+            print(
+                f"run {run + 1}/{args.runs}: " + ", ".join(f"{k} {v[-1]:,.0f} msgs/s" for k, v in results.items()),
+                file=sys.stderr,
+            )
+    summary = {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v} for k, v in results.items()}
     for k, s in summary.items():
-        print(f"{k:7s} {args.size} B: median {s['median']:,.0f} msgs/s (min {s['min']:,.0f}, max {s['max']:,.0f}), "
-              f"{args.messages} messages x {args.runs} runs, 0 lost")
+        print(
+            f"{k:7s} {args.size} B: median {s['median']:,.0f} msgs/s (min {s['min']:,.0f}, max {s['max']:,.0f}), "
+            f"{args.messages} messages x {args.runs} runs, 0 lost"
+        )
     if args.json:
         args.json.write_text(json.dumps({"messages": args.messages, "size": args.size, "results": summary}, indent=2))
 

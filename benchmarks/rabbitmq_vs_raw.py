@@ -18,13 +18,14 @@ import os
 import statistics
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import aio_pika
+from msgbus_rabbitmq import create
 
 from msgbus._url import parse_url
 from msgbus.adapter import Endpoint, Record
-from msgbus_rabbitmq import create
 
 
 async def run_msgbus(url: str, queue: str, messages: int, size: int, batch: int, prefetch: int, qtype: str) -> float:
@@ -111,9 +112,11 @@ async def _delete(url: str, *queues: str) -> None:
     await connection.close()
 
 
-async def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", default=os.environ.get("MSGBUS_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/"))
+    parser.add_argument(
+        "--url", default=os.environ.get("MSGBUS_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
+    )
     parser.add_argument("--messages", type=int, default=10_000)
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=100)
@@ -121,7 +124,11 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--queue-type", choices=("quorum", "classic"), default="quorum")
     parser.add_argument("--json", help="also write the figures to this file")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+async def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Alternate msgbus/raw rounds; the median rate of each side and their ratio."""
     shape = (args.messages, args.size, args.batch, args.prefetch, args.queue_type)
     rates: dict[str, list[float]] = {"msgbus": [], "raw": []}
     for _ in range(args.rounds):
@@ -144,11 +151,12 @@ async def main() -> None:
         "all": {k: [round(v) for v in vs] for k, vs in rates.items()},
     }
     result["ratio"] = round(result["msgbus_msgs_per_s"] / result["raw_msgs_per_s"], 3)
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
+    return result
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    arguments = parse_args()
+    figures = json.dumps(asyncio.run(measure(arguments)), indent=2)
+    print(figures)
+    if arguments.json:
+        Path(arguments.json).write_text(figures)

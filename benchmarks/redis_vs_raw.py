@@ -23,6 +23,7 @@ import secrets
 import statistics
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import redis.asyncio
 
@@ -64,7 +65,7 @@ async def run_msgbus(url: str, prefix: str, n: int, size: int, batch: int) -> Ph
 
 
 async def run_raw(url: str, prefix: str, n: int, size: int, batch: int) -> Phase:
-    client = redis.asyncio.Redis.from_url(url)
+    client = redis.asyncio.Redis.from_url(url, protocol=2)  # as the adapter
     stream, group = f"{prefix}:raw", "bench"
     await client.xgroup_create(stream, group, id="0", mkstream=True)
     body = os.urandom(size)
@@ -79,7 +80,7 @@ async def run_raw(url: str, prefix: str, n: int, size: int, batch: int) -> Phase
     seen: set[bytes] = set()
     received = 0
     while len(seen) < n:
-        reply = await client.xreadgroup(group, "c1", {stream: ">"}, count=batch, block=5000)
+        reply: Any = await client.xreadgroup(group, "c1", {stream: ">"}, count=batch, block=5000)
         if not reply:
             raise SystemExit(f"raw: only {len(seen)} of {n} received")
         entries = reply[0][1]

@@ -484,17 +484,10 @@ class Moto(LocalBroker):
         return [sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(self.port)]
 
 
-@register
-class Kafka(PlannedBroker):
-    """Apache Kafka in KRaft mode (no ZooKeeper), its jars from Maven Central through a pom in integration/."""
+# Apache Kafka (KRaft, jars from Maven Central): implemented in its own module, which needs LocalBroker above.
+from ._kafka import Kafka  # noqa: E402
 
-    name = "kafka"
-    port = 9092
-    plan = "Apache Kafka KRaft from Maven Central jars via integration/kafka/pom.xml"
-    image = "apache/kafka:3.7.0"
-
-    def url_for(self, host: str, port: Callable[[int], int]) -> str:
-        return f"kafka://{host}:{port(self.port)}"
+register(Kafka)
 
 
 @register

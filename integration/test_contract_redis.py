@@ -19,8 +19,8 @@ class TestRedisContract(ContractSuite):
     def contract_url(self) -> str:
         return f"{endpoint('redis').url}?{OPTIONS}"
 
-    @property  # type: ignore[override]
-    def restart_broker(self) -> Callable[[], Awaitable[None]] | None:
+    @property
+    def restart_broker(self) -> Callable[[], Awaitable[None]] | None:  # type: ignore[override]
         broker = endpoint("redis")
         if broker.handle is None:  # from MSGBUS_TEST_REDIS_URL: not ours to restart
             return None

@@ -39,6 +39,7 @@ _BOOL_FLAGS = {
     "cross_process",
     "lock_extension",
     "exactly_once",
+    "restartable",
 }
 
 

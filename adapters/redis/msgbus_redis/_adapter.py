@@ -118,6 +118,7 @@ class RedisAdapter(Adapter):
             socket_connect_timeout=o.connect_timeout,
             retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), o.retries),
             decode_responses=False,
+            protocol=2,  # reply shapes this module parses (RESP3 nests XREADGROUP replies differently)
         )
         try:
             with translated("connect", secrets=self._secrets):
@@ -346,9 +347,10 @@ class RedisReceiver(Receiver):
         loop = asyncio.get_running_loop()
         now = loop.time()
         self._next_housekeeping = now + self._options.poll_interval
-        trim = r.shared is not None and r.shared in r.streams and now >= self._next_trim
-        if trim:
+        periodic = now >= self._next_trim  # trimming and pruning, every trim_interval
+        if periodic:
             self._next_trim = now + self._options.trim_interval
+        trim = periodic and r.shared is not None and r.shared in r.streams
         reclaim_from = r.streams[self._turn % len(r.streams)]
         self._turn += 1
         keys = [key for pair in r.movers for key in pair] + [reclaim_from, r.shared or reclaim_from]
@@ -360,6 +362,7 @@ class RedisReceiver(Receiver):
             max(1, round(self._options.visibility_timeout * 1000)),
             room,
             "1" if trim else "0",
+            max(1, round(self._options.idle_consumer_timeout * 1000)) if periodic else 0,
         ]
         with translated(f"receive from {r.endpoint}", secrets=self._adapter._secrets):
             try:

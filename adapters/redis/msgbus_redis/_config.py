@@ -28,6 +28,7 @@ class RedisOptions:
     visibility_timeout: float
     poll_interval: float
     trim_interval: float
+    idle_consumer_timeout: float
     max_message_size: int
     persistence: Persistence
     wait_replicas: int
@@ -58,6 +59,7 @@ def read_options(url: BusURL, reader: OptionReader) -> RedisOptions:
         visibility_timeout=reader.float("visibility_timeout", 30.0, min=0.1),
         poll_interval=reader.float("poll_interval", 0.2, min=0.01),
         trim_interval=reader.float("trim_interval", 5.0, min=0.1),
+        idle_consumer_timeout=reader.float("idle_consumer_timeout", 3600.0, min=0.1),
         max_message_size=reader.int("max_message_size", DEFAULT_MAX_MESSAGE_SIZE, min=1),
         persistence=_persistence(reader),
         wait_replicas=reader.int("wait_replicas", 0, min=0),

@@ -112,16 +112,35 @@ local function trim_shared(stream)
 end
 """
 
+# Remove consumers of a group that hold nothing and have not been seen for a long time (receivers of
+# processes that died). A live consumer removed this way is re-created by its next read.
+_PRUNE_CONSUMERS = """
+local function prune_consumers(stream, group, idle_ms)
+  local removed = 0
+  for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', stream, group)) do
+    local info = {}
+    for i = 1, #c, 2 do info[c[i]] = c[i + 1] end
+    if tonumber(info['pending']) == 0 and tonumber(info['idle']) > idle_ms then
+      redis.call('XGROUP', 'DELCONSUMER', stream, group, info['name'])
+      removed = removed + 1
+    end
+  end
+  return removed
+end
+"""
+
 # A receiver's periodic housekeeping in one round trip.
 # KEYS: n (sorted set, stream) mover pairs, then the stream to reclaim from, then the stream to trim.
 # ARGV[1] n, ARGV[2] most entries to move per pair, ARGV[3] group, ARGV[4] consumer,
-# ARGV[5] visibility timeout ms, ARGV[6] most entries to reclaim, ARGV[7] '1' to trim.
+# ARGV[5] visibility timeout ms, ARGV[6] most entries to reclaim, ARGV[7] '1' to trim the last key,
+# ARGV[8] > 0: prune the reclaim stream's consumers that hold nothing and were unseen that long (ms).
 # Returns {largest number moved from one set, reclaimed entries, entries trimmed}.
 MAINTAIN = (
     _NOW_MS
     + _MOVE_DUE
     + _RECLAIM
     + _TRIM_SHARED
+    + _PRUNE_CONSUMERS
     + """
 local n = tonumber(ARGV[1])
 local moved = 0
@@ -129,6 +148,7 @@ for i = 1, n do moved = math.max(moved, move_due(KEYS[2 * i - 1], KEYS[2 * i], t
 local claimed = reclaim(KEYS[2 * n + 1], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]))
 local trimmed = 0
 if ARGV[7] == '1' then trimmed = trim_shared(KEYS[2 * n + 2]) end
+if tonumber(ARGV[8]) > 0 then prune_consumers(KEYS[2 * n + 1], ARGV[3], tonumber(ARGV[8])) end
 return {moved, claimed, trimmed}
 """
 )

@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 import redis.asyncio
-from msgbus_redis import RedisAdapter, create
 
 from msgbus._url import parse_url
+from msgbus_redis import RedisAdapter, create
 
 MakeAdapter = Callable[..., Awaitable[RedisAdapter]]
 

@@ -9,7 +9,6 @@ from typing import cast
 
 import pytest
 import redis.asyncio
-from msgbus_redis import RedisAdapter
 
 from msgbus.adapter import (
     HEADER_ATTEMPTS,
@@ -21,6 +20,7 @@ from msgbus.adapter import (
     Record,
 )
 from msgbus.errors import ClosedError, ConfigError, ConnectionLost, MessageTooLarge, TopologyError
+from msgbus_redis import RedisAdapter
 
 MakeAdapter = Callable[..., Awaitable[RedisAdapter]]
 
@@ -311,9 +311,8 @@ async def test_closed_adapter_and_receiver_raise_closed_error(make_adapter: Make
 
 
 async def test_unreachable_server_is_connection_lost() -> None:
-    from msgbus_redis import create
-
     from msgbus._url import parse_url
+    from msgbus_redis import create
 
     url = parse_url("redis://127.0.0.1:1/0?retries=0&connect_timeout=0.5")
     reader = url.reader()
@@ -339,3 +338,21 @@ async def test_receive_waits_no_longer_than_its_timeout_when_idle(make_adapter: 
     receiver = await bus.receiver(QUEUE, 10)
     results = await asyncio.gather(*(receiver.receive(10, 0.05) for _ in range(2)))
     assert results == [[], []]
+
+
+async def test_consumers_of_dead_receivers_are_pruned_once_empty(
+    make_adapter: MakeAdapter, raw: redis.asyncio.Redis
+) -> None:
+    bus = await make_adapter(idle_consumer_timeout=0.2, trim_interval=0.1, poll_interval=0.05)
+    await bus.declare(QUEUE)
+    await bus.send(QUEUE, _records(2))
+    empty, holding = await bus.receiver(QUEUE, 1), await bus.receiver(QUEUE, 1)
+    await empty.ack_many(await empty.receive(1, 1.0))  # then it goes silent without close(), as if killed
+    assert len(await holding.receive(1, 1.0)) == 1  # never acked
+    stream = bus._route(QUEUE).streams[0]
+    live = await bus.receiver(QUEUE, 1)
+    for _ in range(8):  # 0.8 s of housekeeping by the live receiver
+        await live.receive(1, 0.1)
+    names = {c["name"].decode() for c in await raw.xinfo_consumers(stream, "msgbus")}
+    assert empty._consumer not in names
+    assert holding._consumer in names  # pruning it would lose its pending entry

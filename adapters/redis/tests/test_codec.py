@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from msgbus_redis._codec import decode, encode, flatten
 
 from msgbus.adapter import Record
 from msgbus.errors import DecodeError
+from msgbus_redis._codec import decode, encode, flatten
 
 text = st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=40)
 records = st.builds(

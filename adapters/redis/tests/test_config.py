@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from msgbus_redis import RedisAdapter, create
-from msgbus_redis._errors import translate, translated
-from msgbus_redis._keys import route
 from redis import exceptions as rx
 
 from msgbus._url import parse_url
 from msgbus.adapter import Endpoint
 from msgbus.errors import BrokerError, ConfigError, ConnectionLost, InvalidMessage, PublishError, TopologyError
+from msgbus_redis import RedisAdapter, create
+from msgbus_redis._errors import translate, translated
+from msgbus_redis._keys import route
 
 
 def _adapter(url: str) -> RedisAdapter:

@@ -1,0 +1,415 @@
+"""The AMQP side of the test broker: links, $cbs, $management and settlement, on proton's reactor."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import time
+import urllib.parse
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from proton import Array, Condition, Data, Delivery, Disposition, Endpoint, Link, Message, symbol, timestamp
+from proton.handlers import Handler
+from proton.reactor import Container
+
+from . import codec
+from .store import MessageQueue, Store, Stored
+
+log = logging.getLogger("sbbroker")
+CREDIT = 500  # credit given to client senders, topped up as messages arrive
+MGMT = "/$management"
+
+
+def entity_path(address: str | None) -> str:
+    """``amqps://host:port/q1/$DeadLetterQueue`` -> ``q1/$DeadLetterQueue`` (plain names pass through)."""
+    text = address or ""
+    if "://" in text:
+        text = urllib.parse.urlsplit(text).path
+    return text.strip("/")
+
+
+class Broker(Handler):  # type: ignore[misc]
+    """One proton handler for every connection: the test broker's whole AMQP behaviour."""
+
+    def __init__(self, store: Store, key_name: str | None, key: str | None, state: Path | None) -> None:
+        super().__init__()
+        self.store = store
+        self.key_name, self.key = key_name, key
+        self.state = state
+        self.stopping = False
+        self.container: Container | None = None
+        self.inflight: dict[int, tuple[uuid.UUID, bool]] = {}  # id(pn delivery) -> (lock token, peek-lock)
+        self.replies: dict[tuple[int, str], Link] = {}  # (id(pn connection), address) -> our sender for replies
+
+    # --- lifecycle ---
+
+    def on_reactor_init(self, event: Any) -> None:
+        self.container = event.container
+        event.container.schedule(0.05, self)
+
+    def on_timer_task(self, event: Any) -> None:
+        now = time.time()
+        for mq in set(self.store.expired(now)) | set(self.store.due(now)):
+            self.pump(mq)
+        if self.stopping:
+            if self.state is not None:
+                self.store.save(self.state)
+            event.container.stop()
+            return
+        event.container.schedule(0.05, self)
+
+    def on_connection_bound(self, event: Any) -> None:
+        sasl = event.transport.sasl()  # the SDK speaks SASL ANONYMOUS, then authenticates through $cbs
+        sasl.allowed_mechs("ANONYMOUS")
+
+    def on_connection_remote_open(self, event: Any) -> None:
+        if event.connection.state & Endpoint.LOCAL_UNINIT:
+            event.connection.open()
+
+    def on_session_remote_open(self, event: Any) -> None:
+        if event.session.state & Endpoint.LOCAL_UNINIT:
+            event.session.incoming_capacity = 64 * 1024 * 1024
+            event.session.open()
+
+    def on_connection_remote_close(self, event: Any) -> None:
+        self._forget(event.connection)
+        event.connection.close()
+
+    def on_transport_closed(self, event: Any) -> None:
+        if event.connection is not None:
+            self._forget(event.connection)
+
+    def on_session_remote_close(self, event: Any) -> None:
+        event.session.close()
+
+    def on_link_remote_close(self, event: Any) -> None:
+        self._detach(event.link)
+        event.link.close()
+
+    def _forget(self, conn: Any) -> None:
+        link = conn.link_head(0)
+        while link is not None:
+            self._detach(link)
+            link = link.next(0)
+        for key in [k for k in self.replies if k[0] == id(conn._impl)]:
+            del self.replies[key]
+
+    def _detach(self, link: Link) -> None:
+        # Messages it still holds stay locked until their lock expires, as on the service.
+        for mq in self.store.queues():
+            if link in mq.consumers:
+                mq.consumers.remove(link)
+
+    # --- attach ---
+
+    def on_link_remote_open(self, event: Any) -> None:
+        link = event.link
+        if not link.state & Endpoint.LOCAL_UNINIT:
+            return
+        link.source.address = link.remote_source.address
+        link.target.address = link.remote_target.address
+        link.snd_settle_mode = link.remote_snd_settle_mode
+        link.rcv_settle_mode = link.remote_rcv_settle_mode
+        try:
+            if link.is_sender:
+                self._attach_sender(link)
+            else:
+                self._attach_receiver(link)
+        except LookupError as exc:  # echo the source, then detach with the error (see the notes)
+            link.open()
+            link.condition = Condition("amqp:not-found", str(exc))
+            link.close()
+
+    def _attach_sender(self, link: Link) -> None:
+        address = link.remote_source.address or ""
+        if address == "$cbs" or address.endswith(MGMT):
+            self.replies[(id(link.connection._impl), address)] = link
+            link.open()
+            return
+        mq = self.store.message_queue(entity_path(address))
+        link.open()
+        mq.consumers.append(link)
+        link.sb_queue = mq
+
+    def _attach_receiver(self, link: Link) -> None:
+        address = link.remote_target.address or ""
+        if address != "$cbs" and not address.endswith(MGMT):
+            path = entity_path(address)
+            if "/" in path:
+                raise LookupError(f"cannot send to '{path}'")
+            link.sb_entity = self.store.entity(path, None)
+        link.open()
+        link.flow(CREDIT)
+
+    # --- flow and deliveries ---
+
+    def on_link_flow(self, event: Any) -> None:
+        link = event.link
+        mq = getattr(link, "sb_queue", None)
+        if link.is_sender and mq is not None:
+            self.pump(mq)
+            if link.drain_mode:
+                link.drained()
+
+    def on_delivery(self, event: Any) -> None:
+        dlv = event.delivery
+        if dlv.link.is_receiver:
+            if dlv.readable and not dlv.partial:
+                self._incoming(dlv)
+        elif dlv.updated:
+            self._settlement(dlv)
+
+    def pump(self, mq: MessageQueue) -> None:
+        """Hand ready messages to receivers with credit, round robin."""
+        while mq.ready and mq.consumers:
+            links = [link for link in mq.consumers if link.credit > 0 and link.state & Endpoint.LOCAL_ACTIVE]
+            if not links:
+                return
+            for link in links:
+                msg = mq.pop_ready()
+                if msg is None:
+                    return
+                self._deliver(link, mq, msg)
+            mq.consumers = mq.consumers[1:] + mq.consumers[:1]
+        for link in mq.consumers:
+            if link.drain_mode and link.credit > 0:
+                link.drained()
+
+    def _deliver(self, link: Link, mq: MessageQueue, msg: Stored) -> None:
+        peek_lock = link.remote_snd_settle_mode != Link.SND_SETTLED
+        token = self.store.lock(mq, msg, link) if peek_lock else uuid.uuid4()
+        annotations: dict[str, Any] = {
+            "x-opt-sequence-number": msg.seq,
+            "x-opt-enqueued-time": codec.ms(msg.enqueued),
+            "x-opt-enqueue-sequence-number": msg.seq,
+        }
+        if peek_lock:
+            annotations["x-opt-locked-until"] = codec.ms(msg.locked_until)
+        if msg.dead_letter:
+            annotations["x-opt-deadletter-source"] = mq.path.rsplit("/", 1)[0]
+        raw = codec.rewrite(msg.raw, delivery_count=msg.delivery_count, annotations=annotations,
+                            properties=msg.dead_letter or None)
+        dlv = link.delivery(token.bytes_le)  # the lock token is the delivery tag, .NET Guid byte order
+        link.stream(raw)
+        link.advance()
+        if peek_lock:
+            self.inflight[id(dlv._impl)] = (token, True)
+        else:
+            dlv.settle()
+            del mq.messages[msg.seq]
+
+    def _settlement(self, dlv: Delivery) -> None:
+        entry = self.inflight.pop(id(dlv._impl), None)
+        if entry is None or dlv.settled:
+            return
+        token = entry[0]
+        state = dlv.remote_state
+        touched: MessageQueue | None = None
+        if self.store.locked(token) is None:
+            dlv.local.condition = Condition("com.microsoft:message-lock-lost", "the lock has expired")
+            dlv.update(Disposition.REJECTED)
+            dlv.settle()
+            return
+        if state == Disposition.ACCEPTED:
+            self.store.complete(token)
+        elif state == Disposition.REJECTED:
+            cond = dlv.remote.condition
+            info = cond.info if cond is not None and isinstance(cond.info, dict) else {}
+            touched = self.store.dead_letter(token, str(info.get("DeadLetterReason", "")),
+                                             str(info.get("DeadLetterErrorDescription", "")))
+        elif state == Disposition.MODIFIED and dlv.remote.undeliverable:
+            self.store.defer(token)
+        elif state == Disposition.MODIFIED:
+            touched = self.store.release(token, count=bool(dlv.remote.failed))
+        else:  # released: back without counting a delivery
+            touched = self.store.release(token, count=False)
+        dlv.update(state)
+        dlv.settle()
+        if touched is not None:
+            self.pump(touched)
+
+    # --- incoming messages ---
+
+    def _incoming(self, dlv: Delivery) -> None:
+        link = dlv.link
+        raw = bytes(link.recv(dlv.pending))
+        link.advance()
+        address = link.remote_target.address or ""
+        try:
+            if address == "$cbs":
+                self._cbs(link, raw)
+            elif address.endswith(MGMT):
+                self._management(link, entity_path(address[: -len(MGMT)]), raw)
+            else:
+                self._store(link.sb_entity, raw)
+            dlv.update(Disposition.ACCEPTED)
+        except (ValueError, LookupError) as exc:
+            dlv.local.condition = Condition("amqp:invalid-field", str(exc))
+            dlv.update(Disposition.REJECTED)
+        dlv.settle()
+        if link.credit < CREDIT // 2:
+            link.flow(CREDIT - link.credit)
+
+    def _store(self, ent: Any, raw: bytes) -> None:
+        touched: list[MessageQueue] = []
+        for one in codec.split_batch(raw):
+            due = codec.annotations(one).get("x-opt-scheduled-enqueue-time")
+            if due is not None and int(due) / 1000 > time.time():
+                self.store.schedule(ent, one, int(due) / 1000)
+            else:
+                touched += self.store.enqueue(ent, one)
+        for mq in set(touched):
+            self.pump(mq)
+
+    def _reply(self, link: Link, address: str, request: Message, props: dict[str, Any], body: Any = None) -> None:
+        out = self.replies.get((id(link.connection._impl), address))
+        if out is None:
+            log.warning("no reply link for %s", address)
+            return
+        reply = Message(correlation_id=request.id, properties=props, body=body)
+        out.send(reply, tag=uuid.uuid4().bytes)
+        if out.remote_snd_settle_mode == Link.SND_SETTLED or True:
+            out.current  # noqa: B018 - replies are fire and forget: settle as sent
+        dlv = out.delivery(uuid.uuid4().bytes) if False else None
+        del dlv
+
+    def _cbs(self, link: Link, raw: bytes) -> None:
+        request = Message()
+        request.decode(raw)
+        props = request.properties or {}
+        token = request.body if isinstance(request.body, str) else bytes(request.body or b"").decode()
+        ok, why = self._check_token(str(props.get("name", "")), token)
+        status = {"status-code": 200 if ok else 401, "status-description": why}
+        self._reply(link, "$cbs", request, status)
+
+    def _check_token(self, audience: str, token: str) -> tuple[bool, str]:
+        if self.key is None:
+            return True, "OK"
+        fields = dict(urllib.parse.parse_qsl(token.removeprefix("SharedAccessSignature ")))
+        signed = urllib.parse.quote_plus(fields.get("sr", "")) + "\n" + fields.get("se", "")
+        digest = hmac.new(self.key.encode(), signed.encode(), hashlib.sha256).digest()
+        if fields.get("skn") != self.key_name or not hmac.compare_digest(base64.b64encode(digest).decode(),
+                                                                           fields.get("sig", "")):
+            return False, "InvalidSignature: the token's signature does not match the key"
+        if float(fields.get("se", "0")) < time.time():
+            return False, "ExpiredToken"
+        return True, "OK"
+
+    # --- $management ---
+
+    def _management(self, link: Link, path: str, raw: bytes) -> None:
+        request = Message()
+        request.decode(raw)
+        op = str((request.properties or {}).get("operation", ""))
+        body = request.body if isinstance(request.body, dict) else {}
+        body = {str(k): v for k, v in body.items()}
+        handler: Callable[[str, dict[str, Any]], tuple[int, str | None, Any]] | None = getattr(
+            self, "_op_" + op.removeprefix("com.microsoft:").replace("-", "_"), None
+        )
+        if handler is None:
+            status, condition, result = 501, "amqp:not-implemented", None
+        else:
+            try:
+                status, condition, result = handler(path, body)
+            except LookupError as exc:
+                status, condition, result = 404, f"com.microsoft:entity-not-found: {exc}", None
+        props: dict[str, Any] = {"statusCode": status, "statusDescription": condition or "OK"}
+        if condition:
+            props["errorCondition"] = symbol(condition.split(":", 2)[0] + ":" + condition.split(":", 2)[1]
+                                             if condition.count(":") > 1 else condition)
+        self._reply(link, link.remote_target.address, request, props, result)
+
+    def _tokens(self, body: dict[str, Any]) -> list[uuid.UUID]:
+        tokens = body.get("lock-tokens")
+        return list(tokens.elements if isinstance(tokens, Array) else tokens or [])
+
+    def _op_renew_lock(self, path: str, body: dict[str, Any]) -> tuple[int, str | None, Any]:
+        expirations = []
+        for token in self._tokens(body):
+            found = self.store.locked(token)
+            if found is None:
+                return 410, "com.microsoft:message-lock-lost", None
+            found[1].locked_until = time.time() + self.store.lock_duration
+            expirations.append(codec.ms(found[1].locked_until))
+        return 200, None, {"expirations": Array(Data.NULL, Data.TIMESTAMP, *expirations) if False else
+                           _array(Data.TIMESTAMP, expirations)}
+
+    def _op_update_disposition(self, path: str, body: dict[str, Any]) -> tuple[int, str | None, Any]:
+        status = str(body.get("disposition-status", ""))
+        for token in self._tokens(body):
+            if self.store.locked(token) is None:
+                return 410, "com.microsoft:message-lock-lost", None
+            touched: MessageQueue | None = None
+            if status == "completed":
+                self.store.complete(token)
+            elif status == "abandoned":
+                touched = self.store.release(token, count=True)
+            elif status == "defered":
+                self.store.defer(token)
+            elif status == "suspended":
+                touched = self.store.dead_letter(token, str(body.get("deadletter-reason", "")),
+                                                 str(body.get("deadletter-description", "")))
+            if touched is not None:
+                self.pump(touched)
+        return 200, None, None
+
+    def _op_schedule_message(self, path: str, body: dict[str, Any]) -> tuple[int, str | None, Any]:
+        ent = self.store.entity(path, None)
+        seqs = []
+        for item in body.get("messages", []):
+            item = {str(k): v for k, v in item.items()}
+            raw = bytes(item["message"])
+            due = codec.annotations(raw).get("x-opt-scheduled-enqueue-time")
+            seqs.append(self.store.schedule(ent, raw, int(due) / 1000 if due is not None else time.time()))
+        return 200, None, {"sequence-numbers": _array(Data.LONG, seqs)}
+
+    def _op_cancel_scheduled_message(self, path: str, body: dict[str, Any]) -> tuple[int, str | None, Any]:
+        seqs = body.get("sequence-numbers")
+        self.store.cancel(self.store.entity(path, None), set(seqs.elements if isinstance(seqs, Array) else seqs or []))
+        return 200, None, None
+
+    def _op_peek_message(self, path: str, body: dict[str, Any]) -> tuple[int, str | None, Any]:
+        mq = self.store.message_queue(path)
+        start, count = int(body.get("from-sequence-number", 0)), int(body.get("message-count", 1))
+        found = sorted((m for m in mq.messages.values() if m.seq >= start), key=lambda m: m.seq)[:count]
+        if not found:
+            return 204, None, None
+        return 200, None, {"messages": [{"message": self._encoded(mq, m)} for m in found]}
+
+    def _op_receive_by_sequence_number(self, path: str, body: dict[str, Any]) -> tuple[int, str | None, Any]:
+        mq = self.store.message_queue(path)
+        seqs = body.get("sequence-numbers")
+        out = []
+        for seq in seqs.elements if isinstance(seqs, Array) else seqs or []:
+            msg = mq.messages.get(int(seq))
+            if msg is None or not msg.deferred or msg.token is not None:
+                return 404, "com.microsoft:message-not-found", None
+            token = self.store.lock(mq, msg, None)
+            out.append({"lock-token": token, "message": self._encoded(mq, msg)})
+        return 200, None, {"messages": out}
+
+    def _encoded(self, mq: MessageQueue, msg: Stored) -> bytes:
+        annotations: dict[str, Any] = {"x-opt-sequence-number": msg.seq, "x-opt-enqueued-time": codec.ms(msg.enqueued)}
+        if msg.token is not None:
+            annotations["x-opt-locked-until"] = codec.ms(msg.locked_until)
+        return codec.rewrite(msg.raw, delivery_count=msg.delivery_count, annotations=annotations,
+                             properties=msg.dead_letter or None)
+
+
+def _array(kind: int, values: list[Any]) -> Array:
+    from proton import UNDESCRIBED
+
+    return Array(UNDESCRIBED, kind, *values)
+
+
+def serve(host: str, port: int, broker: Broker) -> None:
+    """Run the broker until ``broker.stopping`` is set (by SIGTERM/SIGINT)."""
+    container = Container(broker)
+    container.container_id = "msgbus-sbbroker"
+    container.listen(f"{host}:{port}")
+    container.run()

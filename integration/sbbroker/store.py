@@ -1,0 +1,275 @@
+"""The broker's state: entities, their messages, locks and schedules. No AMQP I/O here.
+
+A *queue entity* owns one message queue; a *topic* owns one per subscription and copies each message
+into every subscription (plain fan-out, no rules). Every message queue has a ``$DeadLetterQueue``.
+An entity first named by a sender is *undetermined*: it keeps messages like a queue until a receiver
+decides its kind (a subscription receiver makes it a topic and drops them, as a topic without
+subscriptions would have).
+"""
+
+from __future__ import annotations
+
+import base64
+import heapq
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+MAX_DELIVERY_COUNT = 10  # Service Bus' default MaxDeliveryCount
+
+
+@dataclass
+class Stored:
+    """One message in one message queue."""
+
+    seq: int
+    raw: bytes
+    enqueued: float
+    delivery_count: int = 0
+    deferred: bool = False
+    dead_letter: dict[str, str] = field(default_factory=dict)  # DeadLetterReason, ... (application properties)
+    token: uuid.UUID | None = None  # set while locked
+    locked_until: float = 0.0
+    holder: Any = None  # the link that holds the lock
+
+
+class MessageQueue:
+    """A queue, a subscription, or a dead-letter sub-queue: messages in sequence order, with locks."""
+
+    def __init__(self, path: str, *, dead_letter: bool = False) -> None:
+        self.path = path
+        self.messages: dict[int, Stored] = {}
+        self.ready: list[int] = []  # heap of sequence numbers available to receivers
+        self.consumers: list[Any] = []  # sender links of receivers, served round robin
+        self.dlq = None if dead_letter else MessageQueue(path + "/$DeadLetterQueue", dead_letter=True)
+
+    def add(self, msg: Stored) -> None:
+        self.messages[msg.seq] = msg
+        heapq.heappush(self.ready, msg.seq)
+
+    def pop_ready(self) -> Stored | None:
+        while self.ready:
+            msg = self.messages.get(heapq.heappop(self.ready))
+            if msg is not None and msg.token is None and not msg.deferred:
+                return msg
+        return None
+
+
+@dataclass
+class Entity:
+    """A queue or topic (or a name only senders have used so far)."""
+
+    name: str
+    kind: Literal["queue", "topic", "undetermined"]
+    queue: MessageQueue | None = None  # queue / undetermined
+    subscriptions: dict[str, MessageQueue] = field(default_factory=dict)
+    scheduled: list[tuple[float, int, bytes]] = field(default_factory=list)  # heap (due, seq, raw)
+
+
+class Store:
+    """Every entity, the sequence counter and the lock table; loads and saves itself as JSON."""
+
+    def __init__(self, lock_duration: float) -> None:
+        self.lock_duration = lock_duration
+        self.entities: dict[str, Entity] = {}
+        self.locks: dict[uuid.UUID, tuple[MessageQueue, Stored]] = {}
+        self.seq = 0
+
+    # --- addressing ---
+
+    def entity(self, name: str, kind: Literal["queue", "topic"] | None) -> Entity:
+        """The entity ``name``, created on demand; ``kind`` (from a receiver) settles an undetermined one.
+
+        Raises LookupError when the entity exists with the other kind.
+        """
+        ent = self.entities.get(name)
+        if ent is None:
+            ent = Entity(name, kind or "undetermined")
+            if ent.kind != "topic":
+                ent.queue = MessageQueue(name)
+            self.entities[name] = ent
+        elif kind is not None and ent.kind == "undetermined":
+            ent.kind = kind
+            if kind == "topic":
+                ent.queue = None  # published before any subscription existed: nobody gets those
+        elif kind is not None and ent.kind != kind:
+            raise LookupError(f"'{name}' is a {ent.kind}, not a {kind}")
+        return ent
+
+    def message_queue(self, path: str) -> MessageQueue:
+        """The message queue for a receiver path: ``q``, ``t/Subscriptions/s``, either ``/$DeadLetterQueue``."""
+        parts = path.strip("/").split("/")
+        dead = parts[-1].lower() == "$deadletterqueue"
+        if dead:
+            parts = parts[:-1]
+        if len(parts) == 3 and parts[1].lower() == "subscriptions":
+            ent = self.entity(parts[0], "topic")
+            mq = ent.subscriptions.get(parts[2])
+            if mq is None:
+                mq = ent.subscriptions[parts[2]] = MessageQueue(f"{parts[0]}/Subscriptions/{parts[2]}")
+        elif len(parts) == 1 and parts[0]:
+            mq = self.entity(parts[0], "queue").queue
+            assert mq is not None
+        else:
+            raise LookupError(f"no such entity path '{path}'")
+        if dead:
+            assert mq.dlq is not None
+            return mq.dlq
+        return mq
+
+    # --- messages ---
+
+    def next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def enqueue(self, ent: Entity, raw: bytes, seq: int | None = None) -> list[MessageQueue]:
+        """Store ``raw`` in the entity's queue or in every subscription; returns the queues that got it."""
+        seq = seq if seq is not None else self.next_seq()
+        now = time.time()
+        targets = list(ent.subscriptions.values()) if ent.kind == "topic" else [ent.queue] if ent.queue else []
+        for mq in targets:
+            mq.add(Stored(seq, raw, now))
+        return targets
+
+    def schedule(self, ent: Entity, raw: bytes, due: float) -> int:
+        seq = self.next_seq()
+        heapq.heappush(ent.scheduled, (due, seq, raw))
+        return seq
+
+    def cancel(self, ent: Entity, seqs: set[int]) -> None:
+        ent.scheduled = [item for item in ent.scheduled if item[1] not in seqs]
+        heapq.heapify(ent.scheduled)
+
+    def due(self, now: float) -> list[MessageQueue]:
+        """Move scheduled messages whose time has come into their queues; returns the queues touched."""
+        touched: list[MessageQueue] = []
+        for ent in self.entities.values():
+            while ent.scheduled and ent.scheduled[0][0] <= now:
+                _, seq, raw = heapq.heappop(ent.scheduled)
+                touched += self.enqueue(ent, raw, seq)
+        return touched
+
+    def lock(self, mq: MessageQueue, msg: Stored, holder: Any) -> uuid.UUID:
+        msg.token = uuid.uuid4()
+        msg.locked_until = time.time() + self.lock_duration
+        msg.holder = holder
+        self.locks[msg.token] = (mq, msg)
+        return msg.token
+
+    def locked(self, token: uuid.UUID) -> tuple[MessageQueue, Stored] | None:
+        """The message ``token`` locks, if that lock is still held."""
+        return self.locks.get(token)
+
+    def unlock(self, token: uuid.UUID) -> tuple[MessageQueue, Stored] | None:
+        found = self.locks.pop(token, None)
+        if found is not None:
+            found[1].token = None
+            found[1].holder = None
+        return found
+
+    def complete(self, token: uuid.UUID) -> bool:
+        found = self.unlock(token)
+        if found is not None:
+            del found[0].messages[found[1].seq]
+        return found is not None
+
+    def release(self, token: uuid.UUID, *, count: bool) -> MessageQueue | None:
+        """Make a locked message available again (``count``: as a failed delivery, abandon/expiry)."""
+        found = self.unlock(token)
+        if found is None:
+            return None
+        mq, msg = found
+        if count:
+            msg.delivery_count += 1
+            if msg.delivery_count >= MAX_DELIVERY_COUNT and mq.dlq is not None:
+                self._dead_letter(mq, msg, "MaxDeliveryCountExceeded", "Message could not be consumed after 10 attempts")
+                return mq.dlq
+        heapq.heappush(mq.ready, msg.seq)
+        return mq
+
+    def defer(self, token: uuid.UUID) -> bool:
+        found = self.unlock(token)
+        if found is not None:
+            found[1].deferred = True
+        return found is not None
+
+    def dead_letter(self, token: uuid.UUID, reason: str, description: str) -> MessageQueue | None:
+        found = self.unlock(token)
+        if found is None:
+            return None
+        mq, msg = found
+        if mq.dlq is None:  # dead-lettering from a dead-letter queue completes the message
+            del mq.messages[msg.seq]
+            return None
+        self._dead_letter(mq, msg, reason, description)
+        return mq.dlq
+
+    def _dead_letter(self, mq: MessageQueue, msg: Stored, reason: str, description: str) -> None:
+        del mq.messages[msg.seq]
+        assert mq.dlq is not None
+        dead = Stored(msg.seq, msg.raw, msg.enqueued, msg.delivery_count)
+        dead.dead_letter = {"DeadLetterReason": reason, "DeadLetterErrorDescription": description}
+        mq.dlq.add(dead)
+
+    def expired(self, now: float) -> list[MessageQueue]:
+        """Release every lock that ran out (a failed delivery: the count goes up); returns the queues touched."""
+        late = [t for t, (_, msg) in self.locks.items() if msg.locked_until <= now]
+        return [mq for t in late if (mq := self.release(t, count=True)) is not None]
+
+    def queues(self) -> list[MessageQueue]:
+        out: list[MessageQueue] = []
+        for ent in self.entities.values():
+            for mq in ([ent.queue] if ent.queue else []) + list(ent.subscriptions.values()):
+                out += [mq, mq.dlq] if mq.dlq else [mq]
+        return out
+
+    # --- persistence (graceful stop only: see the README) ---
+
+    def save(self, path: Path) -> None:
+        def dump(mq: MessageQueue) -> list[dict[str, Any]]:
+            return [
+                {"seq": m.seq, "raw": base64.b64encode(m.raw).decode(), "enq": m.enqueued, "count": m.delivery_count,
+                 "deferred": m.deferred, "dl": m.dead_letter}
+                for m in sorted(mq.messages.values(), key=lambda m: m.seq)
+            ]
+
+        state: dict[str, Any] = {"seq": self.seq, "entities": []}
+        for ent in self.entities.values():
+            queues = {"": ent.queue} if ent.queue else {}
+            queues.update(ent.subscriptions)
+            state["entities"].append({
+                "name": ent.name, "kind": ent.kind,
+                "queues": {k: {"live": dump(mq), "dead": dump(mq.dlq) if mq.dlq else []} for k, mq in queues.items()},
+                "scheduled": [[d, s, base64.b64encode(r).decode()] for d, s, r in ent.scheduled],
+            })
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.replace(path)
+
+    def load(self, path: Path) -> None:
+        if not path.exists():
+            return
+        state = json.loads(path.read_text())
+        self.seq = state["seq"]
+        for e in state["entities"]:
+            ent = Entity(e["name"], e["kind"])
+            self.entities[ent.name] = ent
+            for key, q in e["queues"].items():
+                mq = MessageQueue(f"{ent.name}/Subscriptions/{key}" if key else ent.name)
+                if key:
+                    ent.subscriptions[key] = mq
+                else:
+                    ent.queue = mq
+                for target, items in ((mq, q["live"]), (mq.dlq, q["dead"])):
+                    assert target is not None
+                    for m in items:
+                        msg = Stored(m["seq"], base64.b64decode(m["raw"]), m["enq"], m["count"], m["deferred"], m["dl"])
+                        target.messages[msg.seq] = msg
+                        if not msg.deferred:
+                            heapq.heappush(target.ready, msg.seq)
+            ent.scheduled = [(d, s, base64.b64decode(r)) for d, s, r in e["scheduled"]]
+            heapq.heapify(ent.scheduled)
