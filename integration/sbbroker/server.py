@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from proton import Array, Condition, Data, Delivery, Disposition, Endpoint, Link, Message, symbol, timestamp
+from proton import UNDESCRIBED, Array, Condition, Data, Delivery, Disposition, Endpoint, Link, Message, symbol
 from proton.handlers import Handler
 from proton.reactor import Container
 
@@ -205,7 +205,9 @@ class Broker(Handler):  # type: ignore[misc]
 
     def _settlement(self, dlv: Delivery) -> None:
         entry = self.inflight.pop(id(dlv._impl), None)
-        if entry is None or dlv.settled:
+        if entry is None:  # a $cbs/$management reply the client settled
+            if dlv.remote_settled:
+                dlv.settle()
             return
         token = entry[0]
         state = dlv.remote_state
@@ -267,16 +269,12 @@ class Broker(Handler):  # type: ignore[misc]
             self.pump(mq)
 
     def _reply(self, link: Link, address: str, request: Message, props: dict[str, Any], body: Any = None) -> None:
+        """Answer ``request`` on our sender whose source is ``address``, in the same connection."""
         out = self.replies.get((id(link.connection._impl), address))
         if out is None:
             log.warning("no reply link for %s", address)
             return
-        reply = Message(correlation_id=request.id, properties=props, body=body)
-        out.send(reply, tag=uuid.uuid4().bytes)
-        if out.remote_snd_settle_mode == Link.SND_SETTLED or True:
-            out.current  # noqa: B018 - replies are fire and forget: settle as sent
-        dlv = out.delivery(uuid.uuid4().bytes) if False else None
-        del dlv
+        out.send(Message(correlation_id=request.id, properties=props, body=body), tag=uuid.uuid4().bytes)
 
     def _cbs(self, link: Link, raw: bytes) -> None:
         request = Message()
@@ -311,17 +309,19 @@ class Broker(Handler):  # type: ignore[misc]
         handler: Callable[[str, dict[str, Any]], tuple[int, str | None, Any]] | None = getattr(
             self, "_op_" + op.removeprefix("com.microsoft:").replace("-", "_"), None
         )
+        description = "OK"
         if handler is None:
             status, condition, result = 501, "amqp:not-implemented", None
+            description = f"operation {op!r} is not implemented by the test broker"
         else:
             try:
                 status, condition, result = handler(path, body)
             except LookupError as exc:
-                status, condition, result = 404, f"com.microsoft:entity-not-found: {exc}", None
-        props: dict[str, Any] = {"statusCode": status, "statusDescription": condition or "OK"}
+                status, condition, result, description = 404, "com.microsoft:entity-not-found", None, str(exc)
+        props: dict[str, Any] = {"statusCode": status, "statusDescription": condition or description}
         if condition:
-            props["errorCondition"] = symbol(condition.split(":", 2)[0] + ":" + condition.split(":", 2)[1]
-                                             if condition.count(":") > 1 else condition)
+            props["statusDescription"] = description if description != "OK" else condition
+            props["errorCondition"] = symbol(condition)
         self._reply(link, link.remote_target.address, request, props, result)
 
     def _tokens(self, body: dict[str, Any]) -> list[uuid.UUID]:
@@ -336,8 +336,7 @@ class Broker(Handler):  # type: ignore[misc]
                 return 410, "com.microsoft:message-lock-lost", None
             found[1].locked_until = time.time() + self.store.lock_duration
             expirations.append(codec.ms(found[1].locked_until))
-        return 200, None, {"expirations": Array(Data.NULL, Data.TIMESTAMP, *expirations) if False else
-                           _array(Data.TIMESTAMP, expirations)}
+        return 200, None, {"expirations": _array(Data.TIMESTAMP, expirations)}
 
     def _op_update_disposition(self, path: str, body: dict[str, Any]) -> tuple[int, str | None, Any]:
         status = str(body.get("disposition-status", ""))
@@ -402,8 +401,6 @@ class Broker(Handler):  # type: ignore[misc]
 
 
 def _array(kind: int, values: list[Any]) -> Array:
-    from proton import UNDESCRIBED
-
     return Array(UNDESCRIBED, kind, *values)
 
 

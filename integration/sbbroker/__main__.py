@@ -1,0 +1,42 @@
+"""``python -m integration.sbbroker --port 5682 [--state FILE] [--lock-duration S]``: run the test broker."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+from pathlib import Path
+from types import FrameType
+
+from .server import Broker, serve
+from .store import Store
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m integration.sbbroker", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=5682)
+    parser.add_argument("--state", type=Path, help="JSON file the state is loaded from and saved to on SIGTERM")
+    parser.add_argument("--lock-duration", type=float, default=30.0, help="seconds (every entity)")
+    parser.add_argument("--key-name", help="SharedAccessKeyName to accept (with --key-file)")
+    parser.add_argument("--key-file", type=Path, help="file holding the SharedAccessKey that signs tokens")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    store = Store(args.lock_duration)
+    if args.state is not None:
+        store.load(args.state)
+    key = args.key_file.read_text().strip() if args.key_file else None
+    broker = Broker(store, args.key_name, key, args.state)
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        broker.stopping = True  # the reactor's next timer tick saves the state and stops
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    logging.getLogger("sbbroker").info("listening on %s:%d (lock duration %.1fs)", args.host, args.port,
+                                       args.lock_duration)
+    serve(args.host, args.port, broker)
+
+
+if __name__ == "__main__":
+    main()
