@@ -5,13 +5,16 @@ BIN    := $(VENV)/bin
 ADAPTERS := $(wildcard adapters/*/pyproject.toml)
 ADAPTER_DIRS := $(patsubst %/pyproject.toml,%,$(ADAPTERS))
 PYTEST_ARGS ?=
+# Contract runs append their results here; `make matrix` renders docs/capabilities.md from them.
+export MSGBUS_CONTRACT_RESULTS ?= $(CURDIR)/build/contract-results
 
-.PHONY: demo test lint unit integration bench install clean help
+.PHONY: demo test lint unit integration bench install clean help matrix
 
 help:
 	@echo "make demo          run the order-system demo on the embedded SQLite backend"
 	@echo "make test          lint, type-check, start local brokers, run every test"
 	@echo "make lint          ruff + mypy only"
+	@echo "make matrix        render docs/capabilities.md from the latest contract runs"
 	@echo "make brokers       start the local test brokers; make brokers-stop stops them"
 
 $(BIN)/python:
@@ -45,6 +48,9 @@ integration: $(VENV)/.dev brokers
 	$(BIN)/python -m pytest integration $(foreach a,$(ADAPTER_DIRS),$(a)/tests) $(PYTEST_ARGS)
 
 test: lint unit integration
+
+matrix: $(VENV)/.core
+	$(BIN)/python tools/capability_matrix.py --results $(MSGBUS_CONTRACT_RESULTS) --out docs/capabilities.md
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -453,7 +453,11 @@ class NATS(LocalBroker):
 
 @register
 class Moto(LocalBroker):
-    """moto's server (SQS and SNS) from PyPI, run by this interpreter. In-memory: a restart loses all data."""
+    """moto's server (SQS and SNS) from PyPI, run by this interpreter through ``integration/_moto.py``.
+
+    That wrapper serialises requests (moto's backends are not thread-safe) and snapshots the state on a
+    graceful stop, so ``restart()`` keeps queues and messages; ``restart(hard=True)`` (a kill) loses them.
+    """
 
     name = "sqs"
     port = 4566
@@ -481,7 +485,15 @@ class Moto(LocalBroker):
         pip_install("flask_cors", "moto[server]")
 
     def argv(self) -> list[str]:
-        return [sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(self.port)]
+        state = str(self.dir / "moto-state.pickle")
+        return [sys.executable, "-m", "integration._moto", "-H", HOST, "-p", str(self.port), "--state", state]
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        # integration._moto must be importable whatever the working directory (the state dir).
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        return env
 
 
 # Apache Kafka (KRaft, jars from Maven Central): implemented in its own module, which needs LocalBroker above.
@@ -490,30 +502,13 @@ from ._kafka import Kafka  # noqa: E402
 register(Kafka)
 
 
-@register
-class PubSub(PlannedBroker):
-    """Google's pstest Pub/Sub fake wrapped in a small Go program (integration/pstest/)."""
+# Google's pstest Pub/Sub fake wrapped in a small Go program (integration/pstest/), built by go on first start.
+from ._pubsub import PubSubBroker as PubSub  # noqa: E402 - it subclasses LocalBroker, defined above
 
-    name = "pubsub"
-    port = 8085
-    plan = "Google's pstest fake as a small Go program in integration/pstest/"
-    env_vars = ("PUBSUB_EMULATOR_HOST",)
-
-    def url_for(self, host: str, port: Callable[[int], int]) -> str:
-        return "pubsub://msgbus-test"
-
-    def url_from_env(self, variable: str, value: str) -> str:
-        # Google's client libraries read PUBSUB_EMULATOR_HOST themselves; the URL names only the project.
-        return "pubsub://msgbus-test" if variable == "PUBSUB_EMULATOR_HOST" else value
+register(PubSub)
 
 
-@register
-class ServiceBus(PlannedBroker):
-    """Azure Service Bus: there is no local emulator without Docker, so only an endpoint from the env works."""
+# The Service Bus test broker launcher lives in its own module (it imports LocalBroker from here).
+from ._servicebus import ServiceBus  # noqa: E402
 
-    name = "servicebus"
-    port = 5671
-    plan = "Azure's Service Bus emulator ships only as a container"
-
-    def url_for(self, host: str, port: Callable[[int], int]) -> str:
-        return f"servicebus://{host}:{port(self.port)}"
+register(ServiceBus)

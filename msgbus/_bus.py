@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
 import re
 import time
-import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from datetime import timedelta
@@ -32,6 +33,24 @@ from .errors import (
 log = logging.getLogger("msgbus")
 
 T = TypeVar("T")
+
+
+class _Ids:
+    """Message ids: a random per-process prefix plus a counter (unique, cheap; re-seeded after fork)."""
+
+    def __init__(self) -> None:
+        self.reseed()
+        os.register_at_fork(after_in_child=self.reseed)
+
+    def reseed(self) -> None:
+        self.prefix = os.urandom(8).hex()
+        self.counter = itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self.prefix}{next(self.counter):016x}"
+
+
+new_id = _Ids()
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
 
 
@@ -210,7 +229,7 @@ class _Sender:
         payload, ctype = _codec.encode(body, content_type)
         record = Record(
             body=payload,
-            id=_opt_str("message_id", message_id) or uuid.uuid4().hex,
+            id=_opt_str("message_id", message_id) or new_id(),
             headers=_check_headers(headers),
             key=_opt_str("key", key),
             correlation_id=_opt_str("correlation_id", correlation_id),
@@ -389,6 +408,8 @@ class Consumer(Generic[T]):
         self._lock = asyncio.Lock()
         self._closed = False
         self._stop: asyncio.Event | None = None
+        self._acks: list[Delivery] = []
+        self._ack_flush: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self._endpoint} on {self._bus.url}>"
@@ -419,6 +440,7 @@ class Consumer(Generic[T]):
         if self._stop is not None:
             self._stop.set()
         await self._release_buffered()
+        await self._drain_acks()
         if self._receiver is not None:
             await self._receiver.close()
         self._bus._consumers.discard(self)
@@ -442,6 +464,29 @@ class Consumer(Generic[T]):
 
     def _settled(self, msg: Message[Any]) -> None:
         self._unsettled -= 1
+
+    def _ack_soon(self, msg: Message[Any]) -> None:
+        """Ack without waiting: acks that pile up while one batch is in flight go out as the next batch."""
+        if msg._settle():
+            self._acks.append(msg._delivery)
+            if self._ack_flush is None:
+                self._ack_flush = asyncio.get_running_loop().create_task(self._flush_acks())
+
+    async def _flush_acks(self) -> None:
+        try:
+            while self._acks and self._receiver is not None:
+                batch, self._acks = self._acks, []
+                try:
+                    await self._receiver.ack_many(batch)
+                except MsgbusError as err:
+                    log.warning("msgbus: ack of %d message(s) failed (they will be redelivered): %s", len(batch), err)
+        finally:
+            self._ack_flush = None
+
+    async def _drain_acks(self) -> None:
+        """Wait until every ack handed to ``_ack_soon`` has been sent."""
+        while self._ack_flush is not None:
+            await asyncio.shield(self._ack_flush)
 
     def _buffered(self) -> list[Message[T]]:
         return list(self._buffer)

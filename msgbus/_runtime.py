@@ -70,11 +70,7 @@ async def run(
                 except MsgbusError as err:
                     log.warning("msgbus: could not settle failed message %s: %s", msg.id, err)
         else:
-            if not msg.settled:
-                try:
-                    await msg.ack()
-                except MsgbusError as err:
-                    log.warning("msgbus: ack of %s failed (it will be redelivered): %s", msg.id, err)
+            consumer._ack_soon(msg)  # batched with other workers' acks; no-op if the handler settled it
         finally:
             in_flight.discard(msg)
 
@@ -119,6 +115,7 @@ async def run(
                 await extender
         stop_wait.cancel()
         await consumer._release_buffered()
+        await consumer._drain_acks()
 
 
 async def _quietly(aw: Awaitable[None]) -> None:

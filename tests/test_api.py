@@ -52,9 +52,12 @@ def test_errors_all_is_complete() -> None:
     assert exported == set(msgbus.errors.__all__)
 
 
-def test_unknown_scheme_and_missing_adapter_name_the_package() -> None:
-    with pytest.raises(AdapterNotInstalled, match="pip install msgbus-kafka"):
-        msgbus.connect("kafka://127.0.0.1:9092")
+def test_unknown_scheme_and_missing_adapter_name_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    from msgbus import _registry
+
+    monkeypatch.setitem(_registry.PACKAGES, "fakebroker", "msgbus-fakebroker")  # first-party, not installed
+    with pytest.raises(AdapterNotInstalled, match="pip install msgbus-fakebroker"):
+        msgbus.connect("fakebroker://127.0.0.1:9092")
     with pytest.raises(AdapterNotInstalled, match="unknown URL scheme 'gopher"):
         msgbus.connect("gopher://x")
 

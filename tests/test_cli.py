@@ -241,12 +241,15 @@ def test_sigterm_while_consuming_loses_nothing(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'bus.db'}?visibility_timeout=120"
     sent = cli("send", url, "jobs", "x", "--count", "200", cwd=tmp_path).stdout.split()
     assert len(sent) == 200
-    proc = start_consumer(url, tmp_path)
-    assert proc.stdout is not None
-    first = json.loads(proc.stdout.readline())  # it is consuming
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err
+    with start_consumer(url, tmp_path) as proc:  # closes the pipes on exit
+        assert proc.stdout is not None and proc.stderr is not None
+        first = json.loads(proc.stdout.readline())  # it is consuming
+        proc.send_signal(signal.SIGTERM)
+        # Read through the same buffered file object as readline() above: communicate() would read the raw
+        # pipe and miss lines already sitting in that buffer.
+        out = proc.stdout.read()
+        err = proc.stderr.read()
+        assert proc.wait(timeout=30) == 0, err
     printed = [str(first["id"])] + [str(m["id"]) for m in json_lines(out)]
     acked = len(printed)  # every printed message was acked, the rest released
     assert f"received {acked} message(s)" in err and "Traceback" not in err

@@ -46,13 +46,29 @@ def _copy(value: Any) -> Any:
 def split_batch(raw: bytes) -> list[bytes]:
     """The messages in one transfer: the inner messages of an SDK batch (format 0x80013700), else ``[raw]``.
 
-    proton 0.40 does not expose the transfer's message format, so a batch is recognised by its shape:
-    only data sections, each holding an encoded message (which starts with a described section).
+    proton 0.40 does not expose the transfer's message format, so a batch is recognised by its shape: no
+    application properties, only data sections that each hold an encoded message, and an envelope
+    message-id (when there is one) equal to the first inner message's id.
     """
     parts = sections(raw)
-    if parts and all(code == DATA and bytes(value[:2]) == b"\x00\x53" for code, _, value in parts):
-        return [bytes(value) for _, _, value in parts]
-    return [raw]
+    datas = [bytes(value) for code, _, value in parts if code == DATA]
+    if not datas or any(code == APP_PROPERTIES for code, _, _ in parts):
+        return [raw]
+    if not all(len(d) > 3 and d[:2] == b"\x00\x53" and HEADER <= d[2] <= FOOTER for d in datas):
+        return [raw]
+    envelope_id = _message_id(parts)
+    try:
+        first_id = _message_id(sections(datas[0]))
+    except ValueError:
+        return [raw]
+    return datas if envelope_id is None or envelope_id == first_id else [raw]
+
+
+def _message_id(parts: list[tuple[int, bytes, Any]]) -> Any:
+    for code, _, value in parts:
+        if code == PROPERTIES and value:
+            return value[0]
+    return None
 
 
 def _encode(code: int, value: Any) -> bytes:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from proton import UNDESCRIBED, Array, Condition, Data, Delivery, Disposition, Endpoint, Link, Message, symbol
-from proton.handlers import Handler
+from proton import Handler
 from proton.reactor import Container
 
 from . import codec
@@ -43,8 +43,6 @@ class Broker(Handler):  # type: ignore[misc]
         self.state = state
         self.stopping = False
         self.container: Container | None = None
-        self.inflight: dict[int, tuple[uuid.UUID, bool]] = {}  # id(pn delivery) -> (lock token, peek-lock)
-        self.replies: dict[tuple[int, str], Link] = {}  # (id(pn connection), address) -> our sender for replies
 
     # --- lifecycle ---
 
@@ -96,8 +94,7 @@ class Broker(Handler):  # type: ignore[misc]
         while link is not None:
             self._detach(link)
             link = link.next(0)
-        for key in [k for k in self.replies if k[0] == id(conn._impl)]:
-            del self.replies[key]
+        conn.sb_replies = {}
 
     def _detach(self, link: Link) -> None:
         # Messages it still holds stay locked until their lock expires, as on the service.
@@ -128,7 +125,9 @@ class Broker(Handler):  # type: ignore[misc]
     def _attach_sender(self, link: Link) -> None:
         address = link.remote_source.address or ""
         if address == "$cbs" or address.endswith(MGMT):
-            self.replies[(id(link.connection._impl), address)] = link
+            replies = getattr(link.connection, "sb_replies", None) or {}
+            replies[address] = link  # where $cbs/$management answers go (proton keeps wrapper attributes)
+            link.connection.sb_replies = replies
             link.open()
             return
         mq = self.store.message_queue(entity_path(address))
@@ -198,18 +197,17 @@ class Broker(Handler):  # type: ignore[misc]
         link.stream(raw)
         link.advance()
         if peek_lock:
-            self.inflight[id(dlv._impl)] = (token, True)
+            dlv.sb_token = token
         else:
             dlv.settle()
             del mq.messages[msg.seq]
 
     def _settlement(self, dlv: Delivery) -> None:
-        entry = self.inflight.pop(id(dlv._impl), None)
-        if entry is None:  # a $cbs/$management reply the client settled
+        token = getattr(dlv, "sb_token", None)
+        if token is None:  # a $cbs/$management reply the client settled
             if dlv.remote_settled:
                 dlv.settle()
             return
-        token = entry[0]
         state = dlv.remote_state
         touched: MessageQueue | None = None
         if self.store.locked(token) is None:
@@ -270,7 +268,7 @@ class Broker(Handler):  # type: ignore[misc]
 
     def _reply(self, link: Link, address: str, request: Message, props: dict[str, Any], body: Any = None) -> None:
         """Answer ``request`` on our sender whose source is ``address``, in the same connection."""
-        out = self.replies.get((id(link.connection._impl), address))
+        out = (getattr(link.connection, "sb_replies", None) or {}).get(address)
         if out is None:
             log.warning("no reply link for %s", address)
             return

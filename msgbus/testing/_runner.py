@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import time
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from msgbus._url import parse_url
@@ -85,12 +88,41 @@ def _where(exc: BaseException) -> str:
     return f" (at {frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno})" if frames else ""
 
 
+RESULTS_ENV = "MSGBUS_CONTRACT_RESULTS"
+
+
 async def run_check(
     check: Check, url: str, *, quick: bool = False, restart_broker: RestartHook | None = None
 ) -> CheckResult:
-    """Run one check with a fresh, opened bus on ``url`` under the check's total deadline."""
-    started = time.monotonic()
+    """Run one check with a fresh, opened bus on ``url`` under the check's total deadline.
+
+    With ``$MSGBUS_CONTRACT_RESULTS`` naming a directory, the result and the backend's declared
+    capabilities are appended to ``<dir>/<scheme>.jsonl`` (the capability matrix is built from these).
+    """
     ctx = ContractContext(url=url, quick=quick, restart_broker=restart_broker, slug=check.slug)
+    result = await _run_check(check, ctx)
+    directory = os.environ.get(RESULTS_ENV)
+    if directory:
+        caps = ctx.bus.capabilities.as_dict() if getattr(ctx, "bus", None) is not None else None
+        line = {
+            "url": _redacted(url),
+            "quick": quick,
+            "check": check.name,
+            "status": result.status,
+            "detail": result.detail,
+            "elapsed": round(result.elapsed, 2),
+            "capabilities": caps,
+            "at": time.time(),
+        }
+        path = Path(directory) / f"{url.split('://', 1)[0]}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(line) + "\n")
+    return result
+
+
+async def _run_check(check: Check, ctx: ContractContext) -> CheckResult:
+    started = time.monotonic()
 
     def result(status: Literal["pass", "fail", "skip"], detail: str) -> CheckResult:
         return CheckResult(check.name, status, detail, time.monotonic() - started)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from botocore import exceptions as bx
+from botocore import exceptions as bx  # type: ignore[import-untyped]
 
 from msgbus._url import redact
 from msgbus.errors import (
@@ -19,9 +19,7 @@ from msgbus.errors import (
 )
 
 # AWS error codes (ClientError) by what they mean for the caller.
-MISSING = frozenset(
-    {"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist", "NotFound", "NotFoundException"}
-)
+MISSING = frozenset({"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist", "NotFound", "NotFoundException"})
 _CONFLICT = frozenset({"QueueAlreadyExists", "QueueNameExists", "AWS.SimpleQueueService.QueueDeletedRecently"})
 _DENIED = frozenset(
     {
@@ -49,7 +47,12 @@ _BAD_MESSAGE = frozenset(
     }
 )
 _STALE_RECEIPT = frozenset(
-    {"ReceiptHandleIsInvalid", "InvalidReceiptHandle", "MessageNotInflight", "AWS.SimpleQueueService.MessageNotInflight"}
+    {
+        "ReceiptHandleIsInvalid",
+        "InvalidReceiptHandle",
+        "MessageNotInflight",
+        "AWS.SimpleQueueService.MessageNotInflight",
+    }
 )
 
 # Non-ClientError exceptions, most specific first: (source, target, retryable or None for the class default).

@@ -1,0 +1,651 @@
+"""The Kafka adapter: queues and topics are Kafka topics, each queue and subscription a consumer group.
+
+Sending: one idempotent producer per bus with ``acks=all``; ``send`` returns once the broker acknowledged
+every record. The record key picks the partition, so one key's records stay in order.
+
+Receiving (``KafkaReceiver``): one aiokafka consumer per receiver, offsets committed by the adapter only.
+Acks may complete out of order, so a partition's committed offset is its first unsettled offset; what is
+settled beyond it, and how often each unsettled offset was delivered, is kept in the commit's metadata,
+so a partition's next owner (after a rebalance or a crash) skips settled records and counts attempts on.
+Per-key order: a key with a delivered, unsettled record is held; its later records wait (the partition's
+other keys flow); a nack redelivers the same record from memory before the key moves on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import (  # type: ignore[import-untyped]
+    AIOKafkaConsumer,
+    AIOKafkaProducer,
+    ConsumerRebalanceListener,
+    TopicPartition,
+)
+from aiokafka import errors as kx
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-untyped]
+from aiokafka.structs import OffsetAndMetadata  # type: ignore[import-untyped]
+
+from msgbus._capabilities import Capabilities
+from msgbus._url import BusURL, OptionReader
+from msgbus.adapter import Adapter, Delivery, Endpoint, Receiver, Record, dead_letter_record
+from msgbus.errors import ClosedError, TopologyError
+
+from . import _codec
+from ._config import KafkaOptions, read_options
+from ._errors import translated
+
+log = logging.getLogger("msgbus.kafka")
+
+__all__ = ["KafkaAdapter", "KafkaDelivery", "KafkaReceiver", "create"]
+
+
+def create(url: BusURL, options: OptionReader) -> KafkaAdapter:
+    """Entry point for ``kafka://`` and ``kafka+ssl://`` (registered in ``msgbus.adapters``)."""
+    return KafkaAdapter(url, read_options(url, options))
+
+
+def _capabilities(o: KafkaOptions) -> Capabilities:
+    return Capabilities(
+        ordering="per_key",
+        delayed_delivery=False,  # Kafka has no delayed records; no delay topic is emulated
+        delayed_nack=True,  # redelivery is held in memory by the partition's owner
+        native_dead_letter=False,  # the adapter produces to the dead-letter topic
+        max_message_size=o.max_message_size,
+        persistence="disk",
+        cross_process=True,
+        lock_extension=True,  # extend() keeps a busy receiver in its group (see KafkaReceiver)
+        restartable=True,
+        lock_duration=o.visibility_timeout,
+    )
+
+
+class KafkaAdapter(Adapter):
+    """One bus on a Kafka cluster: a producer and an admin client, opened by ``open()``."""
+
+    def __init__(self, url: BusURL, options: KafkaOptions) -> None:
+        self.url = url
+        self.options = options
+        self.capabilities = _capabilities(options)
+        self._producer: AIOKafkaProducer | None = None
+        self._admin: AIOKafkaAdminClient | None = None
+        self._topics: set[str] = set()
+        self._receivers: set[KafkaReceiver] = set()
+        self._secrets = [options.password]
+
+    def __repr__(self) -> str:
+        return f"KafkaAdapter({self.url.redacted!r})"
+
+    async def open(self) -> None:
+        o = self.options
+        if self._producer is not None:
+            return
+        producer = AIOKafkaProducer(
+            **o.client_kwargs(),
+            acks="all",
+            enable_idempotence=True,
+            max_request_size=max(o.max_message_size + 64 * 1024, 1_048_576),
+            linger_ms=int(o.linger * 1000),
+        )
+        admin = AIOKafkaAdminClient(**o.client_kwargs())
+        try:
+            with translated("connect", secrets=self._secrets):
+                await admin.start()
+                await producer.start()
+        except Exception:
+            await _close_quietly(admin.close(), producer.stop())
+            raise
+        self._producer, self._admin = producer, admin
+
+    async def close(self) -> None:
+        for receiver in list(self._receivers):
+            await receiver.close()
+        producer, admin = self._producer, self._admin
+        self._producer = self._admin = None
+        await _close_quietly(
+            *(c for c in (producer.stop() if producer else None, admin.close() if admin else None) if c)
+        )
+
+    @property
+    def admin(self) -> AIOKafkaAdminClient:
+        if self._admin is None:
+            raise ClosedError("the kafka bus is not open")
+        return self._admin
+
+    # --- topology ---
+
+    async def declare(self, endpoint: Endpoint, *, create: bool = True) -> None:
+        o = self.options
+        wanted = {_codec.topic_of(endpoint): o.partitions if not endpoint.dead_letter else o.dead_letter_partitions}
+        if endpoint.kind == "queue" or endpoint.subscription is not None:
+            wanted[_codec.topic_of(_dead(endpoint))] = o.dead_letter_partitions
+        if not endpoint.dead_letter:
+            wanted[endpoint.name] = o.partitions
+        await self._ensure_topics(wanted, create=create)
+        if endpoint.subscription is not None and not endpoint.dead_letter:
+            await self._ensure_subscription(endpoint, create=create)
+
+    async def _ensure_topics(self, wanted: dict[str, int], *, create: bool) -> None:
+        missing = {t: n for t, n in wanted.items() if t not in self._topics}
+        if not missing:
+            return
+        with translated("list topics", secrets=self._secrets):
+            existing = set(await self.admin.list_topics())
+        self._topics |= existing & set(missing)
+        missing = {t: n for t, n in missing.items() if t not in existing}
+        if not missing:
+            return
+        if not create:
+            raise TopologyError(f"kafka topic(s) missing (topology=verify): {', '.join(sorted(missing))}")
+        new = [NewTopic(t, n, self.options.replication_factor) for t, n in missing.items()]
+        with translated("create topics", secrets=self._secrets):
+            response = await self.admin.create_topics(new)
+        for name, code, message in _topic_errors(response):
+            if code not in (0, kx.TopicAlreadyExistsError.errno):
+                raise TopologyError(f"kafka could not create topic {name!r}: error {code} {message or ''}".rstrip())
+        self._topics |= set(missing)
+
+    async def _ensure_subscription(self, endpoint: Endpoint, *, create: bool) -> None:
+        """A subscription exists once its group has committed offsets; a new one starts at the topic's end,
+        so it gets every message published after ``declare`` returns (and none from before)."""
+        group = _codec.group_of(endpoint, self.options.group_prefix)
+        with translated("read subscription offsets", secrets=self._secrets):
+            committed = await self.admin.list_consumer_group_offsets(group)
+        if committed:
+            return
+        if not create:
+            raise TopologyError(f"kafka subscription {endpoint} (group {group!r}) does not exist (topology=verify)")
+        with translated("describe topic", secrets=self._secrets):
+            described = await self.admin.describe_topics([endpoint.name])
+        parts = [TopicPartition(endpoint.name, p["partition"]) for d in described for p in d.get("partitions", ())]
+        starter = AIOKafkaConsumer(**self.options.client_kwargs(), group_id=group, enable_auto_commit=False)
+        try:
+            with translated("create subscription", secrets=self._secrets):
+                await starter.start()
+                starter.assign(parts)
+                ends = await starter.end_offsets(parts)
+                try:
+                    await starter.commit({tp: OffsetAndMetadata(ends[tp], "") for tp in parts})
+                except kx.CommitFailedError:
+                    pass  # members already joined the group: it exists
+        finally:
+            await _close_quietly(starter.stop())
+
+    # --- sending ---
+
+    async def send(self, endpoint: Endpoint, records: Sequence[Record], delay: float | None = None) -> None:
+        if delay:
+            raise TopologyError("kafka does not support delayed delivery")  # the core checks capabilities first
+        producer = self._producer
+        if producer is None:
+            raise ClosedError("the kafka bus is not open")
+        topic = _codec.topic_of(endpoint)
+        with translated(f"send to {topic!r}", publish=True, secrets=self._secrets):
+            acks = []
+            for record in records:
+                kr = _codec.encode(record)
+                acks.append(
+                    await producer.send(topic, kr.value, key=kr.key, headers=kr.headers, timestamp_ms=kr.timestamp_ms)
+                )
+            await asyncio.gather(*acks)
+
+    # --- receiving ---
+
+    async def receiver(self, endpoint: Endpoint, prefetch: int) -> Receiver:
+        if self._producer is None:
+            raise ClosedError("the kafka bus is not open")
+        receiver = KafkaReceiver(self, endpoint, prefetch)
+        self._receivers.add(receiver)
+        return receiver
+
+
+def _dead(endpoint: Endpoint) -> Endpoint:
+    return Endpoint(endpoint.kind, endpoint.name, endpoint.subscription, dead_letter=True)
+
+
+def _topic_errors(response: Any) -> list[tuple[str, int, str | None]]:
+    """(topic, error code, message) from a CreateTopics response of any version."""
+    out = []
+    for item in getattr(response, "topic_errors", None) or getattr(response, "topics", []):
+        out.append((item[0], item[1], item[2] if len(item) > 2 and isinstance(item[2], str) else None))
+    return out
+
+
+async def _close_quietly(*closers: Any) -> None:
+    for closer in closers:
+        try:
+            await closer
+        except Exception as exc:  # closing a half-open client must not hide the real error
+            log.debug("msgbus kafka: ignored while closing: %r", exc)
+
+
+# --- receiving ---
+
+_FETCHED, _DELIVERED, _WAITING, _DONE = range(4)
+
+
+@dataclass(eq=False, slots=True)
+class _Entry:
+    tp: TopicPartition
+    offset: int
+    record: Record
+    raw: Any
+    attempts: int  # deliveries so far (of this partition's current and earlier owners)
+    epoch: int  # the receiver's assignment epoch when fetched: stale after a revocation
+    state: int = _FETCHED
+    locked_until: float = 0.0
+
+
+@dataclass(eq=False, slots=True)
+class _Partition:
+    """What this receiver knows of one assigned partition."""
+
+    order: deque[int] = field(default_factory=deque)  # fetched, not yet committed offsets in order
+    entries: dict[int, _Entry] = field(default_factory=dict)  # unsettled fetched entries
+    settled: set[int] = field(default_factory=set)  # settled offsets still in ``order``
+    skip: set[int] = field(default_factory=set)  # settled by an earlier owner, not fetched yet
+    prior: dict[int, int] = field(default_factory=dict)  # delivered by an earlier owner, not fetched yet
+    next_offset: int | None = None  # the offset after the last fetched one
+    committed: int | None = None
+    dirty: bool = False
+    revoking: bool = False
+
+
+class KafkaDelivery(Delivery):
+    """A record of one partition, settled through the receiver that fetched it."""
+
+    __slots__ = ("_entry", "_receiver")
+
+    def __init__(self, receiver: KafkaReceiver, entry: _Entry) -> None:
+        super().__init__(entry.record, entry.attempts, entry.raw)
+        self._receiver = receiver
+        self._entry = entry
+
+    async def ack(self) -> None:
+        self._receiver._settle(self._entry)
+
+    async def nack(self, delay: float | None = None) -> None:
+        self._receiver._nack(self._entry, delay)
+
+    async def dead_letter(self, reason: str) -> None:
+        receiver = self._receiver
+        if not receiver._current(self._entry):
+            return  # the partition moved on: its next owner redelivers the record
+        source = Endpoint(receiver.endpoint.kind, receiver.endpoint.name, receiver.endpoint.subscription)
+        dead = dead_letter_record(self._entry.record, reason, self._entry.attempts, source)
+        await receiver.adapter.send(_dead(receiver.endpoint), [dead])
+        receiver._settle(self._entry)
+
+    async def extend(self, seconds: float) -> None:
+        self._receiver._touch()
+        self._entry.locked_until = max(self._entry.locked_until, time.monotonic() + seconds)
+
+
+class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
+    """One group member. Holds at most ``prefetch`` fetched, unsettled records.
+
+    A receiver that neither receives nor extends a delivery for ``visibility_timeout`` seconds leaves its
+    group (Kafka's max.poll.interval, with ``extend`` counting as a poll), so a stalled holder cannot keep
+    partitions from the group; its unsettled deliveries then go to the partitions' next owners. On a
+    rebalance it first waits, up to ``rebalance_timeout``, for its delivered records to be settled or
+    their locks to expire, then commits.
+    """
+
+    def __init__(self, adapter: KafkaAdapter, endpoint: Endpoint, prefetch: int) -> None:
+        self.adapter = adapter
+        self.endpoint = endpoint
+        self.prefetch = prefetch
+        self.topic = _codec.topic_of(endpoint)
+        self.group = _codec.group_of(endpoint, adapter.options.group_prefix)
+        self._o = adapter.options
+        self._consumer: AIOKafkaConsumer | None = None
+        self._parts: dict[TopicPartition, _Partition] = {}
+        self._ready: deque[_Entry] = deque()
+        self._keys: dict[tuple[TopicPartition, str], deque[_Entry]] = {}  # held keys -> their waiting records
+        self._held = 0  # fetched and unsettled entries
+        self._epoch = 0
+        self._changed = asyncio.Event()
+        self._fetch: asyncio.Task[dict[TopicPartition, list[Any]]] | None = None
+        self._commit_lock = asyncio.Lock()
+        self._committer: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._last_active = time.monotonic()
+        self._receiving = 0
+        self._closed = False
+        self._timers: set[asyncio.TimerHandle] = set()
+
+    def __repr__(self) -> str:
+        return f"KafkaReceiver({self.topic!r}, group={self.group!r})"
+
+    # --- membership ---
+
+    async def _join(self) -> AIOKafkaConsumer:
+        if self._consumer is not None:
+            return self._consumer
+        o = self._o
+        consumer = AIOKafkaConsumer(
+            **o.client_kwargs(),
+            group_id=self.group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=int(o.session_timeout * 1000),
+            heartbeat_interval_ms=int(o.heartbeat_interval * 1000),
+            rebalance_timeout_ms=int(o.rebalance_timeout * 1000),
+            # Liveness is the heartbeat plus this receiver's own watchdog (receive or extend counts).
+            max_poll_interval_ms=24 * 3600 * 1000,
+            max_partition_fetch_bytes=max(1_048_576, o.max_message_size + 64 * 1024),
+        )
+        consumer.subscribe([self.topic], listener=self)
+        with translated(f"join group {self.group!r}", secrets=[o.password]):
+            await consumer.start()
+        self._consumer = consumer
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(self._commit_loop(), name=f"msgbus-kafka-commit-{self.group}")
+        if self._watchdog is None or self._watchdog.done():
+            self._watchdog = asyncio.create_task(self._watch(), name=f"msgbus-kafka-watch-{self.group}")
+        return consumer
+
+    async def _leave(self) -> None:
+        """Commit what is settled (and the attempts of what is not), then leave the group."""
+        consumer, self._consumer = self._consumer, None
+        if consumer is None:
+            return
+        fetch, self._fetch = self._fetch, None
+        if fetch is not None:
+            fetch.cancel()
+            await asyncio.gather(fetch, return_exceptions=True)
+        await self._release(list(self._parts), wait=False, consumer=consumer)
+        await _close_quietly(consumer.stop())
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        """aiokafka calls this before a rebalance: settle what we can, commit, forget the partitions."""
+        if self._consumer is not None:
+            await self._release([tp for tp in revoked if tp in self._parts], wait=not self._closed)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        """Load the notes the previous owner left in the commit metadata: settled offsets and attempts."""
+        notes: dict[TopicPartition, Any] = {}
+        if assigned:
+            try:
+                notes = await self.adapter.admin.list_consumer_group_offsets(self.group, partitions=list(assigned))
+            except Exception as exc:  # without notes we redeliver settled records: at-least-once still holds
+                log.warning("msgbus kafka: could not read commit notes of %s: %r", self.group, exc)
+        for tp in assigned:
+            meta = notes.get(tp)
+            parsed = _codec.decode_notes(meta.metadata if meta is not None else None)
+            committed = meta.offset if meta is not None and meta.offset >= 0 else None
+            self._parts[tp] = _Partition(skip=set(parsed.settled), prior=dict(parsed.attempts), committed=committed)
+        self._changed.set()
+
+    async def _release(
+        self, tps: list[TopicPartition], *, wait: bool, consumer: AIOKafkaConsumer | None = None
+    ) -> None:
+        if not tps:
+            return
+        parts = {tp: self._parts[tp] for tp in tps}
+        for part in parts.values():
+            part.revoking = True
+        self._drop_undelivered(set(tps))
+        deadline = time.monotonic() + self._o.rebalance_timeout * 0.8
+        while wait and time.monotonic() < deadline:
+            now = time.monotonic()
+            busy = [e for p in parts.values() for e in p.entries.values() if e.state != _FETCHED]
+            locked = [e for e in busy if e.locked_until > now]
+            if not locked:
+                break
+            until = min(min(e.locked_until for e in locked), deadline) - now
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), max(until, 0.01))
+            except TimeoutError:
+                pass
+        await self._commit(tps, consumer=consumer)
+        self._epoch += 1
+        for tp, part in parts.items():
+            self._held -= len(part.entries)
+            for entry in part.entries.values():
+                entry.state = _DONE
+            self._parts.pop(tp, None)
+        for key in [k for k in self._keys if k[0] in parts]:
+            del self._keys[key]
+        self._ready = deque(e for e in self._ready if e.tp not in parts)
+        self._changed.set()
+
+    def _drop_undelivered(self, tps: set[TopicPartition]) -> None:
+        """Records fetched but never delivered go back to Kafka: the committed offset stops at the first of
+        them, and the partition's next owner fetches them again. Nacked records stay, to be redelivered."""
+        self._ready = deque(e for e in self._ready if e.tp not in tps or e.state == _WAITING)
+        for key, waiting in self._keys.items():
+            if key[0] in tps:
+                waiting.clear()
+        for tp in tps:
+            part = self._parts[tp]
+            for offset, entry in list(part.entries.items()):
+                if entry.state == _FETCHED:
+                    del part.entries[offset]
+                    self._held -= 1
+
+    async def _watch(self) -> None:
+        """Leave the group when nobody received or extended for ``visibility_timeout`` (see class doc)."""
+        period = max(self._o.visibility_timeout / 4, 0.05)
+        while not self._closed:
+            await asyncio.sleep(period)
+            idle = time.monotonic() - self._last_active
+            if self._consumer is not None and self._receiving == 0 and idle > self._o.visibility_timeout:
+                log.debug("msgbus kafka: %r idle for %.1fs: leaving the group", self, idle)
+                await self._leave()
+
+    def _touch(self) -> None:
+        self._last_active = time.monotonic()
+
+    # --- receiving ---
+
+    async def receive(self, max_messages: int, timeout: float) -> list[Delivery]:
+        if self._closed:
+            raise ClosedError(f"{self!r} is closed")
+        self._receiving += 1
+        self._touch()
+        try:
+            return await self._receive(max_messages, timeout)
+        finally:
+            self._receiving -= 1
+            self._touch()
+
+    async def _receive(self, max_messages: int, timeout: float) -> list[Delivery]:
+        consumer = await self._join()
+        deadline = time.monotonic() + timeout
+        while True:
+            taken = self._take(max_messages)
+            if taken:
+                await self._note_deliveries(taken)
+                return [KafkaDelivery(self, e) for e in taken]
+            left = deadline - time.monotonic()
+            if left <= 0 or self._closed:
+                return []
+            room = self.prefetch - self._held
+            if self._fetch is None and room > 0:
+                self._fetch = asyncio.ensure_future(consumer.getmany(timeout_ms=500, max_records=room))
+            self._changed.clear()
+            changed = asyncio.ensure_future(self._changed.wait())
+            waiting: list[asyncio.Future[Any]] = [changed] + ([self._fetch] if self._fetch is not None else [])
+            try:
+                await asyncio.wait(waiting, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                changed.cancel()
+            if self._fetch is not None and self._fetch.done():
+                fetch, self._fetch = self._fetch, None
+                with translated(f"fetch from {self.topic!r}", secrets=[self._o.password]):
+                    self._accept(fetch.result())
+
+    def _accept(self, batches: dict[TopicPartition, list[Any]]) -> None:
+        for tp, raws in batches.items():
+            part = self._parts.get(tp)
+            if part is None or part.revoking:
+                continue  # not ours (any more): its owner fetches it
+            for raw in raws:
+                offset = raw.offset
+                if part.next_offset is not None and offset < part.next_offset:
+                    continue  # already fetched (a re-fetch after a seek)
+                part.next_offset = offset + 1
+                part.order.append(offset)
+                if offset in part.skip:
+                    part.skip.discard(offset)
+                    part.settled.add(offset)
+                    part.dirty = True
+                    continue
+                record = _codec.decode(
+                    raw.value, raw.key, raw.headers or (), raw.timestamp, f"{tp.topic}-{tp.partition}-{offset}"
+                )
+                entry = _Entry(tp, offset, record, raw, part.prior.pop(offset, 0), self._epoch)
+                part.entries[offset] = entry
+                self._held += 1
+                self._route(entry)
+
+    def _route(self, entry: _Entry) -> None:
+        """Deliverable now, or behind an unsettled record of the same key."""
+        key = entry.record.key
+        if key is None:
+            self._ready.append(entry)
+            return
+        waiting = self._keys.get((entry.tp, key))
+        if waiting is None:
+            self._keys[(entry.tp, key)] = deque()
+            self._ready.append(entry)
+        else:
+            waiting.append(entry)
+
+    def _take(self, n: int) -> list[_Entry]:
+        out: list[_Entry] = []
+        now = time.monotonic()
+        while self._ready and len(out) < n:
+            entry = self._ready.popleft()
+            part = self._parts.get(entry.tp)
+            if part is None or entry.epoch != self._epoch or entry.state == _DONE:
+                continue
+            entry.state = _DELIVERED
+            entry.attempts += 1
+            entry.locked_until = now + self._o.visibility_timeout
+            out.append(entry)
+        return out
+
+    async def _note_deliveries(self, entries: list[_Entry]) -> None:
+        """Record the attempts in the commit metadata before handing records out, so a crash counts them."""
+        for entry in entries:
+            part = self._parts.get(entry.tp)
+            if part is not None:
+                part.dirty = True
+        await self._commit(list({e.tp for e in entries}))
+
+    # --- settling ---
+
+    def _current(self, entry: _Entry) -> bool:
+        return not self._closed and entry.epoch == self._epoch and entry.state in (_DELIVERED, _WAITING)
+
+    def _settle(self, entry: _Entry) -> None:
+        if not self._current(entry):
+            return  # settled already, or the partition was handed over (its next owner redelivers)
+        part = self._parts[entry.tp]
+        entry.state = _DONE
+        del part.entries[entry.offset]
+        part.settled.add(entry.offset)
+        part.dirty = True
+        self._held -= 1
+        key = entry.record.key
+        if key is not None:
+            waiting = self._keys.get((entry.tp, key))
+            if waiting:
+                self._ready.append(waiting.popleft())
+            else:
+                self._keys.pop((entry.tp, key), None)
+        self._changed.set()
+
+    def _nack(self, entry: _Entry, delay: float | None) -> None:
+        if not self._current(entry):
+            return
+        entry.state = _WAITING
+        if not delay or delay <= 0:
+            self._requeue(entry)
+            return
+        loop = asyncio.get_running_loop()
+        timer: asyncio.TimerHandle | None = None
+
+        def fire() -> None:
+            self._timers.discard(timer)
+            self._requeue(entry)
+
+        timer = loop.call_later(delay, fire)
+        self._timers.add(timer)
+
+    def _requeue(self, entry: _Entry) -> None:
+        if entry.epoch == self._epoch and entry.state == _WAITING:
+            entry.locked_until = time.monotonic() + self._o.visibility_timeout
+            self._ready.appendleft(entry)  # first in line: its key is held until it is settled
+            self._changed.set()
+
+    # --- committing ---
+
+    async def _commit_loop(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(self._o.commit_interval or 0.05)
+            if any(p.dirty for p in self._parts.values()):
+                await self._commit([tp for tp, p in self._parts.items() if p.dirty])
+
+    async def _commit(self, tps: list[TopicPartition], *, consumer: AIOKafkaConsumer | None = None) -> None:
+        consumer = consumer or self._consumer
+        if consumer is None:
+            return
+        async with self._commit_lock:
+            offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+            for tp in tps:
+                part = self._parts.get(tp)
+                if part is None or not part.dirty:
+                    continue
+                while part.order and part.order[0] in part.settled:
+                    part.settled.discard(part.order.popleft())
+                position = part.order[0] if part.order else part.next_offset
+                if position is None:
+                    position = part.committed
+                if position is None:
+                    continue
+                attempts = {o: e.attempts for o, e in part.entries.items() if e.state != _FETCHED and e.attempts}
+                attempts |= {o: n for o, n in part.prior.items() if o >= position}
+                settled = {o for o in part.settled | part.skip if o >= position}
+                offsets[tp] = OffsetAndMetadata(position, _codec.encode_notes(settled, attempts))
+                part.dirty = False
+            if not offsets:
+                return
+            try:
+                await consumer.commit(offsets)
+            except (TimeoutError, kx.KafkaError, OSError) as exc:
+                # A rebalance or an outage: the next owner redelivers what we could not note (at-least-once).
+                log.info("msgbus kafka: commit for %s failed (%r); will retry", self.group, exc)
+                for tp in offsets:
+                    part = self._parts.get(tp)
+                    if part is not None:
+                        part.dirty = True
+                return
+            for tp, meta in offsets.items():
+                part = self._parts.get(tp)
+                if part is not None:
+                    part.committed = meta.offset
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+        try:
+            await self._leave()
+        finally:
+            self._closed = True
+            for task in (self._committer, self._watchdog):
+                if task is not None and task is not asyncio.current_task():
+                    task.cancel()
+            self._changed.set()
+            self.adapter._receivers.discard(self)

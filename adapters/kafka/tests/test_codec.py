@@ -1,0 +1,70 @@
+"""Record <-> Kafka record, names, and commit notes: pure functions, no broker."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from msgbus.adapter import Endpoint, Record
+from msgbus_kafka import _codec
+
+texts = st.text(min_size=0, max_size=30)
+
+
+@given(
+    body=st.binary(max_size=200),
+    headers=st.dictionaries(texts.filter(lambda k: not k.startswith("x-msgbus-")), texts, max_size=5),
+    key=st.none() | texts,
+    correlation=st.none() | texts,
+    content_type=st.none() | texts,
+    timestamp=st.floats(min_value=0, max_value=4e9, allow_nan=False),
+)
+def test_record_round_trips(
+    body: bytes,
+    headers: dict[str, str],
+    key: str | None,
+    correlation: str | None,
+    content_type: str | None,
+    timestamp: float,
+) -> None:
+    record = Record(body, "id-1", headers, key, correlation, content_type, timestamp)
+    kr = _codec.encode(record)
+    assert _codec.decode(kr.value, kr.key, kr.headers, kr.timestamp_ms or 0, "fallback") == record
+
+
+def test_foreign_record_gets_a_stable_id_and_kafka_timestamp() -> None:
+    record = _codec.decode(b"x", b"\xff", [("h", b"\xfe")], 1_500, "t-0-7")
+    assert (record.id, record.timestamp, record.key, record.headers) == ("t-0-7", 1.5, "\ufffd", {"h": "\ufffd"})
+
+
+def test_names() -> None:
+    q, t = Endpoint("queue", "orders"), Endpoint("topic", "placed", "billing")
+    assert (_codec.topic_of(q), _codec.group_of(q, "msgbus")) == ("orders", "msgbus.q.orders")
+    assert (_codec.topic_of(t), _codec.group_of(t, "p")) == ("placed", "p.s.placed.billing")
+    dq = Endpoint("queue", "orders", dead_letter=True)
+    dt = Endpoint("topic", "placed", "billing", dead_letter=True)
+    assert (_codec.topic_of(dq), _codec.topic_of(dt)) == ("orders.dlq", "placed.billing.dlq")
+    assert _codec.group_of(dq, "msgbus") == "msgbus.dlq.orders.dlq"
+    long = Endpoint("topic", "t" * 200, "s" * 200, dead_letter=True)
+    assert len(_codec.topic_of(long)) <= 249 and _codec.valid_topic(_codec.topic_of(long))
+
+
+@given(
+    settled=st.sets(st.integers(0, 10_000), max_size=200),
+    attempts=st.dictionaries(st.integers(0, 10_000), st.integers(1, 50), max_size=50),
+)
+def test_notes_round_trip(settled: set[int], attempts: dict[int, int]) -> None:
+    notes = _codec.decode_notes(_codec.encode_notes(settled, attempts, limit=100_000))
+    assert (set(notes.settled), dict(notes.attempts)) == (settled, attempts)
+
+
+def test_notes_stay_within_the_limit_dropping_attempts_first() -> None:
+    text = _codec.encode_notes(set(range(0, 4000, 2)), {1: 2, 3: 4}, limit=300)
+    assert len(text) <= 300
+    notes = _codec.decode_notes(text)
+    assert not notes.attempts and notes.settled and min(notes.settled) == 0
+
+
+def test_foreign_metadata_means_no_notes() -> None:
+    for text in (None, "", "someone else's", "msgbus1|s:x|a:"):
+        assert _codec.decode_notes(text) == _codec.PartitionNotes()

@@ -1,0 +1,529 @@
+"""The Google Cloud Pub/Sub adapter: topics, subscriptions, and queues as a topic with one subscription.
+
+Sending uses the library's batching ``PublisherClient`` (its worker threads commit batches; each send
+awaits the publish futures through ``asyncio.wrap_future``, so it returns once the service accepted every
+message). Receiving uses the unary ``Pull`` RPC of the asyncio ``SubscriberAsyncClient``: one pull per
+``receive`` asks for at most the free prefetch room, which maps one to one onto the Receiver SPI, needs
+no thread bridge, and bounds what is held unsettled exactly. See ``docs/adapters/pubsub.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import grpc
+from google.api_core import exceptions as gx
+from google.api_core import retry as retries
+from google.cloud import pubsub_v1
+from google.cloud.pubsub_v1.publisher.futures import Future as PublishFuture
+from google.protobuf import duration_pb2
+from google.pubsub_v1 import PublisherAsyncClient, SubscriberAsyncClient
+from google.pubsub_v1 import types as pb
+from google.pubsub_v1.services.publisher.transports import PublisherGrpcAsyncIOTransport, PublisherGrpcTransport
+from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcAsyncIOTransport
+
+from msgbus._url import BusURL, OptionReader
+from msgbus.adapter import Adapter, Capabilities, Delivery, Endpoint, Receiver, Record, dead_letter_record
+from msgbus.errors import CapabilityMissing, ClosedError, ConfigError, MessageTooLarge, PublishError, TopologyError
+
+from ._codec import Encoded, decode, encode
+from ._config import MAX_ACK_DEADLINE, PubSubOptions, read_options
+from ._errors import CLIENT_ERRORS, is_not_found, translate, translated
+from ._names import Route, SubscriptionSpec, route
+
+__all__ = ["PubSubAdapter", "PubSubDelivery", "PubSubReceiver", "create"]
+
+log = logging.getLogger("msgbus.pubsub")
+
+_ACK_BATCH = 1000  # ack ids per acknowledge / modify_ack_deadline request (well under the 512 KB limit)
+# Our own channels to an emulator: no message size cap (Pub/Sub takes 10 MB, gRPC's default is 4 MiB),
+# and a quick reconnect after the emulator restarts (gRPC's default backoff grows to minutes).
+_CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", -1),
+    ("grpc.max_receive_message_length", -1),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+_TRANSIENT = retries.if_exception_type(
+    gx.Aborted,
+    gx.DeadlineExceeded,
+    gx.InternalServerError,
+    gx.ResourceExhausted,
+    gx.ServiceUnavailable,
+    gx.Unknown,
+)
+
+
+def create(url: BusURL, options: OptionReader) -> PubSubAdapter:
+    """Entry point for ``pubsub://PROJECT`` URLs; does no I/O."""
+    return PubSubAdapter(url, read_options(url, options))
+
+
+def _capabilities(o: PubSubOptions) -> Capabilities:
+    return Capabilities(
+        ordering="per_key" if o.ordering else "none",
+        delayed_delivery=False,  # Pub/Sub has no scheduled delivery
+        max_delay=None,
+        delayed_nack=True,  # modify_ack_deadline(delay), up to 600 s
+        native_dead_letter=False,  # the reason headers need the adapter's own re-publish (see docs)
+        max_message_size=o.max_message_size,
+        persistence=o.persistence,
+        cross_process=True,
+        lock_extension=True,
+        restartable=True,
+        lock_duration=float(o.ack_deadline),
+        exactly_once=False,
+    )
+
+
+class PubSubAdapter(Adapter):
+    """Clients for one Google Cloud project (or emulator). Task-safe; use from one event loop."""
+
+    def __init__(self, url: BusURL, options: PubSubOptions) -> None:
+        self.url = url
+        self._options = options
+        self.capabilities = _capabilities(options)
+        self._publisher: pubsub_v1.PublisherClient | None = None
+        self._admin: PublisherAsyncClient | None = None
+        self._subscriber: SubscriberAsyncClient | None = None
+        self._routes: dict[Endpoint, Route] = {}
+        self._declared: set[Endpoint] = set()  # declared with create=True: re-declared if the service lost them
+        self._receivers: set[PubSubReceiver] = set()
+        self._publish_retry = retries.Retry(
+            predicate=_TRANSIENT, initial=0.1, maximum=1.0, multiplier=1.5, timeout=options.publish_timeout
+        )
+
+    def __repr__(self) -> str:
+        return f"PubSubAdapter({self.url.redacted!r})"
+
+    # -- connection ---------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create the clients and check that the project answers (a ListTopics call of one item)."""
+        if self._publisher is not None:
+            return
+        o = self._options
+        batch = pubsub_v1.types.BatchSettings(
+            max_messages=o.batch_max_messages, max_bytes=o.batch_max_bytes, max_latency=o.batch_max_latency
+        )
+        publisher_options = pubsub_v1.types.PublisherOptions(
+            enable_message_ordering=o.ordering, retry=self._publish_retry, timeout=o.publish_timeout
+        )
+        with translated("connect"):
+            if o.emulator_host:
+                sync_channel = grpc.insecure_channel(o.emulator_host, options=_CHANNEL_OPTIONS)
+                publisher = pubsub_v1.PublisherClient(
+                    batch, publisher_options, transport=PublisherGrpcTransport(channel=sync_channel)
+                )
+                admin = PublisherAsyncClient(
+                    transport=PublisherGrpcAsyncIOTransport(
+                        channel=grpc.aio.insecure_channel(o.emulator_host, options=_CHANNEL_OPTIONS)
+                    )
+                )
+                subscriber = SubscriberAsyncClient(
+                    transport=SubscriberGrpcAsyncIOTransport(
+                        channel=grpc.aio.insecure_channel(o.emulator_host, options=_CHANNEL_OPTIONS)
+                    )
+                )
+            else:
+                publisher = pubsub_v1.PublisherClient(batch, publisher_options)
+                admin = PublisherAsyncClient()
+                subscriber = SubscriberAsyncClient()
+        self._publisher, self._admin, self._subscriber = publisher, admin, subscriber
+        try:
+            with translated("connect"):
+                await admin.list_topics(
+                    request={"project": f"projects/{o.project}", "page_size": 1},
+                    timeout=o.rpc_timeout,
+                    retry=retries.AsyncRetry(predicate=_TRANSIENT, timeout=o.rpc_timeout),
+                )
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        """Close every receiver, flush and stop the publisher, close the channels. Idempotent."""
+        for receiver in list(self._receivers):
+            await receiver.close()
+        publisher, self._publisher = self._publisher, None
+        admin, self._admin = self._admin, None
+        subscriber, self._subscriber = self._subscriber, None
+        if publisher is not None:
+            with contextlib.suppress(*CLIENT_ERRORS, RuntimeError):
+                await asyncio.to_thread(publisher.stop)  # flushes pending batches; blocks
+            await asyncio.to_thread(publisher.transport.close)
+        for client in (admin, subscriber):
+            if client is not None:
+                with contextlib.suppress(*CLIENT_ERRORS):
+                    await client.transport.close()
+
+    def _clients(self) -> tuple[pubsub_v1.PublisherClient, PublisherAsyncClient, SubscriberAsyncClient]:
+        if self._publisher is None or self._admin is None or self._subscriber is None:
+            raise ClosedError(f"{self!r} is not open")
+        return self._publisher, self._admin, self._subscriber
+
+    def _route(self, endpoint: Endpoint) -> Route:
+        found = self._routes.get(endpoint)
+        if found is None:
+            found = self._routes[endpoint] = route(self._options.project, self._options.prefix, endpoint)
+        return found
+
+    # -- topology -----------------------------------------------------------------------------------
+
+    async def declare(self, endpoint: Endpoint, *, create: bool = True) -> None:
+        """Create the topics and subscriptions of ``endpoint`` (with its dead-letter topic); idempotent.
+
+        A queue's subscription is created here, so messages sent before any consumer exists are kept.
+        An existing subscription bound to another topic, or without ordering when ``ordering=true``,
+        raises ``TopologyError`` (Pub/Sub cannot change either after creation).
+        """
+        r = self._route(endpoint)
+        if create:
+            await self._create(r)
+            self._declared.add(endpoint)
+        else:
+            await self._verify(r)
+
+    async def _create(self, r: Route) -> None:
+        _, admin, subscriber = self._clients()
+        o = self._options
+        timeout = o.rpc_timeout
+        retry = retries.AsyncRetry(predicate=_TRANSIENT, timeout=timeout)
+        with translated(f"declare {r.endpoint}"):
+            for topic in r.topics:
+                with contextlib.suppress(gx.AlreadyExists):
+                    await admin.create_topic(request={"name": topic}, timeout=timeout, retry=retry)
+            for spec in r.subscriptions:
+                try:
+                    await subscriber.create_subscription(request=self._subscription(spec), timeout=timeout, retry=retry)
+                except gx.AlreadyExists:
+                    existing = await subscriber.get_subscription(
+                        request={"subscription": spec.name}, timeout=timeout, retry=retry
+                    )
+                    self._check_compatible(spec, existing)
+
+    def _subscription(self, spec: SubscriptionSpec) -> pb.Subscription:
+        o = self._options
+        sub = pb.Subscription(
+            name=spec.name,
+            topic=spec.topic,
+            ack_deadline_seconds=o.subscription_ack_deadline,
+            enable_message_ordering=o.ordering and spec.dead_letter_topic is not None,
+            expiration_policy=pb.ExpirationPolicy(),  # no ttl: never expires (the default is 31 idle days)
+            message_retention_duration=duration_pb2.Duration(seconds=7 * 24 * 3600),
+        )
+        if spec.dead_letter_topic is not None:
+            # The policy makes the service count delivery attempts (delivery_attempt): the attempt number
+            # of every delivery, crash redeliveries included. The adapter dead-letters explicitly long
+            # before max_delivery_attempts; the policy is the backstop.
+            sub.dead_letter_policy = pb.DeadLetterPolicy(
+                dead_letter_topic=spec.dead_letter_topic, max_delivery_attempts=o.max_delivery_attempts
+            )
+        return sub
+
+    def _check_compatible(self, spec: SubscriptionSpec, existing: pb.Subscription) -> None:
+        if existing.topic != spec.topic:
+            raise TopologyError(f"subscription {spec.name} exists but is bound to {existing.topic}, not {spec.topic}")
+        if self._options.ordering and spec.dead_letter_topic is not None and not existing.enable_message_ordering:
+            raise TopologyError(
+                f"subscription {spec.name} exists without message ordering; ordering=true needs a new subscription"
+            )
+
+    async def _verify(self, r: Route) -> None:
+        _, admin, subscriber = self._clients()
+        timeout = self._options.rpc_timeout
+        try:
+            with translated(f"verify {r.endpoint}"):
+                for topic in r.topics:
+                    await admin.get_topic(request={"topic": topic}, timeout=timeout)
+                for spec in r.subscriptions:
+                    await subscriber.get_subscription(request={"subscription": spec.name}, timeout=timeout)
+        except TopologyError as exc:
+            raise TopologyError(f"{r.endpoint} does not exist (topology=verify): {exc}") from exc.__cause__
+
+    async def _redeclare(self, endpoint: Endpoint) -> bool:
+        """Re-create what the service lost (an emulator restarted without state); False if not ours to create."""
+        if endpoint not in self._declared:
+            return False
+        log.warning("pubsub: %s is missing on the service; declaring it again", endpoint)
+        await self._create(self._route(endpoint))
+        return True
+
+    # -- sending ------------------------------------------------------------------------------------
+
+    async def send(self, endpoint: Endpoint, records: Sequence[Record], delay: float | None = None) -> None:
+        """Publish ``records`` and return once Pub/Sub accepted every one (its publish response).
+
+        Every record is encoded and size-checked before anything is sent. Records that failed are not
+        retried after the library's own retries (``publish_timeout``), except once after the topic was
+        found missing and re-created; then ``PublishError`` (or the translated cause) is raised.
+        """
+        if delay is not None and delay > 0:
+            raise CapabilityMissing("pubsub:// has no delayed delivery")
+        r = self._route(endpoint)
+        encoded = self._encode_all(records)
+        if not encoded:
+            return
+        failed = await self._publish(r.topic, encoded)
+        if failed and all(is_not_found(exc) for _, exc in failed) and await self._redeclare(endpoint):
+            failed = await self._publish(r.topic, [e for e, _ in failed])
+        if failed:
+            first = failed[0][1]
+            err = translate(first, f"send to {endpoint}", publish=True)
+            if len(failed) > 1:
+                err = type(err)(f"{err} ({len(failed)} of {len(encoded)} messages not stored)")
+            raise err from first
+
+    def _encode_all(self, records: Sequence[Record]) -> list[Encoded]:
+        limit = self._options.max_message_size
+        out = []
+        for record in records:
+            size = record.size()
+            if size > limit:
+                raise MessageTooLarge(size, limit)
+            out.append(encode(record, ordering=self._options.ordering))
+        return out
+
+    async def _publish(self, topic: str, messages: Sequence[Encoded]) -> list[tuple[Encoded, BaseException]]:
+        """Publish through the batching client; the messages that failed, with why."""
+        publisher, _, _ = self._clients()
+        futures: list[asyncio.Future[str]] = []
+        try:
+            for m in messages:
+                future: PublishFuture = publisher.publish(
+                    topic, m.data, ordering_key=m.ordering_key, **m.attributes
+                )
+                futures.append(asyncio.wrap_future(future))
+        except CLIENT_ERRORS as exc:
+            raise translate(exc, f"publish to {topic}", publish=True) from exc
+        except RuntimeError as exc:  # the client was stopped under us
+            raise ClosedError(f"{self!r} is closed") from exc
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        failed: list[tuple[Encoded, BaseException]] = []
+        for m, result in zip(messages, results, strict=True):
+            if isinstance(result, BaseException):
+                if isinstance(result, asyncio.CancelledError):
+                    raise result
+                failed.append((m, result))
+                if m.ordering_key:
+                    # The library pauses a key after a failure so later messages cannot overtake it;
+                    # the caller saw the error, so the next send of that key may go.
+                    publisher.resume_publish(topic, m.ordering_key)
+        return failed
+
+    # -- receiving ----------------------------------------------------------------------------------
+
+    async def receiver(self, endpoint: Endpoint, prefetch: int) -> PubSubReceiver:
+        """A receiver pulling from the endpoint's subscription."""
+        r = self._route(endpoint)
+        if r.subscription is None:
+            raise ConfigError(f"cannot receive from {endpoint}: name a subscription of the topic")
+        self._clients()
+        receiver = PubSubReceiver(self, r, prefetch)
+        self._receivers.add(receiver)
+        return receiver
+
+
+class PubSubReceiver(Receiver):
+    """Pulls one subscription with the unary Pull RPC, never holding more than ``prefetch`` unsettled.
+
+    Each pulled message's ack deadline is set to ``ack_deadline`` at once (subscriptions cannot go
+    below 10 s; the per-message deadline can), and ``extend`` pushes it further while a handler runs.
+    """
+
+    def __init__(self, adapter: PubSubAdapter, r: Route, prefetch: int) -> None:
+        self._adapter = adapter
+        self._options = adapter._options
+        self._route = r
+        self._subscription = r.subscription or ""
+        self._source = replace(r.endpoint, dead_letter=False)
+        self._prefetch = max(1, prefetch)
+        self._unsettled = 0
+        self._settled = asyncio.Event()
+        self._closed = False
+        self._background: set[asyncio.Task[Any]] = set()
+
+    def __repr__(self) -> str:
+        return f"PubSubReceiver({self._route.endpoint})"
+
+    async def receive(self, max_messages: int, timeout: float) -> list[Delivery]:
+        """Wait up to ``timeout`` seconds (plus at most ``pull_timeout`` for a pull under way) for deliveries."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, timeout)
+        while True:
+            if self._closed:
+                raise ClosedError(f"{self!r} is closed")
+            room = min(max_messages, self._prefetch - self._unsettled)
+            now = loop.time()
+            if room <= 0:
+                if now >= deadline:
+                    return []
+                self._settled.clear()
+                try:
+                    await asyncio.wait_for(self._settled.wait(), deadline - now)
+                except TimeoutError:
+                    return []
+                continue
+            got = await self._pull(room, max(0.0, deadline - now) + self._options.pull_timeout)
+            if got or loop.time() >= deadline:
+                return got
+
+    async def _pull(self, room: int, rpc_timeout: float) -> list[Delivery]:
+        _, _, subscriber = self._adapter._clients()
+        request = pb.PullRequest(subscription=self._subscription, max_messages=room)
+        # The pull runs as its own task: if our caller is cancelled mid-pull, whatever the service
+        # already handed out is released at once instead of waiting out the subscription's deadline.
+        task = asyncio.ensure_future(subscriber.pull(request=request, timeout=rpc_timeout, retry=None))
+        try:
+            response = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(self._release_abandoned)
+            raise
+        except gx.DeadlineExceeded:
+            return []
+        except CLIENT_ERRORS as exc:
+            if is_not_found(exc) and await self._adapter._redeclare(self._route.endpoint):
+                return []
+            raise translate(exc, f"receive from {self._route.endpoint}") from exc
+        received = list(response.received_messages)
+        if not received:
+            return []
+        if self._options.ack_deadline < self._options.subscription_ack_deadline:
+            await self._modify([m.ack_id for m in received], self._options.ack_deadline, quiet=True)
+        out: list[Delivery] = []
+        for rm in received:
+            msg = rm.message
+            publish_time = msg.publish_time.timestamp() if msg.publish_time else 0.0
+            attempt = max(1, rm.delivery_attempt)
+            try:
+                record = decode(bytes(msg.data), dict(msg.attributes), msg.message_id, publish_time)
+            except Exception as exc:  # a damaged message: dead-letter it rather than crash or loop on it
+                bad = PubSubDelivery(self, Record(body=bytes(msg.data), id=msg.message_id), attempt, rm)
+                self._unsettled += 1
+                with contextlib.suppress(Exception):
+                    await bad.dead_letter(f"malformed Pub/Sub message {msg.message_id}: {exc}")
+                continue
+            out.append(PubSubDelivery(self, record, attempt, rm))
+        self._unsettled += len(out)
+        return out
+
+    def _release_abandoned(self, task: asyncio.Future[Any]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return
+        ids = [m.ack_id for m in task.result().received_messages]
+        if ids and not self._closed:
+            self._spawn(self._modify(ids, 0, quiet=True))
+
+    def _spawn(self, coro: Any) -> None:
+        t = asyncio.ensure_future(coro)
+        self._background.add(t)
+        t.add_done_callback(self._background.discard)
+
+    async def _modify(self, ack_ids: Sequence[str], seconds: int, *, quiet: bool = False) -> None:
+        _, _, subscriber = self._adapter._clients()
+        timeout = self._options.rpc_timeout
+        try:
+            with translated(f"modify ack deadline on {self._route.endpoint}"):
+                for i in range(0, len(ack_ids), _ACK_BATCH):
+                    await subscriber.modify_ack_deadline(
+                        request={
+                            "subscription": self._subscription,
+                            "ack_ids": list(ack_ids[i : i + _ACK_BATCH]),
+                            "ack_deadline_seconds": seconds,
+                        },
+                        timeout=timeout,
+                    )
+        except Exception as exc:
+            if not quiet:
+                raise
+            log.debug("pubsub: modify_ack_deadline failed (the deadline will lapse by itself): %s", exc)
+
+    # -- settling (called by PubSubDelivery) --------------------------------------------------------
+
+    def _release(self, count: int) -> None:
+        self._unsettled = max(0, self._unsettled - count)
+        self._settled.set()
+
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """Acknowledge every delivery, up to 1000 per request."""
+        mine = [d for d in deliveries if isinstance(d, PubSubDelivery)]
+        if not mine:
+            return
+        _, _, subscriber = self._adapter._clients()
+        ids = [d.ack_id for d in mine]
+        try:
+            with translated(f"ack on {self._route.endpoint}"):
+                for i in range(0, len(ids), _ACK_BATCH):
+                    await subscriber.acknowledge(
+                        request={"subscription": self._subscription, "ack_ids": ids[i : i + _ACK_BATCH]},
+                        timeout=self._options.rpc_timeout,
+                    )
+        finally:
+            self._release(len(mine))
+
+    async def _nack(self, d: PubSubDelivery, delay: float | None) -> None:
+        seconds = 0 if delay is None or delay <= 0 else min(MAX_ACK_DEADLINE, math.ceil(delay))
+        try:
+            await self._modify([d.ack_id], seconds)
+        finally:
+            self._release(1)
+
+    async def _dead_letter(self, d: PubSubDelivery, reason: str) -> None:
+        record = dead_letter_record(d.record, reason, d.attempt, self._source)
+        try:
+            encoded = encode(record, ordering=False)
+            failed = await self._adapter._publish(self._route.dead_letter_topic, [encoded])
+            if failed:
+                raise PublishError(f"dead-letter publish to {self._route.dead_letter_topic} failed") from failed[0][1]
+        except BaseException:
+            self._release(1)
+            raise
+        await self.ack_many([d])
+
+    async def _extend(self, d: PubSubDelivery, seconds: float) -> None:
+        await self._modify([d.ack_id], min(MAX_ACK_DEADLINE, max(1, math.ceil(seconds))))
+
+    async def close(self) -> None:
+        """Stop receiving; unsettled messages return to others when their ack deadline lapses. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._adapter._receivers.discard(self)
+        self._settled.set()
+        for t in list(self._background):
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await t
+
+
+class PubSubDelivery(Delivery):
+    """A pulled message, settled through its ack id. ``raw`` is the ``ReceivedMessage``."""
+
+    __slots__ = ("_receiver", "ack_id")
+
+    def __init__(self, receiver: PubSubReceiver, record: Record, attempt: int, raw: pb.ReceivedMessage) -> None:
+        super().__init__(record, attempt, raw)
+        self._receiver = receiver
+        self.ack_id: str = raw.ack_id
+
+    async def ack(self) -> None:
+        """Acknowledge: Pub/Sub will not deliver it again on this subscription (best effort, see docs)."""
+        await self._receiver.ack_many([self])
+
+    async def nack(self, delay: float | None = None) -> None:
+        """Set its ack deadline to 0 (redeliver now) or to ``delay`` rounded up to whole seconds (max 600)."""
+        await self._receiver._nack(self, delay)
+
+    async def dead_letter(self, reason: str) -> None:
+        """Publish it with the reason headers to the dead-letter topic, then acknowledge it here."""
+        await self._receiver._dead_letter(self, reason)
+
+    async def extend(self, seconds: float) -> None:
+        """Set its ack deadline to ``seconds`` from now (rounded up to whole seconds, at most 600)."""
+        await self._receiver._extend(self, seconds)

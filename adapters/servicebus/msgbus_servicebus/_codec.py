@@ -1,0 +1,107 @@
+"""Record <-> Service Bus message. Pure: no I/O, unit-tested without a broker.
+
+Body, message id, correlation id and content type map to the message's own fields; headers are
+application properties. The key, the exact send timestamp and the attempts made before a delayed
+nack's re-sent copy travel as private application properties (``x-msgbus-`` names, which user headers
+cannot use). Dead-lettered messages are read back with Service Bus' ``DeadLetterReason`` and
+``DeadLetterErrorDescription`` as the msgbus dead-letter headers.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from azure.servicebus import ServiceBusMessage, ServiceBusReceivedMessage
+from azure.servicebus.amqp import AmqpMessageBodyType
+
+from msgbus.adapter import HEADER_ATTEMPTS, HEADER_DEAD_LETTER_REASON, HEADER_DEAD_LETTER_SOURCE, Endpoint, Record
+from msgbus.errors import DecodeError
+
+KEY = "x-msgbus-key"
+TIMESTAMP = "x-msgbus-timestamp"
+PRIOR_ATTEMPTS = "x-msgbus-prior-attempts"  # deliveries before a delayed nack re-sent the message
+_PRIVATE = frozenset({KEY, TIMESTAMP, PRIOR_ATTEMPTS})
+DL_REASON = "DeadLetterReason"
+DL_DESCRIPTION = "DeadLetterErrorDescription"
+MAX_REASON = 4096  # kept well inside the service's 64 KiB header limit
+_ATTEMPTS_TEXT = re.compile(r"after (\d+) attempt")
+
+
+def encode(record: Record, prior_attempts: int = 0) -> ServiceBusMessage:
+    """The message to send for ``record`` (``prior_attempts``: deliveries already made, for a re-sent copy)."""
+    props: dict[str | bytes, Any] = dict(record.headers)
+    props[TIMESTAMP] = repr(record.timestamp)
+    if record.key is not None:
+        props[KEY] = record.key
+    if prior_attempts:
+        props[PRIOR_ATTEMPTS] = str(prior_attempts)
+    return ServiceBusMessage(
+        record.body,
+        message_id=record.id,
+        correlation_id=record.correlation_id,
+        content_type=record.content_type,
+        application_properties=props,
+    )
+
+
+def description(attempts: int) -> str:
+    """``DeadLetterErrorDescription`` msgbus writes: says, and later tells the reader, how many attempts."""
+    return f"msgbus: dead-lettered after {attempts} attempt(s)"
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def _body(msg: ServiceBusReceivedMessage) -> bytes:
+    amqp = msg.raw_amqp_message
+    if amqp.body_type == AmqpMessageBodyType.DATA:
+        return b"".join(bytes(part) for part in amqp.body)
+    value = amqp.body
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    raise DecodeError(f"Service Bus message {msg.message_id} has a {amqp.body_type} body msgbus cannot read")
+
+
+def decode(msg: ServiceBusReceivedMessage, endpoint: Endpoint) -> tuple[Record, int]:
+    """The record in ``msg`` and its attempt number (1 on first delivery).
+
+    From a dead-letter sub-queue (``endpoint.dead_letter``) the record carries the msgbus dead-letter
+    headers, built from the service's dead-letter properties.
+    """
+    props: Mapping[Any, Any] = msg.application_properties or {}
+    text = {_text(k): v for k, v in props.items()}
+    headers = {k: _text(v) for k, v in text.items() if k not in _PRIVATE and k not in (DL_REASON, DL_DESCRIPTION)}
+    try:
+        prior = int(_text(text.get(PRIOR_ATTEMPTS, "0")))
+        timestamp = float(_text(text[TIMESTAMP])) if TIMESTAMP in text else _enqueued(msg)
+    except ValueError as exc:
+        raise DecodeError(f"malformed msgbus property on message {msg.message_id}: {exc}") from exc
+    attempt = prior + (msg.delivery_count or 0) + 1
+    if endpoint.dead_letter:
+        why = _text(text.get(DL_DESCRIPTION, ""))
+        found = _ATTEMPTS_TEXT.search(why)
+        headers[HEADER_DEAD_LETTER_REASON] = _text(text.get(DL_REASON, "")) or why
+        headers[HEADER_ATTEMPTS] = found.group(1) if found else str(attempt)
+        headers[HEADER_DEAD_LETTER_SOURCE] = str(Endpoint(endpoint.kind, endpoint.name, endpoint.subscription))
+    record = Record(
+        body=_body(msg),
+        id=str(msg.message_id) if msg.message_id is not None else str(msg.sequence_number),
+        headers=headers,
+        key=_text(text[KEY]) if KEY in text else None,
+        correlation_id=None if msg.correlation_id is None else str(msg.correlation_id),
+        content_type=msg.content_type,
+        timestamp=timestamp,
+    )
+    return record, attempt
+
+
+def _enqueued(msg: ServiceBusReceivedMessage) -> float:
+    when = msg.enqueued_time_utc
+    return when.timestamp() if when is not None else 0.0

@@ -1,0 +1,100 @@
+"""URL options of the Service Bus adapter, and connection strings turned into ``servicebus://`` URLs."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+from urllib.parse import quote, unquote
+
+from msgbus._url import BusURL, OptionReader
+from msgbus.errors import ConfigError
+
+Management = Literal["admin", "none"]
+
+# Standard tier's limit is 256 KiB for the whole message; leave room for the AMQP sections around the body.
+DEFAULT_MAX_MESSAGE_SIZE = 240 * 1024
+_LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+_ENTITY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceBusOptions:
+    """Everything the adapter needs from the URL. Holds the key, so its repr shows none of it."""
+
+    host: str
+    port: int | None
+    key_name: str
+    key: str
+    emulator: bool
+    management: Management
+    lock_duration: float
+    max_delivery_count: int
+    max_message_size: int
+    retry_total: int
+
+    def __repr__(self) -> str:
+        return f"ServiceBusOptions(host={self.host!r}, port={self.port}, emulator={self.emulator})"
+
+    @property
+    def connection_string(self) -> str:
+        """The SDK's connection string (secret: never log it)."""
+        netloc = self.host if self.port is None else f"{self.host}:{self.port}"
+        text = f"Endpoint=sb://{netloc}/;SharedAccessKeyName={self.key_name};SharedAccessKey={self.key}"
+        return text + (";UseDevelopmentEmulator=true" if self.emulator else "")
+
+
+def read_options(url: BusURL, reader: OptionReader) -> ServiceBusOptions:
+    """Read the adapter's options; the caller rejects unknown ones afterwards."""
+    if not url.host:
+        raise ConfigError("servicebus URL needs a host: servicebus://KeyName:Key@namespace.servicebus.windows.net")
+    if not url.username or not url.password:
+        raise ConfigError("servicebus URL needs the shared access key name and key: servicebus://KeyName:Key@host")
+    if url.path.strip("/"):
+        raise ConfigError(f"servicebus URL takes no path (entities are named by the roles), got {url.path!r}")
+    emulator = reader.bool("emulator", url.host in _LOCAL_HOSTS)
+    management = reader.choice("management", "none" if emulator else "admin", ("admin", "none"))
+    return ServiceBusOptions(
+        host=url.host,
+        port=url.port,
+        key_name=url.username,
+        key=url.password,
+        emulator=emulator,
+        management="admin" if management == "admin" else "none",
+        lock_duration=reader.float("lock_duration", 60.0, min=1.0),
+        max_delivery_count=reader.int("max_delivery_count", 10, min=1),
+        max_message_size=reader.int("max_message_size", DEFAULT_MAX_MESSAGE_SIZE, min=1),
+        retry_total=reader.int("retry_total", 3, min=0),
+    )
+
+
+def check_entity(kind: str, name: str, limit: int) -> str:
+    """``name`` when Service Bus accepts it for ``kind``, else ``ConfigError``."""
+    if len(name) > limit or not _ENTITY.match(name):
+        raise ConfigError(f"Service Bus {kind} names are 1-{limit} of letters, digits, '.', '_', '-'; got {name!r}")
+    return name
+
+
+def url_from_connection_string(text: str) -> str:
+    """``Endpoint=sb://host[:port]/;SharedAccessKeyName=N;SharedAccessKey=K[;UseDevelopmentEmulator=true]``
+    as a ``servicebus://`` URL (the key URL-quoted). Raises ``ConfigError`` without echoing the key.
+    """
+    fields: dict[str, str] = {}
+    for part in text.strip().strip(";").split(";"):
+        name, sep, value = part.partition("=")
+        if not sep:
+            raise ConfigError("malformed Service Bus connection string: every part must be Name=Value")
+        fields[name.strip().lower()] = value.strip()
+    endpoint = fields.pop("endpoint", "")
+    match = re.match(r"^sb://([^/;]+)/?$", endpoint)
+    if match is None:
+        raise ConfigError("Service Bus connection string needs Endpoint=sb://<host>[:port]/")
+    name, key = fields.pop("sharedaccesskeyname", None), fields.pop("sharedaccesskey", None)
+    if not name or not key:
+        raise ConfigError("Service Bus connection string needs SharedAccessKeyName and SharedAccessKey")
+    emulator = fields.pop("usedevelopmentemulator", "false").lower() == "true"
+    fields.pop("entitypath", None)
+    if fields:
+        raise ConfigError(f"unsupported Service Bus connection string part(s): {', '.join(sorted(fields))}")
+    query = "?emulator=true" if emulator else ""
+    return f"servicebus://{quote(unquote(name), safe='')}:{quote(key, safe='')}@{match.group(1)}{query}"

@@ -1,0 +1,93 @@
+"""Entities: created through the administration client (``management=admin``) or only checked over AMQP.
+
+``management=admin`` (default for a real namespace) uses ``ServiceBusAdministrationClient`` (the HTTP
+ATOM API, with the connection string's key) to create missing queues, topics and subscriptions, or with
+``topology=verify`` to check they exist. ``management=none`` (default for the emulator and the test
+broker, neither of which serves that API) creates nothing: the entities exist already (the emulator's
+``Config.json``) or the endpoint creates them on first attach (the test broker). ``topology=verify``
+then attaches to the entity over AMQP, which fails with ``TopologyError`` for a missing one.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from azure.core import exceptions as core
+from azure.servicebus.aio import ServiceBusClient
+from azure.servicebus.aio.management import ServiceBusAdministrationClient
+
+from msgbus.adapter import Endpoint
+from msgbus.errors import TopologyError
+
+from ._config import ServiceBusOptions
+from ._errors import translated
+
+
+class Topology:
+    """Declares or verifies entities once per adapter (remembered, so sends do not repeat the check)."""
+
+    def __init__(self, options: ServiceBusOptions) -> None:
+        self._options = options
+        self._admin: ServiceBusAdministrationClient | None = None
+        self._done: set[tuple[str, str, str | None]] = set()
+
+    async def close(self) -> None:
+        if self._admin is not None:
+            await self._admin.close()
+            self._admin = None
+
+    async def declare(self, endpoint: Endpoint, *, create: bool, client: ServiceBusClient) -> None:
+        key = (endpoint.kind, endpoint.name, endpoint.subscription)
+        if key in self._done:
+            return
+        secrets = [self._options.key]
+        with translated(f"{'declare' if create else 'verify'} {endpoint}", secrets=secrets):
+            if self._options.management == "admin":
+                await self._admin_declare(endpoint, create)
+            elif not create:
+                await self._amqp_verify(endpoint, client)
+        self._done.add(key)
+
+    async def _admin_declare(self, endpoint: Endpoint, create: bool) -> None:
+        if self._admin is None:
+            self._admin = ServiceBusAdministrationClient.from_connection_string(self._options.connection_string)
+        admin, lock = self._admin, timedelta(seconds=self._options.lock_duration)
+        settings = {"lock_duration": lock, "max_delivery_count": self._options.max_delivery_count}
+        try:
+            if endpoint.kind == "queue":
+                await admin.get_queue(endpoint.name)
+            else:
+                await admin.get_topic(endpoint.name)
+        except core.ResourceNotFoundError:
+            if not create:
+                raise TopologyError(f"{endpoint.kind} {endpoint.name!r} does not exist (topology=verify)") from None
+            try:
+                if endpoint.kind == "queue":
+                    await admin.create_queue(endpoint.name, **settings)
+                else:
+                    await admin.create_topic(endpoint.name)
+            except core.ResourceExistsError:
+                pass  # created concurrently by another process
+        if endpoint.kind == "topic" and endpoint.subscription is not None:
+            try:
+                await admin.get_subscription(endpoint.name, endpoint.subscription)
+            except core.ResourceNotFoundError:
+                if not create:
+                    raise TopologyError(f"subscription {endpoint} does not exist (topology=verify)") from None
+                try:
+                    await admin.create_subscription(endpoint.name, endpoint.subscription, **settings)
+                except core.ResourceExistsError:
+                    pass
+
+    async def _amqp_verify(self, endpoint: Endpoint, client: ServiceBusClient) -> None:
+        # Attaching a link is the only existence check that needs no management API: a missing entity
+        # is refused with amqp:not-found (MessagingEntityNotFoundError -> TopologyError).
+        if endpoint.subscription is not None:
+            async with client.get_subscription_receiver(endpoint.name, endpoint.subscription) as receiver:
+                await receiver.peek_messages(max_message_count=1)
+        elif endpoint.kind == "queue":
+            async with client.get_queue_receiver(endpoint.name) as receiver:
+                await receiver.peek_messages(max_message_count=1)
+        else:
+            async with client.get_topic_sender(endpoint.name) as sender:
+                await sender.create_message_batch()

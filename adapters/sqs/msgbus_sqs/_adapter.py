@@ -1,0 +1,429 @@
+"""The SQS/SNS adapter: queues are SQS queues, topics SNS topics fanning out to one SQS queue per subscription.
+
+Built on aiobotocore (botocore's own request signing, retries and credential chain, on asyncio), so a
+long poll holds no thread. See ``docs/adapters/sqs.md`` for the mapping, limits and IAM permissions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any
+
+from aiobotocore.config import AioConfig  # type: ignore[import-untyped]
+from aiobotocore.session import get_session  # type: ignore[import-untyped]
+
+from msgbus._url import BusURL, OptionReader
+from msgbus.adapter import Adapter, Capabilities, Delivery, Endpoint, Receiver, Record, dead_letter_record
+from msgbus.errors import (
+    BrokerError,
+    CapabilityMissing,
+    ClosedError,
+    DecodeError,
+    InvalidMessage,
+    MessageTooLarge,
+    MsgbusError,
+    PublishError,
+    TopologyError,
+)
+
+from ._batch import BATCH_MAX, Batcher
+from ._codec import decode, encode, sqs_size
+from ._config import SQS_MAX_DELAY, SQS_MAX_MESSAGE_SIZE, SQS_MAX_VISIBILITY, SqsOptions, read_options
+from ._errors import is_missing, translated
+from ._topology import Resolved, Topology
+
+__all__ = ["ReceivedMessage", "SqsAdapter", "SqsDelivery", "SqsReceiver", "create"]
+
+log = logging.getLogger("msgbus.sqs")
+
+# Record.size() counts body and metadata; the JSON around them (names, quotes, timestamp) needs room too.
+METADATA_RESERVE = 1024
+_DEDUP_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
+_SEND_RETRIES = 3  # rounds for batch entries AWS failed on its side (not the sender's fault)
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedMessage:
+    """``Delivery.raw`` on this backend: the queue it came from and the message as SQS returned it."""
+
+    queue_url: str
+    message: Mapping[str, Any]
+
+
+def create(url: BusURL, options: OptionReader) -> SqsAdapter:
+    """Entry point for ``sqs://`` URLs; does no I/O."""
+    return SqsAdapter(url, read_options(url, options))
+
+
+def _capabilities(o: SqsOptions) -> Capabilities:
+    return Capabilities(
+        ordering="per_key" if o.fifo else "none",  # FIFO: MessageGroupId = key
+        delayed_delivery=not o.fifo,  # FIFO queues take no per-message DelaySeconds
+        max_delay=SQS_MAX_DELAY,
+        delayed_nack=True,  # ChangeMessageVisibility
+        native_dead_letter=False,  # msgbus re-sends with the reason; the redrive policy is only a safety net
+        max_message_size=SQS_MAX_MESSAGE_SIZE - METADATA_RESERVE,
+        persistence="disk",
+        cross_process=True,
+        lock_extension=True,
+        restartable=True,
+        lock_duration=float(o.visibility_timeout),
+        exactly_once=False,
+    )
+
+
+def _dedup_id(message_id: str) -> str:
+    """A FIFO deduplication id for ``message_id`` (the id itself when SQS accepts it)."""
+    return message_id if _DEDUP_ID.match(message_id) else hashlib.sha256(message_id.encode()).hexdigest()
+
+
+def _whole_seconds(seconds: float, limit: int) -> int:
+    """SQS takes whole seconds: round up, so a delay is never shorter than asked."""
+    return min(limit, max(0, math.ceil(seconds - 1e-9)))
+
+
+class SqsAdapter(Adapter):
+    """One SQS client and one SNS client (aiobotocore, one HTTP connection pool). Task-safe."""
+
+    def __init__(self, url: BusURL, options: SqsOptions) -> None:
+        self.url = url
+        self._o = options
+        self.capabilities = _capabilities(options)
+        self._stack: AsyncExitStack | None = None
+        self._sqs: Any = None
+        self._sns: Any = None
+        self._topology: Topology | None = None
+        self._receivers: set[SqsReceiver] = set()
+        self._send_slots = asyncio.Semaphore(options.send_concurrency)
+
+    def __repr__(self) -> str:
+        return f"SqsAdapter({self.url.redacted!r})"
+
+    # -- connection ---------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create the clients and make one cheap call (ListQueues) to prove the endpoint answers."""
+        if self._stack is not None:
+            return
+        o = self._o
+        session = get_session()
+        if o.profile:
+            session.set_config_variable("profile", o.profile)
+        config = AioConfig(
+            retries={"max_attempts": o.retries + 1, "mode": "standard"},
+            connect_timeout=o.connect_timeout,
+            read_timeout=o.read_timeout,
+            max_pool_connections=64,  # long polls hold a connection each
+        )
+        kwargs: dict[str, Any] = {"config": config}
+        if o.region:
+            kwargs["region_name"] = o.region
+        if o.endpoint_url:
+            kwargs["endpoint_url"] = o.endpoint_url
+        if o.access_key_id:
+            kwargs.update(aws_access_key_id=o.access_key_id, aws_secret_access_key=o.secret_access_key)
+            if o.session_token:
+                kwargs["aws_session_token"] = o.session_token
+        stack = AsyncExitStack()
+        try:
+            with translated("connect", secrets=o.secrets):
+                sqs = await stack.enter_async_context(session.create_client("sqs", **kwargs))
+                sns = await stack.enter_async_context(session.create_client("sns", **kwargs))
+                sts = await stack.enter_async_context(session.create_client("sts", **kwargs))
+                await sqs.list_queues(QueueNamePrefix=o.prefix or "msgbus", MaxResults=1)
+        except BaseException:
+            await stack.aclose()
+            raise
+        self._stack, self._sqs = stack, sqs
+        self._sns = sns
+        self._topology = Topology(sqs, sns, sts, o)
+
+    async def close(self) -> None:
+        """Close every receiver (flushing pending acks), then the clients. Idempotent."""
+        for receiver in list(self._receivers):
+            await receiver.close()
+        stack, self._stack, self._topology = self._stack, None, None
+        if stack is not None:
+            await stack.aclose()
+
+    def _topo(self) -> Topology:
+        if self._topology is None:
+            raise ClosedError(f"{self!r} is not open")
+        return self._topology
+
+    async def declare(self, endpoint: Endpoint, *, create: bool = True) -> None:
+        """Create (or verify) the queue/topic/subscription of ``endpoint`` and its dead-letter queue; idempotent.
+
+        A subscription's queue is subscribed before this returns, so it gets every message published after.
+        """
+        await self._topo().declare(endpoint, create=create)
+
+    async def _resolve(self, endpoint: Endpoint) -> Resolved:
+        topo = self._topo()
+        found = topo.resolved(endpoint)
+        return found if found is not None else await topo.declare(endpoint, create=True)
+
+    # -- sending ------------------------------------------------------------------------------------
+
+    async def send(self, endpoint: Endpoint, records: Sequence[Record], delay: float | None = None) -> None:
+        """Send ``records`` in batches of up to 10; returns once SQS (or SNS) accepted every one of them.
+
+        Every record is encoded and size-checked first, so an oversized one raises ``MessageTooLarge``
+        before anything is sent. A send to a queue or topic that vanished re-declares it (topology=declare).
+        """
+        delay_seconds = None
+        if delay:
+            if endpoint.kind == "topic":
+                raise CapabilityMissing("SNS topics cannot delay a message; send with delay to a queue instead")
+            if delay > SQS_MAX_DELAY:
+                raise InvalidMessage(f"delay {delay:g}s is longer than SQS's maximum {SQS_MAX_DELAY}s")
+            delay_seconds = _whole_seconds(delay, SQS_MAX_DELAY)
+        entries = [self._entry(r, delay_seconds, topic=endpoint.kind == "topic") for r in records]
+        batches = _batches(entries)
+        try:
+            await asyncio.gather(*(self._send_batch(endpoint, b) for b in batches))
+        except TopologyError as exc:
+            if not isinstance(exc.__cause__, Exception) or not is_missing(exc.__cause__):
+                raise
+            stale = self._topo().resolved(endpoint)
+            await self._topo().recover(endpoint, stale)
+            # At-least-once: batches that went through before the loss are sent again.
+            await asyncio.gather(*(self._send_batch(endpoint, b) for b in batches))
+
+    def _entry(self, record: Record, delay_seconds: int | None, *, topic: bool) -> tuple[int, dict[str, Any]]:
+        body, attrs = encode(record)
+        size = sqs_size(body, attrs)
+        if size > SQS_MAX_MESSAGE_SIZE:
+            raise MessageTooLarge(size, SQS_MAX_MESSAGE_SIZE)
+        entry: dict[str, Any] = {"MessageAttributes": attrs, ("Message" if topic else "MessageBody"): body}
+        if delay_seconds:
+            entry["DelaySeconds"] = delay_seconds
+        if self._o.fifo:
+            entry["MessageGroupId"] = record.key if record.key else record.id
+            entry["MessageDeduplicationId"] = _dedup_id(record.id)
+        return size, entry
+
+    async def _send_batch(self, endpoint: Endpoint, batch: list[dict[str, Any]]) -> None:
+        async with self._send_slots:
+            where = await self._resolve(endpoint)
+            pending = {str(i): entry for i, entry in enumerate(batch)}
+            for _ in range(_SEND_RETRIES):
+                entries = [{**e, "Id": i} for i, e in pending.items()]
+                with translated(f"send to {endpoint}", publish=True, secrets=self._o.secrets):
+                    if where.topic_arn is not None:
+                        response = await self._sns.publish_batch(
+                            TopicArn=where.topic_arn, PublishBatchRequestEntries=entries
+                        )
+                    else:
+                        response = await self._sqs.send_message_batch(QueueUrl=where.queue_url, Entries=entries)
+                failed = response.get("Failed") or []
+                if not failed:
+                    return
+                fault = [f for f in failed if f.get("SenderFault")]
+                if fault:
+                    f = fault[0]
+                    raise InvalidMessage(
+                        f"sqs refused {len(fault)} message(s) sent to {endpoint}: {f.get('Code')}: {f.get('Message')}"
+                    )
+                pending = {f["Id"]: pending[f["Id"]] for f in failed}
+            raise PublishError(
+                f"sqs did not store {len(pending)} message(s) sent to {endpoint} after {_SEND_RETRIES} tries"
+            )
+
+    async def send_raw(self, queue_url: str, record: Record) -> None:
+        """Send one record to a queue by URL (the dead-letter path); raises like ``send``."""
+        _, entry = self._entry(record, None, topic=False)
+        with translated("send to dead-letter queue", publish=True, secrets=self._o.secrets):
+            await self._sqs.send_message(QueueUrl=queue_url, **entry)
+
+    # -- receiving ----------------------------------------------------------------------------------
+
+    async def receiver(self, endpoint: Endpoint, prefetch: int) -> SqsReceiver:
+        """Long-poll the queue of ``endpoint`` (its dead-letter queue when ``endpoint.dead_letter``)."""
+        await self._resolve(endpoint)
+        receiver = SqsReceiver(self, endpoint)
+        self._receivers.add(receiver)
+        return receiver
+
+
+def _batches(entries: Sequence[tuple[int, dict[str, Any]]]) -> list[list[dict[str, Any]]]:
+    """Entries grouped into SQS batches: at most 10, and at most the size limit in total."""
+    out: list[list[dict[str, Any]]] = []
+    current: list[dict[str, Any]] = []
+    total = 0
+    for size, entry in entries:
+        if current and (len(current) == BATCH_MAX or total + size > SQS_MAX_MESSAGE_SIZE):
+            out.append(current)
+            current, total = [], 0
+        current.append(entry)
+        total += size
+    if current:
+        out.append(current)
+    return out
+
+
+class SqsReceiver(Receiver):
+    """Long-polls one SQS queue; deletes and visibility changes go out in batches of 10."""
+
+    def __init__(self, adapter: SqsAdapter, endpoint: Endpoint) -> None:
+        self._adapter = adapter
+        self._o = adapter._o
+        self.endpoint = endpoint
+        self._closed = False
+        self._deleter = Batcher(self._flush_deletes, "delete")
+        self._changer = Batcher(self._flush_visibility, "change-visibility")
+
+    def __repr__(self) -> str:
+        return f"SqsReceiver({self.endpoint})"
+
+    async def _where(self) -> tuple[Resolved, str]:
+        where = await self._adapter._resolve(self.endpoint)
+        url = where.dead_letter_url if self.endpoint.dead_letter else where.queue_url
+        assert url is not None
+        return where, url
+
+    async def receive(self, max_messages: int, timeout: float) -> list[Delivery]:
+        """Long-poll up to ``timeout`` seconds (whole seconds, at most ``wait_time``), then top up without waiting.
+
+        On a FIFO queue each call takes one message, so a batch never holds two of one message group:
+        SQS hands out the next of a group only after the previous one is deleted or visible again.
+        """
+        if self._closed:
+            raise ClosedError(f"{self!r} is closed")
+        wait = min(self._o.wait_time, _whole_seconds(timeout, self._o.wait_time))
+        per_call = 1 if self._o.fifo else BATCH_MAX
+        out: list[Delivery] = []
+        where, url = await self._where()
+        while len(out) < max_messages:
+            want = min(per_call, max_messages - len(out))
+            try:
+                with translated(f"receive from {self.endpoint}", secrets=self._o.secrets):
+                    response = await self._adapter._sqs.receive_message(
+                        QueueUrl=url,
+                        MaxNumberOfMessages=want,
+                        WaitTimeSeconds=wait if not out else 0,
+                        VisibilityTimeout=self._o.visibility_timeout,
+                        MessageAttributeNames=["All"],
+                        MessageSystemAttributeNames=["ApproximateReceiveCount"],
+                    )
+            except TopologyError as exc:
+                if out or not isinstance(exc.__cause__, Exception) or not is_missing(exc.__cause__):
+                    raise
+                log.warning("msgbus: %s vanished; declaring it again", self.endpoint)
+                await self._adapter._topo().recover(self.endpoint, where)
+                return out
+            messages = response.get("Messages") or []
+            out.extend(self._delivery(url, m) for m in messages)
+            if len(messages) < want:
+                break
+        return out
+
+    def _delivery(self, url: str, message: Mapping[str, Any]) -> SqsDelivery:
+        attempt = int((message.get("Attributes") or {}).get("ApproximateReceiveCount", "1"))
+        try:
+            record = decode(message)
+        except DecodeError as exc:  # a foreign writer's broken "msgbus" attribute: hand out the raw body
+            log.warning("msgbus: %s; delivering its body as bytes", exc)
+            record = Record(body=str(message.get("Body", "")).encode(), id=str(message.get("MessageId", "")))
+        return SqsDelivery(record, attempt, ReceivedMessage(url, message), self, str(message["ReceiptHandle"]))
+
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """Delete several messages in batches of 10."""
+        await asyncio.gather(*(d.ack() for d in deliveries))
+
+    async def close(self) -> None:
+        """Stop receiving and flush pending deletes; unsettled messages return when their visibility ends."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._deleter.close()
+        await self._changer.close()
+        self._adapter._receivers.discard(self)
+
+    async def _flush_deletes(self, entries: list[dict[str, Any]]) -> Mapping[str, MsgbusError]:
+        url = entries[0]["QueueUrl"]
+        batch = [{"Id": e["Id"], "ReceiptHandle": e["ReceiptHandle"]} for e in entries]
+        with translated(f"ack on {self.endpoint}", secrets=self._o.secrets):
+            response = await self._adapter._sqs.delete_message_batch(QueueUrl=url, Entries=batch)
+        return _failures(response, f"ack on {self.endpoint}")
+
+    async def _flush_visibility(self, entries: list[dict[str, Any]]) -> Mapping[str, MsgbusError]:
+        url = entries[0]["QueueUrl"]
+        batch = [
+            {"Id": e["Id"], "ReceiptHandle": e["ReceiptHandle"], "VisibilityTimeout": e["VisibilityTimeout"]}
+            for e in entries
+        ]
+        with translated(f"change visibility on {self.endpoint}", secrets=self._o.secrets):
+            response = await self._adapter._sqs.change_message_visibility_batch(QueueUrl=url, Entries=batch)
+        return _failures(response, f"change visibility on {self.endpoint}")
+
+
+def _failures(response: Mapping[str, Any], action: str) -> dict[str, MsgbusError]:
+    """The failed entries of a batch response as ``msgbus`` errors, by entry Id."""
+    out: dict[str, MsgbusError] = {}
+    for f in response.get("Failed") or []:
+        err = BrokerError(f"sqs {action} failed: {f.get('Code')}: {f.get('Message')}")
+        err.retryable = not f.get("SenderFault", False)  # a stale receipt handle will not get better
+        out[str(f["Id"])] = err
+    return out
+
+
+class SqsDelivery(Delivery):
+    """One received SQS message and its receipt handle."""
+
+    __slots__ = ("_receipt", "_receiver")
+
+    def __init__(self, record: Record, attempt: int, raw: ReceivedMessage, receiver: SqsReceiver, receipt: str) -> None:
+        super().__init__(record, attempt, raw)
+        self._receiver = receiver
+        self._receipt = receipt
+
+    @property
+    def _url(self) -> str:
+        assert isinstance(self.raw, ReceivedMessage)
+        return self.raw.queue_url
+
+    async def ack(self) -> None:
+        """Delete the message (batched with concurrent acks); returns once SQS confirmed."""
+        await self._receiver._deleter.submit({"QueueUrl": self._url, "ReceiptHandle": self._receipt})
+
+    async def nack(self, delay: float | None = None) -> None:
+        """Make it visible again now, or after ``delay`` seconds (rounded up; at most 12 hours)."""
+        seconds = _whole_seconds(delay or 0.0, SQS_MAX_VISIBILITY)
+        await self._receiver._changer.submit(
+            {"QueueUrl": self._url, "ReceiptHandle": self._receipt, "VisibilityTimeout": seconds}
+        )
+
+    async def extend(self, seconds: float) -> None:
+        """Keep it invisible ``seconds`` more from now; batched and not awaited (the core calls this often)."""
+        self._receiver._changer.submit_nowait(
+            {
+                "QueueUrl": self._url,
+                "ReceiptHandle": self._receipt,
+                "VisibilityTimeout": _whole_seconds(seconds, SQS_MAX_VISIBILITY),
+            }
+        )
+
+    async def dead_letter(self, reason: str) -> None:
+        """Send it to the dead-letter queue with the reason headers, then delete it here.
+
+        A dead letter read from a dead-letter queue goes back to the end of that same queue.
+        """
+        receiver = self._receiver
+        where, _ = await receiver._where()
+        dlq = where.dead_letter_url
+        assert dlq is not None
+        source = Topology.base(receiver.endpoint)
+        record = dead_letter_record(self.record, reason, self.attempt, source)
+        try:
+            await receiver._adapter.send_raw(dlq, record)
+        except MessageTooLarge:  # the reason pushed a near-limit message over: keep its start only
+            await receiver._adapter.send_raw(dlq, dead_letter_record(self.record, reason[:200], self.attempt, source))
+        await self.ack()
