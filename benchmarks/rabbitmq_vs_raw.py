@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
-from msgbus_rabbitmq import create
 
 from msgbus._url import parse_url
 from msgbus.adapter import Endpoint, Record
+from msgbus_rabbitmq import create
 
 
 async def run_msgbus(url: str, queue: str, messages: int, size: int, batch: int, prefetch: int, qtype: str) -> float:

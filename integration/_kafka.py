@@ -197,7 +197,7 @@ def probe(host: str, port: int) -> str | None:
         return _api_versions(host, port)
 
     async def check() -> None:
-        from aiokafka.admin import AIOKafkaAdminClient
+        from aiokafka.admin import AIOKafkaAdminClient  # type: ignore[import-untyped]
 
         admin = AIOKafkaAdminClient(bootstrap_servers=f"{host}:{port}", request_timeout_ms=int(_TIMEOUT * 1000))
         await asyncio.wait_for(admin.start(), _TIMEOUT)

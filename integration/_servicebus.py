@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ._install import importable, pip_install
-from ._launchers import HOST, LauncherError, LocalBroker
+from ._launchers import HOST, LauncherError, LocalBroker, register
 from ._process import port_open, progress
 
 _REPO = Path(__file__).resolve().parent.parent
@@ -35,6 +35,7 @@ def _quote(text: str) -> str:
     return quote(text, safe="")
 
 
+@register
 class ServiceBus(LocalBroker):
     """The Service Bus test broker (``python -m integration.sbbroker``), installed with pip on first start."""
 

@@ -305,19 +305,34 @@ def test_local_endpoint_is_the_shared_broker(name: str, monkeypatch: pytest.Monk
     assert "guest:guest" not in repr(found)
 
 
-@pytest.mark.usefixtures("fresh_resolution")
-def test_missing_backend_is_skipped_with_the_reason() -> None:
-    with pytest.raises(pytest.skip.Exception, match="kafka launcher not implemented yet"):
-        brokers.endpoint("kafka")
+@pytest.fixture
+def planned(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A backend whose launcher is only planned (every real one may be implemented by now)."""
+    from integration import _launchers
+
+    class Example(_launchers.PlannedBroker):
+        name = "example"
+        port = 1
+        plan = "an example that is never written"
+
+    monkeypatch.setitem(_launchers.LAUNCHERS, Example.name, Example)
+    monkeypatch.delenv("MSGBUS_TEST_EXAMPLE_URL", raising=False)
+    return Example.name
 
 
 @pytest.mark.usefixtures("fresh_resolution")
-def test_missing_required_backend_fails(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MSGBUS_REQUIRE_BACKENDS", "redis, kafka")
+def test_missing_backend_is_skipped_with_the_reason(planned: str) -> None:
+    with pytest.raises(pytest.skip.Exception, match="example launcher not implemented yet"):
+        brokers.endpoint(planned)
+
+
+@pytest.mark.usefixtures("fresh_resolution")
+def test_missing_required_backend_fails(monkeypatch: pytest.MonkeyPatch, planned: str) -> None:
+    monkeypatch.setenv("MSGBUS_REQUIRE_BACKENDS", f"redis, {planned}")
     with pytest.raises(pytest.fail.Exception, match="required by MSGBUS_REQUIRE_BACKENDS"):
-        brokers.endpoint("kafka")
+        brokers.endpoint(planned)
     with pytest.raises(BrokerUnavailable) as caught:
-        brokers.resolve("kafka")  # cached: the same answer without trying again
+        brokers.resolve(planned)  # cached: the same answer without trying again
     assert caught.value.required
 
 

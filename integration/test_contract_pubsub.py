@@ -26,8 +26,9 @@ class TestPubSubContract(ContractSuite):
     @pytest.fixture
     def contract_url(self, broker_url: Callable[[str], Endpoint]) -> str:
         endpoint = broker_url("pubsub")
+        url = endpoint.url + ("&" if "?" in endpoint.url else "?") + OPTIONS
         if endpoint.source != "local":  # the official emulator keeps nothing across a restart
-            return f"{endpoint.url}&{OPTIONS}&persistence=none"
+            return f"{url}&persistence=none"
         # pstest with its journal: kill it (SIGKILL) and start it again on the same journal.
         self.restart_broker = lambda: asyncio.to_thread(endpoint.restart, hard=True)
-        return f"{endpoint.url}&{OPTIONS}"
+        return url

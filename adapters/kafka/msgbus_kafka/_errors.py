@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from aiokafka import errors as kx  # type: ignore[import-untyped]
+from aiokafka import errors as kx
 
 from msgbus._url import redact
 from msgbus.errors import (

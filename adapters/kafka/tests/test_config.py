@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from aiokafka import errors as kx  # type: ignore[import-untyped]
+from aiokafka import errors as kx
 
 from msgbus._url import parse_url
 from msgbus.errors import ConfigError, ConnectionLost, InvalidMessage, PublishError, TopologyError

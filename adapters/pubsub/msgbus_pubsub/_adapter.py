@@ -17,12 +17,12 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-import grpc
+import grpc  # type: ignore[import-untyped]
 from google.api_core import exceptions as gx
 from google.api_core import retry as retries
-from google.cloud import pubsub_v1
-from google.cloud.pubsub_v1.publisher.futures import Future as PublishFuture
-from google.protobuf import duration_pb2
+from google.cloud import pubsub_v1  # type: ignore[import-untyped]
+from google.cloud.pubsub_v1.publisher.futures import Future as PublishFuture  # type: ignore[import-untyped]
+from google.protobuf import duration_pb2  # type: ignore[import-untyped]
 from google.pubsub_v1 import PublisherAsyncClient, SubscriberAsyncClient
 from google.pubsub_v1 import types as pb
 from google.pubsub_v1.services.publisher.transports import PublisherGrpcAsyncIOTransport, PublisherGrpcTransport
@@ -162,7 +162,7 @@ class PubSubAdapter(Adapter):
         for client in (admin, subscriber):
             if client is not None:
                 with contextlib.suppress(*CLIENT_ERRORS):
-                    await client.transport.close()
+                    await client.transport.close()  # type: ignore[no-untyped-call]
 
     def _clients(self) -> tuple[pubsub_v1.PublisherClient, PublisherAsyncClient, SubscriberAsyncClient]:
         if self._publisher is None or self._admin is None or self._subscriber is None:
@@ -297,9 +297,7 @@ class PubSubAdapter(Adapter):
         futures: list[asyncio.Future[str]] = []
         try:
             for m in messages:
-                future: PublishFuture = publisher.publish(
-                    topic, m.data, ordering_key=m.ordering_key, **m.attributes
-                )
+                future: PublishFuture = publisher.publish(topic, m.data, ordering_key=m.ordering_key, **m.attributes)
                 futures.append(asyncio.wrap_future(future))
         except CLIENT_ERRORS as exc:
             raise translate(exc, f"publish to {topic}", publish=True) from exc

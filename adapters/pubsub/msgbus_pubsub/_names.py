@@ -8,7 +8,7 @@ in every subscription's name (``inventory`` may subscribe to many topics):
 endpoint                       topic (send)         subscription (receive)    dead letters (topic = sub)
 =============================  ===================  ========================  ============================
 queue ``Q``                    ``Q~queue``          ``Q~queue``               ``Q~queue~dlq``
-topic ``T``                    ``T``                                          
+topic ``T``                    ``T``                (none: publish only)      (none)
 topic ``T``, subscription S    ``T``                ``T~sub~S``               ``T~sub~S~dlq``
 =============================  ===================  ========================  ============================
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import aio_pika
 import pytest
-from msgbus_rabbitmq import RabbitMQAdapter, create
 
 from msgbus._url import parse_url
+from msgbus_rabbitmq import RabbitMQAdapter, create
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ from collections import Counter
 from collections.abc import Callable
 
 import pytest
-from msgbus_rabbitmq import RabbitMQAdapter
 
 from msgbus.adapter import (
     HEADER_ATTEMPTS,
@@ -19,6 +18,7 @@ from msgbus.adapter import (
     Record,
 )
 from msgbus.errors import ClosedError, MessageTooLarge, PublishError, TopologyError
+from msgbus_rabbitmq import RabbitMQAdapter
 
 pytestmark = pytest.mark.integration
 

@@ -7,10 +7,10 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from msgbus_rabbitmq._codec import HEADER_PRIOR_ATTEMPTS, decode, encode
 
 from msgbus.adapter import Record
 from msgbus.errors import InvalidMessage
+from msgbus_rabbitmq._codec import HEADER_PRIOR_ATTEMPTS, decode, encode
 
 _short = st.text(max_size=40)
 _names = st.text(min_size=1, max_size=30).filter(lambda s: not s.startswith("x-"))

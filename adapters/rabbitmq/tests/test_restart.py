@@ -16,10 +16,10 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from msgbus_rabbitmq import RabbitMQAdapter
 
 from msgbus.adapter import Endpoint, Record
 from msgbus.errors import ConnectionLost, MsgbusError
+from msgbus_rabbitmq import RabbitMQAdapter
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

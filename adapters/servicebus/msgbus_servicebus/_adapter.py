@@ -17,7 +17,7 @@ from azure.servicebus.aio import ServiceBusClient, ServiceBusReceiver, ServiceBu
 
 from msgbus._url import BusURL, OptionReader
 from msgbus.adapter import Adapter, Capabilities, Delivery, Endpoint, Receiver, Record
-from msgbus.errors import ClosedError, MessageTooLarge
+from msgbus.errors import ClosedError, MessageTooLarge, MsgbusError
 
 from . import _codec
 from ._config import ServiceBusOptions, check_entity, read_options
@@ -220,6 +220,17 @@ class ServiceBusReceiverAdapter(Receiver):
                 raise
             out.append(ServiceBusDelivery(self, record, attempt, message))
         return out
+
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """Complete each delivery; one lost lock does not stop the others. Raises the first failure after."""
+        first: MsgbusError | None = None
+        for delivery in deliveries:
+            try:
+                await delivery.ack()
+            except MsgbusError as err:
+                first = first or err
+        if first is not None:
+            raise first
 
     async def close(self) -> None:
         if self._closed:
