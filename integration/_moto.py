@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copyreg
+import itertools
 import logging
 import os
 import pickle
@@ -36,7 +37,7 @@ from moto.moto_server.werkzeug_app import (
 )
 from moto.sns.models import sns_backends
 from moto.sqs import models as sqs_models
-from moto.sqs.models import Queue, sqs_backends
+from moto.sqs.models import Queue, SQSBackend, sqs_backends
 from werkzeug.serving import make_server
 
 _LOCK = threading.Lock()
@@ -58,6 +59,57 @@ def _fast_millis(dt: Any = None) -> float:
 
 sqs_models.unix_time_millis = _fast_millis  # type: ignore[attr-defined]
 
+# moto recomputes a queue's attributes (three O(messages) counts) several times per message sent or
+# received; within one (serialised) request they cannot meaningfully change, so compute them once.
+_requests = itertools.count(int(time.time() * 1000))  # never matches a generation saved in a snapshot
+_generation = next(_requests)
+_original_attributes = Queue.attributes
+
+
+def _attributes_once_per_request(self: Queue) -> dict[str, Any]:
+    cached = self.__dict__.get("_msgbus_attributes")
+    if cached is None or cached[0] != _generation:
+        cached = self.__dict__["_msgbus_attributes"] = (_generation, _original_attributes.fget(self))  # type: ignore[attr-defined]
+    return dict(cached[1])
+
+
+Queue.attributes = property(_attributes_once_per_request)  # type: ignore[assignment,method-assign]
+
+
+def _delete_message_batch(
+    self: SQSBackend, queue_name: str, receipts: list[dict[str, Any]]
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """moto's DeleteMessageBatch scans and rebuilds the whole queue per entry; this does one pass per batch
+    with the same outcome: entries whose handle belongs to a message (or one already deleted) succeed."""
+    queue = self.get_queue(queue_name)
+    wanted = {r["ReceiptHandle"]: r["Id"] for r in receipts}
+    done = {h for h in wanted if h in queue.deleted_messages}
+    kept = []
+    for message in queue._messages:
+        hits = [h for h in message.all_receipt_handles if h in wanted]
+        if hits:
+            queue.pending_messages.discard(message)
+            queue.deleted_messages.update(message.all_receipt_handles)
+            done.update(hits)
+        else:
+            kept.append(message)
+    queue._messages = kept
+    success = [i for h, i in wanted.items() if h in done]
+    errors = [
+        {
+            "Id": i,
+            "SenderFault": True,
+            "Code": "ReceiptHandleIsInvalid",
+            "Message": f'The input receipt handle "{h}" is not a valid receipt handle.',
+        }
+        for h, i in wanted.items()
+        if h not in done
+    ]
+    return success, errors
+
+
+SQSBackend.delete_message_batch = _delete_message_batch  # type: ignore[method-assign]
+
 
 def _wait_unlocked(self: Queue, timeout: int) -> None:
     """A long poll waits without the request lock, so other clients' sends can reach the queue."""
@@ -75,7 +127,9 @@ def serialised(app: Any) -> Any:
     """The WSGI ``app`` with every request handled under the lock."""
 
     def handle(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        global _generation
         with _LOCK:
+            _generation = next(_requests)
             return list(app(environ, start_response))
 
     return handle

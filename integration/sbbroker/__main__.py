@@ -33,8 +33,9 @@ def main(argv: list[str] | None = None) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    logging.getLogger("sbbroker").info("listening on %s:%d (lock duration %.1fs)", args.host, args.port,
-                                       args.lock_duration)
+    logging.getLogger("sbbroker").info(
+        "listening on %s:%d (lock duration %.1fs)", args.host, args.port, args.lock_duration
+    )
     serve(args.host, args.port, broker)
 
 

@@ -13,8 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from proton import UNDESCRIBED, Array, Condition, Data, Delivery, Disposition, Endpoint, Link, Message, symbol
-from proton import Handler
+from proton import UNDESCRIBED, Array, Condition, Data, Delivery, Disposition, Endpoint, Handler, Link, Message, symbol
 from proton.reactor import Container
 
 from . import codec
@@ -191,8 +190,9 @@ class Broker(Handler):  # type: ignore[misc]
             annotations["x-opt-locked-until"] = codec.ms(msg.locked_until)
         if msg.dead_letter:
             annotations["x-opt-deadletter-source"] = mq.path.rsplit("/", 1)[0]
-        raw = codec.rewrite(msg.raw, delivery_count=msg.delivery_count, annotations=annotations,
-                            properties=msg.dead_letter or None)
+        raw = codec.rewrite(
+            msg.raw, delivery_count=msg.delivery_count, annotations=annotations, properties=msg.dead_letter or None
+        )
         dlv = link.delivery(token.bytes_le)  # the lock token is the delivery tag, .NET Guid byte order
         link.stream(raw)
         link.advance()
@@ -220,8 +220,9 @@ class Broker(Handler):  # type: ignore[misc]
         elif state == Disposition.REJECTED:
             cond = dlv.remote.condition
             info = cond.info if cond is not None and isinstance(cond.info, dict) else {}
-            touched = self.store.dead_letter(token, str(info.get("DeadLetterReason", "")),
-                                             str(info.get("DeadLetterErrorDescription", "")))
+            touched = self.store.dead_letter(
+                token, str(info.get("DeadLetterReason", "")), str(info.get("DeadLetterErrorDescription", ""))
+            )
         elif state == Disposition.MODIFIED and dlv.remote.undeliverable:
             self.store.defer(token)
         elif state == Disposition.MODIFIED:
@@ -289,8 +290,9 @@ class Broker(Handler):  # type: ignore[misc]
         fields = dict(urllib.parse.parse_qsl(token.removeprefix("SharedAccessSignature ")))
         signed = urllib.parse.quote_plus(fields.get("sr", "")) + "\n" + fields.get("se", "")
         digest = hmac.new(self.key.encode(), signed.encode(), hashlib.sha256).digest()
-        if fields.get("skn") != self.key_name or not hmac.compare_digest(base64.b64encode(digest).decode(),
-                                                                           fields.get("sig", "")):
+        if fields.get("skn") != self.key_name or not hmac.compare_digest(
+            base64.b64encode(digest).decode(), fields.get("sig", "")
+        ):
             return False, "InvalidSignature: the token's signature does not match the key"
         if float(fields.get("se", "0")) < time.time():
             return False, "ExpiredToken"
@@ -349,8 +351,9 @@ class Broker(Handler):  # type: ignore[misc]
             elif status == "defered":
                 self.store.defer(token)
             elif status == "suspended":
-                touched = self.store.dead_letter(token, str(body.get("deadletter-reason", "")),
-                                                 str(body.get("deadletter-description", "")))
+                touched = self.store.dead_letter(
+                    token, str(body.get("deadletter-reason", "")), str(body.get("deadletter-description", ""))
+                )
             if touched is not None:
                 self.pump(touched)
         return 200, None, None
@@ -394,8 +397,9 @@ class Broker(Handler):  # type: ignore[misc]
         annotations: dict[str, Any] = {"x-opt-sequence-number": msg.seq, "x-opt-enqueued-time": codec.ms(msg.enqueued)}
         if msg.token is not None:
             annotations["x-opt-locked-until"] = codec.ms(msg.locked_until)
-        return codec.rewrite(msg.raw, delivery_count=msg.delivery_count, annotations=annotations,
-                             properties=msg.dead_letter or None)
+        return codec.rewrite(
+            msg.raw, delivery_count=msg.delivery_count, annotations=annotations, properties=msg.dead_letter or None
+        )
 
 
 def _array(kind: int, values: list[Any]) -> Array:

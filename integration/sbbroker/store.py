@@ -186,7 +186,9 @@ class Store:
         if count:
             msg.delivery_count += 1
             if msg.delivery_count >= MAX_DELIVERY_COUNT and mq.dlq is not None:
-                self._dead_letter(mq, msg, "MaxDeliveryCountExceeded", "Message could not be consumed after 10 attempts")
+                self._dead_letter(
+                    mq, msg, "MaxDeliveryCountExceeded", "Message could not be consumed after 10 attempts"
+                )
                 return mq.dlq
         heapq.heappush(mq.ready, msg.seq)
         return mq
@@ -232,8 +234,14 @@ class Store:
     def save(self, path: Path) -> None:
         def dump(mq: MessageQueue) -> list[dict[str, Any]]:
             return [
-                {"seq": m.seq, "raw": base64.b64encode(m.raw).decode(), "enq": m.enqueued, "count": m.delivery_count,
-                 "deferred": m.deferred, "dl": m.dead_letter}
+                {
+                    "seq": m.seq,
+                    "raw": base64.b64encode(m.raw).decode(),
+                    "enq": m.enqueued,
+                    "count": m.delivery_count,
+                    "deferred": m.deferred,
+                    "dl": m.dead_letter,
+                }
                 for m in sorted(mq.messages.values(), key=lambda m: m.seq)
             ]
 
@@ -241,11 +249,16 @@ class Store:
         for ent in self.entities.values():
             queues = {"": ent.queue} if ent.queue else {}
             queues.update(ent.subscriptions)
-            state["entities"].append({
-                "name": ent.name, "kind": ent.kind,
-                "queues": {k: {"live": dump(mq), "dead": dump(mq.dlq) if mq.dlq else []} for k, mq in queues.items()},
-                "scheduled": [[d, s, base64.b64encode(r).decode()] for d, s, r in ent.scheduled],
-            })
+            state["entities"].append(
+                {
+                    "name": ent.name,
+                    "kind": ent.kind,
+                    "queues": {
+                        k: {"live": dump(mq), "dead": dump(mq.dlq) if mq.dlq else []} for k, mq in queues.items()
+                    },
+                    "scheduled": [[d, s, base64.b64encode(r).decode()] for d, s, r in ent.scheduled],
+                }
+            )
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state))
         tmp.replace(path)

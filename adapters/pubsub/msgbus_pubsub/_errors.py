@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import grpc  # type: ignore[import-untyped]
+import grpc
 from google.api_core import exceptions as gx
 from google.auth import exceptions as auth_errors
-from google.cloud.pubsub_v1.publisher import exceptions as publisher_errors  # type: ignore[import-untyped]
+from google.cloud.pubsub_v1.publisher import exceptions as publisher_errors
 
 from msgbus.errors import (
     BrokerError,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -384,9 +385,66 @@ class _Receiver(Receiver):
         self._receiving = 0
         self._idle: asyncio.TimerHandle | None = None
         self._pausing: asyncio.Task[None] | None = None
+        # Delivery tags of the current AMQP channel not yet settled, in delivery order, and those of them
+        # settled out of order: ack_many acks the settled prefix with one ``multiple=True`` frame.
+        self._tag_channel: object = None
+        self._open_tags: deque[int] = deque()
+        self._done_tags: set[int] = set()
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        try:
+            channel = message.channel
+        except ChannelInvalidStateError:
+            return  # the broker has put it back already
+        if channel is not self._tag_channel:  # a new channel after a reconnect: tags start again at 1
+            self._tag_channel = channel
+            self._open_tags.clear()
+            self._done_tags.clear()
+        self._open_tags.append(message.delivery_tag)
         self._buffer.put_nowait(message)
+
+    def _settled(self, message: AbstractIncomingMessage) -> None:
+        """Note that ``message`` was settled on its own (ack, nack or dead-letter)."""
+        if not _stale(message) and message.channel is self._tag_channel:
+            self._done_tags.add(message.delivery_tag)
+            self._advance()
+
+    def _advance(self) -> int:
+        """Drop the settled prefix of the open tags; returns the highest tag dropped (0: none)."""
+        last = 0
+        while self._open_tags and self._open_tags[0] in self._done_tags:
+            last = self._open_tags.popleft()
+            self._done_tags.discard(last)
+        return last
+
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """Ack with one ``basic.ack(multiple=True)`` up to the highest tag below which everything is settled.
+
+        ``multiple`` acks every unsettled delivery up to that tag, so it is used only where each of them is
+        in this batch or already settled; the rest of the batch is acked one by one.
+        """
+        batch: dict[int, _Delivery] = {}
+        singles: list[Delivery] = []
+        for d in deliveries:
+            if isinstance(d, _Delivery) and d._receiver is self and not _stale(d.raw) and d.raw.channel is self._tag_channel:
+                batch[d.raw.delivery_tag] = d
+            else:
+                singles.append(d)
+        self._done_tags.update(batch)
+        upto = 0
+        while self._open_tags and self._open_tags[0] in self._done_tags:
+            tag = self._open_tags.popleft()
+            self._done_tags.discard(tag)
+            if tag in batch:
+                upto = tag
+        if upto:
+            with translate(f"acking on {self._endpoint}"):
+                await batch[upto].raw.ack(multiple=True)
+        for tag, d in batch.items():
+            if tag > upto:
+                singles.append(d)
+        for d in singles:
+            await d.ack()
 
     async def _resume(self) -> None:
         async with self._switch:
@@ -508,6 +566,7 @@ class _Delivery(Delivery):
         """basic.ack. Raises ``ConnectionLost`` if the channel closed first (the message will come back)."""
         with translate(f"acking on {self._receiver._endpoint}"):
             await self.raw.ack()
+        self._receiver._settled(self.raw)
 
     async def nack(self, delay: float | None = None) -> None:
         """Release for another attempt (after ``delay`` s via a holding queue, without blocking anyone)."""
@@ -518,6 +577,7 @@ class _Delivery(Delivery):
             # Quorum queues count this return in x-delivery-count, so a plain requeue keeps the count.
             with translate(f"nacking on {self._receiver._endpoint}"):
                 await self.raw.nack(requeue=True)
+            self._receiver._settled(self.raw)
             return
         # Classic queues only flag redeliveries, so carry the count on a confirmed copy, then ack.
         await adapter._requeue_copy(self.record, self._receiver._name, self.attempt, delay)

@@ -123,6 +123,8 @@ def _shortstr(what: str, value: str) -> None:
 
 
 def _count(value: object) -> int:
+    if value is None:  # the common case: no such header (skip _text's JSON fallback)
+        return 0
     try:
         return max(0, int(_text(value)))
     except ValueError:

@@ -7,4 +7,10 @@ messages are peek-locked, dead letters go to the native ``$DeadLetterQueue`` sub
 from ._adapter import ServiceBusAdapter, ServiceBusDelivery, ServiceBusReceiverAdapter, create
 from ._config import url_from_connection_string
 
-__all__ = ["ServiceBusAdapter", "ServiceBusDelivery", "ServiceBusReceiverAdapter", "create", "url_from_connection_string"]
+__all__ = [
+    "ServiceBusAdapter",
+    "ServiceBusDelivery",
+    "ServiceBusReceiverAdapter",
+    "create",
+    "url_from_connection_string",
+]

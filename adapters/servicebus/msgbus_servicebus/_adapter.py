@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from azure.servicebus import ServiceBusMessage, ServiceBusReceivedMessage, ServiceBusReceiveMode, ServiceBusSubQueue
@@ -27,6 +27,8 @@ from ._topology import Topology
 __all__ = ["ServiceBusAdapter", "ServiceBusDelivery", "ServiceBusReceiverAdapter", "create"]
 
 log = logging.getLogger("msgbus.servicebus")
+
+_RECEIVE_SLICE = 0.1  # seconds one receive call may hold the SDK receiver while settlements wait
 
 
 def create(url: BusURL, options: OptionReader) -> ServiceBusAdapter:
@@ -145,7 +147,7 @@ class ServiceBusAdapter(Adapter):
     ) -> None:
         with translated(f"send to {name!r}", publish=True, secrets=self._secrets):
             if delay:
-                due = datetime.now(timezone.utc) + timedelta(seconds=delay)
+                due = datetime.now(UTC) + timedelta(seconds=delay)
                 await sender.schedule_messages(messages, due)
                 return
             if len(messages) == 1:
@@ -194,6 +196,8 @@ class ServiceBusReceiverAdapter(Receiver):
         self._secrets = adapter._secrets
         self._closed = False
         self._held: set[asyncio.Task[None]] = set()
+        # The SDK's aio receiver is not coroutine-safe: receive, settle and renew take turns.
+        self.lock = asyncio.Lock()
 
     def hold(self, delivery: ServiceBusDelivery, delay: float) -> None:
         """Abandon ``delivery`` after ``delay`` seconds, renewing its lock meanwhile (delayed nack)."""
@@ -206,10 +210,18 @@ class ServiceBusReceiverAdapter(Receiver):
             await self.sdk.__aenter__()
 
     async def receive(self, max_messages: int, timeout: float) -> list[Delivery]:
+        """Receive in short slices, so settlements (which share the SDK receiver's lock) are not held back."""
         if self._closed:
             raise ClosedError(f"receiver for {self.endpoint} is closed")
-        with translated(f"receive from {self.endpoint}", secrets=self._secrets):
-            batch = await self.sdk.receive_messages(max_message_count=max_messages, max_wait_time=max(timeout, 0.05))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            wait = max(0.05, min(_RECEIVE_SLICE, deadline - loop.time()))
+            async with self.lock:
+                with translated(f"receive from {self.endpoint}", secrets=self._secrets):
+                    batch = await self.sdk.receive_messages(max_message_count=max_messages, max_wait_time=wait)
+            if batch or loop.time() >= deadline:
+                break
         out: list[Delivery] = []
         for message in batch:
             try:
@@ -224,11 +236,13 @@ class ServiceBusReceiverAdapter(Receiver):
     async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
         """Complete each delivery; one lost lock does not stop the others. Raises the first failure after."""
         first: MsgbusError | None = None
-        for delivery in deliveries:
-            try:
-                await delivery.ack()
-            except MsgbusError as err:
-                first = first or err
+        async with self.lock:  # one turn for the whole batch
+            for delivery in deliveries:
+                try:
+                    with translated(f"complete on {self.endpoint}", secrets=self._secrets):
+                        await self.sdk.complete_message(_message(delivery))
+                except MsgbusError as err:
+                    first = first or err
         if first is not None:
             raise first
 
@@ -257,7 +271,8 @@ class ServiceBusDelivery(Delivery):
 
     async def ack(self) -> None:
         with translated(f"complete on {self._receiver.endpoint}", secrets=self._receiver._secrets):
-            await self._receiver.sdk.complete_message(self.raw)
+            async with self._receiver.lock:
+                await self._receiver.sdk.complete_message(self.raw)
 
     async def nack(self, delay: float | None = None) -> None:
         """Abandon (delivery count + 1); with ``delay``, schedule a copy carrying the attempts, then complete.
@@ -267,7 +282,8 @@ class ServiceBusDelivery(Delivery):
         r = self._receiver
         if not delay:
             with translated(f"abandon on {r.endpoint}", secrets=r._secrets):
-                await r.sdk.abandon_message(self.raw)
+                async with r.lock:
+                    await r.sdk.abandon_message(self.raw)
             return
         if r.endpoint.kind == "queue" and not r.endpoint.dead_letter:
             await r._adapter.send_messages(r.endpoint.name, [_codec.encode(self.record, self.attempt)], delay)
@@ -288,22 +304,31 @@ class ServiceBusDelivery(Delivery):
                 remaining -= step
                 if remaining > 0:
                     await self.extend(lock)
-            await r.sdk.abandon_message(self.raw)
+            async with r.lock:
+                await r.sdk.abandon_message(self.raw)
         except Exception as exc:  # the lock expires instead: redelivered all the same
             log.debug("msgbus: delayed abandon of %s failed: %s", self.record.id, type(exc).__name__)
 
     async def dead_letter(self, reason: str) -> None:
         r = self._receiver
         with translated(f"dead-letter on {r.endpoint}", secrets=r._secrets):
-            await r.sdk.dead_letter_message(
-                self.raw, reason=reason[: _codec.MAX_REASON], error_description=_codec.description(self.attempt)
-            )
+            async with r.lock:
+                await r.sdk.dead_letter_message(
+                    self.raw, reason=reason[: _codec.MAX_REASON], error_description=_codec.description(self.attempt)
+                )
 
     async def extend(self, seconds: float) -> None:
         """Renew the lock (for the entity's lock duration; ``seconds`` cannot be chosen on Service Bus)."""
         r = self._receiver
         with translated(f"renew lock on {r.endpoint}", secrets=r._secrets):
-            await r.sdk.renew_message_lock(self.raw)
+            async with r.lock:
+                await r.sdk.renew_message_lock(self.raw)
+
+
+def _message(delivery: Delivery) -> ServiceBusReceivedMessage:
+    if not isinstance(delivery, ServiceBusDelivery):
+        raise TypeError(f"not a Service Bus delivery: {delivery!r}")
+    return delivery.raw
 
 
 async def _quietly(closing: Any) -> None:

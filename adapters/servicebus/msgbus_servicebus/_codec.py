@@ -31,7 +31,7 @@ _ATTEMPTS_TEXT = re.compile(r"after (\d+) attempt")
 
 def encode(record: Record, prior_attempts: int = 0) -> ServiceBusMessage:
     """The message to send for ``record`` (``prior_attempts``: deliveries already made, for a re-sent copy)."""
-    props: dict[str | bytes, Any] = dict(record.headers)
+    props: dict[str | bytes, Any] = {k: v for k, v in record.headers.items()}
     props[TIMESTAMP] = repr(record.timestamp)
     if record.key is not None:
         props[KEY] = record.key

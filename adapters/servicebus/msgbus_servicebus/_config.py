@@ -89,7 +89,7 @@ def url_from_connection_string(text: str) -> str:
     match = re.match(r"^sb://([^/;]+)/?$", endpoint)
     if match is None:
         raise ConfigError("Service Bus connection string needs Endpoint=sb://<host>[:port]/")
-    name, key = fields.pop("sharedaccesskeyname", None), fields.pop("sharedaccesskey", None)
+    name, key = fields.pop("sharedaccesskeyname", ""), fields.pop("sharedaccesskey", "")
     if not name or not key:
         raise ConfigError("Service Bus connection string needs SharedAccessKeyName and SharedAccessKey")
     emulator = fields.pop("usedevelopmentemulator", "false").lower() == "true"

@@ -40,13 +40,15 @@ _TABLE: tuple[tuple[type[BaseException], type[MsgbusError], bool | None], ...] =
 )
 
 
-def translate(exc: BaseException, action: str, *, publish: bool = False, secrets: Sequence[str | None] = ()) -> Exception:
+def translate(
+    exc: BaseException, action: str, *, publish: bool = False, secrets: Sequence[str | None] = ()
+) -> Exception:
     """The ``msgbus`` error for ``exc``; ``publish`` marks a send, whose refusals are ``PublishError``."""
     text = f"servicebus {action} failed: {redact(str(exc) or type(exc).__name__, list(secrets))}"
     if isinstance(exc, sb.MessageSizeExceededError):  # the adapter checks sizes first: a limit mismatch
-        err = PublishError(text + " (lower the max_message_size option to the entity's limit)")
-        err.retryable = False
-        return err
+        refused = PublishError(text + " (lower the max_message_size option to the entity's limit)")
+        refused.retryable = False
+        return refused
     for source, target, retryable in _TABLE:
         if isinstance(exc, source):
             if publish and target is BrokerError and retryable is None:

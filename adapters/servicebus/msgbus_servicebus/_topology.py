@@ -52,7 +52,7 @@ class Topology:
         if self._admin is None:
             self._admin = ServiceBusAdministrationClient.from_connection_string(self._options.connection_string)
         admin, lock = self._admin, timedelta(seconds=self._options.lock_duration)
-        settings = {"lock_duration": lock, "max_delivery_count": self._options.max_delivery_count}
+        count = self._options.max_delivery_count
         try:
             if endpoint.kind == "queue":
                 await admin.get_queue(endpoint.name)
@@ -63,7 +63,7 @@ class Topology:
                 raise TopologyError(f"{endpoint.kind} {endpoint.name!r} does not exist (topology=verify)") from None
             try:
                 if endpoint.kind == "queue":
-                    await admin.create_queue(endpoint.name, **settings)
+                    await admin.create_queue(endpoint.name, lock_duration=lock, max_delivery_count=count)
                 else:
                     await admin.create_topic(endpoint.name)
             except core.ResourceExistsError:
@@ -75,7 +75,9 @@ class Topology:
                 if not create:
                     raise TopologyError(f"subscription {endpoint} does not exist (topology=verify)") from None
                 try:
-                    await admin.create_subscription(endpoint.name, endpoint.subscription, **settings)
+                    await admin.create_subscription(
+                        endpoint.name, endpoint.subscription, lock_duration=lock, max_delivery_count=count
+                    )
                 except core.ResourceExistsError:
                     pass
 

@@ -1,0 +1,79 @@
+"""Record <-> Service Bus message, through the SDK's own encoder/decoder (no broker, no mocks)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from azure.servicebus import ServiceBusReceivedMessage
+from azure.servicebus._pyamqp._decode import decode_payload
+from azure.servicebus._pyamqp._encode import encode_payload
+from azure.servicebus._pyamqp.message import Header
+from azure.servicebus._transport._pyamqp_transport import PyamqpTransport
+from hypothesis import given
+from hypothesis import strategies as st
+
+from msgbus.adapter import HEADER_ATTEMPTS, HEADER_DEAD_LETTER_REASON, HEADER_DEAD_LETTER_SOURCE, Endpoint, Record
+from msgbus_servicebus import _codec
+
+QUEUE = Endpoint("queue", "orders")
+
+
+def _received(record: Record, *, prior: int = 0, delivery_count: int = 0, extra: dict[str, str] | None = None) -> Any:
+    """What a receiver would get: the outgoing message encoded to AMQP bytes and decoded by the SDK."""
+    outgoing = _codec.encode(record, prior)
+    message = PyamqpTransport.to_outgoing_amqp_message(outgoing.raw_amqp_message)
+    if extra:
+        message = message._replace(application_properties={**message.application_properties, **extra})
+    message = message._replace(header=Header(delivery_count=delivery_count))
+    out = bytearray()
+    encode_payload(out, message)
+    return ServiceBusReceivedMessage(decode_payload(memoryview(bytes(out))), receiver=None)
+
+
+def test_round_trip_keeps_everything() -> None:
+    record = Record(
+        b"\x00body", "id-1", {"h": "v", "ünï": "✓", "empty": ""}, "k1", "corr", "application/json", 1234.5678
+    )
+    got, attempt = _codec.decode(_received(record), QUEUE)
+    assert got == record and attempt == 1
+
+
+def test_attempt_counts_deliveries_and_prior_attempts() -> None:
+    record = Record(b"x", "id")
+    assert _codec.decode(_received(record, delivery_count=2), QUEUE)[1] == 3
+    assert _codec.decode(_received(record, prior=3, delivery_count=1), QUEUE)[1] == 5
+
+
+def test_dead_letter_properties_become_msgbus_headers() -> None:
+    record = Record(b"x", "id", {"h": "v"})
+    extra = {_codec.DL_REASON: "bad order", _codec.DL_DESCRIPTION: _codec.description(3)}
+    got, _ = _codec.decode(_received(record, extra=extra), Endpoint("queue", "orders", dead_letter=True))
+    assert got.headers == {
+        "h": "v",
+        HEADER_DEAD_LETTER_REASON: "bad order",
+        HEADER_ATTEMPTS: "3",
+        HEADER_DEAD_LETTER_SOURCE: "queue:orders",
+    }
+
+
+def test_service_dead_letters_fall_back_to_delivery_count() -> None:
+    extra = {_codec.DL_REASON: "MaxDeliveryCountExceeded", _codec.DL_DESCRIPTION: "too many"}
+    sub = Endpoint("topic", "t", "s", dead_letter=True)
+    got, _ = _codec.decode(_received(Record(b"x", "id"), delivery_count=9, extra=extra), sub)
+    assert got.headers[HEADER_ATTEMPTS] == "10"
+    assert got.headers[HEADER_DEAD_LETTER_SOURCE] == "topic:t/s"
+
+
+@given(
+    body=st.binary(max_size=200),
+    headers=st.dictionaries(
+        st.text(min_size=1, max_size=20).filter(lambda k: not k.startswith("x-msgbus-")), st.text(max_size=50)
+    ),
+    key=st.none() | st.text(max_size=20),
+    timestamp=st.floats(min_value=0, max_value=4e9, allow_nan=False),
+)
+def test_round_trip_property(body: bytes, headers: dict[str, str], key: str | None, timestamp: float) -> None:
+    headers.pop(_codec.DL_REASON, None)
+    headers.pop(_codec.DL_DESCRIPTION, None)
+    record = Record(body, "id", headers, key, None, None, timestamp)
+    assert _codec.decode(_received(record), QUEUE)[0] == record

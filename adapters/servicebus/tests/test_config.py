@@ -1,0 +1,86 @@
+"""URL options and connection strings, without a broker."""
+
+from __future__ import annotations
+
+import pytest
+
+from msgbus._url import parse_url
+from msgbus.errors import ConfigError
+from msgbus_servicebus import create, url_from_connection_string
+from msgbus_servicebus._config import check_entity, read_options
+
+KEY = "s3cr3t+Key/with=="
+
+
+def _options(url: str):  # type: ignore[no-untyped-def]
+    parsed = parse_url(url)
+    reader = parsed.reader()
+    options = read_options(parsed, reader)
+    reader.finish()
+    return options
+
+
+def test_local_host_defaults_to_the_emulator_dialect_without_admin_api() -> None:
+    o = _options("servicebus://Root:k@127.0.0.1:5682?lock_duration=2")
+    assert (o.emulator, o.management, o.lock_duration, o.port) == (True, "none", 2.0, 5682)
+    assert o.connection_string.endswith(";UseDevelopmentEmulator=true")
+
+
+def test_namespace_defaults_to_admin_topology_and_tls() -> None:
+    o = _options("servicebus://Root:k@ns.servicebus.windows.net")
+    assert (o.emulator, o.management, o.lock_duration, o.max_delivery_count) == (False, "admin", 60.0, 10)
+    assert "UseDevelopmentEmulator" not in o.connection_string
+
+
+def test_key_is_never_shown() -> None:
+    url = url_from_connection_string(
+        f"Endpoint=sb://127.0.0.1:5682;SharedAccessKeyName=Root;SharedAccessKey={KEY};UseDevelopmentEmulator=true"
+    )
+    parsed = parse_url(url)
+    assert parsed.password == KEY
+    adapter = create(parsed, parsed.reader())
+    for text in (repr(adapter), str(adapter.url), repr(adapter.options), repr(parsed)):
+        assert KEY not in text and "s3cr3t" not in text
+
+
+def test_connection_string_round_trip() -> None:
+    url = url_from_connection_string("Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=R;SharedAccessKey=k")
+    assert url == "servicebus://R:k@ns.servicebus.windows.net"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Endpoint=http://x;SharedAccessKeyName=R;SharedAccessKey=k",
+        "Endpoint=sb://x;SharedAccessKeyName=R",
+        "Endpoint=sb://x;SharedAccessKeyName=R;SharedAccessKey=k;Bogus=1",
+        "garbage",
+    ],
+)
+def test_bad_connection_strings_raise_without_the_key(text: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        url_from_connection_string(text)
+    assert "SharedAccessKey=k" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "servicebus://127.0.0.1:5682",  # no key
+        "servicebus://R:k@/",  # no host
+        "servicebus://R:k@h/queue",  # a path
+        "servicebus://R:k@h?management=maybe",
+        "servicebus://R:k@h?lock_duration=0.1",
+    ],
+)
+def test_bad_urls(url: str) -> None:
+    with pytest.raises(ConfigError):
+        _options(url)
+
+
+def test_entity_names() -> None:
+    assert check_entity("queue", "orders.v1_x-y", 260) == "orders.v1_x-y"
+    with pytest.raises(ConfigError):
+        check_entity("subscription", "s" * 51, 50)
+    with pytest.raises(ConfigError):
+        check_entity("queue", "-bad", 260)

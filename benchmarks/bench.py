@@ -1,0 +1,133 @@
+"""The benchmark harness: msgbus vs the raw client vs kombu and FastStream, on one broker, in one run.
+
+    python -m benchmarks.bench rabbitmq redis memory sqlite      # full runs, results/*.json + docs/benchmarks.md
+    python -m benchmarks.bench --smoke memory sqlite               # seconds: proves the harness works
+
+Each broker in ``BROKERS`` names its URL (``MSGBUS_TEST_<NAME>_URL`` wins) and its contenders as
+``module:Class`` (a ``msgbus._bench.Contender``). Adding a broker is one entry here plus, for its raw
+client, a small module in ``benchmarks/contenders/``. Workloads and counting live in ``msgbus._bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from msgbus._bench import LostMessages, Plan, bench, render_text
+
+from .render import render
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+DOC = HERE.parent / "docs" / "benchmarks.md"
+MSGBUS = "msgbus._bench:MsgbusContender"
+
+
+@dataclass(frozen=True)
+class Broker:
+    """One broker: where it is and who competes on it."""
+
+    url: str
+    contenders: dict[str, str]
+    workloads: tuple[str, ...] = ("publish", "consume", "latency")
+    notes: list[str] = field(default_factory=list)
+
+
+BROKERS: dict[str, Broker] = {
+    "rabbitmq": Broker(
+        "amqp://guest:guest@127.0.0.1:5672/?queue_type=classic",
+        {
+            "msgbus": MSGBUS,
+            "raw": "benchmarks.contenders.rabbitmq:AioPika",
+            "kombu": "benchmarks.contenders.kombu_:Kombu",
+            "faststream": "benchmarks.contenders.rabbitmq:FastStream",
+        },
+        notes=["durable classic queues, persistent messages, publisher confirms for every contender"],
+    ),
+    "redis": Broker(
+        "redis://127.0.0.1:6379/0",
+        {
+            "msgbus": MSGBUS,
+            "raw": "benchmarks.contenders.redis:RedisPy",
+            "kombu": "benchmarks.contenders.kombu_:Kombu",
+            "faststream": "benchmarks.contenders.redis:FastStream",
+        },
+        notes=["streams + consumer groups (kombu: its list-based transport)"],
+    ),
+    "kafka": Broker(
+        "kafka://127.0.0.1:9092",
+        {"msgbus": MSGBUS, "raw": "benchmarks.contenders.kafka:AioKafka"},
+        notes=["acks=all producers, consumer groups with manual commits"],
+    ),
+    "memory": Broker("memory://bench", {"msgbus": MSGBUS}, ("publish", "latency", "pipeline")),
+    "sqlite": Broker("sqlite:///{tmp}/bench.db", {"msgbus": MSGBUS}, ("publish", "consume", "latency", "pipeline")),
+}
+
+SMOKE = Plan(
+    messages=300, single_messages=100, latency_messages=50, latency_rate=1000.0, runs=1, batch=50, concurrency=4
+)
+
+
+def url_for(name: str, tmp: str) -> str:
+    return os.environ.get(f"MSGBUS_TEST_{name.upper()}_URL") or BROKERS[name].url.format(tmp=tmp)
+
+
+async def run_broker(name: str, plan: Plan, tmp: str) -> dict[str, object]:
+    broker = BROKERS[name]
+    url = url_for(name, tmp)
+    plan = replace(plan, workloads=tuple(w for w in plan.workloads if w in broker.workloads))
+    result = await bench(url, broker.contenders, plan, lambda text: print(f"[{name}] {text}", file=sys.stderr))
+    result["broker"] = name
+    result["notes"] = broker.notes
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("brokers", nargs="*", default=["memory", "sqlite", "rabbitmq", "redis"], choices=BROKERS)
+    parser.add_argument("--smoke", action="store_true", help="tiny counts, one run, nothing written")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--messages", type=int, help="per batch/concurrent/consume run (default 10000)")
+    parser.add_argument("--workload", action="append", choices=("publish", "consume", "latency", "pipeline"))
+    parser.add_argument("--no-write", action="store_true", help="print only; leave results/ and docs alone")
+    args = parser.parse_args(argv)
+    plan = SMOKE if args.smoke else Plan(runs=args.runs, workloads=("publish", "consume", "latency", "pipeline"))
+    if args.messages:
+        plan = replace(plan, messages=args.messages)
+    if args.workload:
+        plan = replace(plan, workloads=tuple(args.workload))
+    if not args.smoke:
+        plan = replace(plan, workloads=(*plan.workloads, "pipeline") if not args.workload else plan.workloads)
+    write = not (args.smoke or args.no_write)
+    import tempfile
+
+    status = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.brokers:
+            try:
+                result = asyncio.run(run_broker(name, plan, tmp))
+            except LostMessages as exc:
+                print(f"[{name}] FAILED: {exc}", file=sys.stderr)
+                status = 1
+                continue
+            print(render_text(result))
+            if write:
+                RESULTS.mkdir(exist_ok=True)
+                stamp = time.strftime("%Y%m%d")
+                (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+                print(f"[{name}] wrote results/{name}.json ({stamp})", file=sys.stderr)
+    if write:
+        DOC.write_text(render(sorted(RESULTS.glob("*.json"))))
+        print(f"rendered {DOC}", file=sys.stderr)
+    _ = asdict  # (re-exported for callers building plans)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

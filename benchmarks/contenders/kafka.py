@@ -1,0 +1,98 @@
+"""Kafka contender: raw aiokafka with an idempotent ``acks=all`` producer and manual commits per fetch."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # type: ignore[import-untyped]
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-untyped]
+from aiokafka.errors import TopicAlreadyExistsError  # type: ignore[import-untyped]
+
+from msgbus._bench import Contender, OnBody
+
+from .rabbitmq import prefetch
+
+
+class AioKafka(Contender):
+    """aiokafka: ``send_and_wait`` per message; batches hand every record to the producer, then await all
+    acks; a group member ``getmany``s up to ``prefetch`` records and ``commit()``s after handling them.
+    Topics get the partition count of the msgbus URL (``partitions``, 8 by default)."""
+
+    name = "raw"
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        parts = urlsplit(url)
+        self.bootstrap = parts.netloc
+        self.partitions = int(parse_qs(parts.query).get("partitions", ["8"])[0])
+        self.label = f"aiokafka {importlib.metadata.version('aiokafka')} (acks=all, idempotent)"
+        self._producer: Any = None
+        self._admin: Any = None
+        self._topics: set[str] = set()
+
+    def versions(self) -> dict[str, str]:
+        return {"aiokafka": importlib.metadata.version("aiokafka")}
+
+    async def open(self) -> None:
+        self._admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        await self._admin.start()
+        self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True)
+        await self._producer.start()
+
+    async def close(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+        if self._admin is not None:
+            await self._admin.close()
+
+    async def server_version(self) -> str | None:
+        from integration._kafka import kafka_version
+
+        return f"Apache Kafka {kafka_version()}"
+
+    async def _topic(self, topic: str) -> None:
+        if topic not in self._topics:
+            try:
+                await self._admin.create_topics([NewTopic(topic, self.partitions, 1)])
+            except TopicAlreadyExistsError:
+                pass
+            self._topics.add(topic)
+
+    async def send(self, queue: str, body: bytes) -> None:
+        await self._topic(queue)
+        await self._producer.send_and_wait(queue, body)
+
+    async def send_batch(self, queue: str, bodies: Sequence[bytes]) -> None:
+        await self._topic(queue)
+        acks = [await self._producer.send(queue, body) for body in bodies]
+        await asyncio.gather(*acks)
+
+    async def consume(self, queue: str, on_body: OnBody, concurrency: int, stop: asyncio.Event) -> None:
+        await self._topic(queue)
+        consumer = AIOKafkaConsumer(
+            queue,
+            bootstrap_servers=self.bootstrap,
+            group_id=f"{queue}-group",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+        )
+        await consumer.start()
+        try:
+            while not stop.is_set():
+                batches = await consumer.getmany(timeout_ms=100, max_records=prefetch(concurrency))
+                if not batches:
+                    continue
+                for records in batches.values():
+                    for record in records:
+                        on_body(record.value)
+                await consumer.commit()
+        finally:
+            await consumer.stop()
+
+    async def cleanup(self, queue: str) -> None:
+        if queue in self._topics:
+            await self._admin.delete_topics([queue])

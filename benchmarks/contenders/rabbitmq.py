@@ -1,0 +1,162 @@
+"""RabbitMQ contenders: raw aio-pika with publisher confirms, and FastStream's RabbitBroker (kombu: ``kombu_.py``).
+
+Every contender declares a durable queue of the type the msgbus URL names (``queue_type``, quorum by default)
+and sends persistent messages, so the broker does the same work for each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractIncomingMessage
+
+from msgbus._bench import Contender, OnBody
+
+
+def amqp_url(url: str) -> tuple[str, dict[str, Any]]:
+    """The plain AMQP URL (msgbus options stripped) and the queue arguments every contender declares."""
+    parts = urlsplit(url)
+    options = parse_qs(parts.query)
+    queue_type = options.get("queue_type", ["quorum"])[0]
+    arguments = {"x-queue-type": "quorum"} if queue_type == "quorum" else {}
+    return urlunsplit((parts.scheme, parts.netloc, parts.path or "/", "", "")), arguments
+
+
+def prefetch(concurrency: int) -> int:
+    """The credit every contender grants: msgbus's default for ``run(concurrency=C)``."""
+    return max(2 * concurrency, 16)
+
+
+class AioPika(Contender):
+    """aio-pika, the way its docs show: ``default_exchange.publish`` on a confirming channel; a consume
+    callback that acks each message; batches and concurrent sends are ``gather`` of confirmed publishes."""
+
+    name = "raw"
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.amqp, self.arguments = amqp_url(url)
+        self.label = f"aio-pika {importlib.metadata.version('aio-pika')} (confirms)"
+        self._conn: AbstractConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._exchange: AbstractExchange | None = None
+        self._declared: set[str] = set()
+
+    def versions(self) -> dict[str, str]:
+        return {lib: importlib.metadata.version(lib) for lib in ("aio-pika", "aiormq")}
+
+    async def open(self) -> None:
+        self._conn = await aio_pika.connect(self.amqp)
+        self._channel = await self._conn.channel(publisher_confirms=True)
+        self._exchange = self._channel.default_exchange
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+
+    async def server_version(self) -> str | None:
+        assert self._conn is not None
+        props: Any = self._conn.transport.connection.server_properties if self._conn.transport else {}
+        version = props.get("version")
+        return f"RabbitMQ {version.decode() if isinstance(version, bytes) else version}"
+
+    async def _declare(self, queue: str) -> None:
+        if queue not in self._declared:
+            assert self._channel is not None
+            await self._channel.declare_queue(queue, durable=True, arguments=self.arguments)
+            self._declared.add(queue)
+
+    async def send(self, queue: str, body: bytes) -> None:
+        await self._declare(queue)
+        assert self._exchange is not None
+        await self._exchange.publish(aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT), queue)
+
+    async def send_batch(self, queue: str, bodies: Sequence[bytes]) -> None:
+        await self._declare(queue)
+        assert self._exchange is not None
+        persistent = aio_pika.DeliveryMode.PERSISTENT
+        await asyncio.gather(*(self._exchange.publish(aio_pika.Message(b, delivery_mode=persistent), queue) for b in bodies))
+
+    async def consume(self, queue: str, on_body: OnBody, concurrency: int, stop: asyncio.Event) -> None:
+        await self._declare(queue)
+        assert self._conn is not None
+        channel = await self._conn.channel()
+        await channel.set_qos(prefetch_count=prefetch(concurrency))
+        q = await channel.declare_queue(queue, durable=True, arguments=self.arguments)
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            on_body(message.body)
+            await message.ack()
+
+        tag = await q.consume(on_message)
+        await stop.wait()
+        await q.cancel(tag)
+        await channel.close()
+
+    async def cleanup(self, queue: str) -> None:
+        if self._channel is not None:
+            await self._channel.queue_delete(queue)
+
+
+class FastStream(Contender):
+    """FastStream's RabbitBroker: ``broker.publish(persist=True)`` (confirming channel by default), and a
+    subscriber with ``AckPolicy.ACK`` (ack after the handler) on a channel with the same prefetch."""
+
+    name = "faststream"
+    modes = ("single", "concurrent")  # no batch publish for RabbitMQ
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.amqp, self.arguments = amqp_url(url)
+        self.label = f"FastStream {importlib.metadata.version('faststream')} RabbitBroker"
+        self._broker: Any = None
+        self._declared: set[str] = set()
+
+    def versions(self) -> dict[str, str]:
+        return {"faststream": importlib.metadata.version("faststream")}
+
+    def _queue(self, queue: str) -> Any:
+        from faststream.rabbit import RabbitQueue
+
+        return RabbitQueue(queue, durable=True, arguments=self.arguments)
+
+    async def open(self) -> None:
+        from faststream.rabbit import RabbitBroker
+
+        self._broker = RabbitBroker(self.amqp, logger=None)  # no per-message log lines
+        await self._broker.start()
+
+    async def close(self) -> None:
+        if self._broker is not None:
+            await self._broker.stop()
+
+    async def _declare(self, queue: str) -> None:
+        if queue not in self._declared:
+            await self._broker.declare_queue(self._queue(queue))
+            self._declared.add(queue)
+
+    async def send(self, queue: str, body: bytes) -> None:
+        await self._declare(queue)
+        await self._broker.publish(body, queue=queue, persist=True)
+
+    async def consume(self, queue: str, on_body: OnBody, concurrency: int, stop: asyncio.Event) -> None:
+        from faststream import AckPolicy
+        from faststream.rabbit import Channel
+
+        await self._declare(queue)
+        subscriber = self._broker.subscriber(
+            self._queue(queue), channel=Channel(prefetch_count=prefetch(concurrency)), ack_policy=AckPolicy.ACK
+        )
+
+        async def handle(body: bytes) -> None:
+            on_body(body)
+
+        subscriber(handle)
+        await subscriber.start()
+        await stop.wait()
+        await subscriber.stop()
