@@ -405,9 +405,10 @@ async def pipeline_run(factory: str, url: str, n: int, size: int, batch: int, co
         await contender.open()
         try:
             tally = Tally(tag, n)
+            bodies = [make_body(tag, i, size) for i in range(n)]
             start = time.perf_counter()
             consumed = asyncio.create_task(drain(contender, queue, tally, concurrency, f"{contender.name} pipeline"))
-            await contender.publish(queue, [make_body(tag, i, size) for i in range(n)], "batch", batch, 1)
+            await contender.publish(queue, bodies, "batch", batch, 1)
             await consumed
             return n / (time.perf_counter() - start)
         finally:

@@ -283,8 +283,19 @@ class _Sender:
     ) -> list[str]:
         now = time.time()
         records = []
+        # Plain bodies share the batch's key and headers: check those once, not per item.
+        shared_key = _opt_str("key", key)
+        shared_headers = _check_headers(headers)
+        limit = self._bus.capabilities.max_message_size
+        encode = _codec.encode
         for item in items:
-            if isinstance(item, Outgoing):
+            if not isinstance(item, Outgoing):
+                payload, ctype = encode(item, None)
+                record = Record(payload, new_id(), shared_headers, shared_key, None, ctype, now)
+                if limit is not None and record.size() > limit:
+                    raise MessageTooLarge(record.size(), limit)
+                records.append(record)
+            else:
                 merged = {**(headers or {}), **(item.headers or {})} if headers or item.headers else None
                 records.append(
                     self._record(
@@ -297,8 +308,6 @@ class _Sender:
                         now,
                     )
                 )
-            else:
-                records.append(self._record(item, key, headers, None, None, None, now))
         if records:
             await self._send(records, self._delay(delay))
         return [r.id for r in records]

@@ -400,39 +400,41 @@ class _Receiver(Receiver):
             self._tag_channel = channel
             self._open_tags.clear()
             self._done_tags.clear()
-        self._open_tags.append(message.delivery_tag)
+        if message.delivery_tag is not None:  # always set on a basic.deliver
+            self._open_tags.append(message.delivery_tag)
         self._buffer.put_nowait(message)
+
+    def _current(self, message: AbstractIncomingMessage) -> bool:
+        """Whether ``message`` came on the channel whose tags are tracked (not a stale one)."""
+        return not _stale(message) and message.channel is self._tag_channel
 
     def _settled(self, message: AbstractIncomingMessage) -> None:
         """Note that ``message`` was settled on its own (ack, nack or dead-letter)."""
-        if not _stale(message) and message.channel is self._tag_channel:
+        if message.delivery_tag is not None and self._current(message):
             self._done_tags.add(message.delivery_tag)
             self._advance()
 
-    def _advance(self) -> int:
-        """Drop the settled prefix of the open tags; returns the highest tag dropped (0: none)."""
-        last = 0
+    def _advance(self) -> None:
+        """Drop the settled prefix of the open tags."""
         while self._open_tags and self._open_tags[0] in self._done_tags:
-            last = self._open_tags.popleft()
-            self._done_tags.discard(last)
-        return last
+            self._done_tags.discard(self._open_tags.popleft())
 
     async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
         """Ack with one ``basic.ack(multiple=True)`` up to the highest tag below which everything is settled.
 
-        ``multiple`` acks every unsettled delivery up to that tag, so it is used only where each of them is
-        in this batch or already settled; the rest of the batch is acked one by one.
+        ``multiple`` acks every unsettled delivery up to that tag, so it covers only tags that are in this
+        batch or already settled on the broker; the rest of the batch is acked one by one (and counts as
+        settled only once that ack went out, so a concurrent batch never covers it twice).
         """
         batch: dict[int, _Delivery] = {}
         singles: list[Delivery] = []
         for d in deliveries:
-            if isinstance(d, _Delivery) and d._receiver is self and not _stale(d.raw) and d.raw.channel is self._tag_channel:
+            if isinstance(d, _Delivery) and d._receiver is self and d.raw.delivery_tag and self._current(d.raw):
                 batch[d.raw.delivery_tag] = d
             else:
                 singles.append(d)
-        self._done_tags.update(batch)
         upto = 0
-        while self._open_tags and self._open_tags[0] in self._done_tags:
+        while self._open_tags and (self._open_tags[0] in batch or self._open_tags[0] in self._done_tags):
             tag = self._open_tags.popleft()
             self._done_tags.discard(tag)
             if tag in batch:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from botocore import exceptions as bx  # type: ignore[import-untyped]
+from botocore import exceptions as bx
 
 from msgbus._url import redact
 from msgbus.errors import (
