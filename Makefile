@@ -44,7 +44,10 @@ lint: $(VENV)/.dev
 unit: $(VENV)/.dev
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
-integration: $(VENV)/.dev brokers
+# Brokers that cannot start here (no root for apt, say) leave their tests skipped with the reason,
+# unless MSGBUS_REQUIRE_BACKENDS names them (CI does): then those tests fail.
+integration: $(VENV)/.dev
+	$(MAKE) brokers || echo "make: some brokers did not start; their tests skip unless MSGBUS_REQUIRE_BACKENDS names them"
 	$(BIN)/python -m pytest integration $(foreach a,$(ADAPTER_DIRS),$(a)/tests) $(PYTEST_ARGS)
 
 test: lint unit integration
