@@ -15,8 +15,8 @@ import asyncio
 import json
 import os
 import sys
-import time
-from dataclasses import asdict, dataclass, field, replace
+import tempfile
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from msgbus._bench import LostMessages, Plan, bench, render_text
@@ -105,8 +105,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.smoke:
         plan = replace(plan, workloads=(*plan.workloads, "pipeline") if not args.workload else plan.workloads)
     write = not (args.smoke or args.no_write)
-    import tempfile
-
     status = 0
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.brokers:
@@ -119,13 +117,11 @@ def main(argv: list[str] | None = None) -> int:
             print(render_text(result))
             if write:
                 RESULTS.mkdir(exist_ok=True)
-                stamp = time.strftime("%Y%m%d")
                 (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-                print(f"[{name}] wrote results/{name}.json ({stamp})", file=sys.stderr)
+                print(f"[{name}] wrote benchmarks/results/{name}.json", file=sys.stderr)
     if write:
         DOC.write_text(render(sorted(RESULTS.glob("*.json"))))
         print(f"rendered {DOC}", file=sys.stderr)
-    _ = asdict  # (re-exported for callers building plans)
     return status
 
 

@@ -16,6 +16,6 @@ class TestServiceBusContract(ContractSuite):
     @pytest.fixture
     def contract_url(self, broker_url: Callable[[str], Endpoint]) -> str:
         endpoint = broker_url("servicebus")
-        if endpoint.handle is not None:  # the local test broker: graceful restart keeps its saved state
+        if endpoint.handle is not None:  # the local test broker: a graceful restart keeps its saved state
             self.restart_broker = lambda: asyncio.to_thread(endpoint.restart)
         return endpoint.url

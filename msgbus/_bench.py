@@ -157,7 +157,8 @@ class Contender(abc.ABC):
     async def consume(self, queue: str, on_body: OnBody, concurrency: int, stop: asyncio.Event) -> None:
         """Consume with ack, calling ``on_body`` once per delivery, until ``stop`` is set; then settle and return.
 
-        ``on_body`` may be called from one thread other than the loop's (a blocking client); ``stop`` is set on the loop.
+        ``on_body`` may be called from one thread other than the loop's (a blocking client); ``stop`` is set
+        on the loop.
         """
 
     async def cleanup(self, queue: str) -> None:  # noqa: B027 - optional hook
@@ -231,7 +232,11 @@ async def drain(contender: Contender, queue: str, tally: Tally, concurrency: int
     """Consume until ``tally`` is complete; seconds to the last one. ``LostMessages`` after ``IDLE_TIMEOUT`` idle."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    tally.on_complete = lambda: loop.call_soon_threadsafe(stop.set)  # a contender may count on its own thread
+
+    def complete() -> None:  # thread-safe: a blocking contender counts on its own thread
+        loop.call_soon_threadsafe(stop.set)
+
+    tally.on_complete = complete
     start = time.perf_counter()
     if tally.complete:
         return 0.0
@@ -380,7 +385,8 @@ async def consume_run(
     """Preload ``n`` messages (untimed), then a fresh process consumes them with ack; msgs/s and its peak RSS."""
     tag = new_tag()
     bodies = [make_body(tag, i, size) for i in range(n)]
-    await contender.publish(queue, bodies, contender.modes[-1] if "batch" not in contender.modes else "batch", batch, 16)
+    fastest = "batch" if "batch" in contender.modes else contender.modes[-1]
+    await contender.publish(queue, bodies, fastest, batch, 16)
     spec = {"role": "consume", "factory": factory, "url": contender.url, "queue": queue, "n": n, "tag": tag}
     spec["concurrency"] = concurrency
     proc = await asyncio.to_thread(_spawn, spec)

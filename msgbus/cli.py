@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     try:
         args, extra = parser.parse_known_args(argv)
-        if extra and args.command != "contract":
+        if extra and args.command not in ("contract", "bench"):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:  # --help, --version, usage errors: argparse already printed
         return exc.code if isinstance(exc.code, int) else EXIT_ERROR
@@ -184,6 +184,22 @@ def _parser() -> argparse.ArgumentParser:
     contract.add_argument("url", metavar="URL", help="the bus to test")
     contract.add_argument("--quick", action="store_true", help="the fast subset of the suite")
     contract.add_argument("--only", action="append", default=[], metavar="NAME", help="run only test NAME")
+
+    bench = _command(
+        commands,
+        "bench",
+        "measure msgbus on a backend: publish and consume throughput, latency, memory",
+        _run_bench,
+        "msgbus bench memory://",
+        "msgbus bench amqp://guest:guest@127.0.0.1:5672/ --runs 3 --json bench.json",
+        "msgbus bench redis://127.0.0.1:6379/0 --workload consume --messages 20000 --concurrency 32",
+        "",
+        "Options (after URL): --runs N, --messages N, --single-messages N, --concurrency C, --batch N,",
+        "--size BYTES (repeatable), --latency-messages N, --latency-rate PER_S, --workload NAME (repeatable:",
+        "publish, consume, latency, pipeline), --json FILE. It creates and drains its own bench-* queues.",
+        "Exit status 1 when a run lost, duplicated or mixed up a message.",
+    )
+    bench.add_argument("url", metavar="URL", help="the bus to measure")
 
     info = _command(
         commands,
@@ -444,6 +460,12 @@ def _run_contract(args: argparse.Namespace, extra: list[str]) -> int:
         argv += ["--only", name]
     status = contract_main([*argv, *extra])
     return status if isinstance(status, int) else EXIT_OK
+
+
+def _run_bench(args: argparse.Namespace, extra: list[str]) -> int:
+    from . import _bench  # lazily: plain commands don't need it
+
+    return _bench.main([args.url, *extra])
 
 
 def _run_info(args: argparse.Namespace, _extra: list[str]) -> int:

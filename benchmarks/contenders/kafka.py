@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+import itertools
+import time
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # type: ignore[import-untyped]
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-untyped]
-from aiokafka.errors import TopicAlreadyExistsError  # type: ignore[import-untyped]
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
 
 from msgbus._bench import Contender, OnBody
 
@@ -20,6 +22,7 @@ from .rabbitmq import prefetch
 class AioKafka(Contender):
     """aiokafka: ``send_and_wait`` per message; batches hand every record to the producer, then await all
     acks; a group member ``getmany``s up to ``prefetch`` records and ``commit()``s after handling them.
+    Records carry an id and a timestamp header, as msgbus's do.
     Topics get the partition count of the msgbus URL (``partitions``, 8 by default)."""
 
     name = "raw"
@@ -33,6 +36,7 @@ class AioKafka(Contender):
         self._producer: Any = None
         self._admin: Any = None
         self._topics: set[str] = set()
+        self._ids = itertools.count()
 
     def versions(self) -> dict[str, str]:
         return {"aiokafka": importlib.metadata.version("aiokafka")}
@@ -62,13 +66,16 @@ class AioKafka(Contender):
                 pass
             self._topics.add(topic)
 
+    def _headers(self) -> list[tuple[str, bytes]]:
+        return [("id", b"%d" % next(self._ids)), ("timestamp", repr(time.time()).encode())]
+
     async def send(self, queue: str, body: bytes) -> None:
         await self._topic(queue)
-        await self._producer.send_and_wait(queue, body)
+        await self._producer.send_and_wait(queue, body, headers=self._headers())
 
     async def send_batch(self, queue: str, bodies: Sequence[bytes]) -> None:
         await self._topic(queue)
-        acks = [await self._producer.send(queue, body) for body in bodies]
+        acks = [await self._producer.send(queue, body, headers=self._headers()) for body in bodies]
         await asyncio.gather(*acks)
 
     async def consume(self, queue: str, on_body: OnBody, concurrency: int, stop: asyncio.Event) -> None:

@@ -7,17 +7,17 @@ message). It has no batch or asyncio send, so only single sends and the consume 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import importlib.metadata
-import socket
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import kombu
-
 from msgbus._bench import Contender, OnBody
 
 from .rabbitmq import amqp_url, prefetch
+
+kombu: Any = importlib.import_module("kombu")  # untyped
 
 
 class Kombu(Contender):
@@ -43,7 +43,7 @@ class Kombu(Contender):
             parts = urlsplit(url)
             self.kombu_url = urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
             self.label += " (redis transport: lists)"
-        self._conn: kombu.Connection | None = None
+        self._conn: Any = None
         self._producer: Any = None
         self._declared: set[str] = set()
 
@@ -51,7 +51,7 @@ class Kombu(Contender):
         libs = ["kombu", "amqp"] if self.kombu_url.startswith("pyamqp") else ["kombu"]
         return {lib: importlib.metadata.version(lib) for lib in libs}
 
-    def _queue(self, name: str) -> kombu.Queue:
+    def _queue(self, name: str) -> Any:
         return kombu.Queue(
             name, kombu.Exchange("", type="direct"), routing_key=name, durable=True, queue_arguments=self.arguments
         )
@@ -93,7 +93,7 @@ class Kombu(Contender):
             while not stop.is_set():  # reading the flag from this thread is safe; setting it is the loop's job
                 try:
                     conn.drain_events(timeout=0.1)
-                except (TimeoutError, socket.timeout):
+                except TimeoutError:  # socket.timeout
                     pass
 
     async def consume(self, queue: str, on_body: OnBody, concurrency: int, stop: asyncio.Event) -> None:

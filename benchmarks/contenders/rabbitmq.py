@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+import itertools
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
@@ -34,7 +36,8 @@ def prefetch(concurrency: int) -> int:
 
 class AioPika(Contender):
     """aio-pika, the way its docs show: ``default_exchange.publish`` on a confirming channel; a consume
-    callback that acks each message; batches and concurrent sends are ``gather`` of confirmed publishes."""
+    callback that acks each message; batches and concurrent sends are ``gather`` of confirmed publishes.
+    Messages carry what msgbus sets too: persistent delivery, a message id and a timestamp."""
 
     name = "raw"
 
@@ -46,6 +49,7 @@ class AioPika(Contender):
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
         self._declared: set[str] = set()
+        self._ids = itertools.count()
 
     def versions(self) -> dict[str, str]:
         return {lib: importlib.metadata.version(lib) for lib in ("aio-pika", "aiormq")}
@@ -71,16 +75,23 @@ class AioPika(Contender):
             await self._channel.declare_queue(queue, durable=True, arguments=self.arguments)
             self._declared.add(queue)
 
+    def _message(self, body: bytes) -> aio_pika.Message:
+        return aio_pika.Message(
+            body,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=str(next(self._ids)),
+            timestamp=datetime.now(UTC),
+        )
+
     async def send(self, queue: str, body: bytes) -> None:
         await self._declare(queue)
         assert self._exchange is not None
-        await self._exchange.publish(aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT), queue)
+        await self._exchange.publish(self._message(body), queue)
 
     async def send_batch(self, queue: str, bodies: Sequence[bytes]) -> None:
         await self._declare(queue)
         assert self._exchange is not None
-        persistent = aio_pika.DeliveryMode.PERSISTENT
-        await asyncio.gather(*(self._exchange.publish(aio_pika.Message(b, delivery_mode=persistent), queue) for b in bodies))
+        await asyncio.gather(*(self._exchange.publish(self._message(b), queue) for b in bodies))
 
     async def consume(self, queue: str, on_body: OnBody, concurrency: int, stop: asyncio.Event) -> None:
         await self._declare(queue)
@@ -123,7 +134,8 @@ class FastStream(Contender):
     def _queue(self, queue: str) -> Any:
         from faststream.rabbit import RabbitQueue
 
-        return RabbitQueue(queue, durable=True, arguments=self.arguments)
+        make: Any = RabbitQueue  # its overloads want a literal queue type; ours comes from the URL
+        return make(queue, durable=True, arguments=self.arguments)
 
     async def open(self) -> None:
         from faststream.rabbit import RabbitBroker

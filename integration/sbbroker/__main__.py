@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 from pathlib import Path
 from types import FrameType
@@ -21,7 +22,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--key-name", help="SharedAccessKeyName to accept (with --key-file)")
     parser.add_argument("--key-file", type=Path, help="file holding the SharedAccessKey that signs tokens")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if os.environ.get("SBBROKER_DEBUG") else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     store = Store(args.lock_duration)
     if args.state is not None:
         store.load(args.state)

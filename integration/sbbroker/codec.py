@@ -77,7 +77,7 @@ def _encode(code: int, value: Any) -> bytes:
     return bytes(data.encode())
 
 
-def annotations(raw: bytes) -> dict[str, Any]:
+def message_annotations(raw: bytes) -> dict[str, Any]:
     """The message annotations of an encoded message, keys as plain strings."""
     for code, _, value in sections(raw):
         if code == ANNOTATIONS and isinstance(value, dict):

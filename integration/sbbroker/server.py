@@ -32,7 +32,7 @@ def entity_path(address: str | None) -> str:
     return text.strip("/")
 
 
-class Broker(Handler):  # type: ignore[misc]
+class Broker(Handler):
     """One proton handler for every connection: the test broker's whole AMQP behaviour."""
 
     def __init__(self, store: Store, key_name: str | None, key: str | None, state: Path | None) -> None:
@@ -105,6 +105,12 @@ class Broker(Handler):  # type: ignore[misc]
 
     def on_link_remote_open(self, event: Any) -> None:
         link = event.link
+        log.debug(
+            "attach %s %s -> %s",
+            "sender" if link.is_sender else "receiver",
+            link.remote_source.address,
+            link.remote_target.address,
+        )
         if not link.state & Endpoint.LOCAL_UNINIT:
             return
         link.source.address = link.remote_source.address
@@ -259,7 +265,7 @@ class Broker(Handler):  # type: ignore[misc]
     def _store(self, ent: Any, raw: bytes) -> None:
         touched: list[MessageQueue] = []
         for one in codec.split_batch(raw):
-            due = codec.annotations(one).get("x-opt-scheduled-enqueue-time")
+            due = codec.message_annotations(one).get("x-opt-scheduled-enqueue-time")
             if due is not None and int(due) / 1000 > time.time():
                 self.store.schedule(ent, one, int(due) / 1000)
             else:
@@ -281,6 +287,7 @@ class Broker(Handler):  # type: ignore[misc]
         props = request.properties or {}
         token = request.body if isinstance(request.body, str) else bytes(request.body or b"").decode()
         ok, why = self._check_token(str(props.get("name", "")), token)
+        log.debug("put-token %s: %s", props.get("name"), why)
         status = {"status-code": 200 if ok else 401, "status-description": why}
         self._reply(link, "$cbs", request, status)
 
@@ -364,7 +371,7 @@ class Broker(Handler):  # type: ignore[misc]
         for item in body.get("messages", []):
             item = {str(k): v for k, v in item.items()}
             raw = bytes(item["message"])
-            due = codec.annotations(raw).get("x-opt-scheduled-enqueue-time")
+            due = codec.message_annotations(raw).get("x-opt-scheduled-enqueue-time")
             seqs.append(self.store.schedule(ent, raw, int(due) / 1000 if due is not None else time.time()))
         return 200, None, {"sequence-numbers": _array(Data.LONG, seqs)}
 

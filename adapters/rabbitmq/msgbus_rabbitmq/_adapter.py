@@ -304,6 +304,9 @@ class RabbitMQAdapter(Adapter):
         """Pipeline the publishes on the confirming channel and wait for all confirms."""
         if not messages:
             return
+        if len(messages) == 1:  # a single send: no gather, no task per message
+            await self._publish(what, exchange, routing_key, messages[0], mandatory)
+            return
         results = await asyncio.gather(
             *(self._publish(what, exchange, routing_key, m, mandatory) for m in messages), return_exceptions=True
         )

@@ -17,7 +17,7 @@ from azure.servicebus.aio import ServiceBusClient, ServiceBusReceiver, ServiceBu
 
 from msgbus._url import BusURL, OptionReader
 from msgbus.adapter import Adapter, Capabilities, Delivery, Endpoint, Receiver, Record
-from msgbus.errors import ClosedError, MessageTooLarge, MsgbusError
+from msgbus.errors import ClosedError, ConnectionLost, MessageTooLarge, MsgbusError
 
 from . import _codec
 from ._config import ServiceBusOptions, check_entity, read_options
@@ -168,34 +168,39 @@ class ServiceBusAdapter(Adapter):
     async def receiver(self, endpoint: Endpoint, prefetch: int) -> Receiver:
         """A peek-lock receiver on the queue, subscription, or their ``$DeadLetterQueue``; attached on return."""
         _entity(endpoint)
+        if endpoint.kind == "topic":
+            if endpoint.subscription is None:
+                raise ValueError("receiving from a topic needs a subscription")
+            check_entity("subscription", endpoint.subscription, 50)
+        receiver = ServiceBusReceiverAdapter(self, endpoint)
+        await receiver.open()
+        self._receivers.add(receiver)
+        return receiver
+
+    def sdk_receiver(self, endpoint: Endpoint) -> ServiceBusReceiver:
+        """A new (not yet attached) SDK receiver for ``endpoint``."""
         common: dict[str, Any] = {
             "receive_mode": ServiceBusReceiveMode.PEEK_LOCK,
             "prefetch_count": 0,  # credit per receive call: nothing is locked that msgbus has not asked for
             "sub_queue": ServiceBusSubQueue.DEAD_LETTER if endpoint.dead_letter else None,
         }
-        if endpoint.kind == "topic":
-            if endpoint.subscription is None:
-                raise ValueError("receiving from a topic needs a subscription")
-            check_entity("subscription", endpoint.subscription, 50)
-            sdk = self.client.get_subscription_receiver(endpoint.name, endpoint.subscription, **common)
-        else:
-            sdk = self.client.get_queue_receiver(endpoint.name, **common)
-        receiver = ServiceBusReceiverAdapter(self, endpoint, sdk)
-        await receiver.open()
-        self._receivers.add(receiver)
-        return receiver
+        if endpoint.subscription is not None:
+            return self.client.get_subscription_receiver(endpoint.name, endpoint.subscription, **common)
+        return self.client.get_queue_receiver(endpoint.name, **common)
 
 
 class ServiceBusReceiverAdapter(Receiver):
     """Pulls peek-locked messages with ``receive_messages``; settles through the same SDK receiver."""
 
-    def __init__(self, adapter: ServiceBusAdapter, endpoint: Endpoint, sdk: ServiceBusReceiver) -> None:
+    def __init__(self, adapter: ServiceBusAdapter, endpoint: Endpoint) -> None:
         self._adapter = adapter
         self.endpoint = endpoint
-        self.sdk = sdk
+        self.sdk = adapter.sdk_receiver(endpoint)
         self._secrets = adapter._secrets
         self._closed = False
         self._held: set[asyncio.Task[None]] = set()
+        self._closing: set[asyncio.Task[None]] = set()  # old SDK receivers being closed
+        self._stale = False  # the connection was lost: replace the SDK receiver before the next receive
         # The SDK's aio receiver is not coroutine-safe: receive, settle and renew take turns.
         self.lock = asyncio.Lock()
 
@@ -218,8 +223,14 @@ class ServiceBusReceiverAdapter(Receiver):
         while True:
             wait = max(0.05, min(_RECEIVE_SLICE, deadline - loop.time()))
             async with self.lock:
-                with translated(f"receive from {self.endpoint}", secrets=self._secrets):
-                    batch = await self.sdk.receive_messages(max_message_count=max_messages, max_wait_time=wait)
+                if self._stale:
+                    await self._replace()
+                try:
+                    with translated(f"receive from {self.endpoint}", secrets=self._secrets):
+                        batch = await self.sdk.receive_messages(max_message_count=max_messages, max_wait_time=wait)
+                except ConnectionLost:
+                    self._stale = True
+                    raise
             if batch or loop.time() >= deadline:
                 break
         out: list[Delivery] = []
@@ -230,8 +241,22 @@ class ServiceBusReceiverAdapter(Receiver):
                 # Never drop a message we cannot read: leave it locked for the service to redeliver.
                 log.warning("msgbus: cannot read Service Bus message %s on %s", message.message_id, self.endpoint)
                 raise
-            out.append(ServiceBusDelivery(self, record, attempt, message))
+            out.append(ServiceBusDelivery(self, self.sdk, record, attempt, message))
         return out
+
+    async def _replace(self) -> None:
+        """After a lost connection, attach a fresh SDK receiver with the SDK's full open timeout.
+
+        Left to itself the SDK re-opens inside ``receive_messages``, bounded by its short ``max_wait_time``,
+        which a slow handshake never meets. The old receiver's locks went with its connection.
+        """
+        old, self.sdk = self.sdk, self._adapter.sdk_receiver(self.endpoint)
+        closing = asyncio.create_task(_quietly(old.close()))
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+        with translated(f"re-attach receiver to {self.endpoint}", secrets=self._secrets):
+            await self.sdk.__aenter__()
+        self._stale = False
 
     async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
         """Complete each delivery; one lost lock does not stop the others. Raises the first failure after."""
@@ -240,7 +265,7 @@ class ServiceBusReceiverAdapter(Receiver):
             for delivery in deliveries:
                 try:
                     with translated(f"complete on {self.endpoint}", secrets=self._secrets):
-                        await self.sdk.complete_message(_message(delivery))
+                        await _sdk(delivery).complete_message(_message(delivery))
                 except MsgbusError as err:
                     first = first or err
         if first is not None:
@@ -251,28 +276,36 @@ class ServiceBusReceiverAdapter(Receiver):
             return
         self._closed = True
         self._adapter._receivers.discard(self)
-        for task in list(self._held):  # their locks expire: the messages come back a little later
+        for task in list(self._held):  # delayed abandons: their locks expire, the messages come back later
             task.cancel()
         await _quietly(self.sdk.close())
+        if self._closing:  # let replaced receivers finish closing, or their sockets leak
+            await asyncio.wait(self._closing, timeout=5)
 
 
 class ServiceBusDelivery(Delivery):
     """A peek-locked message; ``raw`` is the SDK's ``ServiceBusReceivedMessage``."""
 
-    __slots__ = ("_receiver",)
+    __slots__ = ("_receiver", "_sdk")
 
     raw: ServiceBusReceivedMessage
 
     def __init__(
-        self, receiver: ServiceBusReceiverAdapter, record: Record, attempt: int, raw: ServiceBusReceivedMessage
+        self,
+        receiver: ServiceBusReceiverAdapter,
+        sdk: ServiceBusReceiver,
+        record: Record,
+        attempt: int,
+        raw: ServiceBusReceivedMessage,
     ) -> None:
         super().__init__(record, attempt, raw)
         self._receiver = receiver
+        self._sdk = sdk  # settle through the SDK receiver that received it
 
     async def ack(self) -> None:
         with translated(f"complete on {self._receiver.endpoint}", secrets=self._receiver._secrets):
             async with self._receiver.lock:
-                await self._receiver.sdk.complete_message(self.raw)
+                await self._sdk.complete_message(self.raw)
 
     async def nack(self, delay: float | None = None) -> None:
         """Abandon (delivery count + 1); with ``delay``, schedule a copy carrying the attempts, then complete.
@@ -283,7 +316,7 @@ class ServiceBusDelivery(Delivery):
         if not delay:
             with translated(f"abandon on {r.endpoint}", secrets=r._secrets):
                 async with r.lock:
-                    await r.sdk.abandon_message(self.raw)
+                    await self._sdk.abandon_message(self.raw)
             return
         if r.endpoint.kind == "queue" and not r.endpoint.dead_letter:
             await r._adapter.send_messages(r.endpoint.name, [_codec.encode(self.record, self.attempt)], delay)
@@ -305,7 +338,7 @@ class ServiceBusDelivery(Delivery):
                 if remaining > 0:
                     await self.extend(lock)
             async with r.lock:
-                await r.sdk.abandon_message(self.raw)
+                await self._sdk.abandon_message(self.raw)
         except Exception as exc:  # the lock expires instead: redelivered all the same
             log.debug("msgbus: delayed abandon of %s failed: %s", self.record.id, type(exc).__name__)
 
@@ -313,7 +346,7 @@ class ServiceBusDelivery(Delivery):
         r = self._receiver
         with translated(f"dead-letter on {r.endpoint}", secrets=r._secrets):
             async with r.lock:
-                await r.sdk.dead_letter_message(
+                await self._sdk.dead_letter_message(
                     self.raw, reason=reason[: _codec.MAX_REASON], error_description=_codec.description(self.attempt)
                 )
 
@@ -322,7 +355,13 @@ class ServiceBusDelivery(Delivery):
         r = self._receiver
         with translated(f"renew lock on {r.endpoint}", secrets=r._secrets):
             async with r.lock:
-                await r.sdk.renew_message_lock(self.raw)
+                await self._sdk.renew_message_lock(self.raw)
+
+
+def _sdk(delivery: Delivery) -> ServiceBusReceiver:
+    if not isinstance(delivery, ServiceBusDelivery):
+        raise TypeError(f"not a Service Bus delivery: {delivery!r}")
+    return delivery._sdk
 
 
 def _message(delivery: Delivery) -> ServiceBusReceivedMessage:

@@ -69,3 +69,11 @@ def translated(action: str, *, publish: bool = False, secrets: Sequence[str | No
         raise
     except (sb.ServiceBusError, core.AzureError, OSError) as exc:
         raise translate(exc, action, publish=publish, secrets=secrets) from exc
+    except ValueError as exc:
+        # The SDK refuses to settle through a receiver whose handler shut down (after a lost connection)
+        # with a ValueError; the lock went with the connection, so the message comes back: not retryable.
+        if "handler has already been shutdown" not in str(exc):
+            raise
+        err = BrokerError(f"servicebus {action} failed: {redact(str(exc), list(secrets))}")
+        err.retryable = False
+        raise err from exc
