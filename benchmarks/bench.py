@@ -18,6 +18,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from msgbus._bench import LostMessages, Plan, bench, render_text
 
@@ -88,6 +89,18 @@ async def run_broker(name: str, plan: Plan, tmp: str) -> dict[str, object]:
     return result
 
 
+def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``old`` with the figures of every workload ``new`` measured replaced by ``new``'s (and a note saying so)."""
+    redone = {f["workload"] for f in new["figures"]} | (
+        {"rss"} if any(f["workload"] == "consume" for f in new["figures"]) else set()
+    )
+    kept = [f for f in old["figures"] if f["workload"] not in redone]
+    m = new["machine"]
+    load = f"load {m['loadavg_start'][0]:.1f} -> {m['loadavg_end'][0]:.1f}"
+    note = f"{', '.join(sorted(redone))} re-measured with {new['plan']['messages']} messages {new['started']} ({load})"
+    return {**old, "figures": kept + new["figures"], "notes": [*old.get("notes", []), note]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("brokers", nargs="*", default=["memory", "sqlite", "rabbitmq", "redis"], choices=BROKERS)
@@ -96,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, help="per batch/concurrent/consume run (default 10000)")
     parser.add_argument("--workload", action="append", choices=("publish", "consume", "latency", "pipeline"))
     parser.add_argument("--no-write", action="store_true", help="print only; leave results/ and docs alone")
+    parser.add_argument(
+        "--merge", action="store_true", help="replace only the re-measured workloads in the existing results"
+    )
     args = parser.parse_args(argv)
     plan = SMOKE if args.smoke else Plan(runs=args.runs, workloads=("publish", "consume", "latency", "pipeline"))
     if args.messages:
@@ -117,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             print(render_text(result))
             if write:
                 RESULTS.mkdir(exist_ok=True)
+                if args.merge and (RESULTS / f"{name}.json").exists():
+                    result = merge(json.loads((RESULTS / f"{name}.json").read_text()), result)
                 (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
                 print(f"[{name}] wrote benchmarks/results/{name}.json", file=sys.stderr)
     if write:

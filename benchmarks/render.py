@@ -7,7 +7,7 @@ The page is generated, never edited by hand: the method and the targets are here
 from __future__ import annotations
 
 import json
-import statistics
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -74,11 +74,23 @@ def _ratio(ours: dict[str, Any] | None, theirs: dict[str, Any] | None) -> str:
     return f"{ours['median'] / theirs['median']:.2f}"
 
 
+WORKLOADS = ["publish", "consume", "rss", "latency", "pipeline"]
+
+
 def figures(result: dict[str, Any]) -> dict[tuple[str, str], dict[str, dict[str, Any]]]:
     rows: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
-    for f in result["figures"]:
+    ordered = sorted(result["figures"], key=lambda f: WORKLOADS.index(f["workload"]))  # stable within one
+    for f in ordered:
         rows.setdefault((f["workload"], f["case"]), {})[f["contender"]] = f
     return rows
+
+
+def _skipped(result: dict[str, Any]) -> list[str]:
+    """The skip notes without their body sizes, once each."""
+    seen: dict[str, None] = {}
+    for text in result.get("skipped", []):
+        seen[re.sub(r" \d+ (B|KiB)(?=:)", "", text)] = None
+    return list(seen)
 
 
 def _load(xs: list[float]) -> str:
@@ -99,8 +111,9 @@ def section(result: dict[str, Any]) -> str:
     out.append(f"- load average (1/5/15 min): {_load(m['loadavg_start'])} at start, {_load(m['loadavg_end'])} at end")
     for note in result.get("notes", []):
         out.append(f"- {note}")
-    for skipped in result.get("skipped", []):
+    for skipped in _skipped(result):
         out.append(f"- not measured: {skipped}")
+    out.append("- ratios are msgbus / the other (for rss, lower is leaner); latency rows show what msgbus adds")
     out.append("")
     header = ["workload", "case", "unit", *names, *(f"msgbus/{p}" for p in peers)]
     out.append("| " + " | ".join(header) + " |")
@@ -197,7 +210,3 @@ def render(paths: list[Path]) -> str:
     if findings.exists():
         parts.append(findings.read_text())
     return "\n".join(parts).rstrip() + "\n"
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values)

@@ -26,7 +26,7 @@ _REPO = Path(__file__).resolve().parent.parent
 KEY_NAME = "RootManageSharedAccessKey"
 # A well-known test key, like RabbitMQ's guest:guest; base64 like a real one so quoting is exercised.
 TEST_KEY = "bXNnYnVzLXRlc3Qta2V5LW5vdC1hLXNlY3JldA+/="
-LOCK_DURATION = 2  # seconds, every entity: matches lock_duration in the URL so lock checks take seconds
+LOCK_DURATION = 3  # seconds, every entity: matches lock_duration in the URL so lock checks take seconds
 
 
 def _quote(text: str) -> str:

@@ -87,10 +87,15 @@ def redact(text: str, secrets: list[str | None]) -> str:
 
 
 def parse_url(url: str) -> BusURL:
-    """Parse a bus URL, raising ``ConfigError`` (with the secret removed) when it is malformed."""
+    """Parse a bus URL, raising ``ConfigError`` (with the secret removed) when it is malformed.
+
+    An Azure Service Bus connection string (``Endpoint=sb://...;SharedAccessKey...``) is accepted too.
+    """
     if not isinstance(url, str):
         raise ConfigError(f"bus URL must be a string, not {type(url).__name__}")
     text = url.strip()
+    if text[:14].lower() == "endpoint=sb://":
+        text = url_from_connection_string(text)
     if "://" not in text:
         raise ConfigError("bus URL needs a scheme, e.g. 'memory://' or 'amqp://host:5672/'")
     try:
@@ -127,7 +132,10 @@ def _scrub(text: str) -> str:
     """Best-effort redaction of a URL that could not be parsed."""
     text = re.sub(r"(://[^:/@]*):[^@]*@", r"\1:" + REDACTED + "@", text)
     return re.sub(
-        r"([?&][^=&]*(?:pass|secret|token|key|sig|credential|auth)[^=&]*=)[^&]*", r"\1" + REDACTED, text, flags=re.I
+        r"((?:^|[?&;])[^=&;]*(?:pass|secret|token|key|sig|credential|auth)[^=&;]*=)[^&;]*",
+        r"\1" + REDACTED,
+        text,
+        flags=re.I,
     )
 
 
@@ -201,3 +209,28 @@ class OptionReader:
             unknown = ", ".join(sorted(self._options))
             known = ", ".join(sorted(set(self._known))) or "none"
             raise ConfigError(f"unknown option(s) for {self._scheme}://: {unknown} (known: {known})")
+
+
+def url_from_connection_string(text: str) -> str:
+    """``Endpoint=sb://host[:port]/;SharedAccessKeyName=N;SharedAccessKey=K[;UseDevelopmentEmulator=true]``
+    as a ``servicebus://`` URL (the key URL-quoted). Raises ``ConfigError`` without echoing the key.
+    """
+    fields: dict[str, str] = {}
+    for part in text.strip().strip(";").split(";"):
+        name, sep, value = part.partition("=")
+        if not sep:
+            raise ConfigError("malformed Service Bus connection string: every part must be Name=Value")
+        fields[name.strip().lower()] = value.strip()
+    endpoint = fields.pop("endpoint", "")
+    match = re.match(r"^sb://([^/;]+)/?$", endpoint)
+    if match is None:
+        raise ConfigError("Service Bus connection string needs Endpoint=sb://<host>[:port]/")
+    name, key = fields.pop("sharedaccesskeyname", ""), fields.pop("sharedaccesskey", "")
+    if not name or not key:
+        raise ConfigError("Service Bus connection string needs SharedAccessKeyName and SharedAccessKey")
+    emulator = fields.pop("usedevelopmentemulator", "false").lower() == "true"
+    fields.pop("entitypath", None)
+    if fields:
+        raise ConfigError(f"unsupported Service Bus connection string part(s): {', '.join(sorted(fields))}")
+    query = "?emulator=true" if emulator else ""
+    return f"servicebus://{quote(unquote(name), safe='')}:{quote(key, safe='')}@{match.group(1)}{query}"

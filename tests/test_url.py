@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from msgbus._url import REDACTED, parse_url, redact
+from msgbus._url import REDACTED, _scrub, parse_url, redact
 from msgbus.errors import ConfigError
 
 SECRET = "s3cr3t-P@ss"
@@ -113,3 +113,22 @@ def test_any_password_roundtrips_and_is_redacted(user: str, password: str) -> No
     assert url.username == user and url.password == password
     auth = url.redacted.split("://", 1)[1].rsplit("@", 1)[0]
     assert auth == f"{quote(user, safe='')}:{REDACTED}"
+
+
+def test_service_bus_connection_string_is_a_bus_url() -> None:
+    url = parse_url(f"Endpoint=sb://ns.example.net:5682/;SharedAccessKeyName=Root;SharedAccessKey={SECRET}")
+    assert (url.scheme, url.host, url.port, url.username, url.password) == (
+        "servicebus",
+        "ns.example.net",
+        5682,
+        "Root",
+        SECRET,
+    )
+    assert SECRET not in str(url) and SECRET not in repr(url)
+
+
+def test_malformed_connection_string_error_hides_the_key() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_url(f"Endpoint=sb://ns/;SharedAccessKeyName=Root;SharedAccessKey={SECRET};Bogus")
+    assert SECRET not in str(info.value)
+    assert SECRET not in _scrub(f"Endpoint=sb://ns/;SharedAccessKey={SECRET};X=1")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Literal
-from urllib.parse import quote, unquote
 
 from msgbus._url import BusURL, OptionReader
+from msgbus._url import url_from_connection_string as url_from_connection_string
 from msgbus.errors import ConfigError
 
 Management = Literal["admin", "none"]
@@ -73,28 +73,3 @@ def check_entity(kind: str, name: str, limit: int) -> str:
     if len(name) > limit or not _ENTITY.match(name):
         raise ConfigError(f"Service Bus {kind} names are 1-{limit} of letters, digits, '.', '_', '-'; got {name!r}")
     return name
-
-
-def url_from_connection_string(text: str) -> str:
-    """``Endpoint=sb://host[:port]/;SharedAccessKeyName=N;SharedAccessKey=K[;UseDevelopmentEmulator=true]``
-    as a ``servicebus://`` URL (the key URL-quoted). Raises ``ConfigError`` without echoing the key.
-    """
-    fields: dict[str, str] = {}
-    for part in text.strip().strip(";").split(";"):
-        name, sep, value = part.partition("=")
-        if not sep:
-            raise ConfigError("malformed Service Bus connection string: every part must be Name=Value")
-        fields[name.strip().lower()] = value.strip()
-    endpoint = fields.pop("endpoint", "")
-    match = re.match(r"^sb://([^/;]+)/?$", endpoint)
-    if match is None:
-        raise ConfigError("Service Bus connection string needs Endpoint=sb://<host>[:port]/")
-    name, key = fields.pop("sharedaccesskeyname", ""), fields.pop("sharedaccesskey", "")
-    if not name or not key:
-        raise ConfigError("Service Bus connection string needs SharedAccessKeyName and SharedAccessKey")
-    emulator = fields.pop("usedevelopmentemulator", "false").lower() == "true"
-    fields.pop("entitypath", None)
-    if fields:
-        raise ConfigError(f"unsupported Service Bus connection string part(s): {', '.join(sorted(fields))}")
-    query = "?emulator=true" if emulator else ""
-    return f"servicebus://{quote(unquote(name), safe='')}:{quote(key, safe='')}@{match.group(1)}{query}"
