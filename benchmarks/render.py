@@ -150,14 +150,15 @@ def targets(results: list[dict[str, Any]]) -> str:
     def row(text: str, measured: str, ok: bool | None) -> None:
         lines.append(f"| {text} | {measured} | {'-' if ok is None else 'yes' if ok else '**no**'} |")
 
-    for broker, floor, peer, ratio in (("rabbitmq", 15_000, "kombu", 1.5), ("redis", 50_000, "raw", 0.7)):
+    consume_targets = (("rabbitmq", 15_000, "kombu", 1.5), ("redis", 50_000, "raw", 0.7), ("kafka", 50_000, "raw", 0.0))
+    for broker, floor, peer, ratio in consume_targets:
         rows = by_broker.get(broker)
         if rows is None:
             continue
         ours, theirs = _get(rows, "consume", "C=", "msgbus"), _get(rows, "consume", "C=", peer)
         if ours is not None:
             row(f"{TITLES[broker]} consume >= {floor:,} msgs/s", f"{ours:,.0f}", ours >= floor)
-        if ours is not None and theirs:
+        if ours is not None and theirs and ratio:
             row(f"{TITLES[broker]} consume >= {ratio}x {peer}", f"{ours / theirs:.2f}x", ours / theirs >= ratio)
         if broker == "rabbitmq" and ours is not None:
             rivals = [v for p in ("raw", "faststream") if (v := _get(rows, "consume", "C=", p))]

@@ -515,11 +515,17 @@ class Session:
             if "latency" in p.workloads:
                 await self._latency_case(opened, queues)
         finally:
+            janitor = opened.get("raw")  # the raw client can also remove what the libraries left behind
             for name, contender in opened.items():
                 try:
                     await contender.cleanup(queues[name])
+                    if janitor is not None and janitor is not contender:
+                        await janitor.cleanup(queues[name])
                 finally:
-                    await contender.close()
+                    if contender is not janitor:
+                        await contender.close()
+            if janitor is not None:
+                await janitor.close()
         info["machine"]["loadavg_start"] = list(load_start)
         info["machine"]["loadavg_end"] = list(os.getloadavg())
         info["plan"] = asdict(p)
@@ -603,7 +609,7 @@ def _redacted(url: str) -> str:
 def render_text(result: dict[str, Any]) -> str:
     """A plain table of one session: median [min-max] per contender."""
     names = list(result["contenders"])
-    lines = [f"{result['url']}  (server {result.get('server_version') or '?'})"]
+    lines = [f"{result['url']}  ({result.get('server_version') or 'embedded'})"]
     header = f"{'workload':10} {'case':34}" + "".join(f"{n:>26}" for n in names)
     lines.append(header)
     rows: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = {}

@@ -110,8 +110,18 @@ class AioPika(Contender):
         await channel.close()
 
     async def cleanup(self, queue: str) -> None:
-        if self._channel is not None:
-            await self._channel.queue_delete(queue)
+        """Delete ``queue`` and a ``.dlq`` beside it (msgbus's dead-letter queue), on a fresh channel each."""
+        if self._conn is None:
+            return
+        for name in (queue, f"{queue}.dlq"):
+            channel = await self._conn.channel()
+            try:
+                await channel.queue_delete(name)
+            except aio_pika.exceptions.ChannelClosed:
+                pass  # no such queue
+            finally:
+                if not channel.is_closed:
+                    await channel.close()
 
 
 class FastStream(Contender):

@@ -99,7 +99,10 @@ class RedisPy(Contender):
             await pipe.execute()
 
     async def cleanup(self, queue: str) -> None:
-        await self._c().delete(queue)
+        """Delete ``queue``'s stream and every key named after it (msgbus's streams carry a prefix)."""
+        client = self._c()
+        keys = [queue, *[k async for k in client.scan_iter(match=f"*{{q:{queue}}}*")]]
+        await client.delete(*keys)
 
 
 class FastStream(Contender):
