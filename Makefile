@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # Contract runs append their results here; `make matrix` renders docs/capabilities.md from them.
 export MSGBUS_CONTRACT_RESULTS ?= $(CURDIR)/build/contract-results
 
-.PHONY: demo test lint unit integration bench install clean help matrix
+.PHONY: demo test lint unit integration install clean help matrix
 
 help:
 	@echo "make demo          run the order-system demo on the embedded SQLite backend"
@@ -59,3 +59,4 @@ clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
 
 -include mk/brokers.mk
+-include mk/bench.mk

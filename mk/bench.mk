@@ -8,7 +8,7 @@ BENCH_PYTHON ?= .venv/bin/python
 
 .PHONY: bench bench-smoke bench-deps
 
-.venv/.bench: benchmarks/requirements.txt
+.venv/.bench: benchmarks/requirements.txt $(VENV)/.dev
 	$(BENCH_PYTHON) -m pip install -q -r benchmarks/requirements.txt
 	@touch $@
 

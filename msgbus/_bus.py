@@ -412,6 +412,7 @@ class Consumer(Generic[T]):
         self._prefetch = prefetch
         self._retry = retry or RetryPolicy()
         self._receiver: Receiver | None = None
+        self._opened = False
         self._buffer: deque[Message[T]] = deque()
         self._unsettled = 0
         self._lock = asyncio.Lock()
@@ -427,19 +428,25 @@ class Consumer(Generic[T]):
     def capabilities(self) -> Capabilities:
         return self._bus.capabilities
 
-    async def open(self, *, prefetch: int | None = None) -> None:
-        """Declare the queue or subscription and start receiving; idempotent.
+    async def open(self) -> None:
+        """Declare the queue or subscription; idempotent. Receiving starts with the first receive or ``run``.
 
         For a subscription, every message published after ``open()`` returns reaches it.
         """
         if self._closed:
             raise ClosedError(f"{self!r} is closed")
-        if self._receiver is None:
+        if not self._opened:
             await self._bus._ready(self._endpoint)
-            size = self._prefetch or prefetch or 16
-            self._prefetch = size
-            self._receiver = await self._bus._adapter.receiver(self._endpoint, size)
             self._bus._consumers.add(self)
+            self._opened = True
+
+    async def _start(self, default_prefetch: int) -> Receiver:
+        """The backend receiver, created on first use with the given prefetch unless one was set."""
+        await self.open()
+        if self._receiver is None:
+            self._prefetch = self._prefetch or default_prefetch
+            self._receiver = await self._bus._adapter.receiver(self._endpoint, self._prefetch)
+        return self._receiver
 
     async def close(self) -> None:
         """Stop receiving; messages fetched but not handed out are released (nacked). Idempotent."""
@@ -510,11 +517,11 @@ class Consumer(Generic[T]):
 
     async def _fetch(self, max_messages: int, timeout: float) -> list[Message[T]]:
         """One receive call on the backend; undecodable deliveries are dead-lettered, not returned."""
-        await self.open()
-        assert self._receiver is not None and self._prefetch is not None
+        receiver = await self._start(16)
+        assert self._prefetch is not None
         room = max(1, min(max_messages, self._prefetch - self._unsettled))
         out: list[Message[T]] = []
-        for delivery in await self._receiver.receive(room, timeout):
+        for delivery in await receiver.receive(room, timeout):
             try:
                 body = _codec.decode(delivery.record.body, delivery.record.content_type, self._model)
             except DecodeError as err:
@@ -609,7 +616,7 @@ class Consumer(Generic[T]):
         if self._stop is not None and not self._stop.is_set():
             raise RuntimeError(f"{self!r} is already running")
         self._stop = asyncio.Event()
-        await self.open(prefetch=max(2 * concurrency, 16))
+        await self._start(max(2 * concurrency, 16))
         await _runtime.run(
             self,
             _runtime.compose(handler, middleware),
