@@ -44,11 +44,12 @@ lint: $(VENV)/.dev
 unit: $(VENV)/.dev
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
+# importlib import mode: every adapter has its own tests/test_codec.py and friends.
 # Brokers that cannot start here (no root for apt, say) leave their tests skipped with the reason,
 # unless MSGBUS_REQUIRE_BACKENDS names them (CI does): then those tests fail.
 integration: $(VENV)/.dev
 	$(MAKE) brokers || echo "make: some brokers did not start; their tests skip unless MSGBUS_REQUIRE_BACKENDS names them"
-	$(BIN)/python -m pytest integration $(foreach a,$(ADAPTER_DIRS),$(a)/tests) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --import-mode=importlib integration $(foreach a,$(ADAPTER_DIRS),$(a)/tests) $(PYTEST_ARGS)
 
 test: lint unit integration
 
