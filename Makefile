@@ -44,12 +44,16 @@ lint: $(VENV)/.dev
 unit: $(VENV)/.dev
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
-# importlib import mode: every adapter has its own tests/test_codec.py and friends.
+# One pytest process per broker's test file: a client library's leftovers (sockets it leaves to the GC) must
+# not surface in another broker's tests. importlib mode: every adapter has its own tests/test_codec.py.
 # Brokers that cannot start here (no root for apt, say) leave their tests skipped with the reason,
 # unless MSGBUS_REQUIRE_BACKENDS names them (CI does): then those tests fail.
 integration: $(VENV)/.dev
 	$(MAKE) brokers || echo "make: some brokers did not start; their tests skip unless MSGBUS_REQUIRE_BACKENDS names them"
-	$(BIN)/python -m pytest --import-mode=importlib integration $(foreach a,$(ADAPTER_DIRS),$(a)/tests) $(PYTEST_ARGS)
+	@status=0; for t in integration/test_*.py $(foreach a,$(ADAPTER_DIRS),$(a)/tests); do \
+		echo "== pytest $$t"; \
+		$(BIN)/python -m pytest --import-mode=importlib $$t $(PYTEST_ARGS) || status=1; \
+	done; exit $$status
 
 test: lint unit integration
 
