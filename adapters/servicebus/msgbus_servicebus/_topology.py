@@ -44,7 +44,10 @@ class Topology:
         with translated(f"{'declare' if create else 'verify'} {endpoint}", secrets=secrets):
             if self._options.management == "admin":
                 await self._admin_declare(endpoint, create)
-            elif not create:
+            else:
+                # Without the management API, attach a link: that checks the entity exists, and where entities
+                # are created on first attach (the test broker) it creates it now, so a subscription exists
+                # before the first publish rather than when its consumer starts receiving.
                 await self._amqp_verify(endpoint, client)
         self._done.add(key)
 
