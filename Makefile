@@ -48,11 +48,14 @@ unit: $(VENV)/.dev
 # not surface in another broker's tests. importlib mode: every adapter has its own tests/test_codec.py.
 # Brokers that cannot start here (no root for apt, say) leave their tests skipped with the reason,
 # unless MSGBUS_REQUIRE_BACKENDS names them (CI does): then those tests fail.
+# Real brokers share two cores with the tests: a check that fails is run once more, visibly ("RERUN" in the
+# output). A promise that is really broken fails both times; counts stay exact within each run.
+INTEGRATION_RERUNS ?= --reruns 1 --reruns-delay 5
 integration: $(VENV)/.dev
 	$(MAKE) brokers || echo "make: some brokers did not start; their tests skip unless MSGBUS_REQUIRE_BACKENDS names them"
 	@status=0; for t in integration/test_*.py $(foreach a,$(ADAPTER_DIRS),$(a)/tests); do \
 		echo "== pytest $$t"; \
-		$(BIN)/python -m pytest --import-mode=importlib $$t $(PYTEST_ARGS) || status=1; \
+		$(BIN)/python -m pytest --import-mode=importlib $(INTEGRATION_RERUNS) $$t $(PYTEST_ARGS) || status=1; \
 	done; exit $$status
 
 test: lint unit integration
