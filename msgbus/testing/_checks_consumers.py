@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from msgbus import Consumer, Message, Outgoing, RetryPolicy
+from msgbus.errors import MsgbusError
 
 from ._context import ContractContext, Tally, ensure, examples
 from ._flow import chunked, drain, expect_only_sentinel, is_sentinel, quiet_then_sentinel, sentinel_sender, stop_run
@@ -106,7 +107,11 @@ async def check_held_message_invisible(ctx: ContractContext) -> None:
     early = [i for i, at in seen if i in sent and at < expiry]
     stray = [i for i, _ in seen if i not in sent and i != sentinel]
     for msg in held:
-        await msg.ack()
+        try:
+            await msg.ack()
+        except MsgbusError:
+            if time.monotonic() < expiry:
+                raise  # settling within the lock must work; after it, a backend may report the lock lost
     ensure(not early, f"{len(early)} of {h} held messages reached a second consumer while held: {examples(early)}")
     ensure(not stray, f"the second consumer got {len(stray)} unexpected messages: {examples(stray)}")
     late = len([i for i, _ in seen if i in sent])
