@@ -10,7 +10,8 @@ Outside fixtures, ``from integration.brokers import endpoint`` does the same.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import gc
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -28,6 +29,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "integration" in item.nodeid.split("/")[0:1]:
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
+    """Collect what a test left behind once its fixtures (and event loop) are gone, while its warning filters
+    still apply: a leaked socket fails the test that leaked it, not whatever runs when the GC next comes by
+    (on Python 3.11 a finalizer's warning inside an import's ast.parse even crashes pytest: "AST constructor
+    recursion depth mismatch")."""
+    result = yield
+    gc.collect()
+    return result
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -13,6 +14,13 @@ from msgbus.testing import ContractSuite
 # Short lock (visibility), session and heartbeat so lock-expiry waits, a killed consumer's session and each
 # rebalance take seconds, not Kafka's defaults. 8 partitions let several of the 20 competing consumers work.
 OPTIONS = "partitions=8&visibility_timeout=2&session_timeout=3&heartbeat_interval=0.3&rebalance_timeout=20"
+
+
+@pytest.fixture(autouse=True)
+def _client_logs(caplog: pytest.LogCaptureFixture) -> None:
+    """Group membership and commit events, shown with a failing check: what a stuck rebalance looked like."""
+    caplog.set_level(logging.INFO, logger="aiokafka")
+    caplog.set_level(logging.INFO, logger="msgbus.kafka")
 
 
 class TestKafkaContract(ContractSuite):

@@ -66,7 +66,10 @@ async def check_competing_consumers(ctx: ContractContext) -> None:
     sent: list[str] = []
     for chunk in chunked(range(n), 500):
         sent += await producer.send_many([{"i": i} for i in chunk])
-    ctx.waiting = f"{k} consumers to process {n} messages"
+    ctx.waiting = lambda: (
+        f"{k} consumers to process {n} messages ({tally.distinct} processed, {tally.dups} dup; "
+        f"per consumer: {[per[i] for i in range(k)]})"
+    )
     await tally.wait_distinct(n)
     line = tally.ensure_exact(set(sent), f"{k} consumers on {len(buses)} buses")
     quiet = await quiet_then_sentinel(ctx, tally, sentinel_sender(producer), ctx.quiet, "all consumers")

@@ -167,6 +167,11 @@ class ContractContext:
         self._tasks.append(task)
         return task
 
+    def failed_tasks(self) -> list[str]:
+        """What ended the background tasks that died with an exception (a stuck check's likely cause)."""
+        died = [t for t in self._tasks if t.done() and not t.cancelled() and t.exception() is not None]
+        return [f"{t.get_name()}: {type(t.exception()).__name__}: {t.exception()}" for t in died]
+
     def on_cleanup(self, fn: Callable[[], Awaitable[None]]) -> None:
         self._cleanups.append(fn)
 

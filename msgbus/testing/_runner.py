@@ -143,6 +143,8 @@ async def _run_check(check: Check, ctx: ContractContext) -> CheckResult:
             if not timer.expired():
                 raise
             done = f" (so far: {'; '.join(ctx.notes)})" if ctx.notes else ""
+            died = ctx.failed_tasks()
+            done += f"; background task(s) failed: {'; '.join(died)}" if died else ""
             return result("fail", f"deadline of {deadline:.0f}s passed while waiting for {ctx.waiting_for()}{done}")
         return result("pass", "; ".join(ctx.notes))
     except ContractSkip as skip:
