@@ -121,3 +121,41 @@ async def test_consumers_join_and_leave_mid_stream(record_property: pytest.Recor
     assert set(handled) == set(sent), summary
     assert not violations, f"{len(violations)} per-key order violations, e.g. {violations[:3]}; {summary}"
     assert dups == 0, summary
+
+
+async def test_records_fetched_while_the_assignment_loads_are_kept() -> None:
+    """aiokafka fetches for a new assignment before ``on_partitions_assigned`` returns; records arriving
+    while the receiver still loads the previous owner's notes must be kept, not dropped (they would never
+    be fetched again: a silent loss). The notes are made slow here so that window is wide and certain."""
+    url = f"{endpoint('kafka').url}?{OPTIONS}"
+    queue = f"assign-{uuid.uuid4().hex[:10]}"
+    n = 400
+    async with msgbus.connect(url) as bus:
+        sent = set(await bus.producer(queue).send_many([{"i": i} for i in range(n)]))
+        admin = bus._adapter.admin  # type: ignore[attr-defined]
+        notes = admin.list_consumer_group_offsets
+
+        async def slow_notes(*args: Any, **kwargs: Any) -> Any:
+            await asyncio.sleep(2.0)  # several fetches complete meanwhile
+            return await notes(*args, **kwargs)
+
+        admin.list_consumer_group_offsets = slow_notes
+        got: Counter[str] = Counter()
+        done = asyncio.Event()
+
+        async def handle(msg: msgbus.Message[Any]) -> None:
+            got[msg.id] += 1
+            if len(got) >= n:
+                done.set()
+
+        consumer = bus.consumer(queue)
+        task = asyncio.create_task(consumer.run(handle, concurrency=4))
+        try:
+            await asyncio.wait_for(done.wait(), 60)
+        except TimeoutError:
+            pass
+        consumer.stop()
+        await task
+    lost = sent - set(got)
+    assert not lost, f"{n} sent, {len(got)} received, {len(lost)} lost (fetched during the assignment, dropped)"
+    assert set(got) == sent

@@ -254,6 +254,7 @@ class _Partition:
     committed: int | None = None
     dirty: bool = False
     revoking: bool = False
+    loading: list[Any] | None = None  # records fetched while the previous owner's notes load (None: loaded)
 
 
 class KafkaDelivery(Delivery):
@@ -312,6 +313,7 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
         self._changed = asyncio.Event()
         self._fetch: asyncio.Task[dict[TopicPartition, list[Any]]] | None = None
         self._commit_lock = asyncio.Lock()
+        self._membership = asyncio.Lock()  # joining and leaving take turns: a leave must not drop a new join's parts
         self._committer: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._last_active = time.monotonic()
@@ -327,6 +329,12 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
     async def _join(self) -> AIOKafkaConsumer:
         if self._consumer is not None:
             return self._consumer
+        async with self._membership:
+            if self._consumer is not None:
+                return self._consumer
+            return await self._join_locked()
+
+    async def _join_locked(self) -> AIOKafkaConsumer:
         o = self._o
         consumer = AIOKafkaConsumer(
             **o.client_kwargs(),
@@ -352,15 +360,16 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def _leave(self) -> None:
         """Commit what is settled (and the attempts of what is not), then leave the group."""
-        consumer, self._consumer = self._consumer, None
-        if consumer is None:
-            return
-        fetch, self._fetch = self._fetch, None
-        if fetch is not None:
-            fetch.cancel()
-            await asyncio.gather(fetch, return_exceptions=True)
-        await self._release(list(self._parts), wait=False, consumer=consumer)
-        await _close_quietly(consumer.stop())
+        async with self._membership:
+            consumer, self._consumer = self._consumer, None
+            if consumer is None:
+                return
+            fetch, self._fetch = self._fetch, None
+            if fetch is not None:
+                fetch.cancel()
+                await asyncio.gather(fetch, return_exceptions=True)
+            await self._release(list(self._parts), wait=False, consumer=consumer)
+            await _close_quietly(consumer.stop())
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         """aiokafka calls this before a rebalance: settle what we can, commit, forget the partitions."""
@@ -368,7 +377,14 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
             await self._release([tp for tp in revoked if tp in self._parts], wait=not self._closed)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        """Load the notes the previous owner left in the commit metadata: settled offsets and attempts."""
+        """Load the notes the previous owner left in the commit metadata: settled offsets and attempts.
+
+        aiokafka fetches for the new assignment before this returns, so the partitions are ours at once;
+        what arrives while the notes load waits in ``loading`` (aiokafka will not fetch it again).
+        """
+        for tp in assigned:
+            self._forget(tp)  # left over from an assignment whose revocation we did not see
+            self._parts[tp] = _Partition(loading=[])
         notes: dict[TopicPartition, Any] = {}
         if assigned:
             try:
@@ -376,10 +392,16 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
             except Exception as exc:  # without notes we redeliver settled records: at-least-once still holds
                 log.warning("msgbus kafka: could not read commit notes of %s: %r", self.group, exc)
         for tp in assigned:
+            part = self._parts.get(tp)
+            if part is None or part.loading is None:
+                continue  # revoked while the notes loaded
             meta = notes.get(tp)
             parsed = _codec.decode_notes(meta.metadata if meta is not None else None)
-            committed = meta.offset if meta is not None and meta.offset >= 0 else None
-            self._parts[tp] = _Partition(skip=set(parsed.settled), prior=dict(parsed.attempts), committed=committed)
+            part.skip, part.prior = set(parsed.settled), dict(parsed.attempts)
+            part.committed = meta.offset if meta is not None and meta.offset >= 0 else None
+            early, part.loading = part.loading, None
+            self._held -= len(early)
+            self._accept_records(tp, part, early)
         self._changed.set()
 
     async def _release(
@@ -407,14 +429,21 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
         await self._commit(tps, consumer=consumer)
         self._epoch += 1
         for tp, part in parts.items():
-            self._held -= len(part.entries)
-            for entry in part.entries.values():
-                entry.state = _DONE
-            self._parts.pop(tp, None)
-        for key in [k for k in self._keys if k[0] in parts]:
-            del self._keys[key]
-        self._ready = deque(e for e in self._ready if e.tp not in parts)
+            if self._parts.get(tp) is part:
+                self._forget(tp)
         self._changed.set()
+
+    def _forget(self, tp: TopicPartition) -> None:
+        """Drop everything held for ``tp`` (its next owner redelivers what was not committed)."""
+        part = self._parts.pop(tp, None)
+        if part is None:
+            return
+        self._held -= len(part.entries) + len(part.loading or ())
+        for entry in part.entries.values():
+            entry.state = _DONE
+        for key in [k for k in self._keys if k[0] == tp]:
+            del self._keys[key]
+        self._ready = deque(e for e in self._ready if e.tp != tp)
 
     def _drop_undelivered(self, tps: set[TopicPartition]) -> None:
         """Records fetched but never delivered go back to Kafka: the committed offset stops at the first of
@@ -486,25 +515,38 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
         for tp, raws in batches.items():
             part = self._parts.get(tp)
             if part is None or part.revoking:
-                continue  # not ours (any more): its owner fetches it
-            for raw in raws:
-                offset = raw.offset
-                if part.next_offset is not None and offset < part.next_offset:
-                    continue  # already fetched (a re-fetch after a seek)
-                part.next_offset = offset + 1
-                part.order.append(offset)
-                if offset in part.skip:
-                    part.skip.discard(offset)
-                    part.settled.add(offset)
-                    part.dirty = True
-                    continue
-                record = _codec.decode(
-                    raw.value, raw.key, raw.headers or (), raw.timestamp, f"{tp.topic}-{tp.partition}-{offset}"
-                )
-                entry = _Entry(tp, offset, record, raw, part.prior.pop(offset, 0), self._epoch)
-                part.entries[offset] = entry
-                self._held += 1
-                self._route(entry)
+                # Being handed over: the next owner fetches from our commit. Still assigned but unknown to us
+                # (never expected): rewind, so nothing aiokafka hands us is skipped.
+                consumer = self._consumer
+                if part is None and raws and consumer is not None and tp in consumer.assignment():
+                    log.warning("msgbus kafka: records of unexpected partition %s; rewinding to %d", tp, raws[0].offset)
+                    consumer.seek(tp, raws[0].offset)
+                continue
+            if part.loading is not None:
+                part.loading.extend(raws)
+                self._held += len(raws)  # they count against prefetch while they wait
+                continue
+            self._accept_records(tp, part, raws)
+
+    def _accept_records(self, tp: TopicPartition, part: _Partition, raws: list[Any]) -> None:
+        for raw in raws:
+            offset = raw.offset
+            if part.next_offset is not None and offset < part.next_offset:
+                continue  # already fetched (a re-fetch after a seek)
+            part.next_offset = offset + 1
+            part.order.append(offset)
+            if offset in part.skip:
+                part.skip.discard(offset)
+                part.settled.add(offset)
+                part.dirty = True
+                continue
+            record = _codec.decode(
+                raw.value, raw.key, raw.headers or (), raw.timestamp, f"{tp.topic}-{tp.partition}-{offset}"
+            )
+            entry = _Entry(tp, offset, record, raw, part.prior.pop(offset, 0), self._epoch)
+            part.entries[offset] = entry
+            self._held += 1
+            self._route(entry)
 
     def _route(self, entry: _Entry) -> None:
         """Deliverable now, or behind an unsettled record of the same key."""
