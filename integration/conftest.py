@@ -34,9 +34,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
     """Collect what a test left behind once its fixtures (and event loop) are gone, while its warning filters
-    still apply: a leaked socket fails the test that leaked it, not whatever runs when the GC next comes by
-    (on Python 3.11 a finalizer's warning inside an import's ast.parse even crashes pytest: "AST constructor
-    recursion depth mismatch")."""
+    still apply: a module that expects a client library's leftovers (see test_contract_servicebus.py) ignores
+    their ResourceWarnings here, and any other leak is reported with this test's neighbour instead of
+    whenever the GC next comes by (on Python 3.11, a finalizer's warning inside an import's ast.parse even
+    crashes pytest: "AST constructor recursion depth mismatch")."""
     result = yield
     gc.collect()
     return result
