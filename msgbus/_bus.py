@@ -287,13 +287,17 @@ class _Sender:
         shared_key = _opt_str("key", key)
         shared_headers = _check_headers(headers)
         limit = self._bus.capabilities.max_message_size
+        # Record.size() of a plain item, with the shared metadata counted once per batch.
+        shared = len(shared_key or "") + sum(len(k.encode()) + len(v.encode()) for k, v in shared_headers.items())
         encode = _codec.encode
         for item in items:
             if not isinstance(item, Outgoing):
                 payload, ctype = encode(item, None)
                 record = Record(payload, new_id(), shared_headers, shared_key, None, ctype, now)
-                if limit is not None and record.size() > limit:
-                    raise MessageTooLarge(record.size(), limit)
+                if limit is not None:
+                    size = len(payload) + len(record.id) + len(ctype or "") + shared
+                    if size > limit:
+                        raise MessageTooLarge(size, limit)
                 records.append(record)
             else:
                 merged = {**(headers or {}), **(item.headers or {})} if headers or item.headers else None

@@ -140,6 +140,28 @@ async def test_send_side_validation_raises_typed_errors() -> None:
         assert await bus.consumer("q").receive(10, 0.2) == [], "nothing invalid may have been stored"
 
 
+async def test_send_many_counts_shared_key_and_headers_against_the_limit() -> None:
+    """send_many sizes plain items with the batch's key and headers included: a body that fits alone but not
+    with that metadata is refused, exactly at the byte where a single send would refuse it too."""
+    async with msgbus.connect(mem(max_message_size="1000")) as bus:
+        p = bus.producer("q")
+        meta = {"key": "k" * 10, "headers": {"h": "v" * 40, "é": "ü"}}
+        fits = 1000 - 32 - len("application/octet-stream") - 10 - (1 + 40) - (2 + 2)  # id, type, key, headers
+        await p.send(b"x" * fits, **meta)  # type: ignore[arg-type]
+        with pytest.raises(MessageTooLarge) as single:
+            await p.send(b"x" * (fits + 1), **meta)  # type: ignore[arg-type]
+        assert await p.send_many([b"x" * fits], **meta)  # type: ignore[arg-type]
+        with pytest.raises(MessageTooLarge) as batch:
+            await p.send_many([b"x", b"x" * (fits + 1)], **meta)  # type: ignore[arg-type]
+        assert batch.value.size == single.value.size == 1001
+        consumer, got = bus.consumer("q"), []
+        while batch_ := await consumer.receive(10, 0.2):  # one key: the second comes after the first is acked
+            got += batch_
+            for msg in batch_:
+                await msg.ack()
+        assert [len(m.body) for m in got] == [fits, fits], "the two that fit, nothing of the refused batch"
+
+
 @settings(max_examples=50, deadline=None)
 @given(st.dictionaries(st.one_of(st.text(), st.integers()), st.one_of(st.text(), st.integers(), st.none()), max_size=5))
 def test_any_headers_either_roundtrip_or_raise_invalid_message(headers: dict[object, object]) -> None:
