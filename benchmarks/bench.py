@@ -1,6 +1,7 @@
 """The benchmark harness: msgbus vs the raw client vs kombu and FastStream, on one broker, in one run.
 
     python -m benchmarks.bench rabbitmq redis memory sqlite      # full runs, results/*.json + docs/benchmarks.md
+    python -m benchmarks.bench sqs pubsub servicebus              # the cloud brokers' local stand-ins
     python -m benchmarks.bench --smoke memory sqlite               # seconds: proves the harness works
 
 Each broker in ``BROKERS`` names its URL (``MSGBUS_TEST_<NAME>_URL`` wins) and its contenders as
@@ -65,6 +66,40 @@ BROKERS: dict[str, Broker] = {
         "kafka://127.0.0.1:9092",
         {"msgbus": MSGBUS, "raw": "benchmarks.contenders.kafka:AioKafka"},
         notes=["acks=all producers, consumer groups with manual commits"],
+    ),
+    "sqs": Broker(
+        # moto's server (integration/_moto.py); it takes any credentials, but botocore must sign with some.
+        "sqs://us-east-1?endpoint_url=http://127.0.0.1:4566&access_key_id=testing&secret_access_key=testing",
+        {"msgbus": MSGBUS, "raw": "benchmarks.contenders.sqs:Aiobotocore"},
+        notes=[
+            "standard queues; a send returns on SQS's success response, a consumer long-polls (1 s) and deletes",
+            "moto serialises every request (integration/_moto.py): the endpoint, not the client, sets the pace",
+            "raw client only: kombu's SQS transport is a blocking one for Celery's worker; FastStream has no"
+            " SQS broker",
+        ],
+    ),
+    "pubsub": Broker(
+        "pubsub://msgbus-bench?emulator_host=127.0.0.1:8085",
+        {"msgbus": MSGBUS, "raw": "benchmarks.contenders.pubsub:GoogleCloudPubSub"},
+        notes=[
+            "a topic with one subscription per queue; sends return on the publish response (batching of 5 ms)",
+            "both consume with Pull + Acknowledge: pstest feeds a streaming pull one message per 10 ms tick"
+            " (benchmarks/contenders/pubsub.py), and waits a fixed 500 ms on an empty Pull (the latency rows)",
+            "raw client only: kombu's gcpubsub transport is a blocking one for Celery's worker; FastStream has no"
+            " Pub/Sub broker",
+        ],
+    ),
+    "servicebus": Broker(
+        # The local test double (integration/sbbroker) and its well-known test key, like RabbitMQ's guest:guest.
+        "servicebus://RootManageSharedAccessKey:bXNnYnVzLXRlc3Qta2V5LW5vdC1hLXNlY3JldA%2B%2F%3D@127.0.0.1:5682"
+        "?emulator=true&management=none&lock_duration=3",
+        {"msgbus": MSGBUS, "raw": "benchmarks.contenders.servicebus:AzureServiceBus"},
+        notes=[
+            "queues, peek-lock receivers completing each message; against sbbroker, a Python test double of the"
+            " service: the figures compare client overheads, not Azure",
+            "raw client only: kombu's azureservicebus transport is a blocking one (the sync SDK) for Celery's"
+            " worker; FastStream has no Service Bus broker",
+        ],
     ),
     "memory": Broker("memory://bench", {"msgbus": MSGBUS}, ("publish", "latency", "pipeline")),
     "sqlite": Broker("sqlite:///{tmp}/bench.db", {"msgbus": MSGBUS}, ("publish", "consume", "latency", "pipeline")),

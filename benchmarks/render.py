@@ -14,8 +14,17 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 PEERS = ("raw", "kombu", "faststream")
-ORDER = ["memory", "sqlite", "rabbitmq", "redis", "kafka"]
-TITLES = {"memory": "memory://", "sqlite": "sqlite://", "rabbitmq": "RabbitMQ", "redis": "Redis", "kafka": "Kafka"}
+ORDER = ["memory", "sqlite", "rabbitmq", "redis", "kafka", "sqs", "pubsub", "servicebus"]
+TITLES = {
+    "memory": "memory://",
+    "sqlite": "sqlite://",
+    "rabbitmq": "RabbitMQ",
+    "redis": "Redis",
+    "kafka": "Kafka",
+    "sqs": "SQS",
+    "pubsub": "Google Pub/Sub",
+    "servicebus": "Azure Service Bus",
+}
 
 INTRO = """\
 # Benchmarks
@@ -29,9 +38,9 @@ is the median of 3 runs, with [min-max]. Every run counts its messages (each bod
 index) and fails loudly on a lost, duplicated or foreign message, so no figure comes from a lossy run.
 
 - **publish**: msgs/s until the last send returned, i.e. the broker confirmed every message (RabbitMQ publisher
-  confirms, Kafka `acks=all`, Redis' reply). *single*: one awaited send at a time; *batch*: `send_many` of
-  100 (raw: a pipelined batch of the client's own); *concurrent*: 16 tasks each awaiting single sends. The
-  messages are then drained and counted (untimed).
+  confirms, Kafka `acks=all`, Redis' reply, the cloud APIs' success response). *single*: one awaited send at a
+  time; *batch*: `send_many` of 100 (raw: a pipelined batch of the client's own); *concurrent*: 16 tasks each
+  awaiting single sends. The messages are then drained and counted (untimed).
 - **consume**: 10,000 x 1 KiB preloaded, then a fresh process consumes them with ack (msgbus:
   `consumer.run(handler, concurrency=16)` with its default prefetch of 32; the others get the same credit),
   timed from opening the consumer to the last handled message. **rss**: that process's peak RSS (VmHWM).
@@ -109,6 +118,9 @@ def section(result: dict[str, Any]) -> str:
     libs = ", ".join(f"{k} {v}" for k, v in sorted(result["libraries"].items()))
     out.append(f"- libraries: {libs}; Python {m['python']}, {m['cpus']} CPUs")
     out.append(f"- load average (1/5/15 min): {_load(m['loadavg_start'])} at start, {_load(m['loadavg_end'])} at end")
+    messages = result.get("plan", {}).get("messages", 10_000)
+    if messages != 10_000:
+        out.append(f"- {messages:,} messages per batch, concurrent and consume run (not 10,000)")
     for note in result.get("notes", []):
         out.append(f"- {note}")
     for skipped in _skipped(result):
