@@ -182,7 +182,8 @@ class Kafka(LocalBroker):
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         argv = self._java(
             "kafka.tools.StorageTool",
-            *("format", "-t", cluster_id, "-c", str(self.dir / "server.properties")),
+            # "--cluster-id=ID": a base64url id may start with "-", which argparse would read as an option.
+            *("format", f"--cluster-id={cluster_id}", "-c", str(self.dir / "server.properties")),
             heap="256m",
         )
         done = subprocess.run(argv, capture_output=True, text=True, check=False, cwd=self.dir)
