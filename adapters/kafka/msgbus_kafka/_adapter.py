@@ -382,8 +382,8 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
         aiokafka fetches for the new assignment before this returns, so the partitions are ours at once;
         what arrives while the notes load waits in ``loading`` (aiokafka will not fetch it again).
         """
+        self._forget(assigned)  # left over from an assignment whose revocation we did not see
         for tp in assigned:
-            self._forget(tp)  # left over from an assignment whose revocation we did not see
             self._parts[tp] = _Partition(loading=[])
         notes: dict[TopicPartition, Any] = {}
         if assigned:
@@ -428,22 +428,22 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
                 pass
         await self._commit(tps, consumer=consumer)
         self._epoch += 1
-        for tp, part in parts.items():
-            if self._parts.get(tp) is part:
-                self._forget(tp)
+        self._forget({tp for tp, part in parts.items() if self._parts.get(tp) is part})
         self._changed.set()
 
-    def _forget(self, tp: TopicPartition) -> None:
-        """Drop everything held for ``tp`` (its next owner redelivers what was not committed)."""
-        part = self._parts.pop(tp, None)
-        if part is None:
+    def _forget(self, tps: set[TopicPartition]) -> None:
+        """Drop everything held for ``tps`` (their next owners redeliver what was not committed)."""
+        gone = {tp for tp in tps if tp in self._parts}
+        if not gone:
             return
-        self._held -= len(part.entries) + len(part.loading or ())
-        for entry in part.entries.values():
-            entry.state = _DONE
-        for key in [k for k in self._keys if k[0] == tp]:
+        for tp in gone:
+            part = self._parts.pop(tp)
+            self._held -= len(part.entries) + len(part.loading or ())
+            for entry in part.entries.values():
+                entry.state = _DONE
+        for key in [k for k in self._keys if k[0] in gone]:
             del self._keys[key]
-        self._ready = deque(e for e in self._ready if e.tp != tp)
+        self._ready = deque(e for e in self._ready if e.tp not in gone)
 
     def _drop_undelivered(self, tps: set[TopicPartition]) -> None:
         """Records fetched but never delivered go back to Kafka: the committed offset stops at the first of
