@@ -15,13 +15,9 @@ import msgbus
 from integration.brokers import Endpoint
 from msgbus.testing import ContractSuite
 
-# When connections drop (broker restart, lock-lost settlements), the SDK (azure-servicebus 7.15, pyamqp aio)
-# logs its failures with exc_info, itself and through asyncio's "exception never retrieved"; pytest keeps
-# those records, and through their tracebacks the SDK's dead, unclosed sockets, until the session ends, where
-# `filterwarnings = error` turns the sockets' ResourceWarnings into a failed run. Keep that chatter out of
-# the captured logs and collect what the SDK leaves inside the tests. No msgbus log is silenced.
-# Sometimes (a reconnect racing the restart) the SDK drops a connection's transport without closing it; its
-# ResourceWarnings are ignored (here and, for the session's end, in pyproject.toml).
+# Sometimes (a reconnect racing the restart) the SDK drops a connection's socket or transport without closing
+# it; its ResourceWarnings are ignored (here and, for the session's end, in pyproject.toml), and
+# integration/conftest.py collects such leftovers after every test, inside these filters.
 pytestmark = [
     pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
     pytest.mark.filterwarnings("ignore:unclosed:ResourceWarning"),
@@ -30,6 +26,10 @@ pytestmark = [
 
 @pytest.fixture(autouse=True, scope="module")
 def _quiet_sdk_transport() -> Iterator[None]:
+    """When connections drop (broker restart, lock-lost settlements), the SDK (azure-servicebus 7.15, pyamqp
+    aio) logs its failures with exc_info, itself and through asyncio's "exception never retrieved"; pytest
+    would keep those records, and through their tracebacks the SDK's dead sockets, until the session ends.
+    Keep that chatter out of the captured logs. No msgbus log is silenced."""
     loggers = [logging.getLogger(name) for name in ("azure.servicebus", "asyncio")]
     levels = [log.level for log in loggers]
     for log in loggers:
@@ -37,7 +37,6 @@ def _quiet_sdk_transport() -> Iterator[None]:
     yield
     for log, level in zip(loggers, levels, strict=True):
         log.setLevel(level)
-    gc.collect()
 
 
 def _restart(endpoint: Endpoint) -> None:
@@ -52,11 +51,6 @@ class TestServiceBusContract(ContractSuite):
         if endpoint.handle is not None:  # the local test broker: a graceful restart keeps its saved state
             self.restart_broker = lambda: asyncio.to_thread(_restart, endpoint)
         return endpoint.url
-
-    @pytest.fixture(autouse=True)
-    def _collect_after_each(self) -> Iterator[None]:
-        yield
-        gc.collect()
 
 
 async def test_concurrent_single_sends_coalesce(broker_url: Callable[[str], Endpoint]) -> None:
