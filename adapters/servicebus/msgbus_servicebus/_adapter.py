@@ -185,7 +185,7 @@ class ServiceBusAdapter(Adapter):
                     try:
                         batch.add_message(entry[0])
                     except ValueError as exc:  # larger than a batch may be: this caller's message alone fails
-                        entry[1].set_exception(translate(exc, f"send to {name!r}", publish=True))
+                        entry[1].set_exception(translate(exc, f"send to {name!r}", publish=True, secrets=self._secrets))
                         continue
                 members.append(entry)
             if members:
