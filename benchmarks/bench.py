@@ -125,14 +125,15 @@ async def run_broker(name: str, plan: Plan, tmp: str) -> dict[str, object]:
 
 
 def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """``old`` with the figures of every workload ``new`` measured replaced by ``new``'s (and a note saying so)."""
-    redone = {f["workload"] for f in new["figures"]} | (
-        {"rss"} if any(f["workload"] == "consume" for f in new["figures"]) else set()
-    )
-    kept = [f for f in old["figures"] if f["workload"] not in redone]
+    """``old`` with every case ``new`` measured replaced by ``new``'s figures (and a note saying so)."""
+    redone = {(f["workload"], f["case"]) for f in new["figures"]}
+    kept = [f for f in old["figures"] if (f["workload"], f["case"]) not in redone]
     m = new["machine"]
     load = f"load {m['loadavg_start'][0]:.1f} -> {m['loadavg_end'][0]:.1f}"
-    note = f"{', '.join(sorted(redone))} re-measured with {new['plan']['messages']} messages {new['started']} ({load})"
+    what = ", ".join(sorted({w for w, _ in redone}))
+    credit = new["plan"].get("prefetch")
+    what += f" (prefetch {credit})" if credit else ""
+    note = f"{what} re-measured with {new['plan']['messages']} messages {new['started']} ({load})"
     return {**old, "figures": kept + new["figures"], "notes": [*old.get("notes", []), note]}
 
 
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--messages", type=int, help="per batch/concurrent/consume run (default 10000)")
     parser.add_argument("--workload", action="append", choices=("publish", "consume", "latency", "pipeline"))
+    parser.add_argument("--prefetch", type=int, help="consume credit for every contender (default: max(2C, 16))")
     parser.add_argument("--no-write", action="store_true", help="print only; leave results/ and docs alone")
     parser.add_argument(
         "--merge", action="store_true", help="replace only the re-measured workloads in the existing results"
@@ -151,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = SMOKE if args.smoke else Plan(runs=args.runs, workloads=("publish", "consume", "latency", "pipeline"))
     if args.messages:
         plan = replace(plan, messages=args.messages)
+    if args.prefetch:
+        plan = replace(plan, prefetch=args.prefetch)
     if args.workload:
         plan = replace(plan, workloads=tuple(args.workload))
     if not args.smoke:

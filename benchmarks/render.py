@@ -167,19 +167,18 @@ def targets(results: list[dict[str, Any]]) -> str:
         rows = by_broker.get(broker)
         if rows is None:
             continue
-        ours, theirs = _get(rows, "consume", "C=", "msgbus"), _get(rows, "consume", "C=", peer)
-        if ours is not None:
-            row(f"{TITLES[broker]} consume >= {floor:,} msgs/s", f"{ours:,.0f}", ours >= floor)
-        if ours is not None and theirs and ratio:
-            row(f"{TITLES[broker]} consume >= {ratio}x {peer}", f"{ours / theirs:.2f}x", ours / theirs >= ratio)
-        if broker == "rabbitmq" and ours is not None:
-            rivals = [v for p in ("raw", "faststream") if (v := _get(rows, "consume", "C=", p))]
-            if rivals:
-                row(
-                    "RabbitMQ consume ahead of every asyncio client",
-                    f"{ours / max(rivals):.2f}x best",
-                    ours > max(rivals),
-                )
+        for case in sorted((c for w, c in rows if w == "consume"), key=len):  # msgbus's default credit first
+            credit = re.search(r"prefetch \d+", case)
+            name = TITLES[broker] + " consume" + (f" ({credit.group(0)})" if credit else "")
+            ours, theirs = _get(rows, "consume", case, "msgbus"), _get(rows, "consume", case, peer)
+            if ours is not None:
+                row(f"{name} >= {floor:,} msgs/s", f"{ours:,.0f}", ours >= floor)
+            if ours is not None and theirs and ratio:
+                row(f"{name} >= {ratio}x {peer}", f"{ours / theirs:.2f}x", ours / theirs >= ratio)
+            if broker == "rabbitmq" and ours is not None:
+                rivals = [v for p in ("raw", "faststream") if (v := _get(rows, "consume", case, p))]
+                if rivals:
+                    row(f"{name} ahead of every asyncio client", f"{ours / max(rivals):.2f}x best", ours > max(rivals))
     for broker in ("rabbitmq", "redis", "kafka"):
         rows = by_broker.get(broker)
         if rows is None:

@@ -111,9 +111,14 @@ class Contender(abc.ABC):
     label = "?"  # what it is: "aio-pika 10.2 (confirms)"
     modes: tuple[str, ...] = ("single", "batch", "concurrent")  # the publish modes it has
     latency = True  # can run the latency workload
+    credit: int | None = None  # the consume workload's prefetch; None: msgbus's default for run(concurrency=C)
 
     def __init__(self, url: str) -> None:
         self.url = url
+
+    def prefetch(self, concurrency: int) -> int:
+        """The credit every contender grants when consuming: ``credit``, else msgbus's default ``max(2C, 16)``."""
+        return self.credit or max(2 * concurrency, 16)
 
     async def open(self) -> None:  # noqa: B027 - optional hook
         """Connect (untimed)."""
@@ -210,7 +215,7 @@ class MsgbusContender(Contender):
     async def consume(self, queue: str, on_body: OnBody, concurrency: int, stop: asyncio.Event) -> None:
         # Not ``async with``: a consumer opened before run() keeps the prefetch it was opened with (16), while
         # run(concurrency=C) on an unopened one gets its documented default, max(2 * C, 16).
-        consumer = self._b().consumer(queue)
+        consumer = self._b().consumer(queue, prefetch=self.credit)
 
         async def handle(msg: msgbus.Message[Any]) -> None:
             on_body(msg.payload)
@@ -330,6 +335,7 @@ def load_contender(factory: str, url: str) -> Contender:
 
 async def _child_consume(spec: dict[str, Any]) -> dict[str, Any]:
     contender = load_contender(spec["factory"], spec["url"])
+    contender.credit = spec.get("credit")
     await contender.open()
     rss_start = _peak_rss_mib()
     tally = Tally(spec["tag"], spec["n"])
@@ -385,7 +391,14 @@ def _result(proc: subprocess.Popen[str], what: str) -> dict[str, Any]:
 
 
 async def consume_run(
-    contender: Contender, factory: str, queue: str, n: int, size: int, batch: int, concurrency: int
+    contender: Contender,
+    factory: str,
+    queue: str,
+    n: int,
+    size: int,
+    batch: int,
+    concurrency: int,
+    credit: int | None = None,
 ) -> dict[str, float]:
     """Preload ``n`` messages (untimed), then a fresh process consumes them with ack; msgs/s and its peak RSS."""
     tag = new_tag()
@@ -393,7 +406,7 @@ async def consume_run(
     fastest = "batch" if "batch" in contender.modes else contender.modes[-1]
     await contender.publish(queue, bodies, fastest, batch, 16)
     spec = {"role": "consume", "factory": factory, "url": contender.url, "queue": queue, "n": n, "tag": tag}
-    spec["concurrency"] = concurrency
+    spec["concurrency"], spec["credit"] = concurrency, credit
     proc = await asyncio.to_thread(_spawn, spec)
     got = await asyncio.to_thread(_result, proc, f"{contender.name} consume")
     return {
@@ -463,6 +476,7 @@ class Plan:
     single_messages: int = 2_000  # per single-send run (each waits a round trip)
     batch: int = 100
     concurrency: int = 16
+    prefetch: int | None = None  # consume credit; None: msgbus's default for run(concurrency=C), max(2C, 16)
     latency_messages: int = 1_000
     latency_rate: float = 500.0
     runs: int = 3
@@ -569,12 +583,14 @@ class Session:
     async def _consume_case(self, opened: dict[str, Contender], queues: dict[str, str]) -> None:
         p = self.plan
         size = max(p.sizes)
-        case = f"C={p.concurrency} {_size(size)}"
+        credit = "" if p.prefetch is None else f" prefetch {p.prefetch}"
+        case = f"C={p.concurrency}{credit} {_size(size)}"
 
         async def step(name: str, c: Contender) -> None:
-            got = await consume_run(c, self.factories[name], queues[name], p.messages, size, p.batch, p.concurrency)
+            q, n = queues[name], p.messages
+            got = await consume_run(c, self.factories[name], q, n, size, p.batch, p.concurrency, p.prefetch)
             self._figure("consume", case, name, "msgs/s").runs.append(got["msgs_per_s"])
-            self._figure("rss", "peak of the consuming process", name, "MiB").runs.append(got["rss_peak_mib"])
+            self._figure("rss", f"peak of the consuming process{credit}", name, "MiB").runs.append(got["rss_peak_mib"])
 
         await self._each(opened, f"consume {case}", step)
 
@@ -640,6 +656,7 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--single-messages", type=int, default=2_000, help="messages per single-send run")
     parser.add_argument("--concurrency", type=int, default=16, help="run(concurrency=C) and concurrent senders")
     parser.add_argument("--batch", type=int, default=100, help="messages per send_many")
+    parser.add_argument("--prefetch", type=int, help="consume credit (default: max(2 * concurrency, 16))")
     parser.add_argument("--size", type=int, action="append", help="body size in bytes (repeatable; 16 and 1024)")
     parser.add_argument("--latency-messages", type=int, default=1_000)
     parser.add_argument("--latency-rate", type=float, default=500.0, help="messages/s during the latency run")
@@ -657,6 +674,7 @@ def plan_from(args: argparse.Namespace) -> Plan:
         single_messages=args.single_messages,
         batch=args.batch,
         concurrency=args.concurrency,
+        prefetch=args.prefetch,
         latency_messages=args.latency_messages,
         latency_rate=args.latency_rate,
         runs=args.runs,

@@ -16,6 +16,7 @@ from typing import Any, Generic, Self, TypeVar, overload
 
 from . import _codec, _runtime
 from ._capabilities import Capabilities
+from ._coalesce import Coalescer
 from ._message import Message, Outgoing
 from ._retry import RetryPolicy
 from ._url import BusURL
@@ -74,6 +75,7 @@ class Bus:
         self._open_lock = asyncio.Lock()
         self._declared: set[Endpoint] = set()
         self._consumers: set[Consumer[Any]] = set()
+        self._coalescers: dict[Endpoint, Coalescer] = {}
 
     @property
     def capabilities(self) -> Capabilities:
@@ -125,6 +127,19 @@ class Bus:
         if endpoint not in self._declared:
             await self._adapter.declare(endpoint, create=self._create)
             self._declared.add(endpoint)
+
+    async def _store(self, endpoint: Endpoint, records: Sequence[Record], delay: float | None = None) -> None:
+        if self._state == "closed":
+            raise ClosedError(f"{self!r} is closed")
+        await self._ready(endpoint)
+        await self._adapter.send(endpoint, records, delay)
+
+    def _coalescer(self, endpoint: Endpoint) -> Coalescer | None:
+        """Where concurrent single sends to ``endpoint`` share adapter calls (``_coalesce``); None: not here."""
+        coalescer = self._coalescers.get(endpoint)
+        if coalescer is None and self._adapter.coalesce_sends:
+            coalescer = self._coalescers[endpoint] = Coalescer(lambda records: self._store(endpoint, records))
+        return coalescer
 
     def producer(self, queue: str) -> Producer:
         """A sender to work queue ``queue``: each message is processed by one consumer."""
@@ -258,12 +273,6 @@ class _Sender:
             raise InvalidMessage(f"delay {seconds:g}s is longer than the backend's maximum {caps.max_delay:g}s")
         return float(seconds)
 
-    async def _send(self, records: Sequence[Record], delay: float | None) -> None:
-        if self._bus._state == "closed":
-            raise ClosedError(f"{self._bus!r} is closed")
-        await self._bus._ready(self._endpoint)
-        await self._bus._adapter.send(self._endpoint, records, delay)
-
     async def _one(
         self,
         body: object,
@@ -275,7 +284,12 @@ class _Sender:
         content_type: str | None,
     ) -> str:
         record = self._record(body, key, headers, message_id, correlation_id, content_type, time.time())
-        await self._send((record,), self._delay(delay))
+        seconds = self._delay(delay)
+        coalescer = self._bus._coalescer(self._endpoint) if seconds is None else None
+        if coalescer is not None:
+            await coalescer.send(record)
+        else:
+            await self._bus._store(self._endpoint, (record,), seconds)
         return record.id
 
     async def _many(
@@ -313,7 +327,7 @@ class _Sender:
                     )
                 )
         if records:
-            await self._send(records, self._delay(delay))
+            await self._bus._store(self._endpoint, records, self._delay(delay))
         return [r.id for r in records]
 
 

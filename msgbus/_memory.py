@@ -434,6 +434,8 @@ class _MemoryReceiver(Receiver):
 class MemoryAdapter(Adapter):
     """An adapter over one in-process namespace. Every method is task-safe and thread-safe."""
 
+    coalesce_sends = False  # send never waits: there is nothing to share
+
     def __init__(self, url: BusURL, namespace: _Namespace, visibility_timeout: float, max_message_size: int) -> None:
         self.url = url
         self.visibility_timeout = visibility_timeout

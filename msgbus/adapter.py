@@ -139,6 +139,9 @@ class Adapter(abc.ABC):
 
     capabilities: Capabilities
     url: BusURL
+    #: Whether concurrent single sends to one endpoint should go out together (``msgbus._coalesce``): true
+    #: for anything with a round trip; an in-process backend whose ``send`` never waits sets it false.
+    coalesce_sends: bool = True
 
     @abc.abstractmethod
     async def open(self) -> None:

@@ -60,6 +60,15 @@ async def test_sqlite_consume_and_pipeline_in_child_processes(tmp_path: Path) ->
     }
 
 
+async def test_consume_credit_is_named_in_the_case(tmp_path: Path) -> None:
+    """``--prefetch N`` (Plan.prefetch) reaches the consuming process: its figures are their own cases."""
+    plan = replace(TINY, sizes=(16,), workloads=("consume",), prefetch=64)
+    result = await bench(f"sqlite:///{tmp_path}/bench.db", {"msgbus": MSGBUS}, plan, lambda _: None)
+    cases = {(f["workload"], f["case"]) for f in result["figures"]}
+    assert cases == {("consume", "C=4 prefetch 64 16 B"), ("rss", "peak of the consuming process prefetch 64")}
+    assert all(len(f["runs"]) == 1 for f in result["figures"])
+
+
 def test_tally_counts_loss_duplicates_and_strays() -> None:
     tally = Tally(7, 3)
     for i in (0, 1, 1):

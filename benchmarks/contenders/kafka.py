@@ -16,8 +16,6 @@ from aiokafka.errors import TopicAlreadyExistsError
 
 from msgbus._bench import Contender, OnBody
 
-from .rabbitmq import prefetch
-
 
 class AioKafka(Contender):
     """aiokafka: ``send_and_wait`` per message; batches hand every record to the producer, then await all
@@ -93,7 +91,7 @@ class AioKafka(Contender):
         await consumer.start()
         try:
             while not stop.is_set():
-                batches = await consumer.getmany(timeout_ms=100, max_records=prefetch(concurrency))
+                batches = await consumer.getmany(timeout_ms=100, max_records=self.prefetch(concurrency))
                 if not batches:
                     continue
                 for records in batches.values():

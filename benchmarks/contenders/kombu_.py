@@ -15,7 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from msgbus._bench import Contender, OnBody
 
-from .rabbitmq import amqp_url, prefetch
+from .rabbitmq import amqp_url
 
 kombu: Any = importlib.import_module("kombu")  # untyped
 
@@ -89,7 +89,9 @@ class Kombu(Contender):
             on_body(message.body)
             message.ack()
 
-        with kombu.Consumer(conn, [self._queue(queue)], on_message=on_message, prefetch_count=prefetch(concurrency)):
+        with kombu.Consumer(
+            conn, [self._queue(queue)], on_message=on_message, prefetch_count=self.prefetch(concurrency)
+        ):
             while not stop.is_set():  # reading the flag from this thread is safe; setting it is the loop's job
                 try:
                     conn.drain_events(timeout=0.1)

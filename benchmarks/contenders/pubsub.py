@@ -32,8 +32,6 @@ from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcAsyncI
 
 from msgbus._bench import Contender, OnBody
 
-from .rabbitmq import prefetch
-
 ACK_DEADLINE = 60  # seconds, the subscription's: msgbus's default ``ack_deadline``
 PULL_TIMEOUT = 5.0  # seconds one Pull RPC may take (pstest answers an empty one after 500 ms)
 # The batching msgbus's publisher uses by default (the library's own max_latency is 10 ms).
@@ -128,7 +126,7 @@ class GoogleCloudPubSub(Contender):
     async def consume(self, queue: str, on_body: OnBody, concurrency: int, stop: asyncio.Event) -> None:
         await self._declare(queue)
         subscription = self._subscription(queue)
-        credit = prefetch(concurrency)
+        credit = self.prefetch(concurrency)
         while not stop.is_set():
             try:
                 response = await self._subscriber.pull(
@@ -187,7 +185,7 @@ class StreamingPull(GoogleCloudPubSub):
         def callback(message: Any) -> None:  # on the library's callback threads
             loop.call_soon_threadsafe(handle, message)
 
-        flow = pubsub_v1.types.FlowControl(max_messages=prefetch(concurrency))
+        flow = pubsub_v1.types.FlowControl(max_messages=self.prefetch(concurrency))
         pulling = self._streaming.subscribe(self._subscription(queue), callback, flow_control=flow)
         try:
             await stop.wait()

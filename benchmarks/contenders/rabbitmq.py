@@ -29,11 +29,6 @@ def amqp_url(url: str) -> tuple[str, dict[str, Any]]:
     return urlunsplit((parts.scheme, parts.netloc, parts.path or "/", "", "")), arguments
 
 
-def prefetch(concurrency: int) -> int:
-    """The credit every contender grants: msgbus's default for ``run(concurrency=C)``."""
-    return max(2 * concurrency, 16)
-
-
 class AioPika(Contender):
     """aio-pika, the way its docs show: ``default_exchange.publish`` on a confirming channel; a consume
     callback that acks each message; batches and concurrent sends are ``gather`` of confirmed publishes.
@@ -97,7 +92,7 @@ class AioPika(Contender):
         await self._declare(queue)
         assert self._conn is not None
         channel = await self._conn.channel()
-        await channel.set_qos(prefetch_count=prefetch(concurrency))
+        await channel.set_qos(prefetch_count=self.prefetch(concurrency))
         q = await channel.declare_queue(queue, durable=True, arguments=self.arguments)
 
         async def on_message(message: AbstractIncomingMessage) -> None:
@@ -172,7 +167,7 @@ class FastStream(Contender):
 
         await self._declare(queue)
         subscriber = self._broker.subscriber(
-            self._queue(queue), channel=Channel(prefetch_count=prefetch(concurrency)), ack_policy=AckPolicy.ACK
+            self._queue(queue), channel=Channel(prefetch_count=self.prefetch(concurrency)), ack_policy=AckPolicy.ACK
         )
 
         async def handle(body: bytes) -> None:

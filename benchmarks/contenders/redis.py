@@ -17,8 +17,6 @@ from redis import exceptions as rx
 
 from msgbus._bench import Contender, OnBody
 
-from .rabbitmq import prefetch
-
 GROUP = "bench"
 
 
@@ -84,7 +82,7 @@ class RedisPy(Contender):
         client = self._c()
         await ensure_group(client, queue)
         consumer = f"c-{secrets.token_hex(4)}"
-        count = prefetch(concurrency)
+        count = self.prefetch(concurrency)
         while not stop.is_set():
             reply: Any = await client.xreadgroup(GROUP, consumer, {queue: ">"}, count=count, block=100)
             if not reply:

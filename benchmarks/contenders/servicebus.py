@@ -18,8 +18,6 @@ from msgbus._bench import Contender, OnBody
 from msgbus._url import parse_url
 from msgbus_servicebus._config import read_options
 
-from .rabbitmq import prefetch
-
 IDLE = 0.25  # seconds a receiver iteration waits for a message before the loop looks at ``stop``
 _LOCAL = ("127.0.0.1", "localhost", "::1")
 
@@ -116,7 +114,7 @@ class AzureServiceBus(Contender):
         receiver: Any = self._c().get_queue_receiver(
             queue,
             receive_mode=ServiceBusReceiveMode.PEEK_LOCK,
-            prefetch_count=prefetch(concurrency),
+            prefetch_count=self.prefetch(concurrency),
             max_wait_time=IDLE,
         )
         async with receiver:

@@ -21,8 +21,6 @@ from aiobotocore.session import get_session
 
 from msgbus._bench import Contender, OnBody
 
-from .rabbitmq import prefetch
-
 BATCH = 10  # SQS's limit per SendMessageBatch / ReceiveMessage / DeleteMessageBatch
 WAIT = 1  # long-poll seconds: what msgbus's receive loop asks for (its 0.25 s poll, rounded up)
 _LOCAL = ("127.0.0.1", "localhost")
@@ -127,7 +125,7 @@ class Aiobotocore(Contender):
 
     async def consume(self, queue: str, on_body: OnBody, concurrency: int, stop: asyncio.Event) -> None:
         url = await self._url(queue)
-        pollers = max(1, prefetch(concurrency) // BATCH)
+        pollers = max(1, self.prefetch(concurrency) // BATCH)
         await asyncio.gather(*(self._poll(url, on_body, stop) for _ in range(pollers)))
 
     async def cleanup(self, queue: str) -> None:

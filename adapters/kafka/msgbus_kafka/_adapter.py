@@ -68,6 +68,9 @@ def _capabilities(o: KafkaOptions) -> Capabilities:
 class KafkaAdapter(Adapter):
     """One bus on a Kafka cluster: a producer and an admin client, opened by ``open()``."""
 
+    # aiokafka's producer gathers concurrent sends into one produce request per partition by itself.
+    coalesce_sends = False
+
     def __init__(self, url: BusURL, options: KafkaOptions) -> None:
         self.url = url
         self.options = options

@@ -82,6 +82,9 @@ class RabbitMQAdapter(Adapter):
     reconnects by itself; declared topology and consumers are restored by aio-pika on reconnect.
     """
 
+    # AMQP has no batch publish: concurrent sends already share the channel, each publish in flight at once.
+    coalesce_sends = False
+
     def __init__(self, url: BusURL, settings: Settings) -> None:
         self.url = url
         self._s = settings

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,18 +17,17 @@ from azure.servicebus.aio import ServiceBusClient, ServiceBusReceiver, ServiceBu
 
 from msgbus._url import BusURL, OptionReader
 from msgbus.adapter import Adapter, Capabilities, Delivery, Endpoint, Receiver, Record
-from msgbus.errors import ClosedError, ConnectionLost, MessageTooLarge, MsgbusError, PublishError
+from msgbus.errors import ClosedError, ConnectionLost, InvalidMessage, MessageTooLarge, MsgbusError
 
 from . import _codec
 from ._config import ServiceBusOptions, check_entity, read_options
-from ._errors import translate, translated
+from ._errors import translated
 from ._topology import Topology
 
 __all__ = ["ServiceBusAdapter", "ServiceBusDelivery", "ServiceBusReceiverAdapter", "create"]
 
 log = logging.getLogger("msgbus.servicebus")
 
-_Single = tuple[ServiceBusMessage, "asyncio.Future[None]"]  # a single send waiting for its turn, and its outcome
 _RECEIVE_SLICE = 0.1  # seconds one receive call may hold the SDK receiver while settlements wait
 
 
@@ -65,7 +64,6 @@ class ServiceBusAdapter(Adapter):
         self._client: ServiceBusClient | None = None
         self._senders: dict[str, ServiceBusSender] = {}
         self._send_locks: dict[str, asyncio.Lock] = {}  # an SDK sender is not safe for concurrent calls
-        self._singles: dict[str, list[_Single]] = {}  # single sends waiting for their sender's turn
         self._sender_lock = asyncio.Lock()
         self._receivers: set[ServiceBusReceiverAdapter] = set()
         self._topology = Topology(options)
@@ -140,71 +138,8 @@ class ServiceBusAdapter(Adapter):
 
     async def send_messages(self, name: str, messages: list[ServiceBusMessage], delay: float | None) -> None:
         sender = await self._sender(name)
-        lock = self._send_locks.setdefault(name, asyncio.Lock())
-        if delay or len(messages) != 1:
-            async with lock:
-                await self._send_locked(sender, name, messages, delay)
-            return
-        # Single sends that wait for the sender's turn go out together, one batch per turn. A batch is stored
-        # whole or not at all, so each caller gets exactly its own message's outcome.
-        waiting = self._singles.setdefault(name, [])
-        entry = (messages[0], asyncio.get_running_loop().create_future())
-        waiting.append(entry)
-        try:
-            async with lock:
-                if not entry[1].done():
-                    mine = list(waiting)
-                    waiting.clear()
-                    await self._send_singles(sender, name, mine)
-            await entry[1]
-        except asyncio.CancelledError:
-            if entry in waiting:
-                waiting.remove(entry)  # never handed to the SDK
-            elif entry[1].done() and not entry[1].cancelled():
-                entry[1].exception()  # retrieved: nobody else will
-            raise
-
-    async def _send_singles(self, sender: ServiceBusSender, name: str, mine: list[_Single]) -> None:
-        """Send the waiting single messages in as few batches as fit; settle each caller's future."""
-        try:
-            if len(mine) == 1:
-                await self._settle_send(mine, sender.send_messages(mine[0][0]), name)
-                return
-            with translated(f"send to {name!r}", publish=True, secrets=self._secrets):
-                batch = await sender.create_message_batch()
-            members: list[_Single] = []
-            for entry in mine:
-                try:
-                    batch.add_message(entry[0])
-                except ValueError:  # the batch is full: send it and start anew
-                    if members:
-                        await self._settle_send(members, sender.send_messages(batch), name)
-                    with translated(f"send to {name!r}", publish=True, secrets=self._secrets):
-                        batch = await sender.create_message_batch()
-                    members = []
-                    try:
-                        batch.add_message(entry[0])
-                    except ValueError as exc:  # larger than a batch may be: this caller's message alone fails
-                        entry[1].set_exception(translate(exc, f"send to {name!r}", publish=True, secrets=self._secrets))
-                        continue
-                members.append(entry)
-            if members:
-                await self._settle_send(members, sender.send_messages(batch), name)
-        finally:
-            for _, done in mine:  # interrupted (cancelled, or the SDK raised something unexpected)
-                if not done.done():
-                    done.set_exception(PublishError(f"servicebus send to {name!r} was interrupted; not confirmed"))
-
-    async def _settle_send(self, members: list[_Single], sending: Awaitable[None], name: str) -> None:
-        try:
-            with translated(f"send to {name!r}", publish=True, secrets=self._secrets):
-                await sending
-        except MsgbusError as err:
-            for _, done in members:
-                done.set_exception(err)
-        else:
-            for _, done in members:
-                done.set_result(None)
+        async with self._send_locks.setdefault(name, asyncio.Lock()):
+            await self._send_locked(sender, name, messages, delay)
 
     async def _send_locked(
         self, sender: ServiceBusSender, name: str, messages: list[ServiceBusMessage], delay: float | None
@@ -217,17 +152,22 @@ class ServiceBusAdapter(Adapter):
             if len(messages) == 1:
                 await sender.send_messages(messages[0])
                 return
-            batch = await sender.create_message_batch()
+            # Pack every message before sending any, so a message that fits no batch stores nothing.
+            batches = [await sender.create_message_batch()]
             for message in messages:
                 try:
-                    batch.add_message(message)
-                except ValueError:  # full (MessageSizeExceededError is a ValueError too): send it, start anew
-                    if len(batch) == 0:
-                        raise
-                    await sender.send_messages(batch)
-                    batch = await sender.create_message_batch()
-                    batch.add_message(message)
-            await sender.send_messages(batch)
+                    batches[-1].add_message(message)
+                except ValueError:  # full (MessageSizeExceededError is a ValueError too): start another
+                    if len(batches[-1]) == 0:
+                        raise InvalidMessage(
+                            f"servicebus send to {name!r} failed: a message does not fit in a batch of "
+                            f"{batches[-1].max_size_in_bytes} bytes once encoded (lower the max_message_size "
+                            "option to the entity's limit); nothing was sent"
+                        ) from None
+                    batches.append(await sender.create_message_batch())
+                    batches[-1].add_message(message)
+            for batch in batches:
+                await sender.send_messages(batch)
 
     async def receiver(self, endpoint: Endpoint, prefetch: int) -> Receiver:
         """A peek-lock receiver on the queue, subscription, or their ``$DeadLetterQueue``; attached on return."""
