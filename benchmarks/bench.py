@@ -49,8 +49,12 @@ BROKERS: dict[str, Broker] = {
             "raw": "benchmarks.contenders.rabbitmq:AioPika",
             "kombu": "benchmarks.contenders.kombu_:Kombu",
             "faststream": "benchmarks.contenders.rabbitmq:FastStream",
+            "aiormq": "benchmarks.contenders.rabbitmq:AiormqFloor",
         },
-        notes=["durable classic queues, persistent messages, publisher confirms for every contender"],
+        notes=[
+            "durable classic queues, persistent messages, publisher confirms for every contender",
+            "aiormq: the asyncio AMQP protocol layer consuming with nothing on top (a floor, not a contender)",
+        ],
     ),
     "redis": Broker(
         "redis://127.0.0.1:6379/0",
@@ -134,7 +138,13 @@ def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     credit = new["plan"].get("prefetch")
     what += f" (prefetch {credit})" if credit else ""
     note = f"{what} re-measured with {new['plan']['messages']} messages {new['started']} ({load})"
-    return {**old, "figures": kept + new["figures"], "notes": [*old.get("notes", []), note]}
+    return {
+        **old,
+        "contenders": {**old["contenders"], **new["contenders"]},  # a contender added since the first run
+        "libraries": {**old["libraries"], **new["libraries"]},
+        "figures": kept + new["figures"],
+        "notes": [*old.get("notes", []), note],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -111,3 +111,40 @@ def test_asyncio_loop_is_left_clean() -> None:
         return len(asyncio.all_tasks()) - 1
 
     assert asyncio.run(one()) == 0
+
+
+def test_merge_replaces_the_remeasured_cases_only() -> None:
+    """``benchmarks/bench.py --merge``: a re-measured case is replaced whole, other cases stay, and a contender
+    new in the re-measurement joins the report."""
+    from benchmarks.bench import merge
+
+    def fig(workload: str, case: str, who: str, median: float) -> dict[str, Any]:
+        return {"workload": workload, "case": case, "contender": who, "median": median, "runs": [median]}
+
+    old = {
+        "contenders": {"msgbus": "m", "kombu": "k"},
+        "libraries": {"kombu": "5"},
+        "figures": [
+            fig("consume", "C=16 1 KiB", "msgbus", 1),
+            fig("consume", "C=16 1 KiB", "kombu", 2),
+            fig("publish", "single 16 B", "msgbus", 3),
+        ],
+        "notes": ["first"],
+    }
+    new = {
+        "contenders": {"msgbus": "m", "aiormq": "a"},
+        "libraries": {"aiormq": "7"},
+        "figures": [fig("consume", "C=16 1 KiB", "msgbus", 4), fig("consume", "C=16 1 KiB", "aiormq", 5)],
+        "machine": {"loadavg_start": [1.0], "loadavg_end": [1.5]},
+        "plan": {"messages": 10, "prefetch": None},
+        "started": "now",
+    }
+    merged = merge(old, new)
+    assert sorted((f["case"], f["contender"], f["median"]) for f in merged["figures"]) == [
+        ("C=16 1 KiB", "aiormq", 5),
+        ("C=16 1 KiB", "msgbus", 4),
+        ("single 16 B", "msgbus", 3),
+    ]
+    assert merged["contenders"] == {"msgbus": "m", "kombu": "k", "aiormq": "a"}
+    assert merged["libraries"] == {"kombu": "5", "aiormq": "7"}
+    assert merged["notes"] == ["first", "consume re-measured with 10 messages now (load 1.0 -> 1.5)"]

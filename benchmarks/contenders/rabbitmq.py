@@ -119,6 +119,44 @@ class AioPika(Contender):
                     await channel.close()
 
 
+class AiormqFloor(AioPika):
+    """The floor of the asyncio AMQP stack, not a way to write a service: aiormq (the protocol layer under
+    aio-pika) consuming with nothing on top - no handler dispatch, no message object, no decoding - and one
+    ``basic.ack(multiple=True)`` per 16 deliveries (about what msgbus's ack batching sends). It publishes
+    like raw aio-pika (preloading only), so it runs the consume workload alone."""
+
+    name = "aiormq"
+    modes = ("batch",)
+    latency = False
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.label = f"aiormq {importlib.metadata.version('aiormq')} (bare consume floor)"
+
+    async def consume(self, queue: str, on_body: OnBody, concurrency: int, stop: asyncio.Event) -> None:
+        await self._declare(queue)
+        assert self._conn is not None and self._conn.transport is not None
+        channel = await self._conn.transport.connection.channel()
+        await channel.basic_qos(prefetch_count=self.prefetch(concurrency))
+        last, unacked = 0, 0
+
+        async def on_message(message: Any) -> None:
+            nonlocal last, unacked
+            on_body(message.body)
+            last, unacked = message.delivery.delivery_tag, unacked + 1
+            if unacked >= 16:
+                unacked = 0
+                await channel.basic_ack(last, multiple=True)
+
+        tag = (await channel.basic_consume(queue, on_message)).consumer_tag
+        await stop.wait()
+        if tag is not None:
+            await channel.basic_cancel(tag)
+        if unacked:
+            await channel.basic_ack(last, multiple=True)
+        await channel.close()
+
+
 class FastStream(Contender):
     """FastStream's RabbitBroker: ``broker.publish(persist=True)`` (confirming channel by default), and a
     subscriber with ``AckPolicy.ACK`` (ack after the handler) on a channel with the same prefetch."""
