@@ -53,6 +53,7 @@ class Coalescer:
             self._flush()
             raise
         self._gathering = None
+        batch = _live(batch)
         if not batch:  # alone: send it from this task, no task of its own needed
             try:
                 await self._send((record,))
@@ -67,14 +68,11 @@ class Coalescer:
         await entry[1]
 
     async def _wait(self, queue: list[_Entry], record: Record) -> None:
+        # A caller cancelled here leaves its entry behind, its future cancelled: batches are taken without
+        # such entries (``_live``), so it is never sent unless its batch already went to the backend.
         entry: _Entry = (record, asyncio.get_running_loop().create_future())
         queue.append(entry)
-        try:
-            await entry[1]
-        except asyncio.CancelledError:
-            if entry in queue:
-                queue.remove(entry)  # never handed to the adapter
-            raise
+        await entry[1]
 
     def _start(self, batch: list[_Entry]) -> None:
         task = asyncio.get_running_loop().create_task(self._send_batch(batch))
@@ -84,11 +82,12 @@ class Coalescer:
     def _flush(self) -> None:
         """Hand the waiting records to the adapter as one batch, in a task of its own so that no caller's
         cancellation can cut short the others' send."""
-        if self._waiting and not self._busy:
-            batch = self._waiting[: self._max_batch]
+        while self._waiting and not self._busy:
+            batch = _live(self._waiting[: self._max_batch])
             del self._waiting[: self._max_batch]
-            self._busy = True
-            self._start(batch)
+            if batch:
+                self._busy = True
+                self._start(batch)
 
     async def _send_batch(self, batch: list[_Entry]) -> None:
         try:
@@ -116,6 +115,11 @@ class Coalescer:
             for _, done in batch:
                 if not done.done():
                     done.set_result(None)
+
+
+def _live(entries: list[_Entry]) -> list[_Entry]:
+    """The entries whose callers are still waiting (a cancelled caller's future is done)."""
+    return [entry for entry in entries if not entry[1].done()]
 
 
 def _fail(batch: list[_Entry], exc: Exception) -> None:

@@ -126,3 +126,31 @@ async def test_bus_sends_coalesce_on_a_real_backend(tmp_path: object) -> None:
                     got[msg.id] = got.get(msg.id, 0) + 1
                     await msg.ack()
         assert set(got) == set(ids) and set(got.values()) == {1}
+
+
+async def test_a_caller_cancelled_after_its_batch_leader_was_is_never_sent() -> None:
+    """The leader of a forming batch is cancelled, then one of those who joined it: the other still goes out,
+    the cancelled ones never do."""
+    backend = Backend()
+    gate = Coalescer(backend.send)
+    tasks = [asyncio.ensure_future(gate.send(record(i))) for i in range(3)]
+    await asyncio.sleep(0)  # 0 leads and yields once; 1 and 2 join its batch
+    tasks[0].cancel()
+    tasks[1].cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert tasks[0].cancelled() and tasks[1].cancelled() and tasks[2].result() is None
+    assert backend.stored == ["id-2"]
+
+
+async def test_a_caller_cancelled_while_its_batch_is_split_does_not_strand_the_others() -> None:
+    """A batch refused for one record is re-sent one by one; a caller leaving meanwhile must not make the
+    split skip anyone (each remaining caller gets its own outcome, none waits forever)."""
+    backend = Backend(delay=0.02)
+    gate = Coalescer(backend.send)
+    bodies: list[int | str] = [1, 2, "bad", 4]
+    callers = [asyncio.ensure_future(gate.send(record(b))) for b in bodies]  # one batch, refused at once
+    await asyncio.sleep(0.03)  # the split has sent id-1 alone and is sending id-2
+    callers[1].cancel()
+    results = await asyncio.wait_for(asyncio.gather(*callers, return_exceptions=True), 2)
+    assert [type(r).__name__ for r in results] == ["NoneType", "CancelledError", "InvalidMessage", "NoneType"]
+    assert sorted(backend.stored) == ["id-1", "id-2", "id-4"]  # id-2 was with the backend when its caller left
