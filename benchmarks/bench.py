@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefetch", type=int, help="consume credit for every contender (default: max(2C, 16))")
     parser.add_argument("--no-write", action="store_true", help="print only; leave results/ and docs alone")
     parser.add_argument(
-        "--merge", action="store_true", help="replace only the re-measured workloads in the existing results"
+        "--merge", action="store_true", help="replace only the re-measured cases in the existing results"
     )
     args = parser.parse_args(argv)
     plan = SMOKE if args.smoke else Plan(runs=args.runs, workloads=("publish", "consume", "latency", "pipeline"))
