@@ -1,4 +1,4 @@
-"""RabbitMQ adapter for msgbus (``amqp://`` and ``amqps://``), built on aio-pika."""
+"""RabbitMQ adapter for msgbus (``amqp://`` and ``amqps://``), built on aio-pika (sends) and pika (receivers)."""
 
 from ._adapter import RabbitMQAdapter, create
 

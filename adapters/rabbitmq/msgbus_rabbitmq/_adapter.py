@@ -12,21 +12,20 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import aio_pika
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustConnection, AbstractRobustQueue
-from aiormq.exceptions import ChannelInvalidStateError
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 
 from msgbus._url import BusURL, OptionReader
-from msgbus.adapter import Adapter, Capabilities, Delivery, Endpoint, Receiver, Record, dead_letter_record
+from msgbus.adapter import Adapter, Capabilities, Endpoint, Receiver, Record
 from msgbus.errors import ClosedError, ConfigError, ConnectionLost, MessageTooLarge, MsgbusError
 
-from ._codec import decode, encode
+from ._codec import encode
 from ._config import Settings, read_settings
 from ._errors import convert, translate
+from ._receiver import RabbitMQReceiver
 
 _T = TypeVar("_T")
 
@@ -34,7 +33,6 @@ MAX_DELAY = 7 * 24 * 3600.0  # holding-queue TTLs are 32-bit milliseconds; a wee
 _HOLDING_GRACE_MS = 300_000  # an idle holding queue is deleted this long after its messages are due
 _HOLDING_REDECLARE = 60.0  # re-declare (resetting x-expires) when the last declare is older than this
 _MAX_NAME = 255  # bytes in an AMQP queue or exchange name
-_IDLE_PAUSE = 0.25  # seconds without receive() before a receiver stops taking new messages
 
 
 def create(url: BusURL, options: OptionReader) -> RabbitMQAdapter:
@@ -76,10 +74,11 @@ def holding_queue_name(ms: int, target: str, kind: str) -> str:
 
 
 class RabbitMQAdapter(Adapter):
-    """One robust AMQP connection: a confirming publish channel, a topology channel, a channel per receiver.
+    """One robust aio-pika connection (a confirming publish channel, a topology channel) for sends and
+    declares; each receiver consumes on a pika connection of its own.
 
-    Task-safe: sends, declares and receivers may run concurrently on one event loop. The connection
-    reconnects by itself; declared topology and consumers are restored by aio-pika on reconnect.
+    Task-safe: sends, declares and receivers may run concurrently on one event loop. Every connection
+    reconnects by itself: aio-pika restores the declared topology, a receiver its consumer.
     """
 
     # AMQP has no batch publish: concurrent sends already share the channel, each publish in flight at once.
@@ -105,6 +104,7 @@ class RabbitMQAdapter(Adapter):
         self._topology: AbstractRobustChannel | None = None
         self._declared: set[tuple[str, str, str | None]] = set()
         self._holding: dict[str, float] = {}  # holding queue -> loop time of its last declare
+        self._receivers: set[RabbitMQReceiver] = set()
         self._lock = asyncio.Lock()
         self._closed = False
 
@@ -148,6 +148,8 @@ class RabbitMQAdapter(Adapter):
     async def close(self) -> None:
         """Close the connection; unacked deliveries return to their queues. Idempotent."""
         self._closed = True
+        for receiver in list(self._receivers):
+            await receiver.close()
         conn, self._conn = self._conn, None
         self._publish_channel = self._topology = None
         self._declared.clear()
@@ -336,19 +338,17 @@ class RabbitMQAdapter(Adapter):
     # -- receiving --------------------------------------------------------------------------------
 
     async def receiver(self, endpoint: Endpoint, prefetch: int) -> Receiver:
-        """Consume from a queue, subscription or dead-letter queue with ``basic.qos(prefetch)``."""
-        name = queue_name(endpoint)
-        conn = self._connection()
-        with translate(f"opening a receiver on {endpoint}", [self._s.password]):
-            channel = await conn.channel(publisher_confirms=False)
-            try:
-                await channel.set_qos(prefetch_count=max(1, prefetch))
-                queue = await channel.declare_queue(name, passive=True)
-                receiver = _Receiver(self, endpoint, name, channel, queue)
-                await receiver._resume()
-            except BaseException:
-                await channel.close()
-                raise
+        """Consume from a queue, subscription or dead-letter queue with ``basic.qos(prefetch)``, on a
+        connection of the receiver's own (``_receiver.py`` says why)."""
+        self._connection()
+        receiver = RabbitMQReceiver(self, endpoint, queue_name(endpoint), prefetch)
+        self._receivers.add(receiver)
+        try:
+            await receiver.connect()
+            await receiver._resume()
+        except BaseException:
+            await receiver.close()
+            raise
         receiver._pause_later()
         return receiver
 
@@ -361,244 +361,3 @@ class RabbitMQAdapter(Adapter):
             with translate(f"declaring the delay queue for {queue}", [self._s.password]):
                 routing_key = await self._holding_queue(ms, queue, "q")
         await self._publish_all(f"queue {queue}", "", routing_key, [message], True)
-
-
-class _Receiver(Receiver):
-    """Buffers what the broker pushes (at most ``prefetch`` unacked) and hands it out in batches.
-
-    RabbitMQ pushes to every consumer with free credit, so a receiver nobody reads from would sit on
-    messages other consumers are waiting for. The consumer is therefore cancelled after ``_IDLE_PAUSE``
-    seconds without a ``receive()`` call (what it already holds stays held) and resumed by the next call.
-    """
-
-    def __init__(
-        self,
-        adapter: RabbitMQAdapter,
-        endpoint: Endpoint,
-        name: str,
-        channel: AbstractRobustChannel,
-        queue: AbstractRobustQueue,
-    ) -> None:
-        self._adapter = adapter
-        self._endpoint = endpoint
-        self._name = name
-        self._channel = channel
-        self._queue = queue
-        self._buffer: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
-        self._closed = False
-        self._tag: str | None = None
-        self._switch = asyncio.Lock()  # serialises consume/cancel
-        self._receiving = 0
-        self._idle: asyncio.TimerHandle | None = None
-        self._pausing: asyncio.Task[None] | None = None
-        # Delivery tags of the current AMQP channel not yet settled, in delivery order, and those of them
-        # settled out of order: ack_many acks the settled prefix with one ``multiple=True`` frame.
-        self._tag_channel: object = None
-        self._open_tags: deque[int] = deque()
-        self._done_tags: set[int] = set()
-
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        try:
-            channel = message.channel
-        except ChannelInvalidStateError:
-            return  # the broker has put it back already
-        if channel is not self._tag_channel:  # a new channel after a reconnect: tags start again at 1
-            self._tag_channel = channel
-            self._open_tags.clear()
-            self._done_tags.clear()
-        if message.delivery_tag is not None:  # always set on a basic.deliver
-            self._open_tags.append(message.delivery_tag)
-        self._buffer.put_nowait(message)
-
-    def _current(self, message: AbstractIncomingMessage) -> bool:
-        """Whether ``message`` came on the channel whose tags are tracked (not a stale one)."""
-        return not _stale(message) and message.channel is self._tag_channel
-
-    def _settled(self, message: AbstractIncomingMessage) -> None:
-        """Note that ``message`` was settled on its own (ack, nack or dead-letter)."""
-        if message.delivery_tag is not None and self._current(message):
-            self._done_tags.add(message.delivery_tag)
-            self._advance()
-
-    def _advance(self) -> None:
-        """Drop the settled prefix of the open tags."""
-        while self._open_tags and self._open_tags[0] in self._done_tags:
-            self._done_tags.discard(self._open_tags.popleft())
-
-    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
-        """Ack with one ``basic.ack(multiple=True)`` up to the highest tag below which everything is settled.
-
-        ``multiple`` acks every unsettled delivery up to that tag, so it covers only tags that are in this
-        batch or already settled on the broker; the rest of the batch is acked one by one (and counts as
-        settled only once that ack went out, so a concurrent batch never covers it twice).
-        """
-        batch: dict[int, _Delivery] = {}
-        singles: list[Delivery] = []
-        for d in deliveries:
-            if isinstance(d, _Delivery) and d._receiver is self and d.raw.delivery_tag and self._current(d.raw):
-                batch[d.raw.delivery_tag] = d
-            else:
-                singles.append(d)
-        upto = 0
-        while self._open_tags and (self._open_tags[0] in batch or self._open_tags[0] in self._done_tags):
-            tag = self._open_tags.popleft()
-            self._done_tags.discard(tag)
-            if tag in batch:
-                upto = tag
-        if upto:
-            with translate(f"acking on {self._endpoint}"):
-                await batch[upto].raw.ack(multiple=True)
-        for tag, d in batch.items():
-            if tag > upto:
-                singles.append(d)
-        for d in singles:
-            await d.ack()
-
-    async def _resume(self) -> None:
-        async with self._switch:
-            if self._tag is None and not self._closed:
-                self._tag = await self._queue.consume(self._on_message, no_ack=False)
-
-    async def _pause(self) -> None:
-        async with self._switch:
-            if self._tag is not None and not self._receiving and not self._closed:
-                tag, self._tag = self._tag, None
-                try:
-                    await self._queue.cancel(tag)
-                except Exception:  # channel gone: the broker has dropped the consumer anyway
-                    pass
-
-    def _pause_later(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-        self._idle = asyncio.get_running_loop().call_later(_IDLE_PAUSE, self._start_pause)
-
-    def _start_pause(self) -> None:
-        self._idle = None
-        if not self._receiving and not self._closed:
-            self._pausing = asyncio.ensure_future(self._pause())
-
-    async def receive(self, max_messages: int, timeout: float) -> list[Delivery]:
-        """Wait up to ``timeout`` s for a delivery, then take what else is buffered, up to ``max_messages``.
-
-        Messages that arrived on a channel that has since closed are dropped here: the broker has
-        already put them back, and they will arrive again on the restored channel.
-        """
-        if self._closed:
-            raise ClosedError(f"receiver on {self._endpoint} is closed")
-        self._receiving += 1
-        if self._idle is not None:
-            self._idle.cancel()
-            self._idle = None
-        try:
-            if self._tag is None:
-                with translate(f"receiving from {self._endpoint}"):
-                    await self._resume()
-            return await self._collect(max_messages, timeout)
-        finally:
-            self._receiving -= 1
-            if not self._receiving and not self._closed:
-                self._pause_later()
-
-    async def _collect(self, max_messages: int, timeout: float) -> list[Delivery]:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + max(0.0, timeout)
-        out: list[Delivery] = []
-        while not out:
-            if self._buffer.empty():
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    return out
-                try:
-                    first = await asyncio.wait_for(self._buffer.get(), remaining)
-                except TimeoutError:
-                    return out
-                self._take(first, out)
-            while len(out) < max_messages and not self._buffer.empty():
-                self._take(self._buffer.get_nowait(), out)
-            if self._closed:
-                raise ClosedError(f"receiver on {self._endpoint} is closed")
-        return out
-
-    def _take(self, message: AbstractIncomingMessage, out: list[Delivery]) -> None:
-        if _stale(message):
-            return
-        decoded = decode(
-            message.body,
-            message.headers,
-            message_id=message.message_id,
-            correlation_id=message.correlation_id,
-            content_type=message.content_type,
-            timestamp=message.timestamp,
-            redelivered=message.redelivered,
-        )
-        out.append(_Delivery(decoded.record, decoded.attempt, message, self))
-
-    async def close(self) -> None:
-        """Close the channel; acks nothing, so unsettled and buffered messages go back to the queue."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._idle is not None:
-            self._idle.cancel()
-        if self._pausing is not None:
-            await asyncio.gather(self._pausing, return_exceptions=True)
-        while not self._buffer.empty():
-            self._buffer.get_nowait()
-        try:
-            await self._channel.close()
-        except Exception:  # the connection may already be gone; the broker releases them either way
-            pass
-
-
-def _stale(message: AbstractIncomingMessage) -> bool:
-    try:
-        _ = message.channel
-    except ChannelInvalidStateError:
-        return True
-    return False
-
-
-class _Delivery(Delivery):
-    """One AMQP delivery. Settling on a closed channel is a no-op for nack (the broker already put it back)."""
-
-    __slots__ = ("_receiver",)
-
-    raw: AbstractIncomingMessage
-
-    def __init__(self, record: Record, attempt: int, raw: AbstractIncomingMessage, receiver: _Receiver) -> None:
-        super().__init__(record, attempt, raw)
-        self._receiver = receiver
-
-    async def ack(self) -> None:
-        """basic.ack. Raises ``ConnectionLost`` if the channel closed first (the message will come back)."""
-        with translate(f"acking on {self._receiver._endpoint}"):
-            await self.raw.ack()
-        self._receiver._settled(self.raw)
-
-    async def nack(self, delay: float | None = None) -> None:
-        """Release for another attempt (after ``delay`` s via a holding queue, without blocking anyone)."""
-        if _stale(self.raw):
-            return
-        adapter = self._receiver._adapter
-        if (delay is None or delay <= 0) and adapter._s.queue_type == "quorum":
-            # Quorum queues count this return in x-delivery-count, so a plain requeue keeps the count.
-            with translate(f"nacking on {self._receiver._endpoint}"):
-                await self.raw.nack(requeue=True)
-            self._receiver._settled(self.raw)
-            return
-        # Classic queues only flag redeliveries, so carry the count on a confirmed copy, then ack.
-        await adapter._requeue_copy(self.record, self._receiver._name, self.attempt, delay)
-        await self.ack()
-
-    async def dead_letter(self, reason: str) -> None:
-        """Publish ``dead_letter_record`` to the dead-letter queue with a confirm, then ack here.
-
-        At-least-once: a crash between the two leaves the message in both places, never in neither.
-        """
-        receiver = self._receiver
-        source = receiver._endpoint
-        target = receiver._name if source.dead_letter else f"{receiver._name}.dlq"
-        record = dead_letter_record(self.record, reason, self.attempt, source)
-        await receiver._adapter._publish_all(f"dead letters of {source}", "", target, [encode(record)], True)
-        await self.ack()

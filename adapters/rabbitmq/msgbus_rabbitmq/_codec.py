@@ -82,7 +82,7 @@ def decode(
     message_id: str | None,
     correlation_id: str | None,
     content_type: str | None,
-    timestamp: datetime | None,
+    timestamp: float | None,
     redelivered: bool | None,
 ) -> Decoded:
     """The record and attempt number of a received message (also one sent by a non-msgbus producer).
@@ -91,20 +91,21 @@ def decode(
     (``x-delivery-count`` on quorum queues; the ``redelivered`` flag, i.e. at least one, on classic
     queues), plus one.
     """
-    raw = dict(headers or {})
+    raw = headers or {}
     user = {k: _text(v) for k, v in raw.items() if k not in _PRIVATE and not k.startswith(_BROKER_PREFIXES)}
     prior = _count(raw.get(HEADER_PRIOR_ATTEMPTS))
     redeliveries = _count(raw[BROKER_HEADER]) if BROKER_HEADER in raw else int(bool(redelivered))
     ts_header = raw.get(HEADER_TIMESTAMP)
     if ts_header is not None:
         try:
-            ts = float(_text(ts_header))
+            ts = float(ts_header if isinstance(ts_header, str) else _text(ts_header))
         except ValueError:
             ts = 0.0
     else:
-        ts = timestamp.timestamp() if timestamp is not None else 0.0
+        ts = float(timestamp) if timestamp is not None else 0.0
     key = raw.get(HEADER_KEY)
-    empty = set(_text(raw.get(HEADER_EMPTY, "")).split(","))
+    marked = raw.get(HEADER_EMPTY)  # rare: only a message with an empty id, correlation id or content type
+    empty = _text(marked).split(",") if marked is not None else ()
     record = Record(
         body=body,
         id="" if "id" in empty else message_id or _fallback_id(body),

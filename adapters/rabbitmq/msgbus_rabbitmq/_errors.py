@@ -1,4 +1,4 @@
-"""The one place where aio-pika / aiormq exceptions become ``msgbus.errors`` (``raise ... from exc``)."""
+"""The one place where aio-pika / aiormq (sends) and pika (receivers) exceptions become ``msgbus.errors``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import aiormq.exceptions as amqp
+import pika.exceptions as pika
 from aio_pika.exceptions import DeliveryError
 
 from msgbus._url import redact
@@ -22,13 +23,27 @@ _TABLE: tuple[tuple[type[BaseException], type[MsgbusError], bool], ...] = (
     (amqp.AuthenticationError, BrokerError, False),
     (amqp.ProbableAuthenticationError, BrokerError, False),
     (amqp.ConnectionNotAllowed, BrokerError, False),  # e.g. unknown vhost
+    (pika.ProbableAuthenticationError, BrokerError, False),
+    (pika.AuthenticationError, BrokerError, False),
+    (pika.ProbableAccessDeniedError, BrokerError, False),  # e.g. unknown vhost
     (amqp.AMQPConnectionError, ConnectionLost, True),
+    (pika.AMQPConnectionError, ConnectionLost, True),
+    (pika.ChannelClosed, ConnectionLost, True),  # by the client, or by the broker with a code not below
+    (pika.ChannelWrongStateError, ConnectionLost, True),
     (amqp.ChannelInvalidStateError, ConnectionLost, True),  # channel/connection closed under us
     (ConnectionError, ConnectionLost, True),
     (TimeoutError, ConnectionLost, True),
     (OSError, ConnectionLost, True),
     (amqp.AMQPError, BrokerError, True),
+    (pika.AMQPError, BrokerError, True),
 )
+
+# pika closes a channel with one exception type; the broker's reply code says what went wrong.
+_CLOSE_CODES: dict[int, tuple[type[MsgbusError], bool]] = {
+    404: (TopologyError, False),  # queue/exchange missing
+    406: (TopologyError, False),  # declared with other arguments
+    403: (BrokerError, False),  # no permission
+}
 
 
 @contextmanager
@@ -50,6 +65,8 @@ def convert(exc: BaseException, doing: str, secrets: Sequence[str | None] = ()) 
         if isinstance(exc, source):
             kind, retryable = target, can_retry
             break
+    if isinstance(exc, pika.ChannelClosedByBroker) and exc.reply_code in _CLOSE_CODES:
+        kind, retryable = _CLOSE_CODES[exc.reply_code]
     detail = redact(str(exc) or type(exc).__name__, list(secrets))
     err = kind(f"RabbitMQ: {doing} failed: {type(exc).__name__}: {detail}")
     if err.retryable != retryable:

@@ -17,7 +17,7 @@ from msgbus.adapter import (
     Receiver,
     Record,
 )
-from msgbus.errors import ClosedError, MessageTooLarge, PublishError, TopologyError
+from msgbus.errors import ClosedError, ConnectionLost, MessageTooLarge, PublishError, TopologyError
 from msgbus_rabbitmq import RabbitMQAdapter
 
 pytestmark = pytest.mark.integration
@@ -260,3 +260,57 @@ async def test_oversized_messages_are_refused_before_sending(
         await receiver.close()
     finally:
         await adapter.close()
+
+
+async def test_a_receiver_on_a_missing_queue_is_a_topology_error_and_leaves_nothing_open(
+    adapter: RabbitMQAdapter, names: Callable[[str], str]
+) -> None:
+    with pytest.raises(TopologyError, match="NOT_FOUND") as caught:
+        await adapter.receiver(Endpoint("queue", names("q")), prefetch=5)
+    assert "guest:guest" not in str(caught.value)
+    assert not adapter._receivers  # its connection is closed, no reconnect loop left behind
+
+
+async def test_closing_the_adapter_closes_its_receivers(
+    make_adapter: Callable[..., RabbitMQAdapter], names: Callable[[str], str]
+) -> None:
+    first = make_adapter()
+    await first.open()
+    ep = Endpoint("queue", names("q"))
+    await first.declare(ep)
+    await first.send(ep, _records(6))
+    receiver = await first.receiver(ep, prefetch=6)
+    held = await _drain(receiver, 6, ack=False)
+    await first.close()
+    with pytest.raises(ClosedError):
+        await receiver.receive(1, 0.1)
+    second = make_adapter()
+    await second.open()
+    try:
+        again = await second.receiver(ep, prefetch=6)
+        back = await _drain(again, 6)
+        await again.close()
+    finally:
+        await second.close()
+    assert sorted(d.record.id for d in back) == sorted(d.record.id for d in held)  # 6 back, 0 lost
+
+
+async def test_a_receiver_whose_connection_drops_reconnects_and_gets_the_unacked_back(
+    adapter: RabbitMQAdapter, names: Callable[[str], str]
+) -> None:
+    ep = Endpoint("queue", names("q"))
+    await adapter.declare(ep)
+    await adapter.send(ep, _records(10))
+    receiver = await adapter.receiver(ep, prefetch=5)
+    held = await _drain(receiver, 5, ack=False)
+    conn = receiver._conn  # type: ignore[attr-defined]
+    conn.close()  # as if the network dropped it: the broker puts the 5 unacked back
+    with pytest.raises(ConnectionLost):
+        await held[0].ack()  # its channel is gone: the ack cannot count, and says so
+    await held[1].nack()  # a nack of a lost delivery is a no-op: the broker already put it back
+    got = await _drain(receiver, 10, timeout=15.0)
+    await receiver.close()
+    ids = Counter(d.record.id for d in got)
+    assert sorted(ids) == sorted(r.id for r in _records(10))  # 10 sent, 10 received after the drop, 0 lost
+    assert set(ids.values()) == {1}
+    assert {d.attempt for d in got if d.record.id in {h.record.id for h in held}} == {2}

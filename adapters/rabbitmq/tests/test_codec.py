@@ -26,7 +26,7 @@ def _roundtrip(record: Record, *, prior: int = 0, extra: dict[str, Any] | None =
         message_id=m.message_id,
         correlation_id=m.correlation_id,
         content_type=m.content_type,
-        timestamp=m.timestamp,
+        timestamp=m.timestamp.timestamp() if m.timestamp is not None else None,  # pika: whole seconds
         redelivered=redelivered,
     )
 

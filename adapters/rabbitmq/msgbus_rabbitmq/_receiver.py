@@ -1,0 +1,436 @@
+"""Receivers: each consumes on an AMQP connection of its own, through pika's asyncio adapter.
+
+Why pika here while sends use aio-pika: pika hands every delivery to a plain callback, with no task and no
+message object per delivery, and the asyncio stack under aio-pika cannot keep up with it: consuming 20,000
+messages with nothing on top, pika's adapter reached 21-26k msgs/s where aiormq (under aio-pika) reached
+14-15k, same broker, same run (``docs/benchmarks.md``). A connection of its own also keeps a consumer
+running while the broker blocks publishing connections (RabbitMQ's flow control acts per connection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import pika
+import pika.exceptions
+from pika.adapters.asyncio_connection import AsyncioConnection
+
+from msgbus.adapter import Delivery, Endpoint, Receiver, Record, dead_letter_record
+from msgbus.errors import ClosedError, ConnectionLost
+
+from ._codec import decode, encode
+from ._errors import translate
+
+if TYPE_CHECKING:
+    from ._adapter import RabbitMQAdapter
+
+log = logging.getLogger("msgbus")
+
+_IDLE_PAUSE = 0.25  # seconds without receive() before a receiver stops taking new messages
+
+
+class Incoming(NamedTuple):
+    """One basic.deliver as it arrived: ``link`` numbers the channel it came on (tags are per channel)."""
+
+    link: int
+    delivery_tag: int
+    redelivered: bool
+    properties: Any  # pika.BasicProperties
+    body: bytes
+
+
+class RabbitMQReceiver(Receiver):
+    """Buffers what the broker pushes (at most ``prefetch`` unacked) and hands it out in batches.
+
+    RabbitMQ pushes to every consumer with free credit, so a receiver nobody reads from would sit on
+    messages other consumers are waiting for. The consumer is therefore cancelled after ``_IDLE_PAUSE``
+    seconds without a ``receive()`` call (what it already holds stays held) and resumed by the next call.
+    When the connection or channel is lost the receiver reconnects every ``reconnect_interval`` seconds
+    until it is closed; deliveries from the lost channel are dropped (the broker has put them back).
+    """
+
+    def __init__(self, adapter: RabbitMQAdapter, endpoint: Endpoint, name: str, prefetch: int) -> None:
+        self._adapter = adapter
+        self._endpoint = endpoint
+        self._name = name
+        self._prefetch = max(1, prefetch)
+        self._conn: AsyncioConnection | None = None
+        self._channel: Any = None  # pika Channel while open
+        self._link = 0  # bumped whenever the channel is lost: its delivery tags mean nothing afterwards
+        self._pending: set[asyncio.Future[Any]] = set()  # broker replies awaited on the current channel
+        self._buffer: deque[Incoming] = deque()
+        self._arrived = asyncio.Event()
+        self._closed = False
+        self._ready = False  # connected once: only then does a loss start reconnecting
+        self._tag: str | None = None  # consumer tag while consuming
+        self._switch = asyncio.Lock()  # serialises connect/consume/cancel
+        self._receiving = 0
+        self._idle: asyncio.TimerHandle | None = None
+        self._pausing: asyncio.Task[None] | None = None
+        self._reconnecting: asyncio.Task[None] | None = None
+        # Delivery tags of the current channel not yet settled, in delivery order, and those of them settled
+        # out of order: ack_many acks the settled prefix with one ``multiple=True`` frame.
+        self._open_tags: deque[int] = deque()
+        self._done_tags: set[int] = set()
+
+    # -- the connection -----------------------------------------------------------------------------
+
+    def _parameters(self) -> pika.ConnectionParameters:
+        s = self._adapter._s
+        return pika.ConnectionParameters(
+            host=s.host,
+            port=s.port,
+            virtual_host=s.vhost,
+            credentials=pika.PlainCredentials(s.username, s.password),
+            ssl_options=pika.SSLOptions(s.tls, s.host) if s.tls is not None else None,
+            heartbeat=s.heartbeat,
+            connection_attempts=1,
+            socket_timeout=s.connect_timeout,
+            stack_timeout=s.connect_timeout,
+            client_properties={"connection_name": "msgbus consumer"},
+        )
+
+    async def connect(self) -> None:
+        """Open the connection and channel, set the credit and check that the queue exists (fails fast)."""
+        async with self._switch:
+            with translate(f"opening a receiver on {self._endpoint}", [self._adapter._s.password]):
+                await self._connect()
+            self._ready = True
+
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._conn is None or not self._conn.is_open:
+            opened: asyncio.Future[None] = loop.create_future()
+
+            def on_open(_conn: Any) -> None:
+                if not opened.done():
+                    opened.set_result(None)
+
+            def on_error(_conn: Any, error: BaseException | str) -> None:
+                if not opened.done():
+                    opened.set_exception(error if isinstance(error, BaseException) else ConnectionError(error))
+
+            conn = AsyncioConnection(
+                self._parameters(),
+                on_open_callback=on_open,
+                on_open_error_callback=on_error,
+                on_close_callback=self._on_connection_closed,
+                custom_ioloop=loop,
+            )
+            try:
+                await asyncio.wait_for(opened, self._adapter._s.connect_timeout)
+            except BaseException:
+                if not (conn.is_closed or conn.is_closing):
+                    conn.close()
+                raise
+            self._conn = conn
+        channel_open: asyncio.Future[Any] = loop.create_future()
+        self._pending.add(channel_open)  # fails with the reason if the connection drops meanwhile
+        try:
+            self._conn.channel(on_open_callback=_resolver(channel_open))
+            channel = await asyncio.wait_for(channel_open, self._adapter._s.connect_timeout)
+        finally:
+            self._pending.discard(channel_open)
+        channel.add_on_close_callback(self._on_channel_closed)
+        channel.add_on_cancel_callback(self._on_cancelled)
+        self._channel = channel
+        await self._call(channel.basic_qos, prefetch_count=self._prefetch)
+        await self._call(channel.queue_declare, queue=self._name, passive=True)
+
+    async def _call(self, method: Callable[..., Any], **kwargs: Any) -> Any:
+        """Send a synchronous AMQP method on the current channel and wait for the broker's reply.
+
+        The wait ends with the channel's close reason if the channel closes first.
+        """
+        reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.add(reply)
+        try:
+            method(**kwargs, callback=_resolver(reply))
+            return await reply
+        finally:
+            self._pending.discard(reply)
+
+    def _on_connection_closed(self, conn: Any, reason: BaseException) -> None:
+        if conn is self._conn:
+            self._conn = None
+            self._lost(reason)
+
+    def _on_channel_closed(self, channel: Any, reason: BaseException) -> None:
+        if channel is self._channel:
+            self._lost(reason)
+            if self._conn is not None and self._conn.is_open:
+                self._conn.close()  # start again on a fresh connection, one path for every loss
+
+    def _lost(self, reason: BaseException) -> None:
+        """The channel is gone: fail what waits on it, forget its tags, reconnect unless closing."""
+        self._channel = None
+        self._tag = None
+        self._link += 1
+        self._open_tags.clear()
+        self._done_tags.clear()
+        for reply in self._pending:
+            if not reply.done():
+                reply.set_exception(reason)
+        self._arrived.set()  # wake a waiting receive() so it drops the stale buffer
+        if self._ready and not self._closed and self._reconnecting is None:
+            log.warning("msgbus: RabbitMQ receiver on %s lost its channel (%s); reconnecting", self._endpoint, reason)
+            self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        try:
+            while not self._closed:
+                await asyncio.sleep(self._adapter._s.reconnect_interval)
+                try:
+                    async with self._switch:
+                        if self._closed:
+                            return
+                        await self._connect()
+                        if self._receiving:
+                            await self._consume()
+                    log.info("msgbus: RabbitMQ receiver on %s reconnected", self._endpoint)
+                    return
+                except Exception as exc:  # broker still down, or the queue is gone: keep trying until closed
+                    log.info("msgbus: RabbitMQ receiver on %s: reconnect failed (%s)", self._endpoint, exc)
+        finally:
+            self._reconnecting = None
+
+    def _on_cancelled(self, _frame: Any) -> None:
+        self._tag = None  # the broker cancelled the consumer (queue deleted); the next receive() tries again
+
+    # -- consuming ------------------------------------------------------------------------------------
+
+    def _on_message(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        if channel is not self._channel:
+            return  # a late frame of a channel already given up; the broker puts the message back
+        tag: int = method.delivery_tag
+        self._open_tags.append(tag)
+        self._buffer.append(Incoming(self._link, tag, method.redelivered, properties, body))
+        self._arrived.set()
+
+    async def _consume(self) -> None:
+        if self._tag is None and self._channel is not None and not self._closed:
+            ready: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            self._pending.add(ready)
+            try:
+                self._tag = self._channel.basic_consume(self._name, self._on_message, callback=_resolver(ready))
+                await ready
+            finally:
+                self._pending.discard(ready)
+
+    async def _resume(self) -> None:
+        async with self._switch:
+            await self._consume()
+
+    async def _pause(self) -> None:
+        async with self._switch:
+            if self._tag is not None and not self._receiving and not self._closed and self._channel is not None:
+                tag, self._tag = self._tag, None
+                try:
+                    await self._call(self._channel.basic_cancel, consumer_tag=tag)
+                except Exception:  # channel gone: the broker has dropped the consumer anyway
+                    pass
+
+    def _pause_later(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+        self._idle = asyncio.get_running_loop().call_later(_IDLE_PAUSE, self._start_pause)
+
+    def _start_pause(self) -> None:
+        self._idle = None
+        if not self._receiving and not self._closed:
+            self._pausing = asyncio.ensure_future(self._pause())
+
+    async def receive(self, max_messages: int, timeout: float) -> list[Delivery]:
+        """Wait up to ``timeout`` s for a delivery, then take what else is buffered, up to ``max_messages``.
+
+        While the connection is down this returns nothing after ``timeout``; consuming resumes once the
+        receiver has reconnected.
+        """
+        if self._closed:
+            raise ClosedError(f"receiver on {self._endpoint} is closed")
+        self._receiving += 1
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+        try:
+            if self._tag is None and self._channel is not None:
+                with translate(f"receiving from {self._endpoint}"):
+                    await self._resume()
+            return await self._collect(max_messages, timeout)
+        finally:
+            self._receiving -= 1
+            if not self._receiving and not self._closed:
+                self._pause_later()
+
+    async def _collect(self, max_messages: int, timeout: float) -> list[Delivery]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, timeout)
+        out: list[Delivery] = []
+        buffer = self._buffer
+        while not out:
+            if not buffer:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return out
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), remaining)
+                except TimeoutError:
+                    return out
+            if self._closed:
+                raise ClosedError(f"receiver on {self._endpoint} is closed")
+            while buffer and len(out) < max_messages:
+                incoming = buffer.popleft()
+                if incoming.link == self._link:
+                    out.append(self._delivery(incoming))
+        return out
+
+    def _delivery(self, incoming: Incoming) -> RabbitMQDelivery:
+        p = incoming.properties
+        decoded = decode(
+            incoming.body,
+            p.headers,
+            message_id=p.message_id,
+            correlation_id=p.correlation_id,
+            content_type=p.content_type,
+            timestamp=p.timestamp,
+            redelivered=incoming.redelivered,
+        )
+        return RabbitMQDelivery(decoded.record, decoded.attempt, incoming, self)
+
+    # -- settling -------------------------------------------------------------------------------------
+
+    def _current(self, incoming: Incoming) -> bool:
+        """Whether ``incoming`` came on the channel that is open now (its tag still means something)."""
+        return incoming.link == self._link and self._channel is not None and self._channel.is_open
+
+    def _settle(self, incoming: Incoming, doing: str, requeue: bool | None = None) -> None:
+        """basic.ack (``requeue`` None) or basic.nack of one delivery; note it as settled."""
+        if not self._current(incoming):
+            raise ConnectionLost(
+                f"RabbitMQ: {doing} on {self._endpoint} failed: the channel closed first; the broker redelivers it"
+            )
+        with translate(f"{doing} on {self._endpoint}"):
+            if requeue is None:
+                self._channel.basic_ack(incoming.delivery_tag)
+            else:
+                self._channel.basic_nack(incoming.delivery_tag, requeue=requeue)
+        self._done_tags.add(incoming.delivery_tag)
+        self._advance()
+
+    def _advance(self) -> None:
+        """Drop the settled prefix of the open tags."""
+        while self._open_tags and self._open_tags[0] in self._done_tags:
+            self._done_tags.discard(self._open_tags.popleft())
+
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """Ack with one ``basic.ack(multiple=True)`` up to the highest tag below which everything is settled.
+
+        ``multiple`` acks every unsettled delivery up to that tag, so it covers only tags that are in this
+        batch or already settled on the broker; the rest of the batch is acked one by one.
+        """
+        batch: dict[int, RabbitMQDelivery] = {}
+        singles: list[Delivery] = []
+        for d in deliveries:
+            if isinstance(d, RabbitMQDelivery) and d._receiver is self and self._current(d.raw):
+                batch[d.raw.delivery_tag] = d
+            else:
+                singles.append(d)
+        upto = 0
+        open_tags, done = self._open_tags, self._done_tags
+        while open_tags and (open_tags[0] in batch or open_tags[0] in done):
+            tag = open_tags.popleft()
+            done.discard(tag)
+            if tag in batch:
+                upto = tag
+        if upto:
+            with translate(f"acking on {self._endpoint}"):
+                self._channel.basic_ack(upto, multiple=True)
+        for tag, d in batch.items():
+            if tag > upto:
+                singles.append(d)
+        for d in singles:
+            await d.ack()
+
+    async def close(self) -> None:
+        """Close the connection; acks nothing, so unsettled and buffered messages go back to the queue."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._idle is not None:
+            self._idle.cancel()
+        if self._pausing is not None:
+            await asyncio.gather(self._pausing, return_exceptions=True)
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
+            await asyncio.gather(self._reconnecting, return_exceptions=True)
+        self._buffer.clear()
+        self._arrived.set()
+        conn, self._conn = self._conn, None
+        self._channel = None
+        self._link += 1
+        if conn is not None and not (conn.is_closed or conn.is_closing):
+            closed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            conn.add_on_close_callback(_resolver(closed))
+            try:
+                conn.close()
+                await asyncio.wait_for(closed, self._adapter._s.connect_timeout)
+            except (TimeoutError, pika.exceptions.AMQPError):
+                pass  # the broker releases the connection's deliveries either way
+        self._adapter._receivers.discard(self)
+
+
+def _resolver(future: asyncio.Future[Any]) -> Callable[..., None]:
+    """A pika callback that completes ``future`` with its first argument (once; later calls are ignored)."""
+
+    def resolve(value: Any = None, *_: Any) -> None:
+        if not future.done():
+            future.set_result(value)
+
+    return resolve
+
+
+class RabbitMQDelivery(Delivery):
+    """One AMQP delivery. Settling on a lost channel is a no-op for nack (the broker already put it back)."""
+
+    __slots__ = ("_receiver",)
+
+    raw: Incoming
+
+    def __init__(self, record: Record, attempt: int, raw: Incoming, receiver: RabbitMQReceiver) -> None:
+        super().__init__(record, attempt, raw)
+        self._receiver = receiver
+
+    async def ack(self) -> None:
+        """basic.ack. Raises ``ConnectionLost`` if the channel closed first (the message will come back)."""
+        self._receiver._settle(self.raw, "acking")
+
+    async def nack(self, delay: float | None = None) -> None:
+        """Release for another attempt (after ``delay`` s via a holding queue, without blocking anyone)."""
+        receiver = self._receiver
+        if not receiver._current(self.raw):
+            return
+        adapter = receiver._adapter
+        if (delay is None or delay <= 0) and adapter._s.queue_type == "quorum":
+            # Quorum queues count this return in x-delivery-count, so a plain requeue keeps the count.
+            receiver._settle(self.raw, "nacking", requeue=True)
+            return
+        # Classic queues only flag redeliveries, so carry the count on a confirmed copy, then ack.
+        await adapter._requeue_copy(self.record, receiver._name, self.attempt, delay)
+        await self.ack()
+
+    async def dead_letter(self, reason: str) -> None:
+        """Publish ``dead_letter_record`` to the dead-letter queue with a confirm, then ack here.
+
+        At-least-once: a crash between the two leaves the message in both places, never in neither.
+        """
+        receiver = self._receiver
+        source = receiver._endpoint
+        target = receiver._name if source.dead_letter else f"{receiver._name}.dlq"
+        record = dead_letter_record(self.record, reason, self.attempt, source)
+        await receiver._adapter._publish_all(f"dead letters of {source}", "", target, [encode(record)], True)
+        await self.ack()
