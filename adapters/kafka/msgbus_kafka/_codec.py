@@ -132,10 +132,13 @@ _VERSION = "msgbus1"
 
 
 def encode_notes(settled: Iterable[int], attempts: Mapping[int, int], limit: int = MAX_METADATA) -> str:
-    """``msgbus1|s:<ranges>|a:<offset>=<n>,...``; attempts are dropped first, then settled ranges,
-    to stay within ``limit`` (losing them costs a redelivery or an attempt count, never a message)."""
+    """``msgbus1|s:<ranges>|a:<range>=<n>,...``; attempts are dropped first, then settled ranges,
+    to stay within ``limit`` (losing them costs a redelivery or an attempt count, never a message).
+
+    Attempts are written as runs of consecutive offsets with the same count (``40-551=1``): a full credit of
+    records handed out once each is one short entry, not one per record."""
     ranges = _ranges(sorted(set(settled)))
-    delivered = ",".join(f"{o}={n}" for o, n in sorted(attempts.items()))
+    delivered = _runs(attempts)
     text = f"{_VERSION}|s:{ranges}|a:{delivered}"
     if len(text) <= limit:
         return text
@@ -161,11 +164,30 @@ def decode_notes(text: str | None) -> PartitionNotes:
                     settled.update(range(int(lo), int(hi or lo) + 1))
             elif kind == "a" and body:
                 for item in body.split(","):
-                    offset, _, n = item.partition("=")
-                    attempts[int(offset)] = int(n)
+                    span, _, n = item.partition("=")
+                    lo, _, hi = span.partition("-")
+                    attempts.update(dict.fromkeys(range(int(lo), int(hi or lo) + 1), int(n)))
     except ValueError:
         return PartitionNotes()
     return PartitionNotes(frozenset(settled), attempts)
+
+
+def _runs(attempts: Mapping[int, int]) -> str:
+    """``lo-hi=n`` for each run of consecutive offsets with the same count ``n`` (``o=n`` for a run of one)."""
+    out: list[str] = []
+    start = prev = count = -1
+    for o in sorted(attempts):
+        n = attempts[o]
+        if o == prev + 1 and n == count:
+            prev = o
+            continue
+        if start >= 0:
+            out.append(f"{start}={count}" if start == prev else f"{start}-{prev}={count}")
+        start = prev = o
+        count = n
+    if start >= 0:
+        out.append(f"{start}={count}" if start == prev else f"{start}-{prev}={count}")
+    return ",".join(out)
 
 
 def _ranges(offsets: list[int]) -> str:

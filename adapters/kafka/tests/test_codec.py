@@ -58,6 +58,14 @@ def test_notes_round_trip(settled: set[int], attempts: dict[int, int]) -> None:
     assert (set(notes.settled), dict(notes.attempts)) == (settled, attempts)
 
 
+def test_attempts_are_written_as_runs_and_read_back_in_either_form() -> None:
+    attempts = dict.fromkeys(range(40, 552), 1) | {552: 3, 553: 1, 600: 2}
+    text = _codec.encode_notes({10, 11, 12}, attempts)
+    assert text == "msgbus1|s:10-12|a:40-551=1,552=3,553=1,600=2"  # 512 records handed out once: one entry
+    assert dict(_codec.decode_notes(text).attempts) == attempts
+    assert dict(_codec.decode_notes("msgbus1|s:|a:7=2,8=2").attempts) == {7: 2, 8: 2}  # one entry per offset
+
+
 def test_notes_stay_within_the_limit_dropping_attempts_first() -> None:
     text = _codec.encode_notes(set(range(0, 4000, 2)), {1: 2, 3: 4}, limit=300)
     assert len(text) <= 300
