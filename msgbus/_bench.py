@@ -17,9 +17,11 @@ import abc
 import argparse
 import asyncio
 import importlib
+import importlib.metadata
 import json
 import os
 import platform
+import re
 import resource
 import secrets
 import statistics
@@ -193,7 +195,25 @@ class MsgbusContender(Contender):
         return self._bus
 
     def versions(self) -> dict[str, str]:
-        return {"msgbus": msgbus.__version__}
+        """msgbus, the adapter package serving this URL's scheme, and the client libraries it depends on."""
+        found = {"msgbus": msgbus.__version__}
+        scheme = self.url.split(":", 1)[0]
+        for ep in importlib.metadata.entry_points(group="msgbus.adapters", name=scheme):
+            if ep.dist is None or ep.dist.name == "msgbus":
+                continue
+            found[ep.dist.name] = ep.dist.version
+            for requirement in ep.dist.requires or ():
+                parsed = re.match(r"([\w.-]+)(?:\[([^]]*)\])?", requirement)
+                if parsed is None:
+                    continue
+                name, extras = parsed.groups()
+                # an extra usually installs the package of its name too (redis[hiredis] -> hiredis)
+                for lib in (name, *(extras or "").split(",")):
+                    try:
+                        found[lib.strip()] = importlib.metadata.version(lib.strip())
+                    except (importlib.metadata.PackageNotFoundError, ValueError):
+                        pass  # not installed (an optional extra), or no name
+        return found
 
     async def send(self, queue: str, body: bytes) -> None:
         await self._b().producer(queue).send(body)

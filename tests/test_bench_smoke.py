@@ -6,6 +6,7 @@ No timing is asserted; a run that loses, duplicates or mixes up a message raises
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 
+import msgbus
 from msgbus._bench import (
     LostMessages,
     MsgbusContender,
@@ -148,3 +150,12 @@ def test_merge_replaces_the_remeasured_cases_only() -> None:
     assert merged["contenders"] == {"msgbus": "m", "kombu": "k", "aiormq": "a"}
     assert merged["libraries"] == {"kombu": "5", "aiormq": "7"}
     assert merged["notes"] == ["first", "consume re-measured with 10 messages now (load 1.0 -> 1.5)"]
+
+
+def test_msgbus_reports_the_adapter_and_client_library_versions() -> None:
+    assert MsgbusContender("memory://x").versions() == {"msgbus": msgbus.__version__}
+    if importlib.util.find_spec("msgbus_redis") is None:
+        pytest.skip("the Redis adapter is not installed")
+    found = MsgbusContender("redis://127.0.0.1").versions()
+    assert {"msgbus", "msgbus-redis", "redis"} <= set(found)
+    assert "hiredis" in found  # the extra the adapter depends on: its C parser is part of the figures
