@@ -68,8 +68,16 @@ BROKERS: dict[str, Broker] = {
     ),
     "kafka": Broker(
         "kafka://127.0.0.1:9092",
-        {"msgbus": MSGBUS, "raw": "benchmarks.contenders.kafka:AioKafka"},
-        notes=["acks=all producers, consumer groups with manual commits"],
+        {
+            "msgbus": MSGBUS,
+            "raw": "benchmarks.contenders.kafka:AioKafka",
+            "faststream": "benchmarks.contenders.kafka:FastStream",
+        },
+        notes=[
+            "acks=all idempotent producers, consumer groups with manual commits",
+            "FastStream consumes with AckPolicy.ACK, its at-least-once mode (a commit after each message);"
+            " kombu's Kafka transport (confluent-kafka) is a blocking one for Celery's worker",
+        ],
     ),
     "sqs": Broker(
         # moto's server (integration/_moto.py); it takes any credentials, but botocore must sign with some.
@@ -118,11 +126,13 @@ def url_for(name: str, tmp: str) -> str:
     return os.environ.get(f"MSGBUS_TEST_{name.upper()}_URL") or BROKERS[name].url.format(tmp=tmp)
 
 
-async def run_broker(name: str, plan: Plan, tmp: str) -> dict[str, object]:
+async def run_broker(name: str, plan: Plan, tmp: str, only: set[str] | None = None) -> dict[str, object]:
+    """Run ``plan`` on broker ``name`` with its contenders (``only`` those named, and msgbus, if given)."""
     broker = BROKERS[name]
     url = url_for(name, tmp)
     plan = replace(plan, workloads=tuple(w for w in plan.workloads if w in broker.workloads))
-    result = await bench(url, broker.contenders, plan, lambda text: print(f"[{name}] {text}", file=sys.stderr))
+    contenders = {k: v for k, v in broker.contenders.items() if only is None or k in only or k == "msgbus"}
+    result = await bench(url, contenders, plan, lambda text: print(f"[{name}] {text}", file=sys.stderr))
     result["broker"] = name
     result["notes"] = broker.notes
     return result
@@ -155,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, help="per batch/concurrent/consume run (default 10000)")
     parser.add_argument("--workload", action="append", choices=("publish", "consume", "latency", "pipeline"))
     parser.add_argument("--prefetch", type=int, help="consume credit for every contender (default: max(2C, 16))")
+    parser.add_argument(
+        "--contenders",
+        help="comma-separated contenders to run besides msgbus (default: all of the broker's), e.g. raw,kombu",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; leave results/ and docs alone")
     parser.add_argument(
         "--merge", action="store_true", help="replace only the re-measured cases in the existing results"
@@ -170,11 +184,16 @@ def main(argv: list[str] | None = None) -> int:
     if not args.smoke:
         plan = replace(plan, workloads=(*plan.workloads, "pipeline") if not args.workload else plan.workloads)
     write = not (args.smoke or args.no_write)
+    only = {c.strip() for c in args.contenders.split(",")} if args.contenders else None
+    if only is not None:
+        unknown = only - {c for name in args.brokers for c in BROKERS[name].contenders}
+        if unknown:
+            parser.error(f"no such contender for {', '.join(args.brokers)}: {', '.join(sorted(unknown))}")
     status = 0
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.brokers:
             try:
-                result = asyncio.run(run_broker(name, plan, tmp))
+                result = asyncio.run(run_broker(name, plan, tmp, only))
             except LostMessages as exc:
                 print(f"[{name}] FAILED: {exc}", file=sys.stderr)
                 status = 1

@@ -159,3 +159,14 @@ def test_msgbus_reports_the_adapter_and_client_library_versions() -> None:
     found = MsgbusContender("redis://127.0.0.1").versions()
     assert {"msgbus", "msgbus-redis", "redis"} <= set(found)
     assert "hiredis" in found  # the extra the adapter depends on: its C parser is part of the figures
+
+
+def test_contenders_option_rejects_unknown_names(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.bench import main as bench_main
+
+    with pytest.raises(SystemExit) as exited:
+        bench_main(["memory", "--smoke", "--contenders", "kombu"])
+    assert exited.value.code == 2
+    assert "no such contender for memory: kombu" in capsys.readouterr().err
+    assert bench_main(["memory", "--smoke", "--workload", "publish", "--contenders", "msgbus"]) == 0
+    assert "msgbus" in capsys.readouterr().out

@@ -29,6 +29,7 @@ from aiokafka import (
 )
 from aiokafka import errors as kx
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.structs import OffsetAndMetadata
 
 from msgbus._capabilities import Capabilities
@@ -93,6 +94,10 @@ class KafkaAdapter(Adapter):
             acks="all",
             enable_idempotence=True,
             max_request_size=max(o.max_message_size + 64 * 1024, 1_048_576),
+            # send_many puts a call's unkeyed records on one partition: 100 x 1 KiB must not need 7 batches
+            # there, each its own produce round trip (one in flight per partition); the broker's own limit
+            # on a batch is 1 MB (message.max.bytes)
+            max_batch_size=_MAX_BATCH,
             linger_ms=int(o.linger * 1000),
         )
         admin = AIOKafkaAdminClient(**o.client_kwargs())
@@ -189,13 +194,46 @@ class KafkaAdapter(Adapter):
             raise ClosedError("the kafka bus is not open")
         topic = _codec.topic_of(endpoint)
         with translated(f"send to {topic!r}", publish=True, secrets=self._secrets):
-            acks = []
-            for record in records:
-                kr = _codec.encode(record)
-                acks.append(
-                    await producer.send(topic, kr.value, key=kr.key, headers=kr.headers, timestamp_ms=kr.timestamp_ms)
-                )
-            await asyncio.gather(*acks)
+            if len(records) == 1:  # a single send: aiokafka batches concurrent ones by itself
+                kr = _codec.encode(records[0])
+                ack = await producer.send(topic, kr.value, key=kr.key, headers=kr.headers, timestamp_ms=kr.timestamp_ms)
+                await ack
+            elif records:
+                await asyncio.gather(*await self._send_batches(producer, topic, records))
+
+    async def _send_batches(
+        self, producer: AIOKafkaProducer, topic: str, records: Sequence[Record]
+    ) -> list[asyncio.Future[Any]]:
+        """Hand ``records`` to the producer as whole record batches, one partition each; their acks.
+
+        Keyed records go where ``producer.send`` would put them (the producer's default partitioner, so one
+        key keeps one partition and its order); the records without a key go to one partition, chosen at
+        random per call (Kafka's sticky partitioning). Much cheaper than one ``send`` per record: aiokafka
+        then builds each batch once instead of appending record by record under its accumulator.
+        """
+        partitions = await producer.partitions_for(topic)
+        everywhere = list(partitions)  # the same list producer.send gives the partitioner
+        by_partition: dict[int, list[_codec.KafkaRecord]] = {}
+        unkeyed: int | None = None
+        for record in records:
+            kr = _codec.encode(record)
+            if kr.key is None:
+                if unkeyed is None:
+                    unkeyed = _PARTITIONER(None, everywhere, everywhere)
+                partition = unkeyed
+            else:
+                partition = _PARTITIONER(kr.key, everywhere, everywhere)
+            by_partition.setdefault(partition, []).append(kr)
+        acks: list[asyncio.Future[Any]] = []
+        for partition, group in by_partition.items():
+            batch = producer.create_batch()
+            for kr in group:
+                if batch.append(key=kr.key, value=kr.value, timestamp=kr.timestamp_ms, headers=kr.headers) is None:
+                    acks.append(await producer.send_batch(batch, topic, partition=partition))  # full: send it
+                    batch = producer.create_batch()  # an empty batch takes any record; the core checked its size
+                    batch.append(key=kr.key, value=kr.value, timestamp=kr.timestamp_ms, headers=kr.headers)
+            acks.append(await producer.send_batch(batch, topic, partition=partition))
+        return acks
 
     # --- receiving ---
 
@@ -205,6 +243,10 @@ class KafkaAdapter(Adapter):
         receiver = KafkaReceiver(self, endpoint, prefetch)
         self._receivers.add(receiver)
         return receiver
+
+
+_MAX_BATCH = 512 * 1024  # bytes in one record batch (aiokafka's default: 16 KiB)
+_PARTITIONER = DefaultPartitioner()  # the producer's own (it is built with the default): same key, same partition
 
 
 def _dead(endpoint: Endpoint) -> Endpoint:
