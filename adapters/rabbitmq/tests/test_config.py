@@ -95,3 +95,24 @@ def test_delays_round_up_to_two_significant_digits(delay: float, ms: int) -> Non
 def test_holding_queue_names_fit_amqp_limits() -> None:
     assert holding_queue_name(500, "orders", "q") == "msgbus.delay.500ms.q.orders"
     assert len(holding_queue_name(500, "o" * 255, "q")) <= 255
+
+
+def test_a_receivers_connection_uses_the_urls_settings() -> None:
+    """The receivers' pika connection is built from the same settings as the sending one (no broker needed)."""
+    from msgbus_rabbitmq._receiver import RabbitMQReceiver
+
+    parsed = parse_url("amqps://alice:s3cret@mq.example:5999/prod?verify=false&heartbeat=15&connect_timeout=3")
+    reader = parsed.reader()
+    adapter = create(parsed, reader)
+    reader.finish()
+    params = RabbitMQReceiver(adapter, Endpoint("queue", "q"), "q", 8)._parameters()
+    assert (params.host, params.port, params.virtual_host, params.heartbeat) == ("mq.example", 5999, "prod", 15)
+    assert (params.credentials.username, params.credentials.password) == ("alice", "s3cret")
+    assert (params.socket_timeout, params.stack_timeout, params.connection_attempts) == (3.0, 3.0, 1)
+    assert params.ssl_options.context is adapter._s.tls and params.ssl_options.server_hostname == "mq.example"
+    assert params.client_properties["connection_name"] == "msgbus consumer"
+    plain = parse_url("amqp://")
+    reader = plain.reader()
+    local = create(plain, reader)
+    reader.finish()
+    assert RabbitMQReceiver(local, Endpoint("queue", "q"), "q", 8)._parameters().ssl_options is None
