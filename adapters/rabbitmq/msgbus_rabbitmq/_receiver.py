@@ -213,13 +213,8 @@ class RabbitMQReceiver(Receiver):
 
     async def _consume(self) -> None:
         if self._tag is None and self._channel is not None and not self._closed:
-            ready: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            self._pending.add(ready)
-            try:
-                self._tag = self._channel.basic_consume(self._name, self._on_message, callback=_resolver(ready))
-                await ready
-            finally:
-                self._pending.discard(ready)
+            ok = await self._call(self._channel.basic_consume, queue=self._name, on_message_callback=self._on_message)
+            self._tag = ok.method.consumer_tag
 
     async def _resume(self) -> None:
         async with self._switch:
