@@ -16,6 +16,8 @@ from aiokafka.errors import TopicAlreadyExistsError
 
 from msgbus._bench import Contender, OnBody
 
+from .faststream_ import serve
+
 
 class AioKafka(Contender):
     """aiokafka: ``send_and_wait`` per message; batches hand every record to the producer, then await all
@@ -161,11 +163,4 @@ class FastStream(AioKafka):
             ack_policy=AckPolicy.ACK,
             max_records=self.prefetch(concurrency),
         )
-
-        async def handle(body: bytes) -> None:
-            on_body(body)
-
-        subscriber(handle)
-        await subscriber.start()
-        await stop.wait()
-        await subscriber.stop()
+        await serve(subscriber, on_body, stop)

@@ -19,6 +19,8 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, 
 
 from msgbus._bench import Contender, OnBody
 
+from .faststream_ import serve
+
 
 def amqp_url(url: str) -> tuple[str, dict[str, Any]]:
     """The plain AMQP URL (msgbus options stripped) and the queue arguments every contender declares."""
@@ -207,11 +209,4 @@ class FastStream(Contender):
         subscriber = self._broker.subscriber(
             self._queue(queue), channel=Channel(prefetch_count=self.prefetch(concurrency)), ack_policy=AckPolicy.ACK
         )
-
-        async def handle(body: bytes) -> None:
-            on_body(body)
-
-        subscriber(handle)
-        await subscriber.start()
-        await stop.wait()
-        await subscriber.stop()
+        await serve(subscriber, on_body, stop)

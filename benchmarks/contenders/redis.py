@@ -17,6 +17,8 @@ from redis import exceptions as rx
 
 from msgbus._bench import Contender, OnBody
 
+from .faststream_ import serve
+
 GROUP = "bench"
 
 
@@ -149,14 +151,7 @@ class FastStream(Contender):
         await ensure_group(self._client, queue)
         stream = StreamSub(queue, group=GROUP, consumer=f"c-{secrets.token_hex(4)}")
         subscriber = self._broker.subscriber(stream=stream, ack_policy=AckPolicy.ACK)
-
-        async def handle(body: bytes) -> None:
-            on_body(body)
-
-        subscriber(handle)
-        await subscriber.start()
-        await stop.wait()
-        await subscriber.stop()
+        await serve(subscriber, on_body, stop)
 
     async def cleanup(self, queue: str) -> None:
         if self._client is not None:
