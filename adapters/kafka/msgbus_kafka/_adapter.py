@@ -35,11 +35,11 @@ from aiokafka.structs import OffsetAndMetadata
 from msgbus._capabilities import Capabilities
 from msgbus._url import BusURL, OptionReader
 from msgbus.adapter import Adapter, Delivery, Endpoint, Receiver, Record, dead_letter_record
-from msgbus.errors import ClosedError, TopologyError
+from msgbus.errors import ClosedError, MsgbusError, TopologyError
 
 from . import _codec
 from ._config import KafkaOptions, read_options
-from ._errors import translated
+from ._errors import translate, translated
 
 log = logging.getLogger("msgbus.kafka")
 
@@ -284,6 +284,8 @@ class _Entry:
     epoch: int  # the receiver's assignment epoch when fetched: stale after a revocation
     state: int = _FETCHED
     locked_until: float = 0.0
+    note: int = 0  # the attempt count the commit metadata is to claim for it (see ``_note_ahead``)
+    noted: int = 0  # the claim a completed commit holds: it may be handed out while ``attempts < noted``
 
 
 @dataclass(eq=False, slots=True)
@@ -333,7 +335,7 @@ class KafkaDelivery(Delivery):
 
 
 class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
-    """One group member. Holds at most ``prefetch`` fetched, unsettled records.
+    """One group member. Reads up to ``3 * prefetch`` records ahead of what it has handed out (see ``_run_pump``).
 
     A receiver that neither receives nor extends a delivery for ``visibility_timeout`` seconds leaves its
     group (Kafka's max.poll.interval, with ``extend`` counting as a poll), so a stalled holder cannot keep
@@ -353,9 +355,13 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
         self._parts: dict[TopicPartition, _Partition] = {}
         self._ready: deque[_Entry] = deque()
         self._keys: dict[tuple[TopicPartition, str], deque[_Entry]] = {}  # held keys -> their waiting records
-        self._held = 0  # fetched and unsettled entries
+        self._ahead = 0  # fetched entries not handed out yet (the core bounds those handed out by ``prefetch``)
         self._epoch = 0
-        self._changed = asyncio.Event()
+        self._changed = asyncio.Event()  # room freed, records to note, a partition released: wakes the pump
+        self._arrived = asyncio.Event()  # records noted and ready (or the pump stopped): wakes ``receive``
+        self._to_note: list[_Entry] = []  # fetched or requeued entries whose next attempt is not noted yet
+        self._pump: asyncio.Task[None] | None = None
+        self._error: Exception | None = None  # a fetch failure, raised by the next ``receive``
         self._fetch: asyncio.Task[dict[TopicPartition, list[Any]]] | None = None
         self._commit_lock = asyncio.Lock()
         self._membership = asyncio.Lock()  # joining and leaving take turns: a leave must not drop a new join's parts
@@ -409,10 +415,11 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
             consumer, self._consumer = self._consumer, None
             if consumer is None:
                 return
-            fetch, self._fetch = self._fetch, None
-            if fetch is not None:
-                fetch.cancel()
-                await asyncio.gather(fetch, return_exceptions=True)
+            tasks = [t for t in (self._pump, self._fetch) if t is not None]
+            self._pump = self._fetch = None
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await self._release(list(self._parts), wait=False, consumer=consumer)
             await _close_quietly(consumer.stop())
 
@@ -445,7 +452,7 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
             part.skip, part.prior = set(parsed.settled), dict(parsed.attempts)
             part.committed = meta.offset if meta is not None and meta.offset >= 0 else None
             early, part.loading = part.loading, None
-            self._held -= len(early)
+            self._ahead -= len(early)
             self._accept_records(tp, part, early)
         self._changed.set()
 
@@ -471,7 +478,7 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
                 await asyncio.wait_for(self._changed.wait(), max(until, 0.01))
             except TimeoutError:
                 pass
-        await self._commit(tps, consumer=consumer)
+        await self._commit(tps, consumer=consumer, exact=True)
         self._epoch += 1
         self._forget({tp for tp, part in parts.items() if self._parts.get(tp) is part})
         self._changed.set()
@@ -483,7 +490,7 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
             return
         for tp in gone:
             part = self._parts.pop(tp)
-            self._held -= len(part.entries) + len(part.loading or ())
+            self._ahead -= sum(e.state == _FETCHED for e in part.entries.values()) + len(part.loading or ())
             for entry in part.entries.values():
                 entry.state = _DONE
         for key in [k for k in self._keys if k[0] in gone]:
@@ -502,7 +509,9 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
             for offset, entry in list(part.entries.items()):
                 if entry.state == _FETCHED:
                     del part.entries[offset]
-                    self._held -= 1
+                    self._ahead -= 1
+                    if entry.attempts:  # an earlier owner's count: the next owner carries it on
+                        part.prior[offset] = entry.attempts
 
     async def _watch(self) -> None:
         """Leave the group when nobody received or extended for ``visibility_timeout`` (see class doc)."""
@@ -532,29 +541,103 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def _receive(self, max_messages: int, timeout: float) -> list[Delivery]:
         consumer = await self._join()
+        if self._pump is None:
+            self._pump = asyncio.create_task(self._run_pump(consumer), name=f"msgbus-kafka-pump-{self.group}")
+            self._pump.add_done_callback(lambda _: self._arrived.set())
         deadline = time.monotonic() + timeout
         while True:
+            if self._error is not None:
+                error, self._error = self._error, None
+                raise error
+            if self._pump is not None and self._pump.done():
+                pump, self._pump = self._pump, None  # the next receive starts a new one
+                exc = None if pump.cancelled() else pump.exception()
+                if exc is not None:
+                    raise translate(exc, f"fetch from {self.topic!r}", secrets=[self._o.password]) from exc
             taken = self._take(max_messages)
             if taken:
-                await self._note_deliveries(taken)
                 return [KafkaDelivery(self, e) for e in taken]
             left = deadline - time.monotonic()
-            if left <= 0 or self._closed:
+            if left <= 0 or self._closed or self._pump is None:
                 return []
-            room = self.prefetch - self._held
-            if self._fetch is None and room > 0:
-                self._fetch = asyncio.ensure_future(consumer.getmany(timeout_ms=500, max_records=room))
-            self._changed.clear()
-            changed = asyncio.ensure_future(self._changed.wait())
-            waiting: list[asyncio.Future[Any]] = [changed] + ([self._fetch] if self._fetch is not None else [])
+            self._arrived.clear()
             try:
-                await asyncio.wait(waiting, timeout=left, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                changed.cancel()
-            if self._fetch is not None and self._fetch.done():
-                fetch, self._fetch = self._fetch, None
-                with translated(f"fetch from {self.topic!r}", secrets=[self._o.password]):
-                    self._accept(fetch.result())
+                await asyncio.wait_for(self._arrived.wait(), left)
+            except TimeoutError:
+                pass
+
+    async def _run_pump(self, consumer: AIOKafkaConsumer) -> None:
+        """Fetch ahead of ``receive`` and note each record's next attempt while the handlers work, so
+        ``receive`` hands out records whose attempt counts are already committed, without waiting for it.
+
+        It reads up to three credits (``3 * prefetch``) beyond what it has handed out. A note is a commit,
+        and Kafka's group coordinator lingers 5 ms before writing one: while one batch is noted, the next
+        accumulates and the one before waits for ``receive``, and none takes the credit of those being handled.
+        """
+        getmany = consumer.getmany
+        noting: asyncio.Task[None] | None = None
+        try:
+            while not self._closed:
+                if self._consumer is not consumer:
+                    return  # left the group (``_leave`` cancels us too)
+                room = 3 * self.prefetch - self._ahead
+                if self._fetch is None and room > 0:
+                    self._fetch = asyncio.ensure_future(getmany(timeout_ms=500, max_records=room))
+                if noting is None and self._to_note:
+                    noting = asyncio.create_task(self._note_ahead())
+                self._changed.clear()
+                changed = asyncio.ensure_future(self._changed.wait())
+                waiting = [f for f in (changed, self._fetch, noting) if f is not None]
+                try:
+                    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    changed.cancel()
+                if noting is not None and noting.done():
+                    done, noting = noting, None
+                    done.result()
+                if self._fetch is not None and self._fetch.done():
+                    fetch, self._fetch = self._fetch, None
+                    try:
+                        with translated(f"fetch from {self.topic!r}", secrets=[self._o.password]):
+                            self._accept(fetch.result())
+                    except MsgbusError as err:
+                        self._error = err
+                        self._arrived.set()
+                        await asyncio.sleep(0.5)  # aiokafka retries connections itself; do not spin on a hard error
+        finally:
+            if noting is not None:
+                noting.cancel()
+                await asyncio.gather(noting, return_exceptions=True)
+
+    async def _note_ahead(self) -> None:
+        """Commit the next attempt count of every entry waiting for its note, then let ``receive`` have them.
+
+        An entry counts as delivered once its note is written: after a crash its next owner starts it at
+        attempt n+1 even if no handler saw it yet (as a broker counts a prefetched message as received).
+        A graceful hand-over writes exact counts instead (``_release``).
+        """
+        entries, self._to_note = self._to_note, []
+        claims: list[tuple[_Entry, int]] = []
+        for entry in entries:
+            part = self._parts.get(entry.tp)
+            if part is None or part.entries.get(entry.offset) is not entry or entry.epoch != self._epoch:
+                continue  # settled, dropped or handed over meanwhile
+            if entry.state in (_FETCHED, _WAITING):
+                entry.note = entry.attempts + 1
+                part.dirty = True
+                claims.append((entry, entry.note))
+        if not claims:
+            return
+        durable = await self._commit(list({e.tp for e, _ in claims}))
+        failed = [entry for entry, _ in claims if entry.tp not in durable]
+        for entry, note in claims:
+            if entry.tp in durable:
+                entry.noted = max(entry.noted, note)
+        if len(failed) < len(claims):
+            self._arrived.set()
+        if failed:
+            self._to_note.extend(failed)
+            await asyncio.sleep(self._o.commit_interval or 0.05)  # the commit failed (logged): retry shortly
 
     def _accept(self, batches: dict[TopicPartition, list[Any]]) -> None:
         for tp, raws in batches.items():
@@ -569,7 +652,7 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
                 continue
             if part.loading is not None:
                 part.loading.extend(raws)
-                self._held += len(raws)  # they count against prefetch while they wait
+                self._ahead += len(raws)  # they count against the read-ahead while they wait
                 continue
             self._accept_records(tp, part, raws)
 
@@ -590,7 +673,8 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
             )
             entry = _Entry(tp, offset, record, raw, part.prior.pop(offset, 0), self._epoch)
             part.entries[offset] = entry
-            self._held += 1
+            self._ahead += 1
+            self._to_note.append(entry)
             self._route(entry)
 
     def _route(self, entry: _Entry) -> None:
@@ -610,25 +694,31 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
         out: list[_Entry] = []
         now = time.monotonic()
         while self._ready and len(out) < n:
-            entry = self._ready.popleft()
+            entry = self._ready[0]
             part = self._parts.get(entry.tp)
             if part is None or entry.epoch != self._epoch or entry.state == _DONE:
+                self._ready.popleft()
                 continue
+            if entry.noted <= entry.attempts:
+                break  # its note is being written; the records behind it wait their turn
+            self._ready.popleft()
+            if entry.state == _FETCHED:
+                self._ahead -= 1
             entry.state = _DELIVERED
             entry.attempts += 1
             entry.locked_until = now + self._o.visibility_timeout
             out.append(entry)
         return out
 
-    async def _note_deliveries(self, entries: list[_Entry]) -> None:
-        """Record the attempts in the commit metadata before handing records out, so a crash counts them."""
-        for entry in entries:
-            part = self._parts.get(entry.tp)
-            if part is not None:
-                part.dirty = True
-        await self._commit(list({e.tp for e in entries}))
-
     # --- settling ---
+
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """Settle each in memory; the commit loop writes the offsets (no coroutine per record)."""
+        for d in deliveries:
+            if isinstance(d, KafkaDelivery) and d._receiver is self:
+                self._settle(d._entry)
+            else:
+                await d.ack()
 
     def _current(self, entry: _Entry) -> bool:
         return not self._closed and entry.epoch == self._epoch and entry.state in (_DELIVERED, _WAITING)
@@ -641,12 +731,12 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
         del part.entries[entry.offset]
         part.settled.add(entry.offset)
         part.dirty = True
-        self._held -= 1
         key = entry.record.key
         if key is not None:
             waiting = self._keys.get((entry.tp, key))
             if waiting:
                 self._ready.append(waiting.popleft())
+                self._arrived.set()
             else:
                 self._keys.pop((entry.tp, key), None)
         self._changed.set()
@@ -672,6 +762,7 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
         if entry.epoch == self._epoch and entry.state == _WAITING:
             entry.locked_until = time.monotonic() + self._o.visibility_timeout
             self._ready.appendleft(entry)  # first in line: its key is held until it is settled
+            self._to_note.append(entry)
             self._changed.set()
 
     # --- committing ---
@@ -682,15 +773,26 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
             if any(p.dirty for p in self._parts.values()):
                 await self._commit([tp for tp, p in self._parts.items() if p.dirty])
 
-    async def _commit(self, tps: list[TopicPartition], *, consumer: AIOKafkaConsumer | None = None) -> None:
+    async def _commit(
+        self, tps: list[TopicPartition], *, consumer: AIOKafkaConsumer | None = None, exact: bool = False
+    ) -> set[TopicPartition]:
+        """Commit the offsets and notes of the dirty ones of ``tps``; returns those whose notes are now stored.
+
+        Notes claim each entry's next attempt where ``_note_ahead`` asked for it; ``exact`` (a hand-over)
+        writes the attempts actually delivered.
+        """
         consumer = consumer or self._consumer
         if consumer is None:
-            return
+            return set()
         async with self._commit_lock:
+            stored: set[TopicPartition] = set()
             offsets: dict[TopicPartition, OffsetAndMetadata] = {}
             for tp in tps:
                 part = self._parts.get(tp)
-                if part is None or not part.dirty:
+                if part is None:
+                    continue
+                if not part.dirty:
+                    stored.add(tp)  # the last commit (done: we hold the lock) had everything
                     continue
                 while part.order and part.order[0] in part.settled:
                     part.settled.discard(part.order.popleft())
@@ -699,27 +801,33 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
                     position = part.committed
                 if position is None:
                     continue
-                attempts = {o: e.attempts for o, e in part.entries.items() if e.state != _FETCHED and e.attempts}
-                attempts |= {o: n for o, n in part.prior.items() if o >= position}
+                attempts = {o: n for o, n in part.prior.items() if o >= position}
+                for o, e in part.entries.items():
+                    n = e.attempts if exact else max(e.attempts, e.note)
+                    if n:
+                        attempts[o] = n
                 settled = {o for o in part.settled | part.skip if o >= position}
                 offsets[tp] = OffsetAndMetadata(position, _codec.encode_notes(settled, attempts))
                 part.dirty = False
             if not offsets:
-                return
+                return stored
             try:
                 await consumer.commit(offsets)
-            except (TimeoutError, kx.KafkaError, OSError) as exc:
-                # A rebalance or an outage: the next owner redelivers what we could not note (at-least-once).
-                log.info("msgbus kafka: commit for %s failed (%r); will retry", self.group, exc)
+            except BaseException as exc:
                 for tp in offsets:
                     part = self._parts.get(tp)
                     if part is not None:
                         part.dirty = True
-                return
+                if not isinstance(exc, (TimeoutError, kx.KafkaError, OSError)):
+                    raise
+                # A rebalance or an outage: the next owner redelivers what we could not note (at-least-once).
+                log.info("msgbus kafka: commit for %s failed (%r); will retry", self.group, exc)
+                return stored
             for tp, meta in offsets.items():
                 part = self._parts.get(tp)
                 if part is not None:
                     part.committed = meta.offset
+            return stored | set(offsets)
 
     async def close(self) -> None:
         if self._closed:
