@@ -55,31 +55,34 @@ async def run(
         else:
             await msg.nack(delay)
 
-    async def process(msg: Message[Any]) -> None:
-        in_flight.add(msg)
-        try:
-            await handler(msg)
-        except asyncio.CancelledError:
-            if not msg.settled:
-                await _quietly(msg.nack())
-            raise
-        except Exception as exc:
-            if not msg.settled:
-                try:
-                    await settle_failure(msg, exc)
-                except MsgbusError as err:
-                    log.warning("msgbus: could not settle failed message %s: %s", msg.id, err)
-        else:
-            consumer._ack_soon(msg)  # batched with other workers' acks; no-op if the handler settled it
-        finally:
-            in_flight.discard(msg)
+    extending = bool(caps.lock_extension and caps.lock_duration)
 
     async def worker() -> None:
+        # The per-message path: take from the consumer's buffer without a coroutine when it has some,
+        # and track in-flight messages only when their locks need extending.
+        buffer = consumer._buffer
         while not stop.is_set():
-            msg = await consumer._next(stop)
+            msg = buffer.popleft() if buffer else await consumer._next(stop)
             if msg is None:
                 return
-            await process(msg)
+            if extending:
+                in_flight.add(msg)
+            try:
+                await handler(msg)
+            except asyncio.CancelledError:
+                if not msg.settled:
+                    await _quietly(msg.nack())
+                raise
+            except Exception as exc:
+                if not msg.settled:
+                    try:
+                        await settle_failure(msg, exc)
+                    except MsgbusError as err:
+                        log.warning("msgbus: could not settle failed message %s: %s", msg.id, err)
+            else:
+                consumer._ack_soon(msg)  # batched with other workers' acks; no-op if the handler settled it
+            finally:
+                in_flight.discard(msg)
 
     async def extend_locks() -> None:
         assert caps.lock_duration is not None
@@ -91,7 +94,7 @@ async def run(
                     await _quietly(msg._delivery.extend(caps.lock_duration))
 
     workers = [asyncio.create_task(worker(), name=f"msgbus-worker-{i}") for i in range(concurrency)]
-    extender = asyncio.create_task(extend_locks()) if caps.lock_extension and caps.lock_duration else None
+    extender = asyncio.create_task(extend_locks()) if extending else None
     stop_wait = asyncio.create_task(stop.wait())
     try:
         await asyncio.wait([*workers, stop_wait], return_when=asyncio.FIRST_COMPLETED)

@@ -338,7 +338,7 @@ class RedisReceiver(Receiver):
                     raise
                 await self._adapter._create_groups(r.groups, recover=True)
                 return []
-        entries = [(_text(stream), _text(eid), fields, 1) for stream, items in reply or () for eid, fields in items]
+        entries = [(stream.decode(), eid, fields, 1) for stream, items in reply or () for eid, fields in items]
         return await self._deliveries(entries)
 
     async def _housekeeping(self, room: int) -> list[Delivery]:
@@ -375,22 +375,24 @@ class RedisReceiver(Receiver):
                 return []
         if moved >= _MOVE_BATCH:
             self._next_housekeeping = now  # more are due: move them on the next call
-        entries = [(reclaim_from, _text(eid), _pairs(flat), int(count)) for eid, count, flat in claimed]
+        entries = [(reclaim_from, eid, _pairs(flat), int(count)) for eid, count, flat in claimed]
         return await self._deliveries(entries)
 
-    async def _deliveries(self, entries: Sequence[tuple[str, str, Mapping[bytes, bytes], int]]) -> list[Delivery]:
+    async def _deliveries(self, entries: Sequence[tuple[str, bytes, Mapping[bytes, bytes], int]]) -> list[Delivery]:
+        """Entry ids stay bytes for the acks (redis-py then sends them as they are) and are ``str`` in ``raw``."""
         out: list[Delivery] = []
-        for stream, entry_id, fields, deliveries in entries:
-            raw = StreamEntry(stream, entry_id, fields)
+        for stream, rid, fields, deliveries in entries:
+            raw = StreamEntry(stream, rid.decode(), fields)
             try:
                 record, before = decode(fields)
             except DecodeError as exc:
                 # Not a msgbus entry (or damaged): dead-letter it rather than crash or loop on it.
-                bad = RedisDelivery(self, Record(body=bytes(fields.get(BODY, b"")), id=entry_id), deliveries, raw)
+                body = bytes(fields.get(BODY, b""))
+                bad = RedisDelivery(self, Record(body=body, id=raw.entry_id), deliveries, raw, rid)
                 self._unsettled += 1
-                await bad.dead_letter(f"malformed stream entry {entry_id}: {exc}")
+                await bad.dead_letter(f"malformed stream entry {raw.entry_id}: {exc}")
                 continue
-            out.append(RedisDelivery(self, record, before + deliveries, raw))
+            out.append(RedisDelivery(self, record, before + deliveries, raw, rid))
         self._unsettled += len(out)
         return out
 
@@ -403,9 +405,9 @@ class RedisReceiver(Receiver):
     async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
         """XACK (and XDEL from single-group streams) every delivery in one MULTI/EXEC round trip."""
         mine = [d for d in deliveries if isinstance(d, RedisDelivery)]
-        by_stream: dict[str, list[str]] = {}
+        by_stream: dict[str, list[bytes]] = {}
         for d in mine:
-            by_stream.setdefault(d.entry.stream, []).append(d.entry.entry_id)
+            by_stream.setdefault(d.entry.stream, []).append(d.rid)
         if not by_stream:
             return
         client, _ = self._adapter._connected()
@@ -414,15 +416,15 @@ class RedisReceiver(Receiver):
             pipe.xack(stream, self._route.group, *ids)
             if stream in self._route.deletable:
                 pipe.xdel(stream, *ids)
-        try:
-            with translated(f"ack on {self._route.endpoint}", secrets=self._adapter._secrets):
-                try:
-                    await pipe.execute()
-                except rx.ResponseError as exc:
-                    if not is_nogroup(exc):  # the group is gone, and with it anything to ack
-                        raise
-        finally:
-            self._release(len(mine))
+        # Settled by the handler: their room is free now, so a read can go out while the ack is on its way
+        # (an ack that fails leaves them pending, and reclaimed after ``visibility_timeout``, as before).
+        self._release(len(mine))
+        with translated(f"ack on {self._route.endpoint}", secrets=self._adapter._secrets):
+            try:
+                await pipe.execute()
+            except rx.ResponseError as exc:
+                if not is_nogroup(exc):  # the group is gone, and with it anything to ack
+                    raise
 
     async def _settle(
         self, d: RedisDelivery, target: str, delayed: str, delay: float | None, fields: dict[bytes, bytes]
@@ -430,7 +432,7 @@ class RedisReceiver(Receiver):
         _, scripts = self._adapter._connected()
         delay_ms = 0 if delay is None or delay <= 0 else math.ceil(delay * 1000)
         deletable = "1" if d.entry.stream in self._route.deletable else "0"
-        args: list[bytes | str | int] = [self._route.group, d.entry.entry_id, deletable, delay_ms, *flatten(fields)]
+        args: list[bytes | str | int] = [self._route.group, d.rid, deletable, delay_ms, *flatten(fields)]
         try:
             with translated(f"settle on {self._route.endpoint}", secrets=self._adapter._secrets):
                 try:
@@ -457,7 +459,7 @@ class RedisReceiver(Receiver):
     async def _extend(self, d: RedisDelivery) -> None:
         client, _ = self._adapter._connected()
         with translated(f"extend lock on {self._route.endpoint}", secrets=self._adapter._secrets):
-            await client.xclaim(d.entry.stream, self._route.group, self._consumer, 0, [d.entry.entry_id], justid=True)
+            await client.xclaim(d.entry.stream, self._route.group, self._consumer, 0, [d.rid], justid=True)
 
     async def close(self) -> None:
         """Stop receiving; unsettled entries return to others after ``visibility_timeout``. Idempotent.
@@ -487,12 +489,13 @@ def _pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:
 class RedisDelivery(Delivery):
     """A stream entry pending in the group under this receiver's consumer name."""
 
-    __slots__ = ("_receiver", "entry")
+    __slots__ = ("_receiver", "entry", "rid")
 
-    def __init__(self, receiver: RedisReceiver, record: Record, attempt: int, entry: StreamEntry) -> None:
+    def __init__(self, receiver: RedisReceiver, record: Record, attempt: int, entry: StreamEntry, rid: bytes) -> None:
         super().__init__(record, attempt, entry)
         self._receiver = receiver
         self.entry = entry
+        self.rid = rid  # ``entry.entry_id`` as Redis sent it
 
     async def ack(self) -> None:
         """XACK (+ XDEL on single-group streams) in one transaction."""
