@@ -69,8 +69,9 @@ def _capabilities(o: KafkaOptions) -> Capabilities:
 class KafkaAdapter(Adapter):
     """One bus on a Kafka cluster: a producer and an admin client, opened by ``open()``."""
 
-    # aiokafka's producer gathers concurrent sends into one produce request per partition by itself.
-    coalesce_sends = False
+    # Concurrent single sends are coalesced by the core (the default): a batch of them goes out through
+    # ``_send_batches`` as whole record batches, cheaper than aiokafka appending them one by one
+    # (16 senders: 11.8k -> 17.7k msgs/s at 16 B, 15.7k -> 18.0k at 1 KiB, medians of 4 interleaved).
 
     def __init__(self, url: BusURL, options: KafkaOptions) -> None:
         self.url = url
