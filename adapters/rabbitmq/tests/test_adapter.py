@@ -112,6 +112,8 @@ async def test_send_to_an_undeclared_queue_raises_publish_error(
 ) -> None:
     with pytest.raises(PublishError, match="NO_ROUTE"):
         await adapter.send(Endpoint("queue", names("missing")), _records(1))
+    with pytest.raises(PublishError, match="NO_ROUTE"):  # a batch: the broker's answer, not retried
+        await adapter.send(Endpoint("queue", names("missing")), _records(3))
     ep = Endpoint("queue", names("q"))  # the publish channel still works afterwards
     await adapter.declare(ep)
     await adapter.send(ep, _records(1))
