@@ -3,8 +3,7 @@
 While a send to an endpoint is waiting for the backend, further single sends to it queue up, and the queue
 goes out as one batch (one round trip, the adapter's native batch) as soon as that send returns. A sender
 that finds the endpoint idle yields once, so that the senders ready at that moment join it; alone, it sends
-its record itself. Once a sender was found alone, later ones skip that yield until senders meet again (one
-queues behind another): a loop of lone ``await send()`` calls pays nothing for coalescing.
+its record itself: a lone ``await send()`` costs one loop iteration more, not a round trip.
 """
 
 from __future__ import annotations
@@ -33,7 +32,6 @@ class Coalescer:
         self._waiting: list[_Entry] = []
         self._gathering: list[_Entry] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._crowded = True  # senders met lately: a leader yields once to gather those ready with it
 
     async def send(self, record: Record) -> None:
         """Store ``record``; returns once the backend has it (raises its own error when it did not)."""
@@ -41,14 +39,10 @@ class Coalescer:
             await self._wait(self._gathering, record)
             return
         if self._busy or self._waiting:  # the backend is busy: queue for the next batch
-            self._crowded = True
             await self._wait(self._waiting, record)
             return
-        self._busy = True
-        if not self._crowded:  # alone lately: send at once; whoever comes meanwhile queues for the next batch
-            await self._send_alone(record)
-            return
         # Lead a batch: yield once so that the senders that are ready to run now can join it.
+        self._busy = True
         batch = self._gathering = []
         try:
             await asyncio.sleep(0)
@@ -61,21 +55,17 @@ class Coalescer:
         self._gathering = None
         batch = _live(batch)
         if not batch:  # alone: send it from this task, no task of its own needed
-            self._crowded = False
-            await self._send_alone(record)
+            try:
+                await self._send((record,))
+            finally:
+                self._busy = False
+                self._flush()
             return
         # Others joined: send in a task of its own, so that no caller's cancellation cuts the others' short.
         entry: _Entry = (record, asyncio.get_running_loop().create_future())
         batch.insert(0, entry)
         self._start(batch)
         await entry[1]
-
-    async def _send_alone(self, record: Record) -> None:
-        try:
-            await self._send((record,))
-        finally:
-            self._busy = False
-            self._flush()
 
     async def _wait(self, queue: list[_Entry], record: Record) -> None:
         # A caller cancelled here leaves its entry behind, its future cancelled: batches are taken without

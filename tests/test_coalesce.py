@@ -54,17 +54,6 @@ async def test_a_lone_send_goes_straight_through() -> None:
     assert backend.calls == [[f"id-{i}"] for i in range(5)]
 
 
-async def test_after_a_lone_send_a_leader_sends_at_once_until_senders_meet_again() -> None:
-    backend = Backend()
-    gate = Coalescer(backend.send)
-    await gate.send(record(0))  # alone: from now on a leader does not yield to gather company
-    await asyncio.gather(gate.send(record(1)), gate.send(record(2)))  # 1 goes at once; 2 queues behind it
-    assert backend.calls == [["id-0"], ["id-1"], ["id-2"]]
-    await asyncio.gather(*(gate.send(record(i)) for i in range(3, 6)))  # senders met: the leader gathers again
-    assert backend.calls[3:] == [["id-3", "id-4", "id-5"]]
-    assert backend.stored == [f"id-{i}" for i in range(6)]  # 6 sent, 6 stored, in order, none twice
-
-
 async def test_batches_are_capped() -> None:
     backend = Backend()
     gate = Coalescer(backend.send, max_batch=64)
