@@ -630,10 +630,12 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
         if not claims:
             return
         durable = await self._commit(list({e.tp for e, _ in claims}))
-        failed = [entry for entry, _ in claims if entry.tp not in durable]
+        failed: list[_Entry] = []
         for entry, note in claims:
             if entry.tp in durable:
                 entry.noted = max(entry.noted, note)
+            else:
+                failed.append(entry)
         if len(failed) < len(claims):
             self._arrived.set()
         if failed:
