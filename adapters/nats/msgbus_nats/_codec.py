@@ -68,6 +68,8 @@ def encode(record: Record) -> dict[str, str]:
             headers[CONTENT_TYPE] = _value(record.content_type)
         encoded: list[str] = []
         for name, value in record.headers.items():
+            if not name:
+                raise InvalidMessage(f"message {record.id!r} has a header with an empty name")
             if _plain_name(name) and _VALUE.fullmatch(value):
                 headers[name] = value
             else:
