@@ -94,6 +94,15 @@ class NatsAdapter(Adapter):
     def secrets(self) -> tuple[str | None, ...]:
         return self._options.secrets
 
+    @property
+    def max_payload(self) -> int:
+        """The server's limit on one message (header block + body), from its INFO."""
+        return self._max_payload
+
+    @property
+    def client(self) -> Client | None:
+        return self._nc
+
     # -- connection ---------------------------------------------------------------------------------
 
     async def open(self) -> None:

@@ -15,12 +15,14 @@ import logging
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import nats.errors as nx
 import nats.js.errors as jx
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js.manager import JetStreamManager
 
 from msgbus.adapter import Delivery, Receiver, Record, dead_letter_record
 from msgbus.errors import ClosedError, DecodeError, MsgbusError
@@ -28,9 +30,6 @@ from msgbus.errors import ClosedError, DecodeError, MsgbusError
 from ._codec import check_size, decode, encode, parse_header_block
 from ._errors import translate
 from ._names import MAX_DELIVERIES, Route
-
-if TYPE_CHECKING:
-    from ._adapter import NatsAdapter
 
 log = logging.getLogger("msgbus.nats")
 
@@ -52,10 +51,31 @@ def ack_metadata(reply: str) -> tuple[int, int, float]:
     raise ValueError(f"not a JetStream ack subject: {reply[:100]!r}")
 
 
+class Link(Protocol):
+    """What a receiver needs from its adapter: the connection, publishing with acks, and API requests."""
+
+    @property
+    def secrets(self) -> tuple[str | None, ...]: ...
+
+    @property
+    def max_payload(self) -> int: ...
+
+    @property
+    def client(self) -> Client | None: ...
+
+    def connected(self) -> tuple[Client, JetStreamManager]: ...
+
+    async def publish(self, subject: str, messages: Sequence[tuple[dict[str, str], bytes]], doing: str) -> None: ...
+
+    async def request(self, subject: str, payload: bytes) -> dict[str, Any]: ...
+
+    def forget(self, receiver: NatsReceiver) -> None: ...
+
+
 class NatsReceiver(Receiver):
     """Pulls one queue, subscription or dead-letter stream's durable consumer. Not for several tasks at once."""
 
-    def __init__(self, adapter: NatsAdapter, r: Route, prefetch: int) -> None:
+    def __init__(self, adapter: Link, r: Route, prefetch: int) -> None:
         self._adapter = adapter
         self._route = r
         self._source = replace(r.endpoint, dead_letter=False)
@@ -229,7 +249,7 @@ class NatsReceiver(Receiver):
     async def _dead_letter(self, d: NatsDelivery, reason: str) -> None:
         record = dead_letter_record(d.record, reason, d.attempt, self._source)
         headers = encode(record)
-        check_size(headers, record.body, self._adapter._max_payload)
+        check_size(headers, record.body, self._adapter.max_payload)
         await self._adapter.publish(self._route.dead_subject, [(headers, record.body)], f"dead-letter {record.id}")
         await self._settle(d, _TERM)
 
@@ -244,7 +264,7 @@ class NatsReceiver(Receiver):
         self._adapter.forget(self)
         self._wake.set()
         sub, self._sub = self._sub, None
-        nc = self._adapter._nc
+        nc = self._adapter.client
         if nc is None or sub is None:
             return
         try:
