@@ -12,7 +12,6 @@ from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import nats
-import nats.errors as nx
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
@@ -89,7 +88,7 @@ class NatsPy(Contender):
             while not stop.is_set():
                 try:
                     msgs = await sub.fetch(count, timeout=0.5)
-                except nx.TimeoutError:
+                except TimeoutError:  # nats-py raises its own subclass or asyncio's, depending on the path
                     continue
                 for msg in msgs:
                     on_body(msg.data)
