@@ -61,7 +61,7 @@ class NatsPy(Contender):
             await self._nc.close()
 
     async def server_version(self) -> str | None:
-        return f"nats-server {self._nc.connected_server_version}" if self._nc is not None else None
+        return f"nats-server {self._nc._server_info.get('version')}" if self._nc is not None else None
 
     async def _ready(self, queue: str) -> None:
         if queue not in self._streams:
