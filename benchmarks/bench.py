@@ -79,6 +79,19 @@ BROKERS: dict[str, Broker] = {
             " kombu's Kafka transport (confluent-kafka) is a blocking one for Celery's worker",
         ],
     ),
+    "nats": Broker(
+        "nats://127.0.0.1:4222",
+        {
+            "msgbus": MSGBUS,
+            "raw": "benchmarks.contenders.nats:NatsPy",
+            "faststream": "benchmarks.contenders.nats:FastStream",
+        },
+        notes=[
+            "work-queue streams on the file store, one durable pull consumer; every send waits for the stream's"
+            " ack; messages carry a Nats-Msg-Id and a timestamp (raw too)",
+            "FastStream's NatsBroker has no batch publish",
+        ],
+    ),
     "sqs": Broker(
         # moto's server (integration/_moto.py); it takes any credentials, but botocore must sign with some.
         "sqs://us-east-1?endpoint_url=http://127.0.0.1:4566&access_key_id=testing&secret_access_key=testing",

@@ -14,13 +14,14 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 PEERS = ("raw", "kombu", "faststream")
-ORDER = ["memory", "sqlite", "rabbitmq", "redis", "kafka", "sqs", "pubsub", "servicebus"]
+ORDER = ["memory", "sqlite", "rabbitmq", "redis", "kafka", "nats", "sqs", "pubsub", "servicebus"]
 TITLES = {
     "memory": "memory://",
     "sqlite": "sqlite://",
     "rabbitmq": "RabbitMQ",
     "redis": "Redis",
     "kafka": "Kafka",
+    "nats": "NATS JetStream",
     "sqs": "SQS",
     "pubsub": "Google Pub/Sub",
     "servicebus": "Azure Service Bus",
@@ -179,7 +180,17 @@ def targets(results: list[dict[str, Any]]) -> str:
                 rivals = [v for p in ("raw", "faststream") if (v := _get(rows, "consume", case, p))]
                 if rivals:
                     row(f"{name} ahead of every asyncio client", f"{ours / max(rivals):.2f}x best", ours > max(rivals))
-    for broker in ("rabbitmq", "redis", "kafka"):
+    rows = by_broker.get("nats")
+    if rows is not None:
+        for case in sorted((c for w, c in rows if w == "consume"), key=len):
+            ours = _get(rows, "consume", case, "msgbus")
+            for peer, ratio in (("raw", 0.9), ("faststream", 1.0)):
+                theirs = _get(rows, "consume", case, peer)
+                if ours is not None and theirs:
+                    what = f">= {ratio}x raw" if peer == "raw" else "ahead of FastStream"
+                    met = ours / theirs >= ratio if peer == "raw" else ours > theirs
+                    row(f"NATS consume {what}", f"{ours / theirs:.2f}x", met)
+    for broker in ("rabbitmq", "redis", "kafka", "nats"):
         rows = by_broker.get(broker)
         if rows is None:
             continue
@@ -199,7 +210,7 @@ def targets(results: list[dict[str, Any]]) -> str:
                         f"{ours / best_raw:.2f}x",
                         ours / best_raw >= 0.9,
                     )
-        if broker in ("rabbitmq", "redis"):
+        if broker in ("rabbitmq", "redis", "nats"):
             ours, raw = _get(rows, "latency", "p99 ", "msgbus"), _get(rows, "latency", "p99 ", "raw")
             if ours is not None and raw is not None:
                 row(f"{TITLES[broker]} added p99 latency < 0.5 ms", f"{ours - raw:+.2f} ms", ours - raw < 0.5)
