@@ -13,7 +13,6 @@ import asyncio
 import base64
 import importlib.util
 import logging
-import os
 import re
 import shutil
 import socket
@@ -25,19 +24,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import ClassVar
 
-from ._install import InstallError, apt_install
+from ._install import InstallError, apt_install, cache_root
 from ._launchers import HOST, LauncherError, LocalBroker
 from ._process import progress
 
 _HERE = Path(__file__).resolve().parent
 POM = _HERE / "kafka" / "pom.xml"
-_DEFAULT_CACHE = _HERE / ".cache"
 _TIMEOUT = 5.0
-
-
-def cache_root() -> Path:
-    """Where resolved jars are kept: ``$MSGBUS_TEST_CACHE_DIR`` or ``integration/.cache``."""
-    return Path(os.environ.get("MSGBUS_TEST_CACHE_DIR") or _DEFAULT_CACHE)
 
 
 def kafka_version() -> str:

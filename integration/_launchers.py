@@ -508,5 +508,6 @@ from ._pubsub import PubSubBroker as PubSub  # noqa: E402 - it subclasses LocalB
 register(PubSub)
 
 
-# The Service Bus test broker launcher lives in its own module, which registers itself.
-from . import _servicebus  # noqa: E402, F401
+# The Service Bus test broker and Toxiproxy (the failure suite's fault-injecting proxy) launchers live in their
+# own modules, which register themselves.
+from . import _servicebus, _toxiproxy  # noqa: E402, F401

@@ -1,0 +1,152 @@
+"""Faults on the wire and broker failover, under load, on every backend (promise 14). See docs/reliability.md.
+
+Each test streams messages from paced senders to a consumer through Toxiproxy while one fault strikes (see
+``integration/_chaos.py``) and fails on a lost message or a hang; duplicates are counted and reported. A new
+backend joins by adding a row to ``ROWS``: the launcher that provides its broker, the URL options it runs
+with, how long its client takes to notice a dead connection, and the bounds it promises.
+
+``MSGBUS_CHAOS_MESSAGES`` sets the volume per scenario (default 2000; ``make test`` runs fewer, ``make chaos``
+the default). ``MSGBUS_CHAOS_RESULTS`` names a folder where each outcome is appended as JSON lines, from which
+``tools/reliability_report.py`` renders docs/reliability.md. Against your own broker:
+``MSGBUS_TEST_RABBITMQ_URL=amqp://... make chaos CHAOS_ROWS=rabbitmq`` runs the wire faults through a local
+Toxiproxy in front of it (restart scenarios need a broker this suite started, so they skip).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pytest
+
+from integration._chaos import Outcome, Target, run_scenario, scenarios
+from integration._launchers import HOST
+from integration._toxiproxy import Toxiproxy
+from integration.brokers import Endpoint, endpoint, get
+
+PROXY_BASE = 30000  # a proxy listens on 127.0.0.1:(30000 + broker port % 10000)
+
+
+def proxy_port(port: int) -> int:
+    return PROXY_BASE + port % 10000
+
+
+@dataclass(frozen=True)
+class Row:
+    """One backend of the failure suite.
+
+    ``blackhole``: seconds the blackhole lasts, longer than the client's dead-connection detection with
+    ``options``. ``send_bound``: seconds one send may take in any fault before it counts as a hang (the
+    adapter's send timeout, retries included, plus slack). ``recover_bound``: seconds after a fault healed by
+    which everything sent must be delivered. ``limits``: scenario -> why a test double cannot honour it.
+    """
+
+    backend: str
+    launcher: str
+    options: str
+    blackhole: float
+    send_bound: float
+    recover_bound: float
+    limits: dict[str, str] = field(default_factory=dict)
+    failover: bool = False
+
+    def url(self, ep: Endpoint, ports: dict[int, int]) -> str:
+        """``ep``'s URL pointed at the proxies (``ports``: broker port -> proxy port), with the row's options."""
+        url = ep.url
+        for port, proxied in ports.items():
+            url = re.sub(rf"(?<=[@/=]){re.escape(HOST)}:{port}\b", f"{HOST}:{proxied}", url)
+        return url + ("&" if "?" in url else "?") + self.options if self.options else url
+
+
+ROWS = [
+    # heartbeat=5: pika and aiormq give up on a connection after 2-3 missed heartbeats (the default 60 s works
+    # the same, three times longer); sends time out after send_timeout (30 s).
+    Row("rabbitmq", "rabbitmq", "heartbeat=5", blackhole=20, send_bound=45, recover_bound=60),
+    # socket_timeout (10 s) bounds every command, the blocking read included.
+    Row("redis", "redis", "visibility_timeout=5", blackhole=15, send_bound=30, recover_bound=60),
+]
+
+
+def _volume() -> int:
+    return int(os.environ.get("MSGBUS_CHAOS_MESSAGES", "2000"))
+
+
+def _record(outcome: Outcome, row: Row, ep: Endpoint) -> None:
+    folder = os.environ.get("MSGBUS_CHAOS_RESULTS")
+    if not folder:
+        return
+    path = Path(folder)
+    path.mkdir(parents=True, exist_ok=True)
+    line = {**asdict(outcome), "options": row.options, "source": ep.source, "at": time.time(), "messages": _volume()}
+    with (path / f"{row.backend}.jsonl").open("a") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+def _target(row: Row, ep: Endpoint) -> tuple[Target, dict[int, int]]:
+    """Proxies in Toxiproxy for each port of ``ep``'s broker; the restart hook when we started the broker."""
+    endpoint("toxiproxy")
+    api = Toxiproxy()
+    ports = {p: proxy_port(p) for p in _broker_ports(row, ep)}
+    names = []
+    for port, proxied in ports.items():
+        name = f"{row.backend}-{port}"
+        api.create(name, proxied, f"{_upstream_host(ep)}:{port}")
+        names.append(name)
+    restart: Callable[[bool], None] | None = None
+    if ep.handle is not None:
+        restart = lambda hard: ep.restart(hard=hard)  # noqa: E731
+    return Target(api, tuple(names), restart), ports
+
+
+def _broker_ports(row: Row, ep: Endpoint) -> list[int]:
+    if ep.source == "local":
+        return [get(row.launcher).port]
+    found = re.search(r"(?:@|//|=)([\w.\-]+):(\d+)", ep.url)
+    if found is None:
+        pytest.skip(f"no host:port to put a proxy in front of in {ep!r}")
+    return [int(found.group(2))]
+
+
+def _upstream_host(ep: Endpoint) -> str:
+    found = re.search(r"(?:@|//|=)([\w.\-]+):(\d+)", ep.url)
+    return found.group(1) if found is not None and ep.source == "env" else HOST
+
+
+_SCENARIOS = [s.name for s in scenarios(0)]
+
+
+@pytest.mark.parametrize("scenario", _SCENARIOS)
+@pytest.mark.parametrize("row", ROWS, ids=lambda r: r.backend)
+async def test_fault(row: Row, scenario: str, record_property: pytest.RecordProperty) -> None:
+    wanted = os.environ.get("CHAOS_ROWS")
+    if wanted and row.backend not in wanted.split(","):
+        pytest.skip(f"CHAOS_ROWS={wanted}")
+    spec = next(s for s in scenarios(row.blackhole) if s.name == scenario)
+    if spec.needs == "failover" and not row.failover:
+        pytest.skip("failover: a single node has no leader to fail over from (see the cluster rows)")
+    ep = endpoint(row.launcher)
+    if spec.needs == "restart" and ep.handle is None:
+        pytest.skip("restart: the broker came from the environment, this suite cannot restart it")
+    target, ports = _target(row, ep)
+    url = row.url(ep, ports)
+    outcome = await run_scenario(
+        row.backend,
+        url,
+        spec,
+        target,
+        messages=_volume(),
+        send_bound=row.send_bound,
+        recover_bound=row.recover_bound,
+        limit=row.limits.get(scenario),
+    )
+    _record(outcome, row, ep)
+    record_property("chaos", outcome.line())
+    print(outcome.line())
+    if outcome.status == "limit":
+        pytest.xfail(outcome.line())
+    assert outcome.status == "pass", outcome.line()
