@@ -16,6 +16,7 @@ help:
 	@echo "make lint          ruff + mypy only"
 	@echo "make matrix        render docs/capabilities.md from the latest contract runs"
 	@echo "make brokers       start the local test brokers; make brokers-stop stops them"
+	@echo "make chaos         the failure suite at full volume, then docs/reliability.md"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -68,3 +69,4 @@ clean:
 
 -include mk/brokers.mk
 -include mk/bench.mk
+-include mk/chaos.mk

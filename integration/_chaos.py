@@ -42,7 +42,11 @@ class Target:
     proxy: Toxiproxy
     proxies: tuple[str, ...]
     restart: Callable[[bool], None] | None = None  # restart(hard): stop (SIGKILL when hard), start, wait ready
-    failover: Callable[[], Awaitable[str]] | None = None  # kill the leader mid-stream, bring it back; a note
+    # Clusters: failover(queue) kills the node leading ``queue`` mid-stream and brings it back (returns a note);
+    # prepare(queue) runs before the buses open (e.g. declares the queue through another node than theirs).
+    failover: Callable[[str], Awaitable[str]] | None = None
+    prepare: Callable[[str], Awaitable[None]] | None = None
+    queue: str = ""
 
     async def toxic(self, toxic: str, kind: str, streams: tuple[str, ...], **attributes: float) -> None:
         """Add the same toxic to every proxy of the backend, in each direction of ``streams``."""
@@ -68,6 +72,8 @@ class Scenario:
     length: float
     needs: Literal["proxy", "restart", "failover"] = "proxy"
     describe: str = ""
+    # The consumer takes half the send rate, so a backlog is stored in the broker when the fault strikes.
+    backlog: bool = False
 
 
 @dataclass
@@ -139,10 +145,18 @@ async def run_scenario(
     sent: set[str] = set()
     raised: dict[str, int] = {}
     problems: list[str] = []
+    target.queue = queue
+    if target.prepare is not None:
+        await target.prepare(queue)
     began = time.monotonic()
+
+    pace = (WARM_UP + scenario.length + TAIL) / messages
+    handling = 2 * CONCURRENCY * pace if scenario.backlog else 0.0
 
     async def handle(msg: msgbus.Message[Any]) -> None:
         deliveries.add(msg.id)
+        if handling:
+            await asyncio.sleep(handling)
 
     consumer_bus = msgbus.connect(url)
     producer_bus = msgbus.connect(url)
@@ -152,7 +166,6 @@ async def run_scenario(
     await consumer.open()
     run_task = asyncio.create_task(consumer.run(handle, concurrency=CONCURRENCY))
     producer = producer_bus.producer(queue)
-    pace = (WARM_UP + scenario.length + TAIL) / messages
     next_index = iter(range(messages))
 
     async def sender() -> None:
@@ -181,7 +194,8 @@ async def run_scenario(
         fault_note = await scenario.fault(target)
         healed = time.monotonic()
         await asyncio.wait_for(asyncio.gather(*senders), timeout=recover_bound + messages * pace)
-        deadline = max(healed, time.monotonic()) + recover_bound
+        # A backlog drains at half the send rate: it may take as long again as the stream did.
+        deadline = max(healed, time.monotonic()) + recover_bound + (messages * pace if scenario.backlog else 0.0)
         while not sent <= deliveries.counts.keys() and time.monotonic() < deadline:
             deliveries.changed.clear()
             with contextlib.suppress(TimeoutError):
@@ -296,7 +310,7 @@ async def _restarts(target: Target) -> str:
 async def _failover(target: Target) -> str:
     if target.failover is None:
         raise RuntimeError("no failover hook")
-    return await target.failover()
+    return await target.failover(target.queue)
 
 
 def scenarios(blackhole_seconds: float) -> list[Scenario]:
@@ -310,6 +324,6 @@ def scenarios(blackhole_seconds: float) -> list[Scenario]:
             blackhole_seconds,
             describe="traffic silently dropped for longer than the client's heartbeat / timeout",
         ),
-        Scenario("restart", _restarts, 15.0, "restart", "broker restarted (SIGTERM) then killed (SIGKILL) mid-stream"),
-        Scenario("failover", _failover, 20.0, "failover", "the node leading the queue SIGKILLed, then back"),
+        Scenario("restart", _restarts, 15.0, "restart", "broker restarted (SIGTERM) then SIGKILLed mid-stream", True),
+        Scenario("failover", _failover, 20.0, "failover", "the node leading the queue SIGKILLed, then back", True),
     ]

@@ -497,9 +497,10 @@ class Moto(LocalBroker):
 
 
 # Apache Kafka (KRaft, jars from Maven Central): implemented in its own module, which needs LocalBroker above.
-from ._kafka import Kafka  # noqa: E402
+from ._kafka import Kafka, ProxiedKafka  # noqa: E402
 
 register(Kafka)
+register(ProxiedKafka)
 
 
 # Google's pstest Pub/Sub fake wrapped in a small Go program (integration/pstest/), built by go on first start.
@@ -510,4 +511,9 @@ register(PubSub)
 
 # The Service Bus test broker and Toxiproxy (the failure suite's fault-injecting proxy) launchers live in their
 # own modules, which register themselves.
-from . import _servicebus, _toxiproxy  # noqa: E402, F401
+# The failure suite's clusters (3 RabbitMQ nodes, 3 Kafka brokers), built from the launchers above.
+from . import (  # noqa: E402, F401
+    _clusters,
+    _servicebus,
+    _toxiproxy,
+)

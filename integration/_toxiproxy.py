@@ -20,6 +20,14 @@ from ._launchers import HOST, LocalBroker, register
 
 SERVER = GoProgram("toxiproxy-server", "toxiproxy", "github.com/Shopify/toxiproxy/v2/cmd/server")
 API_PORT = 8474
+PROXY_BASE = 30000  # the proxy for a broker's port P listens on PROXY_BASE + P % 10000
+
+
+def proxy_port(port: int) -> int:
+    """The port the failure suite's proxy for broker port ``port`` listens on (5672 -> 35672)."""
+    return PROXY_BASE + port % 10000
+
+
 Stream = Literal["upstream", "downstream"]
 
 

@@ -14,26 +14,65 @@ Toxiproxy in front of it (restart scenarios need a broker this suite started, so
 
 from __future__ import annotations
 
+import asyncio
+import importlib.metadata
 import json
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pytest
 
+import msgbus
 from integration._chaos import Outcome, Target, run_scenario, scenarios
+from integration._clusters import KafkaCluster, RabbitMQCluster, kill_and_return
 from integration._launchers import HOST
-from integration._toxiproxy import Toxiproxy
+from integration._toxiproxy import Toxiproxy, proxy_port
 from integration.brokers import Endpoint, endpoint, get
 
-PROXY_BASE = 30000  # a proxy listens on 127.0.0.1:(30000 + broker port % 10000)
+Failover = tuple[str, Callable[[str], Awaitable[None]] | None, Callable[[str], Awaitable[str]]]
+DOWN = 10.0  # seconds a killed cluster node stays down before it is started again
 
 
-def proxy_port(port: int) -> int:
-    return PROXY_BASE + port % 10000
+def _rabbitmq_cluster(ep: Endpoint) -> Failover:
+    """Queue declared through node 1 (so node 1 leads it), clients on node 2; node 1 is killed mid-stream."""
+    cluster = ep.handle
+    assert isinstance(cluster, RabbitMQCluster)
+
+    async def prepare(queue: str) -> None:
+        async with msgbus.connect(cluster.url_of(1)) as bus:
+            await bus.consumer(queue).open()
+
+    async def failover(queue: str) -> str:
+        leader = await asyncio.to_thread(cluster.leader, queue)
+        _, back = await kill_and_return(cluster, leader, down=DOWN)
+        now = await asyncio.to_thread(cluster.leader, queue)
+        return (
+            f"node {leader} (the quorum queue's leader) SIGKILLed, down {DOWN:.0f} s, then back ({back:.1f}s); "
+            f"the queue's leader is now node {now}; clients connected to node 2"
+        )
+
+    return cluster.url_of(2), prepare, failover
+
+
+def _kafka_cluster(ep: Endpoint) -> Failover:
+    """The broker leading partition 0 of the queue's topic is killed mid-stream; clients know all three."""
+    cluster = ep.handle
+    assert isinstance(cluster, KafkaCluster)
+
+    async def failover(topic: str) -> str:
+        leader = await cluster.leader(topic)
+        _, back = await kill_and_return(cluster, leader, down=DOWN)
+        now = await cluster.leader(topic)
+        return (
+            f"broker {leader} (leader of partition 0) SIGKILLed, down {DOWN:.0f} s, then back ({back:.1f}s); "
+            f"partition 0 is now led by broker {now}"
+        )
+
+    return ep.url, None, failover
 
 
 @dataclass(frozen=True)
@@ -53,7 +92,8 @@ class Row:
     send_bound: float
     recover_bound: float
     limits: dict[str, str] = field(default_factory=dict)
-    failover: bool = False
+    # Clusters: the URL, prepare(queue) and failover(queue) hooks for the failover scenario, from the endpoint.
+    failover: Callable[[Endpoint], Failover] | None = None
 
     def url(self, ep: Endpoint, ports: dict[int, int]) -> str:
         """``ep``'s URL pointed at the proxies (``ports``: broker port -> proxy port), with the row's options."""
@@ -69,6 +109,9 @@ ROWS = [
     Row("rabbitmq", "rabbitmq", "heartbeat=5", blackhole=20, send_bound=45, recover_bound=60),
     # socket_timeout (10 s) bounds every command, the blocking read included.
     Row("redis", "redis", "visibility_timeout=5", blackhole=15, send_bound=30, recover_bound=60),
+    # Its own single-node Kafka whose listener is advertised at the proxy (bootstrap hands out addresses).
+    # request_timeout=10 (default 40) bounds a request lost in the blackhole; the group session is 10 s.
+    Row("kafka", "kafka-proxied", "request_timeout=10", blackhole=15, send_bound=45, recover_bound=90),
     # moto: any credentials sign. read_timeout=10 (default 30) bounds a request lost in the blackhole.
     Row(
         "sqs",
@@ -81,6 +124,10 @@ ROWS = [
     # A pull RPC's deadline is the receive's wait plus pull_timeout (2 s); a publish retries for publish_timeout.
     Row("pubsub", "pubsub", "ack_deadline=10", blackhole=15, send_bound=75, recover_bound=60),
     Row("servicebus", "servicebus", "", blackhole=15, send_bound=75, recover_bound=90),
+    # Clusters: only the failover scenario. msgbus's defaults (quorum queues, publisher confirms) are the safe
+    # settings; Kafka topics get 3 copies and min.insync.replicas=2 by default on a cluster of 3 (no options).
+    Row("rabbitmq-cluster", "rabbitmq-cluster", "heartbeat=5", 0, 45, 90, failover=_rabbitmq_cluster),
+    Row("kafka-cluster", "kafka-cluster", "", 0, 45, 90, failover=_kafka_cluster),
 ]
 
 # After a dropped connection the azure-servicebus SDK leaves sockets and transports to the GC (see
@@ -95,6 +142,56 @@ def _rows() -> list[object]:
     return [pytest.param(r, id=r.backend, marks=_SDK_LEFTOVERS if r.launcher == "servicebus" else ()) for r in ROWS]
 
 
+_CLIENTS = {
+    "rabbitmq": ("aio-pika", "pika"),
+    "redis": ("redis",),
+    "kafka": ("aiokafka",),
+    "sqs": ("aiobotocore",),
+    "pubsub": ("google-cloud-pubsub",),
+    "servicebus": ("azure-servicebus",),
+}
+
+
+def _go_module(folder: str, module: str) -> str:
+    found = re.search(rf"{re.escape(module)} (v[\w.\-]+)", (Path(__file__).parent / folder / "go.mod").read_text())
+    return found.group(1) if found else "?"
+
+
+def _broker_version(backend: str) -> str:
+    """What the row ran against, read from the machine and the repo's pins (for docs/reliability.md)."""
+    import subprocess
+
+    from integration._kafka import kafka_version
+
+    kind = backend.split("-")[0]
+    if kind == "rabbitmq":
+        out = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "rabbitmq-server"], capture_output=True, text=True)
+        return f"RabbitMQ {out.stdout.split('-')[0] or '?'}" + (" x 3 nodes, quorum queues" if "-" in backend else "")
+    if kind == "redis":
+        out = subprocess.run(["redis-server", "--version"], capture_output=True, text=True)
+        found = re.search(r"v=([\d.]+)", out.stdout)
+        return f"Redis {found.group(1) if found else '?'} (AOF, fsync always)"
+    if kind == "kafka":
+        return f"Apache Kafka {kafka_version()} KRaft" + (" x 3 brokers, RF 3, min ISR 2" if "-" in backend else "")
+    if kind == "sqs":
+        return f"moto {importlib.metadata.version('moto')} (SQS double)"
+    if kind == "pubsub":
+        return f"pstest {_go_module('pstest', 'cloud.google.com/go/pubsub/v2')} + journal (Pub/Sub double)"
+    return "sbbroker (msgbus's Service Bus double) + journal"
+
+
+def _row_info(row: Row) -> dict[str, object]:
+    clients = _CLIENTS.get(row.backend.split("-")[0], ())
+    return {
+        "broker": _broker_version(row.backend),
+        "clients": ", ".join(f"{c} {importlib.metadata.version(c)}" for c in clients),
+        "blackhole": row.blackhole,
+        "send_bound": row.send_bound,
+        "recover_bound": row.recover_bound,
+        "toxiproxy": _go_module("toxiproxy", "github.com/Shopify/toxiproxy/v2"),
+    }
+
+
 def _volume() -> int:
     return int(os.environ.get("MSGBUS_CHAOS_MESSAGES", "2000"))
 
@@ -105,7 +202,14 @@ def _record(outcome: Outcome, row: Row, ep: Endpoint) -> None:
         return
     path = Path(folder)
     path.mkdir(parents=True, exist_ok=True)
-    line = {**asdict(outcome), "options": row.options, "source": ep.source, "at": time.time(), "messages": _volume()}
+    line = {
+        **asdict(outcome),
+        "options": row.options,
+        "source": ep.source,
+        "at": time.time(),
+        "messages": _volume(),
+        "row": _row_info(row),
+    }
     with (path / f"{row.backend}.jsonl").open("a") as f:
         f.write(json.dumps(line) + "\n")
 
@@ -150,13 +254,22 @@ async def test_fault(row: Row, scenario: str, record_property: pytest.RecordProp
     if wanted and row.backend not in wanted.split(","):
         pytest.skip(f"CHAOS_ROWS={wanted}")
     spec = next(s for s in scenarios(row.blackhole) if s.name == scenario)
-    if spec.needs == "failover" and not row.failover:
-        pytest.skip("failover: a single node has no leader to fail over from (see the cluster rows)")
+    if (spec.needs == "failover") != (row.failover is not None):
+        pytest.skip(
+            "failover: a single node has no leader to fail over from (see the cluster rows)"
+            if row.failover is None
+            else "clusters run the failover scenario only (the wire faults run on the single-node rows)"
+        )
     ep = endpoint(row.launcher)
-    if spec.needs == "restart" and ep.handle is None:
-        pytest.skip("restart: the broker came from the environment, this suite cannot restart it")
-    target, ports = _target(row, ep)
-    url = row.url(ep, ports)
+    if spec.needs != "proxy" and ep.handle is None:
+        pytest.skip(f"{scenario}: the broker came from the environment, this suite cannot restart or kill it")
+    if row.failover is not None:
+        cluster_url, prepare, failover = row.failover(ep)
+        target = Target(Toxiproxy(), (), failover=failover, prepare=prepare)
+        url = f"{cluster_url}{'&' if '?' in cluster_url else '?'}{row.options}"
+    else:
+        target, ports = _target(row, ep)
+        url = row.url(ep, ports)
     outcome = await run_scenario(
         row.backend,
         url,
