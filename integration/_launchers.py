@@ -455,13 +455,13 @@ class NATS(LocalBroker):
 class Moto(LocalBroker):
     """moto's server (SQS and SNS) from PyPI, run by this interpreter through ``integration/_moto.py``.
 
-    That wrapper serialises requests (moto's backends are not thread-safe) and snapshots the state on a
-    graceful stop, so ``restart()`` keeps queues and messages; ``restart(hard=True)`` (a kill) loses them.
+    That wrapper serialises requests (moto's backends are not thread-safe), snapshots the state and journals
+    every message change before replying, so ``restart()``, even ``restart(hard=True)`` (a kill), keeps
+    queues, subscriptions and messages.
     """
 
     name = "sqs"
     port = 4566
-    persistent = False
     start_timeout = 60.0
     env_vars = ("AWS_ENDPOINT_URL_SQS",)
     image = "motoserver/moto:latest"
