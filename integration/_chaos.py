@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -27,8 +28,12 @@ from msgbus.errors import MsgbusError
 
 from ._toxiproxy import Toxiproxy
 
-WARM_UP = 2.0  # seconds of undisturbed stream before a fault starts
-TAIL = 3.0  # seconds of stream after the fault healed
+# MSGBUS_CHAOS_QUICK=1 (make test, CI): the same faults with shorter calm between them.
+QUICK = os.environ.get("MSGBUS_CHAOS_QUICK") == "1"
+WARM_UP = 1.0 if QUICK else 2.0  # seconds of undisturbed stream before a fault starts
+TAIL = 1.0 if QUICK else 3.0  # seconds of stream after the fault healed
+CALM = 1.5 if QUICK else 3.0  # seconds between two resets or two restarts
+DOWN = 5.0 if QUICK else 10.0  # seconds a killed cluster node stays down
 SENDERS = 16  # concurrent sending tasks, so sends are in flight whenever a fault strikes
 CONCURRENCY = 8  # the consumer's handlers
 RETRY_PAUSE = 0.5  # seconds before a send that raised is tried again
@@ -270,8 +275,11 @@ async def _resets(target: Target) -> str:
         await target.toxic("reset", "reset_peer", (stream,), timeout=0)
         await asyncio.sleep(0.5)  # reconnections made meanwhile are reset too
         await target.heal()
-        await asyncio.sleep(2.0)
-    return "3 resets of every connection (reset_peer, from the broker's side, the client's, the broker's), 2.5 s apart"
+        await asyncio.sleep(CALM)
+    return (
+        f"3 resets of every connection (reset_peer: from the broker's side, the client's, the broker's), "
+        f"{CALM + 0.5:.1f} s apart"
+    )
 
 
 async def _latency(target: Target) -> str:
@@ -300,11 +308,11 @@ async def _restarts(target: Target) -> str:
     began = time.monotonic()
     await asyncio.to_thread(target.restart, False)
     clean = time.monotonic() - began
-    await asyncio.sleep(3.0)
+    await asyncio.sleep(CALM)
     began = time.monotonic()
     await asyncio.to_thread(target.restart, True)
     killed = time.monotonic() - began
-    return f"broker restarted gracefully ({clean:.1f}s), then 3 s later SIGKILLed and started ({killed:.1f}s)"
+    return f"broker restarted gracefully ({clean:.1f}s), then {CALM:.1f} s later SIGKILLed and started ({killed:.1f}s)"
 
 
 async def _failover(target: Target) -> str:

@@ -27,14 +27,13 @@ from pathlib import Path
 import pytest
 
 import msgbus
-from integration._chaos import Outcome, Target, run_scenario, scenarios
+from integration._chaos import DOWN, Outcome, Target, run_scenario, scenarios
 from integration._clusters import KafkaCluster, RabbitMQCluster, kill_and_return
 from integration._launchers import HOST
 from integration._toxiproxy import Toxiproxy, proxy_port
 from integration.brokers import Endpoint, endpoint, get
 
 Failover = tuple[str, Callable[[str], Awaitable[None]] | None, Callable[[str], Awaitable[str]]]
-DOWN = 10.0  # seconds a killed cluster node stays down before it is started again
 
 
 def _rabbitmq_cluster(ep: Endpoint) -> Failover:
@@ -104,29 +103,32 @@ class Row:
 
 
 ROWS = [
-    # heartbeat=5: pika and aiormq give up on a connection after 2-3 missed heartbeats (the default 60 s works
-    # the same, three times longer); sends time out after send_timeout (30 s).
-    Row("rabbitmq", "rabbitmq", "heartbeat=5", blackhole=20, send_bound=45, recover_bound=60),
-    # socket_timeout (10 s) bounds every command, the blocking read included.
-    Row("redis", "redis", "visibility_timeout=5", blackhole=15, send_bound=30, recover_bound=60),
+    # Single nodes, every scenario but failover, at msgbus's defaults except the timeout that notices a dead
+    # connection, shortened so the blackhole (which must outlast it) takes seconds, not minutes.
+    # heartbeat=4 (default 60): pika and aiormq drop a connection after 2-3 missed heartbeats.
+    Row("rabbitmq", "rabbitmq", "heartbeat=4", blackhole=12, send_bound=45, recover_bound=60),
+    # socket_timeout=5 (default 10) bounds every command, the blocking read included.
+    Row("redis", "redis", "socket_timeout=5", blackhole=8, send_bound=30, recover_bound=60),
     # Its own single-node Kafka whose listener is advertised at the proxy (bootstrap hands out addresses).
     # request_timeout=10 (default 40) bounds a request lost in the blackhole; the group session is 10 s.
-    Row("kafka", "kafka-proxied", "request_timeout=10", blackhole=15, send_bound=45, recover_bound=90),
-    # moto: any credentials sign. read_timeout=10 (default 30) bounds a request lost in the blackhole.
+    Row("kafka", "kafka-proxied", "request_timeout=10", blackhole=12, send_bound=45, recover_bound=90),
+    # moto: any credentials sign. read_timeout=5 (default 30) bounds a request lost in the blackhole; a long
+    # poll must be shorter (wait_time=1, default 20).
     Row(
         "sqs",
         "sqs",
-        "access_key_id=testing&secret_access_key=testing&visibility_timeout=5&wait_time=1&read_timeout=10",
-        blackhole=15,
+        "access_key_id=testing&secret_access_key=testing&wait_time=1&read_timeout=5",
+        blackhole=8,
         send_bound=45,
         recover_bound=60,
     ),
-    # A pull RPC's deadline is the receive's wait plus pull_timeout (2 s); a publish retries for publish_timeout.
-    Row("pubsub", "pubsub", "ack_deadline=10", blackhole=15, send_bound=75, recover_bound=60),
-    Row("servicebus", "servicebus", "", blackhole=15, send_bound=75, recover_bound=90),
-    # Clusters: only the failover scenario. msgbus's defaults (quorum queues, publisher confirms) are the safe
-    # settings; Kafka topics get 3 copies and min.insync.replicas=2 by default on a cluster of 3 (no options).
-    Row("rabbitmq-cluster", "rabbitmq-cluster", "heartbeat=5", 0, 45, 90, failover=_rabbitmq_cluster),
+    # Defaults: a pull's deadline is the receive's wait plus pull_timeout (2 s); a publish retries for 60 s.
+    Row("pubsub", "pubsub", "", blackhole=8, send_bound=75, recover_bound=60),
+    # Defaults: the SDK retries an operation retry_total (3) times.
+    Row("servicebus", "servicebus", "", blackhole=10, send_bound=75, recover_bound=90),
+    # Clusters: only the failover scenario, at msgbus's defaults, which are the safe settings: quorum queues and
+    # publisher confirms; Kafka topics with 3 copies and min.insync.replicas=2 on a cluster of 3, acks=all.
+    Row("rabbitmq-cluster", "rabbitmq-cluster", "", 0, 45, 90, failover=_rabbitmq_cluster),
     Row("kafka-cluster", "kafka-cluster", "", 0, 45, 90, failover=_kafka_cluster),
 ]
 
