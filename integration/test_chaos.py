@@ -94,11 +94,11 @@ class Row:
     # Clusters: the URL, prepare(queue) and failover(queue) hooks for the failover scenario, from the endpoint.
     failover: Callable[[Endpoint], Failover] | None = None
 
-    def url(self, ep: Endpoint, ports: dict[int, int]) -> str:
-        """``ep``'s URL pointed at the proxies (``ports``: broker port -> proxy port), with the row's options."""
+    def url(self, ep: Endpoint, proxied: dict[str, str]) -> str:
+        """``ep``'s URL pointed at the proxies (``proxied``: broker host:port -> proxy host:port), with options."""
         url = ep.url
-        for port, proxied in ports.items():
-            url = re.sub(rf"(?<=[@/=]){re.escape(HOST)}:{port}\b", f"{HOST}:{proxied}", url)
+        for address, proxy in proxied.items():
+            url = re.sub(rf"(?<=[@/=]){re.escape(address)}\b", proxy, url)
         return url + ("&" if "?" in url else "?") + self.options if self.options else url
 
 
@@ -216,34 +216,28 @@ def _record(outcome: Outcome, row: Row, ep: Endpoint) -> None:
         f.write(json.dumps(line) + "\n")
 
 
-def _target(row: Row, ep: Endpoint) -> tuple[Target, dict[int, int]]:
-    """Proxies in Toxiproxy for each port of ``ep``'s broker; the restart hook when we started the broker."""
+def _target(row: Row, ep: Endpoint) -> tuple[Target, dict[str, str]]:
+    """A proxy in Toxiproxy for each address of ``ep``'s broker; the restart hook when we started the broker."""
     endpoint("toxiproxy")
     api = Toxiproxy()
-    ports = {p: proxy_port(p) for p in _broker_ports(row, ep)}
-    names = []
-    for port, proxied in ports.items():
-        name = f"{row.backend}-{port}"
-        api.create(name, proxied, f"{_upstream_host(ep)}:{port}")
-        names.append(name)
+    proxied: dict[str, str] = {}
+    for host, port in _upstreams(row, ep):
+        api.create(f"{row.backend}-{port}", proxy_port(port), f"{host}:{port}")
+        proxied[f"{host}:{port}"] = f"{HOST}:{proxy_port(port)}"
     restart: Callable[[bool], None] | None = None
     if ep.handle is not None:
         restart = lambda hard: ep.restart(hard=hard)  # noqa: E731
-    return Target(api, tuple(names), restart), ports
+    return Target(api, tuple(f"{row.backend}-{a.rsplit(':', 1)[1]}" for a in proxied), restart), proxied
 
 
-def _broker_ports(row: Row, ep: Endpoint) -> list[int]:
+def _upstreams(row: Row, ep: Endpoint) -> list[tuple[str, int]]:
+    """Where the clients would connect: the local broker's port, or the host:port in a URL from the env."""
     if ep.source == "local":
-        return [get(row.launcher).port]
+        return [(HOST, get(row.launcher).port)]
     found = re.search(r"(?:@|//|=)([\w.\-]+):(\d+)", ep.url)
     if found is None:
         pytest.skip(f"no host:port to put a proxy in front of in {ep!r}")
-    return [int(found.group(2))]
-
-
-def _upstream_host(ep: Endpoint) -> str:
-    found = re.search(r"(?:@|//|=)([\w.\-]+):(\d+)", ep.url)
-    return found.group(1) if found is not None and ep.source == "env" else HOST
+    return [(found.group(1), int(found.group(2)))]
 
 
 _SCENARIOS = [s.name for s in scenarios(0)]
@@ -270,8 +264,8 @@ async def test_fault(row: Row, scenario: str, record_property: pytest.RecordProp
         target = Target(Toxiproxy(), (), failover=failover, prepare=prepare)
         url = f"{cluster_url}{'&' if '?' in cluster_url else '?'}{row.options}"
     else:
-        target, ports = _target(row, ep)
-        url = row.url(ep, ports)
+        target, proxied = _target(row, ep)
+        url = row.url(ep, proxied)
     outcome = await run_scenario(
         row.backend,
         url,
