@@ -77,7 +77,8 @@ class Scenario:
     length: float
     needs: Literal["proxy", "restart", "failover"] = "proxy"
     describe: str = ""
-    # The consumer takes half the send rate, so a backlog is stored in the broker when the fault strikes.
+    # The consumer takes half the send rate until the fault is over, so a backlog is stored in the broker
+    # when the fault strikes.
     backlog: bool = False
 
 
@@ -156,12 +157,13 @@ async def run_scenario(
     began = time.monotonic()
 
     pace = (WARM_UP + scenario.length + TAIL) / messages
-    handling = 2 * CONCURRENCY * pace if scenario.backlog else 0.0
+    # Until the fault is over, a backlog scenario's consumer takes half the send rate (then full speed).
+    slow = [2 * CONCURRENCY * pace if scenario.backlog else 0.0]
 
     async def handle(msg: msgbus.Message[Any]) -> None:
         deliveries.add(msg.id)
-        if handling:
-            await asyncio.sleep(handling)
+        if slow[0]:
+            await asyncio.sleep(slow[0])
 
     consumer_bus = msgbus.connect(url)
     producer_bus = msgbus.connect(url)
@@ -198,9 +200,9 @@ async def run_scenario(
         await asyncio.sleep(WARM_UP)
         fault_note = await scenario.fault(target)
         healed = time.monotonic()
+        slow[0] = 0.0
         await asyncio.wait_for(asyncio.gather(*senders), timeout=recover_bound + messages * pace)
-        # A backlog drains at half the send rate: it may take as long again as the stream did.
-        deadline = max(healed, time.monotonic()) + recover_bound + (messages * pace if scenario.backlog else 0.0)
+        deadline = max(healed, time.monotonic()) + recover_bound
         while not sent <= deliveries.counts.keys() and time.monotonic() < deadline:
             deliveries.changed.clear()
             with contextlib.suppress(TimeoutError):
