@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import time
 import uuid
@@ -122,9 +123,10 @@ class _Deliveries:
         self.times.append(time.monotonic())
         self.changed.set()
 
-    def longest_pause(self) -> float:
-        gaps = [b - a for a, b in zip(self.times, self.times[1:], strict=False)]
-        return max(gaps, default=0.0)
+    def longest_pause(self, since: float) -> float:
+        """The longest time without a delivery from ``since`` (when the fault struck) to the last delivery."""
+        times = [since, *(t for t in self.times if t >= since)]
+        return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
 
 
 async def run_scenario(
@@ -155,7 +157,6 @@ async def run_scenario(
     if target.prepare is not None:
         await target.prepare(queue)
     began = time.monotonic()
-
     pace = (WARM_UP + scenario.length + TAIL) / messages
     # Until the fault is over, a backlog scenario's consumer takes half the send rate (then full speed).
     slow = [2 * CONCURRENCY * pace if scenario.backlog else 0.0]
@@ -174,10 +175,11 @@ async def run_scenario(
     run_task = asyncio.create_task(consumer.run(handle, concurrency=CONCURRENCY))
     producer = producer_bus.producer(queue)
     next_index = iter(range(messages))
+    streaming = time.monotonic()  # the stream's pace starts once everything is open
 
     async def sender() -> None:
         for i in next_index:
-            due = began + i * pace
+            due = streaming + i * pace
             await asyncio.sleep(max(0.0, due - time.monotonic()))
             msg_id = f"{run_id}-{i}"
             while True:
@@ -195,9 +197,15 @@ async def run_scenario(
 
     senders = [asyncio.create_task(sender()) for _ in range(SENDERS)]
     fault_note = ""
-    healed = began
+    healed = struck = time.monotonic()
     try:
         await asyncio.sleep(WARM_UP)
+        # The fault strikes a live stream: once deliveries have begun (a consumer may take seconds to attach).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(deliveries.changed.wait(), STOP_BOUND)
+        if not deliveries.times:
+            problems.append(f"no delivery within {STOP_BOUND:.0f}s of the stream's start, before any fault")
+        struck = time.monotonic()
         fault_note = await scenario.fault(target)
         healed = time.monotonic()
         slow[0] = 0.0
@@ -259,7 +267,7 @@ async def run_scenario(
         lost=lost,
         duplicates=len(deliveries.times) - len(deliveries.counts),
         raised=n_raised,
-        recovery=round(deliveries.longest_pause(), 2),
+        recovery=round(deliveries.longest_pause(struck), 2),
         elapsed=round(time.monotonic() - began, 1),
         detail=detail,
         fault=fault_note,
