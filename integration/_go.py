@@ -1,12 +1,14 @@
 """Programs the integration tests build from Go sources in this repo (pstest, Toxiproxy), with ``go build``.
 
 Each lives in its own folder under ``integration/`` with a ``go.mod`` and ``go.sum`` that pin every module; the
-binary goes into ``integration/.cache/<name>/`` (gitignored) and is rebuilt when a source file is newer. Go
-modules come from the Go module proxy through ``go`` itself.
+binary goes into ``integration/.cache/<folder>/`` (gitignored; ``$MSGBUS_TEST_CACHE_DIR`` overrides the root)
+and is rebuilt when the sources' hash (kept beside it) changes. Go modules come from the Go module proxy
+through ``go`` itself.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -45,13 +47,27 @@ class GoProgram:
         """Where ``go build`` puts the program."""
         return cache_root() / self.folder / self.name
 
+    @property
+    def _stamp(self) -> Path:
+        return self.binary.with_name(self.binary.name + ".sources")
+
+    def _digest(self) -> str:
+        """A hash of the Go sources, so a binary built from the same sources is current in any clone or worktree
+        (file times differ between checkouts)."""
+        digest = hashlib.sha256()
+        for path in sorted(p for p in self.source.iterdir() if p.suffix in (".go", ".mod", ".sum")):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+        return digest.hexdigest()
+
     def up_to_date(self) -> bool:
-        """True when the built program exists and is newer than every Go source file of its folder."""
+        """True when the built program exists and was built from the Go sources as they are now."""
         if not self.binary.exists():
             return False
+        if self._stamp.exists():
+            return self._stamp.read_text().strip() == self._digest()
+        # Built before stamps were written: current when newer than every source file.
         stamp = self.binary.stat().st_mtime
-        sources = [p for p in self.source.iterdir() if p.suffix in (".go", ".mod", ".sum")]
-        return all(p.stat().st_mtime <= stamp for p in sources)
+        return all(p.stat().st_mtime <= stamp for p in self.source.iterdir() if p.suffix in (".go", ".mod", ".sum"))
 
     def build(self) -> float:
         """``go build`` the program into the cache folder; returns the seconds it took."""
@@ -81,6 +97,7 @@ class GoProgram:
             output = (done.stdout + done.stderr).strip().splitlines()[-20:]
             raise LauncherError(f"{self.name}: `go build` in integration/{self.folder} failed:\n" + "\n".join(output))
         tmp.replace(self.binary)
+        self._stamp.write_text(self._digest())
         took = time.monotonic() - began
         progress(f"{self.name}: built in {took:.1f}s")
         return took
