@@ -203,7 +203,7 @@ class ProxiedKafka(Kafka):
 
     A Kafka client bootstraps, then connects to the addresses the metadata advertises; to keep every byte
     going through the proxy, the EXTERNAL listener (19092, where the proxy forwards) advertises the proxy's
-    port (39092). The INTERNAL listener (19094) advertises itself, for the broker and the readiness probe.
+    port (30092). The INTERNAL listener (19094) advertises itself, for the broker and the readiness probe.
     """
 
     name = "kafka-proxied"

@@ -20,11 +20,13 @@ from ._launchers import HOST, LocalBroker, register
 
 SERVER = GoProgram("toxiproxy-server", "toxiproxy", "github.com/Shopify/toxiproxy/v2/cmd/server")
 API_PORT = 8474
-PROXY_BASE = 30000  # the proxy for a broker's port P listens on PROXY_BASE + P % 10000
+# The proxy for broker port P listens on PROXY_BASE + P % 10000: 21000-30999, below Linux's ephemeral ports
+# (32768-60999), which clients' own connections take (a proxy on 35682 once found its port in use).
+PROXY_BASE = 21000
 
 
 def proxy_port(port: int) -> int:
-    """The port the failure suite's proxy for broker port ``port`` listens on (5672 -> 35672)."""
+    """The port the failure suite's proxy for broker port ``port`` listens on (5672 -> 26672)."""
     return PROXY_BASE + port % 10000
 
 
