@@ -16,6 +16,7 @@ help:
 	@echo "make lint          ruff + mypy only"
 	@echo "make matrix        render docs/capabilities.md from the latest contract runs"
 	@echo "make brokers       start the local test brokers; make brokers-stop stops them"
+	@echo "make chaos         the failure suite at full volume, then docs/reliability.md"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,10 +54,11 @@ unit: $(VENV)/.dev
 INTEGRATION_RERUNS ?= --reruns 1 --reruns-delay 5
 integration: $(VENV)/.dev
 	$(MAKE) brokers || echo "make: some brokers did not start; their tests skip unless MSGBUS_REQUIRE_BACKENDS names them"
-	@status=0; for t in integration/test_*.py $(foreach a,$(ADAPTER_DIRS),$(a)/tests); do \
+	@status=0; for t in $(filter-out integration/test_chaos.py,$(wildcard integration/test_*.py)) \
+			$(foreach a,$(ADAPTER_DIRS),$(a)/tests); do \
 		echo "== pytest $$t"; \
 		$(BIN)/python -m pytest --import-mode=importlib $(INTEGRATION_RERUNS) $$t $(PYTEST_ARGS) || status=1; \
-	done; exit $$status
+	done; $(MAKE) chaos-ci || status=1; exit $$status
 
 test: lint unit integration
 
@@ -68,3 +70,4 @@ clean:
 
 -include mk/brokers.mk
 -include mk/bench.mk
+-include mk/chaos.mk

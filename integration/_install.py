@@ -14,11 +14,17 @@ from pathlib import Path
 from ._process import progress
 
 _POLICY_RC = Path("/usr/sbin/policy-rc.d")
+_DEFAULT_CACHE = Path(__file__).resolve().parent / ".cache"
 _apt_updated = False
 
 
 class InstallError(RuntimeError):
     """A package a broker needs is missing and could not be installed here."""
+
+
+def cache_root() -> Path:
+    """Where downloaded jars and built programs are kept: ``$MSGBUS_TEST_CACHE_DIR`` or ``integration/.cache``."""
+    return Path(os.environ.get("MSGBUS_TEST_CACHE_DIR") or _DEFAULT_CACHE)
 
 
 def apt_installed(package: str) -> bool:

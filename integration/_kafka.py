@@ -13,7 +13,6 @@ import asyncio
 import base64
 import importlib.util
 import logging
-import os
 import re
 import shutil
 import socket
@@ -25,19 +24,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import ClassVar
 
-from ._install import InstallError, apt_install
+from ._install import InstallError, apt_install, cache_root
 from ._launchers import HOST, LauncherError, LocalBroker
 from ._process import progress
 
 _HERE = Path(__file__).resolve().parent
 POM = _HERE / "kafka" / "pom.xml"
-_DEFAULT_CACHE = _HERE / ".cache"
 _TIMEOUT = 5.0
-
-
-def cache_root() -> Path:
-    """Where resolved jars are kept: ``$MSGBUS_TEST_CACHE_DIR`` or ``integration/.cache``."""
-    return Path(os.environ.get("MSGBUS_TEST_CACHE_DIR") or _DEFAULT_CACHE)
 
 
 def kafka_version() -> str:
@@ -127,28 +120,25 @@ class Kafka(LocalBroker):
     def argv(self) -> list[str]:
         return self._java("kafka.Kafka", str(self.dir / "server.properties"), heap=self.heap)
 
-    def prepare(self) -> None:
-        data = self.dir / "data"
-        (self.dir / "server.properties").write_text(
-            "process.roles=broker,controller\n"
+    def node_config(self) -> str:
+        """The lines that place this node: its id, the controller quorum, its listeners, replication defaults."""
+        return (
             "node.id=1\n"
             f"controller.quorum.voters=1@{HOST}:{self.controller_port}\n"
             f"listeners=PLAINTEXT://{HOST}:{self.port},CONTROLLER://{HOST}:{self.controller_port}\n"
             f"advertised.listeners=PLAINTEXT://{HOST}:{self.port}\n"
-            "controller.listener.names=CONTROLLER\n"
             "inter.broker.listener.name=PLAINTEXT\n"
-            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT\n"
+            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT\n" + replication(1, 1)
+        )
+
+    def prepare(self) -> None:
+        data = self.dir / "data"
+        (self.dir / "server.properties").write_text(
+            "process.roles=broker,controller\n" + self.node_config() + "controller.listener.names=CONTROLLER\n"
             f"log.dirs={data}\n"
             "auto.create.topics.enable=false\n"
             "num.partitions=1\n"
-            "default.replication.factor=1\n"
-            "min.insync.replicas=1\n"
-            "offsets.topic.replication.factor=1\n"
             "offsets.topic.num.partitions=8\n"
-            "transaction.state.log.replication.factor=1\n"
-            "transaction.state.log.min.isr=1\n"
-            "share.coordinator.state.topic.replication.factor=1\n"
-            "share.coordinator.state.topic.min.isr=1\n"
             # Groups form at once, and tests may use short sessions so a killed consumer is noticed quickly.
             "group.initial.rebalance.delay.ms=0\n"
             "group.min.session.timeout.ms=1000\n"
@@ -175,11 +165,15 @@ class Kafka(LocalBroker):
         if not (data / "meta.properties").exists():
             self._format(data)
 
+    def cluster_id(self) -> str:
+        """The id storage is formatted with: a new one (a cluster's nodes share theirs)."""
+        return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
     def _format(self, data: Path) -> None:
         """Format KRaft storage once (``kafka-storage.sh format``): a new cluster id, this node as voter."""
         if data.exists():
             shutil.rmtree(data)
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = self.cluster_id()
         argv = self._java(
             "kafka.tools.StorageTool",
             # "--cluster-id=ID": a base64url id may start with "-", which argparse would read as an option.
@@ -189,6 +183,52 @@ class Kafka(LocalBroker):
         done = subprocess.run(argv, capture_output=True, text=True, check=False, cwd=self.dir)
         if done.returncode != 0:
             raise LauncherError(f"kafka: formatting storage failed:\n{(done.stdout + done.stderr)[-2000:]}")
+
+
+def replication(factor: int, min_isr: int) -> str:
+    """Broker defaults for new topics and the internal ones: ``factor`` copies, ``min_isr`` in sync to write."""
+    return (
+        f"default.replication.factor={factor}\n"
+        f"min.insync.replicas={min_isr}\n"
+        f"offsets.topic.replication.factor={factor}\n"
+        f"transaction.state.log.replication.factor={factor}\n"
+        f"transaction.state.log.min.isr={min_isr}\n"
+        f"share.coordinator.state.topic.replication.factor={factor}\n"
+        f"share.coordinator.state.topic.min.isr={min_isr}\n"
+    )
+
+
+class ProxiedKafka(Kafka):
+    """A second single-node Kafka for the failure suite, whose client listener is advertised at Toxiproxy's port.
+
+    A Kafka client bootstraps, then connects to the addresses the metadata advertises; to keep every byte
+    going through the proxy, the EXTERNAL listener (19092, where the proxy forwards) advertises the proxy's
+    port (30092). The INTERNAL listener (19094) advertises itself, for the broker and the readiness probe.
+    """
+
+    name = "kafka-proxied"
+    port = 19092
+    controller_port = 19093
+    internal_port: ClassVar[int] = 19094
+    extra_ports = (controller_port, internal_port)
+    heap = "384m"
+
+    def node_config(self) -> str:
+        from ._toxiproxy import proxy_port
+
+        return (
+            "node.id=1\n"
+            f"controller.quorum.voters=1@{HOST}:{self.controller_port}\n"
+            f"listeners=EXTERNAL://{HOST}:{self.port},INTERNAL://{HOST}:{self.internal_port},"
+            f"CONTROLLER://{HOST}:{self.controller_port}\n"
+            f"advertised.listeners=EXTERNAL://{HOST}:{proxy_port(self.port)},INTERNAL://{HOST}:{self.internal_port}\n"
+            "inter.broker.listener.name=INTERNAL\n"
+            "listener.security.protocol.map=EXTERNAL:PLAINTEXT,INTERNAL:PLAINTEXT,CONTROLLER:PLAINTEXT\n"
+            + replication(1, 1)
+        )
+
+    def probe_for(self, host: str, port: Callable[[int], int]) -> str | None:
+        return probe(host, port(self.internal_port))
 
 
 def probe(host: str, port: int) -> str | None:

@@ -455,13 +455,13 @@ class NATS(LocalBroker):
 class Moto(LocalBroker):
     """moto's server (SQS and SNS) from PyPI, run by this interpreter through ``integration/_moto.py``.
 
-    That wrapper serialises requests (moto's backends are not thread-safe) and snapshots the state on a
-    graceful stop, so ``restart()`` keeps queues and messages; ``restart(hard=True)`` (a kill) loses them.
+    That wrapper serialises requests (moto's backends are not thread-safe), snapshots the state and journals
+    every message change before replying, so ``restart()``, even ``restart(hard=True)`` (a kill), keeps
+    queues, subscriptions and messages.
     """
 
     name = "sqs"
     port = 4566
-    persistent = False
     start_timeout = 60.0
     env_vars = ("AWS_ENDPOINT_URL_SQS",)
     image = "motoserver/moto:latest"
@@ -497,9 +497,10 @@ class Moto(LocalBroker):
 
 
 # Apache Kafka (KRaft, jars from Maven Central): implemented in its own module, which needs LocalBroker above.
-from ._kafka import Kafka  # noqa: E402
+from ._kafka import Kafka, ProxiedKafka  # noqa: E402
 
 register(Kafka)
+register(ProxiedKafka)
 
 
 # Google's pstest Pub/Sub fake wrapped in a small Go program (integration/pstest/), built by go on first start.
@@ -508,5 +509,11 @@ from ._pubsub import PubSubBroker as PubSub  # noqa: E402 - it subclasses LocalB
 register(PubSub)
 
 
-# The Service Bus test broker launcher lives in its own module, which registers itself.
-from . import _servicebus  # noqa: E402, F401
+# The Service Bus test broker and Toxiproxy (the failure suite's fault-injecting proxy) launchers live in their
+# own modules, which register themselves.
+# The failure suite's clusters (3 RabbitMQ nodes, 3 Kafka brokers), built from the launchers above.
+from . import (  # noqa: E402, F401
+    _clusters,
+    _servicebus,
+    _toxiproxy,
+)

@@ -14,23 +14,30 @@
    spins while the only visible messages are held back by their groups. Here each look at the queue is a
    fresh one, and a waiting poll sleeps until the queue changes or a message's visibility/delay ends
    (see "long polls" below).
-3. **State survives a graceful restart.** moto keeps everything in memory. On SIGTERM/SIGINT the SQS and
-   SNS backends (queues, messages with their visibility, topics, subscriptions) are pickled to ``FILE``,
-   and loaded from it at start. A kill (SIGKILL) loses everything since the last graceful stop, as moto
-   itself would.
+3. **State survives a restart, even a SIGKILL, as on SQS.** moto keeps everything in memory. Here the SQS
+   and SNS backends are pickled to ``FILE`` (a snapshot) on SIGTERM/SIGINT and after every request that
+   changes topology (queues, topics, subscriptions, attributes); every message stored, received (its receive
+   count: redrive depends on it), deleted or purged is appended to a journal beside it (``FILE.journal``)
+   before the reply. At start the snapshot is loaded and the journal replayed over it. Visibility is not
+   kept: a message in flight when the server stopped is visible again, with its receive count.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import copyreg
+import io
 import itertools
+import json
 import logging
 import os
 import pickle
+import re
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -42,7 +49,7 @@ from moto.moto_server.werkzeug_app import (
 )
 from moto.sns.models import sns_backends
 from moto.sqs import models as sqs_models
-from moto.sqs.models import Queue, SQSBackend, sqs_backends
+from moto.sqs.models import Message, Queue, SQSBackend, sqs_backends
 from werkzeug.serving import make_server
 
 _LOCK = threading.Lock()
@@ -97,6 +104,9 @@ def _delete_message_batch(
             done.update(hits)
         else:
             kept.append(message)
+    if _journal is not None and len(kept) < len(queue._messages):
+        keep = {id(m) for m in kept}
+        _journal.write("del", queue, ids=[m.id for m in queue._messages if id(m) not in keep])
     queue._messages = kept
     _notify(queue)
     success = [i for h, i in wanted.items() if h in done]
@@ -204,50 +214,201 @@ Queue.add_message = _notifying(Queue.add_message)  # type: ignore[method-assign]
 Queue.delete_message = _notifying(Queue.delete_message)  # type: ignore[method-assign]
 
 
-def serialised(app: Any) -> Any:
-    """The WSGI ``app`` with every request handled under the lock."""
+# -- durability -----------------------------------------------------------------------------------------
+# Requests that change only messages (journaled by the hooks below) or nothing; any other request changes
+# topology and is followed by a snapshot. SQS speaks JSON (X-Amz-Target), SNS the query protocol (Action=).
+_MESSAGE_ACTIONS = frozenset(
+    [
+        "SendMessage",
+        "SendMessageBatch",
+        "ReceiveMessage",
+        "DeleteMessage",
+        "DeleteMessageBatch",
+        "ChangeMessageVisibility",
+        "ChangeMessageVisibilityBatch",
+        "PurgeQueue",
+        "Publish",
+        "PublishBatch",
+    ]
+)
+_READ_ACTIONS = ("Get", "List")
+
+
+class Journal:
+    """Message changes as JSON lines, one ``os.write`` each: in the kernel before the reply is sent."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.replaying = False
+
+    def write(self, op: str, queue: Queue, **fields: Any) -> None:
+        if not self.replaying:
+            entry = {"op": op, "a": queue.account_id, "r": queue.region, "q": queue.name, **fields}
+            os.write(self._fd, json.dumps(entry, separators=(",", ":")).encode() + b"\n")
+
+    def restart(self, epoch: str) -> None:
+        """Empty the journal and name the snapshot it follows."""
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, json.dumps({"op": "epoch", "id": epoch}).encode() + b"\n")
+
+
+_journal: Journal | None = None
+
+
+def _journaled_add(method: Any) -> Any:
+    def add(self: Queue, message: Message) -> None:
+        method(self, message)
+        if _journal is not None and self._messages and self._messages[-1] is message:  # not a FIFO duplicate
+            _journal.write("add", self, m=base64.b64encode(pickle.dumps(message)).decode())
+
+    return add
+
+
+def _journaled_delete(method: Any) -> Any:
+    def delete(self: Queue, receipt_handle: str) -> None:
+        gone = [m.id for m in self._messages if m.had_receipt_handle(receipt_handle)]
+        method(self, receipt_handle)
+        if _journal is not None and gone:
+            _journal.write("del", self, ids=gone)
+
+    return delete
+
+
+def _journaled_receive(method: Any) -> Any:
+    def receive(self: SQSBackend, queue_name: str, *args: Any, **kwargs: Any) -> list[Any]:
+        found: list[Any] = method(self, queue_name, *args, **kwargs)
+        if _journal is not None and found:
+            _journal.write("recv", self.get_queue(queue_name), ids=[m.id for m in found])
+        return found
+
+    return receive
+
+
+def _journaled_purge(method: Any) -> Any:
+    def purge(self: SQSBackend, queue_name: str) -> None:
+        method(self, queue_name)
+        if _journal is not None:
+            _journal.write("purge", self.get_queue(queue_name))
+
+    return purge
+
+
+Queue.add_message = _journaled_add(Queue.add_message)  # type: ignore[method-assign]
+Queue.delete_message = _journaled_delete(Queue.delete_message)  # type: ignore[method-assign]
+SQSBackend.receive_message = _journaled_receive(SQSBackend.receive_message)  # type: ignore[method-assign]
+SQSBackend.purge_queue = _journaled_purge(SQSBackend.purge_queue)  # type: ignore[method-assign]
+
+
+def _action(environ: dict[str, Any]) -> str:
+    """The request's action (reading, then restoring, a form body for the query protocol)."""
+    target = environ.get("HTTP_X_AMZ_TARGET")
+    if target:
+        return str(target).rsplit(".", 1)[-1]
+    length = int(environ.get("CONTENT_LENGTH") or 0)
+    body = environ["wsgi.input"].read(length) if length else b""
+    environ["wsgi.input"] = io.BytesIO(body)
+    query = environ.get("QUERY_STRING", "").encode()
+    found = re.search(rb"(?:^|&)Action=([A-Za-z]+)", body) or re.search(rb"(?:^|&)Action=([A-Za-z]+)", query)
+    return found.group(1).decode() if found else ""
+
+
+def serialised(app: Any, state: Path | None = None) -> Any:
+    """The WSGI ``app`` with every request handled under the lock; a topology change is snapshotted to ``state``
+    before its reply is sent."""
 
     def handle(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         global _generation
         with _LOCK:
             _generation = next(_requests)
-            return list(app(environ, start_response))
+            action = _action(environ) if state is not None else ""
+            body = list(app(environ, start_response))
+            if state is not None and action not in _MESSAGE_ACTIONS and not action.startswith(_READ_ACTIONS):
+                save(state)
+            return body
 
     return handle
 
 
-def load(path: Path) -> None:
-    """Put the saved SQS and SNS state (if any) into moto's live backends."""
+def load(path: Path) -> str | None:
+    """Put the saved SQS and SNS state (if any) into moto's live backends; returns the snapshot's epoch."""
     if not path.exists():
-        return
+        return None
     with path.open("rb") as f:
         saved = pickle.load(f)
     for live, name in ((sqs_backends, "sqs"), (sns_backends, "sns")):
         live.clear()
         live.update(saved[name])
+    epoch = saved.get("epoch")
+    return str(epoch) if epoch is not None else None
+
+
+def replay(path: Path, epoch: str | None) -> int:
+    """Apply the journal beside snapshot ``path`` if it follows that snapshot; returns the entries applied."""
+    journal = path.with_suffix(".journal")
+    if not journal.exists():
+        return 0
+    lines = journal.read_text().splitlines()
+    if not lines or json.loads(lines[0]) != {"op": "epoch", "id": epoch}:
+        return 0  # a journal from before the snapshot: already in it
+    applied = 0
+    for line in lines[1:]:
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill was never answered for
+        queue = sqs_backends[e["a"]][e["r"]].queues.get(e["q"])
+        if queue is None:
+            continue
+        if e["op"] == "add":
+            message = pickle.loads(base64.b64decode(e["m"]))
+            for source in sqs_backends[e["a"]][e["r"]].queues.values():  # a redrive moved it from its source
+                if source.dead_letter_queue is queue:
+                    source._messages = [m for m in source._messages if m.id != message.id]
+            queue._messages.append(message)
+        elif e["op"] == "recv":
+            for message in queue._messages:
+                if message.id in e["ids"]:
+                    message.approximate_receive_count += 1
+        elif e["op"] == "del":
+            queue._messages = [m for m in queue._messages if m.id not in e["ids"]]
+        elif e["op"] == "purge":
+            queue._messages = []
+        applied += 1
+    return applied
 
 
 def save(path: Path) -> None:
-    """Write the SQS and SNS state atomically (a crash mid-write leaves the previous snapshot)."""
+    """Write the SQS and SNS state atomically (a crash mid-write leaves the previous snapshot), then start an
+    empty journal that follows it."""
+    epoch = uuid.uuid4().hex
     tmp = path.with_suffix(".tmp")
     with tmp.open("wb") as f:
-        pickle.dump({"sqs": sqs_backends, "sns": sns_backends}, f, protocol=pickle.HIGHEST_PROTOCOL)
+        pickle.dump({"sqs": sqs_backends, "sns": sns_backends, "epoch": epoch}, f, protocol=pickle.HIGHEST_PROTOCOL)
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(path)
+    if _journal is not None:
+        _journal.restart(epoch)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("-H", "--host", default="127.0.0.1")
     parser.add_argument("-p", "--port", type=int, default=4566)
-    parser.add_argument("--state", type=Path, required=True, help="snapshot file, loaded at start, saved at stop")
+    parser.add_argument("--state", type=Path, required=True, help="snapshot file; a journal goes beside it")
     args = parser.parse_args(argv)
     os.environ.setdefault("MOTO_PORT", str(args.port))
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request in broker.log
-    load(args.state)
+    global _journal
+    applied = replay(args.state, load(args.state))
+    _journal = Journal(args.state.with_suffix(".journal"))
+    save(args.state)  # compacted: the snapshot now holds what the journal said
+    logging.getLogger("msgbus.moto").warning("state loaded, %d journal entries replayed", applied)
     app = DomainDispatcherApplication(create_backend_app)
-    server = make_server(args.host, args.port, serialised(app), threaded=True, request_handler=MotoRequestHandler)
+    server = make_server(
+        args.host, args.port, serialised(app, args.state), threaded=True, request_handler=MotoRequestHandler
+    )
     server.daemon_threads = True  # type: ignore[attr-defined]
 
     def stop(_signum: int, _frame: object) -> None:

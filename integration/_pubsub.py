@@ -10,77 +10,19 @@ come from the Go module proxy through ``go`` itself.
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
 import socket
-import subprocess
-import time
 from collections.abc import Callable
-from pathlib import Path
 
-from ._launchers import HOST, LauncherError, LocalBroker
-from ._process import progress
+from ._go import GoProgram
+from ._launchers import HOST, LocalBroker
 
-SOURCE = Path(__file__).resolve().parent / "pstest"
-CACHE = Path(__file__).resolve().parent / ".cache" / "pstest"
 PROJECT = "msgbus-test"
-_GO_SEARCH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/go/bin", "/usr/lib/go/bin"])
 _PROBE_TIMEOUT = 3.0
-
-
-def go() -> str | None:
-    """The ``go`` command, or None when this machine has no Go toolchain."""
-    return shutil.which("go", path=_GO_SEARCH)
-
-
-def binary() -> Path:
-    """Where ``go build`` puts the server."""
-    return CACHE / "pstest-server"
-
-
-def _sources() -> list[Path]:
-    return [SOURCE / name for name in ("main.go", "go.mod", "go.sum")]
-
-
-def up_to_date() -> bool:
-    """True when the built server exists and is newer than every Go source file."""
-    built = binary()
-    if not built.exists():
-        return False
-    stamp = built.stat().st_mtime
-    return all(not src.exists() or src.stat().st_mtime <= stamp for src in _sources())
-
-
-def build() -> float:
-    """``go build`` the server into the cache folder; returns the seconds it took."""
-    tool = go()
-    if tool is None:
-        raise LauncherError(
-            "pubsub: building the pstest server needs Go >= 1.26 (`go` on PATH or in /usr/local/go/bin); "
-            "or set PUBSUB_EMULATOR_HOST / MSGBUS_TEST_PUBSUB_URL to an emulator you run"
-        )
-    CACHE.mkdir(parents=True, exist_ok=True)
-    began = time.monotonic()
-    progress(f"pubsub: go build {SOURCE.name} -> {binary()} (first build downloads Go modules)")
-    env = {**os.environ, "GOFLAGS": "-mod=mod", "CGO_ENABLED": "0"}
-    env.setdefault("GOTOOLCHAIN", "local")
-    tmp = binary().with_suffix(".tmp")
-    done = subprocess.run(
-        [tool, "build", "-trimpath", "-o", str(tmp), "."],
-        cwd=SOURCE,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=900,
-    )
-    if done.returncode != 0:
-        output = (done.stdout + done.stderr).strip().splitlines()[-20:]
-        raise LauncherError("pubsub: `go build` of integration/pstest failed:\n" + "\n".join(output))
-    tmp.replace(binary())
-    took = time.monotonic() - began
-    progress(f"pubsub: built in {took:.1f}s")
-    return took
+SERVER = GoProgram(
+    "pstest-server",
+    "pstest",
+    otherwise="; or set PUBSUB_EMULATOR_HOST / MSGBUS_TEST_PUBSUB_URL to an emulator you run",
+)
 
 
 def probe(host: str, port: int) -> str | None:
@@ -133,11 +75,11 @@ class PubSubBroker(LocalBroker):
         return probe(host, port(self.port))
 
     def executable(self) -> str | None:
-        return str(binary()) if up_to_date() else None
+        return str(SERVER.binary) if SERVER.up_to_date() else None
 
     def install(self) -> None:
-        build()
+        SERVER.build()
 
     def argv(self) -> list[str]:
         # The journal makes topics, subscriptions and unacked messages survive restart(hard=True).
-        return [str(binary()), "-addr", f"{HOST}:{self.port}", "-journal", str(self.dir / "journal.jsonl")]
+        return [str(SERVER.binary), "-addr", f"{HOST}:{self.port}", "-journal", str(self.dir / "journal.jsonl")]

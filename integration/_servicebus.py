@@ -4,8 +4,8 @@ emulator in containers where a Docker daemon answers.
 The test broker is an AMQP 1.0 server on python-qpid-proton that speaks the Service Bus dialect the
 azure-servicebus SDK expects (see integration/sbbroker/README.md for what it does and does not prove).
 It runs with this interpreter on 127.0.0.1:5682 (5672 is RabbitMQ's), keeps its state in
-``<state dir>/servicebus/state.json`` across a graceful restart, and checks token signatures against a
-fixed test key.
+``<state dir>/servicebus/state.json`` and a journal beside it (``state.journal``), so a restart, even after a
+SIGKILL, keeps everything it acknowledged, and checks token signatures against a fixed test key.
 """
 
 from __future__ import annotations

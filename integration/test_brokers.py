@@ -249,18 +249,32 @@ def test_cli_start_keeps_the_broker_for_later_runs(tmp_path: Path) -> None:
 
 
 def test_moto_server_lifecycle(tmp_path: Path) -> None:
-    """moto (SQS/SNS) starts, is idempotent, restarts (in memory: its data does not persist), and stops."""
+    """moto (SQS/SNS) starts, is idempotent, keeps what it acknowledged across a kill (its journal), and stops."""
+    import botocore.session
+
     moto = isolated("sqs", tmp_path)
-    assert moto.persistent is False
+    assert moto.persistent is True
     assert moto.url == f"sqs://us-east-1?endpoint_url=http://127.0.0.1:{moto.port}"
     try:
         assert moto.start() is True
         first = moto.running()
         assert first is not None and moto.ready() is None
         assert moto.start() is False
-        moto.restart()
+        sqs = botocore.session.get_session().create_client(
+            "sqs",
+            region_name="us-east-1",
+            endpoint_url=f"http://127.0.0.1:{moto.port}",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+        queue = sqs.create_queue(QueueName="kept")["QueueUrl"]
+        sqs.send_message(QueueUrl=queue, MessageBody="stored before the kill")
+        moto.restart(hard=True)
         second = moto.running()
         assert second is not None and second.pid != first.pid and moto.ready() is None
+        got = sqs.receive_message(QueueUrl=queue, WaitTimeSeconds=1).get("Messages", [])
+        assert [m["Body"] for m in got] == ["stored before the kill"]
+        sqs.close()
     finally:
         assert moto.stop() is True
     assert moto.running() is None

@@ -1,9 +1,8 @@
 """The shipped contract suite against SQS/SNS: moto's server on 127.0.0.1:4566 (or MSGBUS_TEST_SQS_URL).
 
-The local endpoint is ``integration/_moto.py``: moto with requests serialised and its state snapshotted
-on a graceful stop, so the reconnect check restarts it gracefully and every message sent before the
-restart must still arrive (a kill would lose moto's in-memory state: that is the emulator's limit, not
-the adapter's, and SQS itself is never restarted by its users).
+The local endpoint is ``integration/_moto.py``: moto with requests serialised and its state snapshotted and
+journaled, so the reconnect check's restart keeps every message sent before it (the failure suite,
+integration/test_chaos.py, also kills it mid-stream).
 
 Standard queues only: with ``fifo=true`` the per-key ordering check passes, but the full suite is not yet
 green on moto (see docs/adapters/sqs.md, "FIFO"), so there is no FIFO class here and no ordering claim.

@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m integration.sbbroker", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=5682)
-    parser.add_argument("--state", type=Path, help="JSON file the state is loaded from and saved to on SIGTERM")
+    parser.add_argument("--state", type=Path, help="JSON snapshot; changes go to a journal beside it (FILE.journal)")
     parser.add_argument("--lock-duration", type=float, default=30.0, help="seconds (every entity)")
     parser.add_argument("--key-name", help="SharedAccessKeyName to accept (with --key-file)")
     parser.add_argument("--key-file", type=Path, help="file holding the SharedAccessKey that signs tokens")
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     store = Store(args.lock_duration)
     if args.state is not None:
-        store.load(args.state)
+        store.open(args.state)  # the snapshot, the journal replayed over it; changes journaled from now on
     key = args.key_file.read_text().strip() if args.key_file else None
     broker = Broker(store, args.key_name, key, args.state)
 
@@ -38,7 +38,11 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     logging.getLogger("sbbroker").info(
-        "listening on %s:%d (lock duration %.1fs)", args.host, args.port, args.lock_duration
+        "listening on %s:%d (lock duration %.1fs, %d journal entries replayed)",
+        args.host,
+        args.port,
+        args.lock_duration,
+        store.replayed,
     )
     serve(args.host, args.port, broker)
 

@@ -205,8 +205,8 @@ class Broker(Handler):
         if peek_lock:
             dlv.sb_token = token
         else:
+            self.store.remove(mq, msg)
             dlv.settle()
-            del mq.messages[msg.seq]
 
     def _settlement(self, dlv: Delivery) -> None:
         token = getattr(dlv, "sb_token", None)

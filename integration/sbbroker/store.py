@@ -5,6 +5,13 @@ into every subscription (plain fan-out, no rules). Every message queue has a ``$
 An entity first named by a sender is *undetermined*: it keeps messages like a queue until a receiver
 decides its kind (a subscription receiver makes it a topic and drops them, as a topic without
 subscriptions would have).
+
+Durability, as the service keeps it: every change a client is answered for (an entity or subscription made,
+a message stored or scheduled, completed, dead-lettered, deferred, or its delivery count raised) is appended
+to a journal (``Journal``) before the broker replies, straight to the kernel, so a killed broker loses
+nothing it acknowledged. At start the last snapshot is loaded and the journal replayed over it; a graceful
+stop writes a fresh snapshot and empties the journal. Locks are not kept: a message locked when the broker
+stopped is available again, with the delivery count it had.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import base64
 import heapq
 import json
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -69,14 +77,42 @@ class Entity:
     scheduled: list[tuple[float, int, bytes]] = field(default_factory=list)  # heap (due, seq, raw)
 
 
+class Journal:
+    """Append-only JSON lines, one ``os.write`` per change: in the kernel before the client's answer is sent."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def write(self, entry: dict[str, Any]) -> None:
+        os.write(self._fd, json.dumps(entry, separators=(",", ":")).encode() + b"\n")
+
+    def truncate(self) -> None:
+        """Empty the journal (its content is in a snapshot now)."""
+        os.ftruncate(self._fd, 0)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
 class Store:
-    """Every entity, the sequence counter and the lock table; loads and saves itself as JSON."""
+    """Every entity, the sequence counter and the lock table; snapshots itself as JSON and journals changes."""
 
     def __init__(self, lock_duration: float) -> None:
         self.lock_duration = lock_duration
         self.entities: dict[str, Entity] = {}
         self.locks: dict[uuid.UUID, tuple[MessageQueue, Stored]] = {}
         self.seq = 0
+        self.journal: Journal | None = None
+        self.replayed = 0  # journal entries replayed at the last open()
+
+    def _log(self, op: str, **fields: Any) -> None:
+        if self.journal is not None:
+            self.journal.write({"op": op, **fields})
 
     # --- addressing ---
 
@@ -87,17 +123,31 @@ class Store:
         """
         ent = self.entities.get(name)
         if ent is None:
-            ent = Entity(name, kind or "undetermined")
-            if ent.kind != "topic":
-                ent.queue = MessageQueue(name)
-            self.entities[name] = ent
+            ent = self._create(name, kind or "undetermined")
+            self._log("entity", name=name, kind=ent.kind)
         elif kind is not None and ent.kind == "undetermined":
-            ent.kind = kind
-            if kind == "topic":
-                ent.queue = None  # published before any subscription existed: nobody gets those
+            self._settle(ent, kind)
+            self._log("entity", name=name, kind=kind)
         elif kind is not None and ent.kind != kind:
             raise LookupError(f"'{name}' is a {ent.kind}, not a {kind}")
         return ent
+
+    def _create(self, name: str, kind: Literal["queue", "topic", "undetermined"]) -> Entity:
+        ent = Entity(name, kind)
+        if kind != "topic":
+            ent.queue = MessageQueue(name)
+        self.entities[name] = ent
+        return ent
+
+    @staticmethod
+    def _settle(ent: Entity, kind: Literal["queue", "topic"]) -> None:
+        ent.kind = kind
+        if kind == "topic":
+            ent.queue = None  # published before any subscription existed: nobody gets those
+
+    def _subscription(self, ent: Entity, name: str) -> MessageQueue:
+        mq = ent.subscriptions[name] = MessageQueue(f"{ent.name}/Subscriptions/{name}")
+        return mq
 
     def message_queue(self, path: str) -> MessageQueue:
         """The message queue for a receiver path: ``q``, ``t/Subscriptions/s``, either ``/$DeadLetterQueue``."""
@@ -109,7 +159,8 @@ class Store:
             ent = self.entity(parts[0], "topic")
             mq = ent.subscriptions.get(parts[2])
             if mq is None:
-                mq = ent.subscriptions[parts[2]] = MessageQueue(f"{parts[0]}/Subscriptions/{parts[2]}")
+                mq = self._subscription(ent, parts[2])
+                self._log("sub", topic=ent.name, name=parts[2])
         elif len(parts) == 1 and parts[0]:
             mq = self.entity(parts[0], "queue").queue
             assert mq is not None
@@ -131,16 +182,20 @@ class Store:
         seq = seq if seq is not None else self.next_seq()
         now = time.time()
         targets = list(ent.subscriptions.values()) if ent.kind == "topic" else [ent.queue] if ent.queue else []
+        if targets:
+            self._log("enq", paths=[mq.path for mq in targets], seq=seq, raw=_b64(raw), at=now)
         for mq in targets:
             mq.add(Stored(seq, raw, now))
         return targets
 
     def schedule(self, ent: Entity, raw: bytes, due: float) -> int:
         seq = self.next_seq()
+        self._log("sched", name=ent.name, seq=seq, raw=_b64(raw), due=due)
         heapq.heappush(ent.scheduled, (due, seq, raw))
         return seq
 
     def cancel(self, ent: Entity, seqs: set[int]) -> None:
+        self._log("unsched", name=ent.name, seqs=sorted(seqs))
         ent.scheduled = [item for item in ent.scheduled if item[1] not in seqs]
         heapq.heapify(ent.scheduled)
 
@@ -151,6 +206,7 @@ class Store:
             while ent.scheduled and ent.scheduled[0][0] <= now:
                 _, seq, raw = heapq.heappop(ent.scheduled)
                 touched += self.enqueue(ent, raw, seq)
+                self._log("unsched", name=ent.name, seqs=[seq])
         return touched
 
     def lock(self, mq: MessageQueue, msg: Stored, holder: Any) -> uuid.UUID:
@@ -174,8 +230,13 @@ class Store:
     def complete(self, token: uuid.UUID) -> bool:
         found = self.unlock(token)
         if found is not None:
-            del found[0].messages[found[1].seq]
+            self.remove(*found)
         return found is not None
+
+    def remove(self, mq: MessageQueue, msg: Stored) -> None:
+        """The message is settled for good (completed, or handed out in receive-and-delete mode)."""
+        self._log("done", path=mq.path, seq=msg.seq)
+        del mq.messages[msg.seq]
 
     def release(self, token: uuid.UUID, *, count: bool) -> MessageQueue | None:
         """Make a locked message available again (``count``: as a failed delivery, abandon/expiry)."""
@@ -185,6 +246,7 @@ class Store:
         mq, msg = found
         if count:
             msg.delivery_count += 1
+            self._log("count", path=mq.path, seq=msg.seq, count=msg.delivery_count)
             if msg.delivery_count >= MAX_DELIVERY_COUNT and mq.dlq is not None:
                 self._dead_letter(
                     mq, msg, "MaxDeliveryCountExceeded", "Message could not be consumed after 10 attempts"
@@ -196,6 +258,7 @@ class Store:
     def defer(self, token: uuid.UUID) -> bool:
         found = self.unlock(token)
         if found is not None:
+            self._log("defer", path=found[0].path, seq=found[1].seq)
             found[1].deferred = True
         return found is not None
 
@@ -205,12 +268,17 @@ class Store:
             return None
         mq, msg = found
         if mq.dlq is None:  # dead-lettering from a dead-letter queue completes the message
-            del mq.messages[msg.seq]
+            self.remove(mq, msg)
             return None
         self._dead_letter(mq, msg, reason, description)
         return mq.dlq
 
     def _dead_letter(self, mq: MessageQueue, msg: Stored, reason: str, description: str) -> None:
+        self._log("dead", path=mq.path, seq=msg.seq, reason=reason, description=description)
+        self._move_to_dlq(mq, msg, reason, description)
+
+    @staticmethod
+    def _move_to_dlq(mq: MessageQueue, msg: Stored, reason: str, description: str) -> None:
         del mq.messages[msg.seq]
         assert mq.dlq is not None
         dead = Stored(msg.seq, msg.raw, msg.enqueued, msg.delivery_count)
@@ -229,14 +297,84 @@ class Store:
                 out += [mq, mq.dlq] if mq.dlq else [mq]
         return out
 
-    # --- persistence (graceful stop only: see the README) ---
+    # --- persistence: a snapshot, and the journal of changes since ---
+
+    def open(self, path: Path) -> None:
+        """Load the snapshot at ``path``, replay the journal beside it, compact both, and journal from now on."""
+        journal = path.with_suffix(".journal")
+        epoch = self.load(path)
+        replayed = 0
+        if journal.exists():
+            lines = journal.read_text().splitlines()
+            # A journal whose first line names another epoch is already in the snapshot (a stop wrote both).
+            if lines and json.loads(lines[0]) == {"op": "epoch", "id": epoch}:
+                for line in lines[1:]:
+                    if line.strip():  # a line cut short by a kill was never answered for
+                        try:
+                            entry = json.loads(line)
+                        except ValueError:
+                            continue
+                        self._replay(entry)
+                        replayed += 1
+        self.journal = Journal(journal)
+        self.save(path)
+        self.replayed = replayed
+
+    def _find(self, path: str) -> MessageQueue:
+        """The message queue at ``path`` (made by an earlier journal entry)."""
+        parts = path.split("/")
+        dead = parts[-1] == "$DeadLetterQueue"
+        ent = self.entities[parts[0]]
+        mq = ent.subscriptions[parts[2]] if len(parts) - dead == 3 else ent.queue
+        assert mq is not None
+        if dead:
+            assert mq.dlq is not None
+            return mq.dlq
+        return mq
+
+    def _replay(self, e: dict[str, Any]) -> None:
+        op = e["op"]
+        if op == "entity":
+            ent = self.entities.get(e["name"])
+            if ent is None:
+                self._create(e["name"], e["kind"])
+            elif ent.kind == "undetermined" and e["kind"] != "undetermined":
+                self._settle(ent, e["kind"])
+        elif op == "sub":
+            ent = self.entities[e["topic"]]
+            if e["name"] not in ent.subscriptions:
+                self._subscription(ent, e["name"])
+        elif op == "enq":
+            for path in e["paths"]:
+                self._find(path).add(Stored(e["seq"], base64.b64decode(e["raw"]), e["at"]))
+            self.seq = max(self.seq, e["seq"])
+        elif op == "sched":
+            heapq.heappush(self.entities[e["name"]].scheduled, (e["due"], e["seq"], base64.b64decode(e["raw"])))
+            self.seq = max(self.seq, e["seq"])
+        elif op == "unsched":
+            self.cancel(self.entities[e["name"]], set(e["seqs"]))
+        else:
+            mq = self._find(e["path"])
+            msg = mq.messages.get(e["seq"])
+            if msg is None:
+                return
+            if op == "done":
+                del mq.messages[msg.seq]
+            elif op == "count":
+                msg.delivery_count = e["count"]
+            elif op == "defer":
+                msg.deferred = True
+            elif op == "dead":
+                self._move_to_dlq(mq, msg, e["reason"], e["description"])
 
     def save(self, path: Path) -> None:
+        """Write a snapshot (atomically) and start an empty journal in a new epoch."""
+
         def dump(mq: MessageQueue) -> list[dict[str, Any]]:
             return [
                 {
                     "seq": m.seq,
-                    "raw": base64.b64encode(m.raw).decode(),
+                    "raw": _b64(m.raw),
                     "enq": m.enqueued,
                     "count": m.delivery_count,
                     "deferred": m.deferred,
@@ -245,7 +383,8 @@ class Store:
                 for m in sorted(mq.messages.values(), key=lambda m: m.seq)
             ]
 
-        state: dict[str, Any] = {"seq": self.seq, "entities": []}
+        epoch = uuid.uuid4().hex
+        state: dict[str, Any] = {"seq": self.seq, "epoch": epoch, "entities": []}
         for ent in self.entities.values():
             queues = {"": ent.queue} if ent.queue else {}
             queues.update(ent.subscriptions)
@@ -256,16 +395,20 @@ class Store:
                     "queues": {
                         k: {"live": dump(mq), "dead": dump(mq.dlq) if mq.dlq else []} for k, mq in queues.items()
                     },
-                    "scheduled": [[d, s, base64.b64encode(r).decode()] for d, s, r in ent.scheduled],
+                    "scheduled": [[d, s, _b64(r)] for d, s, r in ent.scheduled],
                 }
             )
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state))
         tmp.replace(path)
+        if self.journal is not None:
+            self.journal.truncate()
+            self.journal.write({"op": "epoch", "id": epoch})
 
-    def load(self, path: Path) -> None:
+    def load(self, path: Path) -> str | None:
+        """Load the snapshot at ``path`` (if any); returns its epoch, which names the journal that follows it."""
         if not path.exists():
-            return
+            return None
         state = json.loads(path.read_text())
         self.seq = state["seq"]
         for e in state["entities"]:
@@ -286,3 +429,5 @@ class Store:
                             heapq.heappush(target.ready, msg.seq)
             ent.scheduled = [(d, s, base64.b64decode(r)) for d, s, r in e["scheduled"]]
             heapq.heapify(ent.scheduled)
+        epoch = state.get("epoch")
+        return str(epoch) if epoch is not None else None

@@ -38,7 +38,7 @@ from msgbus.adapter import Adapter, Delivery, Endpoint, Receiver, Record, dead_l
 from msgbus.errors import ClosedError, MsgbusError, TopologyError
 
 from . import _codec
-from ._config import KafkaOptions, read_options
+from ._config import AUTO_REPLICATION, KafkaOptions, read_options
 from ._errors import translate, translated
 
 log = logging.getLogger("msgbus.kafka")
@@ -151,13 +151,25 @@ class KafkaAdapter(Adapter):
             return
         if not create:
             raise TopologyError(f"kafka topic(s) missing (topology=verify): {', '.join(sorted(missing))}")
-        new = [NewTopic(t, n, self.options.replication_factor) for t, n in missing.items()]
+        factor, configs = await self._replication()
+        new = [NewTopic(t, n, factor, topic_configs=configs) for t, n in missing.items()]
         with translated("create topics", secrets=self._secrets):
             response = await self.admin.create_topics(new)
         for name, code, message in _topic_errors(response):
             if code not in (0, kx.TopicAlreadyExistsError.errno):
                 raise TopologyError(f"kafka could not create topic {name!r}: error {code} {message or ''}".rstrip())
         self._topics |= set(missing)
+
+    async def _replication(self) -> tuple[int, dict[str, str]]:
+        """Replication of topics msgbus creates: the ``replication_factor`` option, else the cluster's size up to
+        3 copies, with ``min.insync.replicas=2`` once there are 3, so an ``acks=all`` send is on two brokers
+        before it returns and one broker can die without losing it or stopping sends."""
+        if self.options.replication_factor != AUTO_REPLICATION:
+            return self.options.replication_factor, {}
+        with translated("describe cluster", secrets=self._secrets):
+            brokers = len((await self.admin.describe_cluster())["brokers"])
+        factor = max(1, min(3, brokers))
+        return factor, {"min.insync.replicas": "2"} if factor == 3 else {}
 
     async def _ensure_subscription(self, endpoint: Endpoint, *, create: bool) -> None:
         """A subscription exists once its group has committed offsets; a new one starts at the topic's end,

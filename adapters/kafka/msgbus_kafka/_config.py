@@ -14,6 +14,8 @@ from msgbus.errors import ConfigError
 # record batch overhead and our metadata headers.
 DEFAULT_MAX_MESSAGE_SIZE = 1_000_000
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+# replication_factor unset: the cluster's size, at most 3 (see _adapter.Kafka._replication).
+AUTO_REPLICATION = 0
 _HOSTPORT = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
 
 
@@ -31,7 +33,7 @@ class KafkaOptions:
     ssl_keyfile: str | None
     ssl_check_hostname: bool
     partitions: int
-    replication_factor: int
+    replication_factor: int  # AUTO_REPLICATION: decided from the cluster's size when a topic is created
     dead_letter_partitions: int
     group_prefix: str
     visibility_timeout: float
@@ -103,7 +105,7 @@ def read_options(url: BusURL, reader: OptionReader) -> KafkaOptions:
         ssl_keyfile=reader.str("ssl_keyfile") if tls else None,
         ssl_check_hostname=reader.bool("ssl_check_hostname", True) if tls else False,
         partitions=reader.int("partitions", 8, min=1),
-        replication_factor=reader.int("replication_factor", 1, min=1),
+        replication_factor=reader.int("replication_factor", AUTO_REPLICATION, min=1),
         dead_letter_partitions=reader.int("dead_letter_partitions", 1, min=1),
         group_prefix=_prefix(reader.str("group_prefix", "msgbus") or "msgbus"),
         visibility_timeout=reader.float("visibility_timeout", 30.0, min=0.1),

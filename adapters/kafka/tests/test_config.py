@@ -8,7 +8,7 @@ from aiokafka import errors as kx
 from msgbus._url import parse_url
 from msgbus.errors import ConfigError, ConnectionLost, InvalidMessage, PublishError, TopologyError
 from msgbus_kafka import create
-from msgbus_kafka._config import read_options
+from msgbus_kafka._config import AUTO_REPLICATION, read_options
 from msgbus_kafka._errors import translate
 
 
@@ -24,6 +24,13 @@ def test_defaults() -> None:
     o = options("kafka://broker:9093")
     assert o.bootstrap == ("broker:9093",) and o.partitions == 8 and o.security_protocol == "PLAINTEXT"
     assert o.client_kwargs()["bootstrap_servers"] == ["broker:9093"]
+
+
+def test_replication_is_decided_by_the_cluster_unless_given() -> None:
+    assert options("kafka://b:9092").replication_factor == AUTO_REPLICATION
+    assert options("kafka://b:9092?replication_factor=2").replication_factor == 2
+    with pytest.raises(ConfigError, match="replication_factor"):
+        options("kafka://b:9092?replication_factor=0")
 
 
 def test_sasl_and_tls_and_no_secret_in_repr() -> None:
