@@ -511,7 +511,6 @@ register(PubSub)
 # The Service Bus test broker launcher lives in its own module, which registers itself.
 from . import _servicebus  # noqa: E402, F401
 
-
 # PostgreSQL (the Debian package, its own initdb cluster) in its own module, which needs LocalBroker above.
 from ._postgresql import PostgreSQL  # noqa: E402
 

@@ -108,6 +108,10 @@ def _key_lock(table: str, key: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
+# Taken per key by stage(): the second transaction staging a key waits until the first one ends.
+_KEY_LOCK_SQL = "SELECT pg_advisory_xact_lock($1)"
+
+
 def _channel(table: str) -> str:
     return "msgbus_outbox_" + table.replace(".", "_")
 
@@ -138,7 +142,7 @@ async def stage(
     if not conn.is_in_transaction():
         raise ConfigError("outbox.stage() must run inside the transaction that writes your own rows")
     if msg_key is not None:
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", _key_lock(t, msg_key))
+        await conn.execute(_KEY_LOCK_SQL, _key_lock(t, msg_key))
     await conn.execute(
         f"WITH s AS (INSERT INTO {t} (destination, body, meta) VALUES ($1, $2, $3) RETURNING seq)"
         f" SELECT pg_notify('{_channel(t)}', '') FROM s",

@@ -30,7 +30,16 @@ log = logging.getLogger("msgbus.postgresql")
 T = TypeVar("T")
 
 # Errors after which a connection is not trusted again: it is closed, and the pool opens a fresh one.
-_BROKEN = (TimeoutError, OSError, asyncpg.InterfaceError, px.PostgresConnectionError, px.AdminShutdownError)
+_BROKEN = (
+    TimeoutError,
+    OSError,
+    asyncpg.InterfaceError,
+    px.InternalClientError,
+    px.PostgresConnectionError,
+    px.AdminShutdownError,
+    px.CrashShutdownError,
+    px.CannotConnectNowError,
+)
 
 
 def create(url: BusURL, options: OptionReader) -> PostgresAdapter:
@@ -39,10 +48,9 @@ def create(url: BusURL, options: OptionReader) -> PostgresAdapter:
 
 
 async def _reset(conn: Any) -> None:
-    # The pool's default reset (UNLISTEN, RESET ALL, ...) costs a round trip per statement; msgbus's pooled
-    # connections keep no session state, and only a statement cancelled mid-transaction leaves anything behind.
-    if conn.is_in_transaction():
-        await conn.execute("ROLLBACK")
+    # Replaces the pool's default reset query (UNLISTEN, RESET ALL, ...), a round trip per statement: msgbus's
+    # pooled connections keep no session state (asyncpg still rolls back a transaction left open).
+    return None
 
 
 class PostgresAdapter(Adapter):

@@ -33,11 +33,14 @@ _TABLE: tuple[tuple[type[BaseException], type[MsgbusError], bool], ...] = (
     (px.PostgresError, BrokerError, False),  # any other refusal: trying again cannot help
     (px.ConnectionDoesNotExistError, ConnectionLost, True),  # the link dropped mid-statement
     (asyncpg.InterfaceError, ConnectionLost, True),  # "connection is closed", "another operation in progress"
+    # The client's protocol state went wrong, seen after a server restart ("cannot switch to state 12; another
+    # operation (2) is in progress"): that connection is dropped and the operation tried on a fresh one.
+    (px.InternalClientError, ConnectionLost, True),
     (TimeoutError, ConnectionLost, True),  # no answer within command_timeout: the connection may be half-open
     (OSError, ConnectionLost, True),
 )
 
-DRIVER_ERRORS = (px.PostgresError, asyncpg.InterfaceError, TimeoutError, OSError)
+DRIVER_ERRORS = (px.PostgresError, asyncpg.InterfaceError, px.InternalClientError, TimeoutError, OSError)
 
 
 def convert(

@@ -93,6 +93,7 @@ def test_error_table_most_specific_first() -> None:
         (px.TooManyConnectionsError("too many clients"), ConnectionLost, True),
         (px.ConnectionDoesNotExistError("connection was closed in the middle of operation"), ConnectionLost, True),
         (asyncpg.InterfaceError("connection is closed"), ConnectionLost, True),
+        (px.InternalClientError("cannot switch to state 12"), ConnectionLost, True),
         (TimeoutError(), ConnectionLost, True),
         (ConnectionRefusedError(111, "refused"), ConnectionLost, True),
         (px.DeadlockDetectedError("deadlock detected"), BrokerError, True),
