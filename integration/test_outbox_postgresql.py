@@ -109,7 +109,7 @@ async def test_a_second_relay_waits_and_takes_over_when_the_first_dies(db: tuple
     async with msgbus.connect("memory://") as bus:
         first, second = outbox.Relay(url, bus, table=table), outbox.Relay(url, bus, table=table)
         holder = outbox._source(url, table)
-        await holder.open()  # a relay holding the table (the lock), forwarding nothing
+        assert await holder.open(asyncio.Event())  # a relay holding the table (the lock), forwarding nothing
         stop = asyncio.Event()
         waiting = asyncio.create_task(first.run(stop))
         await asyncio.sleep(1.5)

@@ -205,7 +205,9 @@ def _outgoing(body: bytes, meta: bytes) -> Outgoing:
 class _Source(Protocol):
     """An outbox table the relay drains: one relay at a time holds it."""
 
-    async def open(self) -> None: ...
+    async def open(self, stop: asyncio.Event) -> bool:
+        """Connect and become the table's one forwarder; False when ``stop`` was set while waiting for that."""
+        ...
 
     async def take(self, limit: int) -> list[tuple[int, str, bytes, bytes]]: ...
 
@@ -238,7 +240,7 @@ class _PostgresSource:
         except self._errors as exc:
             raise BrokerError(f"outbox: {doing} failed: {type(exc).__name__}: {exc}") from exc
 
-    async def open(self) -> None:
+    async def open(self, stop: asyncio.Event) -> bool:
         try:
             import asyncpg
         except ImportError as exc:
@@ -263,7 +265,11 @@ class _PostgresSource:
             lock = _key_lock(self._table, "\0relay")
             while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock):
                 log.info("outbox: another relay forwards %s; waiting to take over", self._table)
-                await asyncio.sleep(1.0)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
+                if stop.is_set():
+                    conn.terminate()
+                    return False
             await conn.add_listener(_channel(self._table), lambda *_: self._woken.set())
         except self._errors as exc:
             conn.terminate()
@@ -272,6 +278,7 @@ class _PostgresSource:
             conn.terminate()
             raise
         self._conn = conn
+        return True
 
     async def take(self, limit: int) -> list[tuple[int, str, bytes, bytes]]:
         self._woken.clear()
@@ -313,20 +320,24 @@ class _SqliteSource:
         self._conn: sqlite3.Connection | None = None
         self._lock_file: Any = None
 
-    async def open(self) -> None:
+    async def open(self, stop: asyncio.Event) -> bool:
         handle = await asyncio.to_thread(open, f"{self._path}.relay", "a")  # held open for the relay's life
+        self._lock_file = handle
         while True:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 log.info("outbox: another relay forwards %s; waiting to take over", self._path)
-                await asyncio.sleep(1.0)
-        self._lock_file = handle
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
+                if stop.is_set():
+                    return False
         conn = sqlite3.connect(self._path, timeout=10, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute(_SQLITE_DDL.format(t=self._table))
         self._conn = conn
+        return True
 
     def _db(self) -> sqlite3.Connection:
         assert self._conn is not None
@@ -392,17 +403,21 @@ class Relay:
         self.parked = 0
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
-        """Forward until ``stop`` is set (or the task is cancelled), riding out database and broker outages."""
+        """Forward until ``stop`` is set (or the task is cancelled), riding out database and broker outages.
+
+        A relay waiting for another to let go of the table stops waiting when ``stop`` is set.
+        """
         stop = stop or asyncio.Event()
-        bus = self._target if isinstance(self._target, Bus) else _connect(self._target)
+        owned = not isinstance(self._target, Bus)
+        bus = _connect(self._target) if isinstance(self._target, str) else self._target
         pause = 0.1
-        async with contextlib.AsyncExitStack() as stack:
-            if not isinstance(self._target, Bus):
-                await stack.enter_async_context(bus)
+        try:
             while not stop.is_set():
                 source = _source(self._source_url, self._table)
                 try:
-                    await source.open()
+                    await bus.open()  # idempotent; retried here while the broker is unreachable
+                    if not await source.open(stop):
+                        return
                     while not stop.is_set():
                         moved = await self._forward(source, bus)
                         pause = 0.1
@@ -416,12 +431,15 @@ class Relay:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), pause)
                     pause = min(pause * 2, 5.0)
+        finally:
+            if owned:
+                await bus.close()
 
     async def forward_once(self) -> int:
         """Forward what is staged now (up to one batch); returns how many left the table."""
         bus = self._target if isinstance(self._target, Bus) else _connect(self._target)
         source = _source(self._source_url, self._table)
-        await source.open()
+        await source.open(asyncio.Event())
         try:
             if isinstance(self._target, Bus):
                 return await self._forward(source, bus)

@@ -117,7 +117,9 @@ def _relay(app: Path, bus: Path, broken: bool) -> subprocess.Popen[bytes]:
     return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-async def _kill_relays_while_staging(tmp_path: Path, *, broken: bool) -> tuple[list[str], Counter[str], int]:
+async def _kill_relays_while_staging(
+    tmp_path: Path, *, broken: bool, idle: float
+) -> tuple[list[str], Counter[str], int]:
     """Stage 400 keyed messages while a relay process is SIGKILLed 4 times at random; count what arrives."""
     rng = random.Random(21)
     app, bus_path = tmp_path / "app.db", tmp_path / "bus.db"
@@ -137,7 +139,7 @@ async def _kill_relays_while_staging(tmp_path: Path, *, broken: bool) -> tuple[l
                     proc.wait()
                     kills += 1
                     proc = _relay(app, bus_path, broken)
-            got = await _drain(sub, 400, idle=3.0)
+            got = await _drain(sub, 400, idle=idle)
         finally:
             proc.kill()
             proc.wait()
@@ -145,15 +147,15 @@ async def _kill_relays_while_staging(tmp_path: Path, *, broken: bool) -> tuple[l
 
 
 async def test_relays_killed_mid_forward_lose_nothing(tmp_path: Path) -> None:
-    staged, received, kills = await _kill_relays_while_staging(tmp_path, broken=False)
+    staged, received, kills = await _kill_relays_while_staging(tmp_path, broken=False, idle=15.0)
     lost = [i for i in staged if i not in received]
     dup = sum(received.values()) - len(received)
     print(f"{len(staged)} staged, {len(received)} received, {len(lost)} lost, {dup} dup, {kills} relays SIGKILLed")
-    assert kills == 4 and not lost and set(received) == set(staged)
+    assert kills == 4 and not lost and set(received) == set(staged), f"{len(lost)} lost"
 
 
 async def test_the_kill_test_catches_a_relay_that_deletes_before_sending(tmp_path: Path) -> None:
-    staged, received, _ = await _kill_relays_while_staging(tmp_path, broken=True)
+    staged, received, _ = await _kill_relays_while_staging(tmp_path, broken=True, idle=3.0)
     lost = [i for i in staged if i not in received]
     assert lost, "a relay that deletes rows before the bus has them must be caught losing messages"
 

@@ -235,7 +235,7 @@ class PostgresAdapter(Adapter):
                         await conn.fetchval("SELECT 1", timeout=o.command_timeout)
                     else:
                         raise ConnectionResetError("the listening connection closed")
-            except DRIVER_ERRORS as exc:
+            except Exception as exc:  # whatever it was, this task must go on: receivers rely on its wake-ups
                 if not self._closed:
                     log.warning("postgresql: listening connection lost (%s); reconnecting", convert(exc, "listen"))
             finally:
