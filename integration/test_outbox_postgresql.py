@@ -156,3 +156,24 @@ async def test_the_inbox_applies_concurrent_copies_of_one_id_once(db: tuple[str,
     rows = await pool.fetch("SELECT message_id, count(*) FROM t_effects WHERE inbox = $1 GROUP BY message_id", name)
     assert sorted((r[0], r[1]) for r in rows) == sorted((f"order-{i}", 1) for i in range(20))  # 60 copies, 20 effects
     assert inbox.duplicates == 40 and calls >= 20
+
+
+async def test_psycopg_connections_stage_too(db: tuple[str, asyncpg.Pool, str]) -> None:
+    import psycopg
+
+    url, _, table = db
+    async with await psycopg.AsyncConnection.connect(url) as conn:
+        async with conn.transaction():
+            first = await outbox.stage(conn, "async", queue="q", key="k", table=table)
+        with pytest.raises(RuntimeError):
+            async with conn.transaction():
+                await outbox.stage(conn, "rolled back", queue="q", table=table)
+                raise RuntimeError("the service's own write failed")
+    with psycopg.connect(url) as sync:  # not autocommit: psycopg has begun a transaction, commit ends it
+        second = outbox.stage_sync(sync, "sync", queue="q", key="k", table=table)
+        sync.commit()
+    with psycopg.connect(url, autocommit=True) as loose, pytest.raises(ConfigError, match="inside the transaction"):
+        outbox.stage_sync(loose, "no transaction", queue="q", table=table)
+    async with msgbus.connect("memory://") as bus:
+        got = await _forwarded(url, table, bus, "q", 2)
+    assert [(m.id, m.body) for m in got] == [(first, "async"), (second, "sync")]

@@ -116,6 +116,28 @@ def _channel(table: str) -> str:
     return "msgbus_outbox_" + table.replace(".", "_")
 
 
+def _insert_sql(table: str) -> str:
+    return (
+        f"WITH s AS (INSERT INTO {table} (destination, body, meta) VALUES ($1, $2, $3) RETURNING seq)"
+        f" SELECT pg_notify('{_channel(table)}', '') FROM s"
+    )
+
+
+def _psycopg(sql: str) -> str:
+    """``$n`` placeholders (asyncpg's) as psycopg's ``%s`` (the parameters are passed in order)."""
+    return re.sub(r"\$\d+", "%s", sql)
+
+
+def _driver(conn: object) -> str:
+    return type(conn).__module__.split(".")[0]
+
+
+def _check_psycopg_transaction(conn: Any) -> None:
+    # Without autocommit psycopg always runs inside a transaction (it begins one before the first statement).
+    if conn.autocommit and conn.info.transaction_status != 2:  # psycopg.pq.TransactionStatus.INTRANS
+        raise ConfigError("outbox.stage() must run inside the transaction that writes your own rows")
+
+
 async def stage(
     conn: Any,
     body: object,
@@ -129,32 +151,39 @@ async def stage(
     content_type: str | None = None,
     table: str = TABLE,
 ) -> str:
-    """Stage a message in the caller's open transaction on asyncpg connection ``conn``; returns its id.
+    """Stage a message in the caller's open transaction on ``conn``; returns its id.
 
-    The message is forwarded once the transaction commits, and never if it rolls back. Staging a ``key`` takes
-    a transaction-scoped advisory lock on it, so two transactions staging the same key commit one after the
-    other and the relay forwards them in that order. Raises ``ConfigError`` outside a transaction.
+    ``conn`` is an asyncpg connection or a psycopg ``AsyncConnection`` (PostgreSQL). The message is forwarded
+    once the transaction commits, and never if it rolls back. Staging a ``key`` takes a transaction-scoped
+    advisory lock on it, so two transactions staging the same key commit one after the other and the relay
+    forwards them in that order. Raises ``ConfigError`` outside a transaction.
     """
     t = _table(table)
     destination, payload, meta, msg_id, msg_key = _row(
         queue, topic, body, key, headers, message_id, correlation_id, content_type
     )
-    if not conn.is_in_transaction():
-        raise ConfigError("outbox.stage() must run inside the transaction that writes your own rows")
-    if msg_key is not None:
-        await conn.execute(_KEY_LOCK_SQL, _key_lock(t, msg_key))
-    await conn.execute(
-        f"WITH s AS (INSERT INTO {t} (destination, body, meta) VALUES ($1, $2, $3) RETURNING seq)"
-        f" SELECT pg_notify('{_channel(t)}', '') FROM s",
-        destination,
-        payload,
-        meta,
-    )
+    driver = _driver(conn)
+    if driver == "asyncpg":
+        if not conn.is_in_transaction():
+            raise ConfigError("outbox.stage() must run inside the transaction that writes your own rows")
+        if msg_key is not None:
+            await conn.execute(_KEY_LOCK_SQL, _key_lock(t, msg_key))
+        await conn.execute(_insert_sql(t), destination, payload, meta)
+    elif driver == "psycopg":
+        _check_psycopg_transaction(conn)
+        if msg_key is not None:
+            await conn.execute(_psycopg(_KEY_LOCK_SQL), (_key_lock(t, msg_key),))
+        await conn.execute(_psycopg(_insert_sql(t)), (destination, payload, meta))
+    else:
+        raise ConfigError(
+            f"outbox.stage() takes an asyncpg or psycopg async connection, not {type(conn).__name__}"
+            " (stage_sync() takes sqlite3 and psycopg connections)"
+        )
     return msg_id
 
 
 def stage_sync(
-    conn: sqlite3.Connection,
+    conn: Any,
     body: object,
     *,
     queue: str | None = None,
@@ -166,30 +195,39 @@ def stage_sync(
     content_type: str | None = None,
     table: str = TABLE,
 ) -> str:
-    """Stage a message in the current transaction of sqlite3 connection ``conn``; returns its id.
+    """Stage a message in the current transaction of a ``sqlite3`` or psycopg (sync) connection; returns its id.
 
-    SQLite runs one write transaction at a time, so outbox order is commit order. The row commits (or rolls
-    back) with the caller's transaction.
+    The row commits (or rolls back) with the caller's transaction. SQLite runs one write transaction at a time,
+    so its outbox order is commit order; on PostgreSQL a ``key`` is locked as ``stage`` does.
     """
     t = _table(table)
-    destination, payload, meta, msg_id, _ = _row(
+    destination, payload, meta, msg_id, msg_key = _row(
         queue, topic, body, key, headers, message_id, correlation_id, content_type
     )
-    conn.execute(
-        f"INSERT INTO {t} (destination, body, meta, staged_at) VALUES (?, ?, ?, ?)",
-        (destination, payload, meta, time.time()),
-    )
+    if isinstance(conn, sqlite3.Connection):
+        conn.execute(
+            f"INSERT INTO {t} (destination, body, meta, staged_at) VALUES (?, ?, ?, ?)",
+            (destination, payload, meta, time.time()),
+        )
+    elif _driver(conn) == "psycopg":
+        _check_psycopg_transaction(conn)
+        if msg_key is not None:
+            conn.execute(_psycopg(_KEY_LOCK_SQL), (_key_lock(t, msg_key),))
+        conn.execute(_psycopg(_insert_sql(t)), (destination, payload, meta))
+    else:
+        raise ConfigError(f"outbox.stage_sync() takes a sqlite3 or psycopg connection, not {type(conn).__name__}")
     return msg_id
 
 
 async def create_table(conn: Any, table: str = TABLE) -> None:
-    """Create the outbox table on asyncpg connection ``conn`` if it does not exist (the relay does this too)."""
+    """Create the outbox table on an asyncpg or psycopg async connection if missing (the relay does this too)."""
     await conn.execute(_POSTGRES_DDL.format(t=_table(table)))
 
 
-def create_table_sync(conn: sqlite3.Connection, table: str = TABLE) -> None:
-    """Create the outbox table on sqlite3 connection ``conn`` if it does not exist."""
-    conn.execute(_SQLITE_DDL.format(t=_table(table)))
+def create_table_sync(conn: Any, table: str = TABLE) -> None:
+    """Create the outbox table on a sqlite3 or psycopg connection if it does not exist."""
+    ddl = _SQLITE_DDL if isinstance(conn, sqlite3.Connection) else _POSTGRES_DDL
+    conn.execute(ddl.format(t=_table(table)))
 
 
 def _outgoing(body: bytes, meta: bytes) -> Outgoing:
