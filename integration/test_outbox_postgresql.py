@@ -177,3 +177,50 @@ async def test_psycopg_connections_stage_too(db: tuple[str, asyncpg.Pool, str]) 
     async with msgbus.connect("memory://") as bus:
         got = await _forwarded(url, table, bus, "q", 2)
     assert [(m.id, m.body) for m in got] == [(first, "async"), (second, "sync")]
+
+
+async def test_the_relay_rides_out_postgresql_being_killed(db: tuple[str, asyncpg.Pool, str]) -> None:
+    """Staging and forwarding go on while the server is SIGKILLed: every committed message arrives once or more."""
+    url, pool, table = db
+    broker = endpoint("postgresql")
+    if broker.handle is None:
+        pytest.skip("the PostgreSQL endpoint came from the environment: not ours to restart")
+    committed: list[str] = []
+    failed = 0
+    async with msgbus.connect("memory://") as bus:
+        consumer = bus.consumer("q")
+        await consumer.open()
+        relay = outbox.Relay(url, bus, table=table, poll_interval=0.2)
+        stop = asyncio.Event()
+        relaying = asyncio.create_task(relay.run(stop))
+
+        async def stage_all() -> None:
+            nonlocal failed
+            for i in range(300):
+                try:
+                    async with pool.acquire() as conn, conn.transaction():
+                        msg_id = await outbox.stage(conn, i, queue="q", key=f"k{i % 3}", table=table)
+                    committed.append(msg_id)
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                    failed += 1  # not committed: must not arrive either
+                    await asyncio.sleep(0.1)
+                await asyncio.sleep(0.005)
+
+        staging = asyncio.create_task(stage_all())
+        while len(committed) < 100:
+            await asyncio.sleep(0.01)
+        await asyncio.to_thread(broker.restart, hard=True)
+        await staging
+        got: dict[str, int] = {}
+        async with asyncio.timeout(60):
+            while not set(committed) <= set(got):
+                for m in await consumer.receive(max_messages=100, timeout=0.5):
+                    got[m.id] = got.get(m.id, 0) + 1
+                    await m.ack()
+        stop.set()
+        await relaying
+    print(
+        f"\n{len(committed)} committed, {failed} failed during the restart, {len(got)} received, "
+        f"{sum(got.values()) - len(got)} dup"
+    )
+    assert set(got) == set(committed)  # 0 lost, and nothing from a transaction that did not commit
