@@ -26,7 +26,12 @@ async def db() -> AsyncIterator[tuple[str, asyncpg.Pool, str]]:
     async with pool.acquire() as conn:
         await outbox.create_table(conn, table)
     yield url, pool, table
-    await pool.execute(f"DROP TABLE IF EXISTS {table}")
+    for _ in range(5):  # idle connections may be dead after a test restarted the server
+        try:
+            await pool.execute(f"DROP TABLE IF EXISTS {table}")
+            break
+        except (OSError, asyncpg.InterfaceError, asyncpg.PostgresError):
+            await asyncio.sleep(0.2)
     await pool.close()
 
 
