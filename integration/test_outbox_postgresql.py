@@ -10,6 +10,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from asyncpg.exceptions import InternalClientError
 
 import msgbus
 from integration.brokers import endpoint
@@ -191,7 +192,7 @@ async def test_the_relay_rides_out_postgresql_being_killed(db: tuple[str, asyncp
     if broker.handle is None:
         pytest.skip("the PostgreSQL endpoint came from the environment: not ours to restart")
     committed: list[str] = []
-    failed = 0
+    uncertain: list[str] = []  # raised around the commit: it may or may not have committed
     async with msgbus.connect("memory://") as bus:
         consumer = bus.consumer("q")
         await consumer.open()
@@ -200,14 +201,13 @@ async def test_the_relay_rides_out_postgresql_being_killed(db: tuple[str, asyncp
         relaying = asyncio.create_task(relay.run(stop))
 
         async def stage_all() -> None:
-            nonlocal failed
             for i in range(300):
                 try:
                     async with pool.acquire() as conn, conn.transaction():
-                        msg_id = await outbox.stage(conn, i, queue="q", key=f"k{i % 3}", table=table)
-                    committed.append(msg_id)
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                    failed += 1  # not committed: must not arrive either
+                        await outbox.stage(conn, i, queue="q", key=f"k{i % 3}", table=table, message_id=f"m{i}")
+                    committed.append(f"m{i}")
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, InternalClientError):
+                    uncertain.append(f"m{i}")
                     await asyncio.sleep(0.1)
                 await asyncio.sleep(0.005)
 
@@ -225,7 +225,7 @@ async def test_the_relay_rides_out_postgresql_being_killed(db: tuple[str, asyncp
         stop.set()
         await relaying
     print(
-        f"\n{len(committed)} committed, {failed} failed during the restart, {len(got)} received, "
+        f"\n{len(committed)} committed, {len(uncertain)} raised during the restart, {len(got)} received, "
         f"{sum(got.values()) - len(got)} dup"
     )
-    assert set(got) == set(committed)  # 0 lost, and nothing from a transaction that did not commit
+    assert set(committed) <= set(got) <= set(committed) | set(uncertain)  # 0 lost, nothing never staged

@@ -151,7 +151,7 @@ async def test_a_lost_notification_is_made_up_by_the_bounded_poll(make_adapter: 
 async def test_a_row_msgbus_did_not_write_is_dead_lettered_and_the_consumer_goes_on(make_adapter: MakeAdapter) -> None:
     bus = await make_adapter()
     await bus.declare(QUEUE)
-    target = bus._ids[("queue", "jobs", "", False)]
+    target = await bus._endpoint_id(("queue", "jobs", "", False), create=False, what=QUEUE)
     assert bus.pool is not None
     await bus.pool.execute(bus.sql.insert_queue, target, 0.0, [None, None], [b"junk", b"more"], [b"{not json", b"[]"])
     await bus.send(QUEUE, _records(2))
