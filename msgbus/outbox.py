@@ -1,10 +1,10 @@
 """Transactional outbox: stage messages in the service's own database transaction; a relay forwards them.
 
-``stage`` (asyncpg connections) and ``stage_sync`` (sqlite3 connections) insert a message into the outbox table
-inside the caller's transaction, so it exists exactly when the caller's own rows commit. ``Relay`` (or
-``msgbus relay --from DB --to BUS``) forwards committed messages to any bus, in commit order per key, at least
-once, with the id they were staged with; a message leaves the table only after the bus stored it. See
-``docs/outbox.md``. Drivers are imported lazily: the core keeps no dependencies.
+``stage`` (asyncpg or psycopg async connections) and ``stage_sync`` (sqlite3 or psycopg connections) insert a
+message into the outbox table inside the caller's transaction, so it exists exactly when the caller's own rows
+commit. ``Relay`` (or ``msgbus relay --from DB --to BUS``) forwards committed messages to any bus, in commit
+order per key, at least once, with the id they were staged with; a message leaves the table only after the bus
+stored it. See ``docs/outbox.md``. Drivers are imported lazily: the core keeps no dependencies.
 """
 
 from __future__ import annotations
