@@ -182,3 +182,44 @@ async def test_per_key_order_is_commit_order(tmp_path: Path) -> None:
     for m in got:
         seen[m.key or ""].append(m.body["order"])
     assert seen == sent
+
+
+async def test_the_relay_command_forwards_until_sigterm_and_says_how_many(tmp_path: Path) -> None:
+    conn = _app(tmp_path / "app.db")
+    staged = [_place(conn, i, "c1") for i in range(10)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    async with msgbus.connect(f"sqlite:///{tmp_path}/bus.db") as bus:
+        sub = bus.subscriber("order-placed", subscription="audit")
+        await sub.open()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "msgbus",
+            "relay",
+            "--from",
+            f"sqlite:///{tmp_path}/app.db",
+            "--to",
+            f"sqlite:///{tmp_path}/bus.db",
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        got = await _drain(sub, 10, idle=15.0)
+        proc.send_signal(signal.SIGTERM)
+        _, err = await proc.communicate()
+    assert [m.id for m in got] == staged and proc.returncode == 0
+    assert "forwarded 10 message(s), parked 0" in err.decode()
+
+
+def test_the_relay_command_shows_urls_redacted(tmp_path: Path) -> None:
+    from msgbus.cli import main
+
+    done = subprocess.run(
+        [sys.executable, "-m", "msgbus", "relay", "--from", "mysql://u:hunter2@h/db", "--to", "memory://"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert done.returncode == 2 and "hunter2" not in done.stderr + done.stdout
+    assert "postgresql:// or sqlite:///" in done.stderr
+    assert main(["relay", "--help"]) == 0
