@@ -166,7 +166,9 @@ class PostgresAdapter(Adapter):
             if pool is None:
                 raise ClosedError(f"{self!r} is {'closed' if self._closed else 'not open'}")
             try:
-                async with pool.acquire(timeout=self._options.connect_timeout) as conn:
+                # No acquire timeout (it costs a task per operation): every statement has command_timeout, so a
+                # busy pool always frees a connection in bounded time; opening one has connect_timeout.
+                async with pool.acquire() as conn:
                     try:
                         return await fn(conn)
                     except _BROKEN:
