@@ -43,12 +43,14 @@ async def _run(
                 await bus.producer("orders").send(i, message_id=f"{run}-{i}")
         consumer = bus.consumer("orders", retry=msgbus.RetryPolicy(initial_backoff=0.01, jitter=0))
         task = asyncio.create_task(consumer.run(handler, concurrency=8, middleware=[inbox]))
-        async with asyncio.timeout(seconds):
-            while len([k async for k in client.scan_iter(match=f"{run}:effects:*")]) < 20:
-                await asyncio.sleep(0.05)
-        await asyncio.sleep(0.5)
-        consumer.stop()
-        await task
+        try:
+            async with asyncio.timeout(seconds):
+                while len([k async for k in client.scan_iter(match=f"{run}:effects:*")]) < 20:
+                    await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)
+        finally:
+            consumer.stop()
+            await task
     return {k.decode(): int(await client.get(k)) async for k in client.scan_iter(match=f"{run}:effects:*")}
 
 
