@@ -112,7 +112,8 @@ async def test_a_message_over_the_limit_is_refused_and_stores_nothing(make_adapt
     assert [d.record.id for d in got] == ["at-limit"] and await _rows(bus) == 0
 
 
-async def test_a_notification_wakes_a_consumer_that_would_not_poll_for_a_minute(make_adapter: MakeAdapter) -> None:
+async def _woken_by_another_adapter(make_adapter: MakeAdapter) -> list[Delivery]:
+    """A receiver that would not poll for a minute waits 3 s while another adapter sends after 0.5 s."""
     waiting = await make_adapter(poll_interval=60)
     other = await make_adapter()  # another pool and listener: as another process would be
     await waiting.declare(QUEUE)
@@ -124,9 +125,20 @@ async def test_a_notification_wakes_a_consumer_that_would_not_poll_for_a_minute(
         await other.send(QUEUE, _records(1))
 
     sender = asyncio.create_task(send_soon())
-    got = await receiver.receive(5, 10.0)  # within one wait: only a NOTIFY can end it before 60 s
+    got = await receiver.receive(5, 3.0)  # within one wait: only a NOTIFY can end it before 60 s
     await sender
-    assert [d.record.id for d in got] == ["m0"]
+    return got
+
+
+async def test_a_notification_wakes_a_consumer_that_would_not_poll_for_a_minute(make_adapter: MakeAdapter) -> None:
+    assert [d.record.id for d in await _woken_by_another_adapter(make_adapter)] == ["m0"]
+
+
+async def test_the_wake_test_catches_notifications_that_reach_no_receiver(
+    make_adapter: MakeAdapter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(PostgresAdapter, "_notified", lambda *args: None)  # mutation: NOTIFYs go unheard
+    assert await _woken_by_another_adapter(make_adapter) == []
 
 
 async def test_a_lost_notification_is_made_up_by_the_bounded_poll(make_adapter: MakeAdapter) -> None:
