@@ -126,6 +126,17 @@ BROKERS: dict[str, Broker] = {
             " worker; FastStream has no Service Bus broker",
         ],
     ),
+    "postgresql": Broker(
+        # The launchers' local server (integration/_postgresql.py) and its test account.
+        "postgresql://msgbus:msgbus@127.0.0.1:15432/postgres?schema=bench",
+        {"msgbus": MSGBUS, "raw": "benchmarks.contenders.postgresql:Asyncpg"},
+        notes=[
+            "PostgreSQL 15 with fsync and synchronous commit on (its defaults): every send is a commit",
+            "raw: asyncpg with the same FOR UPDATE SKIP LOCKED lease and batched DELETE, polling every 5 ms"
+            " instead of LISTEN/NOTIFY, no per-key ordering check; kombu's SQLAlchemy transport is a blocking"
+            " poller for Celery's worker and FastStream has no PostgreSQL broker",
+        ],
+    ),
     "memory": Broker("memory://bench", {"msgbus": MSGBUS}, ("publish", "latency", "pipeline")),
     "sqlite": Broker("sqlite:///{tmp}/bench.db", {"msgbus": MSGBUS}, ("publish", "consume", "latency", "pipeline")),
 }

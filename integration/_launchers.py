@@ -517,3 +517,8 @@ from . import (  # noqa: E402, F401
     _servicebus,
     _toxiproxy,
 )
+
+# PostgreSQL (the Debian package, its own initdb cluster) in its own module, which needs LocalBroker above.
+from ._postgresql import PostgreSQL  # noqa: E402
+
+register(PostgreSQL)

@@ -2,10 +2,10 @@
 # Included from the root Makefile. `make bench` starts the brokers it needs, installs the harness's own
 # requirements into the venv (never the core's), measures, writes benchmarks/results/*.json and renders
 # docs/benchmarks.md. `make bench-smoke` proves the harness works in seconds (embedded backends, no timing).
-BENCH_BROKERS ?= memory sqlite rabbitmq redis kafka nats sqs pubsub servicebus
+BENCH_BROKERS ?= memory sqlite rabbitmq redis kafka nats sqs pubsub servicebus postgresql
 # The brokers among them that run as local processes (integration/brokers.py); sqs, pubsub and servicebus are
 # their local stand-ins: moto, Google's pstest fake and the sbbroker test double.
-BENCH_LOCAL := $(filter rabbitmq redis kafka nats sqs pubsub servicebus,$(BENCH_BROKERS))
+BENCH_LOCAL := $(filter rabbitmq redis kafka nats sqs pubsub servicebus postgresql,$(BENCH_BROKERS))
 BENCH_ARGS ?=
 BENCH_PYTHON ?= .venv/bin/python
 

@@ -1,6 +1,6 @@
 # Local brokers for the integration tests, as processes on 127.0.0.1 (no Docker). See docs/brokers.md.
 # Included from the root Makefile. Override the set with `make brokers BROKERS="redis nats"`.
-BROKERS ?= rabbitmq redis nats kafka pubsub sqs servicebus
+BROKERS ?= rabbitmq redis nats kafka pubsub sqs servicebus postgresql
 BROKERS_PYTHON ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
 
 .PHONY: brokers brokers-stop brokers-restart brokers-status

@@ -30,6 +30,8 @@ PACKAGES = {
     "redis": "msgbus-redis",
     "rediss": "msgbus-redis",
     "nats": "msgbus-nats",
+    "postgresql": "msgbus-postgresql",
+    "postgres": "msgbus-postgresql",
 }
 
 

@@ -201,6 +201,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("url", metavar="URL", help="the bus to measure")
 
+    relay = _command(
+        commands,
+        "relay",
+        "forward messages staged in a database's outbox table to a bus, until Ctrl-C or SIGTERM",
+        _run_relay,
+        "msgbus relay --from postgresql://app:pw@db:5432/orders --to kafka://broker:9092",
+        "msgbus relay --from sqlite:///./app.db --to amqp://guest:guest@127.0.0.1:5672/ --table outbox",
+        "",
+        "At least once, in commit order per key, with the ids the messages were staged with (docs/outbox.md).",
+        "Several relays may run against one database: one forwards, the others wait to take over.",
+    )
+    relay.add_argument(
+        "--from", dest="source", required=True, metavar="DB", help="postgresql:// or sqlite:/// database"
+    )
+    relay.add_argument("--to", dest="target", required=True, metavar="URL", help="the bus to forward to")
+    relay.add_argument("--table", default="msgbus_outbox", help="the outbox table (default msgbus_outbox)")
+    relay.add_argument("--batch", type=_positive_int, default=100, metavar="N", help="rows per round (default 100)")
+
     info = _command(
         commands,
         "info",
@@ -466,6 +484,25 @@ def _run_bench(args: argparse.Namespace, extra: list[str]) -> int:
     from . import _bench  # lazily: plain commands don't need it
 
     return _bench.main([args.url, *extra])
+
+
+def _run_relay(args: argparse.Namespace, _extra: list[str]) -> int:
+    from .outbox import Relay  # lazily: plain commands don't need it
+
+    relay = Relay(args.source, args.target, table=args.table, batch=args.batch)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        with _stop_on_signals(stop):
+            print(
+                f"msgbus: relaying {args.table} of {_redacted(args.source)} to {_redacted(args.target)}",
+                file=sys.stderr,
+            )
+            await relay.run(stop)
+
+    asyncio.run(run())
+    print(f"msgbus: forwarded {relay.forwarded} message(s), parked {relay.parked}", file=sys.stderr)
+    return EXIT_OK
 
 
 def _run_info(args: argparse.Namespace, _extra: list[str]) -> int:

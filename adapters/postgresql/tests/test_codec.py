@@ -1,0 +1,76 @@
+"""Record <-> row, without a server: hypothesis round trips and hostile rows."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from msgbus.adapter import Record
+from msgbus.errors import DecodeError, InvalidMessage
+from msgbus_postgresql._codec import decode, encode
+
+# Any str that UTF-8 can carry (no lone surrogates), NUL and control characters included.
+text = st.text(st.characters(exclude_categories=("Cs",)), max_size=40)
+
+records = st.builds(
+    Record,
+    body=st.binary(max_size=200),
+    id=text,
+    headers=st.dictionaries(text, text, max_size=6),
+    key=st.none() | text,
+    correlation_id=st.none() | text,
+    content_type=st.none() | text,
+    timestamp=st.floats(min_value=0, max_value=4e9, allow_nan=False),
+)
+
+
+@given(records)
+def test_every_record_round_trips(record: Record) -> None:
+    assert decode(*encode(record)) == record
+
+
+@given(text)
+def test_stored_metadata_never_holds_a_nul_byte_outside_the_body(value: str) -> None:
+    key, _, meta = encode(Record(body=b"\0", id=value, headers={value: value}, key=value))
+    assert b"\0" not in meta  # JSON escapes it: the row can go into any PostgreSQL column
+    assert key == value.encode()
+
+
+def test_lone_surrogates_are_invalid_messages() -> None:
+    for record in (Record(b"", "\ud800"), Record(b"", "id", {"h": "\udfff"}), Record(b"", "id", key="\ud800")):
+        with pytest.raises(InvalidMessage, match="UTF-8"):
+            encode(record)
+
+
+def test_a_non_finite_timestamp_is_an_invalid_message() -> None:
+    with pytest.raises(InvalidMessage):
+        encode(Record(b"", "id", timestamp=math.inf))
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [
+        b"not json",
+        b"\xff\xfe",
+        b"[]",
+        b'{"id": "x"}',
+        b"[1, {}, null, null, 0]",
+        b'["x", [], null, null, 0]',
+        b'["x", {"h": 1}, null, null, 0]',
+        b'["x", {}, 5, null, 0]',
+        b'["x", {}, null, null, "soon"]',
+    ],
+)
+def test_rows_msgbus_did_not_write_are_decode_errors(meta: bytes) -> None:
+    with pytest.raises(DecodeError):
+        decode(None, b"body", meta)
+
+
+def test_key_bytes_that_are_not_utf8_are_decode_errors() -> None:
+    meta = json.dumps(["x", {}, None, None, 0]).encode()
+    with pytest.raises(DecodeError):
+        decode(b"\xff", b"", meta)
