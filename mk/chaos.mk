@@ -3,7 +3,7 @@
 # proxy, a 3-node RabbitMQ cluster, a 3-broker Kafka cluster, and the usual test brokers), runs
 # integration/test_chaos.py at full volume and renders docs/reliability.md. `make test` runs the same suite at
 # CHAOS_CI_MESSAGES per scenario.
-CHAOS_BROKERS ?= toxiproxy rabbitmq redis kafka-proxied sqs pubsub servicebus rabbitmq-cluster kafka-cluster
+CHAOS_BROKERS ?= toxiproxy rabbitmq redis kafka-proxied sqs pubsub servicebus nats postgresql rabbitmq-cluster kafka-cluster
 CHAOS_MESSAGES ?= 2000
 CHAOS_CI_MESSAGES ?= 300
 # A comma list of rows (backends) to run, e.g. CHAOS_ROWS=redis,kafka; empty: all.
@@ -15,7 +15,7 @@ export MSGBUS_CHAOS_QUICK ?= 1
 
 # make test runs the rows in two pytest processes at once, each on its own brokers (the suite's streams are
 # light; the two cores are mostly busy restarting brokers), to stay within CI's budget.
-CHAOS_CI_GROUPS ?= rabbitmq,redis,kafka,rabbitmq-cluster sqs,pubsub,servicebus,kafka-cluster
+CHAOS_CI_GROUPS ?= rabbitmq,redis,kafka,nats,rabbitmq-cluster sqs,pubsub,servicebus,postgresql,kafka-cluster
 
 .PHONY: chaos chaos-ci reliability brokers-chaos
 

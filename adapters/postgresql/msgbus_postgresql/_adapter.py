@@ -79,6 +79,7 @@ class PostgresAdapter(Adapter):
         )
         self._pool: asyncpg.Pool | None = None
         self._listener: asyncio.Task[None] | None = None
+        self._listening = asyncio.Event()  # set while a connection LISTENs (tests wait for it)
         self._waiters: dict[int, set[asyncio.Event]] = {}
         self._ids: dict[tuple[str, str, str, bool], int] = {}
         self._tables = False
@@ -226,6 +227,7 @@ class PostgresAdapter(Adapter):
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(o.channel, self._notified)
+                self._listening.set()
                 self._wake_all()
                 pause = 0.1
                 while True:
@@ -239,6 +241,7 @@ class PostgresAdapter(Adapter):
                 if not self._closed:
                     log.warning("postgresql: listening connection lost (%s); reconnecting", convert(exc, "listen"))
             finally:
+                self._listening.clear()
                 if conn is not None:
                     conn.terminate()
             self._wake_all()

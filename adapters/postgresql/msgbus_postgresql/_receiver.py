@@ -100,7 +100,8 @@ class PostgresReceiver(Receiver):
             try:
                 await asyncio.wait_for(self._wake.wait(), min(left, pause))
             except TimeoutError:
-                pass
+                if pause >= left:  # waited out the caller's timeout: what comes now is for the next call
+                    return []
 
     async def _lease(self, limit: int) -> list[Delivery]:
         sql, endpoint_id, token = self._adapter.sql, self.endpoint_id, new_lease()

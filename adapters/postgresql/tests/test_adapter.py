@@ -113,19 +113,25 @@ async def test_a_message_over_the_limit_is_refused_and_stores_nothing(make_adapt
 
 
 async def _woken_by_another_adapter(make_adapter: MakeAdapter) -> list[Delivery]:
-    """A receiver that would not poll for a minute waits 3 s while another adapter sends after 0.5 s."""
+    """A receiver that would not poll for a minute waits 5 s while another adapter sends after 1.5 s.
+
+    The send must come after the receiver's last look at the table (a lease, then the next visible row), which
+    takes a few hundred ms on a loaded machine: hence 1.5 s.
+    """
     waiting = await make_adapter(poll_interval=60)
     other = await make_adapter()  # another pool and listener: as another process would be
     await waiting.declare(QUEUE)
+    # The listener's first connect wakes every receiver (notifications before it were lost): let it happen first.
+    await asyncio.wait_for(waiting._listening.wait(), 30)
     receiver = await waiting.receiver(QUEUE, prefetch=5)
     assert await receiver.receive(5, 0.2) == []
 
     async def send_soon() -> None:
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(1.5)
         await other.send(QUEUE, _records(1))
 
     sender = asyncio.create_task(send_soon())
-    got = await receiver.receive(5, 3.0)  # within one wait: only a NOTIFY can end it before 60 s
+    got = await receiver.receive(5, 5.0)  # within one wait: only a NOTIFY can end it before 60 s
     await sender
     return got
 
