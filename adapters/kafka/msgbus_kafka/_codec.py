@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from msgbus.adapter import Endpoint, Record
+from msgbus.errors import InvalidMessage
 
 ID = "x-msgbus-id"
 CORRELATION_ID = "x-msgbus-correlation-id"
@@ -35,7 +36,17 @@ class KafkaRecord:
 
 
 def encode(record: Record) -> KafkaRecord:
-    """The Kafka record for ``record``: user headers first, then msgbus's fields."""
+    """The Kafka record for ``record``: user headers first, then msgbus's fields.
+
+    ``InvalidMessage`` for a record that is not what ``Record`` says (the core checked those it built).
+    """
+    try:
+        return _encode(record)
+    except (AttributeError, TypeError, ValueError, OverflowError) as exc:
+        raise InvalidMessage(f"record {record.id!r:.60} cannot be sent: {exc}") from None
+
+
+def _encode(record: Record) -> KafkaRecord:
     headers = [(k, v.encode()) for k, v in record.headers.items()]
     headers.append((ID, record.id.encode()))
     headers.append((TIMESTAMP, repr(record.timestamp).encode()))

@@ -102,6 +102,22 @@ def decode(msg: ServiceBusReceivedMessage, endpoint: Endpoint) -> tuple[Record, 
     return record, attempt
 
 
+def read(msg: ServiceBusReceivedMessage, endpoint: Endpoint) -> tuple[Record, int, str | None]:
+    """``decode``, never failing: a message msgbus cannot read comes back as what could be read (its body,
+    else nothing, and its id) with the reason as the third item, for the core to dead-letter. One damaged
+    message must not make the receive of its whole batch raise."""
+    try:
+        record, attempt = decode(msg, endpoint)
+    except Exception as exc:
+        try:
+            body = _body(msg)
+        except Exception:
+            body = b""
+        mid = msg.message_id if msg.message_id is not None else msg.sequence_number
+        return Record(body=body, id=_text(mid)), (msg.delivery_count or 0) + 1, f"unreadable Service Bus message: {exc}"
+    return record, attempt, None
+
+
 def _enqueued(msg: ServiceBusReceivedMessage) -> float:
     when = msg.enqueued_time_utc
     return when.timestamp() if when is not None else 0.0
