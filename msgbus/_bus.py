@@ -319,7 +319,8 @@ class _Sender:
                         raise MessageTooLarge(size, limit)
                 records.append(record)
             else:
-                merged = {**(headers or {}), **(item.headers or {})} if headers or item.headers else None
+                own = _check_headers(item.headers)
+                merged = {**shared_headers, **own} if shared_headers or own else None
                 records.append(
                     self._record(
                         item.body,

@@ -27,11 +27,11 @@ def encode(body: object, content_type: str | None = None) -> tuple[bytes, str]:
     if isinstance(body, bytes | bytearray | memoryview):
         return bytes(body), content_type or BYTES
     if isinstance(body, str):
-        return body.encode(), content_type or TEXT
+        return _utf8(body, "str body"), content_type or TEXT
     if isinstance(body, _JSON_TYPES):
         data = body
     elif hasattr(body, "model_dump_json") and hasattr(type(body), "model_fields"):
-        return body.model_dump_json().encode(), content_type or JSON
+        return _utf8(body.model_dump_json(), "model body"), content_type or JSON
     elif dataclasses.is_dataclass(body) and not isinstance(body, type):
         data = dataclasses.asdict(body)
     else:
@@ -41,9 +41,16 @@ def encode(body: object, content_type: str | None = None) -> tuple[bytes, str]:
         )
     try:
         text = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidMessage(f"body is not JSON-serialisable: {exc}") from exc
-    return text.encode(), content_type or JSON
+    return _utf8(text, "JSON body"), content_type or JSON
+
+
+def _utf8(text: str, what: str) -> bytes:
+    try:
+        return text.encode()
+    except UnicodeEncodeError as exc:  # a lone surrogate
+        raise InvalidMessage(f"{what} is not valid text: {exc.reason} at position {exc.start}") from None
 
 
 def decode_delivery(delivery: Delivery, model: type[Any] | None) -> Any:

@@ -186,7 +186,7 @@ _TOKENS = ("Qx7Zt", "Wv3Kp", "Jm9Rd")  # each part of the password between speci
 @given(
     specials=st.lists(_SPECIAL, min_size=2, max_size=2),
     encode=st.booleans(),
-    scheme=st.sampled_from(["amqp", "redis", "kafka", "memory", "servicebus"]),
+    scheme=st.sampled_from(["amqp", "redis", "kafka", "memory", "servicebus", "connection-string"]),
     user=st.sampled_from(["", "svc", "a:b"]),
     tail=st.sampled_from(["@host/", "@host:5672/vhost", "@host:notaport/", "@[::1]:1/", "@host/?x=1&password=z"]),
 )
@@ -206,6 +206,8 @@ def test_generated_passwords_never_appear_in_any_output(
     password = _TOKENS[0] + specials[0] + _TOKENS[1] + specials[1] + _TOKENS[2]
     shown_password = quote(password, safe="") if encode else password
     url = f"{scheme}://{quote(user, safe=':') if encode else user}:{shown_password}{tail}"
+    if scheme == "connection-string":  # Azure's form: the key is a Name=Value part
+        url = f"Endpoint=sb://ns.example/;SharedAccessKeyName={user or 'Root'};SharedAccessKey={shown_password}"
     seen: list[str] = []
     logs = io.StringIO()
     handler = logging.StreamHandler(logs)
