@@ -76,7 +76,38 @@ def decode_delivery(delivery: Delivery, model: type[Any] | None) -> Any:
 
 def received_problem(record: Record) -> str | None:
     """What makes a received record unfit to hand to a handler (wrong types, unencodable text, a timestamp
-    no clock can show), or ``None``. Cheap: it runs once per received message."""
+    no clock can show), or ``None``. It runs once per received message: the common record (exact types,
+    ASCII text, a float timestamp) is passed by one expression; anything else gets the full check."""
+    key, cid, ctype, headers, ts = (
+        record.key,
+        record.correlation_id,
+        record.content_type,
+        record.headers,
+        record.timestamp,
+    )
+    if (
+        type(record.body) is bytes
+        and type(record.id) is str
+        and record.id.isascii()
+        and (key is None or (type(key) is str and key.isascii()))
+        and (cid is None or (type(cid) is str and cid.isascii()))
+        and (ctype is None or (type(ctype) is str and ctype.isascii()))
+        and type(ts) is float
+        and 0.0 <= ts < TIMESTAMP_LIMIT
+        and (not headers or (type(headers) is dict and _ascii_headers(headers)))
+    ):
+        return None
+    return _full_check(record)
+
+
+def _ascii_headers(headers: dict[str, str]) -> bool:
+    for k, v in headers.items():
+        if type(k) is not str or type(v) is not str or not (k.isascii() and v.isascii()):
+            return False
+    return True
+
+
+def _full_check(record: Record) -> str | None:
     body, text = record.body, (record.id, record.key, record.correlation_id, record.content_type)
     if not isinstance(body, bytes):
         return f"the body is a {type(body).__name__}, not bytes"
