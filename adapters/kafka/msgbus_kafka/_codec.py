@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from msgbus.adapter import Endpoint, Record
+from msgbus.adapter import TIMESTAMP_LIMIT, Endpoint, Record
 from msgbus.errors import InvalidMessage
 
 ID = "x-msgbus-id"
@@ -47,6 +47,10 @@ def encode(record: Record) -> KafkaRecord:
 
 
 def _encode(record: Record) -> KafkaRecord:
+    if not isinstance(record.body, bytes):
+        raise TypeError(f"the body is a {type(record.body).__name__}, not bytes")
+    if not 0 <= record.timestamp < TIMESTAMP_LIMIT:  # NaN too
+        raise ValueError(f"the timestamp {record.timestamp!r} is not a time in seconds since the epoch")
     headers = [(k, v.encode()) for k, v in record.headers.items()]
     headers.append((ID, record.id.encode()))
     headers.append((TIMESTAMP, repr(record.timestamp).encode()))

@@ -92,7 +92,11 @@ def test_an_unreadable_message_is_read_as_its_body_and_a_problem(extra: dict[str
     with pytest.raises(DecodeError):
         _codec.decode(msg, QUEUE)
     record, attempt, problem = _codec.read(msg, QUEUE)
-    assert (record.body, record.id, attempt) == (b"payload", "id-7", 3)
-    assert problem is not None and "unreadable Service Bus message" in problem
+    assert (record.body, record.id, record.headers, attempt) == (b"payload", "id-7", {"h": "v"}, 3)
+    assert problem is not None and "malformed msgbus property" in problem
+    dead = {**extra, _codec.DL_REASON: "DecodeError: bad", _codec.DL_DESCRIPTION: _codec.description(3)}
+    in_dlq = _received(Record(b"payload", "id-7"), extra=dead)
+    record, _, problem = _codec.read(in_dlq, Endpoint("queue", "orders", dead_letter=True))
+    assert problem is not None and record.headers[HEADER_DEAD_LETTER_REASON] == "DecodeError: bad", "reason kept"
     sound = _received(Record(b"ok", "id-8"))
     assert _codec.read(sound, QUEUE) == (*_codec.decode(sound, QUEUE), None)
