@@ -638,8 +638,8 @@ def _redacted(url: str) -> str:
         from ._url import parse_url
 
         return parse_url(url).redacted
-    except Exception:
-        return url.split("@")[-1]
+    except Exception:  # fail closed: a URL that does not parse may hold a password anywhere
+        return url.split("://", 1)[0] + "://..."
 
 
 def render_text(result: dict[str, Any]) -> str:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import logging
+import math
 import os
 import re
 import time
@@ -20,7 +22,7 @@ from ._coalesce import Coalescer
 from ._message import Message, Outgoing
 from ._retry import RetryPolicy
 from ._url import BusURL
-from .adapter import RESERVED_HEADER_PREFIX, Adapter, Delivery, Endpoint, Receiver, Record
+from .adapter import RESERVED_HEADER_PREFIX, Adapter, Delivery, Endpoint, Receiver, Record, dead_letter_reason
 from .errors import (
     CapabilityMissing,
     ClosedError,
@@ -56,7 +58,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$")
 
 
 def _check_name(what: str, name: object) -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ConfigError(
             f"{what} name must be 1-200 characters of letters, digits, '_', '.', '-' (starting with a letter or "
             f"digit), got {name!r}"
@@ -106,11 +108,14 @@ class Bus:
                 self._state = "open"
 
     async def close(self) -> None:
-        """Close consumers (releasing unhandled prefetched messages) and disconnect; idempotent."""
+        """Close consumers, then disconnect; idempotent. A consumer's running ``run()`` is stopped gracefully
+        first (in-flight handlers finish within its ``shutdown_timeout`` and their acks go out), so closing the
+        bus from another task does not pull the connection from under finished work."""
         if self._state == "closed":
             return
-        for consumer in list(self._consumers):
-            await consumer.close()
+        consumers = list(self._consumers)
+        if consumers:
+            await asyncio.gather(*(c.close() for c in consumers))
         self._state = "closed"
         await self._adapter.close()
 
@@ -241,7 +246,7 @@ class _Sender:
         content_type: str | None,
         now: float,
     ) -> Record:
-        payload, ctype = _codec.encode(body, content_type)
+        payload, ctype = _codec.encode(body, _opt_str("content_type", content_type))
         record = Record(
             body=payload,
             id=_opt_str("message_id", message_id) or new_id(),
@@ -261,9 +266,7 @@ class _Sender:
     def _delay(self, delay: float | timedelta | None) -> float | None:
         if delay is None:
             return None
-        seconds = delay.total_seconds() if isinstance(delay, timedelta) else delay
-        if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds != seconds or seconds < 0:
-            raise InvalidMessage(f"delay must be a number of seconds >= 0 or a timedelta, got {delay!r}")
+        seconds = _seconds("delay", delay.total_seconds() if isinstance(delay, timedelta) else delay)
         if seconds == 0:
             return None
         caps = self._bus.capabilities
@@ -295,6 +298,8 @@ class _Sender:
     async def _many(
         self, items: Iterable[Any], key: str | None, headers: Mapping[str, str] | None, delay: float | timedelta | None
     ) -> list[str]:
+        if isinstance(items, str | bytes | bytearray | Mapping) or not isinstance(items, Iterable):
+            raise InvalidMessage(f"send_many takes an iterable of bodies or Outgoing items, not {type(items).__name__}")
         now = time.time()
         records = []
         # Plain bodies share the batch's key and headers: check those once, not per item.
@@ -314,7 +319,8 @@ class _Sender:
                         raise MessageTooLarge(size, limit)
                 records.append(record)
             else:
-                merged = {**(headers or {}), **(item.headers or {})} if headers or item.headers else None
+                own = _check_headers(item.headers)
+                merged = {**shared_headers, **own} if shared_headers or own else None
                 records.append(
                     self._record(
                         item.body,
@@ -390,9 +396,34 @@ class Publisher(_Sender):
 
 
 def _opt_str(name: str, value: object) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    raise InvalidMessage(f"{name} must be a str, not {type(value).__name__}")
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidMessage(f"{name} must be a str, not {type(value).__name__}")
+    if not value.isascii():
+        _check_text(name, value)
+    return value
+
+
+def _check_text(what: str, text: str) -> None:
+    """Every backend stores text as UTF-8: a lone surrogate (from a bad decode upstream) cannot go anywhere."""
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        raise InvalidMessage(f"{what} is not valid text: {exc.reason} at position {exc.start}") from None
+
+
+def _seconds(what: str, value: object) -> float:
+    """A finite, non-negative number of seconds as a float, or ``InvalidMessage`` (never a bare
+    ``OverflowError``, and never infinity, which would park a message for good)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            seconds = float(value)
+        except OverflowError:
+            seconds = math.inf
+        if 0 <= seconds < math.inf:
+            return seconds
+    raise InvalidMessage(f"{what} must be a finite number of seconds >= 0 (or a timedelta), got {value!r:.40}")
 
 
 def _check_headers(headers: Mapping[str, str] | None) -> Mapping[str, str]:
@@ -408,6 +439,9 @@ def _check_headers(headers: Mapping[str, str] | None) -> Mapping[str, str]:
             raise InvalidMessage(f"header {k!r} must have a str value, not {type(v).__name__}")
         if k.lower().startswith(RESERVED_HEADER_PREFIX):
             raise InvalidMessage(f"header {k!r}: names starting with {RESERVED_HEADER_PREFIX!r} are reserved")
+        if not (k.isascii() and v.isascii()):
+            _check_text(f"header {k[:40]!r}", k)
+            _check_text(f"header {k[:40]!r}", v)
         out[k] = v
     return out
 
@@ -422,8 +456,12 @@ class Consumer(Generic[T]):
     def __init__(
         self, bus: Bus, endpoint: Endpoint, model: type[T] | None, prefetch: int | None, retry: RetryPolicy | None
     ) -> None:
-        if prefetch is not None and (not isinstance(prefetch, int) or prefetch < 1):
-            raise ConfigError(f"prefetch must be a positive int, got {prefetch!r}")
+        if prefetch is not None and not _whole(prefetch, 1, MAX_PREFETCH):
+            raise ConfigError(f"prefetch must be an int from 1 to {MAX_PREFETCH}, got {prefetch!r:.40}")
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise ConfigError(f"retry must be a msgbus.RetryPolicy, not {type(retry).__name__}")
+        if model is not None:
+            _codec.check_model(model)
         self._bus = bus
         self._endpoint = endpoint
         self._model = model
@@ -438,6 +476,7 @@ class Consumer(Generic[T]):
         self._stop: asyncio.Event | None = None
         self._acks: list[Delivery] = []
         self._ack_flush: asyncio.Task[None] | None = None
+        self._running: asyncio.Future[None] | None = None  # while run() works: resolved when it has returned
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self._endpoint} on {self._bus.url}>"
@@ -470,6 +509,13 @@ class Consumer(Generic[T]):
         """Stop receiving; messages fetched but not handed out are released (nacked). Idempotent."""
         if self._closed:
             return
+        running = self._running
+        if running is not None and not running.done() and _RUNNING.get() is not self:
+            # run() is working in another task: let it shut down gracefully (handlers finish, acks go out)
+            # before the receiver goes away under them. Not from inside one of its handlers: that would wait
+            # for itself until shutdown_timeout.
+            self.stop()
+            await asyncio.shield(running)
         self._closed = True
         if self._stop is not None:
             self._stop.set()
@@ -541,10 +587,10 @@ class Consumer(Generic[T]):
         out: list[Message[T]] = []
         for delivery in await receiver.receive(room, timeout):
             try:
-                body = _codec.decode(delivery.record.body, delivery.record.content_type, self._model)
+                body = _codec.decode_delivery(delivery, self._model)
             except DecodeError as err:
                 if self._endpoint.dead_letter:  # already dead: hand it out raw rather than loop
-                    body = delivery.record.body
+                    body = _codec.sanitize(delivery).body
                 else:
                     await self._dead_letter_undecodable(delivery, err)
                     continue
@@ -553,18 +599,18 @@ class Consumer(Generic[T]):
         return out
 
     async def _dead_letter_undecodable(self, delivery: Delivery, err: DecodeError) -> None:
-        log.warning(
-            "msgbus: message %s on %s is undecodable; dead-lettering it: %s", delivery.record.id, self._endpoint, err
-        )
+        record = _codec.sanitize(delivery)  # metadata it can store, whatever the message held
+        log.warning("msgbus: message %s on %s is undecodable; dead-lettering it: %s", record.id, self._endpoint, err)
         try:
-            await delivery.dead_letter(f"DecodeError: {err}")
-        except MsgbusError as exc:
-            log.warning("msgbus: could not dead-letter undecodable %s: %s", delivery.record.id, exc)
+            await delivery.dead_letter(dead_letter_reason(f"DecodeError: {err}"))
+        except Exception as exc:  # nothing about one message may stop the loop; its lock expires, it comes back
+            log.warning("msgbus: could not dead-letter undecodable %s: %s", record.id, _codec.describe(exc))
 
     async def receive(self, max_messages: int = 1, timeout: float = 1.0) -> list[Message[T]]:
         """Wait up to ``timeout`` seconds for messages; returns up to ``max_messages`` (``[]`` on timeout)."""
-        if max_messages < 1:
-            raise ConfigError("max_messages must be >= 1")
+        if not _whole(max_messages, 1, MAX_PREFETCH):
+            raise ConfigError(f"max_messages must be an int from 1 to {MAX_PREFETCH}, got {max_messages!r:.40}")
+        timeout = _config_seconds("timeout", timeout)
         if self._closed:
             raise ClosedError(f"{self!r} is closed")
         out: list[Message[T]] = []
@@ -629,20 +675,48 @@ class Consumer(Generic[T]):
         as its reason; undecodable messages are dead-lettered at once. On stop, prefetched messages are
         released and in-flight handlers get ``shutdown_timeout`` seconds before being cancelled (and nacked).
         """
-        if not isinstance(concurrency, int) or concurrency < 1:
-            raise ConfigError(f"concurrency must be a positive int, got {concurrency!r}")
+        if not _whole(concurrency, 1, MAX_CONCURRENCY):
+            raise ConfigError(f"concurrency must be an int from 1 to {MAX_CONCURRENCY}, got {concurrency!r:.40}")
+        if not callable(handler) or not all(callable(mw) for mw in middleware):
+            raise ConfigError("run() needs an async handler function and middleware callables")
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise ConfigError(f"retry must be a msgbus.RetryPolicy, not {type(retry).__name__}")
+        shutdown_timeout = _config_seconds("shutdown_timeout", shutdown_timeout)
         if self._stop is not None and not self._stop.is_set():
             raise RuntimeError(f"{self!r} is already running")
         self._stop = asyncio.Event()
-        await self._start(max(2 * concurrency, 16))
-        await _runtime.run(
-            self,
-            _runtime.compose(handler, middleware),
-            concurrency=concurrency,
-            retry=retry or self._retry,
-            shutdown_timeout=shutdown_timeout,
-            stop=self._stop,
-        )
+        self._running = asyncio.get_running_loop().create_future()
+        token = _RUNNING.set(self)  # the runtime's tasks inherit it: close() from a handler must not wait
+        try:
+            await self._start(max(2 * concurrency, 16))
+            await _runtime.run(
+                self,
+                _runtime.compose(handler, middleware),
+                concurrency=concurrency,
+                retry=retry or self._retry,
+                shutdown_timeout=shutdown_timeout,
+                stop=self._stop,
+            )
+        finally:
+            _RUNNING.reset(token)
+            self._running.set_result(None)
+
+
+# The consumer whose run() the current task belongs to (its workers and handlers), if any.
+_RUNNING: contextvars.ContextVar[Consumer[Any] | None] = contextvars.ContextVar("msgbus_running", default=None)
+MAX_PREFETCH = 1_000_000  # messages held unsettled: more is a typo, and overflows some backends' counters
+MAX_CONCURRENCY = 10_000  # handler tasks of one run()
+
+
+def _whole(value: object, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _config_seconds(what: str, value: object) -> float:
+    """A finite, non-negative duration argument as a float, or ``ConfigError``."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1e15:
+        return float(value)
+    raise ConfigError(f"{what} must be a finite number of seconds >= 0, got {value!r:.40}")
 
 
 class Subscriber(Consumer[T]):

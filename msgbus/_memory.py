@@ -299,7 +299,7 @@ class _MemoryDelivery(Delivery):
         # Base __init__ inlined: this runs once per received message.
         self.record = msg.record
         self.attempt = self._lease = msg.attempt
-        self.raw = None
+        self.raw = self.problem = None
         self._receiver = receiver
         self._msg = msg
         self._settled = False

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from .adapter import HEADER_ATTEMPTS, HEADER_DEAD_LETTER_REASON, Delivery
+from .adapter import HEADER_ATTEMPTS, HEADER_DEAD_LETTER_REASON, Delivery, dead_letter_reason
+from .errors import InvalidMessage
 
 if TYPE_CHECKING:
     from ._bus import Consumer
@@ -103,14 +104,24 @@ class Message(Generic[T]):
             await self._delivery.ack()
 
     async def nack(self, delay: float | None = None) -> None:
-        """Make the message available again, after ``delay`` seconds where the backend supports it."""
+        """Make the message available again, after ``delay`` seconds where the backend supports it.
+
+        ``delay`` is a finite number of seconds >= 0 (else ``InvalidMessage``, and the message stays unsettled).
+        """
+        if delay is not None and not (isinstance(delay, int | float) and not isinstance(delay, bool)):
+            raise InvalidMessage(f"nack delay must be a number of seconds or None, not {type(delay).__name__}")
+        if delay is not None and not 0 <= delay < 1e15:  # NaN and infinity too: infinity would park it for good
+            raise InvalidMessage(f"nack delay must be a finite number of seconds >= 0, got {delay!r:.40}")
         if self._settle():
-            await self._delivery.nack(delay)
+            await self._delivery.nack(None if delay is None else float(delay))
 
     async def reject(self, reason: str) -> None:
-        """Dead-letter the message with ``reason``; it is not redelivered here."""
+        """Dead-letter the message with ``reason`` (cut to ``MAX_DEAD_LETTER_REASON`` characters); it is not
+        redelivered here."""
+        if not isinstance(reason, str):
+            raise InvalidMessage(f"reject reason must be a str, not {type(reason).__name__}")
         if self._settle():
-            await self._delivery.dead_letter(reason)
+            await self._delivery.dead_letter(dead_letter_reason(reason))
 
     def _settle(self) -> bool:
         if self.settled:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
+
+from .errors import ConfigError
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,14 +20,25 @@ class RetryPolicy:
     jitter: float = 0.5  # fraction of the delay randomised away (0 = none, 1 = "full jitter")
 
     def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ValueError("max_attempts must be >= 1")
-        if self.initial_backoff < 0 or self.max_backoff < 0 or self.multiplier < 1:
-            raise ValueError("backoffs must be >= 0 and multiplier >= 1")
-        if not 0 <= self.jitter <= 1:
-            raise ValueError("jitter must be between 0 and 1")
+        if not isinstance(self.max_attempts, int) or isinstance(self.max_attempts, bool) or self.max_attempts < 1:
+            raise ConfigError(f"max_attempts must be an int >= 1, got {self.max_attempts!r:.40}")
+        for name in ("initial_backoff", "max_backoff", "multiplier", "jitter"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value < math.inf:
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value!r:.40}")
+        if self.multiplier < 1:
+            raise ConfigError(f"multiplier must be >= 1, got {self.multiplier!r}")
+        if self.jitter > 1:
+            raise ConfigError(f"jitter must be between 0 and 1, got {self.jitter!r}")
 
     def backoff(self, attempt: int) -> float:
-        """Seconds to wait before the delivery after ``attempt`` (1-based)."""
-        base = min(self.max_backoff, self.initial_backoff * self.multiplier ** max(0, attempt - 1))
+        """Seconds to wait before the delivery after ``attempt`` (1-based); never more than ``max_backoff``."""
+        if not isinstance(attempt, int) or isinstance(attempt, bool):
+            raise ConfigError(f"attempt must be an int, got {attempt!r:.40}")
+        if self.initial_backoff == 0:
+            return 0.0
+        try:
+            base = min(self.max_backoff, self.initial_backoff * self.multiplier ** max(0, attempt - 1))
+        except OverflowError:  # the exponential passed what a float holds long ago: it is capped anyway
+            base = self.max_backoff
         return base * (1 - self.jitter * random.random())

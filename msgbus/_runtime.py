@@ -8,8 +8,10 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ._codec import describe
 from ._message import Message
 from ._retry import RetryPolicy
+from .adapter import MAX_DEAD_LETTER_REASON
 from .errors import MsgbusError
 
 if TYPE_CHECKING:
@@ -42,7 +44,7 @@ async def run(
     in_flight: set[Message[Any]] = set()
 
     async def settle_failure(msg: Message[Any], exc: BaseException) -> None:
-        reason = f"{type(exc).__name__}: {exc}"
+        reason = describe(exc, MAX_DEAD_LETTER_REASON)
         if msg.attempt >= retry.max_attempts:
             log.warning("msgbus: message %s dead-lettered after %d attempts: %s", msg.id, msg.attempt, reason)
             await msg.reject(reason)
@@ -57,6 +59,12 @@ async def run(
 
     extending = bool(caps.lock_extension and caps.lock_duration)
 
+    async def failed(msg: Message[Any], exc: BaseException) -> None:
+        try:
+            await settle_failure(msg, exc)
+        except MsgbusError as err:
+            log.warning("msgbus: could not settle failed message %s: %s", msg.id, err)
+
     async def worker() -> None:
         # The per-message path: take from the consumer's buffer without a coroutine when it has some,
         # and track in-flight messages only when their locks need extending.
@@ -69,16 +77,23 @@ async def run(
                 in_flight.add(msg)
             try:
                 await handler(msg)
-            except asyncio.CancelledError:
+            except Exception as exc:
+                if not msg.settled:
+                    await failed(msg, exc)
+            except asyncio.CancelledError as exc:
+                # Raised by the handler itself (nobody cancelled this worker): a failure like any other, or
+                # run() would end as if stopped. Real cancellation (shutdown_timeout) nacks and ends the worker.
+                if not _cancelling():
+                    if not msg.settled:
+                        await failed(msg, exc)
+                    continue
                 if not msg.settled:
                     await _quietly(msg.nack())
                 raise
-            except Exception as exc:
+            except BaseException:  # SystemExit, KeyboardInterrupt...: they end run(); the message comes back
                 if not msg.settled:
-                    try:
-                        await settle_failure(msg, exc)
-                    except MsgbusError as err:
-                        log.warning("msgbus: could not settle failed message %s: %s", msg.id, err)
+                    await _quietly(msg.nack())
+                raise
             else:
                 consumer._ack_soon(msg)  # batched with other workers' acks; no-op if the handler settled it
             finally:
@@ -117,8 +132,17 @@ async def run(
             with contextlib.suppress(asyncio.CancelledError):
                 await extender
         stop_wait.cancel()
+        for w in workers:  # the first failure was raised above; the others are reported by it, not by asyncio
+            if w.done() and not w.cancelled():
+                w.exception()
         await consumer._release_buffered()
         await consumer._drain_acks()
+
+
+def _cancelling() -> bool:
+    """Whether the current task was asked to stop with ``cancel()`` (not just handed a CancelledError)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 async def _quietly(aw: Awaitable[None]) -> None:

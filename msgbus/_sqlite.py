@@ -112,9 +112,18 @@ _EndpointKey = tuple[str, str, str, int]
 
 
 def _translate(exc: BaseException, path: str) -> BaseException:
-    """The msgbus error for ``exc`` (with ``exc`` as its cause); non-sqlite exceptions pass through."""
-    if not isinstance(exc, sqlite3.Error):
+    """The msgbus error for ``exc`` (with ``exc`` as its cause); msgbus errors and BaseExceptions pass through.
+
+    Anything else that is not a ``sqlite3.Error`` (a value the driver cannot bind, say) is a non-retryable
+    ``BrokerError``: the adapter's methods raise msgbus errors only.
+    """
+    if isinstance(exc, MsgbusError) or not isinstance(exc, Exception):
         return exc
+    if not isinstance(exc, sqlite3.Error):
+        unexpected = BrokerError(f"sqlite operation on {path} failed: {type(exc).__name__}: {exc}"[:500])
+        unexpected.retryable = False
+        unexpected.__cause__ = exc
+        return unexpected
     code = (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
     err: MsgbusError
     if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
@@ -836,6 +845,12 @@ def database_path(url: BusURL) -> str:
         raise ConfigError("sqlite URL needs a database file, e.g. sqlite:///./msgbus.db")
     if path == ":memory:":
         raise ConfigError("sqlite://:memory: is not supported; use memory:// for a bus without a file")
+    if "\x00" in path:
+        raise ConfigError("sqlite database path must not contain a NUL character")
+    try:
+        path.encode()  # sqlite3 takes the path as UTF-8
+    except UnicodeError:
+        raise ConfigError("sqlite database path is not valid UTF-8 text") from None
     return os.path.abspath(path)
 
 

@@ -11,8 +11,9 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit
 from .errors import ConfigError
 
 _SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*$")
-_SECRET_OPTION = re.compile(r"(pass|secret|token|key|sig|credential|auth)", re.I)
+_SECRET_OPTION = re.compile(r"(pass|secret|token|key|sig|cred|auth|private|conn_?str|connection_string|dsn)", re.I)
 REDACTED = "***"
+MAX_OPTION_SECONDS = 1e9  # about 31 years: the largest float option value (they are all durations)
 
 
 def _is_secret(name: str) -> bool:
@@ -50,7 +51,7 @@ class BusURL:
         netloc = auth + (self.host or "")
         if self.port is not None:
             netloc += f":{self.port}"
-        query = "&".join(f"{k}={REDACTED if _is_secret(k) else quote(v, safe='/:,')}" for k, v in self.options.items())
+        query = "&".join(f"{k}={_shown_option(k, v)}" for k, v in self.options.items())
         return f"{self.scheme}://{netloc}{self.path}" + (f"?{query}" if query else "")
 
     def __str__(self) -> str:
@@ -65,6 +66,16 @@ class BusURL:
         for k, v in (extra or {}).items():
             merged[k] = v if isinstance(v, str) else _to_text(k, v)
         return OptionReader(self.scheme, merged)
+
+
+def _shown_option(name: str, value: str) -> str:
+    """An option value as ``redacted`` shows it: hidden when its name looks secret, and a URL inside it
+    (``endpoint_url=http://user:pw@host``) without its user name and password."""
+    if _is_secret(name):
+        return REDACTED
+    if "@" in value and "://" in value:
+        value = _scrub(value)
+    return quote(value, safe="/:,*")
 
 
 def _to_text(name: str, value: object) -> str:
@@ -87,32 +98,49 @@ def redact(text: str, secrets: list[str | None]) -> str:
 
 
 def parse_url(url: str) -> BusURL:
-    """Parse a bus URL, raising ``ConfigError`` (with the secret removed) when it is malformed.
+    """Parse a bus URL, raising ``ConfigError`` (never showing the password) when it is malformed.
 
     An Azure Service Bus connection string (``Endpoint=sb://...;SharedAccessKey...``) is accepted too.
+    A URL that two readers could split differently is refused rather than guessed at: an ``@`` after the
+    host (``amqp://svc:12345/secret@host/``, ``redis://:pw#frag@host``) means a user name or password holds
+    an unescaped ``/``, ``?``, ``#`` or ``@``, and the error asks for it percent-encoded. Error texts quote
+    nothing of such a URL but its scheme, so no reading of it can leak the password.
     """
     if not isinstance(url, str):
         raise ConfigError(f"bus URL must be a string, not {type(url).__name__}")
     text = url.strip()
     if text[:14].lower() == "endpoint=sb://":
         text = url_from_connection_string(text)
-    if "://" not in text:
+    scheme, sep, rest = text.partition("://")
+    if not sep:
         raise ConfigError("bus URL needs a scheme, e.g. 'memory://' or 'amqp://host:5672/'")
+    if not _SCHEME.match(scheme.lower()):
+        raise ConfigError("malformed URL scheme: letters, digits, '+', '.' or '-', starting with a letter")
+    scheme = scheme.lower()
+    authority = _authority(rest)
+    if authority and "@" in rest[len(authority) :]:
+        raise ConfigError(
+            f"ambiguous {scheme}:// URL: an '@' follows the host, so a user name or password holds an unescaped "
+            "'/', '?', '#' or '@'; percent-encode them (%2F, %3F, %23, %40)"
+        )
     try:
         parts = urlsplit(text)
+    except ValueError:
+        raise ConfigError(
+            f"malformed {scheme}:// URL: unbalanced '[' or ']' (an IPv6 host needs both; percent-encode them "
+            "in a user name or password)"
+        ) from None
+    try:
         port = parts.port
-    except ValueError as exc:
-        safe = _scrub(text)
-        raise ConfigError(f"malformed bus URL {safe!r}: {exc}") from None
-    scheme = parts.scheme.lower()
-    if not _SCHEME.match(scheme):
-        raise ConfigError(f"malformed URL scheme {scheme!r}")
-    if parts.fragment:
-        raise ConfigError(f"bus URL {_scrub(text)!r} must not have a '#fragment'")
+    except ValueError:
+        shown = "" if "@" in authority else f" {authority.rpartition(':')[2]!r}"
+        raise ConfigError(f"malformed {scheme}:// URL: the port{shown} is not a number from 0 to 65535") from None
+    if parts.fragment or "#" in text:
+        raise ConfigError("a bus URL must not have a '#fragment' (percent-encode a '#' in a password as %23)")
     options: dict[str, str] = {}
     for k, v in parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False):
         if not k:
-            raise ConfigError(f"bus URL {_scrub(text)!r} has an option without a name")
+            raise ConfigError(f"{scheme}:// URL has an option without a name")
         if k in options:
             raise ConfigError(f"option '{k}' is given twice in the bus URL")
         options[k] = v
@@ -128,15 +156,32 @@ def parse_url(url: str) -> BusURL:
     )
 
 
+def _authority(rest: str) -> str:
+    """The text after ``scheme://`` up to the first ``/``, ``?`` or ``#`` (what ``urlsplit`` takes as netloc)."""
+    end = len(rest)
+    for stop in "/?#":
+        at = rest.find(stop)
+        if 0 <= at < end:
+            end = at
+    return rest[:end]
+
+
 def _scrub(text: str) -> str:
-    """Best-effort redaction of a URL that could not be parsed."""
-    text = re.sub(r"(://[^:/@]*):[^@]*@", r"\1:" + REDACTED + "@", text)
-    return re.sub(
-        r"((?:^|[?&;])[^=&;]*(?:pass|secret|token|key|sig|credential|auth)[^=&;]*=)[^&;]*",
-        r"\1" + REDACTED,
-        text,
-        flags=re.I,
-    )
+    """Redact free text that may hold URLs or ``Name=secret`` pairs (a client library's error message).
+
+    Fails closed: after each ``scheme://`` everything up to the last ``@`` of that word is taken as a
+    user name and password, whatever it contains, and the value of every secret-looking ``name=value``
+    (or ``name:value``) is hidden up to the next separator.
+    """
+    text = re.sub(r"(\w://)[^\s'\"<>]*@", r"\1" + REDACTED + "@", text)
+    return _SECRET_PAIR.sub(lambda m: m.group(1) + REDACTED, text)
+
+
+_SECRET_PAIR = re.compile(
+    r"((?:^|(?<=[\s?&;,\"'{(]))[\w.-]*(?:pass|secret|token|key|sig|cred|auth|private|conn_?str|dsn)[\w.-]*[\"']?\s*[=:]\s*[\"']?)"
+    r"[^\s&;,\"'})]+",
+    re.I,
+)
 
 
 class OptionReader:
@@ -177,8 +222,12 @@ class OptionReader:
             out = float(value)
         except ValueError:
             raise ConfigError(f"option '{name}' must be a number, got {self._show(name, value)}") from None
-        if out != out or (min is not None and out < min):
-            raise ConfigError(f"option '{name}' must be a number >= {min}, got {value}")
+        # Every float option is a duration: infinity or 1e300 s would overflow the clocks they are added to.
+        if not -MAX_OPTION_SECONDS <= out <= MAX_OPTION_SECONDS or (min is not None and out < min):
+            low = f"{min:g}" if min is not None else f"{-MAX_OPTION_SECONDS:g}"
+            raise ConfigError(
+                f"option '{name}' must be a number from {low} to {MAX_OPTION_SECONDS:g}, got {self._show(name, value)}"
+            )
         return out
 
     def bool(self, name: builtins.str, default: builtins.bool) -> builtins.bool:

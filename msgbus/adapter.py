@@ -11,24 +11,29 @@ register a factory ``(BusURL, OptionReader) -> Adapter`` under the entry-point g
 from __future__ import annotations
 
 import abc
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from ._capabilities import Capabilities
 from ._url import BusURL
+from .errors import InvalidMessage
 
 __all__ = [
     "HEADER_ATTEMPTS",
     "HEADER_DEAD_LETTER_REASON",
     "HEADER_DEAD_LETTER_SOURCE",
+    "MAX_DEAD_LETTER_REASON",
     "RESERVED_HEADER_PREFIX",
+    "TIMESTAMP_LIMIT",
     "Adapter",
     "Capabilities",
     "Delivery",
     "Endpoint",
     "Receiver",
     "Record",
+    "dead_letter_reason",
     "dead_letter_record",
 ]
 
@@ -36,6 +41,10 @@ RESERVED_HEADER_PREFIX = "x-msgbus-"
 HEADER_DEAD_LETTER_REASON = "x-msgbus-dead-letter-reason"
 HEADER_DEAD_LETTER_SOURCE = "x-msgbus-dead-letter-source"
 HEADER_ATTEMPTS = "x-msgbus-attempts"
+#: Timestamps are seconds since the epoch before this one (10000-01-01, the end of ``datetime``'s range).
+TIMESTAMP_LIMIT = 253402300800.0
+#: Longest dead-letter reason, in characters (at most 4 KiB as UTF-8); longer ones are cut (``dead_letter_reason``).
+MAX_DEAD_LETTER_REASON = 1024
 
 
 @dataclass(slots=True)
@@ -55,11 +64,27 @@ class Record:
     timestamp: float = 0.0
 
     def size(self) -> int:
-        """Bytes counted against a backend's message size limit (body + metadata)."""
-        n = len(self.body) + len(self.id) + len(self.key or "") + len(self.correlation_id or "")
-        n += len(self.content_type or "")
-        for k, v in self.headers.items():
-            n += len(k.encode()) + len(v.encode())
+        """Bytes counted against a backend's message size limit (body + metadata, text as UTF-8).
+
+        Raises ``InvalidMessage`` for a record that cannot go on any wire: a body that is not bytes,
+        metadata that is not text, text that is not encodable (a lone surrogate), a timestamp that is not a
+        finite number >= 0. Every adapter's ``send`` measures its records, so a malformed one is refused
+        there, typed, before anything is stored.
+        """
+        try:
+            if not isinstance(self.body, bytes):
+                raise TypeError(f"the body is a {type(self.body).__name__}, not bytes")
+            ts = self.timestamp
+            if not isinstance(ts, int | float) or isinstance(ts, bool) or not 0 <= ts < TIMESTAMP_LIMIT:
+                raise TypeError(f"the timestamp {ts!r:.40} is not a time in seconds since the epoch")
+            n = len(self.body) + len(self.id.encode())
+            for text in (self.key, self.correlation_id, self.content_type):
+                if text is not None:
+                    n += len(text.encode())
+            for k, v in self.headers.items():
+                n += len(k.encode()) + len(v.encode())
+        except (TypeError, AttributeError, UnicodeError) as exc:
+            raise InvalidMessage(f"record {_shown(self.id)} cannot be sent: {exc}") from None
         return n
 
 
@@ -82,10 +107,35 @@ class Endpoint:
         return f"{self.kind}:{text}" + (" (dead letters)" if self.dead_letter else "")
 
 
+def dead_letter_reason(text: str) -> str:
+    """``text`` as a dead-letter reason every backend can store: at most ``MAX_DEAD_LETTER_REASON``
+    characters (cut with ``...``), with control characters other than tab and newline, lone surrogates
+    and other code points a header cannot hold replaced by U+FFFD. Idempotent."""
+    if not isinstance(text, str):
+        text = repr(text)
+    if len(text) > MAX_DEAD_LETTER_REASON:
+        text = text[: MAX_DEAD_LETTER_REASON - 3] + "..."
+    if not (text.isascii() and text.isprintable()):
+        text = _UNSTORABLE.sub("\ufffd", text)
+    return text
+
+
+# What no header of some backend can hold (SQS attributes take only XML characters; NUL ends C strings).
+_UNSTORABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f\ud800-\udfff\ufffe\uffff]")
+
+
+def _shown(text: object) -> str:
+    """A record id for an error message: short, and printable whatever it holds."""
+    return repr(text)[:80]
+
+
 def dead_letter_record(record: Record, reason: str, attempts: int, source: Endpoint) -> Record:
-    """The record to store in a dead-letter destination: original body and headers plus why."""
+    """The record to store in a dead-letter destination: original body and headers plus why.
+
+    The reason goes through ``dead_letter_reason`` (bounded and storable on every backend).
+    """
     headers = dict(record.headers)
-    headers[HEADER_DEAD_LETTER_REASON] = reason
+    headers[HEADER_DEAD_LETTER_REASON] = dead_letter_reason(reason)
     headers[HEADER_ATTEMPTS] = str(attempts)
     headers[HEADER_DEAD_LETTER_SOURCE] = str(replace(source, dead_letter=False))
     return replace(record, headers=headers)
@@ -94,12 +144,17 @@ def dead_letter_record(record: Record, reason: str, attempts: int, source: Endpo
 class Delivery(abc.ABC):
     """One received message and the handle that settles it. Settling twice is the core's to prevent."""
 
-    __slots__ = ("attempt", "raw", "record")
+    __slots__ = ("attempt", "problem", "raw", "record")
 
-    def __init__(self, record: Record, attempt: int, raw: object = None) -> None:
+    def __init__(self, record: Record, attempt: int, raw: object = None, problem: str | None = None) -> None:
         self.record = record
         self.attempt = attempt  # 1 on first delivery
         self.raw = raw
+        # Why the adapter could not read this message (its metadata is damaged, or it was not written by
+        # msgbus), with ``record`` holding what it could read (at least the raw body): never raise from
+        # ``receive`` over one message, which would strand its whole batch. The core dead-letters it with
+        # ``DecodeError: <problem>`` (a dead-letter consumer gets it raw).
+        self.problem = problem
 
     @abc.abstractmethod
     async def ack(self) -> None:

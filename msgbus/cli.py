@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit as exc:  # a delegated parser (contract) exiting on a usage error
             return exc.code if isinstance(exc.code, int) else EXIT_ERROR
         except (MsgbusError, UsageError) as err:
-            print(f"msgbus: error: {_one_line(err)}", file=sys.stderr)
+            print(f"msgbus: error: {printable(_one_line(err))}", file=sys.stderr)
             return EXIT_ERROR
         except KeyboardInterrupt:
             print("msgbus: interrupted", file=sys.stderr)
@@ -301,7 +301,7 @@ def _run_demo(args: argparse.Namespace, _extra: list[str]) -> int:
 
     def run(url: str) -> _demo.DemoResult:
         if progress is not None:
-            print(f"msgbus demo: {args.orders} orders, {args.workers} workers on {_redacted(url)}", file=out)
+            print(f"msgbus demo: {args.orders} orders, {args.workers} workers on {printable(_redacted(url))}", file=out)
         return asyncio.run(_demo.run(url, orders=args.orders, workers=args.workers, out=progress, live=live))
 
     if args.url is not None:
@@ -335,7 +335,7 @@ async def _send(url: str | None, args: argparse.Namespace, body: object) -> int:
         for message_id in ids:
             print(message_id)
         where = f"topic {args.queue!r}" if args.topic else f"queue {args.queue!r}"
-        print(f"msgbus: sent {len(ids)} message(s) to {where} on {bus.url}", file=sys.stderr)
+        print(f"msgbus: sent {len(ids)} message(s) to {where} on {printable(bus.url)}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -384,7 +384,7 @@ async def _consume(url: str | None, args: argparse.Namespace) -> int:
             consumer = bus.consumer(args.queue, prefetch=prefetch)
             what = _endpoint(args.queue, None)
         async with consumer:
-            print(f"msgbus: consuming {what} on {bus.url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+            print(f"msgbus: consuming {what} on {printable(bus.url)} (Ctrl-C to stop)", file=sys.stderr, flush=True)
             loop = asyncio.get_running_loop()
             idle_since = loop.time()
             try:
@@ -435,6 +435,8 @@ def _stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
 
 
 def _print_message(out: TextIO, n: int, msg: msgbus.Message[Any], json_lines: bool) -> None:
+    """One message on ``out``; whatever the message holds, no control character or terminal escape sequence
+    reaches the terminal (they are shown escaped, as ``\\x1b``), and each message keeps to its own lines."""
     if json_lines:
         record: dict[str, Any] = {
             "id": msg.id,
@@ -449,12 +451,24 @@ def _print_message(out: TextIO, n: int, msg: msgbus.Message[Any], json_lines: bo
             record["body_base64"] = base64.b64encode(msg.body).decode()
         else:
             record["body"] = msg.body
-        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        out.write(json.dumps(record, ensure_ascii=False).translate(_JSON_ESCAPES) + "\n")
     else:
         headers = " ".join(f"{k}={v}" for k, v in msg.headers.items())
         meta = f"#{n} id={msg.id} attempt={msg.attempt} key={msg.key or '-'}" + (f" {headers}" if headers else "")
-        out.write(f"{meta}\n  {_text(msg.body)}\n")
+        out.write(f"{printable(meta)}\n  {printable(_text(msg.body))}\n")
     out.flush()
+
+
+# Characters a terminal acts on rather than shows: C0 and C1 controls (ESC starts escape sequences, CSI is
+# U+009B), DEL, line and paragraph separators, and the bidirectional overrides that reorder what is shown.
+_UNSAFE = [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+_ESCAPES = {c: repr(chr(c))[1:-1] if c < 0x7F else f"\\u{c:04x}" for c in _UNSAFE}
+_JSON_ESCAPES = {c: f"\\u{c:04x}" for c in _UNSAFE if c >= 0x7F}  # json.dumps escapes C0 itself
+
+
+def printable(text: str) -> str:
+    """``text`` with every character a terminal would act on shown as an escape (``\\x1b``, ``\\n``, ``\\u202e``)."""
+    return text if text.isascii() and text.isprintable() else text.translate(_ESCAPES)
 
 
 def _text(body: object) -> str:
@@ -509,9 +523,10 @@ def _run_info(args: argparse.Namespace, _extra: list[str]) -> int:
     bus = msgbus.connect(_url(args))  # nothing is opened: capabilities are declared, not discovered
     caps = bus.capabilities.as_dict()
     if args.json:
-        print(json.dumps({"url": bus.url, "adapter": type(bus.adapter).__name__, "capabilities": caps}, indent=2))
+        shown = {"url": bus.url, "adapter": type(bus.adapter).__name__, "capabilities": caps}
+        print(json.dumps(shown, indent=2).translate(_JSON_ESCAPES))
         return EXIT_OK
-    rows = [("url", bus.url), ("adapter", f"{type(bus.adapter).__module__}.{type(bus.adapter).__name__}")]
+    rows = [("url", printable(bus.url)), ("adapter", f"{type(bus.adapter).__module__}.{type(bus.adapter).__name__}")]
     rows += [(name, _capability(name, value)) for name, value in caps.items()]
     _table(("capability", "value"), rows)
     return EXIT_OK
@@ -563,6 +578,13 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
+class _PrintableFormatter(logging.Formatter):
+    """Log lines name message ids and failure reasons, which come from the wire: escape what they hold."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
+
+
 @contextlib.contextmanager
 def _logging(verbose: bool, *, quiet_warnings: bool) -> Iterator[None]:
     """Route msgbus's log to stderr as bare lines for the duration of one command.
@@ -570,7 +592,7 @@ def _logging(verbose: bool, *, quiet_warnings: bool) -> Iterator[None]:
     ``-v`` shows INFO (each retry); the demo hides the WARNING lines its dead letters cause on purpose.
     """
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setFormatter(_PrintableFormatter("%(message)s"))
     saved = (log.level, log.propagate)
     log.addHandler(handler)
     log.setLevel(logging.INFO if verbose else logging.ERROR if quiet_warnings else logging.WARNING)

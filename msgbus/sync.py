@@ -8,6 +8,7 @@ plain functions executed in worker threads, and may settle their message themsel
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
@@ -19,26 +20,59 @@ from . import _bus
 from ._capabilities import Capabilities
 from ._message import Message
 from ._retry import RetryPolicy
+from .errors import ClosedError
 
 __all__ = ["SyncBus", "SyncConsumer", "SyncMessage", "SyncProducer", "SyncPublisher", "connect"]
 
 T = TypeVar("T")
 R = TypeVar("R")
 
+log = logging.getLogger("msgbus")
+
 
 class _Portal:
-    """One event loop on a daemon thread; ``call`` runs a coroutine there and blocks for its result."""
+    """One event loop on a daemon thread; ``call`` runs a coroutine there and blocks for its result.
+
+    The loop survives a ``SystemExit`` or ``KeyboardInterrupt`` raised inside it (by a handler, say): asyncio
+    lets those escape the loop, which would leave every blocked caller waiting forever. The portal logs it,
+    runs the loop on, and the exception reaches the caller whose call raised it. Once the loop has stopped,
+    every call still waiting, and every later one, fails with ``ClosedError``: nothing ever hangs on it.
+    """
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="msgbus-portal", daemon=True)
+        self._lock = threading.Lock()
+        self._waiting: set[Future[Any]] = set()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._main, name="msgbus-portal", daemon=True)
         self._thread.start()
+
+    def _main(self) -> None:
+        try:
+            while True:
+                try:
+                    self.loop.run_forever()
+                    return  # stop() was called
+                except BaseException as exc:  # escaped a task; the task holds it for its caller too
+                    log.warning("msgbus.sync: %s raised on the event loop; passed to its caller", type(exc).__name__)
+        finally:
+            with self._lock:
+                self._stopped = True
+                waiting, self._waiting = list(self._waiting), set()
+            for future in waiting:
+                if not future.done():
+                    future.set_exception(ClosedError("the msgbus.sync event loop stopped before this call finished"))
 
     def call(self, coro: Coroutine[Any, Any, R]) -> R:
         if threading.current_thread() is self._thread:
             coro.close()
             raise RuntimeError("msgbus.sync called from its own event loop thread; use the async API there")
-        future: Future[R] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        with self._lock:
+            if self._stopped:
+                coro.close()
+                raise ClosedError("the msgbus.sync bus is closed (its event loop has stopped)")
+            future: Future[R] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+            self._waiting.add(future)
         try:
             return future.result()
         except KeyboardInterrupt:
@@ -48,8 +82,14 @@ class _Portal:
             except BaseException:
                 pass
             raise
+        finally:
+            with self._lock:
+                self._waiting.discard(future)
 
     def stop(self) -> None:
+        with self._lock:
+            if self._stopped:
+                return
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
         if not self.loop.is_running():

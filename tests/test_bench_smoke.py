@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 import msgbus
+from msgbus import _bench
 from msgbus._bench import (
     LostMessages,
     MsgbusContender,
@@ -170,3 +171,11 @@ def test_contenders_option_rejects_unknown_names(capsys: pytest.CaptureFixture[s
     assert "no such contender for memory: kombu" in capsys.readouterr().err
     assert bench_main(["memory", "--smoke", "--workload", "publish", "--contenders", "msgbus"]) == 0
     assert "msgbus" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://:s3cr3t@host:port/0?password=s3cr3t", "amqp://u:s3cr3t@host:port/?key=s3cr3t"]
+)
+def test_a_url_that_does_not_parse_is_shown_without_its_secrets(url: str) -> None:
+    """It was shown as everything after the last '@', which kept secret options."""
+    assert _bench._redacted(url) == url.split("://")[0] + "://..."

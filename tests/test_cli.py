@@ -92,7 +92,7 @@ def test_bad_url_in_a_subprocess_has_no_traceback(tmp_path: Path) -> None:
     done = cli("consume", f"amqp://user:{SECRET}@host:notaport/", "orders", cwd=tmp_path)
     assert done.returncode == 2
     assert done.stdout == ""
-    assert done.stderr.startswith("msgbus: error: malformed bus URL") and done.stderr.count("\n") == 1
+    assert done.stderr.startswith("msgbus: error: malformed amqp:// URL") and done.stderr.count("\n") == 1
     assert SECRET not in done.stderr and "Traceback" not in done.stderr
 
 
@@ -299,3 +299,68 @@ def test_contract_runs_the_real_suite(capsys: pytest.CaptureFixture[str]) -> Non
     assert "1 passed, 0 failed" in capsys.readouterr().out
     assert main(["contract", memory_url(), "--only", "no-such-check"]) == 2
     assert main(["contract"]) == 2  # the URL is required
+
+
+# --- nothing from the wire reaches the terminal raw; no password reaches it at all ----------------------
+
+ESCAPES = "\x1b]0;pwned\x07\x1b[2J\x9b31m\u202etxt.exe\r\n#2 id=forged"
+
+
+def test_consume_escapes_control_characters_and_terminal_sequences(capsys: pytest.CaptureFixture[str]) -> None:
+    url = memory_url()
+    with msgbus.sync.connect(url) as bus:
+        bus.producer("q").send(ESCAPES, headers={"h\x1b[1m": ESCAPES}, key=ESCAPES, message_id="id\x1b[5m")
+        bus.producer("q").send(ESCAPES.encode() + b"\xff")  # bytes shown as text where they decode
+        bus.producer("q").send({"json": ESCAPES})
+    assert main(["consume", url, "q", "--count", "3"]) == 0
+    out = capsys.readouterr().out
+    assert not any(c in out for c in "\x1b\x07\x9b\u202e\r"), repr(out)
+    assert out.count("\n") == 6, "each message is its meta line and its body line, whatever it holds"
+    assert "\\x1b]0;pwned\\x07" in out and "\\u202e" in out
+
+
+def test_json_lines_escape_what_a_terminal_would_act_on(capsys: pytest.CaptureFixture[str]) -> None:
+    url = memory_url()
+    with msgbus.sync.connect(url) as bus:
+        bus.producer("q").send(ESCAPES, headers={"h": ESCAPES})
+        [msg] = bus.consumer("q").receive(1, 1.0)
+        msg.reject(ESCAPES)
+    assert main(["consume", url, "q", "--dead-letters", "--count", "1", "--json-lines"]) == 0
+    out = capsys.readouterr().out
+    assert not any(c in out for c in "\x1b\x07\x9b\u202e\r")
+    [record] = json_lines(out)
+    assert record["body"] == ESCAPES and record["headers"]["h"] == ESCAPES  # type: ignore[index]
+    reason = str(record["headers"]["x-msgbus-dead-letter-reason"])  # type: ignore[index]
+    assert reason.startswith("\ufffd]0;pwned\ufffd") and "\x9b31m\u202etxt.exe\ufffd\n#2" in reason
+
+
+def test_log_lines_are_escaped_too(capsys: pytest.CaptureFixture[str]) -> None:
+    url = memory_url()
+    with msgbus.sync.connect(url) as bus:
+        bus.producer("q").send(b"[[[", content_type="application/json", message_id="evil\x1b[2Jid")
+    assert main(["consume", url, "q", "--idle", "0.5"]) == 0  # undecodable: dead-lettered, logged
+    err = capsys.readouterr().err
+    assert "evil\\x1b[2Jid" in err and "\x1b" not in err
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"amqp://svc:12345/{SECRET}@host/",  # '/' in the password: the host was taken to be 'svc'
+        f"redis://:{SECRET}#frag@host/0",  # '#': the password was echoed as a bad port
+        f"amqp://user:a@{SECRET}@host/",
+        f"amqp://user:{SECRET}?x@host/",
+        f"amqp://user:{SECRET}@host:notaport/",
+        f"amqp://user:{SECRET}@host:99999/",
+        f"amqp://user:[{SECRET}@host/",
+        f"memory://x?password={SECRET}",
+        f"memory://x?sasl_password={SECRET}&visibility_timeout=bad",
+    ],
+)
+def test_info_never_shows_a_password(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    status = main(["info", url])
+    out, err = capsys.readouterr()
+    assert status in (0, 2) and SECRET not in out + err, out + err
+    status = main(["info", url, "--json"])
+    out, err = capsys.readouterr()
+    assert SECRET not in out + err

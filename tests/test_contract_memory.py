@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from msgbus import _memory
+from msgbus import Message, _codec, _memory, _url, adapter
 from msgbus.adapter import Endpoint, Record, dead_letter_record
+from msgbus.errors import DecodeError
 from msgbus.testing import ContractSuite, run_check
 from msgbus.testing._runner import select
 
@@ -38,7 +39,36 @@ def _first_subscription_only(self: Any, endpoint: Endpoint) -> list[Any]:
     return _REAL_TARGETS(self, endpoint)[:1]
 
 
+async def _receive_raising_on_unreadable(self: Any, max_messages: int, timeout: float) -> list[Any]:
+    """A receiver that raises over one message it cannot read (Service Bus did), stranding its batch."""
+    got = await _REAL_RECEIVE(self, max_messages, timeout)
+    if any("x-msgbus-prior-attempts" in d.record.headers for d in got):
+        raise DecodeError("malformed msgbus property")
+    return got
+
+
+def _decode_unguarded(delivery: Any, model: Any) -> Any:
+    """Decoding that lets a RecursionError (JSON nested deeper than the recursion limit) escape, as it did."""
+    try:
+        return _REAL_DECODE_DELIVERY(delivery, model)
+    except DecodeError as err:
+        if "nested too deeply" in str(err):
+            raise RecursionError("maximum recursion depth exceeded while decoding a JSON array") from None
+        raise
+
+
+async def _nack_unchecked(self: Message[Any], delay: float | None = None) -> None:
+    if self._settle():
+        await self._delivery.nack(delay)
+
+
+def _no_ambiguity_check(rest: str) -> str:
+    return ""
+
+
 _REAL_DEAD_LETTER_RECORD = dead_letter_record
+_REAL_RECEIVE = _memory._MemoryReceiver.receive
+_REAL_DECODE_DELIVERY = _codec.decode_delivery
 _REAL_STORE_INIT = _memory._Store.__init__
 _REAL_TARGETS = _memory.MemoryAdapter._targets
 
@@ -48,6 +78,16 @@ BREAKAGES: dict[str, tuple[Any, str, Any, str]] = {
     "dead letters lose the reason": (_memory, "dead_letter_record", _forget_reason, "reject dead-letters with reason"),
     "keys are not ordered": (_memory._Store, "__init__", _unordered_store, "per-key ordering"),
     "a topic reaches one subscription": (_memory.MemoryAdapter, "_targets", _first_subscription_only, "fan-out"),
+    "receive raises over one unreadable message": (
+        _memory._MemoryReceiver,
+        "receive",
+        _receive_raising_on_unreadable,
+        "undecodable payloads dead-lettered",
+    ),
+    "deep JSON escapes decoding": (_codec, "decode_delivery", _decode_unguarded, "undecodable payloads dead-lettered"),
+    "dead-letter reasons are not cut": (adapter, "MAX_DEAD_LETTER_REASON", 10**9, "bad input raises typed errors"),
+    "nack takes any delay": (Message, "nack", _nack_unchecked, "bad input raises typed errors"),
+    "URLs split at the first '@'": (_url, "_authority", _no_ambiguity_check, "bad input raises typed errors"),
 }
 
 

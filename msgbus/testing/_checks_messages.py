@@ -12,8 +12,16 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import msgbus
-from msgbus import Message, Outgoing
-from msgbus.errors import AdapterNotInstalled, CapabilityMissing, ConfigError, InvalidMessage, MessageTooLarge
+from msgbus import Message, Outgoing, RetryPolicy
+from msgbus.adapter import MAX_DEAD_LETTER_REASON, TIMESTAMP_LIMIT, Endpoint, Record
+from msgbus.errors import (
+    AdapterNotInstalled,
+    CapabilityMissing,
+    ConfigError,
+    InvalidMessage,
+    MessageTooLarge,
+    MsgbusError,
+)
 
 from ._context import ContractContext, Tally, ensure, fail
 from ._flow import (
@@ -275,6 +283,173 @@ async def check_undecodable_dead_lettered(ctx: ContractContext) -> None:
     await stop_run(consumer, task)
     ctx.note(f"{line_good}; {line_bad} ({', '.join(bad_kinds)}), decode reason, payload intact")
     ctx.note(f"the loop went on: {len(more)} more handled afterwards; {quiet}")
+    await _check_bad_in_a_batch(ctx)
+
+
+# Private fields adapters keep in headers or properties (``x-msgbus-`` names), given garbage through the adapter
+# interface itself, as a foreign producer on the same broker could: each message must be delivered with sound
+# metadata or dead-lettered, never stop a receive nor strand the batch it came in.
+_DAMAGED_METADATA: dict[str, dict[str, str]] = {
+    "timestamp-text": {"x-msgbus-timestamp": "not-a-time"},
+    "timestamp-nan": {"x-msgbus-timestamp": "nan"},
+    "timestamp-huge": {"x-msgbus-timestamp": "1e300"},
+    "prior-attempts": {"x-msgbus-prior-attempts": "zz"},
+    "overflow": {"x-msgbus-overflow": "999999999"},
+    "empty-marks": {"x-msgbus-empty": "id,cid,ct"},
+    "attempts": {"x-msgbus-attempts": "-3"},
+}
+
+
+def _wrong_types(run_id: str, now: float) -> dict[str, Record]:
+    """Records whose fields have the wrong types (past the type checker): ``Adapter.send`` must refuse each
+    with a msgbus error, or store it so that it is delivered with sound metadata or dead-lettered."""
+    bad: Any = 5
+
+    def body(tag: str) -> bytes:
+        return _injected_body(run_id, tag)
+
+    return {
+        "content-type-int": Record(body("content-type-int"), f"ct-wt-{run_id}-1", content_type=bad, timestamp=now),
+        "header-value-int": Record(body("header-value-int"), f"ct-wt-{run_id}-2", {"h": bad}, timestamp=now),
+        "key-bytes": Record(body("key-bytes"), f"ct-wt-{run_id}-3", key=b"k", timestamp=now),  # type: ignore[arg-type]
+        "body-str": Record("text", f"ct-wt-{run_id}-4", timestamp=now),  # type: ignore[arg-type]
+        "timestamp-nan": Record(body("timestamp-nan"), f"ct-wt-{run_id}-5", timestamp=float("nan")),
+        "id-int": Record(body("id-int"), bad, timestamp=now),
+        "lone-surrogate": Record(body("lone-surrogate"), f"ct-wt-{run_id}-7", {"h": "\udc80"}, timestamp=now),
+    }
+
+
+def _injected_body(run_id: str, tag: str) -> bytes:
+    return json.dumps({"id": 0, "name": f"inject-{run_id}-{tag}"}).encode()
+
+
+def _injected_tag(payload: bytes, run_id: str) -> str | None:
+    """The tag of a message injected by this run, read from its raw payload (ids may not survive damage)."""
+    try:
+        name = json.loads(payload).get("name", "")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    prefix = f"inject-{run_id}-"
+    return name[len(prefix) :] if isinstance(name, str) and name.startswith(prefix) else None
+
+
+def _deep_json(limit: int | None) -> bytes | None:
+    """JSON nested far deeper than any decoder's recursion limit, within the size limit (None: no room)."""
+    depth = 50_000 if limit is None else min(50_000, (limit - 1024) // 2)
+    return b"[" * depth + b"]" * depth if depth >= 5_000 else None
+
+
+def sound(msg: Message[Any]) -> bool:
+    """Whether a handed-out message has the metadata types the API promises."""
+    optional = (msg.key, msg.correlation_id, msg.content_type)
+    return (
+        isinstance(msg.payload, bytes)
+        and isinstance(msg.id, str)
+        and all(v is None or isinstance(v, str) for v in optional)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in msg.headers.items())
+        and isinstance(msg.timestamp, float | int)
+        and 0 <= msg.timestamp < TIMESTAMP_LIMIT
+    )
+
+
+async def _check_bad_in_a_batch(ctx: ContractContext) -> None:
+    """One batch of good messages around bad ones, read with ``receive()`` and no model: every good one is
+    returned, every bad one dead-lettered with a ``DecodeError:`` reason, and ``receive`` never raises."""
+    queue, run_id, k = ctx.name("b"), uuid.uuid4().hex[:8], ctx.scale(10, 4)
+    producer = ctx.bus.producer(queue)
+    consumer = ctx.bus.consumer(queue, prefetch=100)
+    await consumer.open()
+    good = [Outgoing({"good": i}) for i in range(k)]
+    bad: dict[str, Outgoing] = {
+        "not-utf8-text": Outgoing(b"\xff\xfe\xfd", content_type="text/plain; charset=utf-8"),
+        "bad-json-suffix": Outgoing(b"{nope", content_type="application/problem+json"),
+    }
+    deep = _deep_json(ctx.caps.max_message_size)
+    if deep is not None:
+        bad["deep-nesting"] = Outgoing(deep, content_type="application/json")
+    ids = await producer.send_many([*good[: k // 2], *bad.values(), *good[k // 2 :]])  # one batch
+    good_ids = set(ids[: k // 2]) | set(ids[k // 2 + len(bad) :])
+    bad_ids = set(ids) - good_ids
+    # Through the adapter: damaged private metadata, in one batch between two sound records.
+    now = time.time()
+    endpoint = Endpoint("queue", queue)
+
+    def record(tag: str, headers: dict[str, str] | None = None) -> Record:
+        return Record(_injected_body(run_id, tag), f"ct-inj-{run_id}-{tag}", headers or {}, None, None, None, now)
+
+    stored: set[str] = set()
+    refused: list[str] = []
+    batch = [record("sound-first"), *(record(t, h) for t, h in _DAMAGED_METADATA.items()), record("sound-last")]
+    try:
+        await ctx.bus.adapter.send(endpoint, batch)
+        stored |= {"sound-first", "sound-last", *_DAMAGED_METADATA}
+    except MsgbusError as exc:  # refused as a whole: then nothing of it may arrive
+        refused.append(f"damaged metadata batch -> {type(exc).__name__}")
+    for tag, wrong in _wrong_types(run_id, now).items():
+        try:
+            await ctx.bus.adapter.send(endpoint, [wrong])
+        except MsgbusError:
+            refused.append(tag)
+            continue
+        except Exception as exc:
+            fail(f"Adapter.send of a record with {tag} raised {type(exc).__name__}, not a msgbus error: {exc}")
+        if isinstance(wrong.body, bytes):
+            stored.add(tag)
+        else:  # its tag is not in its payload: it must be dead-lettered, counted below by id
+            bad_ids.add(str(wrong.id))
+    returned, dead, problems = Tally(), Tally(), list[str]()
+    injected: dict[str, str] = {}  # tag -> where it went
+
+    def place(msg: Message[Any], where: str) -> str:
+        tag = _injected_tag(msg.payload, run_id)
+        if tag is not None:
+            if tag in injected:
+                problems.append(f"injected {tag} arrived twice ({injected[tag]}, {where})")
+            injected[tag] = where
+            return f"inject:{tag}"
+        return msg.id
+
+    def on_good(msg: Message[Any]) -> None:
+        key = place(msg, "handed out")
+        if not sound(msg):
+            problems.append(f"{key} handed out with unsound metadata: {msg!r}")
+        if key in bad_ids:
+            problems.append(f"{key}: an undecodable message was handed out ({msg.body!r:.60})")
+        returned.add(key)
+
+    def on_dead(msg: Message[Any]) -> None:
+        key = place(msg, "dead-lettered")
+        reason = msg.dead_letter_reason or ""
+        if not reason.startswith("DecodeError:"):
+            problems.append(f"{key}: dead-letter reason {reason[:80]!r} does not start with 'DecodeError:'")
+        dead.add(key)
+
+    def all_placed() -> bool:
+        return good_ids <= set(returned.counts) and bad_ids <= set(dead.counts) and stored <= set(injected)
+
+    dlq = ctx.bus.dead_letters(queue, prefetch=100)
+    while not all_placed():  # receive() must never raise here, whatever the batch holds
+        ctx.waiting = lambda: f"the bad batch: {returned.distinct} returned, {dead.distinct} dead-lettered"
+        for msg in await consumer.receive(max_messages=100, timeout=0.5):
+            on_good(msg)
+            await msg.ack()
+        for msg in await dlq.receive(max_messages=100, timeout=0.2):
+            on_dead(msg)
+            await msg.ack()
+    quiet = await expect_only_sentinel(ctx, consumer, sentinel_sender(producer), ctx.quiet, "after the bad batch")
+    injected_good = {f"inject:{t}" for t, w in injected.items() if w == "handed out"}
+    returned.ensure_exact(good_ids | injected_good, "good ones in a batch with bad ones, returned")
+    dead.ensure_exact(bad_ids | {f"inject:{t}" for t, w in injected.items() if w == "dead-lettered"}, "dead-lettered")
+    ensure(not problems, f"{len(problems)} problems, e.g. {'; '.join(problems[:3])}")
+    ctx.note(
+        f"one batch of {len(good_ids)} good + {len(bad)} bad ({', '.join(bad)}), no model: the good ones returned, "
+        f"the bad ones dead-lettered with 'DecodeError:'; {quiet}"
+    )
+    kept = sorted(t for t, w in injected.items() if w == "handed out")
+    ctx.note(
+        f"through Adapter.send: {len(stored)} stored with damaged metadata or wrong types, {len(kept)} delivered "
+        f"with sound metadata, {len(stored) - len(kept)} dead-lettered; refused typed: {', '.join(refused) or 'none'}"
+    )
 
 
 def _with_option(url: str, name: str, value: str) -> str:
@@ -336,13 +511,102 @@ async def check_bad_input(ctx: ContractContext) -> None:
         big = b"\0" * (limit + 1)
         cases.append((lambda: producer.send(big), MessageTooLarge, f"{limit + 1}-byte body"))
         cases.append((lambda: producer.send_many([b"ok", big]), MessageTooLarge, "send_many with one oversize"))
+    cases += [
+        (lambda: producer.send(b"x", content_type=bad), InvalidMessage, "int content_type"),
+        (lambda: producer.send_many([Outgoing(b"x", content_type=bad)]), InvalidMessage, "Outgoing int content_type"),
+        (lambda: producer.send(b"x", delay=10**400), InvalidMessage, "delay=10**400"),
+        (lambda: producer.send(b"x", delay=float("inf")), InvalidMessage, "delay=inf"),
+        (lambda: producer.send(b"x", delay=float("nan")), InvalidMessage, "delay=nan"),
+        (lambda: producer.send(b"x", key="k\ud800"), InvalidMessage, "lone surrogate in key"),
+        (lambda: producer.send(b"x", headers={"h": "\udfff"}), InvalidMessage, "lone surrogate in a header"),
+        (lambda: producer.send(b"x", message_id="\ud800"), InvalidMessage, "lone surrogate in message_id"),
+        (lambda: producer.send_many("not a list of bodies"), InvalidMessage, "send_many(str)"),
+    ]
     notes = [await expect_raises(make(), error, what) for make, error, what in cases]
-    try:
-        ctx.bus.consumer("bad name with spaces")
-        fail("bus.consumer('bad name with spaces') did not raise")
-    except ConfigError:
-        notes.append("bad queue name -> ConfigError")
+    for name in ("bad name with spaces", "orders\n", 5):
+        try:
+            ctx.bus.consumer(name)  # type: ignore[arg-type]
+            fail(f"bus.consumer({name!r}) did not raise")
+        except ConfigError:
+            pass
+    notes.append("queue names with a space, a trailing newline, or not a str -> ConfigError")
+    notes += _bad_arguments(ctx)
+    notes.append(await _bad_settlements(ctx))
+    notes.append(await _ambiguous_passwords(ctx, scheme, secret))
     quiet = await expect_only_sentinel(ctx, ctx.bus.consumer(queue), sentinel_sender(producer), ctx.quiet, "queue")
     ctx.note("bad URL, unknown/secret/invalid options, unknown scheme -> ConfigError naming the option, no secret")
     ctx.note("; ".join(notes))
     ctx.note(f"nothing from the failed sends was stored: {quiet}")
+
+
+def _bad_arguments(ctx: ContractContext) -> list[str]:
+    """Bad consumer and retry-policy arguments raise ConfigError up front (never a bare TypeError later)."""
+    bad: Any = "3"
+    attempts: list[tuple[Callable[[], object], str]] = [
+        (lambda: ctx.bus.consumer(ctx.name(), prefetch=0), "prefetch=0"),
+        (lambda: ctx.bus.consumer(ctx.name(), prefetch=bad), "prefetch='3'"),
+        (lambda: ctx.bus.consumer(ctx.name(), model=bad), "model='3'"),
+        (lambda: RetryPolicy(max_attempts=bad), "RetryPolicy(max_attempts='3')"),
+        (lambda: RetryPolicy(initial_backoff=float("nan")), "RetryPolicy(initial_backoff=nan)"),
+        (lambda: RetryPolicy(jitter=float("inf")), "RetryPolicy(jitter=inf)"),
+    ]
+    for make, what in attempts:
+        try:
+            make()
+        except ConfigError:
+            continue
+        except Exception as exc:
+            fail(f"{what}: expected ConfigError, got {type(exc).__name__}: {exc}")
+        fail(f"{what}: expected ConfigError, but it returned normally")
+    backoff = RetryPolicy().backoff(10_000)
+    ensure(0 <= backoff <= RetryPolicy().max_backoff, f"RetryPolicy().backoff(10000) = {backoff}")
+    return ["bad prefetch, model and RetryPolicy values -> ConfigError; backoff(10000) is capped, no overflow"]
+
+
+async def _bad_settlements(ctx: ContractContext) -> str:
+    """nack/reject with bad arguments raise InvalidMessage and leave the message unsettled; a huge reject
+    reason is cut to MAX_DEAD_LETTER_REASON characters in the dead letter."""
+    queue = ctx.name("settle")
+    msg_id = await ctx.bus.producer(queue).send(b"settle me")
+    consumer = ctx.bus.consumer(queue)
+    tally = Tally()
+    (msg,) = await drain(ctx, consumer, tally, lambda: msg_id in tally, settle=False, what="the message to settle")
+    bad: Any = "5"
+    not_text: Any = 1
+    settlements: list[tuple[Callable[[], Awaitable[None]], str]] = [
+        (lambda: msg.nack(bad), "nack('5')"),
+        (lambda: msg.nack(float("nan")), "nack(nan)"),
+        (lambda: msg.nack(float("inf")), "nack(inf): it would never come back"),
+        (lambda: msg.nack(-1), "nack(-1)"),
+        (lambda: msg.reject(not_text), "reject(1)"),
+    ]
+    for make, what in settlements:
+        await expect_raises(make(), InvalidMessage, what)
+        ensure(not msg.settled, f"{what} raised but marked the message settled")
+    await msg.reject("r" * 5_000_000)
+    dead = Tally()
+    (dl,) = await drain(ctx, ctx.bus.dead_letters(queue), dead, lambda: msg_id in dead, what="the rejected message")
+    reason = dl.dead_letter_reason or ""
+    ensure(
+        0 < len(reason) <= MAX_DEAD_LETTER_REASON and reason.startswith("rrr"),
+        f"a 5,000,000-character reject reason arrived as {len(reason)} characters (at most {MAX_DEAD_LETTER_REASON})",
+    )
+    return f"nack('5'/nan/inf/-1), reject(1) -> InvalidMessage, still unsettled; a 5 MB reason -> {len(reason)} chars"
+
+
+async def _ambiguous_passwords(ctx: ContractContext, scheme: str, secret: str) -> str:
+    """URLs whose password holds '/', '#', '?' or '@' unescaped: refused (or parsed), never shown."""
+    for url in (
+        f"{scheme}://svc:12345/{secret}@host/",
+        f"{scheme}://:{secret}#frag@host/0",
+        f"{scheme}://user:a?{secret}@host/",
+        f"{scheme}://user:{secret}@host:notaport/",
+    ):
+        try:
+            bus = msgbus.connect(url)
+        except ConfigError as exc:
+            ensure(secret not in f"{exc} {exc!r}", "ConfigError for a password with special characters shows it")
+            continue
+        shown = f"{bus!r} {bus.url}"
+        ensure(secret not in shown, "bus.url or repr shows a password with special characters")
+    return "passwords holding '/', '#', '?' or '@' unescaped: refused, never shown"

@@ -286,6 +286,16 @@ async def _close_quietly(*closers: Any) -> None:
 
 _FETCHED, _DELIVERED, _WAITING, _DONE = range(4)
 
+#: Bytes (keys and values) a receiver reads ahead at most, besides its ``3 * prefetch`` records: with large
+#: records the byte bound comes first. One fetch may pass it (by at most what aiokafka fetched in one go).
+#: Entries waiting for their commit note are a subset of these, so the notes' buffer is bounded too.
+READ_AHEAD_BYTES = 32 * 1024 * 1024
+
+
+def _size(raw: Any) -> int:
+    """What a fetched record holds, in bytes, for the read-ahead bound."""
+    return len(raw.value or b"") + len(raw.key or b"")
+
 
 @dataclass(eq=False, slots=True)
 class _Entry:
@@ -299,6 +309,7 @@ class _Entry:
     locked_until: float = 0.0
     note: int = 0  # the attempt count the commit metadata is to claim for it (see ``_note_ahead``)
     noted: int = 0  # the claim a completed commit holds: it may be handed out while ``attempts < noted``
+    size: int = 0  # bytes of key and value, counted against ``READ_AHEAD_BYTES`` while read ahead
 
 
 @dataclass(eq=False, slots=True)
@@ -339,7 +350,13 @@ class KafkaDelivery(Delivery):
             return  # the partition moved on: its next owner redelivers the record
         source = Endpoint(receiver.endpoint.kind, receiver.endpoint.name, receiver.endpoint.subscription)
         dead = dead_letter_record(self._entry.record, reason, self._entry.attempts, source)
-        await receiver.adapter.send(_dead(receiver.endpoint), [dead])
+        try:
+            await receiver.adapter.send(_dead(receiver.endpoint), [dead])
+        except BaseException:
+            # Not dead-lettered, so not settled: it comes back at once (attempt + 1, its key still first in
+            # line), rather than staying delivered, holding its key and its partition's commit, until a rebalance.
+            receiver._nack(self._entry, None)
+            raise
         receiver._settle(self._entry)
 
     async def extend(self, seconds: float) -> None:
@@ -369,6 +386,7 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
         self._ready: deque[_Entry] = deque()
         self._keys: dict[tuple[TopicPartition, str], deque[_Entry]] = {}  # held keys -> their waiting records
         self._ahead = 0  # fetched entries not handed out yet (the core bounds those handed out by ``prefetch``)
+        self._ahead_bytes = 0  # their keys and values (see ``READ_AHEAD_BYTES``)
         self._epoch = 0
         self._changed = asyncio.Event()  # room freed, records to note, a partition released: wakes the pump
         self._arrived = asyncio.Event()  # records noted and ready (or the pump stopped): wakes ``receive``
@@ -466,6 +484,7 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
             part.committed = meta.offset if meta is not None and meta.offset >= 0 else None
             early, part.loading = part.loading, None
             self._ahead -= len(early)
+            self._ahead_bytes -= sum(_size(r) for r in early)
             self._accept_records(tp, part, early)
         self._changed.set()
 
@@ -503,7 +522,9 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
             return
         for tp in gone:
             part = self._parts.pop(tp)
-            self._ahead -= sum(e.state == _FETCHED for e in part.entries.values()) + len(part.loading or ())
+            fetched = [e for e in part.entries.values() if e.state == _FETCHED]
+            self._ahead -= len(fetched) + len(part.loading or ())
+            self._ahead_bytes -= sum(e.size for e in fetched) + sum(_size(r) for r in part.loading or ())
             for entry in part.entries.values():
                 entry.state = _DONE
         for key in [k for k in self._keys if k[0] in gone]:
@@ -523,6 +544,7 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
                 if entry.state == _FETCHED:
                     del part.entries[offset]
                     self._ahead -= 1
+                    self._ahead_bytes -= entry.size
                     if entry.attempts:  # an earlier owner's count: the next owner carries it on
                         part.prior[offset] = entry.attempts
 
@@ -594,6 +616,8 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
                 if self._consumer is not consumer:
                     return  # left the group (``_leave`` cancels us too)
                 room = 3 * self.prefetch - self._ahead
+                if room > 0 and self._ahead and self._ahead_bytes >= READ_AHEAD_BYTES:
+                    room = 0  # large records: the byte bound is reached before the count
                 if self._fetch is None and room > 0:
                     self._fetch = asyncio.ensure_future(getmany(timeout_ms=500, max_records=room))
                 if noting is None and self._to_note:
@@ -668,6 +692,7 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
             if part.loading is not None:
                 part.loading.extend(raws)
                 self._ahead += len(raws)  # they count against the read-ahead while they wait
+                self._ahead_bytes += sum(_size(r) for r in raws)
                 continue
             self._accept_records(tp, part, raws)
 
@@ -686,9 +711,10 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
             record = _codec.decode(
                 raw.value, raw.key, raw.headers or (), raw.timestamp, f"{tp.topic}-{tp.partition}-{offset}"
             )
-            entry = _Entry(tp, offset, record, raw, part.prior.pop(offset, 0), self._epoch)
+            entry = _Entry(tp, offset, record, raw, part.prior.pop(offset, 0), self._epoch, size=_size(raw))
             part.entries[offset] = entry
             self._ahead += 1
+            self._ahead_bytes += entry.size
             self._to_note.append(entry)
             self._route(entry)
 
@@ -719,6 +745,7 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
             self._ready.popleft()
             if entry.state == _FETCHED:
                 self._ahead -= 1
+                self._ahead_bytes -= entry.size
             entry.state = _DELIVERED
             entry.attempts += 1
             entry.locked_until = now + self._o.visibility_timeout

@@ -12,7 +12,8 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from msgbus.adapter import Endpoint, Record
+from msgbus.adapter import TIMESTAMP_LIMIT, Endpoint, Record
+from msgbus.errors import InvalidMessage
 
 ID = "x-msgbus-id"
 CORRELATION_ID = "x-msgbus-correlation-id"
@@ -35,7 +36,21 @@ class KafkaRecord:
 
 
 def encode(record: Record) -> KafkaRecord:
-    """The Kafka record for ``record``: user headers first, then msgbus's fields."""
+    """The Kafka record for ``record``: user headers first, then msgbus's fields.
+
+    ``InvalidMessage`` for a record that is not what ``Record`` says (the core checked those it built).
+    """
+    try:
+        return _encode(record)
+    except (AttributeError, TypeError, ValueError, OverflowError) as exc:
+        raise InvalidMessage(f"record {record.id!r:.60} cannot be sent: {exc}") from None
+
+
+def _encode(record: Record) -> KafkaRecord:
+    if not isinstance(record.body, bytes):
+        raise TypeError(f"the body is a {type(record.body).__name__}, not bytes")
+    if not 0 <= record.timestamp < TIMESTAMP_LIMIT:  # NaN too
+        raise ValueError(f"the timestamp {record.timestamp!r} is not a time in seconds since the epoch")
     headers = [(k, v.encode()) for k, v in record.headers.items()]
     headers.append((ID, record.id.encode()))
     headers.append((TIMESTAMP, repr(record.timestamp).encode()))

@@ -32,6 +32,7 @@ class KafkaOptions:
     ssl_certfile: str | None
     ssl_keyfile: str | None
     ssl_check_hostname: bool
+    ssl_verify: bool
     partitions: int
     replication_factor: int  # AUTO_REPLICATION: decided from the cluster's size when a topic is created
     dead_letter_partitions: int
@@ -73,10 +74,15 @@ class KafkaOptions:
         return kwargs
 
     def ssl_context(self) -> ssl.SSLContext:
-        """A client TLS context: the system CAs (or ``ssl_cafile``), optional client certificate."""
+        """A client TLS context: the system CAs (or ``ssl_cafile``), optional client certificate.
+
+        ``ssl_check_hostname=false`` only stops matching the certificate to the host name: the certificate is
+        still verified against the CAs. Only ``ssl_verify=false`` turns verification off (and hostname
+        checking with it, which needs a verified certificate).
+        """
         context = ssl.create_default_context(cafile=self.ssl_cafile)
-        context.check_hostname = self.ssl_check_hostname
-        if not self.ssl_check_hostname:
+        context.check_hostname = self.ssl_check_hostname and self.ssl_verify
+        if not self.ssl_verify:
             context.verify_mode = ssl.CERT_NONE
         if self.ssl_certfile:
             context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile)
@@ -104,6 +110,7 @@ def read_options(url: BusURL, reader: OptionReader) -> KafkaOptions:
         ssl_certfile=reader.str("ssl_certfile") if tls else None,
         ssl_keyfile=reader.str("ssl_keyfile") if tls else None,
         ssl_check_hostname=reader.bool("ssl_check_hostname", True) if tls else False,
+        ssl_verify=reader.bool("ssl_verify", True) if tls else False,
         partitions=reader.int("partitions", 8, min=1),
         replication_factor=reader.int("replication_factor", AUTO_REPLICATION, min=1),
         dead_letter_partitions=reader.int("dead_letter_partitions", 1, min=1),

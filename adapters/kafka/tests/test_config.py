@@ -78,3 +78,17 @@ def test_error_translation() -> None:
     assert isinstance(translate(kx.MessageSizeTooLargeError(), "x"), InvalidMessage)
     err = translate(kx.KafkaError("pw=hunter2"), "x", secrets=["hunter2"])
     assert "hunter2" not in str(err) and err.retryable
+
+
+def test_not_checking_the_host_name_still_verifies_the_certificate() -> None:
+    """ssl_check_hostname=false also turned certificate verification off (CERT_NONE): any certificate passed."""
+    import ssl
+
+    lax_host = options("kafka+ssl://b:9093?ssl_check_hostname=false").ssl_context()
+    assert lax_host.verify_mode == ssl.CERT_REQUIRED and not lax_host.check_hostname
+    strict = options("kafka+ssl://b:9093").ssl_context()
+    assert strict.verify_mode == ssl.CERT_REQUIRED and strict.check_hostname
+    unverified = options("kafka+ssl://b:9093?ssl_verify=false").ssl_context()
+    assert unverified.verify_mode == ssl.CERT_NONE and not unverified.check_hostname
+    with pytest.raises(ConfigError, match="ssl_verify"):
+        options("kafka://b:9092?ssl_verify=false")  # a TLS option without TLS is unknown, as the others

@@ -11,11 +11,12 @@ import pytest
 
 import msgbus
 from integration.brokers import endpoint
-from msgbus_kafka import _codec
+from msgbus_kafka import _adapter, _codec
 
 pytestmark = pytest.mark.integration
 
 N, PREFETCH = 100, 10
+READ_AHEAD_BYTES = 32 * 1024 * 1024
 
 
 async def _notes(bus: msgbus.Bus, group: str) -> _codec.PartitionNotes:
@@ -64,3 +65,42 @@ async def test_read_ahead_is_noted_and_a_graceful_close_leaves_exact_counts() ->
     attempts = {m.body["i"]: m.attempt for m in got.values()}
     assert {i for i, a in attempts.items() if a == 2} == set(range(5, PREFETCH))
     assert {i for i, a in attempts.items() if a == 1} == set(range(PREFETCH, N))
+
+
+def _read_ahead_bytes(receiver: Any) -> int:
+    """Bytes of the values the receiver has fetched and not handed out (what the read-ahead holds)."""
+    held = 0
+    for part in receiver._parts.values():
+        held += sum(len(raw.value or b"") for raw in part.loading or ())
+        held += sum(len(e.record.body) for e in part.entries.values() if e.state == _adapter._FETCHED)
+    return held
+
+
+async def test_read_ahead_is_bounded_by_bytes_with_large_records() -> None:
+    """With 900 kB records and prefetch 100 the count bound (300 records, 270 MB) never bites: the read-ahead
+    held every record of the partition. It stops at READ_AHEAD_BYTES (32 MiB) plus one fetch."""
+    big, n, prefetch = 900_000, 45, 100  # 40.5 MB, past the byte bound
+    url = f"{endpoint('kafka').url}?partitions=1"
+    queue = f"ahead-bytes-{uuid.uuid4().hex[:10]}"
+    async with msgbus.connect(url) as bus:
+        producer = bus.producer(queue)
+        for i in range(0, n, 5):
+            await producer.send_many([bytes([i + j]) * big for j in range(5)])
+        consumer = bus.consumer(queue, prefetch=prefetch)
+        (first,) = await consumer.receive(1, timeout=10.0)
+        receiver = consumer._receiver
+        peak = 0
+        for _ in range(150):  # 3 s for the pump to read as far ahead as it will
+            peak = max(peak, _read_ahead_bytes(receiver))
+            await asyncio.sleep(0.02)
+        one_fetch = max(1_048_576, (bus.capabilities.max_message_size or 0) + 64 * 1024)  # a partition's fetch
+        assert peak <= READ_AHEAD_BYTES + one_fetch, f"read ahead {peak / 1e6:.1f} MB"
+        got = [first]
+        await first.ack()
+        while len(got) < n:
+            batch = await consumer.receive(50, timeout=5.0)
+            got += batch
+            for msg in batch:
+                await msg.ack()
+    assert sorted(m.payload[0] for m in got) == list(range(n))  # 45 sent, 45 received, 0 lost, 0 dup
+    assert _adapter.READ_AHEAD_BYTES == READ_AHEAD_BYTES  # the figure docs/adapters/kafka.md gives

@@ -403,11 +403,9 @@ class PubSubReceiver(Receiver):
             attempt = max(1, rm.delivery_attempt)
             try:
                 record = decode(msg.data, msg.attributes, msg.message_id, publish_time)
-            except Exception as exc:  # a damaged message: dead-letter it rather than crash or loop on it
-                bad = PubSubDelivery(self, Record(body=bytes(msg.data), id=msg.message_id), attempt, rm)
-                self._unsettled += 1
-                with contextlib.suppress(Exception):
-                    await bad.dead_letter(f"malformed Pub/Sub message {msg.message_id}: {exc}")
+            except Exception as exc:  # a damaged message: handed on with its problem, the core dead-letters it
+                problem = f"malformed Pub/Sub message {msg.message_id}: {exc}"
+                out.append(PubSubDelivery(self, Record(body=bytes(msg.data), id=msg.message_id), attempt, rm, problem))
                 continue
             out.append(PubSubDelivery(self, record, attempt, rm))
         self._unsettled += len(out)
@@ -506,8 +504,10 @@ class PubSubDelivery(Delivery):
 
     __slots__ = ("_receiver", "ack_id")
 
-    def __init__(self, receiver: PubSubReceiver, record: Record, attempt: int, raw: Any) -> None:
-        super().__init__(record, attempt, raw)
+    def __init__(
+        self, receiver: PubSubReceiver, record: Record, attempt: int, raw: Any, problem: str | None = None
+    ) -> None:
+        super().__init__(record, attempt, raw, problem)
         self._receiver = receiver
         self.ack_id: str = raw.ack_id
 

@@ -286,15 +286,19 @@ class RabbitMQReceiver(Receiver):
 
     def _delivery(self, incoming: Incoming) -> RabbitMQDelivery:
         p = incoming.properties
-        decoded = decode(
-            incoming.body,
-            p.headers,
-            message_id=p.message_id,
-            correlation_id=p.correlation_id,
-            content_type=p.content_type,
-            timestamp=p.timestamp,
-            redelivered=incoming.redelivered,
-        )
+        try:
+            decoded = decode(
+                incoming.body,
+                p.headers,
+                message_id=p.message_id,
+                correlation_id=p.correlation_id,
+                content_type=p.content_type,
+                timestamp=p.timestamp,
+                redelivered=incoming.redelivered,
+            )
+        except Exception as exc:  # a foreign producer's unreadable properties: the core dead-letters it
+            record = Record(body=bytes(incoming.body), id=str(p.message_id or ""))
+            return RabbitMQDelivery(record, 1, incoming, self, f"unreadable AMQP properties: {exc!r:.200}")
         return RabbitMQDelivery(decoded.record, decoded.attempt, incoming, self)
 
     # -- settling -------------------------------------------------------------------------------------
@@ -396,8 +400,10 @@ class RabbitMQDelivery(Delivery):
 
     raw: Incoming
 
-    def __init__(self, record: Record, attempt: int, raw: Incoming, receiver: RabbitMQReceiver) -> None:
-        super().__init__(record, attempt, raw)
+    def __init__(
+        self, record: Record, attempt: int, raw: Incoming, receiver: RabbitMQReceiver, problem: str | None = None
+    ) -> None:
+        super().__init__(record, attempt, raw, problem)
         self._receiver = receiver
 
     async def ack(self) -> None:

@@ -75,6 +75,7 @@ class _Scripts:
     def __init__(self, client: Redis) -> None:
         self.send_delayed: AsyncScript = client.register_script(_scripts.SEND_DELAYED)
         self.settle: AsyncScript = client.register_script(_scripts.SETTLE)
+        self.extend: AsyncScript = client.register_script(_scripts.EXTEND)
         self.maintain: AsyncScript = client.register_script(_scripts.MAINTAIN)
         self.ensure_stream: AsyncScript = client.register_script(_scripts.ENSURE_STREAM)
         self.forget_consumer: AsyncScript = client.register_script(_scripts.FORGET_CONSUMER)
@@ -386,11 +387,10 @@ class RedisReceiver(Receiver):
             try:
                 record, before = decode(fields)
             except DecodeError as exc:
-                # Not a msgbus entry (or damaged): dead-letter it rather than crash or loop on it.
+                # Not a msgbus entry (or damaged): handed on with its problem, the core dead-letters it.
                 body = bytes(fields.get(BODY, b""))
-                bad = RedisDelivery(self, Record(body=body, id=raw.entry_id), deliveries, raw, rid)
-                self._unsettled += 1
-                await bad.dead_letter(f"malformed stream entry {raw.entry_id}: {exc}")
+                problem = f"malformed stream entry {raw.entry_id}: {exc}"
+                out.append(RedisDelivery(self, Record(body=body, id=raw.entry_id), deliveries, raw, rid, problem))
                 continue
             out.append(RedisDelivery(self, record, before + deliveries, raw, rid))
         self._unsettled += len(out)
@@ -432,7 +432,8 @@ class RedisReceiver(Receiver):
         _, scripts = self._adapter._connected()
         delay_ms = 0 if delay is None or delay <= 0 else math.ceil(delay * 1000)
         deletable = "1" if d.entry.stream in self._route.deletable else "0"
-        args: list[bytes | str | int] = [self._route.group, d.rid, deletable, delay_ms, *flatten(fields)]
+        args: list[bytes | str | int] = [self._route.group, d.rid, deletable, delay_ms, self._consumer]
+        args += flatten(fields)
         try:
             with translated(f"settle on {self._route.endpoint}", secrets=self._adapter._secrets):
                 try:
@@ -457,9 +458,11 @@ class RedisReceiver(Receiver):
         await self._settle(d, r.dead_letter_stream, r.retry_delayed, None, encode(record))
 
     async def _extend(self, d: RedisDelivery) -> None:
-        client, _ = self._adapter._connected()
+        _, scripts = self._adapter._connected()
         with translated(f"extend lock on {self._route.endpoint}", secrets=self._adapter._secrets):
-            await client.xclaim(d.entry.stream, self._route.group, self._consumer, 0, [d.rid], justid=True)
+            extended = await scripts.extend(keys=[d.entry.stream], args=[self._route.group, d.rid, self._consumer])
+        if not extended:
+            log.debug("msgbus: %s on %s is no longer ours; not extended", d.entry.entry_id, self._route.endpoint)
 
     async def close(self) -> None:
         """Stop receiving; unsettled entries return to others after ``visibility_timeout``. Idempotent.
@@ -491,8 +494,16 @@ class RedisDelivery(Delivery):
 
     __slots__ = ("_receiver", "entry", "rid")
 
-    def __init__(self, receiver: RedisReceiver, record: Record, attempt: int, entry: StreamEntry, rid: bytes) -> None:
-        super().__init__(record, attempt, entry)
+    def __init__(
+        self,
+        receiver: RedisReceiver,
+        record: Record,
+        attempt: int,
+        entry: StreamEntry,
+        rid: bytes,
+        problem: str | None = None,
+    ) -> None:
+        super().__init__(record, attempt, entry, problem)
         self._receiver = receiver
         self.entry = entry
         self.rid = rid  # ``entry.entry_id`` as Redis sent it
@@ -510,7 +521,7 @@ class RedisDelivery(Delivery):
         await self._receiver._dead_letter(self, reason)
 
     async def extend(self, seconds: float) -> None:
-        """XCLAIM to self: the entry stays ours for another ``visibility_timeout`` from now.
+        """XCLAIM to self, only while it is still ours: it stays ours for another ``visibility_timeout``.
 
         Redis cannot set an idle time in the future, so ``seconds`` beyond the visibility timeout is
         not honoured; the runtime extends again before ``lock_duration`` runs out.

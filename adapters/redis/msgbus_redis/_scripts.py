@@ -32,27 +32,39 @@ return 1
 )
 
 # Settle a pending entry by storing a new one first and acking the old one second (nack, nack with
-# delay, dead-letter). Does nothing (returns 0) when the entry is no longer pending in the group, so a
-# retried call cannot store a second copy.
+# delay, dead-letter). Does nothing (returns 0) unless the entry is still pending for this consumer: a
+# retried call cannot store a second copy, and a consumer whose lock expired cannot settle the entry
+# another consumer has reclaimed (and is handling) since.
 # KEYS[1] source stream, KEYS[2] target stream, KEYS[3] target sorted set (delayed).
-# ARGV[1] group, ARGV[2] entry id, ARGV[3] '1' to XDEL the source entry, ARGV[4] delay ms, ARGV[5..] fields.
+# ARGV[1] group, ARGV[2] entry id, ARGV[3] '1' to XDEL the source entry, ARGV[4] delay ms, ARGV[5] consumer,
+# ARGV[6..] fields.
 SETTLE = (
     _NOW_MS
     + """
-if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1) == 0 then return 0 end
+if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1, ARGV[5]) == 0 then return 0 end
 local delay = tonumber(ARGV[4])
 if delay > 0 then
   local member = {KEYS[1] .. '/' .. ARGV[2]}
-  for i = 5, #ARGV do member[#member + 1] = ARGV[i] end
+  for i = 6, #ARGV do member[#member + 1] = ARGV[i] end
   redis.call('ZADD', KEYS[3], now_ms() + delay, cmsgpack.pack(member))
 else
-  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
+  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 6))
 end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 if ARGV[3] == '1' then redis.call('XDEL', KEYS[1], ARGV[2]) end
 return 1
 """
 )
+
+# Extend a consumer's lock on an entry: XCLAIM it to itself with min-idle 0 (which resets its idle time),
+# but only while it is still pending for that consumer. XCLAIM alone would take the entry back from a
+# consumer that reclaimed it after this one's lock expired, and both would handle it.
+# KEYS[1] stream. ARGV[1] group, ARGV[2] entry id, ARGV[3] consumer. Returns 1 when extended, else 0.
+EXTEND = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1, ARGV[3]) == 0 then return 0 end
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, ARGV[2], 'JUSTID')
+return 1
+"""
 
 # Move due delayed entries into their streams (first key of each pair into the second).
 _MOVE_DUE = """

@@ -267,17 +267,71 @@ async def test_oversized_messages_are_refused_before_sending(make_adapter: MakeA
     assert await receiver.receive(10, 0.05) == []  # nothing of the batch was stored
 
 
-async def test_foreign_entries_are_dead_lettered_not_delivered(
+async def test_foreign_entries_are_handed_on_as_unreadable_then_dead_lettered(
     make_adapter: MakeAdapter, raw: redis.asyncio.Redis
 ) -> None:
+    """A foreign entry comes with ``problem`` set (the core dead-letters it, reason ``DecodeError: ...``),
+    in the same receive as the sound entries: it neither raises nor holds them back."""
     bus = await make_adapter()
     await bus.declare(QUEUE)
     await raw.xadd(bus._route(QUEUE).send_stream, {"data": "hello"})
     await bus.send(QUEUE, _records(1))
-    got = await _drain(await bus.receiver(QUEUE, 10), 1)
-    assert [d.record.id for d in got] == ["m0"]
+    got = await _drain(await bus.receiver(QUEUE, 10), 2, ack=False)
+    assert [d.record.id for d in got if d.problem is None] == ["m0"]
+    (foreign,) = [d for d in got if d.problem is not None]
+    assert (foreign.problem or "").startswith("malformed stream entry") and foreign.record.body == b""
+    await foreign.dead_letter(f"DecodeError: {foreign.problem}")
     (dead,) = await _drain(await bus.receiver(Endpoint("queue", "jobs", dead_letter=True), 10), 1)
-    assert dead.record.headers[HEADER_DEAD_LETTER_REASON].startswith("malformed stream entry")
+    assert dead.record.headers[HEADER_DEAD_LETTER_REASON].startswith("DecodeError: malformed stream entry")
+
+
+async def _reclaimed(
+    bus: RedisAdapter, raw: redis.asyncio.Redis
+) -> tuple[Delivery, Delivery, Receiver, Callable[[], Awaitable[str]]]:
+    """One entry held by a receiver whose lock expired (``late``) and reclaimed by another (``now_owned``)."""
+    await bus.declare(QUEUE)
+    await bus.send(QUEUE, _records(1))
+    slow, other = await bus.receiver(QUEUE, 10), await bus.receiver(QUEUE, 10)
+    (late,) = await _drain(slow, 1, ack=False)
+    (now_owned,) = await _drain(other, 1, ack=False)  # reclaimed once the lock expired
+    assert now_owned.attempt == 2
+    stream, group = bus._route(QUEUE).streams[0], bus._route(QUEUE).group
+
+    async def owner() -> str:
+        (entry,) = await raw.xpending_range(stream, group, "-", "+", 10)
+        return cast(bytes, entry["consumer"]).decode()
+
+    assert await owner() == other._consumer  # type: ignore[attr-defined]
+    return late, now_owned, other, owner
+
+
+async def test_extending_a_lock_that_expired_does_not_take_the_entry_back(
+    make_adapter: MakeAdapter, raw: redis.asyncio.Redis
+) -> None:
+    """XCLAIM with min-idle 0 took the entry back from the consumer that had reclaimed it: both handled it."""
+    bus = await make_adapter(visibility_timeout=0.3, poll_interval=0.05)
+    late, now_owned, other, owner = await _reclaimed(bus, raw)
+    await late.extend(0.3)
+    assert await owner() == other._consumer, "the late holder's extend took the entry back"  # type: ignore[attr-defined]
+    await now_owned.ack()
+    assert (await raw.xpending(bus._route(QUEUE).streams[0], bus._route(QUEUE).group))["pending"] == 0
+
+
+async def test_settling_after_the_lock_expired_changes_nothing(
+    make_adapter: MakeAdapter, raw: redis.asyncio.Redis
+) -> None:
+    """A late nack or dead-letter settled an entry another consumer had reclaimed: a second copy went out."""
+    bus = await make_adapter(visibility_timeout=0.3, poll_interval=0.05)
+    late, now_owned, other, owner = await _reclaimed(bus, raw)
+    await late.nack()
+    await late.dead_letter("late")
+    stored = [await raw.xlen(s) for s in bus._route(QUEUE).streams]
+    assert sum(stored) == 1, f"the late holder's settle stored a second copy: {stored}"
+    assert await owner() == other._consumer  # type: ignore[attr-defined]
+    assert await other.receive(10, 0.1) == [], "nothing came back for the owner"
+    await now_owned.ack()
+    dlq = await bus.receiver(Endpoint("queue", "jobs", dead_letter=True), 10)
+    assert await dlq.receive(10, 0.1) == [], "the late dead-letter stored nothing"
 
 
 async def test_a_lost_group_is_recreated_without_losing_later_messages(

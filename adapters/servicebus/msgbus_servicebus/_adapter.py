@@ -239,13 +239,10 @@ class ServiceBusReceiverAdapter(Receiver):
                 break
         out: list[Delivery] = []
         for message in batch:
-            try:
-                record, attempt = _codec.decode(message, self.endpoint)
-            except Exception:
-                # Never drop a message we cannot read: leave it locked for the service to redeliver.
-                log.warning("msgbus: cannot read Service Bus message %s on %s", message.message_id, self.endpoint)
-                raise
-            out.append(ServiceBusDelivery(self, self.sdk, record, attempt, message))
+            # A message msgbus cannot read is handed on with its problem: the core dead-letters it, and the
+            # rest of the batch is delivered (raising here would leave all of them locked until they expire).
+            record, attempt, problem = _codec.read(message, self.endpoint)
+            out.append(ServiceBusDelivery(self, self.sdk, record, attempt, message, problem))
         return out
 
     async def _replace(self) -> None:
@@ -301,8 +298,9 @@ class ServiceBusDelivery(Delivery):
         record: Record,
         attempt: int,
         raw: ServiceBusReceivedMessage,
+        problem: str | None = None,
     ) -> None:
-        super().__init__(record, attempt, raw)
+        super().__init__(record, attempt, raw, problem)
         self._receiver = receiver
         self._sdk = sdk  # settle through the SDK receiver that received it
 

@@ -70,19 +70,42 @@ def _body(msg: ServiceBusReceivedMessage) -> bytes:
 
 
 def decode(msg: ServiceBusReceivedMessage, endpoint: Endpoint) -> tuple[Record, int]:
-    """The record in ``msg`` and its attempt number (1 on first delivery).
+    """The record in ``msg`` and its attempt number (1 on first delivery); ``DecodeError`` when msgbus's own
+    properties on it are damaged (see ``read``, which never raises).
 
     From a dead-letter sub-queue (``endpoint.dead_letter``) the record carries the msgbus dead-letter
     headers, built from the service's dead-letter properties.
     """
+    record, attempt, problem = read(msg, endpoint)
+    if problem is not None:
+        raise DecodeError(problem)
+    return record, attempt
+
+
+def read(msg: ServiceBusReceivedMessage, endpoint: Endpoint) -> tuple[Record, int, str | None]:
+    """``decode``, never failing: what a receive uses, since one damaged message must not make the receive
+    of its whole batch raise. A property msgbus cannot read is left at its default (no prior attempts, the
+    enqueued time, an empty body) and named in the third item, for the core to dead-letter the message; the
+    headers (and, from a dead-letter sub-queue, the dead-letter ones) are kept either way."""
     props: Mapping[Any, Any] = msg.application_properties or {}
     text = {_text(k): v for k, v in props.items()}
     headers = {k: _text(v) for k, v in text.items() if k not in _PRIVATE and k not in (DL_REASON, DL_DESCRIPTION)}
+    problems: list[str] = []
     try:
         prior = int(_text(text.get(PRIOR_ATTEMPTS, "0")))
+    except ValueError as exc:
+        prior = 0
+        problems.append(f"{PRIOR_ATTEMPTS}: {exc}")
+    try:
         timestamp = float(_text(text[TIMESTAMP])) if TIMESTAMP in text else _enqueued(msg)
     except ValueError as exc:
-        raise DecodeError(f"malformed msgbus property on message {msg.message_id}: {exc}") from exc
+        timestamp = _enqueued(msg)
+        problems.append(f"{TIMESTAMP}: {exc}")
+    try:
+        body = _body(msg)
+    except DecodeError as exc:
+        body = b""
+        problems.append(str(exc))
     attempt = prior + (msg.delivery_count or 0) + 1
     if endpoint.dead_letter:
         why = _text(text.get(DL_DESCRIPTION, ""))
@@ -91,7 +114,7 @@ def decode(msg: ServiceBusReceivedMessage, endpoint: Endpoint) -> tuple[Record, 
         headers[HEADER_ATTEMPTS] = found.group(1) if found else str(attempt)
         headers[HEADER_DEAD_LETTER_SOURCE] = str(Endpoint(endpoint.kind, endpoint.name, endpoint.subscription))
     record = Record(
-        body=_body(msg),
+        body=body,
         id=str(msg.message_id) if msg.message_id is not None else str(msg.sequence_number),
         headers=headers,
         key=_text(text[KEY]) if KEY in text else None,
@@ -99,7 +122,8 @@ def decode(msg: ServiceBusReceivedMessage, endpoint: Endpoint) -> tuple[Record, 
         content_type=msg.content_type,
         timestamp=timestamp,
     )
-    return record, attempt
+    problem = f"malformed msgbus property on message {record.id}: {'; '.join(problems)}" if problems else None
+    return record, attempt, problem
 
 
 def _enqueued(msg: ServiceBusReceivedMessage) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from azure.servicebus import ServiceBusReceivedMessage
 from azure.servicebus._pyamqp._decode import decode_payload
 from azure.servicebus._pyamqp._encode import encode_payload
@@ -13,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from msgbus.adapter import HEADER_ATTEMPTS, HEADER_DEAD_LETTER_REASON, HEADER_DEAD_LETTER_SOURCE, Endpoint, Record
+from msgbus.errors import DecodeError
 from msgbus_servicebus import _codec
 
 QUEUE = Endpoint("queue", "orders")
@@ -77,3 +79,24 @@ def test_round_trip_property(body: bytes, headers: dict[str, str], key: str | No
     headers.pop(_codec.DL_DESCRIPTION, None)
     record = Record(body, "id", headers, key, None, None, timestamp)
     assert _codec.decode(_received(record), QUEUE)[0] == record
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{_codec.PRIOR_ATTEMPTS: "zz"}, {_codec.TIMESTAMP: "not-a-time"}, {_codec.PRIOR_ATTEMPTS: "9" * 5000}],
+)
+def test_an_unreadable_message_is_read_as_its_body_and_a_problem(extra: dict[str, str]) -> None:
+    """decode() raises on damaged msgbus properties; read() (what a receive uses) never does: one such message
+    in a batch made the whole receive raise, stranding the others until their locks expired."""
+    msg = _received(Record(b"payload", "id-7", {"h": "v"}), extra=extra, delivery_count=2)
+    with pytest.raises(DecodeError):
+        _codec.decode(msg, QUEUE)
+    record, attempt, problem = _codec.read(msg, QUEUE)
+    assert (record.body, record.id, record.headers, attempt) == (b"payload", "id-7", {"h": "v"}, 3)
+    assert problem is not None and "malformed msgbus property" in problem
+    dead = {**extra, _codec.DL_REASON: "DecodeError: bad", _codec.DL_DESCRIPTION: _codec.description(3)}
+    in_dlq = _received(Record(b"payload", "id-7"), extra=dead)
+    record, _, problem = _codec.read(in_dlq, Endpoint("queue", "orders", dead_letter=True))
+    assert problem is not None and record.headers[HEADER_DEAD_LETTER_REASON] == "DecodeError: bad", "reason kept"
+    sound = _received(Record(b"ok", "id-8"))
+    assert _codec.read(sound, QUEUE) == (*_codec.decode(sound, QUEUE), None)

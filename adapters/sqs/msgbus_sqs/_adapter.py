@@ -228,6 +228,7 @@ class SqsAdapter(Adapter):
         await self._send_batch(endpoint, batch)
 
     def _entry(self, record: Record, delay_seconds: int | None, *, topic: bool) -> tuple[int, dict[str, Any]]:
+        record.size()  # InvalidMessage for a malformed record, before encode() trips over it
         body, attrs = encode(record)
         size = sqs_size(body, attrs)
         if size > SQS_MAX_MESSAGE_SIZE:
@@ -389,12 +390,14 @@ class SqsReceiver(Receiver):
 
     def _delivery(self, url: str, message: Mapping[str, Any]) -> SqsDelivery:
         attempt = int((message.get("Attributes") or {}).get("ApproximateReceiveCount", "1"))
+        problem = None
         try:
             record = decode(message)
-        except DecodeError as exc:  # a foreign writer's broken "msgbus" attribute: hand out the raw body
-            log.warning("msgbus: %s; delivering its body as bytes", exc)
+        except DecodeError as exc:  # a broken "msgbus" attribute: handed on with its problem, the core dead-letters it
+            problem = str(exc)
             record = Record(body=str(message.get("Body", "")).encode(), id=str(message.get("MessageId", "")))
-        return SqsDelivery(record, attempt, ReceivedMessage(url, message), self, str(message["ReceiptHandle"]))
+        raw = ReceivedMessage(url, message)
+        return SqsDelivery(record, attempt, raw, self, str(message["ReceiptHandle"]), problem)
 
     async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
         """Delete several messages in batches of 10."""
@@ -442,8 +445,16 @@ class SqsDelivery(Delivery):
 
     __slots__ = ("_receipt", "_receiver")
 
-    def __init__(self, record: Record, attempt: int, raw: ReceivedMessage, receiver: SqsReceiver, receipt: str) -> None:
-        super().__init__(record, attempt, raw)
+    def __init__(
+        self,
+        record: Record,
+        attempt: int,
+        raw: ReceivedMessage,
+        receiver: SqsReceiver,
+        receipt: str,
+        problem: str | None = None,
+    ) -> None:
+        super().__init__(record, attempt, raw, problem)
         self._receiver = receiver
         self._receipt = receipt
 
