@@ -288,6 +288,7 @@ class NatsAdapter(Adapter):
             raise ConfigError(f"cannot send to {endpoint}")
         messages = []
         for record in records:
+            record.size()  # a malformed record is refused typed (InvalidMessage) before anything is stored
             headers = encode(record)
             check_size(headers, record.body, self._max_payload)
             messages.append((headers, record.body))
