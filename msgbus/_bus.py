@@ -14,7 +14,7 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar, overload
 
-from . import _codec, _runtime
+from . import _codec, _redelivery, _runtime
 from ._capabilities import Capabilities
 from ._coalesce import Coalescer
 from ._message import Message, Outgoing
@@ -437,7 +437,9 @@ class Consumer(Generic[T]):
         self._closed = False
         self._stop: asyncio.Event | None = None
         self._acks: list[Delivery] = []
+        self._acks_since = 0.0  # monotonic time the oldest of ``_acks`` was added
         self._ack_flush: asyncio.Task[None] | None = None
+        self._ack_taken: asyncio.Event | None = None  # set each time the flush takes a batch (``_send_acks``)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self._endpoint} on {self._bus.url}>"
@@ -502,20 +504,40 @@ class Consumer(Generic[T]):
     def _ack_soon(self, msg: Message[Any]) -> None:
         """Ack without waiting: acks that pile up while one batch is in flight go out as the next batch."""
         if msg._settle():
+            if not self._acks:
+                self._acks_since = time.monotonic()
             self._acks.append(msg._delivery)
             if self._ack_flush is None:
                 self._ack_flush = asyncio.get_running_loop().create_task(self._flush_acks())
+
+    def _acks_overdue(self, batch: int, delay: float) -> bool:
+        """Whether ``batch`` acks wait to be sent, or the oldest has waited ``delay`` seconds."""
+        acks = self._acks
+        return bool(acks) and (len(acks) >= batch or time.monotonic() - self._acks_since >= delay)
+
+    async def _send_acks(self) -> None:
+        """Wait until the acks waiting now are handed to the backend (after the batch in flight, if any)."""
+        waiting = self._acks
+        while waiting and self._acks is waiting and self._ack_flush is not None:
+            if self._ack_taken is None:
+                self._ack_taken = asyncio.Event()
+            self._ack_taken.clear()
+            await self._ack_taken.wait()
 
     async def _flush_acks(self) -> None:
         try:
             while self._acks and self._receiver is not None:
                 batch, self._acks = self._acks, []
+                if self._ack_taken is not None:
+                    self._ack_taken.set()
                 try:
                     await self._receiver.ack_many(batch)
                 except MsgbusError as err:
                     log.warning("msgbus: ack of %d message(s) failed (they will be redelivered): %s", len(batch), err)
         finally:
             self._ack_flush = None
+            if self._ack_taken is not None:
+                self._ack_taken.set()  # nothing more will be taken: a waiter must not wait for that
 
     async def _drain_acks(self) -> None:
         """Wait until every ack handed to ``_ack_soon`` has been sent."""
@@ -532,6 +554,16 @@ class Consumer(Generic[T]):
                 await msg.nack()
             except MsgbusError as err:
                 log.debug("msgbus: release of %s failed (its lock will expire): %s", msg.id, err)
+
+    async def _top_up(self, timeout: float) -> None:
+        """Add what the backend has ready to the buffer, waiting up to ``timeout`` seconds (within prefetch)."""
+        if self._prefetch is None or self._unsettled >= self._prefetch or self._closed:
+            return
+        async with self._lock:
+            try:
+                self._buffer.extend(await self._fetch(self._prefetch, timeout))
+            except MsgbusError as err:
+                log.debug("msgbus: topping up %s failed: %s", self._endpoint, err)
 
     async def _fetch(self, max_messages: int, timeout: float) -> list[Message[T]]:
         """One receive call on the backend; undecodable deliveries are dead-lettered, not returned."""
@@ -570,10 +602,10 @@ class Consumer(Generic[T]):
         out: list[Message[T]] = []
         while self._buffer and len(out) < max_messages:
             out.append(self._buffer.popleft())
-        if out:
-            return out
-        async with self._lock:
-            return await self._fetch(max_messages, timeout)
+        if not out:
+            async with self._lock:
+                out = await self._fetch(max_messages, timeout)
+        return await self._within_limit(out)
 
     def __aiter__(self) -> AsyncIterator[Message[T]]:
         return self._iterate()
@@ -584,7 +616,23 @@ class Consumer(Generic[T]):
             msg = await self._next(stop)
             if msg is None:
                 return
-            yield msg
+            if await self._within_limit([msg]):
+                yield msg
+
+    async def _within_limit(self, msgs: list[Message[T]]) -> list[Message[T]]:
+        """``msgs`` without those delivered more than ``retry.max_attempts`` times, which are dead-lettered."""
+        limit = self._retry.max_attempts
+        if self._endpoint.dead_letter or not self.capabilities.counts_deliveries:
+            return msgs
+        if all(m._delivery.attempt <= limit for m in msgs):
+            return msgs
+        kept = []
+        for m in msgs:
+            if m._delivery.attempt > limit:
+                await _redelivery.dead_letter_over_limit(m, limit)
+            else:
+                kept.append(m)
+        return kept
 
     async def _next(self, stop: asyncio.Event) -> Message[T] | None:
         """The next message, fetching a batch when the buffer is empty; ``None`` once stopped or closed."""

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._message import Message
+from ._redelivery import Redeliveries, dead_letter_over_limit
 from ._retry import RetryPolicy
 from .errors import MsgbusError
 
@@ -19,6 +20,12 @@ log = logging.getLogger("msgbus")
 
 Handler = Callable[[Message[Any]], Awaitable[None]]
 Middleware = Callable[[Handler], Handler]
+
+# The ack bound: after a handler returns, its ack is handed to the backend before the next handler starts once
+# ACK_BATCH acks are waiting or the oldest has waited ACK_DELAY seconds, even if no handler ever awaits. So a
+# consumer that dies re-delivers at most the acks waiting and one batch in flight (docs/guide.md).
+ACK_BATCH = 64
+ACK_DELAY = 0.05
 
 
 def compose(handler: Handler, middleware: Sequence[Middleware]) -> Handler:
@@ -40,6 +47,10 @@ async def run(
     """Run ``concurrency`` workers until ``stop`` is set or the calling task is cancelled."""
     caps = consumer.capabilities
     in_flight: set[Message[Any]] = set()
+    limit = retry.max_attempts
+    turns = Redeliveries(consumer, limit)
+    # A dead-letter destination has no delivery limit: a dead letter is not re-dead-lettered.
+    counted = caps.counts_deliveries and not consumer._endpoint.dead_letter
 
     async def settle_failure(msg: Message[Any], exc: BaseException) -> None:
         reason = f"{type(exc).__name__}: {exc}"
@@ -47,6 +58,7 @@ async def run(
             log.warning("msgbus: message %s dead-lettered after %d attempts: %s", msg.id, msg.attempt, reason)
             await msg.reject(reason)
             return
+        turns.nacked(msg)
         delay = retry.backoff(msg.attempt)
         log.info("msgbus: message %s attempt %d failed (%s); retry in %.2fs", msg.id, msg.attempt, reason, delay)
         if not caps.delayed_nack and delay > 0:
@@ -66,7 +78,25 @@ async def run(
             if msg is None:
                 return
             if extending:
-                in_flight.add(msg)
+                in_flight.add(msg)  # from now on: it may wait for its turn longer than its lock
+            alone = False
+            if counted and msg._delivery.attempt > 1:  # a redelivery (see _redelivery.py)
+                if msg._delivery.attempt > limit:
+                    in_flight.discard(msg)
+                    await dead_letter_over_limit(msg, limit)
+                    continue
+                if turns.suspect(msg):
+                    first, msg = msg, await turns.enter(msg)
+                    in_flight.discard(first)  # back in the buffer, dead-lettered, or chosen
+                    if msg is None:
+                        continue
+                    if extending:
+                        in_flight.add(msg)
+                    alone = True
+            if not alone:
+                if turns.held:
+                    await turns.wait()
+                turns.running += 1
             try:
                 await handler(msg)
             except asyncio.CancelledError:
@@ -74,6 +104,8 @@ async def run(
                     await _quietly(msg.nack())
                 raise
             except Exception as exc:
+                if alone:
+                    turns.leave(msg)  # it can no longer kill anyone: others may run during its backoff
                 if not msg.settled:
                     try:
                         await settle_failure(msg, exc)
@@ -81,8 +113,16 @@ async def run(
                         log.warning("msgbus: could not settle failed message %s: %s", msg.id, err)
             else:
                 consumer._ack_soon(msg)  # batched with other workers' acks; no-op if the handler settled it
+                if alone:
+                    await consumer._drain_acks()  # in before the next message starts
+                elif consumer._acks_overdue(ACK_BATCH, ACK_DELAY):
+                    await consumer._send_acks()
             finally:
                 in_flight.discard(msg)
+                if alone:
+                    turns.leave(msg)
+                else:
+                    turns.done()
 
     async def extend_locks() -> None:
         assert caps.lock_duration is not None
