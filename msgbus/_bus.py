@@ -438,6 +438,7 @@ class Consumer(Generic[T]):
         self._stop: asyncio.Event | None = None
         self._acks: list[Delivery] = []
         self._acks_since = 0.0  # monotonic time the oldest of ``_acks`` was added
+        self._durable_at = 0.0  # monotonic time of the last ``_acks_durable``
         self._ack_flush: asyncio.Task[None] | None = None
         self._ack_taken: asyncio.Event | None = None  # set each time the flush takes a batch (``_send_acks``)
 
@@ -515,14 +516,23 @@ class Consumer(Generic[T]):
         acks = self._acks
         return bool(acks) and (len(acks) >= batch or time.monotonic() - self._acks_since >= delay)
 
-    async def _send_acks(self) -> None:
-        """Wait until the acks waiting now are handed to the backend (after the batch in flight, if any)."""
+    async def _send_acks(self, delay: float) -> None:
+        """Wait until the acks waiting now are handed to the backend (after the batch in flight, if any).
+
+        When the oldest has waited ``delay`` seconds and the backend holds acks before they are durable
+        (``capabilities.ack_delay``, Kafka's commits), also until they are durable, at most once per ack_delay:
+        a handler that never awaits gives the backend's own commits no turn to run.
+        """
+        late = time.monotonic() - self._acks_since >= delay
         waiting = self._acks
         while waiting and self._acks is waiting and self._ack_flush is not None:
             if self._ack_taken is None:
                 self._ack_taken = asyncio.Event()
             self._ack_taken.clear()
             await self._ack_taken.wait()
+        held = self.capabilities.ack_delay
+        if late and held and time.monotonic() - self._durable_at >= held:
+            await self._acks_durable()
 
     async def _flush_acks(self) -> None:
         try:
@@ -543,6 +553,16 @@ class Consumer(Generic[T]):
         """Wait until every ack handed to ``_ack_soon`` has been sent."""
         while self._ack_flush is not None:
             await asyncio.shield(self._ack_flush)
+
+    async def _acks_durable(self) -> None:
+        """Wait until every ack handed to ``_ack_soon`` is durable on the backend (``Receiver.flush``)."""
+        await self._drain_acks()
+        self._durable_at = time.monotonic()
+        if self._receiver is not None and self.capabilities.ack_delay:
+            try:
+                await self._receiver.flush()
+            except MsgbusError as err:
+                log.warning("msgbus: could not make the acks on %s durable: %s", self._endpoint, err)
 
     def _buffered(self) -> list[Message[T]]:
         return list(self._buffer)
@@ -674,20 +694,31 @@ class Consumer(Generic[T]):
         """Handle messages until ``stop()`` or cancellation: return = ack, raise = nack under the retry policy.
 
         After ``retry.max_attempts`` failed deliveries the message is dead-lettered with the exception
-        as its reason; undecodable messages are dead-lettered at once. On stop, prefetched messages are
+        as its reason; undecodable messages are dead-lettered at once. A message delivered more than
+        ``max_attempts`` times (its consumers died or stopped while holding it) is dead-lettered before any
+        handler sees it, and such redeliveries run one at a time (``msgbus._redelivery``); ``ConfigError``
+        when ``max_attempts`` is not below the broker's own delivery limit. On stop, prefetched messages are
         released and in-flight handlers get ``shutdown_timeout`` seconds before being cancelled (and nacked).
         """
         if not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigError(f"concurrency must be a positive int, got {concurrency!r}")
         if self._stop is not None and not self._stop.is_set():
             raise RuntimeError(f"{self!r} is already running")
+        retry = retry or self._retry
+        backstop = self.capabilities.native_delivery_limit
+        if backstop is not None and retry.max_attempts >= backstop and not self._endpoint.dead_letter:
+            raise ConfigError(
+                f"retry.max_attempts={retry.max_attempts} is not below {self._bus.url}'s own delivery limit "
+                f"({backstop}): the broker would dead-letter messages first, without msgbus's reason; raise the "
+                "adapter's limit or lower max_attempts (docs/guide.md, Delivery limit)"
+            )
         self._stop = asyncio.Event()
         await self._start(max(2 * concurrency, 16))
         await _runtime.run(
             self,
             _runtime.compose(handler, middleware),
             concurrency=concurrency,
-            retry=retry or self._retry,
+            retry=retry,
             shutdown_timeout=shutdown_timeout,
             stop=self._stop,
         )

@@ -96,11 +96,13 @@ class Redeliveries:
 
     async def enter(self, first: Message[Any]) -> Message[Any] | None:
         """Take the turn for suspect ``first``: returns the suspect to run alone now (maybe another one held),
-        or None when all those held were over the limit. The caller runs it, then calls ``leave(it)``.
+        or None when there is none left to run (others ran them, or they were over the limit). The caller
+        runs it, then calls ``leave(it)``.
 
         Bounded both ways, so a long handler never stalls the run: the turn waits at most ``ALONE`` seconds
         for handlers in flight, and is given up after ``ALONE`` seconds even if the suspect still runs.
         """
+        self.consumer._buffer.appendleft(first)  # whoever chooses next must see it, not only this worker
         await self._lock.acquire()
         self.held = True
         self._turn.clear()
@@ -110,8 +112,8 @@ class Redeliveries:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._quiet.wait(), ALONE)
                 self._quiet = None
-            await self.consumer._drain_acks()
-            chosen = await self._choose(first)
+            await self.consumer._acks_durable()
+            chosen = await self._choose()
         except BaseException:
             self._release()
             raise
@@ -137,25 +139,29 @@ class Redeliveries:
             self._turn.set()
             self._lock.release()
 
-    async def _choose(self, first: Message[Any]) -> Message[Any] | None:
+    async def _choose(self) -> Message[Any] | None:
         consumer = self.consumer
         buffer = consumer._buffer
-        if first.id not in self._seen:  # a new one: let the rest of what came back with it arrive first
-            await consumer._top_up(TOP_UP)
-        held = [m for m in buffer if m._delivery.attempt > 1 and self.suspect(m)]
-        if held:
-            keep = [m for m in buffer if not (m._delivery.attempt > 1 and self.suspect(m))]
-            buffer.clear()
-            buffer.extend(keep)
+
+        def held() -> list[Message[Any]]:
+            return [m for m in buffer if m._delivery.attempt > 1 and self.suspect(m)]
+
+        # Hold every redelivery the backend has ready before choosing: for new ones, wait a moment for the
+        # rest of what came back with them; later, take what is ready (the buffer refills as they run).
+        await consumer._top_up(TOP_UP if any(m.id not in self._seen for m in held()) else 0.0)
+        candidates = held()
+        if not candidates:
+            return None
+        taken = {id(m) for m in candidates}
+        kept = [m for m in buffer if id(m) not in taken]
+        buffer.clear()
+        buffer.extend(kept)
         if len(self._seen) >= _REMEMBERED:
             self._seen.clear()
-        candidates = []
-        for m in [first, *held]:
-            self._seen.add(m.id)
-            if m.attempt > self.max_attempts:
-                await dead_letter_over_limit(m, self.max_attempts)
-            else:
-                candidates.append(m)
+        self._seen.update(m.id for m in candidates)
+        for m in [m for m in candidates if m.attempt > self.max_attempts]:
+            candidates.remove(m)
+            await dead_letter_over_limit(m, self.max_attempts)
         if not candidates:
             return None
         newest = max(m.attempt for m in candidates) % 2 == 1

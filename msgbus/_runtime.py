@@ -114,9 +114,9 @@ async def run(
             else:
                 consumer._ack_soon(msg)  # batched with other workers' acks; no-op if the handler settled it
                 if alone:
-                    await consumer._drain_acks()  # in before the next message starts
+                    await consumer._acks_durable()  # in before the next message starts
                 elif consumer._acks_overdue(ACK_BATCH, ACK_DELAY):
-                    await consumer._send_acks()
+                    await consumer._send_acks(ACK_DELAY)
             finally:
                 in_flight.discard(msg)
                 if alone:
