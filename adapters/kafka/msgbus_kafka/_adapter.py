@@ -63,6 +63,8 @@ def _capabilities(o: KafkaOptions) -> Capabilities:
         lock_extension=True,  # extend() keeps a busy receiver in its group (see KafkaReceiver)
         restartable=True,
         lock_duration=o.visibility_timeout,
+        counts_deliveries=True,  # attempt notes in the commit metadata, written before a record is handed out
+        ack_delay=o.commit_interval,  # acks are settled in memory and committed every commit_interval
     )
 
 
@@ -722,6 +724,10 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
                 self._settle(d._entry)
             else:
                 await d.ack()
+
+    async def flush(self) -> None:
+        """Commit what is settled now, rather than at the next ``commit_interval``."""
+        await self._commit([tp for tp, p in self._parts.items() if p.dirty])
 
     def _current(self, entry: _Entry) -> bool:
         return not self._closed and entry.epoch == self._epoch and entry.state in (_DELIVERED, _WAITING)

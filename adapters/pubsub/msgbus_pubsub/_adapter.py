@@ -80,6 +80,8 @@ def _capabilities(o: PubSubOptions) -> Capabilities:
         restartable=True,
         lock_duration=float(o.ack_deadline),
         exactly_once=False,
+        counts_deliveries=True,  # delivery_attempt, which the dead-letter policy on every subscription turns on
+        native_delivery_limit=o.max_delivery_attempts,  # that policy's own forwarding
     )
 
 
