@@ -29,7 +29,13 @@ async def check_poison_kills_consumer(ctx: ContractContext) -> None:
     at = n // 3  # messages queued behind it are what a poison loop used to starve
     queue = ctx.name()
     producer = ctx.bus.producer(queue)
-    items = [Outgoing({"i": i}, headers={POISON_HEADER: "1"} if i == at else None) for i in range(n)]
+    # The poison and the three after it share a key: where keys are ordered, those wait behind it.
+    items = [
+        Outgoing(
+            {"i": i}, key="poison" if at <= i <= at + 3 else None, headers={POISON_HEADER: "1"} if i == at else None
+        )
+        for i in range(n)
+    ]
     ids = await producer.send_many(items)
     poison = ids[at]
     others = set(ids) - {poison}

@@ -679,21 +679,24 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
             entry = _Entry(tp, offset, record, raw, part.prior.pop(offset, 0), self._epoch)
             part.entries[offset] = entry
             self._ahead += 1
-            self._to_note.append(entry)
-            self._route(entry)
+            if self._route(entry) or not entry.attempts:
+                self._to_note.append(entry)
+            # else: an earlier owner delivered it and it waits behind its key (maybe behind the record that
+            # killed that owner): noted when its key frees, so each crash does not count it again (_settle)
 
-    def _route(self, entry: _Entry) -> None:
-        """Deliverable now, or behind an unsettled record of the same key."""
+    def _route(self, entry: _Entry) -> bool:
+        """Deliverable now (True), or behind an unsettled record of the same key."""
         key = entry.record.key
         if key is None:
             self._ready.append(entry)
-            return
+            return True
         waiting = self._keys.get((entry.tp, key))
         if waiting is None:
             self._keys[(entry.tp, key)] = deque()
             self._ready.append(entry)
-        else:
-            waiting.append(entry)
+            return True
+        waiting.append(entry)
+        return False
 
     def _take(self, n: int) -> list[_Entry]:
         out: list[_Entry] = []
@@ -744,7 +747,10 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
         if key is not None:
             waiting = self._keys.get((entry.tp, key))
             if waiting:
-                self._ready.append(waiting.popleft())
+                following = waiting.popleft()
+                self._ready.append(following)
+                if following.noted <= following.attempts and following not in self._to_note:
+                    self._to_note.append(following)  # not noted while it waited (_accept_records)
                 self._arrived.set()
             else:
                 self._keys.pop((entry.tp, key), None)
