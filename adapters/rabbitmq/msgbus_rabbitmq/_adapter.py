@@ -243,23 +243,34 @@ class RabbitMQAdapter(Adapter):
         dlq = f"{main}.dlq"
         await channel.declare_queue(dlq, durable=True, arguments=self._queue_arguments(None))
         arguments = self._queue_arguments(dlq)
-        try:
-            queue = await channel.declare_queue(main, durable=True, arguments=arguments)
-        except aio_pika.exceptions.ChannelPreconditionFailed:
-            if "x-delivery-limit" not in arguments:
-                raise
+        if "x-delivery-limit" in arguments and not await self._accepts(main, arguments):
             # Made before msgbus set a delivery limit: a queue's arguments cannot change, so keep it as it is
-            # (the robust channel re-declares what succeeded) and say how to add the backstop.
+            # (what the robust channel declares must match, or every reconnect fails) and say how to add it.
             del arguments["x-delivery-limit"]
-            queue = await channel.declare_queue(main, durable=True, arguments=arguments)
             log.warning(
                 "msgbus: RabbitMQ queue %r exists without x-delivery-limit; it is used as it is (to add the "
-                'broker\'s backstop, apply a policy with "delivery-limit": %d)',
+                "broker's backstop, apply a policy with \"delivery-limit\": %d)",
                 main,
                 self._s.delivery_limit,
             )
+        queue = await channel.declare_queue(main, durable=True, arguments=arguments)
         if exchange is not None:
             await queue.bind(exchange, "#")
+
+    async def _accepts(self, name: str, arguments: dict[str, Any]) -> bool:
+        """Declare queue ``name`` with ``arguments`` on a throwaway channel: False if it exists with others
+        (``PRECONDITION_FAILED`` closes that channel, not ours)."""
+        probe = await self._connection().channel(publisher_confirms=False)
+        try:
+            await probe.declare_queue(name, durable=True, arguments=arguments, robust=False)
+            return True
+        except aio_pika.exceptions.ChannelPreconditionFailed:
+            return False
+        finally:
+            try:
+                await probe.close()
+            except Exception:  # already closed by the broker
+                pass
 
     async def _verify(self, endpoint: Endpoint) -> None:
         """Passive declares on a throwaway channel: a missing entity closes that channel, not ours."""
