@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -32,6 +32,15 @@ async def redeliver(bus: msgbus.Bus, queue: str, times: int) -> None:
         await asyncio.sleep(0.25)  # the leases expire
 
 
+async def run_until(consumer: msgbus.Consumer[Any], handler: Any, done: Callable[[], bool], **options: Any) -> None:
+    """``consumer.run(handler, **options)`` until ``done()``, then stop it."""
+    task = asyncio.create_task(consumer.run(handler, **options))
+    while not done():
+        await asyncio.sleep(0.01)
+    consumer.stop()
+    await task
+
+
 async def dead_letters(bus: msgbus.Bus, queue: str, n: int) -> list[msgbus.Message[Any]]:
     dlq = bus.dead_letters(queue)
     got: list[msgbus.Message[Any]] = []
@@ -49,11 +58,14 @@ async def test_run_dead_letters_a_message_over_the_limit_before_any_handler() ->
         async def handle(msg: msgbus.Message[Any]) -> None:
             handled.append(msg.attempt)
 
-        consumer = bus.consumer("q")
-        task = asyncio.create_task(consumer.run(handle, retry=msgbus.RetryPolicy(max_attempts=3)))
-        (dead,) = await dead_letters(bus, "q", 1)
-        consumer.stop()
-        await task
+        dead_ones: list[msgbus.Message[Any]] = []
+
+        async def read() -> None:
+            dead_ones.extend(await dead_letters(bus, "q", 1))
+
+        reader = asyncio.create_task(read())
+        await run_until(bus.consumer("q"), handle, reader.done, retry=msgbus.RetryPolicy(max_attempts=3))
+        (dead,) = dead_ones
     assert handled == [] and dead.id == msg_id
     assert dead.dead_letter_reason is not None and dead.dead_letter_reason.startswith("delivered 4 times")
     assert dead.dead_letter_attempts == 4
@@ -91,23 +103,13 @@ async def test_a_redelivery_runs_alone_and_the_held_ones_alternate_oldest_and_ne
             await asyncio.sleep(0.01)
             running -= 1
 
-        consumer = bus.consumer("q")
-        task = asyncio.create_task(consumer.run(handle, concurrency=4))
-        while len(order) < 6:
-            await asyncio.sleep(0.01)
-        consumer.stop()
-        await task
+        await run_until(bus.consumer("q"), handle, lambda: len(order) >= 6, concurrency=4)
         assert most == 1 and order == ids  # attempt 2 (even): oldest first, one at a time
 
         ids = await bus.producer("r").send_many([{"i": i} for i in range(6)])
         await redeliver(bus, "r", 2)  # attempt 3 (odd): newest first
         order.clear()
-        consumer = bus.consumer("r")
-        task = asyncio.create_task(consumer.run(handle, concurrency=4))
-        while len(order) < 6:
-            await asyncio.sleep(0.01)
-        consumer.stop()
-        await task
+        await run_until(bus.consumer("r"), handle, lambda: len(order) >= 6, concurrency=4)
         assert most == 1 and order == ids[::-1]
 
 
@@ -127,13 +129,8 @@ async def test_retries_this_run_nacked_are_not_run_alone() -> None:
                 raise ValueError("first try")
             done.add(msg.id)
 
-        consumer = bus.consumer("q")
         policy = msgbus.RetryPolicy(initial_backoff=0, jitter=0)
-        task = asyncio.create_task(consumer.run(fails_once, concurrency=8, retry=policy))
-        while len(done) < 8:
-            await asyncio.sleep(0.01)
-        consumer.stop()
-        await task
+        await run_until(bus.consumer("q"), fails_once, lambda: len(done) >= 8, concurrency=8, retry=policy)
     assert most > 1
 
 
@@ -168,12 +165,7 @@ async def test_acks_of_a_handler_that_never_awaits_go_out_while_it_runs(monkeypa
                 pass
             handled += 1
 
-        consumer = bus.consumer("q", prefetch=300)
-        task = asyncio.create_task(consumer.run(spin))
-        while handled < 300:
-            await asyncio.sleep(0.01)
-        consumer.stop()
-        await task
+        await run_until(bus.consumer("q", prefetch=300), spin, lambda: handled >= 300)
     assert sum(size for size, _ in sent) == 300
     assert max(size for size, _ in sent) <= ACK_BATCH
     assert sent[0][1] < 300  # acks went out while the 300 buffered messages were still being handled
