@@ -516,14 +516,17 @@ class Consumer(Generic[T]):
         acks = self._acks
         return bool(acks) and (len(acks) >= batch or time.monotonic() - self._acks_since >= delay)
 
-    async def _send_acks(self, delay: float) -> None:
-        """Wait until the acks waiting now are handed to the backend (after the batch in flight, if any).
-
-        When the oldest has waited ``delay`` seconds and the backend holds acks before they are durable
-        (``capabilities.ack_delay``, Kafka's commits), also until they are durable, at most once per ack_delay:
-        a handler that never awaits gives the backend's own commits no turn to run.
+    async def _send_acks(self, batch: int, delay: float) -> None:
+        """Let the acks waiting now go to the backend. Under ``delay`` seconds old: one turn of the loop (the
+        flush takes them at once if no batch is in flight; a handler that never awaits gives it no other turn),
+        waiting only once ``8 * batch`` pile up. Older: wait until the flush has taken them, after the batch in
+        flight; and where the backend holds acks before they are durable (``capabilities.ack_delay``, Kafka's
+        commits), until they are durable, at most once per ack_delay.
         """
         late = time.monotonic() - self._acks_since >= delay
+        if not late and len(self._acks) < 8 * batch:
+            await asyncio.sleep(0)
+            return
         waiting = self._acks
         while waiting and self._acks is waiting and self._ack_flush is not None:
             if self._ack_taken is None:

@@ -21,9 +21,10 @@ log = logging.getLogger("msgbus")
 Handler = Callable[[Message[Any]], Awaitable[None]]
 Middleware = Callable[[Handler], Handler]
 
-# The ack bound: after a handler returns, its ack is handed to the backend before the next handler starts once
-# ACK_BATCH acks are waiting or the oldest has waited ACK_DELAY seconds, even if no handler ever awaits. So a
-# consumer that dies re-delivers at most the acks waiting and one batch in flight (docs/guide.md).
+# The ack bound: once ACK_BATCH acks wait, the runtime gives the ack flush a turn of the loop before the next
+# handler (it takes them at once unless a batch is in flight); once the oldest has waited ACK_DELAY seconds, it
+# waits until they are taken. So even if no handler ever awaits, an ack goes out within ACK_DELAY (plus one
+# handler and one batch in flight), and a consumer that dies re-delivers at most that much (docs/guide.md).
 ACK_BATCH = 64
 ACK_DELAY = 0.05
 
@@ -116,7 +117,7 @@ async def run(
                 if alone:
                     await consumer._acks_durable()  # in before the next message starts
                 elif consumer._acks_overdue(ACK_BATCH, ACK_DELAY):
-                    await consumer._send_acks(ACK_DELAY)
+                    await consumer._send_acks(ACK_BATCH, ACK_DELAY)
             finally:
                 in_flight.discard(msg)
                 if alone:
