@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import replace
 from pathlib import Path
 
@@ -43,3 +44,15 @@ async def test_a_broken_consumer_process_fails_its_check(
     result = await run_check(replace(check, deadline=30), f"sqlite:///{tmp_path}/broken.db?visibility_timeout=1")
     assert result.status == "fail", f"{breakage}: {promise} should fail but {result.status}: {result.detail}"
     print(f"{breakage} -> {promise}: {result.detail}")
+
+
+async def test_the_poison_check_stops_its_last_worker_when_sigint_was_ignored(tmp_path: Path) -> None:
+    """A shell's background job (a CI step under ``&``, nohup) starts with SIGINT ignored and its children inherit
+    that; the poison check stops its last worker with SIGINT, so the worker must take it back."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        (check,) = select("poison that kills its consumer")
+        result = await run_check(replace(check, deadline=30), f"sqlite:///{tmp_path}/bg.db?visibility_timeout=1")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert result.status == "pass", result.detail

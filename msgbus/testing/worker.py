@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 import time
 from typing import Any
@@ -89,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print(usage, file=sys.stderr)
         return 2
+    # A shell's background job starts with SIGINT ignored, and Python then leaves it so: the checks stop the
+    # last worker gracefully with SIGINT, which must not be lost.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     asyncio.run(job)
     return 0
 
