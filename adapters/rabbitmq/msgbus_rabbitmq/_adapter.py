@@ -249,7 +249,7 @@ class RabbitMQAdapter(Adapter):
             del arguments["x-delivery-limit"]
             log.warning(
                 "msgbus: RabbitMQ queue %r exists without x-delivery-limit; it is used as it is (to add the "
-                "broker's backstop, apply a policy with \"delivery-limit\": %d)",
+                'broker\'s backstop, apply a policy with "delivery-limit": %d)',
                 main,
                 self._s.delivery_limit,
             )
