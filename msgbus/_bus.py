@@ -525,7 +525,8 @@ class Consumer(Generic[T]):
         """
         late = time.monotonic() - self._acks_since >= delay
         if not late and len(self._acks) < 8 * batch:
-            await asyncio.sleep(0)
+            if len(self._acks) % batch == 0:  # a turn per batch, not per message, while one is in flight
+                await asyncio.sleep(0)
             return
         waiting = self._acks
         while waiting and self._acks is waiting and self._ack_flush is not None:
