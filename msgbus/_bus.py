@@ -16,7 +16,7 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar, overload
 
-from . import _codec, _runtime
+from . import _codec, _redelivery, _runtime
 from ._capabilities import Capabilities
 from ._coalesce import Coalescer
 from ._message import Message, Outgoing
@@ -475,8 +475,11 @@ class Consumer(Generic[T]):
         self._closed = False
         self._stop: asyncio.Event | None = None
         self._acks: list[Delivery] = []
+        self._acks_since = 0.0  # monotonic time the oldest of ``_acks`` was added
+        self._durable_at = 0.0  # monotonic time of the last ``_acks_durable``
         self._ack_flush: asyncio.Task[None] | None = None
         self._running: asyncio.Future[None] | None = None  # while run() works: resolved when it has returned
+        self._ack_taken: asyncio.Event | None = None  # set each time the flush takes a batch (``_send_acks``)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self._endpoint} on {self._bus.url}>"
@@ -548,25 +551,68 @@ class Consumer(Generic[T]):
     def _ack_soon(self, msg: Message[Any]) -> None:
         """Ack without waiting: acks that pile up while one batch is in flight go out as the next batch."""
         if msg._settle():
+            if not self._acks:
+                self._acks_since = time.monotonic()
             self._acks.append(msg._delivery)
             if self._ack_flush is None:
                 self._ack_flush = asyncio.get_running_loop().create_task(self._flush_acks())
+
+    def _acks_overdue(self, batch: int, delay: float) -> bool:
+        """Whether ``batch`` acks wait to be sent, or the oldest has waited ``delay`` seconds."""
+        acks = self._acks
+        return bool(acks) and (len(acks) >= batch or time.monotonic() - self._acks_since >= delay)
+
+    async def _send_acks(self, batch: int, delay: float) -> None:
+        """Let the acks waiting now go to the backend. Under ``delay`` seconds old: one turn of the loop (the
+        flush takes them at once if no batch is in flight; a handler that never awaits gives it no other turn),
+        waiting only once ``8 * batch`` pile up. Older: wait until the flush has taken them, after the batch in
+        flight; and where the backend holds acks before they are durable (``capabilities.ack_delay``, Kafka's
+        commits), until they are durable, at most once per ack_delay.
+        """
+        late = time.monotonic() - self._acks_since >= delay
+        if not late and len(self._acks) < 8 * batch:
+            if len(self._acks) % batch == 0:  # a turn per batch, not per message, while one is in flight
+                await asyncio.sleep(0)
+            return
+        waiting = self._acks
+        while waiting and self._acks is waiting and self._ack_flush is not None:
+            if self._ack_taken is None:
+                self._ack_taken = asyncio.Event()
+            self._ack_taken.clear()
+            await self._ack_taken.wait()
+        held = self.capabilities.ack_delay
+        if late and held and time.monotonic() - self._durable_at >= held:
+            await self._acks_durable()
 
     async def _flush_acks(self) -> None:
         try:
             while self._acks and self._receiver is not None:
                 batch, self._acks = self._acks, []
+                if self._ack_taken is not None:
+                    self._ack_taken.set()
                 try:
                     await self._receiver.ack_many(batch)
                 except MsgbusError as err:
                     log.warning("msgbus: ack of %d message(s) failed (they will be redelivered): %s", len(batch), err)
         finally:
             self._ack_flush = None
+            if self._ack_taken is not None:
+                self._ack_taken.set()  # nothing more will be taken: a waiter must not wait for that
 
     async def _drain_acks(self) -> None:
         """Wait until every ack handed to ``_ack_soon`` has been sent."""
         while self._ack_flush is not None:
             await asyncio.shield(self._ack_flush)
+
+    async def _acks_durable(self) -> None:
+        """Wait until every ack handed to ``_ack_soon`` is durable on the backend (``Receiver.flush``)."""
+        await self._drain_acks()
+        self._durable_at = time.monotonic()
+        if self._receiver is not None and self.capabilities.ack_delay:
+            try:
+                await self._receiver.flush()
+            except MsgbusError as err:
+                log.warning("msgbus: could not make the acks on %s durable: %s", self._endpoint, err)
 
     def _buffered(self) -> list[Message[T]]:
         return list(self._buffer)
@@ -578,6 +624,16 @@ class Consumer(Generic[T]):
                 await msg.nack()
             except MsgbusError as err:
                 log.debug("msgbus: release of %s failed (its lock will expire): %s", msg.id, err)
+
+    async def _top_up(self, timeout: float) -> None:
+        """Add what the backend has ready to the buffer, waiting up to ``timeout`` seconds (within prefetch)."""
+        if self._prefetch is None or self._unsettled >= self._prefetch or self._closed:
+            return
+        async with self._lock:
+            try:
+                self._buffer.extend(await self._fetch(self._prefetch, timeout))
+            except MsgbusError as err:
+                log.debug("msgbus: topping up %s failed: %s", self._endpoint, err)
 
     async def _fetch(self, max_messages: int, timeout: float) -> list[Message[T]]:
         """One receive call on the backend; undecodable deliveries are dead-lettered, not returned."""
@@ -616,10 +672,10 @@ class Consumer(Generic[T]):
         out: list[Message[T]] = []
         while self._buffer and len(out) < max_messages:
             out.append(self._buffer.popleft())
-        if out:
-            return out
-        async with self._lock:
-            return await self._fetch(max_messages, timeout)
+        if not out:
+            async with self._lock:
+                out = await self._fetch(max_messages, timeout)
+        return await self._within_limit(out)
 
     def __aiter__(self) -> AsyncIterator[Message[T]]:
         return self._iterate()
@@ -630,7 +686,23 @@ class Consumer(Generic[T]):
             msg = await self._next(stop)
             if msg is None:
                 return
-            yield msg
+            if await self._within_limit([msg]):
+                yield msg
+
+    async def _within_limit(self, msgs: list[Message[T]]) -> list[Message[T]]:
+        """``msgs`` without those delivered more than ``retry.max_attempts`` times, which are dead-lettered."""
+        limit = self._retry.max_attempts
+        if self._endpoint.dead_letter or not self.capabilities.counts_deliveries:
+            return msgs
+        if all(m._delivery.attempt <= limit for m in msgs):
+            return msgs
+        kept = []
+        for m in msgs:
+            if m._delivery.attempt > limit:
+                await _redelivery.dead_letter_over_limit(m, limit)
+            else:
+                kept.append(m)
+        return kept
 
     async def _next(self, stop: asyncio.Event) -> Message[T] | None:
         """The next message, fetching a batch when the buffer is empty; ``None`` once stopped or closed."""
@@ -672,7 +744,10 @@ class Consumer(Generic[T]):
         """Handle messages until ``stop()`` or cancellation: return = ack, raise = nack under the retry policy.
 
         After ``retry.max_attempts`` failed deliveries the message is dead-lettered with the exception
-        as its reason; undecodable messages are dead-lettered at once. On stop, prefetched messages are
+        as its reason; undecodable messages are dead-lettered at once. A message delivered more than
+        ``max_attempts`` times (its consumers died or stopped while holding it) is dead-lettered before any
+        handler sees it, and such redeliveries run one at a time (``msgbus._redelivery``); ``ConfigError``
+        when ``max_attempts`` is not below the broker's own delivery limit. On stop, prefetched messages are
         released and in-flight handlers get ``shutdown_timeout`` seconds before being cancelled (and nacked).
         """
         if not _whole(concurrency, 1, MAX_CONCURRENCY):
@@ -684,6 +759,14 @@ class Consumer(Generic[T]):
         shutdown_timeout = _config_seconds("shutdown_timeout", shutdown_timeout)
         if self._stop is not None and not self._stop.is_set():
             raise RuntimeError(f"{self!r} is already running")
+        retry = retry or self._retry
+        backstop = self.capabilities.native_delivery_limit
+        if backstop is not None and retry.max_attempts >= backstop and not self._endpoint.dead_letter:
+            raise ConfigError(
+                f"retry.max_attempts={retry.max_attempts} is not below {self._bus.url}'s own delivery limit "
+                f"({backstop}): the broker would dead-letter messages first, without msgbus's reason; raise the "
+                "adapter's limit or lower max_attempts (docs/guide.md, Delivery limit)"
+            )
         self._stop = asyncio.Event()
         self._running = asyncio.get_running_loop().create_future()
         token = _RUNNING.set(self)  # the runtime's tasks inherit it: close() from a handler must not wait
@@ -693,7 +776,7 @@ class Consumer(Generic[T]):
                 self,
                 _runtime.compose(handler, middleware),
                 concurrency=concurrency,
-                retry=retry or self._retry,
+                retry=retry,
                 shutdown_timeout=shutdown_timeout,
                 stop=self._stop,
             )

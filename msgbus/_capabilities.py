@@ -27,6 +27,11 @@ class Capabilities:
     restartable: bool = True  # there is a broker process that can restart (reconnect test)
     lock_duration: float | None = None  # seconds a received message stays invisible to others
     exactly_once: bool = False
+    # ``attempt`` counts every delivery, including those to consumers that died or stopped before settling:
+    # what lets the runtime dead-letter a message that kills its consumer (the delivery limit, docs/guide.md).
+    counts_deliveries: bool = False
+    native_delivery_limit: int | None = None  # deliveries after which the broker dead-letters by itself
+    ack_delay: float = 0.0  # seconds an ack handed to the adapter may wait before it is durable
 
     def as_dict(self) -> dict[str, object]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -40,6 +45,7 @@ _BOOL_FLAGS = {
     "lock_extension",
     "exactly_once",
     "restartable",
+    "counts_deliveries",
 }
 
 

@@ -452,6 +452,7 @@ class MemoryAdapter(Adapter):
             lock_extension=True,
             lock_duration=visibility_timeout,
             restartable=False,
+            counts_deliveries=True,  # every lease counts, expired or released
         )
         self._ns = namespace
         self._closed = False

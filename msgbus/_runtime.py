@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._codec import describe
 from ._message import Message
+from ._redelivery import Redeliveries, dead_letter_over_limit
 from ._retry import RetryPolicy
 from .adapter import MAX_DEAD_LETTER_REASON
 from .errors import MsgbusError
@@ -21,6 +22,13 @@ log = logging.getLogger("msgbus")
 
 Handler = Callable[[Message[Any]], Awaitable[None]]
 Middleware = Callable[[Handler], Handler]
+
+# The ack bound: once ACK_BATCH acks wait, the runtime gives the ack flush a turn of the loop before the next
+# handler (it takes them at once unless a batch is in flight); once the oldest has waited ACK_DELAY seconds, it
+# waits until they are taken. So even if no handler ever awaits, an ack goes out within ACK_DELAY (plus one
+# handler and one batch in flight), and a consumer that dies re-delivers at most that much (docs/guide.md).
+ACK_BATCH = 64
+ACK_DELAY = 0.05
 
 
 def compose(handler: Handler, middleware: Sequence[Middleware]) -> Handler:
@@ -42,6 +50,10 @@ async def run(
     """Run ``concurrency`` workers until ``stop`` is set or the calling task is cancelled."""
     caps = consumer.capabilities
     in_flight: set[Message[Any]] = set()
+    limit = retry.max_attempts
+    turns = Redeliveries(consumer, limit)
+    # A dead-letter destination has no delivery limit: a dead letter is not re-dead-lettered.
+    counted = caps.counts_deliveries and not consumer._endpoint.dead_letter
 
     async def settle_failure(msg: Message[Any], exc: BaseException) -> None:
         reason = describe(exc, MAX_DEAD_LETTER_REASON)
@@ -49,6 +61,7 @@ async def run(
             log.warning("msgbus: message %s dead-lettered after %d attempts: %s", msg.id, msg.attempt, reason)
             await msg.reject(reason)
             return
+        turns.nacked(msg)
         delay = retry.backoff(msg.attempt)
         log.info("msgbus: message %s attempt %d failed (%s); retry in %.2fs", msg.id, msg.attempt, reason, delay)
         if not caps.delayed_nack and delay > 0:
@@ -74,16 +87,38 @@ async def run(
             if msg is None:
                 return
             if extending:
-                in_flight.add(msg)
+                in_flight.add(msg)  # from now on: it may wait for its turn longer than its lock
+            alone = False
+            if counted and msg._delivery.attempt > 1:  # a redelivery (see _redelivery.py)
+                if msg._delivery.attempt > limit:
+                    in_flight.discard(msg)
+                    await dead_letter_over_limit(msg, limit)
+                    continue
+                if turns.suspect(msg):
+                    first, msg = msg, await turns.enter(msg)
+                    in_flight.discard(first)  # back in the buffer, dead-lettered, or chosen
+                    if msg is None:
+                        continue
+                    if extending:
+                        in_flight.add(msg)
+                    alone = True
+            if not alone:
+                if turns.held:
+                    await turns.wait()
+                turns.running += 1
             try:
                 await handler(msg)
             except Exception as exc:
+                if alone:
+                    turns.leave(msg)  # it can no longer kill anyone: others may run during its backoff
                 if not msg.settled:
                     await failed(msg, exc)
             except asyncio.CancelledError as exc:
                 # Raised by the handler itself (nobody cancelled this worker): a failure like any other, or
                 # run() would end as if stopped. Real cancellation (shutdown_timeout) nacks and ends the worker.
                 if not _cancelling():
+                    if alone:
+                        turns.leave(msg)
                     if not msg.settled:
                         await failed(msg, exc)
                     continue
@@ -96,8 +131,16 @@ async def run(
                 raise
             else:
                 consumer._ack_soon(msg)  # batched with other workers' acks; no-op if the handler settled it
+                if alone:
+                    await consumer._acks_durable()  # in before the next message starts
+                elif consumer._acks_overdue(ACK_BATCH, ACK_DELAY):
+                    await consumer._send_acks(ACK_BATCH, ACK_DELAY)
             finally:
                 in_flight.discard(msg)
+                if alone:
+                    turns.leave(msg)
+                else:
+                    turns.done()
 
     async def extend_locks() -> None:
         assert caps.lock_duration is not None

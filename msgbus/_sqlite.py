@@ -640,6 +640,7 @@ class SqliteAdapter(Adapter):
             lock_extension=True,
             lock_duration=visibility_timeout,
             restartable=False,
+            counts_deliveries=True,  # every lease counts, expired or released
         )
         self._db: _DbThread | None = None
         self._closed = False

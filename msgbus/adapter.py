@@ -184,6 +184,11 @@ class Receiver(abc.ABC):
         for d in deliveries:
             await d.ack()
 
+    async def flush(self) -> None:  # noqa: B027 - optional hook
+        """Return once every settlement made so far is durable. Adapters whose ``ack_many`` only records an
+        ack for a later commit (``capabilities.ack_delay``) override this; the runtime calls it before and
+        after a redelivered message runs alone (``msgbus._redelivery``)."""
+
     @abc.abstractmethod
     async def close(self) -> None:
         """Stop receiving. Unsettled deliveries are released by the broker (or by their lock expiring)."""

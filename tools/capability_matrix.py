@@ -27,6 +27,9 @@ CAPS = [
     ("lock_duration", "lock duration (s) in the run"),
     ("restartable", "broker restart"),
     ("exactly_once", "exactly-once"),
+    ("counts_deliveries", "counts deliveries (delivery limit)"),
+    ("native_delivery_limit", "broker's own delivery limit"),
+    ("ack_delay", "ack delay (s)"),
 ]
 
 

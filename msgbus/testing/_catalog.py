@@ -11,6 +11,7 @@ from ._checks_consumers import (
     check_lock_extension,
     check_per_key_ordering,
 )
+from ._checks_crash import check_acks_survive_crash, check_poison_kills_consumer
 from ._checks_delivery import (
     check_ack_removes,
     check_at_least_once_after_crash,
@@ -50,5 +51,13 @@ CHECKS: tuple[Check, ...] = (
     Check("graceful shutdown", check_graceful_shutdown, deadline=60, lock_waits=1),
     Check("undecodable payloads dead-lettered", check_undecodable_dead_lettered, deadline=60),
     Check("bad input raises typed errors", check_bad_input, deadline=30),
+    Check(
+        "poison that kills its consumer",
+        check_poison_kills_consumer,
+        ("cross_process", "counts_deliveries"),
+        deadline=120,
+        lock_waits=8,
+    ),
+    Check("acks survive a crash", check_acks_survive_crash, ("cross_process",), deadline=90, lock_waits=3),
     Check("reconnect after broker restart", check_reconnect, ("restartable", "persistence"), deadline=180),
 )

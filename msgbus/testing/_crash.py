@@ -12,7 +12,7 @@ import msgbus
 from ._context import ContractContext, ensure, fail
 from .worker import READY
 
-__all__ = ["crash_consumer"]
+__all__ = ["crash_consumer", "start_worker", "worker_error"]
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(msgbus.__file__)))  # so the worker imports this msgbus
 
@@ -34,7 +34,8 @@ async def crash_consumer(ctx: ContractContext, queue: str, n: int) -> tuple[list
     return [m.id for m in held], "abandoned in-process consumer"
 
 
-async def _kill_worker(ctx: ContractContext, queue: str, n: int) -> list[str]:
+async def start_worker(ctx: ContractContext, queue: str, *args: str) -> asyncio.subprocess.Process:
+    """Start ``python -m msgbus.testing.worker - QUEUE ARGS...`` on the URL under test (killed at cleanup)."""
     env = dict(os.environ)
     env["MSGBUS_URL"] = ctx.url  # not in argv: the process list is world-readable
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, env.get("PYTHONPATH")) if p)
@@ -44,7 +45,7 @@ async def _kill_worker(ctx: ContractContext, queue: str, n: int) -> list[str]:
         "msgbus.testing.worker",
         "-",
         queue,
-        str(n),
+        *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env=env,
@@ -56,7 +57,20 @@ async def _kill_worker(ctx: ContractContext, queue: str, n: int) -> list[str]:
         await proc.wait()
 
     ctx.on_cleanup(reap)
-    assert proc.stdout is not None and proc.stderr is not None
+    return proc
+
+
+async def worker_error(proc: asyncio.subprocess.Process) -> str:
+    """How a worker process ended: its exit code and the end of what it wrote to stderr."""
+    await proc.wait()
+    assert proc.stderr is not None
+    err = (await proc.stderr.read()).decode(errors="replace").strip()
+    return f"exited with {proc.returncode}: {err[-1500:]}"
+
+
+async def _kill_worker(ctx: ContractContext, queue: str, n: int) -> list[str]:
+    proc = await start_worker(ctx, queue, str(n))
+    assert proc.stdout is not None
     ids: list[str] = []
     ctx.waiting = f"the worker process (pid {proc.pid}) to take {n} messages"
     while True:
@@ -64,9 +78,7 @@ async def _kill_worker(ctx: ContractContext, queue: str, n: int) -> list[str]:
         if line == READY:
             break
         if not line and proc.stdout.at_eof():
-            await proc.wait()
-            err = (await proc.stderr.read()).decode(errors="replace").strip()
-            fail(f"the worker process exited with {proc.returncode} before holding {n} messages: {err[-1500:]}")
+            fail(f"the worker process {await worker_error(proc)} before holding {n} messages")
         if line:
             ids.append(line)
     proc.kill()  # SIGKILL: no cleanup, no nack, no goodbye to the broker

@@ -1,20 +1,36 @@
-"""A consumer process that takes messages and never settles them, for the consumer-crash check.
+"""Consumer processes for the checks that kill a consumer: hold messages, die on a poison one, or die mid-stream.
 
 ``python -m msgbus.testing.worker URL QUEUE N`` connects, receives N messages from QUEUE without acking,
-prints their ids one per line, then ``HOLDING``, and sleeps until killed. ``URL`` may be ``-`` to read it
-from ``MSGBUS_URL`` (the suite does this, so a password never shows in the process list).
+prints their ids one per line, then ``HOLDING``, and sleeps until killed.
+
+``python -m msgbus.testing.worker URL QUEUE poison MAX_ATTEMPTS`` runs ``consumer.run`` with defaults and
+``RetryPolicy(max_attempts=MAX_ATTEMPTS)``; it prints ``HANDLED <id> <attempt>`` for each message it handles
+and exits at once with ``os._exit`` (no cleanup, as a segfault or an OOM kill ends a process) when it handles
+a message with header ``contract-poison: 1``.
+
+``python -m msgbus.testing.worker URL QUEUE acks K SPIN PREFETCH`` runs ``consumer.run`` with a handler that
+never awaits (it spins the CPU for SPIN seconds), prints ``HANDLED <id>`` for each of K messages, and exits
+with ``os._exit`` inside the handler of message K+1.
+
+``URL`` may be ``-`` to read it from ``MSGBUS_URL`` (the suite does this, so a password never shows in the
+process list).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
+import time
 from typing import Any
 
 import msgbus
 
 READY = "HOLDING"
+HANDLED = "HANDLED"
+POISON_HEADER = "contract-poison"
+EXIT_CODE = 75  # how a worker that killed itself on purpose exits
 
 
 async def hold(url: str, queue: str, n: int) -> None:
@@ -30,13 +46,54 @@ async def hold(url: str, queue: str, n: int) -> None:
     await asyncio.sleep(3600)  # killed long before this
 
 
+async def poison(url: str, queue: str, max_attempts: int) -> None:
+    async def handle(msg: msgbus.Message[Any]) -> None:
+        print(f"{HANDLED} {msg.id} {msg.attempt}", flush=True)
+        if msg.headers.get(POISON_HEADER) == "1":
+            os._exit(EXIT_CODE)
+
+    async with msgbus.connect(url) as bus:
+        await bus.consumer(queue).run(handle, retry=msgbus.RetryPolicy(max_attempts=max_attempts))
+
+
+async def acks(url: str, queue: str, k: int, spin: float, prefetch: int) -> None:
+    handled = 0
+
+    async def handle(msg: msgbus.Message[Any]) -> None:
+        nonlocal handled
+        if handled == k:
+            os._exit(EXIT_CODE)
+        end = time.monotonic() + spin
+        while time.monotonic() < end:  # CPU-bound: no await, so nothing else on the loop runs meanwhile
+            pass
+        handled += 1
+        print(f"{HANDLED} {msg.id}", flush=True)
+
+    async with msgbus.connect(url) as bus:
+        await bus.consumer(queue, prefetch=prefetch).run(handle)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 3 or not args[2].isdigit():
-        print("usage: python -m msgbus.testing.worker URL|- QUEUE N", file=sys.stderr)
+    usage = "usage: python -m msgbus.testing.worker URL|- QUEUE (N | poison MAX_ATTEMPTS | acks K SPIN PREFETCH)"
+    url = os.environ.get("MSGBUS_URL", "") if args[:1] == ["-"] else args[0] if args else ""
+    queue, mode, rest = (args[1], args[2], args[3:]) if len(args) >= 3 else ("", "", [])
+    try:
+        if mode == "poison" and len(rest) == 1:
+            job = poison(url, queue, int(rest[0]))
+        elif mode == "acks" and len(rest) == 3:
+            job = acks(url, queue, int(rest[0]), float(rest[1]), int(rest[2]))
+        elif mode.isdigit() and not rest:
+            job = hold(url, queue, int(mode))
+        else:
+            raise ValueError(mode)
+    except ValueError:
+        print(usage, file=sys.stderr)
         return 2
-    url = os.environ.get("MSGBUS_URL", "") if args[0] == "-" else args[0]
-    asyncio.run(hold(url, args[1], int(args[2])))
+    # A shell's background job starts with SIGINT ignored, and Python then leaves it so: the checks stop the
+    # last worker gracefully with SIGINT, which must not be lost.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    asyncio.run(job)
     return 0
 
 

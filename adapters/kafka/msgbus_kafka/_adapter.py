@@ -63,6 +63,8 @@ def _capabilities(o: KafkaOptions) -> Capabilities:
         lock_extension=True,  # extend() keeps a busy receiver in its group (see KafkaReceiver)
         restartable=True,
         lock_duration=o.visibility_timeout,
+        counts_deliveries=True,  # attempt notes in the commit metadata, written before a record is handed out
+        ack_delay=o.commit_interval,  # acks are settled in memory and committed every commit_interval
     )
 
 
@@ -715,21 +717,24 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
             part.entries[offset] = entry
             self._ahead += 1
             self._ahead_bytes += entry.size
-            self._to_note.append(entry)
-            self._route(entry)
+            if self._route(entry) or not entry.attempts:
+                self._to_note.append(entry)
+            # else: an earlier owner delivered it and it waits behind its key (maybe behind the record that
+            # killed that owner): noted when its key frees, so each crash does not count it again (_settle)
 
-    def _route(self, entry: _Entry) -> None:
-        """Deliverable now, or behind an unsettled record of the same key."""
+    def _route(self, entry: _Entry) -> bool:
+        """Deliverable now (True), or behind an unsettled record of the same key."""
         key = entry.record.key
         if key is None:
             self._ready.append(entry)
-            return
+            return True
         waiting = self._keys.get((entry.tp, key))
         if waiting is None:
             self._keys[(entry.tp, key)] = deque()
             self._ready.append(entry)
-        else:
-            waiting.append(entry)
+            return True
+        waiting.append(entry)
+        return False
 
     def _take(self, n: int) -> list[_Entry]:
         out: list[_Entry] = []
@@ -762,6 +767,10 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
             else:
                 await d.ack()
 
+    async def flush(self) -> None:
+        """Commit what is settled now, rather than at the next ``commit_interval``."""
+        await self._commit([tp for tp, p in self._parts.items() if p.dirty])
+
     def _current(self, entry: _Entry) -> bool:
         return not self._closed and entry.epoch == self._epoch and entry.state in (_DELIVERED, _WAITING)
 
@@ -777,7 +786,10 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
         if key is not None:
             waiting = self._keys.get((entry.tp, key))
             if waiting:
-                self._ready.append(waiting.popleft())
+                following = waiting.popleft()
+                self._ready.append(following)
+                if following.noted <= following.attempts and following not in self._to_note:
+                    self._to_note.append(following)  # not noted while it waited (_accept_records)
                 self._arrived.set()
             else:
                 self._keys.pop((entry.tp, key), None)

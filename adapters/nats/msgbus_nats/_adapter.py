@@ -65,6 +65,8 @@ def _capabilities(options: NatsOptions, max_payload: int) -> Capabilities:
         restartable=True,
         lock_duration=options.ack_wait,
         exactly_once=False,
+        counts_deliveries=True,  # JetStream's num_delivered: every delivery, to dead consumers and after -NAK too
+        native_delivery_limit=options.max_deliver or None,  # past it the server stops delivering (no DLQ)
     )
 
 

@@ -76,6 +76,7 @@ class PostgresAdapter(Adapter):
             restartable=True,
             lock_duration=options.visibility_timeout,
             exactly_once=False,
+            counts_deliveries=True,  # attempts + 1 at every lease, by the server
         )
         self._pool: asyncpg.Pool | None = None
         self._listener: asyncio.Task[None] | None = None

@@ -80,6 +80,8 @@ def _capabilities(o: PubSubOptions) -> Capabilities:
         restartable=True,
         lock_duration=float(o.ack_deadline),
         exactly_once=False,
+        counts_deliveries=True,  # delivery_attempt, which the dead-letter policy on every subscription turns on
+        native_delivery_limit=o.max_delivery_attempts,  # that policy's own forwarding
     )
 
 
@@ -234,6 +236,15 @@ class PubSubAdapter(Adapter):
         if self._options.ordering and spec.dead_letter_topic is not None and not existing.enable_message_ordering:
             raise TopologyError(
                 f"subscription {spec.name} exists without message ordering; ordering=true needs a new subscription"
+            )
+        if spec.dead_letter_topic is not None and not existing.dead_letter_policy.dead_letter_topic:
+            # Not changed behind its owner's back; but without a policy Pub/Sub does not count deliveries.
+            log.warning(
+                "pubsub: subscription %s exists without a dead-letter policy: Pub/Sub does not count its deliveries "
+                "(delivery_attempt), so a message that kills its consumers is never dead-lettered by msgbus; add "
+                "one with dead_letter_topic %s",
+                spec.name,
+                spec.dead_letter_topic,
             )
 
     async def _verify(self, r: Route) -> None:

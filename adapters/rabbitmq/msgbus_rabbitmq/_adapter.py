@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -28,6 +29,7 @@ from ._errors import convert, translate
 from ._receiver import RabbitMQReceiver
 
 _T = TypeVar("_T")
+log = logging.getLogger("msgbus")
 
 MAX_DELAY = 7 * 24 * 3600.0  # holding-queue TTLs are 32-bit milliseconds; a week is a sane ceiling
 _HOLDING_GRACE_MS = 300_000  # an idle holding queue is deleted this long after its messages are due
@@ -87,6 +89,7 @@ class RabbitMQAdapter(Adapter):
     def __init__(self, url: BusURL, settings: Settings) -> None:
         self.url = url
         self._s = settings
+        quorum = settings.queue_type == "quorum"
         self.capabilities = Capabilities(
             ordering="none",
             delayed_delivery=True,
@@ -98,6 +101,10 @@ class RabbitMQAdapter(Adapter):
             cross_process=True,
             lock_extension=False,
             restartable=True,
+            # Quorum queues count returns (x-delivery-count; x-acquired-count on 4.x); classic queues only flag
+            # a redelivery, so a message that kills its consumer comes back as attempt 2 every time.
+            counts_deliveries=quorum,
+            native_delivery_limit=(settings.delivery_limit or None) if quorum else None,
         )
         self._conn: AbstractRobustConnection | None = None
         self._publish_channel: AbstractRobustChannel | None = None
@@ -201,6 +208,9 @@ class RabbitMQAdapter(Adapter):
         if dlq is not None:
             args["x-dead-letter-exchange"] = ""  # the default exchange routes by queue name
             args["x-dead-letter-routing-key"] = dlq
+            if self._s.queue_type == "quorum" and self._s.delivery_limit:
+                # The broker's backstop: past it the queue dead-letters by itself, without msgbus's reason.
+                args["x-delivery-limit"] = self._s.delivery_limit
         return args
 
     async def declare(self, endpoint: Endpoint, *, create: bool = True) -> None:
@@ -232,9 +242,35 @@ class RabbitMQAdapter(Adapter):
         main = queue_name(Endpoint(endpoint.kind, endpoint.name, endpoint.subscription))
         dlq = f"{main}.dlq"
         await channel.declare_queue(dlq, durable=True, arguments=self._queue_arguments(None))
-        queue = await channel.declare_queue(main, durable=True, arguments=self._queue_arguments(dlq))
+        arguments = self._queue_arguments(dlq)
+        if "x-delivery-limit" in arguments and not await self._accepts(main, arguments):
+            # Made before msgbus set a delivery limit: a queue's arguments cannot change, so keep it as it is
+            # (what the robust channel declares must match, or every reconnect fails) and say how to add it.
+            del arguments["x-delivery-limit"]
+            log.warning(
+                "msgbus: RabbitMQ queue %r exists without x-delivery-limit; it is used as it is (to add the "
+                'broker\'s backstop, apply a policy with "delivery-limit": %d)',
+                main,
+                self._s.delivery_limit,
+            )
+        queue = await channel.declare_queue(main, durable=True, arguments=arguments)
         if exchange is not None:
             await queue.bind(exchange, "#")
+
+    async def _accepts(self, name: str, arguments: dict[str, Any]) -> bool:
+        """Declare queue ``name`` with ``arguments`` on a throwaway channel: False if it exists with others
+        (``PRECONDITION_FAILED`` closes that channel, not ours)."""
+        probe = await self._connection().channel(publisher_confirms=False)
+        try:
+            await probe.declare_queue(name, durable=True, arguments=arguments, robust=False)
+            return True
+        except aio_pika.exceptions.ChannelPreconditionFailed:
+            return False
+        finally:
+            try:
+                await probe.close()
+            except Exception:  # already closed by the broker
+                pass
 
     async def _verify(self, endpoint: Endpoint) -> None:
         """Passive declares on a throwaway channel: a missing entity closes that channel, not ours."""

@@ -27,10 +27,15 @@ HEADER_TIMESTAMP = "x-msgbus-timestamp"
 HEADER_PRIOR_ATTEMPTS = "x-msgbus-prior-attempts"
 # aio-pika sends an empty id/correlation id/content type as "absent"; this header names those that were "".
 HEADER_EMPTY = "x-msgbus-empty"
-# Headers the broker adds; they describe the transport, not the sender's message.
+# Headers the broker adds; they describe the transport, not the sender's message. Quorum queues count a
+# message's returns in x-delivery-count (RabbitMQ 3.x: every return; 4.x: failed deliveries only) and, from
+# 4.0, every return in x-acquired-count, a consumer that died included.
 BROKER_HEADER = "x-delivery-count"
+ACQUIRED_HEADER = "x-acquired-count"
 _BROKER_PREFIXES = ("x-death", "x-first-death-", "x-last-death-")
-_PRIVATE = frozenset({HEADER_KEY, HEADER_TIMESTAMP, HEADER_PRIOR_ATTEMPTS, HEADER_EMPTY, BROKER_HEADER})
+_PRIVATE = frozenset(
+    {HEADER_KEY, HEADER_TIMESTAMP, HEADER_PRIOR_ATTEMPTS, HEADER_EMPTY, BROKER_HEADER, ACQUIRED_HEADER}
+)
 _SHORTSTR = 255  # AMQP short strings (ids, content type, header names) hold at most 255 bytes
 
 
@@ -88,13 +93,18 @@ def decode(
     """The record and attempt number of a received message (also one sent by a non-msgbus producer).
 
     The attempt is the attempts carried on re-publish, plus the broker's count of redeliveries
-    (``x-delivery-count`` on quorum queues; the ``redelivered`` flag, i.e. at least one, on classic
-    queues), plus one.
+    (``x-acquired-count`` or else ``x-delivery-count`` on quorum queues; the ``redelivered`` flag, i.e. at
+    least one, on classic queues), plus one.
     """
     raw = headers or {}
     user = {k: _text(v) for k, v in raw.items() if k not in _PRIVATE and not k.startswith(_BROKER_PREFIXES)}
     prior = _count(raw.get(HEADER_PRIOR_ATTEMPTS))
-    redeliveries = _count(raw[BROKER_HEADER]) if BROKER_HEADER in raw else int(bool(redelivered))
+    if ACQUIRED_HEADER in raw:
+        redeliveries = _count(raw[ACQUIRED_HEADER])
+    elif BROKER_HEADER in raw:
+        redeliveries = _count(raw[BROKER_HEADER])
+    else:
+        redeliveries = int(bool(redelivered))
     ts_header = raw.get(HEADER_TIMESTAMP)
     if ts_header is not None:
         try:

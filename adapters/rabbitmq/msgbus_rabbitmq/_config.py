@@ -11,6 +11,7 @@ from msgbus.errors import ConfigError
 
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024  # well under RabbitMQ's own 128 MiB default
 BROKER_MAX_MESSAGE_SIZE = 512 * 1024 * 1024  # the largest max_message_size RabbitMQ accepts
+DEFAULT_DELIVERY_LIMIT = 20  # a quorum queue's x-delivery-limit; RabbitMQ 4's own default
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +31,7 @@ class Settings:
     heartbeat: int = 60
     reconnect_interval: float = 1.0
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    delivery_limit: int = DEFAULT_DELIVERY_LIMIT
 
 
 def read_settings(url: BusURL, options: OptionReader) -> Settings:
@@ -61,6 +63,7 @@ def read_settings(url: BusURL, options: OptionReader) -> Settings:
         heartbeat=options.int("heartbeat", 60, min=0),
         reconnect_interval=options.float("reconnect_interval", 1.0, min=0.1),
         max_message_size=max_size,
+        delivery_limit=options.int("delivery_limit", DEFAULT_DELIVERY_LIMIT, min=0),
     )
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
+import aio_pika
 import pytest
 
 from msgbus.adapter import (
@@ -316,3 +318,48 @@ async def test_a_receiver_whose_connection_drops_reconnects_and_gets_the_unacked
     assert sorted(ids) == sorted(r.id for r in _records(10))  # 10 sent, 10 received after the drop, 0 lost
     assert set(ids.values()) == {1}
     assert {d.attempt for d in got if d.record.id in {h.record.id for h in held}} == {2}
+
+
+async def test_the_quorum_queues_own_delivery_limit_dead_letters_past_it(
+    make_adapter: Callable[..., RabbitMQAdapter], names: Callable[[str], str]
+) -> None:
+    """The backstop: returns counted by the broker, past x-delivery-limit it dead-letters by itself."""
+    adapter = make_adapter(delivery_limit=2)
+    await adapter.open()
+    try:
+        ep = Endpoint("queue", names("q"))
+        await adapter.declare(ep)
+        await adapter.send(ep, _records(1))
+        attempts = []
+        for _ in range(3):  # each receiver closes holding it, as a consumer that dies would
+            receiver = await adapter.receiver(ep, prefetch=1)
+            attempts += [d.attempt for d in await _drain(receiver, 1, ack=False, timeout=5)]
+            await receiver.close()
+        dead = await adapter.receiver(Endpoint("queue", ep.name, dead_letter=True), prefetch=5)
+        (gone,) = await _drain(dead, 1, timeout=5)
+        main = await adapter.receiver(ep, prefetch=5)
+        await _nothing_more(main)
+    finally:
+        await adapter.close()
+    assert attempts == [1, 2, 3] and adapter.capabilities.native_delivery_limit == 2
+    assert gone.record.id == "m-0" and HEADER_DEAD_LETTER_REASON not in gone.record.headers  # the broker's: no reason
+
+
+async def test_a_queue_made_without_a_delivery_limit_is_kept_as_it_is(
+    adapter: RabbitMQAdapter, names: Callable[[str], str], broker: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    name = names("q")
+    connection = await aio_pika.connect(broker.url)
+    try:  # as an older msgbus declared it
+        channel = await connection.channel()
+        arguments = {"x-queue-type": "quorum", "x-dead-letter-exchange": "", "x-dead-letter-routing-key": f"{name}.dlq"}
+        await channel.declare_queue(name, durable=True, arguments=arguments)
+    finally:
+        await connection.close()
+    ep = Endpoint("queue", name)
+    await adapter.declare(ep)  # no PRECONDITION_FAILED: used as it is, with a warning
+    await adapter.send(ep, _records(3))
+    receiver = await adapter.receiver(ep, prefetch=5)
+    assert len(await _drain(receiver, 3)) == 3
+    await receiver.close()
+    assert "exists without x-delivery-limit" in caplog.text

@@ -66,6 +66,7 @@ def _capabilities(options: RedisOptions, persistence: Persistence) -> Capabiliti
         restartable=True,
         lock_duration=options.visibility_timeout,
         exactly_once=False,
+        counts_deliveries=True,  # the group's pending-entry delivery count, carried across nack re-adds
     )
 
 

@@ -59,6 +59,9 @@ class ServiceBusAdapter(Adapter):
             lock_extension=True,  # renew-lock
             restartable=True,
             lock_duration=options.lock_duration,
+            counts_deliveries=True,  # DeliveryCount: abandon and lock expiry, so a dead consumer's locks too
+            # MaxDeliveryCount: set on the entities msgbus creates (management=admin); elsewhere the entity's own
+            native_delivery_limit=options.max_delivery_count,
         )
         self._secrets = [options.key]
         self._client: ServiceBusClient | None = None

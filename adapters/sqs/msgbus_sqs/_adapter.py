@@ -78,6 +78,8 @@ def _capabilities(o: SqsOptions) -> Capabilities:
         restartable=True,
         lock_duration=float(o.visibility_timeout),
         exactly_once=False,
+        counts_deliveries=True,  # ApproximateReceiveCount: every receive, expired or released ones included
+        native_delivery_limit=o.max_receive_count or None,  # the redrive policy's maxReceiveCount
     )
 
 
