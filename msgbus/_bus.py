@@ -67,9 +67,12 @@ def _check_name(what: str, name: object) -> str:
 class Bus:
     """A connection to one backend; an async context manager. Task-safe; open once, share widely."""
 
-    def __init__(self, adapter: Adapter, url: BusURL, *, create_topology: bool = True) -> None:
+    def __init__(
+        self, adapter: Adapter, url: BusURL, *, create_topology: bool = True, options: Mapping[str, str] | None = None
+    ) -> None:
         self._adapter = adapter
         self._url = url
+        self._options = dict(options or {})
         self._create = create_topology
         self._state = "new"
         self._open_lock = asyncio.Lock()
@@ -85,6 +88,14 @@ class Bus:
     def url(self) -> str:
         """The bus URL with secrets redacted."""
         return self._url.redacted
+
+    @property
+    def options(self) -> dict[str, str]:
+        """Every option this bus runs with, as text: those the URL gave and the defaults the adapter applied.
+
+        Secret-looking values are redacted. ``msgbus contract`` prints them, so a run says what it proved.
+        """
+        return dict(self._options)
 
     @property
     def adapter(self) -> Adapter:
