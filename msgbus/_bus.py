@@ -544,6 +544,14 @@ class Consumer(Generic[T]):
             except MsgbusError as err:
                 log.debug("msgbus: release of %s failed (its lock will expire): %s", msg.id, err)
 
+    async def _release_receiver(self) -> None:
+        """After ``run()``: the receiver gives back its read-ahead too (a stopped consumer may stay open for long)."""
+        if self._receiver is not None and not self._closed:
+            try:
+                await self._receiver.release()
+            except MsgbusError as err:
+                log.debug("msgbus: release of %s's read-ahead failed (its lock will expire): %s", self._endpoint, err)
+
     async def _fetch(self, max_messages: int, timeout: float) -> list[Message[T]]:
         """One receive call on the backend; undecodable deliveries are dead-lettered, not returned."""
         receiver = await self._start(16)

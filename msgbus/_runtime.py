@@ -119,6 +119,7 @@ async def run(
         stop_wait.cancel()
         await consumer._release_buffered()
         await consumer._drain_acks()
+        await consumer._release_receiver()
 
 
 async def _quietly(aw: Awaitable[None]) -> None:

@@ -436,6 +436,12 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
             await self._release(list(self._parts), wait=False, consumer=consumer)
             await _close_quietly(consumer.stop())
 
+    async def release(self) -> None:
+        """Leave the group (commit what is settled, drop the read-ahead), so the partitions and everything
+        fetched but not handed out go to the other members now; the next ``receive`` joins again."""
+        if not self._closed:
+            await self._leave()
+
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         """aiokafka calls this before a rebalance: settle what we can, commit, forget the partitions."""
         if self._consumer is not None:
