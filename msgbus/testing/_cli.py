@@ -34,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
         help="run N checks at once (default 1); with a broker's default lock of 30-60 s most checks spend their "
         "time waiting out locks, so a run at defaults takes minutes where --jobs 20 takes the longest check",
     )
+    parser.add_argument("--fail-fast", action="store_true", help="start no check after one failed")
     parser.add_argument("--verbose", action="store_true", help="show msgbus's own warnings while checks run")
     return parser
 
@@ -58,7 +59,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(Report(_redacted(url), args.quick, options=bus_options(url)).options_line(), flush=True)
     report = asyncio.run(
         run_contract(
-            url, quick=args.quick, only=args.only, progress=lambda line: print(line, flush=True), jobs=args.jobs
+            url,
+            quick=args.quick,
+            only=args.only,
+            progress=lambda line: print(line, flush=True),
+            jobs=args.jobs,
+            fail_fast=args.fail_fast,
         )
     )
     print()

@@ -112,6 +112,16 @@ def _where(exc: BaseException) -> str:
 
 
 RESULTS_ENV = "MSGBUS_CONTRACT_RESULTS"
+# Mutation runs (python -m mutants) kill a mutant that loses messages sooner: every deadline times this.
+DEADLINE_SCALE_ENV = "MSGBUS_CONTRACT_DEADLINE_SCALE"
+
+
+def _deadline_scale() -> float:
+    try:
+        scale = float(os.environ.get(DEADLINE_SCALE_ENV) or 1.0)
+    except ValueError:
+        return 1.0
+    return scale if 0 < scale <= 1 else 1.0
 
 
 async def run_check(
@@ -157,7 +167,7 @@ async def _run_check(check: Check, ctx: ContractContext) -> CheckResult:
         reason = check.skip_reason(ctx.caps)
         if reason:
             return result("skip", reason)
-        deadline = check.total_deadline(ctx.caps)
+        deadline = check.total_deadline(ctx.caps) * _deadline_scale()
         timer = asyncio.timeout(deadline)
         try:
             async with timer:
@@ -192,13 +202,15 @@ async def run_contract(
     only: str | Iterable[str] | None = None,
     progress: Progress | None = None,
     jobs: int = 1,
+    fail_fast: bool = False,
 ) -> Report:
     """Run the contract (or the ``only`` checks) against ``url``, each check with a fresh bus.
 
     ``quick`` scales volumes down; ``restart_broker`` enables the reconnect check; ``progress`` receives a
     line as each check starts and ends. ``jobs`` runs that many checks at once (each on its own names);
-    a check that restarts the broker still runs alone, after the others. Never raises for a broken
-    promise: read ``Report.ok`` / ``table()``.
+    a check that restarts the broker still runs alone, after the others. ``fail_fast`` starts no check
+    after one failed (those are left out of the report). Never raises for a broken promise: read
+    ``Report.ok`` / ``table()``.
     """
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
@@ -209,6 +221,8 @@ async def run_contract(
 
     async def one(n: int, check: Check) -> None:
         async with slots:
+            if fail_fast and any(r.status == "fail" for r in results.values()):
+                return
             tag = f"[{n:>2}/{len(checks)}] {check.name}"
             if progress:
                 progress(f"{tag} ...")
@@ -222,5 +236,5 @@ async def run_contract(
     for n, check in numbered:
         if jobs > 1 and check.alone:
             await one(n, check)
-    report.results = [results[c.name] for c in checks]
+    report.results = [results[c.name] for c in checks if c.name in results]
     return report
