@@ -37,7 +37,7 @@ CHECKS: tuple[Check, ...] = (
     Check("durable send", check_durable_send, deadline=90, lock_waits=2),
     Check("at-least-once after consumer crash", check_at_least_once_after_crash, deadline=60, lock_waits=4),
     Check("ack removes", check_ack_removes, deadline=60, lock_waits=2),
-    Check("nack redelivers", check_nack_redelivers, deadline=60),
+    Check("nack redelivers", check_nack_redelivers, deadline=60, lock_waits=2),
     Check("reject dead-letters with reason", check_reject_dead_letters, deadline=60, lock_waits=2),
     Check("retries then dead-letter", check_retries_then_dead_letter, deadline=60, lock_waits=3),
     Check("competing consumers", check_competing_consumers, deadline=120, lock_waits=2),

@@ -101,7 +101,7 @@ async def check_durable_send(ctx: ContractContext) -> None:
     ctx.note(quiet)
 
 
-SENT_BOUND = 15.0  # seconds for messages whose sends returned to be received by a fresh consumer
+SENT_BOUND = 10.0  # seconds for messages whose sends returned to be received by a fresh consumer
 
 
 async def check_send_survives_sender_crash(ctx: ContractContext) -> None:
@@ -194,13 +194,17 @@ async def check_nack_redelivers(ctx: ContractContext) -> None:
             if msg.body != want.body or dict(msg.headers) != want.headers or msg.key != want.key:
                 problems.append(f"{msg.id} changed on redelivery: {msg.body!r} {dict(msg.headers)} key={msg.key!r}")
             await (msg.nack() if attempt < 3 else msg.ack())
+    acked = time.monotonic()
     ensure(not problems, f"{len(problems)} problems, e.g. {'; '.join(problems[:3])}")
     ctx.note(f"{m} sent, nacked twice, redelivered as attempt 2 and 3 with same id/body/headers/key, 0 lost, 0 dup")
     ctx.note(await expect_only_sentinel(ctx, consumer, sentinel_sender(producer), ctx.quiet, "after ack"))
-    if not ctx.caps.delayed_nack:
+    if ctx.caps.delayed_nack:
+        await _check_delayed_nack(ctx, producer, consumer)
+    else:
         ctx.note("nack(delay) not checked: delayed_nack not declared")
-        return
-    await _check_delayed_nack(ctx, producer, consumer)
+    await consumer.close()
+    send = sentinel_sender(producer)
+    ctx.note(await nothing_comes_back(ctx, lambda bus: bus.consumer(queue), send, ctx.lock_window_after(acked)))
 
 
 async def _check_delayed_nack(ctx: ContractContext, producer: msgbus.Producer, consumer: msgbus.Consumer[Any]) -> None:
