@@ -43,3 +43,24 @@ def test_the_contract_kills_the_mutant(mutant: Mutant, backend: str) -> None:
     outcome = run_mutant(mutant, backend, lambda root: embedded_url(backend, root))
     assert outcome.status == "killed", f"{mutant.name} on {backend}: {outcome.status}: {outcome.detail}"
     print(f"{mutant.name} on {backend}: killed by {outcome.check} in {outcome.seconds}s: {outcome.detail[:300]}")
+
+
+def test_the_table_fills_only_its_section_of_the_doc(tmp_path: Path) -> None:
+    from mutants.__main__ import BEGIN, END, publish, render
+    from mutants.harness import Outcome
+
+    doc = tmp_path / "contract.md"
+    doc.write_text(f"# Contract\n\nintro\n\n{BEGIN}\nold table\n{END}\n\nafter\n")
+    outcomes = [
+        Outcome(
+            "kafka: commit past an unacked record", "ack past a gap", "kafka", "killed", "only the unacked", "", 14
+        ),
+        Outcome("redis: x", "dropped header", "redis", "survived", "", "every check passed", 3),
+    ]
+    publish(doc, render(outcomes, "make mutants"))
+    text = doc.read_text()
+    assert text.startswith("# Contract\n\nintro\n\n" + BEGIN) and text.endswith(END + "\n\nafter\n")
+    assert "old table" not in text and "1 of 2 mutant runs killed" in text
+    assert (
+        "| ack past a gap | kafka: commit past an unacked record | `kafka` | killed (14s) | only the unacked |" in text
+    )
