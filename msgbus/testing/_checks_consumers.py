@@ -160,7 +160,12 @@ async def check_lock_extension(ctx: ContractContext) -> None:
 
     holder = ctx.bus.consumer(queue)
     task_a = ctx.background(holder.run(slow, concurrency=h))
-    sent = set(await producer.send_many([{"long": i} for i in range(h)]))
+    # Sent over one extension period (run() extends every third of the lock): an extension made late leaves a
+    # message to others from its expiry until the next extension, a gap set by when it arrived; one gets a long one.
+    sent = set()
+    for i in range(h):
+        sent.add(await producer.send({"long": i}))
+        await asyncio.sleep(lock / 3 / h)
     ctx.waiting = "the long handlers to start"
     await started.wait_distinct(h)
     others = Tally()
