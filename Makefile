@@ -8,13 +8,14 @@ PYTEST_ARGS ?=
 # Contract runs append their results here; `make matrix` renders docs/capabilities.md from them.
 export MSGBUS_CONTRACT_RESULTS ?= $(CURDIR)/build/contract-results
 
-.PHONY: demo test lint unit integration install clean help matrix
+.PHONY: demo test lint unit integration install clean help matrix mutants
 
 help:
 	@echo "make demo          run the order-system demo on the embedded SQLite backend"
 	@echo "make test          lint, type-check, start local brokers, run every test"
 	@echo "make lint          ruff + mypy only"
 	@echo "make matrix        render docs/capabilities.md from the latest contract runs"
+	@echo "make mutants       run every mutant of the catalogue against the contract; fills docs/contract.md"
 	@echo "make brokers       start the local test brokers; make brokers-stop stops them"
 	@echo "make chaos         the failure suite at full volume, then docs/reliability.md"
 
@@ -61,6 +62,14 @@ integration: $(VENV)/.dev
 	done; $(MAKE) chaos-ci || status=1; exit $$status
 
 test: lint unit integration
+
+# The whole mutant catalogue (mutants/catalogue.toml): each realistic bug, applied to a copy of the tree, must
+# fail one of its contract checks on every backend it applies to; `make test` runs the quick subset. Writes
+# build/mutants.json and the table in docs/contract.md. MUTANTS_ARGS="--backend kafka" for one backend.
+MUTANTS_ARGS ?=
+mutants: $(VENV)/.dev
+	$(MAKE) brokers || echo "make: some brokers did not start; their mutants error"
+	$(BIN)/python -m mutants --json build/mutants.json --docs docs/contract.md $(MUTANTS_ARGS)
 
 matrix: $(VENV)/.core
 	$(BIN)/python tools/capability_matrix.py --results $(MSGBUS_CONTRACT_RESULTS) --out docs/capabilities.md

@@ -62,7 +62,7 @@ def connect(url: str | None = None, *, profile: str | None = None, **options: An
     reader.finish()
     if not isinstance(adapter, msgbus_adapter.Adapter):
         raise ConfigError(f"the adapter for {parsed.scheme}:// is not a msgbus.adapter.Adapter")
-    return Bus(adapter, parsed, create_topology=topology == "declare")
+    return Bus(adapter, parsed, create_topology=topology == "declare", options=reader.used())
 
 
 from . import adapter as msgbus_adapter  # noqa: E402  (after connect, to keep the public names first)

@@ -69,9 +69,12 @@ def _check_name(what: str, name: object) -> str:
 class Bus:
     """A connection to one backend; an async context manager. Task-safe; open once, share widely."""
 
-    def __init__(self, adapter: Adapter, url: BusURL, *, create_topology: bool = True) -> None:
+    def __init__(
+        self, adapter: Adapter, url: BusURL, *, create_topology: bool = True, options: Mapping[str, str] | None = None
+    ) -> None:
         self._adapter = adapter
         self._url = url
+        self._options = dict(options or {})
         self._create = create_topology
         self._state = "new"
         self._open_lock = asyncio.Lock()
@@ -87,6 +90,14 @@ class Bus:
     def url(self) -> str:
         """The bus URL with secrets redacted."""
         return self._url.redacted
+
+    @property
+    def options(self) -> dict[str, str]:
+        """Every option this bus runs with, as text: those the URL gave and the defaults the adapter applied.
+
+        Secret-looking values are redacted. ``msgbus contract`` prints them, so a run says what it proved.
+        """
+        return dict(self._options)
 
     @property
     def adapter(self) -> Adapter:
@@ -634,6 +645,14 @@ class Consumer(Generic[T]):
                 self._buffer.extend(await self._fetch(self._prefetch, timeout))
             except MsgbusError as err:
                 log.debug("msgbus: topping up %s failed: %s", self._endpoint, err)
+
+    async def _release_receiver(self) -> None:
+        """After ``run()``: the receiver gives back its read-ahead too (a stopped consumer may stay open for long)."""
+        if self._receiver is not None and not self._closed:
+            try:
+                await self._receiver.release()
+            except MsgbusError as err:
+                log.debug("msgbus: release of %s's read-ahead failed (its lock will expire): %s", self._endpoint, err)
 
     async def _fetch(self, max_messages: int, timeout: float) -> list[Message[T]]:
         """One receive call on the backend; undecodable deliveries are dead-lettered, not returned."""

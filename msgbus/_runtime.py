@@ -180,6 +180,7 @@ async def run(
                 w.exception()
         await consumer._release_buffered()
         await consumer._drain_acks()
+        await consumer._release_receiver()
 
 
 def _cancelling() -> bool:

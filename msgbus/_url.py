@@ -6,6 +6,7 @@ import builtins
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from .errors import ConfigError
@@ -14,6 +15,7 @@ _SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*$")
 _SECRET_OPTION = re.compile(r"(pass|secret|token|key|sig|cred|auth|private|conn_?str|connection_string|dsn)", re.I)
 REDACTED = "***"
 MAX_OPTION_SECONDS = 1e9  # about 31 years: the largest float option value (they are all durations)
+_V = TypeVar("_V")
 
 
 def _is_secret(name: str) -> bool:
@@ -191,33 +193,45 @@ class OptionReader:
         self._scheme = scheme
         self._options = options
         self._known: list[builtins.str] = []
+        self._used: dict[builtins.str, builtins.str] = {}
 
     def _take(self, name: builtins.str) -> builtins.str | None:
         self._known.append(name)
         return self._options.pop(name, None)
 
+    def _use(self, name: builtins.str, value: _V) -> _V:
+        """Note the value an option ends up with (given or default), for ``used()``."""
+        if value is not None:
+            text = value if isinstance(value, builtins.str) else _to_text(name, value)
+            self._used[name] = REDACTED if _is_secret(name) else text
+        return value
+
+    def used(self) -> dict[builtins.str, builtins.str]:
+        """Every option read so far with the value it ended up with, defaults included, secrets redacted."""
+        return dict(self._used)
+
     def str(self, name: builtins.str, default: builtins.str | None = None) -> builtins.str | None:
         value = self._take(name)
-        return default if value is None else value
+        return self._use(name, default if value is None else value)
 
     def int(self, name: builtins.str, default: builtins.int, *, min: builtins.int | None = None) -> builtins.int:
         value = self._take(name)
         if value is None:
-            return default
+            return self._use(name, default)
         try:
             out = int(value)
         except ValueError:
             raise ConfigError(f"option '{name}' must be an integer, got {self._show(name, value)}") from None
         if min is not None and out < min:
             raise ConfigError(f"option '{name}' must be >= {min}, got {out}")
-        return out
+        return self._use(name, out)
 
     def float(
         self, name: builtins.str, default: builtins.float, *, min: builtins.float | None = None
     ) -> builtins.float:
         value = self._take(name)
         if value is None:
-            return default
+            return self._use(name, default)
         try:
             out = float(value)
         except ValueError:
@@ -228,26 +242,26 @@ class OptionReader:
             raise ConfigError(
                 f"option '{name}' must be a number from {low} to {MAX_OPTION_SECONDS:g}, got {self._show(name, value)}"
             )
-        return out
+        return self._use(name, out)
 
     def bool(self, name: builtins.str, default: builtins.bool) -> builtins.bool:
         value = self._take(name)
         if value is None:
-            return default
+            return self._use(name, default)
         low = value.lower()
         if low in ("1", "true", "yes", "on"):
-            return True
+            return self._use(name, True)
         if low in ("0", "false", "no", "off"):
-            return False
+            return self._use(name, False)
         raise ConfigError(f"option '{name}' must be true or false, got {self._show(name, value)}")
 
     def choice(self, name: builtins.str, default: builtins.str, choices: tuple[builtins.str, ...]) -> builtins.str:
         value = self._take(name)
         if value is None:
-            return default
+            return self._use(name, default)
         if value not in choices:
             raise ConfigError(f"option '{name}' must be one of {', '.join(choices)}; got {self._show(name, value)}")
-        return value
+        return self._use(name, value)
 
     def _show(self, name: builtins.str, value: builtins.str) -> builtins.str:
         return REDACTED if _is_secret(name) else repr(value)

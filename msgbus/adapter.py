@@ -189,6 +189,11 @@ class Receiver(abc.ABC):
         ack for a later commit (``capabilities.ack_delay``) override this; the runtime calls it before and
         after a redelivered message runs alone (``msgbus._redelivery``)."""
 
+    async def release(self) -> None:  # noqa: B027 - optional hook
+        """Give back what was fetched but not returned by ``receive`` yet (read-ahead, credit the broker pushed),
+        so other consumers get it now, not when this receiver closes or its lock expires. ``run()`` calls it
+        when it stops; receiving again afterwards must work. Adapters without such a buffer need nothing."""
+
     @abc.abstractmethod
     async def close(self) -> None:
         """Stop receiving. Unsettled deliveries are released by the broker (or by their lock expiring)."""

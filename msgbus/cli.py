@@ -184,6 +184,8 @@ def _parser() -> argparse.ArgumentParser:
     contract.add_argument("url", metavar="URL", help="the bus to test")
     contract.add_argument("--quick", action="store_true", help="the fast subset of the suite")
     contract.add_argument("--only", action="append", default=[], metavar="NAME", help="run only test NAME")
+    contract.add_argument("--jobs", type=int, default=1, metavar="N", help="run N checks at once")
+    contract.add_argument("--fail-fast", action="store_true", help="start no check after one failed")
 
     bench = _command(
         commands,
@@ -487,7 +489,8 @@ def _run_contract(args: argparse.Namespace, extra: list[str]) -> int:
         contract_main: Callable[[list[str]], object] = importlib.import_module("msgbus.testing._cli").main
     except ImportError as exc:
         raise UsageError(f"the contract suite is not available ({exc})") from None
-    argv = [args.url, *(["--quick"] if args.quick else [])]
+    argv = [args.url, *(["--quick"] if args.quick else []), *(["--jobs", str(args.jobs)] if args.jobs != 1 else [])]
+    argv += ["--fail-fast"] if args.fail_fast else []
     for name in args.only:
         argv += ["--only", name]
     status = contract_main([*argv, *extra])

@@ -291,12 +291,20 @@ def test_contract_delegates_to_the_suite(monkeypatch: pytest.MonkeyPatch) -> Non
     fake.main = fake_main  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "msgbus.testing._cli", fake)
     assert main(["contract", "memory://", "--quick", "--only", "fan_out", "--extra-flag"]) == 1
-    assert seen == [["memory://", "--quick", "--only", "fan_out", "--extra-flag"]]
+    assert main(["contract", "memory://", "--jobs", "4"]) == 1
+    assert seen == [["memory://", "--quick", "--only", "fan_out", "--extra-flag"], ["memory://", "--jobs", "4"]]
 
 
 def test_contract_runs_the_real_suite(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["contract", memory_url(), "--quick", "--only", "fan-out"]) == 0
-    assert "1 passed, 0 failed" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "1 passed, 0 failed" in out
+    # It says what it proved the promise with: the options given and the adapter's defaults.
+    assert out.count("options: topology=declare (default), visibility_timeout=") == 2
+    assert "max_message_size=1048576 (default)" in out
+    assert main(["contract", memory_url(), "--quick", "--jobs", "3", "--only", "fan-out", "--only", "batches"]) == 0
+    assert "2 passed, 0 failed" in capsys.readouterr().out
+    assert main(["contract", memory_url(), "--jobs", "0"]) == 2
     assert main(["contract", memory_url(), "--only", "no-such-check"]) == 2
     assert main(["contract"]) == 2  # the URL is required
 

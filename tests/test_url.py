@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import msgbus
 from msgbus._url import REDACTED, _scrub, parse_url, redact
 from msgbus.errors import ConfigError
 
@@ -64,6 +65,22 @@ def test_option_reader_types_and_unknowns() -> None:
     with pytest.raises(ConfigError, match="extra") as info:
         reader.finish()
     assert "known:" in str(info.value)
+
+
+def test_option_reader_notes_what_each_option_ended_up_as() -> None:
+    reader = parse_url(f"memory://?n=3&flag=off&api_token={SECRET}").reader()
+    reader.int("n", 0)
+    reader.float("timeout", 30.0)  # not given: the default counts too
+    reader.bool("flag", True)
+    reader.choice("mode", "a", ("a", "b"))
+    reader.str("api_token")
+    reader.str("absent")  # no value at all: nothing to show
+    assert reader.used() == {"n": "3", "timeout": "30.0", "flag": "false", "mode": "a", "api_token": REDACTED}
+
+
+def test_bus_options_are_what_the_bus_runs_with() -> None:
+    bus = msgbus.connect("memory://?visibility_timeout=2")
+    assert bus.options == {"topology": "declare", "visibility_timeout": "2.0", "max_message_size": "1048576"}
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ from ._checks_delivery import (
     check_nack_redelivers,
     check_reject_dead_letters,
     check_retries_then_dead_letter,
+    check_send_survives_sender_crash,
 )
 from ._checks_messages import (
     check_bad_input,
@@ -28,28 +29,29 @@ from ._checks_messages import (
     check_undecodable_dead_lettered,
 )
 from ._checks_reconnect import check_reconnect
+from ._checks_settling import check_bulk_settling, check_stop_releases, check_unacked_come_back
 from ._registry import Check
 
 __all__ = ["CHECKS"]
 
 CHECKS: tuple[Check, ...] = (
-    Check("durable send", check_durable_send, deadline=90),
-    Check("at-least-once after consumer crash", check_at_least_once_after_crash, deadline=60, lock_waits=2),
+    Check("durable send", check_durable_send, deadline=90, lock_waits=2),
+    Check("at-least-once after consumer crash", check_at_least_once_after_crash, deadline=60, lock_waits=4),
     Check("ack removes", check_ack_removes, deadline=60, lock_waits=2),
-    Check("nack redelivers", check_nack_redelivers, deadline=60),
+    Check("nack redelivers", check_nack_redelivers, deadline=60, lock_waits=2),
     Check("reject dead-letters with reason", check_reject_dead_letters, deadline=60, lock_waits=2),
-    Check("retries then dead-letter", check_retries_then_dead_letter, deadline=60),
-    Check("competing consumers", check_competing_consumers, deadline=120),
+    Check("retries then dead-letter", check_retries_then_dead_letter, deadline=60, lock_waits=3),
+    Check("competing consumers", check_competing_consumers, deadline=120, lock_waits=2),
     Check("held message invisible to others", check_held_message_invisible, deadline=30, lock_waits=2),
     Check("lock extended for long handlers", check_lock_extension, ("lock_extension",), deadline=30, lock_waits=5),
-    Check("fan-out", check_fan_out, deadline=90),
-    Check("cancelled subscription stops receiving", check_cancelled_subscription, deadline=60, lock_waits=2),
-    Check("per-key ordering", check_per_key_ordering, ("ordering",), deadline=90),
+    Check("fan-out", check_fan_out, deadline=90, lock_waits=2),
+    Check("cancelled subscription stops receiving", check_cancelled_subscription, deadline=60, lock_waits=3),
+    Check("per-key ordering", check_per_key_ordering, ("ordering",), deadline=90, lock_waits=2),
     Check("headers and ids round-trip", check_headers_round_trip, deadline=30),
-    Check("batches", check_batches, deadline=60),
+    Check("batches", check_batches, deadline=60, lock_waits=2),
     Check("delayed delivery", check_delayed_delivery, ("delayed_delivery",), deadline=30),
-    Check("graceful shutdown", check_graceful_shutdown, deadline=60, lock_waits=1),
-    Check("undecodable payloads dead-lettered", check_undecodable_dead_lettered, deadline=60),
+    Check("graceful shutdown", check_graceful_shutdown, deadline=60, lock_waits=3),
+    Check("undecodable payloads dead-lettered", check_undecodable_dead_lettered, deadline=60, lock_waits=2),
     Check("bad input raises typed errors", check_bad_input, deadline=30),
     Check(
         "poison that kills its consumer",
@@ -59,5 +61,9 @@ CHECKS: tuple[Check, ...] = (
         lock_waits=8,
     ),
     Check("acks survive a crash", check_acks_survive_crash, ("cross_process",), deadline=90, lock_waits=3),
-    Check("reconnect after broker restart", check_reconnect, ("restartable", "persistence"), deadline=180),
+    Check("a send that returned survives the sender's crash", check_send_survives_sender_crash, deadline=60),
+    Check("only the unacked come back after close or crash", check_unacked_come_back, deadline=90, lock_waits=5),
+    Check("stop() hands back unstarted messages", check_stop_releases, deadline=60, lock_waits=2),
+    Check("bulk acks and immediate nacks under run()", check_bulk_settling, deadline=90, lock_waits=2),
+    Check("reconnect after broker restart", check_reconnect, ("restartable", "persistence"), deadline=180, alone=True),
 )

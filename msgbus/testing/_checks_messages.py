@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -29,7 +30,9 @@ from ._flow import (
     chunked,
     drain,
     expect_only_sentinel,
+    expect_only_sentinels,
     expect_raises,
+    nothing_comes_back,
     quiet_then_sentinel,
     reached,
     sentinel_sender,
@@ -149,14 +152,18 @@ async def check_batches(ctx: ContractContext) -> None:
     n = ctx.scale(2000, 200)
     ensure(await ctx.bus.producer(ctx.name()).send_many([]) == [], "send_many([]) must return []")
     notes: list[str] = []
+    fresh: list[Callable[[msgbus.Bus], msgbus.Consumer[Any]]] = []
+    senders: list[msgbus.Producer | msgbus.Publisher] = []
     for kind in ("queue", "topic"):
-        name = ctx.name(kind[0])
+        name, sub = ctx.name(kind[0]), ctx.name("s")
         if kind == "queue":
             consumer: msgbus.Consumer[Any] = ctx.bus.consumer(name, prefetch=250)
             sender: msgbus.Producer | msgbus.Publisher = ctx.bus.producer(name)
+            fresh.append(partial(_queue_consumer, name))
             ids = await ctx.bus.producer(name).send_many([{"i": i} for i in range(n)])
         else:
-            consumer = ctx.bus.subscriber(name, subscription=ctx.name("s"), prefetch=250)
+            consumer = ctx.bus.subscriber(name, subscription=sub, prefetch=250)
+            fresh.append(partial(_subscriber, name, sub))
             await consumer.open()
             sender = ctx.bus.publisher(name)
             ids = await ctx.bus.publisher(name).publish_many([{"i": i} for i in range(n)])
@@ -168,8 +175,23 @@ async def check_batches(ctx: ContractContext) -> None:
         ensure(max(sizes) > 1, f"{kind}: receive(max_messages=100) never returned more than one message")
         quiet = await expect_only_sentinel(ctx, consumer, sentinel_sender(sender), ctx.quiet, "after the batch")
         notes.append(f"{line}; {len(sizes)} receive calls, up to {max(sizes)} (mean {n / len(sizes):.0f}); {quiet}")
+        drained = time.monotonic()
+        await consumer.close()
+        senders.append(sender)
+    # Past the lock, fresh consumers of both: an ack that was lost comes back here.
+    bus = await ctx.open_bus()
+    groups = [(sentinel_sender(s), [make(bus)]) for s, make in zip(senders, fresh, strict=True)]
+    notes.append(await expect_only_sentinels(ctx, groups, ctx.lock_window_after(drained), "fresh consumers"))
     for note in notes:
         ctx.note(note)
+
+
+def _queue_consumer(queue: str, bus: msgbus.Bus) -> msgbus.Consumer[Any]:
+    return bus.consumer(queue)
+
+
+def _subscriber(topic: str, subscription: str, bus: msgbus.Bus) -> msgbus.Consumer[Any]:
+    return bus.subscriber(topic, subscription=subscription)
 
 
 async def check_delayed_delivery(ctx: ContractContext) -> None:
@@ -280,7 +302,11 @@ async def check_undecodable_dead_lettered(ctx: ContractContext) -> None:
         return await producer.send({"id": -1, "name": "sentinel"}, headers={SENTINEL_HEADER: "1"})
 
     quiet = await quiet_then_sentinel(ctx, tally, valid_sentinel, ctx.quiet, "handler")
+    handled = time.monotonic()
     await stop_run(consumer, task)
+    await consumer.close()
+    send = sentinel_sender(producer)
+    quiet += "; " + await nothing_comes_back(ctx, lambda bus: bus.consumer(queue), send, ctx.lock_window_after(handled))
     ctx.note(f"{line_good}; {line_bad} ({', '.join(bad_kinds)}), decode reason, payload intact")
     ctx.note(f"the loop went on: {len(more)} more handled afterwards; {quiet}")
     await _check_bad_in_a_batch(ctx)

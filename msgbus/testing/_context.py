@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
@@ -192,6 +193,11 @@ class ContractContext:
     def lock_window(self) -> float:
         """A quiet window long enough that an unsettled message would have come back after its lock expired."""
         return self.quiet + 1.2 * (self.lock_duration or 0.0)
+
+    def lock_window_after(self, since: float) -> float:
+        """What is left of a ``lock_window`` that started at ``since`` (``time.monotonic()``), at least ``quiet``:
+        a message last handled at ``since`` whose ack was lost is back before it ends."""
+        return max(self.quiet, since + self.lock_window - time.monotonic())
 
     async def cleanup(self) -> None:
         """Cancel background tasks, run cleanup hooks, close every bus this check opened."""

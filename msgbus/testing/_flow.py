@@ -7,7 +7,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from msgbus import Consumer, Message, Producer, Publisher
+from msgbus import Bus, Consumer, Message, Producer, Publisher
 
 from ._context import ContractContext, Tally, ensure, examples, fail
 
@@ -16,8 +16,10 @@ __all__ = [
     "chunked",
     "drain",
     "expect_only_sentinel",
+    "expect_only_sentinels",
     "expect_raises",
     "is_sentinel",
+    "nothing_comes_back",
     "quiet_then_sentinel",
     "reached",
     "sentinel_sender",
@@ -103,31 +105,60 @@ async def expect_only_sentinel(
     The sentinel makes the negative check able to fail: a consumer that receives nothing at all would
     otherwise pass a quiet window. Everything received is acked. Returns a note for the result detail.
     """
+    return await expect_only_sentinels(ctx, [(send_sentinel, [consumer])], window, what)
+
+
+async def expect_only_sentinels(
+    ctx: ContractContext, groups: Sequence[tuple[SendOne, Sequence[Consumer[Any]]]], window: float, what: str
+) -> str:
+    """``expect_only_sentinel`` for several consumers at once, sharing one window: each group's consumers get
+    only the one sentinel its sender sends (a topic's sentinel reaches every subscription)."""
     ctx.waiting = f"a {window:.1f}s quiet window ({what})"
-    strays: list[Message[Any]] = []
     end = time.monotonic() + window
-    while (left := end - time.monotonic()) > 0:
-        strays += await consumer.receive(max_messages=100, timeout=left)
+
+    async def listen(consumer: Consumer[Any]) -> list[Message[Any]]:
+        got: list[Message[Any]] = []
+        while (left := end - time.monotonic()) > 0:
+            got += await consumer.receive(max_messages=100, timeout=left)
+        return got
+
+    everyone = [c for _, consumers in groups for c in consumers]
+    strays = [m for got in await asyncio.gather(*(listen(c) for c in everyone)) for m in got]
     for m in strays:
         await m.ack()
     ensure(
         not strays,
         f"{what}: expected nothing for {window:.1f}s; got {len(strays)} (ids e.g. {examples(m.id for m in strays)})",
     )
-    sentinel_id = await send_sentinel()
+    sentinels = [await send() for send, _ in groups]
     ctx.waiting = f"the sentinel after the quiet window ({what})"
-    late: list[Message[Any]] = []
-    while not any(m.id == sentinel_id for m in late):
-        late += await consumer.receive(max_messages=100, timeout=1.0)
-    for m in late:
-        await m.ack()
-    extra = [m for m in late if m.id != sentinel_id]
+
+    async def until(consumer: Consumer[Any], sentinel_id: str) -> list[Message[Any]]:
+        late: list[Message[Any]] = []
+        while not any(m.id == sentinel_id for m in late):
+            late += await consumer.receive(max_messages=100, timeout=1.0)
+        for m in late:
+            await m.ack()
+        return [m for m in late if m.id != sentinel_id]
+
+    waits = [until(c, sid) for (_, consumers), sid in zip(groups, sentinels, strict=True) for c in consumers]
+    extra = [m for late in await asyncio.gather(*waits) for m in late]
     ensure(
         not extra,
         f"{what}: expected only the sentinel after the quiet window; got {len(extra)} more "
         f"(ids e.g. {examples(m.id for m in extra)})",
     )
     return f"{what}: nothing in a {window:.1f}s window, then the sentinel alone"
+
+
+async def nothing_comes_back(
+    ctx: ContractContext, make: Callable[[Bus], Consumer[Any]], send_sentinel: SendOne, window: float
+) -> str:
+    """After a check's consumers settled in bulk and closed: a fresh consumer (``make`` on a fresh bus) gets
+    nothing for ``window``, then the sentinel alone. With ``window`` past the lock duration, a message whose ack
+    was lost comes back here (lock expiry, or a close that put back what was never acked), inside the check."""
+    fresh = make(await ctx.open_bus())
+    return await expect_only_sentinel(ctx, fresh, send_sentinel, window, "fresh consumer")
 
 
 async def quiet_then_sentinel(

@@ -43,6 +43,7 @@ class Check:
     requires: tuple[str, ...] = ()
     deadline: float = 60.0
     lock_waits: float = 0.0  # how many lock expiries the check may legitimately wait out
+    alone: bool = False  # restarts the broker: never runs while other checks do
 
     @property
     def slug(self) -> str:

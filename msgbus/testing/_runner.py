@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import msgbus
 from msgbus._url import parse_url
 from msgbus.errors import MsgbusError
 
@@ -19,7 +20,7 @@ from ._catalog import CHECKS
 from ._context import ContractContext, ContractFailure, ContractSkip, RestartHook
 from ._registry import Check, slugify
 
-__all__ = ["CheckResult", "Report", "run_check", "run_contract", "select"]
+__all__ = ["CheckResult", "Report", "bus_options", "run_check", "run_contract", "select"]
 
 Progress = Callable[[str], None]
 OPEN_DEADLINE = 30.0  # seconds to connect before a check starts
@@ -43,6 +44,7 @@ class Report:
     url: str  # redacted
     quick: bool
     results: list[CheckResult] = field(default_factory=list)
+    options: dict[str, str] = field(default_factory=dict)  # every option the bus ran with (``Bus.options``)
 
     @property
     def ok(self) -> bool:
@@ -60,7 +62,13 @@ class Report:
         lines = [f"{a:<{w0}} | {b:<{w1}} | {c}" for a, b, c in rows]
         lines.insert(1, f"{'-' * w0}-+-{'-' * w1}-+-{'-' * 6}")
         summary = f"{self.count('pass')} passed, {self.count('fail')} failed, {self.count('skip')} skipped"
-        return "\n".join([*lines, "", f"{self.url}{' (quick)' if self.quick else ''}: {summary}"])
+        return "\n".join([*lines, "", f"{self.url}{' (quick)' if self.quick else ''}: {summary}", self.options_line()])
+
+    def options_line(self) -> str:
+        """``options: a=1 (given), b=2 (default), ...``: what the run proved the promises with."""
+        given = _given(self.url)
+        shown = [f"{k}={v}" + ("" if k in given else " (default)") for k, v in self.options.items()]
+        return "options: " + (", ".join(shown) or "none")
 
 
 def select(only: str | Iterable[str] | None) -> list[Check]:
@@ -73,6 +81,21 @@ def select(only: str | Iterable[str] | None) -> list[Check]:
         names = ", ".join(repr(c.name) for c in CHECKS)
         raise ValueError(f"unknown check(s) {', '.join(sorted(unknown))}; the checks are: {names}")
     return [c for c in CHECKS if c.slug in wanted]
+
+
+def _given(url: str) -> set[str]:
+    try:
+        return set(parse_url(url).options)
+    except MsgbusError:
+        return set()
+
+
+def bus_options(url: str) -> dict[str, str]:
+    """The options a bus on ``url`` runs with, defaults included (``Bus.options``); empty if it cannot be made."""
+    try:
+        return msgbus.connect(url).options  # connect() does no I/O
+    except MsgbusError:
+        return {}
 
 
 def _redacted(url: str) -> str:
@@ -89,6 +112,16 @@ def _where(exc: BaseException) -> str:
 
 
 RESULTS_ENV = "MSGBUS_CONTRACT_RESULTS"
+# Mutation runs (python -m mutants) kill a mutant that loses messages sooner: every deadline times this.
+DEADLINE_SCALE_ENV = "MSGBUS_CONTRACT_DEADLINE_SCALE"
+
+
+def _deadline_scale() -> float:
+    try:
+        scale = float(os.environ.get(DEADLINE_SCALE_ENV) or 1.0)
+    except ValueError:
+        return 1.0
+    return scale if 0 < scale <= 1 else 1.0
 
 
 async def run_check(
@@ -134,7 +167,7 @@ async def _run_check(check: Check, ctx: ContractContext) -> CheckResult:
         reason = check.skip_reason(ctx.caps)
         if reason:
             return result("skip", reason)
-        deadline = check.total_deadline(ctx.caps)
+        deadline = check.total_deadline(ctx.caps) * _deadline_scale()
         timer = asyncio.timeout(deadline)
         try:
             async with timer:
@@ -168,20 +201,40 @@ async def run_contract(
     restart_broker: RestartHook | None = None,
     only: str | Iterable[str] | None = None,
     progress: Progress | None = None,
+    jobs: int = 1,
+    fail_fast: bool = False,
 ) -> Report:
-    """Run the contract (or the ``only`` checks) against ``url``, one check at a time, each with a fresh bus.
+    """Run the contract (or the ``only`` checks) against ``url``, each check with a fresh bus.
 
     ``quick`` scales volumes down; ``restart_broker`` enables the reconnect check; ``progress`` receives a
-    line as each check starts and ends. Never raises for a broken promise: read ``Report.ok`` / ``table()``.
+    line as each check starts and ends. ``jobs`` runs that many checks at once (each on its own names);
+    a check that restarts the broker still runs alone, after the others. ``fail_fast`` starts no check
+    after one failed (those are left out of the report). Never raises for a broken promise: read
+    ``Report.ok`` / ``table()``.
     """
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     checks = select(only)
-    report = Report(_redacted(url), quick)
-    for n, check in enumerate(checks, 1):
-        tag = f"[{n:>2}/{len(checks)}] {check.name}"
-        if progress:
-            progress(f"{tag} ...")
-        res = await run_check(check, url, quick=quick, restart_broker=restart_broker)
-        report.results.append(res)
-        if progress:
-            progress(f"{tag}: {res.status} ({res.elapsed:.1f}s) {res.detail}")
+    report = Report(_redacted(url), quick, options=bus_options(url))
+    results: dict[str, CheckResult] = {}
+    slots = asyncio.Semaphore(jobs)
+
+    async def one(n: int, check: Check) -> None:
+        async with slots:
+            if fail_fast and any(r.status == "fail" for r in results.values()):
+                return
+            tag = f"[{n:>2}/{len(checks)}] {check.name}"
+            if progress:
+                progress(f"{tag} ...")
+            res = await run_check(check, url, quick=quick, restart_broker=restart_broker)
+            results[check.name] = res
+            if progress:
+                progress(f"{tag}: {res.status} ({res.elapsed:.1f}s) {res.detail}")
+
+    numbered = list(enumerate(checks, 1))
+    await asyncio.gather(*(one(n, c) for n, c in numbered if not (jobs > 1 and c.alone)))
+    for n, check in numbered:
+        if jobs > 1 and check.alone:
+            await one(n, check)
+    report.results = [results[c.name] for c in checks if c.name in results]
     return report

@@ -1,7 +1,13 @@
-"""Consumer processes for the checks that kill a consumer: hold messages, die on a poison one, or die mid-stream.
+"""Processes for the checks that kill a consumer or a sender: hold messages, die on a poison one, die
+mid-stream, or die the moment sends returned.
 
-``python -m msgbus.testing.worker URL QUEUE N`` connects, receives N messages from QUEUE without acking,
-prints their ids one per line, then ``HOLDING``, and sleeps until killed.
+``python -m msgbus.testing.worker URL QUEUE N [gaps]`` connects, receives N messages from QUEUE without acking,
+prints their ids one per line, then ``HOLDING``, and sleeps until killed. With ``gaps`` it first acks two of
+every three (printing ``acked ID`` for each) and gives the acks ``ACK_GRACE`` seconds to reach the backend.
+
+``python -m msgbus.testing.worker URL QUEUE N send STYLE`` sends N messages instead (``one-by-one``,
+``concurrent`` or in one ``batch``), prints each id once its send returned, then ``HOLDING``, and exits at once:
+no close, no flush.
 
 ``python -m msgbus.testing.worker URL QUEUE poison MAX_ATTEMPTS`` runs ``consumer.run`` with defaults and
 ``RetryPolicy(max_attempts=MAX_ATTEMPTS)``; it prints ``HANDLED <id> <attempt>`` for each message it handles
@@ -28,22 +34,56 @@ from typing import Any
 import msgbus
 
 READY = "HOLDING"
+ACKED = "acked "
+# Longer than any adapter's documented ack flush (Kafka writes settled offsets every commit_interval, 0.2 s).
+ACK_GRACE = 1.0
 HANDLED = "HANDLED"
 POISON_HEADER = "contract-poison"
 EXIT_CODE = 75  # how a worker that killed itself on purpose exits
 
 
-async def hold(url: str, queue: str, n: int) -> None:
+def is_gap(i: int) -> bool:
+    """Which held messages a ``gaps`` worker leaves unacked: every third, so there are gaps around the acks."""
+    return i % 3 == 0
+
+
+async def hold(url: str, queue: str, n: int, gaps: bool = False) -> None:
     bus = msgbus.connect(url)
     await bus.open()
     consumer = bus.consumer(queue, prefetch=n)
     held: list[msgbus.Message[Any]] = []
     while len(held) < n:
         held += await consumer.receive(max_messages=n - len(held), timeout=1.0)
-    for msg in held:
-        print(msg.id, flush=True)
+    for i, msg in enumerate(held):
+        if gaps and not is_gap(i):
+            await msg.ack()
+            print(ACKED + msg.id, flush=True)
+        else:
+            print(msg.id, flush=True)
+    if gaps:
+        await asyncio.sleep(ACK_GRACE)
     print(READY, flush=True)
     await asyncio.sleep(3600)  # killed long before this
+
+
+SEND_STYLES = ("one-by-one", "concurrent", "batch")
+
+
+async def send_and_die(url: str, queue: str, n: int, style: str) -> None:
+    bus = msgbus.connect(url)
+    await bus.open()
+    producer = bus.producer(queue)
+    if style == "one-by-one":
+        for i in range(n):
+            print(await producer.send({"i": i}), flush=True)
+    elif style == "concurrent":
+        for msg_id in await asyncio.gather(*(producer.send({"i": i}) for i in range(n))):
+            print(msg_id, flush=True)
+    else:
+        for msg_id in await producer.send_many([{"i": i} for i in range(n)]):
+            print(msg_id, flush=True)
+    print(READY, flush=True)
+    os._exit(0)  # as if killed the moment the sends returned: nothing closed, nothing flushed
 
 
 async def poison(url: str, queue: str, max_attempts: int) -> None:
@@ -75,7 +115,10 @@ async def acks(url: str, queue: str, k: int, spin: float, prefetch: int) -> None
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    usage = "usage: python -m msgbus.testing.worker URL|- QUEUE (N | poison MAX_ATTEMPTS | acks K SPIN PREFETCH)"
+    usage = (
+        "usage: python -m msgbus.testing.worker URL|- QUEUE "
+        f"(N [gaps|send {'|'.join(SEND_STYLES)}] | poison MAX_ATTEMPTS | acks K SPIN PREFETCH)"
+    )
     url = os.environ.get("MSGBUS_URL", "") if args[:1] == ["-"] else args[0] if args else ""
     queue, mode, rest = (args[1], args[2], args[3:]) if len(args) >= 3 else ("", "", [])
     try:
@@ -83,8 +126,10 @@ def main(argv: list[str] | None = None) -> int:
             job = poison(url, queue, int(rest[0]))
         elif mode == "acks" and len(rest) == 3:
             job = acks(url, queue, int(rest[0]), float(rest[1]), int(rest[2]))
-        elif mode.isdigit() and not rest:
-            job = hold(url, queue, int(mode))
+        elif mode.isdigit() and rest[:1] == ["send"] and len(rest) == 2 and rest[1] in SEND_STYLES:
+            job = send_and_die(url, queue, int(mode), rest[1])
+        elif mode.isdigit() and rest in ([], ["gaps"]):
+            job = hold(url, queue, int(mode), gaps=rest == ["gaps"])
         else:
             raise ValueError(mode)
     except ValueError:

@@ -183,9 +183,7 @@ class KafkaAdapter(Adapter):
             return
         if not create:
             raise TopologyError(f"kafka subscription {endpoint} (group {group!r}) does not exist (topology=verify)")
-        with translated("describe topic", secrets=self._secrets):
-            described = await self.admin.describe_topics([endpoint.name])
-        parts = [TopicPartition(endpoint.name, p["partition"]) for d in described for p in d.get("partitions", ())]
+        parts = await self._partitions(endpoint.name)
         starter = AIOKafkaConsumer(**self.options.client_kwargs(), group_id=group, enable_auto_commit=False)
         try:
             with translated("create subscription", secrets=self._secrets):
@@ -198,6 +196,20 @@ class KafkaAdapter(Adapter):
                     pass  # members already joined the group: it exists
         finally:
             await _close_quietly(starter.stop())
+
+    async def _partitions(self, topic: str) -> list[TopicPartition]:
+        """The partitions of ``topic``. A topic created a moment ago may not be in the cluster's metadata yet
+        (describe answers without partitions): ask again until it is, for up to ``request_timeout``."""
+        deadline = time.monotonic() + self.options.request_timeout
+        while True:
+            with translated("describe topic", secrets=self._secrets):
+                described = await self.admin.describe_topics([topic])
+            parts = [TopicPartition(topic, p["partition"]) for d in described for p in d.get("partitions", ())]
+            if parts:
+                return parts
+            if time.monotonic() > deadline:
+                raise TopologyError(f"kafka topic {topic!r} has no partitions in the cluster metadata")
+            await asyncio.sleep(0.1)
 
     # --- sending ---
 
@@ -455,6 +467,12 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
             await asyncio.gather(*tasks, return_exceptions=True)
             await self._release(list(self._parts), wait=False, consumer=consumer)
             await _close_quietly(consumer.stop())
+
+    async def release(self) -> None:
+        """Leave the group (commit what is settled, drop the read-ahead), so the partitions and everything
+        fetched but not handed out go to the other members now; the next ``receive`` joins again."""
+        if not self._closed:
+            await self._leave()
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         """aiokafka calls this before a rebalance: settle what we can, commit, forget the partitions."""

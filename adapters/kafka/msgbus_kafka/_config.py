@@ -116,7 +116,9 @@ def read_options(url: BusURL, reader: OptionReader) -> KafkaOptions:
         dead_letter_partitions=reader.int("dead_letter_partitions", 1, min=1),
         group_prefix=_prefix(reader.str("group_prefix", "msgbus") or "msgbus"),
         visibility_timeout=reader.float("visibility_timeout", 30.0, min=0.1),
-        rebalance_timeout=reader.float("rebalance_timeout", 60.0, min=1.0),
+        # As long as the Java client's (max.poll.interval.ms): during a rebalance a member holds its partitions
+        # while run() extends its handlers' locks, up to 80% of this; at 60 s a 75 s handler was redelivered.
+        rebalance_timeout=reader.float("rebalance_timeout", 300.0, min=1.0),
         session_timeout=session,
         heartbeat_interval=reader.float("heartbeat_interval", min(1.0, session / 3), min=0.05),
         commit_interval=reader.float("commit_interval", 0.2, min=0.0),

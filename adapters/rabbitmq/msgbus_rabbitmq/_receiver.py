@@ -48,7 +48,8 @@ class RabbitMQReceiver(Receiver):
 
     RabbitMQ pushes to every consumer with free credit, so a receiver nobody reads from would sit on
     messages other consumers are waiting for. The consumer is therefore cancelled after ``_IDLE_PAUSE``
-    seconds without a ``receive()`` call (what it already holds stays held) and resumed by the next call.
+    seconds without a ``receive()`` call (what it already holds stays held, until ``release()`` puts it back)
+    and resumed by the next call.
     When the connection or channel is lost the receiver reconnects every ``reconnect_interval`` seconds
     until it is closed; deliveries from the lost channel are dropped (the broker has put them back).
     """
@@ -354,6 +355,22 @@ class RabbitMQReceiver(Receiver):
                 singles.append(d)
         for d in singles:
             await d.ack()
+
+    async def release(self) -> None:
+        """Cancel the consumer and put back (nack, requeue) what the broker pushed that ``receive`` has not
+        returned: a stopped ``run()`` must not sit on messages other consumers wait for until it is closed.
+        The next ``receive`` consumes again."""
+        async with self._switch:
+            if self._tag is not None and self._channel is not None and not self._closed:
+                tag, self._tag = self._tag, None
+                try:
+                    await self._call(self._channel.basic_cancel, consumer_tag=tag)
+                except Exception:  # channel gone: the broker has put back everything it held for us
+                    pass
+            while self._buffer:  # after cancel-ok nothing more arrives for the cancelled tag
+                incoming = self._buffer.popleft()
+                if self._current(incoming):
+                    self._settle(incoming, "releasing", requeue=True)
 
     async def close(self) -> None:
         """Close the connection; acks nothing, so unsettled and buffered messages go back to the queue."""
