@@ -46,20 +46,18 @@ lint: $(VENV)/.dev
 unit: $(VENV)/.dev
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
-# One pytest process per broker's test file: a client library's leftovers (sockets it leaves to the GC) must
-# not surface in another broker's tests. importlib mode: every adapter has its own tests/test_codec.py.
-# Brokers that cannot start here (no root for apt, say) leave their tests skipped with the reason,
-# unless MSGBUS_REQUIRE_BACKENDS names them (CI does): then those tests fail.
+# One pytest process per test file: a client library's leftovers (sockets it leaves to the GC) must not surface
+# in another broker's tests. tools/run_integration.py runs them in two lanes at once, each owning its brokers,
+# then the files that span brokers, then the failure suite (chaos-ci). importlib mode: every adapter has its own
+# tests/test_codec.py. Brokers that cannot start here (no root for apt, say) leave their tests skipped with the
+# reason, unless MSGBUS_REQUIRE_BACKENDS names them (CI does): then those tests fail.
 # Real brokers share two cores with the tests: a check that fails is run once more, visibly ("RERUN" in the
 # output). A promise that is really broken fails both times; counts stay exact within each run.
 INTEGRATION_RERUNS ?= --reruns 1 --reruns-delay 5
 integration: $(VENV)/.dev
 	$(MAKE) brokers || echo "make: some brokers did not start; their tests skip unless MSGBUS_REQUIRE_BACKENDS names them"
-	@status=0; for t in $(filter-out integration/test_chaos.py,$(wildcard integration/test_*.py)) \
-			$(foreach a,$(ADAPTER_DIRS),$(a)/tests); do \
-		echo "== pytest $$t"; \
-		$(BIN)/python -m pytest --import-mode=importlib $(INTEGRATION_RERUNS) $$t $(PYTEST_ARGS) || status=1; \
-	done; $(MAKE) chaos-ci || status=1; exit $$status
+	@status=0; $(BIN)/python tools/run_integration.py $(INTEGRATION_RERUNS) $(PYTEST_ARGS) || status=1; \
+		$(MAKE) chaos-ci || status=1; exit $$status
 
 test: lint unit integration
 
