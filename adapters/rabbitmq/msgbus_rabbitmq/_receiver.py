@@ -13,7 +13,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import pika
 import pika.exceptions
@@ -23,10 +23,25 @@ from msgbus.adapter import Delivery, Endpoint, Receiver, Record, dead_letter_rec
 from msgbus.errors import ClosedError, ConnectionLost
 
 from ._codec import decode, encode
+from ._config import Settings
 from ._errors import translate
 
 if TYPE_CHECKING:
-    from ._adapter import RabbitMQAdapter
+    import aio_pika
+
+
+class Owner(Protocol):
+    """What a receiver uses of its adapter (a protocol: the adapter imports this module, not the reverse)."""
+
+    _s: Settings
+    _receivers: set[RabbitMQReceiver]
+
+    async def _requeue_copy(self, record: Record, queue: str, prior_attempts: int, delay: float | None) -> None: ...
+
+    async def _publish_all(
+        self, what: str, exchange: str, routing_key: str, messages: Sequence[aio_pika.Message], mandatory: bool
+    ) -> None: ...
+
 
 log = logging.getLogger("msgbus")
 
@@ -54,7 +69,7 @@ class RabbitMQReceiver(Receiver):
     until it is closed; deliveries from the lost channel are dropped (the broker has put them back).
     """
 
-    def __init__(self, adapter: RabbitMQAdapter, endpoint: Endpoint, name: str, prefetch: int) -> None:
+    def __init__(self, adapter: Owner, endpoint: Endpoint, name: str, prefetch: int) -> None:
         self._adapter = adapter
         self._endpoint = endpoint
         self._name = name
