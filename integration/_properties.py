@@ -32,6 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import msgbus
+from msgbus._redelivery import limit_reason
 from msgbus.adapter import Endpoint, Record
 from msgbus.errors import MsgbusError
 from msgbus.testing._checks_messages import sound as _sound
@@ -427,6 +428,13 @@ async def _outcomes(
         for msg in await dead_letters.receive(max_messages=50, timeout=timeout):
             if msg.id not in steps or msg.id in dead:
                 problems.append(f"dead letter of no example, or twice: {msg!r}")
+            attempts = int(msg.headers.get(msgbus.HEADER_ATTEMPTS, "0"))
+            if msg.id not in ends and msg.headers.get(msgbus.HEADER_DEAD_LETTER_REASON) == limit_reason(
+                attempts, max_attempts
+            ):
+                # The delivery limit: delivered more than max_attempts times (its last handler call nacked it,
+                # or a stop released it, or a BaseException ended run() under it): dead-lettered unhandled.
+                ends[msg.id] = "dead-lettered"
             dead.add(msg.id)
             await msg.ack()
 
@@ -436,8 +444,10 @@ async def _outcomes(
         while not task.done() and sum(map(len, calls.values())) < stop_at and len(ends) < len(ids):
             handled.clear()
             waiter = asyncio.ensure_future(handled.wait())
-            await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([task, waiter], timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
+            if not handled.is_set():  # what is left may have gone over the delivery limit, unhandled
+                await read_dead_letters(0.0)
         consumer.stop()
         try:
             await task

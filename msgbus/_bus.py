@@ -787,7 +787,7 @@ class Consumer(Generic[T]):
                 "adapter's limit or lower max_attempts (docs/guide.md, Delivery limit)"
             )
         self._stop = asyncio.Event()
-        self._running = asyncio.get_running_loop().create_future()
+        self._running = running = asyncio.get_running_loop().create_future()
         token = _RUNNING.set(self)  # the runtime's tasks inherit it: close() from a handler must not wait
         try:
             await self._start(max(2 * concurrency, 16))
@@ -801,7 +801,7 @@ class Consumer(Generic[T]):
             )
         finally:
             _RUNNING.reset(token)
-            self._running.set_result(None)
+            running.set_result(None)  # this run's own: a run started after stop() may have replaced it
 
 
 # The consumer whose run() the current task belongs to (its workers and handlers), if any.
