@@ -18,22 +18,23 @@ import time
 from pathlib import Path
 
 # Each lane: the files whose brokers it owns (contract tests restart their broker; adapter tests may too).
+# The Kafka and Service Bus contracts run alone, after the lanes: under two lanes' load on two cores, Kafka's
+# "stop() hands back" saw the group rebalance after 3.2 s (bound: half its 2 s lock) and Service Bus's 3 s
+# entity lock ran out under "bulk acks" (64 redelivered), both twice, in the first laned run.
 LANES = {
     "A": [
-        "integration/test_contract_kafka.py",
         "integration/test_kafka_rebalance.py",
         "adapters/kafka/tests",
         "integration/test_contract_rabbitmq.py",
         "adapters/rabbitmq/tests",
         "integration/test_contract_nats.py",
         "adapters/nats/tests",
-    ],
-    "B": [
-        "integration/test_contract_servicebus.py",
-        "integration/test_sbbroker_journal.py",
-        "adapters/servicebus/tests",
         "integration/test_contract_pubsub.py",
         "adapters/pubsub/tests",
+    ],
+    "B": [
+        "integration/test_sbbroker_journal.py",
+        "adapters/servicebus/tests",
         "integration/test_contract_sqs.py",
         "adapters/sqs/tests",
         "integration/test_contract_redis.py",
