@@ -13,7 +13,7 @@ from msgbus.testing import ContractSuite
 
 # Short lock (visibility), session and heartbeat so lock-expiry waits, a killed consumer's session and each
 # rebalance take seconds, not Kafka's defaults. 8 partitions let several of the 20 competing consumers work.
-OPTIONS = "partitions=8&visibility_timeout=2&session_timeout=3&heartbeat_interval=0.3&rebalance_timeout=20"
+OPTIONS = "partitions=8&visibility_timeout=8&session_timeout=3&heartbeat_interval=0.3&rebalance_timeout=20"
 
 
 @pytest.fixture(autouse=True)
