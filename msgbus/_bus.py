@@ -629,12 +629,17 @@ class Consumer(Generic[T]):
         return list(self._buffer)
 
     async def _release_buffered(self) -> None:
+        """Nack everything fetched but not handed out, all at once: adapters that batch settlements (SQS,
+        Pub/Sub) then send a few calls instead of one round trip per message."""
         while self._buffer:
-            msg = self._buffer.popleft()
-            try:
-                await msg.nack()
-            except MsgbusError as err:
-                log.debug("msgbus: release of %s failed (its lock will expire): %s", msg.id, err)
+            batch = list(self._buffer)
+            self._buffer.clear()
+            results = await asyncio.gather(*(msg.nack() for msg in batch), return_exceptions=True)
+            for msg, result in zip(batch, results, strict=True):
+                if isinstance(result, MsgbusError):
+                    log.debug("msgbus: release of %s failed (its lock will expire): %s", msg.id, result)
+                elif isinstance(result, BaseException):
+                    raise result
 
     async def _top_up(self, timeout: float) -> None:
         """Add what the backend has ready to the buffer, waiting up to ``timeout`` seconds (within prefetch)."""
