@@ -56,11 +56,15 @@ unit: $(VENV)/.dev
 # Real brokers share two cores with the tests: a check that fails is run once more, visibly ("RERUN" in the
 # output). A promise that is really broken fails both times; counts stay exact within each run.
 INTEGRATION_RERUNS ?= --reruns 1 --reruns-delay 5
+# Each contract test file runs its checks 4 at a time (ContractSuite.jobs): most of a check is waiting out a
+# lock; a suite may ask for fewer (Kafka: 2). A rerun runs its check alone.
+CONTRACT_JOBS ?= 4
 export MSGBUS_INTEGRATION_SUMMARY ?= $(CURDIR)/build/integration-summary.txt
 integration: $(VENV)/.dev
 	$(MAKE) brokers || echo "make: some brokers did not start; their tests skip unless MSGBUS_REQUIRE_BACKENDS names them"
 	@rm -f $(MSGBUS_INTEGRATION_SUMMARY)
-	@status=0; $(BIN)/python tools/run_integration.py $(INTEGRATION_RERUNS) $(PYTEST_ARGS) || status=1; \
+	@status=0; MSGBUS_CONTRACT_JOBS=$(CONTRACT_JOBS) $(BIN)/python tools/run_integration.py $(INTEGRATION_RERUNS) \
+		$(PYTEST_ARGS) || status=1; \
 		$(MAKE) chaos-ci || status=1; cat $(MSGBUS_INTEGRATION_SUMMARY) 2>/dev/null; exit $$status
 
 test: lint unit integration

@@ -26,6 +26,10 @@ def _client_logs(caplog: pytest.LogCaptureFixture) -> None:
 
 
 class TestKafkaContract(ContractSuite):
+    # Two checks at a time at most: at four (MSGBUS_CONTRACT_JOBS in CI), the group rebalances of four checks
+    # on one broker made two of 25 fail ("at-least-once after consumer crash", "fan-out"; both passed rerun).
+    jobs = 2
+
     @pytest.fixture
     def contract_url(self) -> str:
         return f"{endpoint('kafka').url}?{OPTIONS}"

@@ -25,15 +25,15 @@ class ContractSuite:
     The URL comes from, in order: a ``contract_url`` fixture the subclass defines (e.g. from a provisioning
     helper), ``get_url()`` overridden as a classmethod, or the ``url`` class attribute. Define
     ``async def restart_broker(self) -> None`` to enable the reconnect check. ``quick = True`` (or the
-    environment variable ``MSGBUS_CONTRACT_QUICK=1``) scales volumes down. ``jobs = N`` (or
-    ``MSGBUS_CONTRACT_JOBS=N``) runs the selected checks N at a time in the background, as ``msgbus contract
+    environment variable ``MSGBUS_CONTRACT_QUICK=1``) scales volumes down. ``jobs = N`` (or, when the class
+    sets none, ``MSGBUS_CONTRACT_JOBS=N``) runs the selected checks N at a time in the background, as ``msgbus contract
     --jobs N`` does (a check that restarts the broker alone, after the others); each test reports its own
     check, and a rerun of a test runs its check again on its own.
     """
 
     url: ClassVar[str | None] = None
     quick: ClassVar[bool] = False
-    jobs: ClassVar[int] = 1
+    jobs: ClassVar[int | None] = None
     restart_broker: Callable[..., Awaitable[None]] | None = None
 
     @classmethod
@@ -52,9 +52,11 @@ class ContractSuite:
         return self.quick or os.environ.get("MSGBUS_CONTRACT_QUICK", "") not in ("", "0")
 
     def _jobs(self) -> int:
+        if self.jobs is not None:  # the suite knows what its broker takes
+            return max(1, self.jobs)
         raw = os.environ.get(JOBS_ENV, "")
         if not raw:
-            return max(1, self.jobs)
+            return 1
         if not raw.isdigit() or int(raw) < 1:
             pytest.fail(f"{JOBS_ENV}={raw!r}: expected a whole number >= 1", pytrace=False)
         return int(raw)
