@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ._launchers import HOST, LauncherError, LocalBroker
-from ._process import read_pid
+from ._process import read_pid, start_time
 
 USER = PASSWORD = "msgbus"
 
@@ -68,6 +68,7 @@ class PostgreSQL(LocalBroker):
     def prepare(self) -> None:
         data = self.dir / "data"
         if (data / "PG_VERSION").exists():
+            self._drop_stale_lock(data / "postmaster.pid")
             return
         bin_dir = _bin_dir()
         assert bin_dir is not None
@@ -92,6 +93,17 @@ class PostgreSQL(LocalBroker):
         secret.unlink(missing_ok=True)
         if done.returncode != 0:
             raise LauncherError(f"postgresql: initdb failed ({done.returncode}): {(done.stdout + done.stderr)[-2000:]}")
+
+    @staticmethod
+    def _drop_stale_lock(lock: Path) -> None:
+        """A killed postmaster stays a zombie until init reaps it; PostgreSQL then takes its lock file's PID for
+        a live server and refuses to start ("lock file already exists"). Ours is stopped: drop the file."""
+        try:
+            pid = int(lock.read_text().split("\n", 1)[0])
+        except (FileNotFoundError, ValueError):
+            return
+        if start_time(pid) is None:  # gone, or a zombie
+            lock.unlink(missing_ok=True)
 
     def _stop_locked(self, *, hard: bool) -> bool:
         # SIGTERM is PostgreSQL's "smart" shutdown, which waits for every client to leave; SIGINT ("fast")
