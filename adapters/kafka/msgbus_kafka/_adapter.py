@@ -32,9 +32,17 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.structs import OffsetAndMetadata
 
-from msgbus._capabilities import Capabilities
-from msgbus._url import BusURL, OptionReader
-from msgbus.adapter import Adapter, Delivery, Endpoint, Receiver, Record, dead_letter_record
+from msgbus.adapter import (
+    Adapter,
+    BusURL,
+    Capabilities,
+    Delivery,
+    Endpoint,
+    OptionReader,
+    Receiver,
+    Record,
+    dead_letter_record,
+)
 from msgbus.errors import ClosedError, MsgbusError, TopologyError
 
 from . import _codec

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 from aiokafka import errors as kx
 
-from msgbus._url import redact
+from msgbus.adapter import redact
 from msgbus.errors import (
     BrokerError,
     ConfigError,

@@ -26,8 +26,7 @@ from nats.js.api import (
 )
 from nats.js.manager import JetStreamManager
 
-from msgbus._url import BusURL, OptionReader
-from msgbus.adapter import Adapter, Capabilities, Endpoint, Record
+from msgbus.adapter import Adapter, BusURL, Capabilities, Endpoint, OptionReader, Record
 from msgbus.errors import ClosedError, ConfigError, MsgbusError, PublishError, TopologyError
 
 from ._codec import check_size, encode

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import nats.errors as nx
 import nats.js.errors as jx
 
-from msgbus._url import redact
+from msgbus.adapter import redact
 from msgbus.errors import (
     BrokerError,
     ConfigError,

@@ -13,8 +13,7 @@ from typing import Any, TypeVar
 import asyncpg
 import asyncpg.exceptions as px
 
-from msgbus._url import BusURL, OptionReader
-from msgbus.adapter import Adapter, Capabilities, Endpoint, Record
+from msgbus.adapter import Adapter, BusURL, Capabilities, Endpoint, OptionReader, Record
 from msgbus.errors import ClosedError, ConfigError, MessageTooLarge, TopologyError
 
 from ._codec import encode

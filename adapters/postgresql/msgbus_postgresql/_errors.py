@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import asyncpg
 import asyncpg.exceptions as px
 
-from msgbus._url import redact
+from msgbus.adapter import redact
 from msgbus.errors import BrokerError, ConfigError, ConnectionLost, MsgbusError, PublishError, TopologyError
 
 # Most specific first; the first matching row wins. The last column is ``retryable`` on the raised error:

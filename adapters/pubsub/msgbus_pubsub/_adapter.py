@@ -28,8 +28,17 @@ from google.pubsub_v1 import types as pb
 from google.pubsub_v1.services.publisher.transports import PublisherGrpcAsyncIOTransport, PublisherGrpcTransport
 from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcAsyncIOTransport
 
-from msgbus._url import BusURL, OptionReader
-from msgbus.adapter import Adapter, Capabilities, Delivery, Endpoint, Receiver, Record, dead_letter_record
+from msgbus.adapter import (
+    Adapter,
+    BusURL,
+    Capabilities,
+    Delivery,
+    Endpoint,
+    OptionReader,
+    Receiver,
+    Record,
+    dead_letter_record,
+)
 from msgbus.errors import CapabilityMissing, ClosedError, ConfigError, MessageTooLarge, PublishError, TopologyError
 
 from ._codec import Encoded, decode, encode

@@ -19,8 +19,7 @@ from typing import Any, TypeVar
 import aio_pika
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 
-from msgbus._url import BusURL, OptionReader
-from msgbus.adapter import Adapter, Capabilities, Endpoint, Receiver, Record
+from msgbus.adapter import Adapter, BusURL, Capabilities, Endpoint, OptionReader, Receiver, Record
 from msgbus.errors import ClosedError, ConfigError, ConnectionLost, MessageTooLarge, MsgbusError
 
 from ._codec import encode

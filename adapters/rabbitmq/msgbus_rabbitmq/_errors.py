@@ -9,7 +9,7 @@ import aiormq.exceptions as amqp
 import pika.exceptions as pika
 from aio_pika.exceptions import DeliveryError
 
-from msgbus._url import redact
+from msgbus.adapter import redact
 from msgbus.errors import BrokerError, ConnectionLost, MsgbusError, PublishError, TopologyError
 
 # Most specific first; the first matching row wins. ``False`` in the last column marks errors that

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 from redis import exceptions as rx
 
-from msgbus._url import redact
+from msgbus.adapter import redact
 from msgbus.errors import (
     BrokerError,
     ConfigError,

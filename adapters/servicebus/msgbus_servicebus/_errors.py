@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from azure.core import exceptions as core
 from azure.servicebus import exceptions as sb
 
-from msgbus._url import redact
+from msgbus.adapter import redact
 from msgbus.errors import (
     BrokerError,
     ConfigError,
