@@ -5,7 +5,7 @@ does everything else (codecs, retries, dead-letter policy, concurrency, shutdown
 register a factory ``(BusURL, OptionReader) -> Adapter`` under the entry-point group
 ``msgbus.adapters`` keyed by URL scheme; the factory reads its options from the ``OptionReader``
 (unknown ones are rejected after it returns). Every method raises ``msgbus.errors`` types only
-(translate in one place).
+(translate in one place: an ``ErrorTable`` of the client library's exceptions).
 
 This module is the whole public kit for adapter authors: an adapter distribution imports from
 ``msgbus.adapter`` and ``msgbus.errors`` only, never from a private ``msgbus._*`` module
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from ._capabilities import Capabilities, has
+from ._translate import ErrorRow, ErrorTable
 from ._url import REDACTED, BusURL, OptionReader, redact, url_from_connection_string
 from .errors import InvalidMessage
 
@@ -37,6 +38,8 @@ __all__ = [
     "Capabilities",
     "Delivery",
     "Endpoint",
+    "ErrorRow",
+    "ErrorTable",
     "OptionReader",
     "Receiver",
     "Record",

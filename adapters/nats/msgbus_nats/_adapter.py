@@ -31,7 +31,7 @@ from msgbus.errors import ClosedError, ConfigError, MsgbusError, PublishError, T
 
 from ._codec import check_size, encode
 from ._config import NatsOptions, read_options
-from ._errors import convert, translate
+from ._errors import convert, translated
 from ._names import QUEUE_CONSUMER, Route, route
 from ._receiver import NatsReceiver
 
@@ -113,7 +113,7 @@ class NatsAdapter(Adapter):
         o = self._options
         nc = Client()
         scheme = "tls" if o.tls is not None else "nats"
-        with translate("connect", self.secrets):
+        with translated("connect", self.secrets):
             try:
                 await nc.connect(
                     servers=[f"{scheme}://{o.host}:{o.port}"],
@@ -207,7 +207,7 @@ class NatsAdapter(Adapter):
         """
         r = self.route(endpoint)
         _, jsm = self.connected()
-        with translate(f"declare {endpoint}", self.secrets):
+        with translated(f"declare {endpoint}", self.secrets):
             if not create:
                 await self._verify(jsm, r)
                 return
@@ -308,7 +308,7 @@ class NatsAdapter(Adapter):
             futures: list[asyncio.Future[Msg]] = []
             try:
                 nc, _ = self.connected()
-                with translate(doing, self.secrets, publish=True):
+                with translated(doing, self.secrets, publish=True):
                     for headers, body in pending:
                         token = str(next(self._tokens))
                         fut = self._acks[token] = loop.create_future()
