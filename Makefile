@@ -43,21 +43,25 @@ lint: $(VENV)/.dev
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy --strict msgbus $(foreach a,$(ADAPTER_DIRS),$(a)/msgbus_$(notdir $(a)))
 
+# Two workers (pytest-xdist): most unit tests wait on timers and subprocesses, not on the CPU.
+UNIT_WORKERS ?= 2
 unit: $(VENV)/.dev
-	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests -n $(UNIT_WORKERS) $(PYTEST_ARGS)
 
 # One pytest process per test file: a client library's leftovers (sockets it leaves to the GC) must not surface
-# in another broker's tests. tools/run_integration.py runs them in two lanes at once, each owning its brokers,
-# then the files that span brokers, then the failure suite (chaos-ci). importlib mode: every adapter has its own
+# in another broker's tests. tools/run_integration.py runs them in phases of two lanes at once, each lane owning
+# the brokers it restarts; then the failure suite (chaos-ci); then the summary again. importlib mode: every adapter has its own
 # tests/test_codec.py. Brokers that cannot start here (no root for apt, say) leave their tests skipped with the
 # reason, unless MSGBUS_REQUIRE_BACKENDS names them (CI does): then those tests fail.
 # Real brokers share two cores with the tests: a check that fails is run once more, visibly ("RERUN" in the
 # output). A promise that is really broken fails both times; counts stay exact within each run.
 INTEGRATION_RERUNS ?= --reruns 1 --reruns-delay 5
+export MSGBUS_INTEGRATION_SUMMARY ?= $(CURDIR)/build/integration-summary.txt
 integration: $(VENV)/.dev
 	$(MAKE) brokers || echo "make: some brokers did not start; their tests skip unless MSGBUS_REQUIRE_BACKENDS names them"
+	@rm -f $(MSGBUS_INTEGRATION_SUMMARY)
 	@status=0; $(BIN)/python tools/run_integration.py $(INTEGRATION_RERUNS) $(PYTEST_ARGS) || status=1; \
-		$(MAKE) chaos-ci || status=1; exit $$status
+		$(MAKE) chaos-ci || status=1; cat $(MSGBUS_INTEGRATION_SUMMARY) 2>/dev/null; exit $$status
 
 test: lint unit integration
 

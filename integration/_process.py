@@ -58,6 +58,22 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
+def _live(pid: int) -> bool:
+    fields = _proc_stat(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+def children(pid: int) -> list[int]:
+    """Live direct children of ``pid``, wherever their process group (PostgreSQL's backends start their own)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _proc_stat(int(entry.name))
+            if fields is not None and fields[0] != "Z" and int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
 @dataclass(frozen=True)
 class PidRecord:
     """What we wrote when we started a process: enough to recognise exactly that process later."""
@@ -111,13 +127,19 @@ def terminate(record: PidRecord, *, timeout: float, hard: bool = False) -> None:
     """
     if not record.alive():
         return
+    # A crash takes the broker's own children with it, even those in process groups of their own (a killed
+    # postmaster's backends otherwise linger, and a restart meets its "lock file already exists").
+    strays = children(record.pid) if hard else []
     with contextlib.suppress(ProcessLookupError):
         if hard:
             os.killpg(record.pid, signal.SIGKILL)
         else:
             os.kill(record.pid, signal.SIGTERM)
+    for pid in strays:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + timeout
-    while record.alive() or group_members(record.pid):
+    while record.alive() or group_members(record.pid) or any(_live(pid) for pid in strays):
         if time.monotonic() > deadline:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(record.pid, signal.SIGKILL)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from integration import brokers
-from integration._process import PidRecord, port_bindable, start_time
+from integration._process import PidRecord, children, group_members, port_bindable, spawn, start_time, terminate
 from integration.brokers import BrokerUnavailable, LauncherError, LocalBroker
 
 N = 5  # messages written before a restart and counted after it
@@ -212,6 +214,23 @@ def test_stop_never_signals_a_process_it_did_not_start(tmp_path: Path) -> None:
     finally:
         stranger.kill()
         stranger.wait()
+
+
+def test_a_hard_stop_kills_children_that_left_the_process_group(tmp_path: Path) -> None:
+    """A crash takes the broker's children with it, even those in sessions of their own (PostgreSQL's
+    backends are): left alive, they made the restart of a killed postmaster fail ("lock file already exists")."""
+    script = "import subprocess, time; subprocess.Popen(['setsid', 'sleep', '60']); time.sleep(60)"
+    record = spawn(
+        [sys.executable, "-c", script], env={}, cwd=tmp_path, log=tmp_path / "log", pid_file=tmp_path / "pid"
+    )
+    deadline = time.monotonic() + 10
+    strays: list[int] = []
+    while not strays and time.monotonic() < deadline:
+        strays = [pid for pid in children(record.pid) if pid not in group_members(record.pid)]
+        time.sleep(0.05)
+    assert strays, "the broker stand-in did not start a child in a session of its own"
+    terminate(record, timeout=5, hard=True)
+    assert all(start_time(pid) is None for pid in strays), "the child in its own session survived the hard stop"
 
 
 def test_last_test_run_to_let_go_stops_an_auto_started_broker(tmp_path: Path) -> None:

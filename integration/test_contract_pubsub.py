@@ -34,10 +34,12 @@ class TestPubSubContract(ContractSuite):
         return url
 
 
-# Known defect, found when the branches were merged (2026-12-04), not fixed yet: some of the messages a stopped
-# run() had pulled are handed back only when their ack deadline runs out (1.9 s of a 2 s lock, 8 s of a 10 s one;
-# bound: half the lock). Nothing is lost; the adapter has no Receiver.release(). Still run, reported as XFAIL.
+# Known defect (2026-12-04), not fixed yet: after stop() (no close()) some of the messages pulled by the stopped
+# run() come back only when their ack deadline runs out. The release of the read-ahead now goes out at once
+# (it was one awaited nack per message: 1.5-3.1 s on SQS), and alone this check then passed 3 of 5 runs here;
+# in the others 8 messages were still unavailable 4 s after stop() (the 10 s subscription deadline). No pull was
+# cancelled or timed out in those runs: where they are held is not found yet. Nothing is lost. Run as XFAIL.
 TestPubSubContract.test_stop_hands_back_unstarted_messages = pytest.mark.xfail(  # type: ignore[method-assign]
-    reason="Pub/Sub: messages pulled by a stopped run() come back only at their ack deadline (no release())",
+    reason="Pub/Sub: some messages pulled by a stopped run() come back only at their 10 s subscription deadline",
     strict=False,
 )(TestPubSubContract.test_stop_hands_back_unstarted_messages)

@@ -155,13 +155,17 @@ class Inbox(Generic[T]):
                 log.warning("msgbus: could not make the acks on %s durable: %s", self.endpoint, err)
 
     async def release(self) -> None:
-        """Nack every buffered message (fetched, never handed out), so other consumers get them now."""
+        """Nack every buffered message (fetched, never handed out), so other consumers get them now; all at once,
+        so adapters that batch settlements (SQS, Pub/Sub) send a few calls, not one round trip per message."""
         while self.buffer:
-            msg = self.buffer.popleft()
-            try:
-                await msg.nack()
-            except MsgbusError as err:
-                log.debug("msgbus: release of %s failed (its lock will expire): %s", msg.id, err)
+            batch = list(self.buffer)
+            self.buffer.clear()
+            results = await asyncio.gather(*(msg.nack() for msg in batch), return_exceptions=True)
+            for msg, result in zip(batch, results, strict=True):
+                if isinstance(result, MsgbusError):
+                    log.debug("msgbus: release of %s failed (its lock will expire): %s", msg.id, result)
+                elif isinstance(result, BaseException):
+                    raise result
 
     async def release_read_ahead(self) -> None:
         """After ``run()``: the receiver gives back its read-ahead too (a stopped consumer may stay open for long)."""

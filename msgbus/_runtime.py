@@ -142,14 +142,20 @@ async def run(
                     turns.done()
 
     async def extend_locks() -> None:
+        # Ends by itself once the handlers are done, not only when cancelled: a client library that turns the
+        # cancellation of an extend call into an error (redis-py did: the error is logged, the loop went on)
+        # kept run() waiting for this task for a minute after stop().
         assert caps.lock_duration is not None
         period = max(caps.lock_duration / 3, 0.05)
-        while True:
-            await asyncio.sleep(period)
+        while not handlers_done.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(handlers_done.wait(), period)
+                return
             for msg in [*in_flight, *inbox.buffer]:
                 if not msg.settled:
                     await _quietly(msg._delivery.extend(caps.lock_duration))
 
+    handlers_done = asyncio.Event()  # in-flight handlers keep their locks extended until then
     workers = [asyncio.create_task(worker(), name=f"msgbus-worker-{i}") for i in range(concurrency)]
     extender = asyncio.create_task(extend_locks()) if extending else None
     stop_wait = asyncio.create_task(stop.wait())
@@ -169,6 +175,7 @@ async def run(
                 "msgbus: %d handler(s) still running after %.1fs; cancelled and nacked", len(pending), shutdown_timeout
             )
             await asyncio.wait(pending)
+        handlers_done.set()
         if extender is not None:
             extender.cancel()
             with contextlib.suppress(asyncio.CancelledError):

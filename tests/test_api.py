@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import inspect
 import logging
 import uuid
@@ -15,8 +16,10 @@ from hypothesis import strategies as st
 
 import msgbus
 import msgbus.sync
+from msgbus._memory import _MemoryDelivery
 from msgbus.errors import (
     AdapterNotInstalled,
+    BrokerError,
     CapabilityMissing,
     ClosedError,
     ConfigError,
@@ -326,6 +329,81 @@ async def test_cancelled_run_finishes_in_flight_and_releases_the_rest() -> None:
                 for m in batch:
                     await m.ack()
         assert sorted(done + [m.body for m in rest]) == list(range(50)), "0 lost, 0 duplicates"
+
+
+async def test_stop_hands_back_the_read_ahead_in_one_go(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a stopped run() fetched but never started is nacked all at once, not one awaited nack after another:
+    adapters that batch settlements (SQS, Pub/Sub) then make a few calls (one round trip per message, 50
+    buffered took 1.5-3.1 s on a loaded moto, against half a 2 s lock)."""
+    active, most, nacked = 0, 0, 0
+    nack = _MemoryDelivery.nack
+
+    async def counted(self: _MemoryDelivery, delay: float | None = None) -> None:
+        nonlocal active, most, nacked
+        active += 1
+        most = max(most, active)
+        await asyncio.sleep(0.01)  # a round trip: a sequential release never has two of these at once
+        await nack(self, delay)
+        active -= 1
+        nacked += 1
+
+    monkeypatch.setattr(_MemoryDelivery, "nack", counted)
+    async with msgbus.connect(mem()) as bus:
+        await bus.producer("q").send_many(list(range(30)))
+        consumer = bus.consumer("q", prefetch=20)
+        handled: list[int] = []
+
+        async def handle(msg: msgbus.Message) -> None:
+            handled.append(msg.body)
+            await asyncio.sleep(0.05)
+
+        task = asyncio.create_task(consumer.run(handle, concurrency=1))
+        async with asyncio.timeout(5):
+            while not handled:
+                await asyncio.sleep(0.01)
+        consumer.stop()
+        await asyncio.wait_for(task, 5)
+        assert nacked > 1, f"only {nacked} released: the read-ahead was empty, nothing was tested"
+        assert most == nacked, f"{nacked} buffered messages were released at most {most} at a time"
+
+
+async def test_stop_returns_when_a_client_turns_cancelling_an_extend_into_an_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """run() ends at stop() even when an extend call swallows its cancellation as a client error (as redis-py
+    did under load: the lock extender then ran on and run() returned a minute after stop())."""
+    extending = asyncio.Event()
+    swallowed: list[bool] = []
+
+    async def extend(self: _MemoryDelivery, seconds: float) -> None:
+        extending.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            if swallowed:
+                raise
+            swallowed.append(True)
+            raise BrokerError("connection reset while cancelled") from None
+
+    monkeypatch.setattr(_MemoryDelivery, "extend", extend)
+    async with msgbus.connect(mem(visibility_timeout="0.3")) as bus:
+        await bus.producer("q").send(b"long")
+        consumer = bus.consumer("q")
+
+        async def handle(msg: msgbus.Message) -> None:
+            await extending.wait()  # the lock extender is inside an extend call
+
+        task = asyncio.create_task(consumer.run(handle))
+        await asyncio.wait_for(extending.wait(), 5)
+        await asyncio.sleep(0.05)
+        consumer.stop()
+        done, _ = await asyncio.wait([task], timeout=5)
+        if not done:
+            task.cancel()  # a second cancellation reaches the extender while it sleeps
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        assert done, "run() did not return within 5 s of stop(): the lock extender kept it waiting"
+        await task
 
 
 async def test_shutdown_deadline_cancels_and_nacks_stuck_handlers() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar
 
@@ -11,7 +12,9 @@ import pytest
 
 from ._catalog import CHECKS
 from ._registry import Check
-from ._runner import run_check
+from ._runner import CheckResult, run_check
+
+JOBS_ENV = "MSGBUS_CONTRACT_JOBS"
 
 __all__ = ["ContractSuite"]
 
@@ -22,11 +25,15 @@ class ContractSuite:
     The URL comes from, in order: a ``contract_url`` fixture the subclass defines (e.g. from a provisioning
     helper), ``get_url()`` overridden as a classmethod, or the ``url`` class attribute. Define
     ``async def restart_broker(self) -> None`` to enable the reconnect check. ``quick = True`` (or the
-    environment variable ``MSGBUS_CONTRACT_QUICK=1``) scales volumes down.
+    environment variable ``MSGBUS_CONTRACT_QUICK=1``) scales volumes down. ``jobs = N`` (or
+    ``MSGBUS_CONTRACT_JOBS=N``) runs the selected checks N at a time in the background, as ``msgbus contract
+    --jobs N`` does (a check that restarts the broker alone, after the others); each test reports its own
+    check, and a rerun of a test runs its check again on its own.
     """
 
     url: ClassVar[str | None] = None
     quick: ClassVar[bool] = False
+    jobs: ClassVar[int] = 1
     restart_broker: Callable[..., Awaitable[None]] | None = None
 
     @classmethod
@@ -44,19 +51,84 @@ class ContractSuite:
     def _quick(self) -> bool:
         return self.quick or os.environ.get("MSGBUS_CONTRACT_QUICK", "") not in ("", "0")
 
-    def run_contract_check(self, check: Check, url: str) -> None:
-        """Run ``check`` in a fresh event loop; a skip becomes ``pytest.skip``, a failure ``pytest.fail``."""
+    def _jobs(self) -> int:
+        raw = os.environ.get(JOBS_ENV, "")
+        if not raw:
+            return max(1, self.jobs)
+        if not raw.isdigit() or int(raw) < 1:
+            pytest.fail(f"{JOBS_ENV}={raw!r}: expected a whole number >= 1", pytrace=False)
+        return int(raw)
+
+    def run_contract_check(self, check: Check, url: str, selected: list[Check] | None = None) -> None:
+        """Run ``check`` (or take its result from the background batch of ``selected`` checks, when jobs > 1);
+        a skip becomes ``pytest.skip``, a failure ``pytest.fail``."""
         hook = self.restart_broker
-        result = asyncio.run(run_check(check, url, quick=self._quick(), restart_broker=hook))
+        batch = None
+        if selected and self._jobs() > 1:
+            batch = _Batch.of(type(self), url, selected, self._jobs(), self._quick(), hook)
+        result = batch.take(check) if batch is not None else None
+        if result is None:  # alone, not in the batch, or a rerun (the batch result was taken)
+            result = asyncio.run(run_check(check, url, quick=self._quick(), restart_broker=hook))
         if result.status == "skip":
             pytest.skip(f"{check.name}: {result.detail}")
         if result.status == "fail":
             pytest.fail(f"{check.name}: {result.detail}", pytrace=False)
 
 
-def _make_test(check: Check) -> Callable[[ContractSuite, str], None]:
-    def test(self: ContractSuite, contract_url: str) -> None:
-        self.run_contract_check(check, contract_url)
+class _Batch:
+    """The selected checks of one suite class and URL, run ``jobs`` at a time in a thread of their own."""
+
+    _started: ClassVar[dict[tuple[type, str], _Batch]] = {}
+
+    def __init__(self, checks: list[Check]) -> None:
+        self._results: dict[str, CheckResult] = {}
+        self._done = {c.name: threading.Event() for c in checks}
+
+    @classmethod
+    def of(
+        cls,
+        suite: type,
+        url: str,
+        checks: list[Check],
+        jobs: int,
+        quick: bool,
+        hook: Callable[..., Awaitable[None]] | None,
+    ) -> _Batch:
+        key = (suite, url)
+        if key not in cls._started:
+            batch = cls._started[key] = cls(checks)
+
+            async def one(check: Check, slots: asyncio.Semaphore) -> None:
+                try:
+                    async with slots:
+                        batch._results[check.name] = await run_check(check, url, quick=quick, restart_broker=hook)
+                finally:  # without a result the test runs its check itself
+                    batch._done[check.name].set()
+
+            async def main() -> None:
+                slots = asyncio.Semaphore(jobs)
+                await asyncio.gather(*(one(c, slots) for c in checks if not c.alone))
+                for c in checks:  # a restart must not pull the broker from under other checks
+                    if c.alone:
+                        await one(c, slots)
+
+            threading.Thread(target=asyncio.run, args=(main(),), name="msgbus-contract-batch", daemon=True).start()
+        return cls._started[key]
+
+    def take(self, check: Check) -> CheckResult | None:
+        """``check``'s result once it ran (None if it is not in the batch or was taken before)."""
+        done = self._done.get(check.name)
+        if done is None:
+            return None
+        done.wait()
+        return self._results.pop(check.name, None)
+
+
+def _make_test(check: Check) -> Callable[[ContractSuite, str, pytest.FixtureRequest], None]:
+    def test(self: ContractSuite, contract_url: str, request: pytest.FixtureRequest) -> None:
+        mine = {item.name.split("[")[0] for item in request.session.items if getattr(item, "cls", None) is type(self)}
+        selected = [c for c in CHECKS if f"test_{c.slug}" in mine]
+        self.run_contract_check(check, contract_url, selected)
 
     test.__name__ = test.__qualname__ = f"test_{check.slug}"
     test.__doc__ = check.doc
