@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 import msgbus
 from msgbus._redelivery import limit_reason
 from msgbus.adapter import Endpoint, Record
-from msgbus.errors import MsgbusError
+from msgbus.errors import DecodeError, MsgbusError
 from msgbus.testing._checks_messages import sound as _sound
 
 __all__ = ["Profile", "decode_path", "handler_outcomes", "send_arguments"]
@@ -169,6 +169,7 @@ def send_arguments(url: str, profile: Profile) -> None:
     """Any send arguments: a msgbus error and nothing stored, or received once with exactly what was sent."""
     with _queue(url, "send", profile.example_timeout) as q:
         loop, bus, consumer, producer = q.loop, q.bus, q.consumer, q.bus.producer(q.name)
+        dead_letters = q.dead_letters
 
         @_settings(profile.sends)
         @given(
@@ -182,7 +183,7 @@ def send_arguments(url: str, profile: Profile) -> None:
             many=st.booleans(),
         )
         def prop(**kwargs: Any) -> None:
-            loop.run(_one_send(bus, producer, consumer, **kwargs), profile.example_timeout)
+            loop.run(_one_send(bus, producer, consumer, dead_letters, **kwargs), profile.example_timeout)
 
         prop()
         strays = loop.run(_nothing_more(consumer, 1.0), profile.example_timeout)  # stored ones show at once
@@ -193,6 +194,7 @@ async def _one_send(
     bus: msgbus.Bus,
     producer: msgbus.Producer,
     consumer: msgbus.Consumer[Any],
+    dead_letters: msgbus.Consumer[Any],
     *,
     body: Any,
     key: Any,
@@ -214,15 +216,26 @@ async def _one_send(
         return
     except Exception as exc:  # anything else is the defect this property is about
         raise AssertionError(f"send raised {type(exc).__name__}, not a msgbus error: {exc}") from exc
+    payload, ctype = msgbus._codec.encode(body, content_type)
+    try:
+        msgbus._codec.decode(payload, ctype)
+    except DecodeError:  # bytes its own content type cannot read (b"" as JSON): a consumer dead-letters them
+        undecodable = True
+    else:
+        undecodable = False
     got: list[msgbus.Message[Any]] = []
     while not got:
-        got = await consumer.receive(max_messages=1, timeout=2.0)
+        got = await consumer.receive(max_messages=1, timeout=0.5)
+        if undecodable and not got:
+            got = await dead_letters.receive(max_messages=1, timeout=0.5)
     (msg,) = got
     await msg.ack()
-    payload, ctype = msgbus._codec.encode(body, content_type)
+    if undecodable:
+        assert msg.dead_letter_reason and msg.dead_letter_reason.startswith("DecodeError"), msg.dead_letter_reason
     assert msg.id == sent_id == (message_id or sent_id), f"received {msg.id!r}, sent {sent_id!r}"
     assert (msg.payload, msg.content_type) == (payload, ctype)
-    assert (dict(msg.headers), msg.key, msg.correlation_id) == (headers or {}, key, correlation_id)
+    shown = {k: v for k, v in msg.headers.items() if not (undecodable and k.startswith("x-msgbus-"))}  # its reason
+    assert (shown, msg.key, msg.correlation_id) == (headers or {}, key, correlation_id)
 
 
 # --- the receive and decode path -----------------------------------------------------------------------
