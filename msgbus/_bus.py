@@ -10,7 +10,6 @@ import math
 import os
 import re
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from datetime import timedelta
 from types import TracebackType
@@ -19,6 +18,7 @@ from typing import Any, Generic, Self, TypeVar, overload
 from . import _codec, _redelivery, _runtime
 from ._capabilities import Capabilities
 from ._coalesce import Coalescer
+from ._inbox import Inbox
 from ._message import Message, Outgoing
 from ._retry import RetryPolicy
 from ._url import BusURL
@@ -30,7 +30,6 @@ from .errors import (
     DecodeError,
     InvalidMessage,
     MessageTooLarge,
-    MsgbusError,
 )
 
 log = logging.getLogger("msgbus")
@@ -476,21 +475,11 @@ class Consumer(Generic[T]):
         self._bus = bus
         self._endpoint = endpoint
         self._model = model
-        self._prefetch = prefetch
         self._retry = retry or RetryPolicy()
-        self._receiver: Receiver | None = None
+        self._inbox = Inbox(bus._adapter, endpoint, prefetch, self._fetch)  # shared with the runtime, alone
         self._opened = False
-        self._buffer: deque[Message[T]] = deque()
-        self._unsettled = 0
-        self._lock = asyncio.Lock()
-        self._closed = False
         self._stop: asyncio.Event | None = None
-        self._acks: list[Delivery] = []
-        self._acks_since = 0.0  # monotonic time the oldest of ``_acks`` was added
-        self._durable_at = 0.0  # monotonic time of the last ``_acks_durable``
-        self._ack_flush: asyncio.Task[None] | None = None
         self._running: asyncio.Future[None] | None = None  # while run() works: resolved when it has returned
-        self._ack_taken: asyncio.Event | None = None  # set each time the flush takes a batch (``_send_acks``)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self._endpoint} on {self._bus.url}>"
@@ -504,7 +493,7 @@ class Consumer(Generic[T]):
 
         For a subscription, every message published after ``open()`` returns reaches it.
         """
-        if self._closed:
+        if self._inbox.closed:
             raise ClosedError(f"{self!r} is closed")
         if not self._opened:
             await self._bus._ready(self._endpoint)
@@ -514,14 +503,16 @@ class Consumer(Generic[T]):
     async def _start(self, default_prefetch: int) -> Receiver:
         """The backend receiver, created on first use with the given prefetch unless one was set."""
         await self.open()
-        if self._receiver is None:
-            self._prefetch = self._prefetch or default_prefetch
-            self._receiver = await self._bus._adapter.receiver(self._endpoint, self._prefetch)
-        return self._receiver
+        inbox = self._inbox
+        if inbox.receiver is None:
+            inbox.prefetch = inbox.prefetch or default_prefetch
+            inbox.receiver = await self._bus._adapter.receiver(self._endpoint, inbox.prefetch)
+        return inbox.receiver
 
     async def close(self) -> None:
         """Stop receiving; messages fetched but not handed out are released (nacked). Idempotent."""
-        if self._closed:
+        inbox = self._inbox
+        if inbox.closed:
             return
         running = self._running
         if running is not None and not running.done() and _RUNNING.get() is not self:
@@ -530,21 +521,21 @@ class Consumer(Generic[T]):
             # for itself until shutdown_timeout.
             self.stop()
             await asyncio.shield(running)
-        self._closed = True
+        inbox.closed = True
         if self._stop is not None:
             self._stop.set()
-        await self._release_buffered()
-        await self._drain_acks()
-        if self._receiver is not None:
-            await self._receiver.close()
+        await inbox.release()
+        await inbox.drain()
+        if inbox.receiver is not None:
+            await inbox.receiver.close()
         self._bus._consumers.discard(self)
 
     async def _abandon(self) -> None:
         """Test hook: drop the receiver without settling anything, as if the process died."""
-        self._closed = True
-        self._buffer.clear()
-        if self._receiver is not None:
-            await self._receiver.close()
+        self._inbox.closed = True
+        self._inbox.buffer.clear()
+        if self._inbox.receiver is not None:
+            await self._inbox.receiver.close()
         self._bus._consumers.discard(self)
 
     async def __aenter__(self) -> Self:
@@ -556,114 +547,12 @@ class Consumer(Generic[T]):
     ) -> None:
         await self.close()
 
-    def _settled(self, msg: Message[Any]) -> None:
-        self._unsettled -= 1
-
-    def _ack_soon(self, msg: Message[Any]) -> None:
-        """Ack without waiting: acks that pile up while one batch is in flight go out as the next batch."""
-        if msg._settle():
-            if not self._acks:
-                self._acks_since = time.monotonic()
-            self._acks.append(msg._delivery)
-            if self._ack_flush is None:
-                self._ack_flush = asyncio.get_running_loop().create_task(self._flush_acks())
-
-    def _acks_overdue(self, batch: int, delay: float) -> bool:
-        """Whether ``batch`` acks wait to be sent, or the oldest has waited ``delay`` seconds."""
-        acks = self._acks
-        return bool(acks) and (len(acks) >= batch or time.monotonic() - self._acks_since >= delay)
-
-    async def _send_acks(self, batch: int, delay: float) -> None:
-        """Let the acks waiting now go to the backend. Under ``delay`` seconds old: one turn of the loop (the
-        flush takes them at once if no batch is in flight; a handler that never awaits gives it no other turn),
-        waiting only once ``8 * batch`` pile up. Older: wait until the flush has taken them, after the batch in
-        flight; and where the backend holds acks before they are durable (``capabilities.ack_delay``, Kafka's
-        commits), until they are durable, at most once per ack_delay.
-        """
-        late = time.monotonic() - self._acks_since >= delay
-        if not late and len(self._acks) < 8 * batch:
-            if len(self._acks) % batch == 0:  # a turn per batch, not per message, while one is in flight
-                await asyncio.sleep(0)
-            return
-        waiting = self._acks
-        while waiting and self._acks is waiting and self._ack_flush is not None:
-            if self._ack_taken is None:
-                self._ack_taken = asyncio.Event()
-            self._ack_taken.clear()
-            await self._ack_taken.wait()
-        held = self.capabilities.ack_delay
-        if late and held and time.monotonic() - self._durable_at >= held:
-            await self._acks_durable()
-
-    async def _flush_acks(self) -> None:
-        try:
-            while self._acks and self._receiver is not None:
-                batch, self._acks = self._acks, []
-                if self._ack_taken is not None:
-                    self._ack_taken.set()
-                try:
-                    await self._receiver.ack_many(batch)
-                except MsgbusError as err:
-                    log.warning("msgbus: ack of %d message(s) failed (they will be redelivered): %s", len(batch), err)
-        finally:
-            self._ack_flush = None
-            if self._ack_taken is not None:
-                self._ack_taken.set()  # nothing more will be taken: a waiter must not wait for that
-
-    async def _drain_acks(self) -> None:
-        """Wait until every ack handed to ``_ack_soon`` has been sent."""
-        while self._ack_flush is not None:
-            await asyncio.shield(self._ack_flush)
-
-    async def _acks_durable(self) -> None:
-        """Wait until every ack handed to ``_ack_soon`` is durable on the backend (``Receiver.flush``)."""
-        await self._drain_acks()
-        self._durable_at = time.monotonic()
-        if self._receiver is not None and self.capabilities.ack_delay:
-            try:
-                await self._receiver.flush()
-            except MsgbusError as err:
-                log.warning("msgbus: could not make the acks on %s durable: %s", self._endpoint, err)
-
-    def _buffered(self) -> list[Message[T]]:
-        return list(self._buffer)
-
-    async def _release_buffered(self) -> None:
-        """Nack everything fetched but not handed out, all at once: adapters that batch settlements (SQS,
-        Pub/Sub) then send a few calls instead of one round trip per message."""
-        while self._buffer:
-            batch = list(self._buffer)
-            self._buffer.clear()
-            results = await asyncio.gather(*(msg.nack() for msg in batch), return_exceptions=True)
-            for msg, result in zip(batch, results, strict=True):
-                if isinstance(result, MsgbusError):
-                    log.debug("msgbus: release of %s failed (its lock will expire): %s", msg.id, result)
-                elif isinstance(result, BaseException):
-                    raise result
-
-    async def _top_up(self, timeout: float) -> None:
-        """Add what the backend has ready to the buffer, waiting up to ``timeout`` seconds (within prefetch)."""
-        if self._prefetch is None or self._unsettled >= self._prefetch or self._closed:
-            return
-        async with self._lock:
-            try:
-                self._buffer.extend(await self._fetch(self._prefetch, timeout))
-            except MsgbusError as err:
-                log.debug("msgbus: topping up %s failed: %s", self._endpoint, err)
-
-    async def _release_receiver(self) -> None:
-        """After ``run()``: the receiver gives back its read-ahead too (a stopped consumer may stay open for long)."""
-        if self._receiver is not None and not self._closed:
-            try:
-                await self._receiver.release()
-            except MsgbusError as err:
-                log.debug("msgbus: release of %s's read-ahead failed (its lock will expire): %s", self._endpoint, err)
-
     async def _fetch(self, max_messages: int, timeout: float) -> list[Message[T]]:
         """One receive call on the backend; undecodable deliveries are dead-lettered, not returned."""
         receiver = await self._start(16)
-        assert self._prefetch is not None
-        room = max(1, min(max_messages, self._prefetch - self._unsettled))
+        inbox = self._inbox
+        assert inbox.prefetch is not None
+        room = max(1, min(max_messages, inbox.prefetch - inbox.unsettled))
         out: list[Message[T]] = []
         for delivery in await receiver.receive(room, timeout):
             try:
@@ -674,8 +563,8 @@ class Consumer(Generic[T]):
                 else:
                     await self._dead_letter_undecodable(delivery, err)
                     continue
-            self._unsettled += 1
-            out.append(Message(delivery, body, self))
+            inbox.unsettled += 1
+            out.append(Message(delivery, body, inbox))
         return out
 
     async def _dead_letter_undecodable(self, delivery: Delivery, err: DecodeError) -> None:
@@ -691,13 +580,14 @@ class Consumer(Generic[T]):
         if not _whole(max_messages, 1, MAX_PREFETCH):
             raise ConfigError(f"max_messages must be an int from 1 to {MAX_PREFETCH}, got {max_messages!r:.40}")
         timeout = _config_seconds("timeout", timeout)
-        if self._closed:
+        inbox = self._inbox
+        if inbox.closed:
             raise ClosedError(f"{self!r} is closed")
         out: list[Message[T]] = []
-        while self._buffer and len(out) < max_messages:
-            out.append(self._buffer.popleft())
+        while inbox.buffer and len(out) < max_messages:
+            out.append(inbox.buffer.popleft())
         if not out:
-            async with self._lock:
+            async with inbox.lock:
                 out = await self._fetch(max_messages, timeout)
         return await self._within_limit(out)
 
@@ -707,7 +597,7 @@ class Consumer(Generic[T]):
     async def _iterate(self) -> AsyncIterator[Message[T]]:
         stop = asyncio.Event()
         while True:
-            msg = await self._next(stop)
+            msg = await self._inbox.take(stop)
             if msg is None:
                 return
             if await self._within_limit([msg]):
@@ -727,29 +617,6 @@ class Consumer(Generic[T]):
             else:
                 kept.append(m)
         return kept
-
-    async def _next(self, stop: asyncio.Event) -> Message[T] | None:
-        """The next message, fetching a batch when the buffer is empty; ``None`` once stopped or closed."""
-        failures = 0
-        while not stop.is_set() and not self._closed:
-            if self._buffer:
-                return self._buffer.popleft()
-            async with self._lock:
-                if self._buffer or stop.is_set() or self._closed:
-                    continue
-                try:
-                    batch = await self._fetch(self._prefetch or 16, 0.25)
-                except MsgbusError as err:
-                    if not err.retryable:
-                        raise
-                    failures += 1
-                    delay = min(5.0, 0.1 * 2**failures)
-                    log.warning("msgbus: receive from %s failed (%s); retrying in %.1fs", self._endpoint, err, delay)
-                    await asyncio.sleep(delay)
-                    continue
-                failures = 0
-                self._buffer.extend(batch)
-        return None
 
     def stop(self) -> None:
         """Ask a running ``run()`` to finish gracefully (no new messages; in-flight ones complete)."""
@@ -797,7 +664,7 @@ class Consumer(Generic[T]):
         try:
             await self._start(max(2 * concurrency, 16))
             await _runtime.run(
-                self,
+                self._inbox,
                 _runtime.compose(handler, middleware),
                 concurrency=concurrency,
                 retry=retry,

@@ -34,6 +34,7 @@ class Capabilities:
     ack_delay: float = 0.0  # seconds an ack handed to the adapter may wait before it is durable
 
     def as_dict(self) -> dict[str, object]:
+        """Every capability by name, for reports (``msgbus contract`` prints them)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 

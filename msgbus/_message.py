@@ -5,15 +5,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from .adapter import HEADER_ATTEMPTS, HEADER_DEAD_LETTER_REASON, Delivery, dead_letter_reason
 from .errors import InvalidMessage
 
-if TYPE_CHECKING:
-    from ._bus import Consumer
-
 T = TypeVar("T")
+
+
+class Settling(Protocol):
+    """What a received message tells, once, when it is settled: the consumer's inbox (``_inbox``), which counts
+    the messages held unsettled against prefetch."""
+
+    def settled(self, msg: Message[Any]) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,11 +40,11 @@ class Message(Generic[T]):
     Not task-safe for concurrent settlement from two tasks at once (the first one wins).
     """
 
-    __slots__ = ("_consumer", "_delivery", "body", "settled")
+    __slots__ = ("_delivery", "_inbox", "body", "settled")
 
-    def __init__(self, delivery: Delivery, body: T, consumer: Consumer[Any] | None) -> None:
+    def __init__(self, delivery: Delivery, body: T, inbox: Settling | None) -> None:
         self._delivery = delivery
-        self._consumer = consumer
+        self._inbox = inbox
         self.body: T = body
         self.settled = False
 
@@ -127,8 +131,8 @@ class Message(Generic[T]):
         if self.settled:
             return False
         self.settled = True
-        if self._consumer is not None:
-            self._consumer._settled(self)
+        if self._inbox is not None:
+            self._inbox.settled(self)
         return True
 
     def __repr__(self) -> str:

@@ -20,13 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ._inbox import Inbox
 from ._message import Message
 from .errors import MsgbusError
-
-if TYPE_CHECKING:
-    from ._bus import Consumer
 
 log = logging.getLogger("msgbus")
 
@@ -59,8 +57,8 @@ class Redeliveries:
     Workers count themselves in ``running`` around a handler of a message that is not a suspect.
     """
 
-    def __init__(self, consumer: Consumer[Any], max_attempts: int) -> None:
-        self.consumer = consumer
+    def __init__(self, inbox: Inbox[Any], max_attempts: int) -> None:
+        self.inbox = inbox
         self.max_attempts = max_attempts
         self.held = False  # a suspect runs alone: other handlers must not start
         self.running = 0
@@ -102,7 +100,7 @@ class Redeliveries:
         Bounded both ways, so a long handler never stalls the run: the turn waits at most ``ALONE`` seconds
         for handlers in flight, and is given up after ``ALONE`` seconds even if the suspect still runs.
         """
-        self.consumer._buffer.appendleft(first)  # whoever chooses next must see it, not only this worker
+        self.inbox.buffer.appendleft(first)  # whoever chooses next must see it, not only this worker
         await self._lock.acquire()
         self.held = True
         self._turn.clear()
@@ -112,7 +110,7 @@ class Redeliveries:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._quiet.wait(), ALONE)
                 self._quiet = None
-            await self.consumer._acks_durable()
+            await self.inbox.acks_durable()
             chosen = await self._choose()
         except BaseException:
             self._release()
@@ -140,15 +138,15 @@ class Redeliveries:
             self._lock.release()
 
     async def _choose(self) -> Message[Any] | None:
-        consumer = self.consumer
-        buffer = consumer._buffer
+        inbox = self.inbox
+        buffer = inbox.buffer
 
         def held() -> list[Message[Any]]:
             return [m for m in buffer if m._delivery.attempt > 1 and self.suspect(m)]
 
         # Hold every redelivery the backend has ready before choosing: for new ones, wait a moment for the
         # rest of what came back with them; later, take what is ready (the buffer refills as they run).
-        await consumer._top_up(TOP_UP if any(m.id not in self._seen for m in held()) else 0.0)
+        await inbox.top_up(TOP_UP if any(m.id not in self._seen for m in held()) else 0.0)
         candidates = held()
         if not candidates:
             return None

@@ -6,17 +6,15 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ._codec import describe
+from ._inbox import Inbox
 from ._message import Message
 from ._redelivery import Redeliveries, dead_letter_over_limit
 from ._retry import RetryPolicy
 from .adapter import MAX_DEAD_LETTER_REASON
 from .errors import MsgbusError
-
-if TYPE_CHECKING:
-    from ._bus import Consumer
 
 log = logging.getLogger("msgbus")
 
@@ -39,7 +37,7 @@ def compose(handler: Handler, middleware: Sequence[Middleware]) -> Handler:
 
 
 async def run(
-    consumer: Consumer[Any],
+    inbox: Inbox[Any],
     handler: Handler,
     *,
     concurrency: int,
@@ -47,13 +45,14 @@ async def run(
     shutdown_timeout: float,
     stop: asyncio.Event,
 ) -> None:
-    """Run ``concurrency`` workers until ``stop`` is set or the calling task is cancelled."""
-    caps = consumer.capabilities
+    """Run ``concurrency`` workers on a consumer's ``inbox`` until ``stop`` is set or the calling task is
+    cancelled."""
+    caps = inbox.capabilities
     in_flight: set[Message[Any]] = set()
     limit = retry.max_attempts
-    turns = Redeliveries(consumer, limit)
+    turns = Redeliveries(inbox, limit)
     # A dead-letter destination has no delivery limit: a dead letter is not re-dead-lettered.
-    counted = caps.counts_deliveries and not consumer._endpoint.dead_letter
+    counted = caps.counts_deliveries and not inbox.endpoint.dead_letter
 
     async def settle_failure(msg: Message[Any], exc: BaseException) -> None:
         reason = describe(exc, MAX_DEAD_LETTER_REASON)
@@ -79,11 +78,11 @@ async def run(
             log.warning("msgbus: could not settle failed message %s: %s", msg.id, err)
 
     async def worker() -> None:
-        # The per-message path: take from the consumer's buffer without a coroutine when it has some,
+        # The per-message path: take from the inbox's buffer without a coroutine when it has some,
         # and track in-flight messages only when their locks need extending.
-        buffer = consumer._buffer
+        buffer = inbox.buffer
         while not stop.is_set():
-            msg = buffer.popleft() if buffer else await consumer._next(stop)
+            msg = buffer.popleft() if buffer else await inbox.take(stop)
             if msg is None:
                 return
             if extending:
@@ -130,11 +129,11 @@ async def run(
                     await _quietly(msg.nack())
                 raise
             else:
-                consumer._ack_soon(msg)  # batched with other workers' acks; no-op if the handler settled it
+                inbox.ack_soon(msg)  # batched with other workers' acks; no-op if the handler settled it
                 if alone:
-                    await consumer._acks_durable()  # in before the next message starts
-                elif consumer._acks_overdue(ACK_BATCH, ACK_DELAY):
-                    await consumer._send_acks(ACK_BATCH, ACK_DELAY)
+                    await inbox.acks_durable()  # in before the next message starts
+                elif inbox.acks_overdue(ACK_BATCH, ACK_DELAY):
+                    await inbox.send_acks(ACK_BATCH, ACK_DELAY)
             finally:
                 in_flight.discard(msg)
                 if alone:
@@ -152,7 +151,7 @@ async def run(
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(handlers_done.wait(), period)
                 return
-            for msg in [*in_flight, *consumer._buffered()]:
+            for msg in [*in_flight, *inbox.buffer]:
                 if not msg.settled:
                     await _quietly(msg._delivery.extend(caps.lock_duration))
 
@@ -167,7 +166,7 @@ async def run(
                 raise w.exception()  # type: ignore[misc]
     finally:
         stop.set()
-        await consumer._release_buffered()
+        await inbox.release()
         _done, pending = await asyncio.wait(workers, timeout=shutdown_timeout) if workers else (set(), set())
         for w in pending:
             w.cancel()
@@ -185,9 +184,9 @@ async def run(
         for w in workers:  # the first failure was raised above; the others are reported by it, not by asyncio
             if w.done() and not w.cancelled():
                 w.exception()
-        await consumer._release_buffered()
-        await consumer._drain_acks()
-        await consumer._release_receiver()
+        await inbox.release()
+        await inbox.drain()
+        await inbox.release_read_ahead()
 
 
 def _cancelling() -> bool:

@@ -13,7 +13,7 @@ from .errors import ConfigError
 
 _SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*$")
 _SECRET_OPTION = re.compile(r"(pass|secret|token|key|sig|cred|auth|private|conn_?str|connection_string|dsn)", re.I)
-REDACTED = "***"
+REDACTED = "***"  #: what stands in for a secret in every text msgbus shows
 MAX_OPTION_SECONDS = 1e9  # about 31 years: the largest float option value (they are all durations)
 _V = TypeVar("_V")
 
@@ -211,10 +211,12 @@ class OptionReader:
         return dict(self._used)
 
     def str(self, name: builtins.str, default: builtins.str | None = None) -> builtins.str | None:
+        """The text of option ``name``, or ``default``."""
         value = self._take(name)
         return self._use(name, default if value is None else value)
 
     def int(self, name: builtins.str, default: builtins.int, *, min: builtins.int | None = None) -> builtins.int:
+        """Option ``name`` as an integer (at least ``min``), or ``default``; ``ConfigError`` otherwise."""
         value = self._take(name)
         if value is None:
             return self._use(name, default)
@@ -229,6 +231,7 @@ class OptionReader:
     def float(
         self, name: builtins.str, default: builtins.float, *, min: builtins.float | None = None
     ) -> builtins.float:
+        """Option ``name`` as seconds (at least ``min``, at most ``MAX_OPTION_SECONDS``), or ``default``."""
         value = self._take(name)
         if value is None:
             return self._use(name, default)
@@ -245,6 +248,7 @@ class OptionReader:
         return self._use(name, out)
 
     def bool(self, name: builtins.str, default: builtins.bool) -> builtins.bool:
+        """Option ``name`` as true (1, true, yes, on) or false (0, false, no, off), or ``default``."""
         value = self._take(name)
         if value is None:
             return self._use(name, default)
@@ -256,6 +260,7 @@ class OptionReader:
         raise ConfigError(f"option '{name}' must be true or false, got {self._show(name, value)}")
 
     def choice(self, name: builtins.str, default: builtins.str, choices: tuple[builtins.str, ...]) -> builtins.str:
+        """Option ``name`` as one of ``choices``, or ``default``; ``ConfigError`` names the choices otherwise."""
         value = self._take(name)
         if value is None:
             return self._use(name, default)

@@ -5,7 +5,11 @@ does everything else (codecs, retries, dead-letter policy, concurrency, shutdown
 register a factory ``(BusURL, OptionReader) -> Adapter`` under the entry-point group
 ``msgbus.adapters`` keyed by URL scheme; the factory reads its options from the ``OptionReader``
 (unknown ones are rejected after it returns). Every method raises ``msgbus.errors`` types only
-(translate in one place).
+(translate in one place: an ``ErrorTable`` of the client library's exceptions).
+
+This module is the whole public kit for adapter authors: an adapter distribution imports from
+``msgbus.adapter`` and ``msgbus.errors`` only, never from a private ``msgbus._*`` module
+(``tests/test_api.py`` enforces it for the adapters in this repository).
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from ._capabilities import Capabilities
-from ._url import BusURL
+from ._capabilities import Capabilities, has
+from ._translate import ErrorRow, ErrorTable
+from ._url import REDACTED, BusURL, OptionReader, redact, url_from_connection_string
 from .errors import InvalidMessage
 
 __all__ = [
@@ -25,16 +30,24 @@ __all__ = [
     "HEADER_DEAD_LETTER_REASON",
     "HEADER_DEAD_LETTER_SOURCE",
     "MAX_DEAD_LETTER_REASON",
+    "REDACTED",
     "RESERVED_HEADER_PREFIX",
     "TIMESTAMP_LIMIT",
     "Adapter",
+    "BusURL",
     "Capabilities",
     "Delivery",
     "Endpoint",
+    "ErrorRow",
+    "ErrorTable",
+    "OptionReader",
     "Receiver",
     "Record",
     "dead_letter_reason",
     "dead_letter_record",
+    "has",
+    "redact",
+    "url_from_connection_string",
 ]
 
 RESERVED_HEADER_PREFIX = "x-msgbus-"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
+import inspect
 import logging
 import uuid
 from pathlib import Path
@@ -53,6 +55,62 @@ def test_all_is_complete_and_sorted() -> None:
 def test_errors_all_is_complete() -> None:
     exported = {n for n, v in vars(msgbus.errors).items() if isinstance(v, type) and issubclass(v, Exception)}
     assert exported == set(msgbus.errors.__all__)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def private_imports(path: Path) -> list[str]:
+    """``file:line`` of every import of a private ``msgbus`` module (``msgbus._x``, or ``_x`` from ``msgbus``)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        if any(n.split(".")[0] == "msgbus" and any(p.startswith("_") for p in n.split(".")[1:]) for n in names):
+            found.append(f"{path.relative_to(REPO) if path.is_relative_to(REPO) else path}:{node.lineno}")
+    return found
+
+
+def test_adapters_import_nothing_private_from_msgbus() -> None:
+    """Adapters (and docs/writing-an-adapter.md's example) are written against the public kit
+    (``msgbus.adapter``, ``msgbus.errors``) alone, so a third-party adapter can be written the same way."""
+    files = sorted(REPO.glob("adapters/*/msgbus_*/**/*.py")) + sorted(REPO.glob("docs/examples/*.py"))
+    assert len(files) >= 8 * 3 + 1, "every adapter package and the guide's example must be found"
+    assert [hit for f in files for hit in private_imports(f)] == []
+
+
+def test_private_import_check_catches_each_form(tmp_path: Path) -> None:
+    module = tmp_path / "m.py"
+    module.write_text(
+        "import msgbus.errors\nfrom msgbus.adapter import BusURL\nfrom . import _codec\n"  # fine
+        "from msgbus._url import redact\nimport msgbus._bus\nfrom msgbus import _url\n"
+        "def f():\n    from msgbus.testing._catalog import CHECKS\n"
+    )
+    assert private_imports(module) == [f"{module}:{n}" for n in (4, 5, 6, 8)]
+
+
+def _from_core(value: object) -> bool:
+    module = getattr(value, "__module__", "") or ""
+    return module.startswith("msgbus") and module != "msgbus.errors"
+
+
+def test_adapter_kit_all_is_complete_and_documented() -> None:
+    import msgbus.adapter as kit
+
+    # Everything the kit defines or re-exports from the core (errors have their own public module).
+    public = {n for n, v in vars(kit).items() if not n.startswith("_") and _from_core(v)}
+    constants = {n for n in vars(kit) if n.isupper() and not n.startswith("_")}
+    assert public | constants == set(kit.__all__)
+    for name in kit.__all__:
+        value = getattr(kit, name)
+        if callable(value):
+            assert inspect.getdoc(value), f"msgbus.adapter.{name} needs a docstring"
+            for attr, member in vars(value).items() if isinstance(value, type) else ():
+                if not attr.startswith("_") and inspect.isfunction(member):
+                    assert inspect.getdoc(member), f"msgbus.adapter.{name}.{attr} needs a docstring"
 
 
 def test_unknown_scheme_and_missing_adapter_name_the_package(monkeypatch: pytest.MonkeyPatch) -> None:

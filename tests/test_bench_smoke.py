@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 
 import msgbus
-from msgbus import _bench
 from msgbus._bench import (
     LostMessages,
     MsgbusContender,
     Plan,
     Tally,
+    _engine,
     bench,
     drain,
     main,
@@ -72,6 +72,24 @@ async def test_consume_credit_is_named_in_the_case(tmp_path: Path) -> None:
     assert all(len(f["runs"]) == 1 for f in result["figures"])
 
 
+async def test_children_import_a_contender_from_where_the_parent_found_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A contender package that is importable here but not installed (the repository's ``benchmarks``) reaches
+    the consuming child process whatever the working directory is: no path is taken from it."""
+    package = tmp_path / "code" / "peerbench"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "peer.py").write_text(
+        "from msgbus._bench import MsgbusContender\n\n\nclass Peer(MsgbusContender):\n    name = 'peer'\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path / "code"))
+    monkeypatch.chdir(tmp_path)  # not where the package is
+    plan = replace(TINY, sizes=(16,), workloads=("consume",))
+    result = await bench(f"sqlite:///{tmp_path}/bench.db", {"peer": "peerbench.peer:Peer"}, plan, lambda _: None)
+    assert {(f["contender"], f["workload"]) for f in result["figures"]} == {("peer", "consume"), ("peer", "rss")}
+
+
 def test_tally_counts_loss_duplicates_and_strays() -> None:
     tally = Tally(7, 3)
     for i in (0, 1, 1):
@@ -84,7 +102,7 @@ def test_tally_counts_loss_duplicates_and_strays() -> None:
 
 async def test_a_lossy_run_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
     """Draining more than was sent stops after the idle timeout with LostMessages, not with a figure."""
-    monkeypatch.setattr("msgbus._bench.IDLE_TIMEOUT", 0.3)
+    monkeypatch.setattr(_engine, "IDLE_TIMEOUT", 0.3)
     contender = MsgbusContender(f"memory://smoke-{uuid.uuid4().hex}")
     await contender.open()
     try:
@@ -178,4 +196,4 @@ def test_contenders_option_rejects_unknown_names(capsys: pytest.CaptureFixture[s
 )
 def test_a_url_that_does_not_parse_is_shown_without_its_secrets(url: str) -> None:
     """It was shown as everything after the last '@', which kept secret options."""
-    assert _bench._redacted(url) == url.split("://")[0] + "://..."
+    assert _engine._redacted(url) == url.split("://")[0] + "://..."

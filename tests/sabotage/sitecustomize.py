@@ -27,8 +27,8 @@ def _redeliveries_in_arrival_order() -> None:
     async def first_come(self: Redeliveries, first: Any) -> Any:
         pick = await choose(self, first)
         if pick is not None and pick is not first and first.attempt <= self.max_attempts:
-            self.consumer._buffer.remove(first)
-            self.consumer._buffer.appendleft(pick)
+            self.inbox.buffer.remove(first)
+            self.inbox.buffer.appendleft(pick)
             return first
         return pick
 
@@ -37,9 +37,9 @@ def _redeliveries_in_arrival_order() -> None:
 
 def _acks_wait_for_the_buffer() -> None:
     """The runtime never makes a handler that does not await send its acks: they go when the buffer is empty."""
-    from msgbus._bus import Consumer
+    from msgbus._inbox import Inbox
 
-    Consumer._acks_overdue = lambda self, batch, delay: False  # type: ignore[method-assign]
+    Inbox.acks_overdue = lambda self, batch, delay: False  # type: ignore[method-assign]
 
 
 def _sqlite_acks_on_next_receive() -> None:

@@ -32,14 +32,22 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.structs import OffsetAndMetadata
 
-from msgbus._capabilities import Capabilities
-from msgbus._url import BusURL, OptionReader
-from msgbus.adapter import Adapter, Delivery, Endpoint, Receiver, Record, dead_letter_record
+from msgbus.adapter import (
+    Adapter,
+    BusURL,
+    Capabilities,
+    Delivery,
+    Endpoint,
+    OptionReader,
+    Receiver,
+    Record,
+    dead_letter_record,
+)
 from msgbus.errors import ClosedError, MsgbusError, TopologyError
 
 from . import _codec
 from ._config import AUTO_REPLICATION, KafkaOptions, read_options
-from ._errors import translate, translated
+from ._errors import convert, translated
 
 log = logging.getLogger("msgbus.kafka")
 
@@ -608,7 +616,7 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
                 pump, self._pump = self._pump, None  # the next receive starts a new one
                 exc = None if pump.cancelled() else pump.exception()
                 if exc is not None:
-                    raise translate(exc, f"fetch from {self.topic!r}", secrets=[self._o.password]) from exc
+                    raise convert(exc, f"fetch from {self.topic!r}", secrets=[self._o.password]) from exc
             taken = self._take(max_messages)
             if taken:
                 return [KafkaDelivery(self, e) for e in taken]

@@ -7,7 +7,7 @@ import ssl
 from dataclasses import dataclass
 from typing import Any
 
-from msgbus._url import BusURL, OptionReader
+from msgbus.adapter import BusURL, OptionReader
 from msgbus.errors import ConfigError
 
 # Broker default message.max.bytes is 1048588 and the producer's max_request_size 1048576; leave room for the

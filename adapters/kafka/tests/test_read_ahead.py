@@ -35,7 +35,7 @@ async def test_read_ahead_is_noted_and_a_graceful_close_leaves_exact_counts() ->
         while len(first) < PREFETCH:
             first += await consumer.receive(PREFETCH - len(first), timeout=5.0)
         assert [m.body["i"] for m in first] == list(range(PREFETCH))
-        group = consumer._receiver.group  # type: ignore[union-attr]
+        group = consumer._inbox.receiver.group  # type: ignore[union-attr]
 
         # Records beyond the ten handed out are fetched and noted as attempt 1 already, at most three credits.
         for _ in range(100):
@@ -88,7 +88,7 @@ async def test_read_ahead_is_bounded_by_bytes_with_large_records() -> None:
             await producer.send_many([bytes([i + j]) * big for j in range(5)])
         consumer = bus.consumer(queue, prefetch=prefetch)
         (first,) = await consumer.receive(1, timeout=10.0)
-        receiver = consumer._receiver
+        receiver = consumer._inbox.receiver
         peak = 0
         for _ in range(150):  # 3 s for the pump to read as far ahead as it will
             peak = max(peak, _read_ahead_bytes(receiver))

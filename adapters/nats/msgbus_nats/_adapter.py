@@ -26,13 +26,12 @@ from nats.js.api import (
 )
 from nats.js.manager import JetStreamManager
 
-from msgbus._url import BusURL, OptionReader
-from msgbus.adapter import Adapter, Capabilities, Endpoint, Record
+from msgbus.adapter import Adapter, BusURL, Capabilities, Endpoint, OptionReader, Record
 from msgbus.errors import ClosedError, ConfigError, MsgbusError, PublishError, TopologyError
 
 from ._codec import check_size, encode
 from ._config import NatsOptions, read_options
-from ._errors import convert, translate
+from ._errors import convert, translated
 from ._names import QUEUE_CONSUMER, Route, route
 from ._receiver import NatsReceiver
 
@@ -114,7 +113,7 @@ class NatsAdapter(Adapter):
         o = self._options
         nc = Client()
         scheme = "tls" if o.tls is not None else "nats"
-        with translate("connect", self.secrets):
+        with translated("connect", self.secrets):
             try:
                 await nc.connect(
                     servers=[f"{scheme}://{o.host}:{o.port}"],
@@ -208,7 +207,7 @@ class NatsAdapter(Adapter):
         """
         r = self.route(endpoint)
         _, jsm = self.connected()
-        with translate(f"declare {endpoint}", self.secrets):
+        with translated(f"declare {endpoint}", self.secrets):
             if not create:
                 await self._verify(jsm, r)
                 return
@@ -309,7 +308,7 @@ class NatsAdapter(Adapter):
             futures: list[asyncio.Future[Msg]] = []
             try:
                 nc, _ = self.connected()
-                with translate(doing, self.secrets, publish=True):
+                with translated(doing, self.secrets, publish=True):
                     for headers, body in pending:
                         token = str(next(self._tokens))
                         fut = self._acks[token] = loop.create_future()

@@ -7,7 +7,7 @@ import ssl
 from dataclasses import dataclass
 from typing import Literal
 
-from msgbus._url import BusURL, OptionReader
+from msgbus.adapter import BusURL, OptionReader
 from msgbus.errors import ConfigError
 
 _PREFIX = re.compile(r"^[A-Za-z0-9-]{1,32}$")

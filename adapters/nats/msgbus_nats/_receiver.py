@@ -28,7 +28,7 @@ from msgbus.adapter import Delivery, Receiver, Record, dead_letter_record
 from msgbus.errors import ClosedError, DecodeError, MsgbusError
 
 from ._codec import check_size, decode, encode, parse_header_block
-from ._errors import translate
+from ._errors import translated
 from ._names import MAX_DELIVERIES, Route
 
 log = logging.getLogger("msgbus.nats")
@@ -96,7 +96,7 @@ class NatsReceiver(Receiver):
     async def start(self) -> None:
         nc, _ = self._adapter.connected()
         self._inbox = nc.new_inbox()
-        with translate(f"subscribe to {self._route.endpoint}", self._adapter.secrets):
+        with translated(f"subscribe to {self._route.endpoint}", self._adapter.secrets):
             self._sub = await nc.subscribe(self._inbox, cb=self._on_msg)
 
     async def _on_msg(self, msg: Msg) -> None:
@@ -132,7 +132,7 @@ class NatsReceiver(Receiver):
             return
         nc, _ = self._adapter.connected()
         request = b'{"batch":%d,"expires":%d}' % (room, int(PULL_EXPIRES * 1e9))
-        with translate(f"receive from {self._route.endpoint}", self._adapter.secrets):
+        with translated(f"receive from {self._route.endpoint}", self._adapter.secrets):
             await nc.publish(self._next, request, reply=self._inbox)
         self._credit += room
         self._pulls_end = now + PULL_EXPIRES
@@ -191,7 +191,7 @@ class NatsReceiver(Receiver):
             stream, seq, count = event["stream"], int(event["stream_seq"]), int(event["deliveries"])
         except (ValueError, KeyError, TypeError) as exc:
             raise DecodeError(f"unreadable max_deliver advisory: {exc}") from exc
-        with translate(f"read the message behind a max_deliver advisory in {stream}", self._adapter.secrets):
+        with translated(f"read the message behind a max_deliver advisory in {stream}", self._adapter.secrets):
             try:
                 answer = await self._adapter.request(f"$JS.API.STREAM.MSG.GET.{stream}", b'{"seq":%d}' % seq)
             except jx.NotFoundError:
@@ -213,13 +213,13 @@ class NatsReceiver(Receiver):
         self._unsettled = max(0, self._unsettled - 1)
         self._wake.set()
         nc, _ = self._adapter.connected()
-        with translate(f"settle on {self._route.endpoint}", self._adapter.secrets):
+        with translated(f"settle on {self._route.endpoint}", self._adapter.secrets):
             await nc.publish(msg.reply, payload)
 
     async def _settle(self, d: NatsDelivery, payload: bytes) -> None:
         if d.source is not None and payload in (_ACK, _TERM):
             stream, seq = d.source
-            with translate(f"remove the message {stream}#{seq} that reached max_deliver", self._adapter.secrets):
+            with translated(f"remove the message {stream}#{seq} that reached max_deliver", self._adapter.secrets):
                 try:
                     await self._adapter.request(f"$JS.API.STREAM.MSG.DELETE.{stream}", b'{"seq":%d}' % seq)
                 except jx.NotFoundError:
@@ -228,7 +228,7 @@ class NatsReceiver(Receiver):
 
     async def _progress(self, d: NatsDelivery) -> None:
         nc, _ = self._adapter.connected()
-        with translate(f"extend a lock on {self._route.endpoint}", self._adapter.secrets):
+        with translated(f"extend a lock on {self._route.endpoint}", self._adapter.secrets):
             await nc.publish(d.raw.reply, _PROGRESS)
 
     async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
@@ -242,7 +242,7 @@ class NatsReceiver(Receiver):
         self._unsettled = max(0, self._unsettled - len(plain))
         self._wake.set()
         nc, _ = self._adapter.connected()
-        with translate(f"ack on {self._route.endpoint}", self._adapter.secrets):
+        with translated(f"ack on {self._route.endpoint}", self._adapter.secrets):
             for d in plain:
                 await nc.publish(d.raw.reply, _ACK)
 

@@ -9,7 +9,7 @@ import pytest
 from msgbus._url import parse_url
 from msgbus.errors import BrokerError, ConfigError, ConnectionLost, InvalidMessage, PublishError, TopologyError
 from msgbus_nats import NatsAdapter, create
-from msgbus_nats._errors import convert, translate
+from msgbus_nats._errors import convert, translated
 
 
 def _adapter(url: str) -> NatsAdapter:
@@ -99,6 +99,6 @@ def test_error_table(exc: BaseException, kind: type[Exception], retryable: bool)
 def test_publish_refusals_are_publish_errors_and_secrets_are_scrubbed() -> None:
     err = convert(nx.Error("server said no to pw-s3cret"), "send", ["pw-s3cret"], publish=True)
     assert isinstance(err, PublishError) and "pw-s3cret" not in str(err) and "***" in str(err)
-    with pytest.raises(ConnectionLost) as info, translate("connect", ["pw-s3cret"]):
+    with pytest.raises(ConnectionLost) as info, translated("connect", ["pw-s3cret"]):
         raise nx.NoServersError()
     assert isinstance(info.value.__cause__, nx.NoServersError)

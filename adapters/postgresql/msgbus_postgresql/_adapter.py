@@ -13,13 +13,12 @@ from typing import Any, TypeVar
 import asyncpg
 import asyncpg.exceptions as px
 
-from msgbus._url import BusURL, OptionReader
-from msgbus.adapter import Adapter, Capabilities, Endpoint, Record
+from msgbus.adapter import Adapter, BusURL, Capabilities, Endpoint, OptionReader, Record
 from msgbus.errors import ClosedError, ConfigError, MessageTooLarge, TopologyError
 
 from ._codec import encode
 from ._config import PostgresOptions, read_options
-from ._errors import DRIVER_ERRORS, convert, translate
+from ._errors import DRIVER_ERRORS, convert, translated
 from ._receiver import PostgresReceiver
 from ._schema import SETUP_LOCK, Statements
 
@@ -125,7 +124,7 @@ class PostgresAdapter(Adapter):
         if self._pool is not None:
             return
         o = self._options
-        with translate(f"connect to {self.url.redacted}", o.secrets):
+        with translated(f"connect to {self.url.redacted}", o.secrets):
             pool = await asyncpg.create_pool(
                 min_size=1,
                 max_size=o.pool_size,

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import unquote
 
-from msgbus._url import BusURL, OptionReader
+from msgbus.adapter import BusURL, OptionReader
 from msgbus.errors import ConfigError
 
 # The schema name goes into SQL text (quoted), so it is held to a plain identifier.

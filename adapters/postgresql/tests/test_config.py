@@ -10,7 +10,7 @@ import msgbus
 from msgbus._url import parse_url
 from msgbus.errors import BrokerError, ConfigError, ConnectionLost, PublishError, TopologyError
 from msgbus_postgresql import PostgresAdapter, create
-from msgbus_postgresql._errors import convert, translate
+from msgbus_postgresql._errors import convert, translated
 
 
 def _adapter(url: str) -> PostgresAdapter:
@@ -108,7 +108,7 @@ def test_error_table_most_specific_first() -> None:
 
 
 def test_secrets_are_scrubbed_from_driver_errors() -> None:
-    with pytest.raises(ConfigError) as caught, translate("connect", ["hunter2"]):
+    with pytest.raises(ConfigError) as caught, translated("connect", ["hunter2"]):
         raise px.InvalidPasswordError('password authentication failed for user "app" (hunter2)')
     assert "hunter2" not in str(caught.value) and caught.value.__cause__ is not None
 

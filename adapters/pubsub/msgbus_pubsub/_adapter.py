@@ -28,13 +28,22 @@ from google.pubsub_v1 import types as pb
 from google.pubsub_v1.services.publisher.transports import PublisherGrpcAsyncIOTransport, PublisherGrpcTransport
 from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcAsyncIOTransport
 
-from msgbus._url import BusURL, OptionReader
-from msgbus.adapter import Adapter, Capabilities, Delivery, Endpoint, Receiver, Record, dead_letter_record
+from msgbus.adapter import (
+    Adapter,
+    BusURL,
+    Capabilities,
+    Delivery,
+    Endpoint,
+    OptionReader,
+    Receiver,
+    Record,
+    dead_letter_record,
+)
 from msgbus.errors import CapabilityMissing, ClosedError, ConfigError, MessageTooLarge, PublishError, TopologyError
 
 from ._codec import Encoded, decode, encode
 from ._config import MAX_ACK_DEADLINE, PubSubOptions, read_options
-from ._errors import CLIENT_ERRORS, is_not_found, translate, translated
+from ._errors import CLIENT_ERRORS, convert, is_not_found, translated
 from ._names import Route, SubscriptionSpec, route
 
 __all__ = ["PubSubAdapter", "PubSubDelivery", "PubSubReceiver", "create"]
@@ -287,7 +296,7 @@ class PubSubAdapter(Adapter):
             failed = await self._publish(r.topic, [e for e, _ in failed])
         if failed:
             first = failed[0][1]
-            err = translate(first, f"send to {endpoint}", publish=True)
+            err = convert(first, f"send to {endpoint}", publish=True)
             if len(failed) > 1:
                 err = type(err)(f"{err} ({len(failed)} of {len(encoded)} messages not stored)")
             raise err from first
@@ -311,7 +320,7 @@ class PubSubAdapter(Adapter):
                 future: PublishFuture = publisher.publish(topic, m.data, ordering_key=m.ordering_key, **m.attributes)
                 futures.append(asyncio.wrap_future(future))
         except CLIENT_ERRORS as exc:
-            raise translate(exc, f"publish to {topic}", publish=True) from exc
+            raise convert(exc, f"publish to {topic}", publish=True) from exc
         except RuntimeError as exc:  # the client was stopped under us
             raise ClosedError(f"{self!r} is closed") from exc
         results = await asyncio.gather(*futures, return_exceptions=True)
@@ -400,7 +409,7 @@ class PubSubReceiver(Receiver):
         except CLIENT_ERRORS as exc:
             if is_not_found(exc) and await self._adapter._redeclare(self._route.endpoint):
                 return []
-            raise translate(exc, f"receive from {self._route.endpoint}") from exc
+            raise convert(exc, f"receive from {self._route.endpoint}") from exc
         # The plain protobuf message: proto-plus wrappers cost more per field than the rest of a receive.
         received = list(pb.PullResponse.pb(response).received_messages)
         if not received:

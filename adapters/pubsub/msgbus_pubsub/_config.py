@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from msgbus._url import BusURL, OptionReader
+from msgbus.adapter import BusURL, OptionReader
 from msgbus.errors import ConfigError
 
 Persistence = Literal["none", "process-crash", "disk"]

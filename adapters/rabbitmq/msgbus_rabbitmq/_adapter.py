@@ -19,13 +19,12 @@ from typing import Any, TypeVar
 import aio_pika
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 
-from msgbus._url import BusURL, OptionReader
-from msgbus.adapter import Adapter, Capabilities, Endpoint, Receiver, Record
+from msgbus.adapter import Adapter, BusURL, Capabilities, Endpoint, OptionReader, Receiver, Record
 from msgbus.errors import ClosedError, ConfigError, ConnectionLost, MessageTooLarge, MsgbusError
 
 from ._codec import encode
 from ._config import Settings, read_settings
-from ._errors import convert, translate
+from ._errors import convert, translated
 from ._receiver import RabbitMQReceiver
 
 _T = TypeVar("_T")
@@ -125,7 +124,7 @@ class RabbitMQAdapter(Adapter):
         if self._conn is not None:
             return
         s = self._s
-        with translate(f"connecting to {self.url.redacted}", [s.password]):
+        with translated(f"connecting to {self.url.redacted}", [s.password]):
             conn = await aio_pika.connect_robust(
                 host=s.host,
                 port=s.port,
@@ -162,7 +161,7 @@ class RabbitMQAdapter(Adapter):
         self._declared.clear()
         self._holding.clear()
         if conn is not None:
-            with translate("closing the connection", [self._s.password]):
+            with translated("closing the connection", [self._s.password]):
                 await conn.close()
 
     def _connection(self) -> AbstractRobustConnection:
@@ -227,7 +226,7 @@ class RabbitMQAdapter(Adapter):
             if key in self._declared:
                 return
             if create:
-                with translate(f"declaring {endpoint}", [self._s.password]):
+                with translated(f"declaring {endpoint}", [self._s.password]):
                     await self._declare(topology, endpoint)
             else:
                 await self._verify(endpoint)
@@ -275,10 +274,10 @@ class RabbitMQAdapter(Adapter):
     async def _verify(self, endpoint: Endpoint) -> None:
         """Passive declares on a throwaway channel: a missing entity closes that channel, not ours."""
         conn = self._connection()
-        with translate(f"verifying {endpoint}", [self._s.password]):
+        with translated(f"verifying {endpoint}", [self._s.password]):
             probe = await conn.channel(publisher_confirms=False)
         try:
-            with translate(f"verifying {endpoint}", [self._s.password]):
+            with translated(f"verifying {endpoint}", [self._s.password]):
                 if endpoint.kind == "topic":
                     await probe.declare_exchange(endpoint.name, passive=True, robust=False)
                 if endpoint.kind == "queue" or endpoint.subscription is not None:
@@ -334,7 +333,7 @@ class RabbitMQAdapter(Adapter):
             if delay > MAX_DELAY:
                 raise ConfigError(f"delay {delay}s exceeds the RabbitMQ adapter's max_delay of {MAX_DELAY}s")
             ms = delay_bucket_ms(delay)
-            with translate(f"declaring the delay queue for {endpoint}", [self._s.password]):
+            with translated(f"declaring the delay queue for {endpoint}", [self._s.password]):
                 holding = await self._holding_queue(ms, target, "q" if endpoint.kind == "queue" else "t")
             exchange, routing_key, mandatory = "", holding, True
         await self._publish_all(str(endpoint), exchange, routing_key, messages, mandatory)
@@ -394,6 +393,6 @@ class RabbitMQAdapter(Adapter):
         routing_key = queue
         if delay is not None and delay > 0:
             ms = delay_bucket_ms(min(delay, MAX_DELAY))
-            with translate(f"declaring the delay queue for {queue}", [self._s.password]):
+            with translated(f"declaring the delay queue for {queue}", [self._s.password]):
                 routing_key = await self._holding_queue(ms, queue, "q")
         await self._publish_all(f"queue {queue}", "", routing_key, [message], True)

@@ -6,7 +6,7 @@ import ssl
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
-from msgbus._url import BusURL, OptionReader
+from msgbus.adapter import BusURL, OptionReader
 from msgbus.errors import ConfigError
 
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024  # well under RabbitMQ's own 128 MiB default

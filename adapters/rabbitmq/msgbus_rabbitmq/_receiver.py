@@ -24,7 +24,7 @@ from msgbus.errors import ClosedError, ConnectionLost
 
 from ._codec import decode, encode
 from ._config import Settings
-from ._errors import translate
+from ._errors import translated
 
 if TYPE_CHECKING:
     import aio_pika
@@ -113,7 +113,7 @@ class RabbitMQReceiver(Receiver):
     async def connect(self) -> None:
         """Open the connection and channel, set the credit and check that the queue exists (fails fast)."""
         async with self._switch:
-            with translate(f"opening a receiver on {self._endpoint}", [self._adapter._s.password]):
+            with translated(f"opening a receiver on {self._endpoint}", [self._adapter._s.password]):
                 await self._connect()
             self._ready = True
 
@@ -269,7 +269,7 @@ class RabbitMQReceiver(Receiver):
             self._idle = None
         try:
             if self._tag is None and self._channel is not None:
-                with translate(f"receiving from {self._endpoint}"):
+                with translated(f"receiving from {self._endpoint}"):
                     await self._resume()
             return await self._collect(max_messages, timeout)
         finally:
@@ -329,7 +329,7 @@ class RabbitMQReceiver(Receiver):
             raise ConnectionLost(
                 f"RabbitMQ: {doing} on {self._endpoint} failed: the channel closed first; the broker redelivers it"
             )
-        with translate(f"{doing} on {self._endpoint}"):
+        with translated(f"{doing} on {self._endpoint}"):
             if requeue is None:
                 self._channel.basic_ack(incoming.delivery_tag)
             else:
@@ -363,7 +363,7 @@ class RabbitMQReceiver(Receiver):
             if tag in batch:
                 upto = tag
         if upto:
-            with translate(f"acking on {self._endpoint}"):
+            with translated(f"acking on {self._endpoint}"):
                 self._channel.basic_ack(upto, multiple=True)
         for tag, d in batch.items():
             if tag > upto:

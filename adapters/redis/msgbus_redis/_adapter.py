@@ -21,8 +21,17 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.commands.core import AsyncScript
 
-from msgbus._url import BusURL, OptionReader
-from msgbus.adapter import Adapter, Capabilities, Delivery, Endpoint, Receiver, Record, dead_letter_record
+from msgbus.adapter import (
+    Adapter,
+    BusURL,
+    Capabilities,
+    Delivery,
+    Endpoint,
+    OptionReader,
+    Receiver,
+    Record,
+    dead_letter_record,
+)
 from msgbus.errors import ClosedError, ConfigError, DecodeError, MessageTooLarge, PublishError, TopologyError
 
 from . import _scripts

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from msgbus._url import BusURL, OptionReader
+from msgbus.adapter import BusURL, OptionReader
 from msgbus.errors import ConfigError
 
 Persistence = Literal["auto", "none", "process-crash", "disk"]

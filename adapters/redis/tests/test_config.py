@@ -9,7 +9,7 @@ from msgbus._url import parse_url
 from msgbus.adapter import Endpoint
 from msgbus.errors import BrokerError, ConfigError, ConnectionLost, InvalidMessage, PublishError, TopologyError
 from msgbus_redis import RedisAdapter, create
-from msgbus_redis._errors import translate, translated
+from msgbus_redis._errors import convert, translated
 from msgbus_redis._keys import route
 
 
@@ -99,19 +99,19 @@ def test_unusable_names_raise_config_error(endpoint: Endpoint) -> None:
 
 
 def test_translation_table() -> None:
-    lost = translate(rx.ConnectionError("Connection refused"), "send")
+    lost = convert(rx.ConnectionError("Connection refused"), "send")
     assert isinstance(lost, ConnectionLost) and lost.retryable
-    assert isinstance(translate(rx.BusyLoadingError("LOADING"), "receive"), ConnectionLost)
-    assert isinstance(translate(rx.TimeoutError("timeout"), "receive"), ConnectionLost)
-    auth = translate(rx.AuthenticationError("WRONGPASS"), "connect")
+    assert isinstance(convert(rx.BusyLoadingError("LOADING"), "receive"), ConnectionLost)
+    assert isinstance(convert(rx.TimeoutError("timeout"), "receive"), ConnectionLost)
+    auth = convert(rx.AuthenticationError("WRONGPASS"), "connect")
     assert isinstance(auth, ConfigError) and not auth.retryable
-    perm = translate(rx.NoPermissionError("NOPERM"), "send")
+    perm = convert(rx.NoPermissionError("NOPERM"), "send")
     assert type(perm) is BrokerError and not perm.retryable
-    assert isinstance(translate(rx.ResponseError("NOGROUP No such key"), "receive"), TopologyError)
-    assert isinstance(translate(rx.DataError("bad"), "send"), InvalidMessage)
-    oom = translate(rx.OutOfMemoryError("OOM command not allowed"), "send", publish=True)
+    assert isinstance(convert(rx.ResponseError("NOGROUP No such key"), "receive"), TopologyError)
+    assert isinstance(convert(rx.DataError("bad"), "send"), InvalidMessage)
+    oom = convert(rx.OutOfMemoryError("OOM command not allowed"), "send", publish=True)
     assert isinstance(oom, PublishError) and oom.retryable
-    assert type(translate(rx.ResponseError("ERR x"), "ack")) is BrokerError
+    assert type(convert(rx.ResponseError("ERR x"), "ack")) is BrokerError
 
 
 def test_translated_chains_the_cause_and_removes_secrets() -> None:

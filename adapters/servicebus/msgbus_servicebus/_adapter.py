@@ -15,8 +15,7 @@ from typing import Any
 from azure.servicebus import ServiceBusMessage, ServiceBusReceivedMessage, ServiceBusReceiveMode, ServiceBusSubQueue
 from azure.servicebus.aio import ServiceBusClient, ServiceBusReceiver, ServiceBusSender
 
-from msgbus._url import BusURL, OptionReader
-from msgbus.adapter import Adapter, Capabilities, Delivery, Endpoint, Receiver, Record
+from msgbus.adapter import Adapter, BusURL, Capabilities, Delivery, Endpoint, OptionReader, Receiver, Record
 from msgbus.errors import ClosedError, ConnectionLost, InvalidMessage, MessageTooLarge, MsgbusError
 
 from . import _codec

@@ -6,8 +6,8 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from msgbus._url import BusURL, OptionReader
-from msgbus._url import url_from_connection_string as url_from_connection_string
+from msgbus.adapter import BusURL, OptionReader
+from msgbus.adapter import url_from_connection_string as url_from_connection_string
 from msgbus.errors import ConfigError
 
 Management = Literal["admin", "none"]

@@ -7,7 +7,7 @@ from azure.core import exceptions as core
 from azure.servicebus import exceptions as sb
 
 from msgbus.errors import BrokerError, ConfigError, ConnectionLost, PublishError, TopologyError
-from msgbus_servicebus._errors import translate, translated
+from msgbus_servicebus._errors import convert, translated
 
 
 @pytest.mark.parametrize(
@@ -24,7 +24,7 @@ from msgbus_servicebus._errors import translate, translated
     ],
 )
 def test_table(exc: Exception, expected: type[Exception], retryable: bool) -> None:
-    err = translate(exc, "act")
+    err = convert(exc, "act")
     assert type(err) is expected and err.retryable is retryable
 
 

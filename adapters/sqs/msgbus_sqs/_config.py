@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from msgbus._url import BusURL, OptionReader
+from msgbus.adapter import BusURL, OptionReader
 from msgbus.errors import ConfigError
 
 SQS_MAX_MESSAGE_SIZE = 256 * 1024  # SNS's limit; SQS alone now takes 1 MiB, but topics go through SNS

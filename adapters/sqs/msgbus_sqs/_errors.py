@@ -1,22 +1,14 @@
-"""The one place botocore/aiobotocore exceptions become ``msgbus.errors`` (the original stays on ``__cause__``)."""
+"""botocore/aiobotocore exceptions -> ``msgbus.errors``: the table; ``msgbus.adapter.ErrorTable`` applies it (its
+docstring has the rules, a failed send's included)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable
 
 from botocore import exceptions as bx
 
-from msgbus._url import redact
-from msgbus.errors import (
-    BrokerError,
-    ConfigError,
-    ConnectionLost,
-    InvalidMessage,
-    MsgbusError,
-    PublishError,
-    TopologyError,
-)
+from msgbus.adapter import ErrorRow, ErrorTable
+from msgbus.errors import BrokerError, ConfigError, ConnectionLost, InvalidMessage, TopologyError
 
 # AWS error codes (ClientError) by what they mean for the caller.
 MISSING = frozenset({"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist", "NotFound", "NotFoundException"})
@@ -55,22 +47,6 @@ _STALE_RECEIPT = frozenset(
     }
 )
 
-# Non-ClientError exceptions, most specific first: (source, target, retryable or None for the class default).
-_TABLE: tuple[tuple[type[BaseException], type[MsgbusError], bool | None], ...] = (
-    (bx.NoCredentialsError, ConfigError, None),
-    (bx.PartialCredentialsError, ConfigError, None),
-    (bx.NoRegionError, ConfigError, None),
-    (bx.ProfileNotFound, ConfigError, None),
-    (bx.ParamValidationError, InvalidMessage, None),
-    (bx.EndpointConnectionError, ConnectionLost, None),
-    (bx.ConnectionClosedError, ConnectionLost, None),
-    (bx.ConnectTimeoutError, ConnectionLost, None),
-    (bx.ReadTimeoutError, ConnectionLost, None),
-    (bx.HTTPClientError, ConnectionLost, None),
-    (bx.BotoCoreError, BrokerError, None),
-    (OSError, ConnectionLost, None),
-)
-
 
 def error_code(exc: BaseException) -> str:
     """The AWS error code of a ``ClientError`` ("" for anything else)."""
@@ -84,40 +60,33 @@ def is_missing(exc: BaseException) -> bool:
     return error_code(exc) in MISSING
 
 
-def translate(
-    exc: BaseException, action: str, *, publish: bool = False, secrets: Sequence[str | None] = ()
-) -> MsgbusError:
-    """The ``msgbus`` error for ``exc``; ``publish`` marks a send, whose refusals are ``PublishError``."""
-    text = f"sqs {action} failed: {redact(str(exc) or type(exc).__name__, list(secrets))}"
-    if isinstance(exc, bx.ClientError):
-        code = error_code(exc)
-        if code in MISSING:
-            return TopologyError(text)
-        if code in _CONFLICT:
-            return TopologyError(f"{text} (declared with different attributes?)")
-        if code in _BAD_MESSAGE and publish:
-            return InvalidMessage(text)
-        err: MsgbusError = PublishError(text) if publish else BrokerError(text)
-        if code in _DENIED or code in _STALE_RECEIPT or code in _BAD_MESSAGE:
-            err.retryable = False
-        return err
-    for source, target, retryable in _TABLE:
-        if isinstance(exc, source):
-            if publish and target is BrokerError:
-                target = PublishError
-            out = target(text)
-            if retryable is not None:
-                out.retryable = retryable
-            return out
-    return PublishError(text) if publish else BrokerError(text)
+def _code(codes: frozenset[str]) -> Callable[[BaseException], bool]:
+    """A ``ClientError`` whose AWS error code is one of ``codes``."""
+    return lambda exc: error_code(exc) in codes
 
 
-@contextmanager
-def translated(action: str, *, publish: bool = False, secrets: Sequence[str | None] = ()) -> Iterator[None]:
-    """Re-raise any botocore (or socket) exception in the block as a ``msgbus`` error, ``from`` the original."""
-    try:
-        yield
-    except MsgbusError:
-        raise
-    except (bx.BotoCoreError, bx.ClientError, OSError) as exc:
-        raise translate(exc, action, publish=publish, secrets=secrets) from exc
+# Most specific first; the first matching row wins. ``retryable`` None keeps the class default.
+ERRORS = ErrorTable(
+    "SQS",
+    [
+        ErrorRow(_code(MISSING), TopologyError),
+        ErrorRow(_code(_CONFLICT), TopologyError, None, " (declared with different attributes?)"),
+        ErrorRow(_code(_BAD_MESSAGE), InvalidMessage, sends_only=True),
+        ErrorRow(_code(_DENIED | _STALE_RECEIPT | _BAD_MESSAGE), BrokerError, False),
+        (bx.ClientError, BrokerError, None),
+        (bx.NoCredentialsError, ConfigError, None),
+        (bx.PartialCredentialsError, ConfigError, None),
+        (bx.NoRegionError, ConfigError, None),
+        (bx.ProfileNotFound, ConfigError, None),
+        (bx.ParamValidationError, InvalidMessage, None),
+        (bx.EndpointConnectionError, ConnectionLost, None),
+        (bx.ConnectionClosedError, ConnectionLost, None),
+        (bx.ConnectTimeoutError, ConnectionLost, None),
+        (bx.ReadTimeoutError, ConnectionLost, None),
+        (bx.HTTPClientError, ConnectionLost, None),
+        (bx.BotoCoreError, BrokerError, None),
+        (OSError, ConnectionLost, None),
+    ],
+)
+convert = ERRORS.convert
+translated = ERRORS.translated

@@ -31,11 +31,12 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgbus
 
-__all__ = ["Contender", "Figure", "LostMessages", "MsgbusContender", "Tally", "main"]
+__all__ = ["Contender", "Figure", "LostMessages", "MsgbusContender", "OnBody", "Plan", "Tally", "bench", "main"]
 
 _HEAD = struct.Struct("<IId")  # run tag, index, send time (time.perf_counter) -> 16 bytes
 IDLE_TIMEOUT = 15.0  # seconds without a new message before a drain is declared lossy
@@ -394,9 +395,19 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def _import_root(name: str) -> str:
+    """The ``sys.path`` entry this process imported the top-level package of module ``name`` from."""
+    module = importlib.import_module(name.split(".")[0])
+    path = Path(module.__file__ or "").resolve()
+    return str(path.parent.parent if path.name == "__init__.py" else path.parent)
+
+
 def _spawn(spec: dict[str, Any]) -> subprocess.Popen[str]:
+    # The child imports msgbus and the contender from where this process found them (a repository's
+    # ``benchmarks`` package is not installed), never from whatever the working directory holds.
+    roots = [_import_root("msgbus"), _import_root(spec["factory"].partition(":")[0])]
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), *filter(None, [env.get("PYTHONPATH")])])
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([*roots, *filter(None, [env.get("PYTHONPATH")])]))
     return subprocess.Popen(
         [sys.executable, "-m", "msgbus._bench", _CHILD, json.dumps(spec)], stdout=subprocess.PIPE, text=True, env=env
     )
@@ -635,7 +646,7 @@ def _size(size: int) -> str:
 
 def _redacted(url: str) -> str:
     try:
-        from ._url import parse_url
+        from .._url import parse_url
 
         return parse_url(url).redacted
     except Exception:  # fail closed: a URL that does not parse may hold a password anywhere
@@ -752,7 +763,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _stderr(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,176 @@
+"""The consumer's inbox: what ``Consumer`` and the ``run()`` runtime share, and nothing else.
+
+It holds the messages fetched but not handed out yet (``buffer``), counts those held unsettled against
+``prefetch`` (``Message`` tells it when one is settled), and batches the acks of handled messages. The runtime
+(``_runtime``, ``_redelivery``) works on the inbox only, never on the consumer: take, ack, release, drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar
+
+from ._capabilities import Capabilities
+from ._message import Message
+from .adapter import Adapter, Delivery, Endpoint, Receiver
+from .errors import MsgbusError
+
+log = logging.getLogger("msgbus")
+
+T = TypeVar("T")
+
+#: One receive call on the backend, returning decoded messages: ``(max_messages, timeout) -> messages``.
+Fetch = Callable[[int, float], Awaitable[list[Message[T]]]]
+
+
+class Inbox(Generic[T]):
+    """The buffer, the unsettled count and the batched acks of one consumer. Task-safe within one event loop."""
+
+    def __init__(self, adapter: Adapter, endpoint: Endpoint, prefetch: int | None, fetch: Fetch[T]) -> None:
+        self.adapter = adapter
+        self.endpoint = endpoint
+        self.prefetch = prefetch  # set when the receiver starts, if the user did not
+        self.fetch = fetch
+        self.receiver: Receiver | None = None  # set by the consumer when it starts receiving
+        self.buffer: deque[Message[T]] = deque()
+        self.unsettled = 0  # messages handed out by ``fetch`` and not settled yet
+        self.lock = asyncio.Lock()  # one ``fetch`` at a time
+        self.closed = False
+        self._acks: list[Delivery] = []
+        self._acks_since = 0.0  # monotonic time the oldest of ``_acks`` was added
+        self._durable_at = 0.0  # monotonic time of the last ``acks_durable``
+        self._ack_flush: asyncio.Task[None] | None = None
+        self._ack_taken: asyncio.Event | None = None  # set each time the flush takes a batch (``send_acks``)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """The backend's capabilities (read each time: an adapter may refine them when it opens)."""
+        return self.adapter.capabilities
+
+    def settled(self, msg: Message[Any]) -> None:
+        """``msg`` was settled: it no longer counts against ``prefetch`` (``Message`` calls this once)."""
+        self.unsettled -= 1
+
+    async def take(self, stop: asyncio.Event) -> Message[T] | None:
+        """The next message, fetching a batch when the buffer is empty; ``None`` once stopped or closed."""
+        failures = 0
+        while not stop.is_set() and not self.closed:
+            if self.buffer:
+                return self.buffer.popleft()
+            async with self.lock:
+                if self.buffer or stop.is_set() or self.closed:
+                    continue
+                try:
+                    batch = await self.fetch(self.prefetch or 16, 0.25)
+                except MsgbusError as err:
+                    if not err.retryable:
+                        raise
+                    failures += 1
+                    delay = min(5.0, 0.1 * 2**failures)
+                    log.warning("msgbus: receive from %s failed (%s); retrying in %.1fs", self.endpoint, err, delay)
+                    await asyncio.sleep(delay)
+                    continue
+                failures = 0
+                self.buffer.extend(batch)
+        return None
+
+    async def top_up(self, timeout: float) -> None:
+        """Add what the backend has ready to the buffer, waiting up to ``timeout`` seconds (within prefetch)."""
+        if self.prefetch is None or self.unsettled >= self.prefetch or self.closed:
+            return
+        async with self.lock:
+            try:
+                self.buffer.extend(await self.fetch(self.prefetch, timeout))
+            except MsgbusError as err:
+                log.debug("msgbus: topping up %s failed: %s", self.endpoint, err)
+
+    def ack_soon(self, msg: Message[Any]) -> None:
+        """Ack without waiting: acks that pile up while one batch is in flight go out as the next batch."""
+        if msg._settle():
+            if not self._acks:
+                self._acks_since = time.monotonic()
+            self._acks.append(msg._delivery)
+            if self._ack_flush is None:
+                self._ack_flush = asyncio.get_running_loop().create_task(self._flush_acks())
+
+    def acks_overdue(self, batch: int, delay: float) -> bool:
+        """Whether ``batch`` acks wait to be sent, or the oldest has waited ``delay`` seconds."""
+        acks = self._acks
+        return bool(acks) and (len(acks) >= batch or time.monotonic() - self._acks_since >= delay)
+
+    async def send_acks(self, batch: int, delay: float) -> None:
+        """Let the acks waiting now go to the backend. Under ``delay`` seconds old: one turn of the loop (the
+        flush takes them at once if no batch is in flight; a handler that never awaits gives it no other turn),
+        waiting only once ``8 * batch`` pile up. Older: wait until the flush has taken them, after the batch in
+        flight; and where the backend holds acks before they are durable (``capabilities.ack_delay``, Kafka's
+        commits), until they are durable, at most once per ack_delay.
+        """
+        late = time.monotonic() - self._acks_since >= delay
+        if not late and len(self._acks) < 8 * batch:
+            if len(self._acks) % batch == 0:  # a turn per batch, not per message, while one is in flight
+                await asyncio.sleep(0)
+            return
+        waiting = self._acks
+        while waiting and self._acks is waiting and self._ack_flush is not None:
+            if self._ack_taken is None:
+                self._ack_taken = asyncio.Event()
+            self._ack_taken.clear()
+            await self._ack_taken.wait()
+        held = self.capabilities.ack_delay
+        if late and held and time.monotonic() - self._durable_at >= held:
+            await self.acks_durable()
+
+    async def _flush_acks(self) -> None:
+        try:
+            while self._acks and self.receiver is not None:
+                batch, self._acks = self._acks, []
+                if self._ack_taken is not None:
+                    self._ack_taken.set()
+                try:
+                    await self.receiver.ack_many(batch)
+                except MsgbusError as err:
+                    log.warning("msgbus: ack of %d message(s) failed (they will be redelivered): %s", len(batch), err)
+        finally:
+            self._ack_flush = None
+            if self._ack_taken is not None:
+                self._ack_taken.set()  # nothing more will be taken: a waiter must not wait for that
+
+    async def drain(self) -> None:
+        """Wait until every ack handed to ``ack_soon`` has been sent."""
+        while self._ack_flush is not None:
+            await asyncio.shield(self._ack_flush)
+
+    async def acks_durable(self) -> None:
+        """Wait until every ack handed to ``ack_soon`` is durable on the backend (``Receiver.flush``)."""
+        await self.drain()
+        self._durable_at = time.monotonic()
+        if self.receiver is not None and self.capabilities.ack_delay:
+            try:
+                await self.receiver.flush()
+            except MsgbusError as err:
+                log.warning("msgbus: could not make the acks on %s durable: %s", self.endpoint, err)
+
+    async def release(self) -> None:
+        """Nack every buffered message (fetched, never handed out), so other consumers get them now; all at once,
+        so adapters that batch settlements (SQS, Pub/Sub) send a few calls, not one round trip per message."""
+        while self.buffer:
+            batch = list(self.buffer)
+            self.buffer.clear()
+            results = await asyncio.gather(*(msg.nack() for msg in batch), return_exceptions=True)
+            for msg, result in zip(batch, results, strict=True):
+                if isinstance(result, MsgbusError):
+                    log.debug("msgbus: release of %s failed (its lock will expire): %s", msg.id, result)
+                elif isinstance(result, BaseException):
+                    raise result
+
+    async def release_read_ahead(self) -> None:
+        """After ``run()``: the receiver gives back its read-ahead too (a stopped consumer may stay open for long)."""
+        if self.receiver is not None and not self.closed:
+            try:
+                await self.receiver.release()
+            except MsgbusError as err:
+                log.debug("msgbus: release of %s's read-ahead failed (its lock will expire): %s", self.endpoint, err)
