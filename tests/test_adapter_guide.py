@@ -18,6 +18,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
 @pytest.fixture
 def toy(monkeypatch: pytest.MonkeyPatch) -> Any:
     """The example adapter, registered for ``toy://`` as its entry point would register it."""
+    monkeypatch.delenv("MSGBUS_CONTRACT_RESULTS", raising=False)  # an example, not a backend of the matrix
     monkeypatch.syspath_prepend(str(EXAMPLES))
     monkeypatch.setitem(_registry._registered(), "toy", "toy_adapter:create")
     import toy_adapter

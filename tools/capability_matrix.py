@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from msgbus.testing import CHECKS
+
 CAPS = [
     ("ordering", "per-key ordering"),
     ("delayed_delivery", "delayed delivery"),
@@ -76,7 +78,8 @@ def render(results: Path) -> str:
     ]
     for field, label in CAPS:
         out.append(f"| {label} | " + " | ".join(_cell((backends[n][0] or {}).get(field)) for n in names) + " |")
-    checks: list[str] = []
+    catalogue = [c.name for c in CHECKS]  # the catalogue's order, whatever order the checks finished in
+    checks = [c for c in catalogue if any(c in rows for _, rows in backends.values())]
     for _, rows in backends.values():
         checks += [c for c in rows if c not in checks]
     out += [
