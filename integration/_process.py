@@ -46,32 +46,26 @@ def start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
-def group_members(pgid: int) -> list[int]:
-    """Live processes in process group ``pgid`` (the broker and any helper it forked)."""
-    members = []
+def _live_where(field: int, value: int) -> list[int]:
+    """Live (not zombie) processes whose /proc stat ``field`` (1: parent, 2: process group) is ``value``."""
+    found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         fields = _proc_stat(int(entry.name))
-        if fields is not None and fields[0] != "Z" and int(fields[2]) == pgid:
-            members.append(int(entry.name))
-    return members
+        if fields is not None and fields[0] != "Z" and int(fields[field]) == value:
+            found.append(int(entry.name))
+    return found
 
 
-def _live(pid: int) -> bool:
-    fields = _proc_stat(pid)
-    return fields is not None and fields[0] != "Z"
+def group_members(pgid: int) -> list[int]:
+    """Live processes in process group ``pgid`` (the broker and any helper it forked)."""
+    return _live_where(2, pgid)
 
 
 def children(pid: int) -> list[int]:
     """Live direct children of ``pid``, wherever their process group (PostgreSQL's backends start their own)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            fields = _proc_stat(int(entry.name))
-            if fields is not None and fields[0] != "Z" and int(fields[1]) == pid:
-                found.append(int(entry.name))
-    return found
+    return _live_where(1, pid)
 
 
 @dataclass(frozen=True)
@@ -139,7 +133,7 @@ def terminate(record: PidRecord, *, timeout: float, hard: bool = False) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + timeout
-    while record.alive() or group_members(record.pid) or any(_live(pid) for pid in strays):
+    while record.alive() or group_members(record.pid) or any(start_time(pid) is not None for pid in strays):
         if time.monotonic() > deadline:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(record.pid, signal.SIGKILL)
