@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, ClassVar
 
 import pytest
 
 from ._catalog import CHECKS
 from ._registry import Check
-from ._runner import CheckResult, run_check
+from ._runner import CheckResult, Report, run_check, run_contract
 
 JOBS_ENV = "MSGBUS_CONTRACT_JOBS"
 
@@ -65,9 +65,8 @@ class ContractSuite:
         """Run ``check`` (or take its result from the background batch of ``selected`` checks, when jobs > 1);
         a skip becomes ``pytest.skip``, a failure ``pytest.fail``."""
         hook = self.restart_broker
-        batch = None
-        if selected and self._jobs() > 1:
-            batch = _Batch.of(type(self), url, selected, self._jobs(), self._quick(), hook)
+        jobs = self._jobs()
+        batch = _Batch.of(type(self), url, selected, jobs, self._quick(), hook) if selected and jobs > 1 else None
         result = batch.take(check) if batch is not None else None
         if result is None:  # alone, not in the batch, or a rerun (the batch result was taken)
             result = asyncio.run(run_check(check, url, quick=self._quick(), restart_broker=hook))
@@ -78,7 +77,8 @@ class ContractSuite:
 
 
 class _Batch:
-    """The selected checks of one suite class and URL, run ``jobs`` at a time in a thread of their own."""
+    """The selected checks of one suite class and URL, run by ``run_contract`` ``jobs`` at a time in a thread of
+    their own; each test takes its check's result as it ends."""
 
     _started: ClassVar[dict[tuple[type, str], _Batch]] = {}
 
@@ -99,23 +99,21 @@ class _Batch:
         key = (suite, url)
         if key not in cls._started:
             batch = cls._started[key] = cls(checks)
-
-            async def one(check: Check, slots: asyncio.Semaphore) -> None:
-                try:
-                    async with slots:
-                        batch._results[check.name] = await run_check(check, url, quick=quick, restart_broker=hook)
-                finally:  # without a result the test runs its check itself
-                    batch._done[check.name].set()
-
-            async def main() -> None:
-                slots = asyncio.Semaphore(jobs)
-                await asyncio.gather(*(one(c, slots) for c in checks if not c.alone))
-                for c in checks:  # a restart must not pull the broker from under other checks
-                    if c.alone:
-                        await one(c, slots)
-
-            threading.Thread(target=asyncio.run, args=(main(),), name="msgbus-contract-batch", daemon=True).start()
+            only = [c.name for c in checks]
+            job = run_contract(url, quick=quick, restart_broker=hook, only=only, jobs=jobs, on_result=batch._ended)
+            threading.Thread(target=batch._run, args=(job,), name="msgbus-contract-batch", daemon=True).start()
         return cls._started[key]
+
+    def _ended(self, result: CheckResult) -> None:
+        self._results[result.promise] = result
+        self._done[result.promise].set()
+
+    def _run(self, job: Coroutine[Any, Any, Report]) -> None:
+        try:
+            asyncio.run(job)
+        finally:  # a check without a result is run by its test itself
+            for done in self._done.values():
+                done.set()
 
     def take(self, check: Check) -> CheckResult | None:
         """``check``'s result once it ran (None if it is not in the batch or was taken before)."""
@@ -128,8 +126,11 @@ class _Batch:
 
 def _make_test(check: Check) -> Callable[[ContractSuite, str, pytest.FixtureRequest], None]:
     def test(self: ContractSuite, contract_url: str, request: pytest.FixtureRequest) -> None:
-        mine = {item.name.split("[")[0] for item in request.session.items if getattr(item, "cls", None) is type(self)}
-        selected = [c for c in CHECKS if f"test_{c.slug}" in mine]
+        selected = None
+        if self._jobs() > 1:  # the batch runs what this run selected of the class, not the whole catalogue
+            items = request.session.items
+            mine = {item.name.split("[")[0] for item in items if getattr(item, "cls", None) is type(self)}
+            selected = [c for c in CHECKS if f"test_{c.slug}" in mine]
         self.run_contract_check(check, contract_url, selected)
 
     test.__name__ = test.__qualname__ = f"test_{check.slug}"

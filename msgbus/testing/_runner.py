@@ -203,14 +203,15 @@ async def run_contract(
     progress: Progress | None = None,
     jobs: int = 1,
     fail_fast: bool = False,
+    on_result: Callable[[CheckResult], None] | None = None,
 ) -> Report:
     """Run the contract (or the ``only`` checks) against ``url``, each check with a fresh bus.
 
     ``quick`` scales volumes down; ``restart_broker`` enables the reconnect check; ``progress`` receives a
     line as each check starts and ends. ``jobs`` runs that many checks at once (each on its own names);
     a check that restarts the broker still runs alone, after the others. ``fail_fast`` starts no check
-    after one failed (those are left out of the report). Never raises for a broken promise: read
-    ``Report.ok`` / ``table()``.
+    after one failed (those are left out of the report). ``on_result`` gets each result as its check ends.
+    Never raises for a broken promise: read ``Report.ok`` / ``table()``.
     """
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
@@ -228,6 +229,8 @@ async def run_contract(
                 progress(f"{tag} ...")
             res = await run_check(check, url, quick=quick, restart_broker=restart_broker)
             results[check.name] = res
+            if on_result:
+                on_result(res)
             if progress:
                 progress(f"{tag}: {res.status} ({res.elapsed:.1f}s) {res.detail}")
 
