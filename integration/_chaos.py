@@ -35,6 +35,7 @@ WARM_UP = 1.0 if QUICK else 2.0  # seconds of undisturbed stream before a fault 
 TAIL = 1.0 if QUICK else 3.0  # seconds of stream after the fault healed
 CALM = 1.5 if QUICK else 3.0  # seconds between two resets or two restarts
 DOWN = 5.0 if QUICK else 10.0  # seconds a killed cluster node stays down
+AT_DEFAULTS = "blackhole-defaults"  # the blackhole scenario again, with no timeout shortened by the row
 SENDERS = 16  # concurrent sending tasks, so sends are in flight whenever a fault strikes
 CONCURRENCY = 8  # the consumer's handlers
 RETRY_PAUSE = 0.5  # seconds before a send that raised is tried again
@@ -341,6 +342,12 @@ def scenarios(blackhole_seconds: float) -> list[Scenario]:
             blackhole(blackhole_seconds),
             blackhole_seconds,
             describe="traffic silently dropped for longer than the client's heartbeat / timeout",
+        ),
+        Scenario(
+            AT_DEFAULTS,
+            blackhole(blackhole_seconds),
+            blackhole_seconds,
+            describe="the blackhole again with every timeout at msgbus's default, none shortened",
         ),
         Scenario("restart", _restarts, 15.0, "restart", "broker restarted (SIGTERM) then SIGKILLed mid-stream", True),
         Scenario("failover", _failover, 20.0, "failover", "the node leading the queue SIGKILLed, then back", True),

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 import msgbus
-from integration._chaos import DOWN, Outcome, Target, run_scenario, scenarios
+from integration._chaos import AT_DEFAULTS, DOWN, Outcome, Target, run_scenario, scenarios
 from integration._clusters import KafkaCluster, RabbitMQCluster, kill_and_return
 from integration._launchers import HOST
 from integration._toxiproxy import Toxiproxy, proxy_port
@@ -91,6 +91,10 @@ class Row:
     send_bound: float
     recover_bound: float
     limits: dict[str, str] = field(default_factory=dict)
+    # The same backend with no timeout shortened (``options``: only what it needs to connect at all), for the
+    # "blackhole-defaults" scenario: what a user running msgbus's defaults sees. None: the row's own
+    # blackhole already runs at the defaults, or the row has no blackhole (clusters).
+    defaults: Row | None = None
     # Clusters: the URL, prepare(queue) and failover(queue) hooks for the failover scenario, from the endpoint.
     failover: Callable[[Endpoint], Failover] | None = None
 
@@ -102,38 +106,85 @@ class Row:
         return url + ("&" if "?" in url else "?") + self.options if self.options else url
 
 
+_MOTO_KEYS = "access_key_id=testing&secret_access_key=testing"  # moto signs any credentials
+
 ROWS = [
     # Single nodes, every scenario but failover, at msgbus's defaults except the timeout that notices a dead
-    # connection, shortened so the blackhole (which must outlast it) takes seconds, not minutes.
+    # connection, shortened so the blackhole (which must outlast it) takes seconds, not minutes; the scenario
+    # "blackhole-defaults" runs it again with no option shortened ("defaults", its blackhole as long as the
+    # defaults need).
     # heartbeat=4 (default 60): pika and aiormq drop a connection after 2-3 missed heartbeats. send_timeout=5
     # (default 30): sends caught in the blackhole raise, so the suite's retry with the same message id is used.
-    Row("rabbitmq", "rabbitmq", "heartbeat=4&send_timeout=5", blackhole=12, send_bound=20, recover_bound=60),
+    # At the defaults aiormq gives up on a silent connection after 3 x (60 + 1) s, pika after 65-130 s.
+    Row(
+        "rabbitmq",
+        "rabbitmq",
+        "heartbeat=4&send_timeout=5",
+        blackhole=12,
+        send_bound=20,
+        recover_bound=60,
+        defaults=Row("rabbitmq", "rabbitmq", "", blackhole=200, send_bound=60, recover_bound=120),
+    ),
     # socket_timeout=5 (default 10) bounds every command, the blocking read included.
-    Row("redis", "redis", "socket_timeout=5", blackhole=8, send_bound=30, recover_bound=60),
+    Row(
+        "redis",
+        "redis",
+        "socket_timeout=5",
+        blackhole=8,
+        send_bound=30,
+        recover_bound=60,
+        defaults=Row("redis", "redis", "", blackhole=20, send_bound=45, recover_bound=60),
+    ),
     # Its own single-node Kafka whose listener is advertised at the proxy (bootstrap hands out addresses).
     # request_timeout=10 (default 40) bounds a request lost in the blackhole; the group session is 10 s.
-    Row("kafka", "kafka-proxied", "request_timeout=10", blackhole=12, send_bound=45, recover_bound=90),
+    Row(
+        "kafka",
+        "kafka-proxied",
+        "request_timeout=10",
+        blackhole=12,
+        send_bound=45,
+        recover_bound=90,
+        defaults=Row("kafka", "kafka-proxied", "", blackhole=50, send_bound=120, recover_bound=120),
+    ),
     # moto: any credentials sign. read_timeout=5 (default 30) bounds a request lost in the blackhole; a long
-    # poll must be shorter (wait_time=1, default 20).
+    # poll must be shorter (wait_time=1, default 20). A message whose receive was lost comes back after its
+    # visibility timeout (30 s by default).
     Row(
         "sqs",
         "sqs",
-        "access_key_id=testing&secret_access_key=testing&wait_time=1&read_timeout=5",
+        f"{_MOTO_KEYS}&wait_time=1&read_timeout=5",
         blackhole=8,
         send_bound=45,
         recover_bound=60,
+        defaults=Row("sqs", "sqs", _MOTO_KEYS, blackhole=40, send_bound=120, recover_bound=120),
     ),
     # A pull's deadline is the receive's wait plus pull_timeout (2 s); a publish retries for 60 s. Messages in a
     # pull response lost on the wire come back when their ack deadline lapses: ack_deadline=10 (default 60; at
     # the default, reset and blackhole each waited 51 s for them).
-    Row("pubsub", "pubsub", "ack_deadline=10", blackhole=8, send_bound=75, recover_bound=90),
+    Row(
+        "pubsub",
+        "pubsub",
+        "ack_deadline=10",
+        blackhole=8,
+        send_bound=75,
+        recover_bound=90,
+        defaults=Row("pubsub", "pubsub", "", blackhole=8, send_bound=75, recover_bound=120),
+    ),
     # Defaults: the SDK retries an operation retry_total (3) times.
     Row("servicebus", "servicebus", "", blackhole=10, send_bound=75, recover_bound=90),
     # Defaults: nats-py pings every ping_interval (5 s) and drops a connection after 3 unanswered pings.
     Row("nats", "nats", "", blackhole=20, send_bound=45, recover_bound=60),
     # command_timeout=5 (default 30) drops a connection whose statement went unanswered; the listener is pinged
     # every keepalive_interval (5 s). Rows leased by a reply lost in the blackhole return after the lease (30 s).
-    Row("postgresql", "postgresql", "command_timeout=5", blackhole=10, send_bound=45, recover_bound=60),
+    Row(
+        "postgresql",
+        "postgresql",
+        "command_timeout=5",
+        blackhole=10,
+        send_bound=45,
+        recover_bound=60,
+        defaults=Row("postgresql", "postgresql", "", blackhole=40, send_bound=90, recover_bound=120),
+    ),
     # Clusters: only the failover scenario, at msgbus's defaults, which are the safe settings: quorum queues and
     # publisher confirms; Kafka topics with 3 copies and min.insync.replicas=2 on a cluster of 3, acks=all.
     Row("rabbitmq-cluster", "rabbitmq-cluster", "", 0, 45, 90, failover=_rabbitmq_cluster),
@@ -279,6 +330,14 @@ async def test_fault(row: Row, scenario: str, record_property: pytest.RecordProp
     wanted = os.environ.get("CHAOS_ROWS")
     if wanted and row.backend not in wanted.split(","):
         pytest.skip(f"CHAOS_ROWS={wanted}")
+    if scenario == AT_DEFAULTS:
+        if row.defaults is None:
+            pytest.skip(
+                "no blackhole (clusters run the failover scenario only)"
+                if row.failover is not None
+                else "this row's blackhole already runs at msgbus's defaults"
+            )
+        row = row.defaults
     spec = next(s for s in scenarios(row.blackhole) if s.name == scenario)
     if (spec.needs == "failover") != (row.failover is not None):
         pytest.skip(

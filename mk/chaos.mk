@@ -15,7 +15,7 @@ export MSGBUS_CHAOS_QUICK ?= 1
 
 # make test runs the rows in two pytest processes at once, each on its own brokers (the suite's streams are
 # light; the two cores are mostly busy restarting brokers), to stay within CI's budget.
-CHAOS_CI_GROUPS ?= rabbitmq,redis,kafka,nats,rabbitmq-cluster sqs,pubsub,servicebus,postgresql,kafka-cluster
+CHAOS_CI_GROUPS ?= rabbitmq,redis,nats,postgresql,rabbitmq-cluster kafka,sqs,pubsub,servicebus,kafka-cluster
 
 .PHONY: chaos chaos-ci reliability brokers-chaos
 

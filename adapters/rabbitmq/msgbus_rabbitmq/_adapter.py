@@ -177,13 +177,20 @@ class RabbitMQAdapter(Adapter):
     async def _retrying(self, doing: str, operation: Callable[[], Awaitable[_T]]) -> _T:
         """Run ``operation``; while the connection is down, wait for it and retry up to ``send_timeout``.
 
+        Each attempt is bounded by what is left of ``send_timeout`` too: a connection that went silent (no
+        error until heartbeats run out, 3 minutes at the default heartbeat) must not hold a send longer.
         A retry after a lost confirm may store the message twice (at-least-once, never at-most-once).
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._s.send_timeout
         while True:
             try:
-                return await operation()
+                return await asyncio.wait_for(operation(), max(deadline - loop.time(), 0.0))
+            except TimeoutError:
+                raise ConnectionLost(
+                    f"{doing}: no answer from RabbitMQ within send_timeout ({self._s.send_timeout:g} s); "
+                    "the message may or may not have been stored"
+                ) from None
             except MsgbusError:
                 raise
             except Exception as exc:
@@ -315,8 +322,8 @@ class RabbitMQAdapter(Adapter):
         """Publish persistent messages; return once the broker confirmed every one of them.
 
         Raises ``MessageTooLarge`` before sending anything, ``PublishError`` when the broker nacks or
-        returns a message (queue missing), ``ConnectionLost`` when the broker stays unreachable for
-        ``send_timeout`` seconds. Messages already confirmed in a failed batch stay sent.
+        returns a message (queue missing), ``ConnectionLost`` when the broker stays unreachable (or
+        silent) for ``send_timeout`` seconds. Messages already confirmed in a failed batch stay sent.
         """
         limit = self._s.max_message_size
         for r in records:

@@ -58,7 +58,7 @@ def read_settings(url: BusURL, options: OptionReader) -> Settings:
         tls=_tls_context(ca_file, cert_file, key_file, verify) if secure else None,
         queue_type=options.choice("queue_type", "quorum", ("quorum", "classic")),
         confirms=options.bool("confirms", True),
-        send_timeout=options.float("send_timeout", 30.0, min=0.0),
+        send_timeout=options.float("send_timeout", 30.0, min=0.1),
         connect_timeout=options.float("connect_timeout", 10.0, min=0.1),
         heartbeat=options.int("heartbeat", 60, min=0),
         reconnect_interval=options.float("reconnect_interval", 1.0, min=0.1),
