@@ -17,6 +17,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import msgbus
+import msgbus.sync
 from msgbus import Message, RetryPolicy, _telemetry
 from msgbus._url import parse_url
 from msgbus.adapter import Endpoint
@@ -230,3 +231,14 @@ def test_no_secrets_in_attributes() -> None:
         "messaging.destination.subscription.name": "billing",
         "messaging.consumer.group.name": "billing",
     }
+
+
+def test_the_sync_facade_sends_under_the_callers_span() -> None:
+    """Its calls run on a loop thread of their own: the caller's context must go with them."""
+    otel = Otel()
+    with msgbus.sync.connect(_url()) as bus:
+        otel.instrument(bus._bus)
+        with otel.tracer_provider.get_tracer("app").start_as_current_span("request") as request:
+            bus.producer("s").send(b"x")
+    (send,) = [s for s in otel.spans.get_finished_spans() if s.name == "send s"]
+    assert send.parent is not None and send.parent.span_id == request.get_span_context().span_id
