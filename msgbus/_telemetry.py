@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import replace
 from typing import Any
 
+from ._codec import describe
 from ._message import Message
 from ._url import BusURL
 from .adapter import Endpoint, Record
 
 try:
     from opentelemetry import metrics, propagate, trace
-    from opentelemetry.trace import Link, SpanKind
+    from opentelemetry.trace import Link, SpanKind, StatusCode
 except ImportError:  # the extra is not installed: telemetry stays off
     trace = None  # type: ignore[assignment]
 
@@ -40,30 +40,37 @@ _UNSET = {"ProxyTracerProvider", "NoOpTracerProvider", "_ProxyMeterProvider", "N
 def resolve(url: BusURL, tracer_provider: Any = None, meter_provider: Any = None) -> Telemetry | None:
     """The bus's telemetry, or None when OpenTelemetry is not installed or no provider is configured.
 
-    ``tracer_provider`` / ``meter_provider`` replace the global ones (``msgbus.instrument``).
+    ``tracer_provider`` / ``meter_provider`` replace the global ones (``Bus.instrument``).
     """
     if trace is None:
         return None
     tracer_provider = tracer_provider or trace.get_tracer_provider()
     meter_provider = meter_provider or metrics.get_meter_provider()
-    if type(tracer_provider).__name__ in _UNSET and type(meter_provider).__name__ in _UNSET:
+    tracing = type(tracer_provider).__name__ not in _UNSET
+    metering = type(meter_provider).__name__ not in _UNSET
+    if not tracing and not metering:
         return None
-    return Telemetry(url, tracer_provider, meter_provider)
+    return Telemetry(url, tracer_provider if tracing else None, meter_provider if metering else None)
 
 
 class Telemetry:
-    """Spans and instruments of one bus. Only the host and port of its URL reach an attribute, never secrets."""
+    """Spans and instruments of one bus; either may be off (None provider), and then costs nothing per message.
+
+    Only the host and port of the bus URL reach an attribute, never a user name, password or option.
+    """
 
     def __init__(self, url: BusURL, tracer_provider: Any, meter_provider: Any) -> None:
         from . import __version__
 
-        self.tracer = tracer_provider.get_tracer("msgbus", __version__)
-        meter = meter_provider.get_meter("msgbus", __version__)
+        self.tracer = tracer_provider.get_tracer("msgbus", __version__) if tracer_provider else None
         self.common: dict[str, str | int] = {"messaging.system": SYSTEMS.get(url.scheme, url.scheme)}
         if url.host:
             self.common["server.address"] = url.host
         if url.port is not None:
             self.common["server.port"] = url.port
+        self._attributes: dict[tuple[Endpoint, str], dict[str, str | int]] = {}
+        self.metering = meter_provider is not None
+        meter = (meter_provider or metrics.NoOpMeterProvider()).get_meter("msgbus", __version__)
         self.sent = meter.create_counter("messaging.client.sent.messages", "{message}", "Messages sent.")
         self.send_duration = meter.create_histogram(
             "messaging.client.operation.duration", "s", "Duration of send operations (one per send or batch)."
@@ -83,16 +90,19 @@ class Telemetry:
         )
 
     def attributes(self, endpoint: Endpoint, operation: str) -> dict[str, str | int]:
-        """The attributes every span and measurement of ``operation`` on ``endpoint`` carries."""
-        attrs = {
-            **self.common,
-            "messaging.operation.type": operation,
-            "messaging.operation.name": operation,
-            "messaging.destination.name": endpoint.name,
-        }
-        if endpoint.subscription is not None:
-            attrs["messaging.destination.subscription.name"] = endpoint.subscription
-            attrs["messaging.consumer.group.name"] = endpoint.subscription
+        """The attributes every span and measurement of ``operation`` on ``endpoint`` carries (made once)."""
+        attrs = self._attributes.get((endpoint, operation))
+        if attrs is None:
+            attrs = {
+                **self.common,
+                "messaging.operation.type": operation,
+                "messaging.operation.name": operation,
+                "messaging.destination.name": endpoint.name,
+            }
+            if endpoint.subscription is not None:
+                attrs["messaging.destination.subscription.name"] = endpoint.subscription
+                attrs["messaging.consumer.group.name"] = endpoint.subscription
+            self._attributes[(endpoint, operation)] = attrs
         return attrs
 
     async def send(self, endpoint: Endpoint, records: Sequence[Record], store: Store, *, batch: bool) -> None:
@@ -101,9 +111,12 @@ class Telemetry:
         A batch gets one "create" span per message (its context goes in that message) and one "send" span
         that links to them all, as the conventions ask.
         """
+        if self.tracer is None:
+            await self._measured(endpoint, records, store)
+            return
         base = self.attributes(endpoint, "send")
         if batch:
-            records, links = self._created(endpoint, records)
+            records, links = self._created(self.tracer, endpoint, records)
             attrs = {**base, "messaging.batch.message_count": len(records)}
             kind = SpanKind.CLIENT
         else:
@@ -112,26 +125,30 @@ class Telemetry:
             if records[0].correlation_id is not None:
                 attrs["messaging.message.conversation_id"] = records[0].correlation_id
             kind = SpanKind.PRODUCER
-        start = time.perf_counter()
         with self.tracer.start_as_current_span(f"send {endpoint.name}", kind=kind, attributes=attrs, links=links):
-            if not batch:
-                records = [_carrying(records[0])]
-            try:
-                await store(records)
-            except BaseException as exc:
-                self.send_duration.record(time.perf_counter() - start, {**base, "error.type": type(exc).__name__})
-                raise
+            await self._measured(endpoint, records if batch else [_carrying(records[0])], store)
+
+    async def _measured(self, endpoint: Endpoint, records: Sequence[Record], store: Store) -> None:
+        if not self.metering:
+            await store(records)
+            return
+        base = self.attributes(endpoint, "send")
+        start = time.perf_counter()
+        try:
+            await store(records)
+        except BaseException as exc:
+            self.send_duration.record(time.perf_counter() - start, {**base, "error.type": type(exc).__name__})
+            raise
         self.send_duration.record(time.perf_counter() - start, base)
         self.sent.add(len(records), base)
 
-    def _created(self, endpoint: Endpoint, records: Sequence[Record]) -> tuple[list[Record], list[Link]]:
+    def _created(self, tracer: Any, endpoint: Endpoint, records: Sequence[Record]) -> tuple[list[Record], list[Link]]:
         attrs = self.attributes(endpoint, "create")
+        name = f"create {endpoint.name}"
         out, links = [], []
         for record in records:
-            span = self.tracer.start_span(
-                f"create {endpoint.name}",
-                kind=SpanKind.PRODUCER,
-                attributes={**attrs, "messaging.message.id": record.id},
+            span = tracer.start_span(
+                name, kind=SpanKind.PRODUCER, attributes={**attrs, "messaging.message.id": record.id}
             )
             with trace.use_span(span, end_on_exit=True):
                 out.append(_carrying(record))
@@ -147,42 +164,50 @@ class Telemetry:
         """
         base = self.attributes(endpoint, "process")
         name = f"process {endpoint.name}"
-        tracer = self.tracer
+        tracer, metering = self.tracer, self.metering
+
+        async def handle(msg: Message[Any]) -> tuple[str | None, Exception | None]:
+            """How the handler ended: the runtime's outcome (None: the handler settled it) and its exception."""
+            was_settled = msg.settled
+            try:
+                await handler(msg)
+            except Exception as exc:
+                failed = "dead_letter" if msg.attempt >= max_attempts else "retry"
+                return (None if was_settled or msg.settled else failed), exc
+            return (None if msg.settled else "ack"), None
 
         async def traced(msg: Message[Any]) -> None:
-            parent = _extract(msg)
-            attrs = {**base, "messaging.message.id": msg.id, ATTEMPT: msg.attempt}
-            self.consumed.add(1, base)
-            self.in_flight.add(1, base)
+            if metering:
+                self.consumed.add(1, base)
+                self.in_flight.add(1, base)
             start = time.perf_counter()
-            outcome: str | None = None
-            error: str | None = None
             try:
-                with tracer.start_as_current_span(
-                    name, context=parent, kind=SpanKind.CONSUMER, attributes=attrs
-                ) as span:
-                    try:
-                        was_settled = msg.settled
-                        await handler(msg)
-                    except Exception as exc:
-                        error = type(exc).__name__
-                        if not was_settled and not msg.settled:
-                            outcome = "dead_letter" if msg.attempt >= max_attempts else "retry"
-                        span.set_attribute("error.type", error)
+                if tracer is None:
+                    outcome, exc = await handle(msg)
+                else:
+                    attrs = {**base, "messaging.message.id": msg.id, ATTEMPT: msg.attempt}
+                    with tracer.start_as_current_span(
+                        name, context=_extract(msg), kind=SpanKind.CONSUMER, attributes=attrs
+                    ) as span:
+                        outcome, exc = await handle(msg)
                         if outcome is not None:
                             span.set_attribute(OUTCOME, outcome)
-                        raise
-                    if not msg.settled:
-                        outcome = "ack"
-                        span.set_attribute(OUTCOME, outcome)
+                        if exc is not None:
+                            span.set_attribute("error.type", type(exc).__name__)
+                            span.record_exception(exc)
+                            span.set_status(StatusCode.ERROR, describe(exc, 200))
             finally:
-                measured = base if error is None else {**base, "error.type": error}
-                self.process_duration.record(time.perf_counter() - start, measured)
-                self.in_flight.add(-1, base)
+                if metering:
+                    self.in_flight.add(-1, base)
+            if metering:
+                error = None if exc is None else {**base, "error.type": type(exc).__name__}
+                self.process_duration.record(time.perf_counter() - start, error or base)
                 if outcome == "retry":
                     self.retried.add(1, base)
                 elif outcome == "dead_letter":
                     self.dead_lettered.add(1, base)
+            if exc is not None:
+                raise exc
 
         return traced
 
@@ -191,7 +216,9 @@ def _carrying(record: Record) -> Record:
     """``record`` with the current trace context in its headers (replacing any it had)."""
     headers = dict(record.headers)
     propagate.inject(headers)
-    return replace(record, headers=headers)
+    return Record(
+        record.body, record.id, headers, record.key, record.correlation_id, record.content_type, record.timestamp
+    )
 
 
 def _extract(msg: Message[Any]) -> Any:
