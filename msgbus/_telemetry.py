@@ -102,6 +102,8 @@ class Telemetry:
             if endpoint.subscription is not None:
                 attrs["messaging.destination.subscription.name"] = endpoint.subscription
                 attrs["messaging.consumer.group.name"] = endpoint.subscription
+            if endpoint.dead_letter:  # reading what was dead-lettered from that destination
+                attrs["msgbus.destination.dead_letter"] = True
             self._attributes[(endpoint, operation)] = attrs
         return attrs
 
