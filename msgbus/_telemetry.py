@@ -9,7 +9,9 @@ configured propagator's), which any other OpenTelemetry-instrumented consumer re
 
 from __future__ import annotations
 
+import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -64,57 +66,31 @@ class Telemetry:
         from . import __version__
 
         self.tracer = tracer_provider.get_tracer("msgbus", __version__) if tracer_provider else None
-        self.common: dict[str, str | int] = {"messaging.system": SYSTEMS.get(url.scheme, url.scheme)}
+        self.common: tuple[tuple[str, str | int], ...] = (("messaging.system", SYSTEMS.get(url.scheme, url.scheme)),)
         if url.host:
-            self.common["server.address"] = url.host
+            self.common += (("server.address", url.host),)
         if url.port is not None:
-            self.common["server.port"] = url.port
+            self.common += (("server.port", url.port),)
         self._attributes: dict[tuple[Endpoint, str], dict[str, str | int]] = {}
         self.metering = meter_provider is not None
-        meter = (meter_provider or metrics.NoOpMeterProvider()).get_meter("msgbus", __version__)
-        # Counts are kept here and read by observable instruments when metrics are collected: per message that
-        # is one dict update, where an SDK measurement hashes its attributes every time (~8 us each here).
-        self.sent, self.consumed, self.retried, self.dead_lettered, self.in_flight = (_Count() for _ in range(5))
-        meter.create_observable_counter(
-            "messaging.client.sent.messages", [self.sent.observe], "{message}", "Messages sent."
+        instruments = _instruments(meter_provider) if self.metering else _Instruments(metrics.NoOpMeterProvider())
+        self.shared = instruments
+        self.sent, self.consumed = instruments.sent, instruments.consumed
+        self.retried, self.dead_lettered, self.in_flight = (
+            instruments.retried,
+            instruments.dead_lettered,
+            instruments.in_flight,
         )
-        meter.create_observable_counter(
-            "messaging.client.consumed.messages", [self.consumed.observe], "{message}", "Messages handed to handlers."
-        )
-        meter.create_observable_counter(
-            "msgbus.messages.retried", [self.retried.observe], "{message}", "Handler failures retried."
-        )
-        meter.create_observable_counter(
-            "msgbus.messages.dead_lettered",
-            [self.dead_lettered.observe],
-            "{message}",
-            "Handler failures that dead-lettered their message.",
-        )
-        meter.create_observable_up_down_counter(
-            "msgbus.messages.in_flight", [self.in_flight.observe], "{message}", "Messages being handled now."
-        )
-        self.send_duration = meter.create_histogram(
-            "messaging.client.operation.duration", "s", "Duration of send operations (one per send or batch)."
-        )
-        self.process_duration = meter.create_histogram(
-            "messaging.process.duration", "s", "Duration of handling one message, handler and middleware."
-        )
+        self.send_duration, self.process_duration = instruments.send_duration, instruments.process_duration
 
     def attributes(self, endpoint: Endpoint, operation: str) -> dict[str, str | int]:
-        """The attributes every span and measurement of ``operation`` on ``endpoint`` carries (made once)."""
+        """The attributes every span and measurement of ``operation`` on ``endpoint`` carries: one dict per
+        content for all the buses measured by one meter provider, so their counts add up (``_Count``)."""
         attrs = self._attributes.get((endpoint, operation))
         if attrs is None:
-            attrs = {
-                **self.common,
-                "messaging.operation.type": operation,
-                "messaging.operation.name": operation,
-                "messaging.destination.name": endpoint.name,
-            }
-            if endpoint.subscription is not None:
-                attrs["messaging.destination.subscription.name"] = endpoint.subscription
-                attrs["messaging.consumer.group.name"] = endpoint.subscription
-            if endpoint.dead_letter:  # reading what was dead-lettered from that destination
-                attrs["msgbus.destination.dead_letter"] = True
+            attrs = self.shared.attributes.setdefault(
+                (self.common, endpoint, operation), _attributes(self.common, endpoint, operation)
+            )
             self._attributes[(endpoint, operation)] = attrs
         return attrs
 
@@ -223,6 +199,71 @@ class Telemetry:
                 raise exc
 
         return traced
+
+
+def _attributes(common: tuple[tuple[str, str | int], ...], endpoint: Endpoint, operation: str) -> dict[str, str | int]:
+    attrs = {
+        **dict(common),
+        "messaging.operation.type": operation,
+        "messaging.operation.name": operation,
+        "messaging.destination.name": endpoint.name,
+    }
+    if endpoint.subscription is not None:
+        attrs["messaging.destination.subscription.name"] = endpoint.subscription
+        attrs["messaging.consumer.group.name"] = endpoint.subscription
+    if endpoint.dead_letter:  # reading what was dead-lettered from that destination
+        attrs["msgbus.destination.dead_letter"] = True
+    return attrs
+
+
+class _Instruments:
+    """The instruments of one meter provider, shared by every bus it measures (an instrument name is
+    registered once per meter: a second bus's callbacks would be ignored)."""
+
+    def __init__(self, meter_provider: Any) -> None:
+        from . import __version__
+
+        meter = meter_provider.get_meter("msgbus", __version__)
+        self.attributes: dict[tuple[Any, ...], dict[str, str | int]] = {}
+        # Counts are kept here and read by observable instruments when metrics are collected: per message that
+        # is one dict update, where an SDK measurement hashes its attributes every time (~8 us each here).
+        self.sent, self.consumed, self.retried, self.dead_lettered, self.in_flight = (_Count() for _ in range(5))
+        meter.create_observable_counter(
+            "messaging.client.sent.messages", [self.sent.observe], "{message}", "Messages sent."
+        )
+        meter.create_observable_counter(
+            "messaging.client.consumed.messages", [self.consumed.observe], "{message}", "Messages handed to handlers."
+        )
+        meter.create_observable_counter(
+            "msgbus.messages.retried", [self.retried.observe], "{message}", "Handler failures retried."
+        )
+        meter.create_observable_counter(
+            "msgbus.messages.dead_lettered",
+            [self.dead_lettered.observe],
+            "{message}",
+            "Handler failures that dead-lettered their message.",
+        )
+        meter.create_observable_up_down_counter(
+            "msgbus.messages.in_flight", [self.in_flight.observe], "{message}", "Messages being handled now."
+        )
+        self.send_duration = meter.create_histogram(
+            "messaging.client.operation.duration", "s", "Duration of send operations (one per send or batch)."
+        )
+        self.process_duration = meter.create_histogram(
+            "messaging.process.duration", "s", "Duration of handling one message, handler and middleware."
+        )
+
+
+_SHARED: weakref.WeakKeyDictionary[Any, _Instruments] = weakref.WeakKeyDictionary()
+_SHARED_LOCK = threading.Lock()  # buses may be made on several threads (msgbus.sync runs its own loop)
+
+
+def _instruments(meter_provider: Any) -> _Instruments:
+    with _SHARED_LOCK:
+        instruments = _SHARED.get(meter_provider)
+        if instruments is None:
+            instruments = _SHARED[meter_provider] = _Instruments(meter_provider)
+        return instruments
 
 
 class _Count:

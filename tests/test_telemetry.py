@@ -242,3 +242,23 @@ def test_the_sync_facade_sends_under_the_callers_span() -> None:
             bus.producer("s").send(b"x")
     (send,) = [s for s in otel.spans.get_finished_spans() if s.name == "send s"]
     assert send.parent is not None and send.parent.span_id == request.get_span_context().span_id
+
+
+async def test_buses_sharing_a_meter_provider_add_up() -> None:
+    """An instrument name is registered once per meter: the second bus (and a bus re-resolved when it opens)
+    must count into the same instruments, not into callbacks the SDK ignored."""
+    otel = Otel()
+    url = _url()
+    first, second = msgbus.connect(url), msgbus.connect(url)
+    for bus in (first, second):
+        otel.instrument(bus)
+    async with first, second:
+        await first.producer("q").send(b"1")
+        await second.producer("q").send_many([b"2", b"3"])
+        await second.producer("other").send(b"4")
+    assert otel.metrics()["messaging.client.sent.messages"] == 4
+    data = otel.reader.get_metrics_data()
+    assert data is not None
+    (sent,) = [m for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics if "sent" in m.name]
+    by_queue = {p.attributes["messaging.destination.name"]: p.value for p in sent.data.data_points}
+    assert by_queue == {"q": 3, "other": 1}
