@@ -15,7 +15,7 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar, overload
 
-from . import _codec, _redelivery, _runtime
+from . import _codec, _redelivery, _runtime, _telemetry
 from ._capabilities import Capabilities
 from ._coalesce import Coalescer
 from ._inbox import Inbox
@@ -80,6 +80,8 @@ class Bus:
         self._declared: set[Endpoint] = set()
         self._consumers: set[Consumer[Any]] = set()
         self._coalescers: dict[Endpoint, Coalescer] = {}
+        self._providers: tuple[Any, Any] = (None, None)  # instrument()'s, else the global ones
+        self._telemetry = _telemetry.resolve(url)  # None: tracing and metrics off, nothing done per message
 
     @property
     def capabilities(self) -> Capabilities:
@@ -114,8 +116,18 @@ class Bus:
             if self._state == "closed":
                 raise ClosedError(f"{self!r} is closed")
             if self._state == "new":
+                self._telemetry = _telemetry.resolve(self._url, *self._providers)  # configured since connect()?
                 await self._adapter.open()
                 self._state = "open"
+
+    def instrument(self, *, tracer_provider: Any = None, meter_provider: Any = None) -> None:
+        """Trace and measure this bus with these OpenTelemetry providers instead of the global ones.
+
+        Without this, a bus uses the global providers configured when it was created or opened, if any
+        (docs/observability.md). Takes effect for sends and ``run()`` calls that start after it.
+        """
+        self._providers = (tracer_provider, meter_provider)
+        self._telemetry = _telemetry.resolve(self._url, tracer_provider, meter_provider)
 
     async def close(self) -> None:
         """Close consumers, then disconnect; idempotent. A consumer's running ``run()`` is stopped gracefully
@@ -298,12 +310,19 @@ class _Sender:
     ) -> str:
         record = self._record(body, key, headers, message_id, correlation_id, content_type, time.time())
         seconds = self._delay(delay)
+        telemetry = self._bus._telemetry
+        if telemetry is not None:
+            await telemetry.send(self._endpoint, (record,), lambda rs: self._put(rs[0], seconds), batch=False)
+        else:
+            await self._put(record, seconds)
+        return record.id
+
+    async def _put(self, record: Record, seconds: float | None) -> None:
         coalescer = self._bus._coalescer(self._endpoint) if seconds is None else None
         if coalescer is not None:
             await coalescer.send(record)
         else:
             await self._bus._store(self._endpoint, (record,), seconds)
-        return record.id
 
     async def _many(
         self, items: Iterable[Any], key: str | None, headers: Mapping[str, str] | None, delay: float | timedelta | None
@@ -343,7 +362,14 @@ class _Sender:
                     )
                 )
         if records:
-            await self._bus._store(self._endpoint, records, self._delay(delay))
+            seconds = self._delay(delay)
+            telemetry = self._bus._telemetry
+            if telemetry is not None:
+                await telemetry.send(
+                    self._endpoint, records, lambda rs: self._bus._store(self._endpoint, rs, seconds), batch=True
+                )
+            else:
+                await self._bus._store(self._endpoint, records, seconds)
         return [r.id for r in records]
 
 
@@ -663,9 +689,13 @@ class Consumer(Generic[T]):
         token = _RUNNING.set(self)  # the runtime's tasks inherit it: close() from a handler must not wait
         try:
             await self._start(max(2 * concurrency, 16))
+            handler = _runtime.compose(handler, middleware)
+            telemetry = self._bus._telemetry
+            if telemetry is not None:  # the span is outermost: middleware runs inside the message's trace
+                handler = telemetry.process(handler, self._endpoint, retry.max_attempts)
             await _runtime.run(
                 self._inbox,
-                _runtime.compose(handler, middleware),
+                handler,
                 concurrency=concurrency,
                 retry=retry,
                 shutdown_timeout=shutdown_timeout,

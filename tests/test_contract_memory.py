@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from msgbus import Message, _codec, _memory, _url, adapter
+from msgbus import Message, _codec, _memory, _telemetry, _url, adapter
 from msgbus.adapter import Endpoint, Record, dead_letter_record
 from msgbus.errors import DecodeError
 from msgbus.testing import ContractSuite, run_check
@@ -66,11 +66,28 @@ def _no_ambiguity_check(rest: str) -> str:
     return ""
 
 
+async def _send_dropping_foreign_headers(
+    self: Any, endpoint: Endpoint, records: Any, delay: float | None = None
+) -> None:
+    """A backend that keeps only its own (``x-msgbus-``) headers, as a strict schema would."""
+    kept = [replace(r, headers={k: v for k, v in r.headers.items() if k.startswith("x-msgbus-")}) for r in records]
+    await _REAL_SEND(self, endpoint, kept, delay)
+
+
+def _dead_letter_without_headers(record: Record, reason: str, attempts: int, source: Endpoint) -> Record:
+    return _REAL_DEAD_LETTER_RECORD(replace(record, headers={}), reason, attempts, source)
+
+
+def _no_context(msg: Any) -> None:
+    return None
+
+
 _REAL_DEAD_LETTER_RECORD = dead_letter_record
 _REAL_RECEIVE = _memory._MemoryReceiver.receive
 _REAL_DECODE_DELIVERY = _codec.decode_delivery
 _REAL_STORE_INIT = _memory._Store.__init__
 _REAL_TARGETS = _memory.MemoryAdapter._targets
+_REAL_SEND = _memory.MemoryAdapter.send
 
 BREAKAGES: dict[str, tuple[Any, str, Any, str]] = {
     "ack is a no-op": (_memory._MemoryDelivery, "ack", _noop, "ack removes"),
@@ -88,6 +105,24 @@ BREAKAGES: dict[str, tuple[Any, str, Any, str]] = {
     "dead-letter reasons are not cut": (adapter, "MAX_DEAD_LETTER_REASON", 10**9, "bad input raises typed errors"),
     "nack takes any delay": (Message, "nack", _nack_unchecked, "bad input raises typed errors"),
     "URLs split at the first '@'": (_url, "_authority", _no_ambiguity_check, "bad input raises typed errors"),
+    "the backend drops headers it does not know": (
+        _memory.MemoryAdapter,
+        "send",
+        _send_dropping_foreign_headers,
+        "trace context survives the trip",
+    ),
+    "dead letters drop the original headers": (
+        _memory,
+        "dead_letter_record",
+        _dead_letter_without_headers,
+        "trace context survives the trip",
+    ),
+    "the consumer ignores the carried context": (
+        _telemetry,
+        "_extract",
+        _no_context,
+        "trace context survives the trip",
+    ),
 }
 
 

@@ -30,6 +30,7 @@ from ._checks_messages import (
 )
 from ._checks_reconnect import check_reconnect
 from ._checks_settling import check_bulk_settling, check_stop_releases, check_unacked_come_back
+from ._checks_tracing import check_trace_context_survives
 from ._registry import Check
 
 __all__ = ["CHECKS"]
@@ -65,5 +66,6 @@ CHECKS: tuple[Check, ...] = (
     Check("only the unacked come back after close or crash", check_unacked_come_back, deadline=90, lock_waits=5),
     Check("stop() hands back unstarted messages", check_stop_releases, deadline=60, lock_waits=2),
     Check("bulk acks and immediate nacks under run()", check_bulk_settling, deadline=90, lock_waits=2),
+    Check("trace context survives the trip", check_trace_context_survives, deadline=60, lock_waits=3),
     Check("reconnect after broker restart", check_reconnect, ("restartable", "persistence"), deadline=180, alone=True),
 )

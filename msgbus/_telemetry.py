@@ -1,0 +1,301 @@
+"""OpenTelemetry traces and metrics of sends and handled messages (optional: ``pip install msgbus[otel]``).
+
+A bus resolves once, when it is created and again when it opens, whether OpenTelemetry is installed and a
+tracer or meter provider is configured (``resolve``). When neither is, the bus holds ``None`` and the send
+path and the consume loop do nothing more than test that. Names follow the OpenTelemetry messaging semantic
+conventions; the trace context travels in the W3C ``traceparent`` / ``tracestate`` headers (the globally
+configured propagator's), which any other OpenTelemetry-instrumented consumer reads.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from ._codec import describe
+from ._message import Message
+from ._url import BusURL
+from .adapter import Endpoint, Record
+
+try:
+    from opentelemetry import metrics, propagate, trace
+    from opentelemetry.metrics import Observation
+    from opentelemetry.trace import Link, SpanKind, StatusCode
+except ImportError:  # the extra is not installed: telemetry stays off
+    trace = None  # type: ignore[assignment]
+
+__all__ = ["OUTCOME", "Telemetry", "resolve"]
+
+Handler = Callable[[Message[Any]], Awaitable[None]]
+Store = Callable[[Sequence[Record]], Awaitable[None]]
+
+# messaging.system per URL scheme: the conventions' names where they have one.
+SYSTEMS = {"amqp": "rabbitmq", "amqps": "rabbitmq", "sqs": "aws_sqs", "pubsub": "gcp_pubsub"}
+ATTEMPT = "msgbus.message.attempt"  # the delivery attempt, 1 on first delivery (no conventions' name)
+OUTCOME = "msgbus.message.outcome"  # how the runtime settled it: "ack", "retry" or "dead_letter"
+# Providers that are not configured: the API's defaults. By name, since the proxies' classes are private.
+_UNSET = {"ProxyTracerProvider", "NoOpTracerProvider", "_ProxyMeterProvider", "NoOpMeterProvider"}
+
+
+def resolve(url: BusURL, tracer_provider: Any = None, meter_provider: Any = None) -> Telemetry | None:
+    """The bus's telemetry, or None when OpenTelemetry is not installed or no provider is configured.
+
+    ``tracer_provider`` / ``meter_provider`` replace the global ones (``Bus.instrument``).
+    """
+    if trace is None:
+        return None
+    tracer_provider = tracer_provider or trace.get_tracer_provider()
+    meter_provider = meter_provider or metrics.get_meter_provider()
+    tracing = type(tracer_provider).__name__ not in _UNSET
+    metering = type(meter_provider).__name__ not in _UNSET
+    if not tracing and not metering:
+        return None
+    return Telemetry(url, tracer_provider if tracing else None, meter_provider if metering else None)
+
+
+class Telemetry:
+    """Spans and instruments of one bus; either may be off (None provider), and then costs nothing per message.
+
+    Only the host and port of the bus URL reach an attribute, never a user name, password or option.
+    """
+
+    def __init__(self, url: BusURL, tracer_provider: Any, meter_provider: Any) -> None:
+        from . import __version__
+
+        self.tracer = tracer_provider.get_tracer("msgbus", __version__) if tracer_provider else None
+        self.common: tuple[tuple[str, str | int], ...] = (("messaging.system", SYSTEMS.get(url.scheme, url.scheme)),)
+        if url.host:
+            self.common += (("server.address", url.host),)
+        if url.port is not None:
+            self.common += (("server.port", url.port),)
+        self._attributes: dict[tuple[Endpoint, str], dict[str, str | int]] = {}
+        self.metering = meter_provider is not None
+        instruments = _instruments(meter_provider) if self.metering else _Instruments(metrics.NoOpMeterProvider())
+        self.shared = instruments
+        self.sent, self.consumed = instruments.sent, instruments.consumed
+        self.retried, self.dead_lettered, self.in_flight = (
+            instruments.retried,
+            instruments.dead_lettered,
+            instruments.in_flight,
+        )
+        self.send_duration, self.process_duration = instruments.send_duration, instruments.process_duration
+
+    def attributes(self, endpoint: Endpoint, operation: str) -> dict[str, str | int]:
+        """The attributes every span and measurement of ``operation`` on ``endpoint`` carries: one dict per
+        content for all the buses measured by one meter provider, so their counts add up (``_Count``)."""
+        attrs = self._attributes.get((endpoint, operation))
+        if attrs is None:
+            attrs = self.shared.attributes.setdefault(
+                (self.common, endpoint, operation), _attributes(self.common, endpoint, operation)
+            )
+            self._attributes[(endpoint, operation)] = attrs
+        return attrs
+
+    async def send(self, endpoint: Endpoint, records: Sequence[Record], store: Store, *, batch: bool) -> None:
+        """``store(records)`` under a producer span whose context each record carries in its headers.
+
+        A batch gets one "create" span per message (its context goes in that message) and one "send" span
+        that links to them all, as the conventions ask.
+        """
+        if self.tracer is None:
+            await self._measured(endpoint, records, store)
+            return
+        base = self.attributes(endpoint, "send")
+        if batch:
+            records, links = self._created(self.tracer, endpoint, records)
+            attrs = {**base, "messaging.batch.message_count": len(records)}
+            kind = SpanKind.CLIENT
+        else:
+            links = []
+            attrs = {**base, "messaging.message.id": records[0].id}
+            if records[0].correlation_id is not None:
+                attrs["messaging.message.conversation_id"] = records[0].correlation_id
+            kind = SpanKind.PRODUCER
+        with self.tracer.start_as_current_span(f"send {endpoint.name}", kind=kind, attributes=attrs, links=links):
+            await self._measured(endpoint, records if batch else [_carrying(records[0])], store)
+
+    async def _measured(self, endpoint: Endpoint, records: Sequence[Record], store: Store) -> None:
+        if not self.metering:
+            await store(records)
+            return
+        base = self.attributes(endpoint, "send")
+        start = time.perf_counter()
+        try:
+            await store(records)
+        except BaseException as exc:
+            self.send_duration.record(time.perf_counter() - start, {**base, "error.type": type(exc).__name__})
+            raise
+        self.send_duration.record(time.perf_counter() - start, base)
+        self.sent.add(base, len(records))
+
+    def _created(self, tracer: Any, endpoint: Endpoint, records: Sequence[Record]) -> tuple[list[Record], list[Link]]:
+        attrs = self.attributes(endpoint, "create")
+        name = f"create {endpoint.name}"
+        out, links = [], []
+        for record in records:
+            span = tracer.start_span(
+                name, kind=SpanKind.PRODUCER, attributes={**attrs, "messaging.message.id": record.id}
+            )
+            with trace.use_span(span, end_on_exit=True):
+                out.append(_carrying(record))
+            links.append(Link(span.get_span_context()))
+        return out, links
+
+    def process(self, handler: Handler, endpoint: Endpoint, max_attempts: int) -> Handler:
+        """``handler`` inside a consumer "process" span whose parent is the context the message carries.
+
+        The outcome attribute says what the runtime does next: ack on return; on a raise, retry below
+        ``max_attempts`` and dead-letter at it (the runtime's rule). A handler that settled the message
+        itself leaves it out. A malformed ``traceparent`` only means no parent: it never stops the loop.
+        """
+        base = self.attributes(endpoint, "process")
+        name = f"process {endpoint.name}"
+        tracer, metering = self.tracer, self.metering
+
+        async def handle(msg: Message[Any]) -> tuple[str | None, Exception | None]:
+            """How the handler ended: the runtime's outcome (None: the handler settled it) and its exception."""
+            was_settled = msg.settled
+            try:
+                await handler(msg)
+            except Exception as exc:
+                failed = "dead_letter" if msg.attempt >= max_attempts else "retry"
+                return (None if was_settled or msg.settled else failed), exc
+            return (None if msg.settled else "ack"), None
+
+        async def traced(msg: Message[Any]) -> None:
+            if metering:
+                self.consumed.add(base)
+                self.in_flight.add(base)
+            start = time.perf_counter()
+            try:
+                if tracer is None:
+                    outcome, exc = await handle(msg)
+                else:
+                    attrs = {**base, "messaging.message.id": msg.id, ATTEMPT: msg.attempt}
+                    with tracer.start_as_current_span(
+                        name, context=_extract(msg), kind=SpanKind.CONSUMER, attributes=attrs
+                    ) as span:
+                        outcome, exc = await handle(msg)
+                        if outcome is not None:
+                            span.set_attribute(OUTCOME, outcome)
+                        if exc is not None:
+                            span.set_attribute("error.type", type(exc).__name__)
+                            span.record_exception(exc)
+                            span.set_status(StatusCode.ERROR, describe(exc, 200))
+            finally:
+                if metering:
+                    self.in_flight.add(base, -1)
+            if metering:
+                error = None if exc is None else {**base, "error.type": type(exc).__name__}
+                self.process_duration.record(time.perf_counter() - start, error or base)
+                if outcome == "retry":
+                    self.retried.add(base)
+                elif outcome == "dead_letter":
+                    self.dead_lettered.add(base)
+            if exc is not None:
+                raise exc
+
+        return traced
+
+
+def _attributes(common: tuple[tuple[str, str | int], ...], endpoint: Endpoint, operation: str) -> dict[str, str | int]:
+    attrs = {
+        **dict(common),
+        "messaging.operation.type": operation,
+        "messaging.operation.name": operation,
+        "messaging.destination.name": endpoint.name,
+    }
+    if endpoint.subscription is not None:
+        attrs["messaging.destination.subscription.name"] = endpoint.subscription
+        attrs["messaging.consumer.group.name"] = endpoint.subscription
+    if endpoint.dead_letter:  # reading what was dead-lettered from that destination
+        attrs["msgbus.destination.dead_letter"] = True
+    return attrs
+
+
+class _Instruments:
+    """The instruments of one meter provider, shared by every bus it measures (an instrument name is
+    registered once per meter: a second bus's callbacks would be ignored)."""
+
+    def __init__(self, meter_provider: Any) -> None:
+        from . import __version__
+
+        meter = meter_provider.get_meter("msgbus", __version__)
+        self.attributes: dict[tuple[Any, ...], dict[str, str | int]] = {}
+        # Counts are kept here and read by observable instruments when metrics are collected: per message that
+        # is one dict update, where an SDK measurement hashes its attributes every time (~8 us each here).
+        self.sent, self.consumed, self.retried, self.dead_lettered, self.in_flight = (_Count() for _ in range(5))
+        meter.create_observable_counter(
+            "messaging.client.sent.messages", [self.sent.observe], "{message}", "Messages sent."
+        )
+        meter.create_observable_counter(
+            "messaging.client.consumed.messages", [self.consumed.observe], "{message}", "Messages handed to handlers."
+        )
+        meter.create_observable_counter(
+            "msgbus.messages.retried", [self.retried.observe], "{message}", "Handler failures retried."
+        )
+        meter.create_observable_counter(
+            "msgbus.messages.dead_lettered",
+            [self.dead_lettered.observe],
+            "{message}",
+            "Handler failures that dead-lettered their message.",
+        )
+        meter.create_observable_up_down_counter(
+            "msgbus.messages.in_flight", [self.in_flight.observe], "{message}", "Messages being handled now."
+        )
+        self.send_duration = meter.create_histogram(
+            "messaging.client.operation.duration", "s", "Duration of send operations (one per send or batch)."
+        )
+        self.process_duration = meter.create_histogram(
+            "messaging.process.duration", "s", "Duration of handling one message, handler and middleware."
+        )
+
+
+_SHARED: weakref.WeakKeyDictionary[Any, _Instruments] = weakref.WeakKeyDictionary()
+_SHARED_LOCK = threading.Lock()  # buses may be made on several threads (msgbus.sync runs its own loop)
+
+
+def _instruments(meter_provider: Any) -> _Instruments:
+    with _SHARED_LOCK:
+        instruments = _SHARED.get(meter_provider)
+        if instruments is None:
+            instruments = _SHARED[meter_provider] = _Instruments(meter_provider)
+        return instruments
+
+
+class _Count:
+    """A count per attribute set (the telemetry's cached dicts, which live as long as it does)."""
+
+    def __init__(self) -> None:
+        self.by_attributes: dict[int, list[Any]] = {}  # id(attributes) -> [attributes, count]
+
+    def add(self, attributes: dict[str, str | int], n: int = 1) -> None:
+        entry = self.by_attributes.get(id(attributes))
+        if entry is None:
+            self.by_attributes[id(attributes)] = [attributes, n]
+        else:
+            entry[1] += n
+
+    def observe(self, _options: Any) -> list[Observation]:
+        """Called by the SDK's reader, maybe on its own thread: a snapshot of the counts."""
+        return [Observation(count, attributes) for attributes, count in list(self.by_attributes.values())]
+
+
+def _carrying(record: Record) -> Record:
+    """``record`` with the current trace context in its headers (replacing any it had)."""
+    headers = dict(record.headers)
+    propagate.inject(headers)
+    return Record(
+        record.body, record.id, headers, record.key, record.correlation_id, record.content_type, record.timestamp
+    )
+
+
+def _extract(msg: Message[Any]) -> Any:
+    """The context a received message carries; None (a new trace) when its headers hold none or garbage."""
+    try:
+        return propagate.extract(msg.headers)
+    except Exception:  # a third-party propagator choking on hostile headers must not stop the consumer
+        return None
