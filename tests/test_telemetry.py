@@ -262,3 +262,32 @@ async def test_buses_sharing_a_meter_provider_add_up() -> None:
     (sent,) = [m for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics if "sent" in m.name]
     by_queue = {p.attributes["messaging.destination.name"]: p.value for p in sent.data.data_points}
     assert by_queue == {"q": 3, "other": 1}
+
+
+_GLOBAL_PROVIDER_RUN = """
+import asyncio
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from msgbus.testing import run_contract
+
+trace.set_tracer_provider(TracerProvider())
+
+
+async def main() -> None:
+    with trace.get_tracer("user").start_as_current_span("user's test"):
+        report = await run_contract("memory://", only=["headers and ids round-trip"])
+    print(*(f"{r.status}: {r.detail}" for r in report.results))
+
+
+asyncio.run(main())
+"""
+
+
+def test_the_contract_holds_in_a_process_with_a_global_tracer_provider() -> None:
+    """A user's suite that configured OpenTelemetry globally sends a traceparent with every message; the headers
+    round trip compares what the check sent (it failed with 100 differences before)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _GLOBAL_PROVIDER_RUN], capture_output=True, text=True, timeout=120)
+    assert out.stdout.startswith("pass: "), out.stdout + out.stderr[-2000:]
