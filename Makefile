@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # Contract runs append their results here; `make matrix` renders docs/capabilities.md from them.
 export MSGBUS_CONTRACT_RESULTS ?= $(CURDIR)/build/contract-results
 
-.PHONY: demo test lint unit integration install clean help matrix mutants docs
+.PHONY: demo test lint unit integration install clean help matrix mutants docs dist
 
 help:
 	@echo "make demo          run the order-system demo on the embedded SQLite backend"
@@ -16,6 +16,7 @@ help:
 	@echo "make lint          ruff + mypy only"
 	@echo "make matrix        render docs/capabilities.md from the latest contract runs"
 	@echo "make docs          build the docs site into build/site (mkdocs --strict: a broken link fails)"
+	@echo "make dist          build and check the wheels and sdists of the core and every adapter (build/dist)"
 	@echo "make mutants       run every mutant of the catalogue against the contract; fills docs/contract.md"
 	@echo "make brokers       start the local test brokers; make brokers-stop stops them"
 	@echo "make chaos         the failure suite at full volume, then docs/reliability.md"
@@ -68,7 +69,7 @@ integration: $(VENV)/.dev
 		$(PYTEST_ARGS) || status=1; \
 		$(MAKE) chaos-ci || status=1; cat $(MSGBUS_INTEGRATION_SUMMARY) 2>/dev/null; exit $$status
 
-test: lint docs unit integration
+test: lint docs dist unit integration
 
 # The whole mutant catalogue (mutants/catalogue.toml): each realistic bug, applied to a copy of the tree, must
 # fail one of its contract checks on every backend it applies to; `make test` runs the quick subset. Writes
@@ -89,6 +90,19 @@ $(VENV)/.docs: $(VENV)/.dev
 
 docs: $(VENV)/.docs
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+# Wheels and sdists of the core and every adapter into build/dist, checked by twine (--strict: a README that
+# would not render on the index fails) and by tools/check_release.py (versions, changelog, the core pin).
+DIST_DIR := build/dist
+$(VENV)/.release: $(VENV)/.dev
+	$(BIN)/pip install -q -e ".[release]"
+	@touch $@
+
+dist: $(VENV)/.release
+	@rm -rf $(DIST_DIR)
+	@for p in . $(ADAPTER_DIRS); do $(BIN)/python -m build --no-isolation --outdir $(DIST_DIR) $$p >/dev/null || exit 1; done
+	$(BIN)/twine check --strict $(DIST_DIR)/*
+	$(BIN)/python tools/check_release.py $(DIST_DIR)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
