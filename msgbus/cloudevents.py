@@ -72,6 +72,9 @@ def to_outgoing(
     headers = {f"{prefix}{name}": _text(value) for name, value in attributes.items() if name != "datacontenttype"}
     data = event.get_data()
     content_type = attributes.get("datacontenttype")
+    if content_type is not None and prefix == KAFKA_PREFIX:
+        # The Kafka binding's datacontenttype header; msgbus's own content type travels apart (x-msgbus-content-type)
+        headers["content-type"] = str(content_type)
     if data is None:
         return Outgoing(b"", key=key, headers=headers, content_type=_codec.BYTES)
     return Outgoing(data, key=key, headers=headers, content_type=content_type)

@@ -100,6 +100,8 @@ def test_any_event_roundtrips(backend: str, mode: str, prefix: str, tmp_path: Pa
         assert msg.headers[f"{prefix}type"] == event.get_type()
         assert msg.headers[f"{prefix}specversion"] == "1.0"
         assert f"{prefix}datacontenttype" not in msg.headers, "datacontenttype is the message's content type"
+        want_header = event.get_datacontenttype() if prefix == KAFKA_PREFIX else None
+        assert msg.headers.get("content-type") == want_header, "the Kafka binding's content-type header"
     else:
         assert msg.content_type == STRUCTURED_CONTENT_TYPE
         assert json.loads(msg.payload)["id"] == event.get_id()
