@@ -8,13 +8,15 @@ PYTEST_ARGS ?=
 # Contract runs append their results here; `make matrix` renders docs/capabilities.md from them.
 export MSGBUS_CONTRACT_RESULTS ?= $(CURDIR)/build/contract-results
 
-.PHONY: demo test lint unit integration install clean help matrix mutants
+.PHONY: demo test lint unit integration install clean help matrix mutants docs dist
 
 help:
 	@echo "make demo          run the order-system demo on the embedded SQLite backend"
 	@echo "make test          lint, type-check, start local brokers, run every test"
 	@echo "make lint          ruff + mypy only"
 	@echo "make matrix        render docs/capabilities.md from the latest contract runs"
+	@echo "make docs          build the docs site into build/site (mkdocs --strict: a broken link fails)"
+	@echo "make dist          build and check the wheels and sdists of the core and every adapter (build/dist)"
 	@echo "make mutants       run every mutant of the catalogue against the contract; fills docs/contract.md"
 	@echo "make brokers       start the local test brokers; make brokers-stop stops them"
 	@echo "make chaos         the failure suite at full volume, then docs/reliability.md"
@@ -67,7 +69,7 @@ integration: $(VENV)/.dev
 		$(PYTEST_ARGS) || status=1; \
 		$(MAKE) chaos-ci || status=1; cat $(MSGBUS_INTEGRATION_SUMMARY) 2>/dev/null; exit $$status
 
-test: lint unit integration
+test: lint docs dist unit integration
 
 # The whole mutant catalogue (mutants/catalogue.toml): each realistic bug, applied to a copy of the tree, must
 # fail one of its contract checks on every backend it applies to; `make test` runs the quick subset. Writes
@@ -79,6 +81,28 @@ mutants: $(VENV)/.dev
 
 matrix: $(VENV)/.core
 	$(BIN)/python tools/capability_matrix.py --results $(MSGBUS_CONTRACT_RESULTS) --out docs/capabilities.md
+
+# The docs site (mkdocs.yml): every page of docs/ and an API reference from the docstrings; --strict fails on a
+# broken link, anchor or reference. About 5 s.
+$(VENV)/.docs: $(VENV)/.dev
+	$(BIN)/pip install -q -e ".[docs]"
+	@touch $@
+
+docs: $(VENV)/.docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+# Wheels and sdists of the core and every adapter into build/dist, checked by twine (--strict: a README that
+# would not render on the index fails) and by tools/check_release.py (versions, changelog, the core pin).
+DIST_DIR := build/dist
+$(VENV)/.release: $(VENV)/.dev
+	$(BIN)/pip install -q -e ".[release]"
+	@touch $@
+
+dist: $(VENV)/.release
+	@rm -rf $(DIST_DIR)
+	@for p in . $(ADAPTER_DIRS); do $(BIN)/python -m build --no-isolation --outdir $(DIST_DIR) $$p >/dev/null || exit 1; done
+	$(BIN)/twine check --strict $(DIST_DIR)/*
+	$(BIN)/python tools/check_release.py $(DIST_DIR)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

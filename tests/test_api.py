@@ -34,8 +34,9 @@ def mem(**opts: str) -> str:
 
 
 def test_all_is_complete_and_sorted() -> None:
-    public = {n for n in dir(msgbus) if not n.startswith("_") and n not in {"annotations", "Any"}}
-    modules = {"adapter", "errors", "sync", "testing", "cli", "msgbus_adapter", "outbox", "inbox"}
+    # "@py_builtins": pytest rewrites the asserts of the package that ships a pytest plugin (msgbus.testing.plugin)
+    public = {n for n in dir(msgbus) if not n.startswith(("_", "@")) and n not in {"annotations", "Any"}}
+    modules = {"adapter", "errors", "sync", "testing", "cli", "msgbus_adapter", "outbox", "inbox", "cloudevents"}
     assert sorted(msgbus.__all__) == list(msgbus.__all__) or msgbus.__all__ == sorted(
         msgbus.__all__, key=lambda s: (not s.isupper(), s)
     )

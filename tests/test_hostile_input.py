@@ -12,7 +12,7 @@ import subprocess
 import sys
 import textwrap
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,37 +23,23 @@ import msgbus
 import msgbus.sync
 from msgbus.adapter import MAX_DEAD_LETTER_REASON, Delivery, Endpoint, Receiver, Record
 from msgbus.errors import ConfigError, InvalidMessage, MsgbusError
+from msgbus.testing import assert_dead_lettered
 
 BACKENDS = ["memory", "sqlite"]
 
 
 @pytest.fixture(params=BACKENDS)
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+def msgbus_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Both embedded backends, under the msgbus pytest plugin's ``bus`` fixture."""
     if request.param == "memory":
         return f"memory://{uuid.uuid4().hex}?visibility_timeout=1"
     return f"sqlite:///{tmp_path}/bus.db?visibility_timeout=1"
-
-
-@pytest.fixture
-async def bus(url: str) -> AsyncIterator[msgbus.Bus]:
-    async with msgbus.connect(url) as opened:
-        yield opened
 
 
 async def _wait(condition: Callable[[], bool], seconds: float = 10.0) -> None:
     async with asyncio.timeout(seconds):
         while not condition():
             await asyncio.sleep(0.01)
-
-
-async def _dead(bus: msgbus.Bus, queue: str, n: int) -> list[msgbus.Message[Any]]:
-    got: list[msgbus.Message[Any]] = []
-    async with asyncio.timeout(10):
-        while len(got) < n:
-            got += await bus.dead_letters(queue).receive(n, 0.5)
-    for msg in got:
-        await msg.ack()
-    return got
 
 
 class Tamper(Receiver):
@@ -111,7 +97,7 @@ async def test_json_nested_200000_deep_is_dead_lettered(bus: msgbus.Bus) -> None
     seen: list[Any] = []
     await _run_until(bus.consumer("q"), seen, 1)
     assert seen == [{"after": 1}]
-    (dead,) = await _dead(bus, "q", 1)
+    (dead,) = await assert_dead_lettered(bus, "q", timeout=10)
     assert dead.payload == deep and (dead.dead_letter_reason or "").startswith("DecodeError:")
 
 
@@ -151,7 +137,7 @@ async def test_metadata_of_the_wrong_type_on_receipt_is_dead_lettered(
     seen: list[Any] = []
     await _run_until(bus.consumer("q"), seen, 1)
     assert seen == [{"good": 2}]
-    (dead,) = await _dead(bus, "q", 1)
+    (dead,) = await assert_dead_lettered(bus, "q", timeout=10)
     assert (dead.dead_letter_reason or "").startswith("DecodeError:"), dead.dead_letter_reason
 
 
@@ -169,7 +155,7 @@ async def test_a_model_raising_its_own_error_is_dead_lettered(bus: msgbus.Bus) -
     seen: list[Any] = []
     await _run_until(bus.consumer("q", model=Picky), seen, 1)
     assert seen == [Picky(2)]
-    (dead,) = await _dead(bus, "q", 1)
+    (dead,) = await assert_dead_lettered(bus, "q", timeout=10)
     assert (dead.dead_letter_reason or "").startswith("DecodeError:"), dead.dead_letter_reason
 
 
@@ -355,7 +341,7 @@ async def test_a_5_mb_exception_message_makes_a_bounded_dead_letter(bus: msgbus.
 
     consumer = bus.consumer("q", retry=msgbus.RetryPolicy(max_attempts=1))
     task = asyncio.create_task(consumer.run(handle))
-    (dead,) = await _dead(bus, "q", 1)
+    (dead,) = await assert_dead_lettered(bus, "q", timeout=10)
     consumer.stop()
     await task
     reason = dead.dead_letter_reason or ""
@@ -366,9 +352,9 @@ async def test_a_5_mb_exception_message_makes_a_bounded_dead_letter(bus: msgbus.
 # --- the runtime: close() during run(), a handler's own CancelledError ------------------------------------
 
 
-async def test_close_during_run_lets_in_flight_handlers_finish_and_ack(url: str) -> None:
+async def test_close_during_run_lets_in_flight_handlers_finish_and_ack(msgbus_url: str) -> None:
     """bus.close() closed the adapter under running handlers: their acks failed, finished work came back."""
-    bus = msgbus.connect(url)
+    bus = msgbus.connect(msgbus_url)
     await bus.open()
     await bus.producer("q").send_many(list(range(8)))
     begun, done = list[int](), list[int]()
@@ -384,7 +370,7 @@ async def test_close_during_run_lets_in_flight_handlers_finish_and_ack(url: str)
     await bus.close()  # from another task than run()'s
     await asyncio.wait_for(task, 5)
     assert sorted(done) == sorted(begun), "every handler that started finished"
-    async with msgbus.connect(url) as again:
+    async with msgbus.connect(msgbus_url) as again:
         rest: list[msgbus.Message[Any]] = []
         await asyncio.sleep(1.2)  # past the visibility timeout: an unacked one would be back
         while batch := await again.consumer("q").receive(20, 0.5):

@@ -3,6 +3,8 @@
 Run it from the command line (``msgbus contract URL [--quick] [--only NAME]``), from code
 (``await run_contract(url)`` -> ``Report``), or from pytest by subclassing ``ContractSuite``
 (imported lazily, so this package works without pytest). See docs/contract.md.
+Helpers for a user's own tests (``wait_for_messages``, ``assert_sent``, ...) go with the pytest plugin
+(``msgbus.testing.plugin``, loaded by pytest on its own); see docs/testing.md.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._catalog import CHECKS
 from ._context import ContractContext, ContractFailure, ContractSkip, Tally
+from ._expect import assert_dead_lettered, assert_received, assert_sent, wait_for_messages
 from ._registry import Check
 from ._runner import CheckResult, Report, run_check, run_contract
 
@@ -27,8 +30,12 @@ __all__ = [
     "ContractSuite",
     "Report",
     "Tally",
+    "assert_dead_lettered",
+    "assert_received",
+    "assert_sent",
     "run_check",
     "run_contract",
+    "wait_for_messages",
 ]
 
 
