@@ -23,6 +23,8 @@ log = logging.getLogger("msgbus")
 
 T = TypeVar("T")
 
+REMEMBERED = 10_000  # nacked ids an inbox remembers; forgetting one only costs its retry running alone
+
 #: One receive call on the backend, returning decoded messages: ``(max_messages, timeout) -> messages``.
 Fetch = Callable[[int, float], Awaitable[list[Message[T]]]]
 
@@ -38,6 +40,7 @@ class Inbox(Generic[T]):
         self.receiver: Receiver | None = None  # set by the consumer when it starts receiving
         self.buffer: deque[Message[T]] = deque()
         self.unsettled = 0  # messages handed out by ``fetch`` and not settled yet
+        self.nacked: dict[str, int] = {}  # id -> the attempt this consumer nacked it at (``_redelivery``)
         self.lock = asyncio.Lock()  # one ``fetch`` at a time
         self.closed = False
         self._acks: list[Delivery] = []
@@ -51,9 +54,14 @@ class Inbox(Generic[T]):
         """The backend's capabilities (read each time: an adapter may refine them when it opens)."""
         return self.adapter.capabilities
 
-    def settled(self, msg: Message[Any]) -> None:
-        """``msg`` was settled: it no longer counts against ``prefetch`` (``Message`` calls this once)."""
+    def settled(self, msg: Message[Any], *, nacked: bool = False) -> None:
+        """``msg`` was settled: it no longer counts against ``prefetch`` (``Message`` calls this once). A nacked
+        one is remembered: its redelivery is a retry, whether the runtime or the handler itself nacked it."""
         self.unsettled -= 1
+        if nacked:
+            if len(self.nacked) >= REMEMBERED:
+                self.nacked.clear()
+            self.nacked[msg.id] = msg.attempt
 
     async def take(self, stop: asyncio.Event) -> Message[T] | None:
         """The next message, fetching a batch when the buffer is empty; ``None`` once stopped or closed."""

@@ -15,9 +15,9 @@ T = TypeVar("T")
 
 class Settling(Protocol):
     """What a received message tells, once, when it is settled: the consumer's inbox (``_inbox``), which counts
-    the messages held unsettled against prefetch."""
+    the messages held unsettled against prefetch and remembers the nacked ones (their redelivery is expected)."""
 
-    def settled(self, msg: Message[Any]) -> None: ...
+    def settled(self, msg: Message[Any], *, nacked: bool = False) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +116,7 @@ class Message(Generic[T]):
             raise InvalidMessage(f"nack delay must be a number of seconds or None, not {type(delay).__name__}")
         if delay is not None and not 0 <= delay < 1e15:  # NaN and infinity too: infinity would park it for good
             raise InvalidMessage(f"nack delay must be a finite number of seconds >= 0, got {delay!r:.40}")
-        if self._settle():
+        if self._settle(nacked=True):
             await self._delivery.nack(None if delay is None else float(delay))
 
     async def reject(self, reason: str) -> None:
@@ -127,12 +127,12 @@ class Message(Generic[T]):
         if self._settle():
             await self._delivery.dead_letter(dead_letter_reason(reason))
 
-    def _settle(self) -> bool:
+    def _settle(self, *, nacked: bool = False) -> bool:
         if self.settled:
             return False
         self.settled = True
         if self._inbox is not None:
-            self._inbox.settled(self)
+            self._inbox.settled(self, nacked=nacked)
         return True
 
     def __repr__(self) -> str:

@@ -4,7 +4,7 @@
 delivered more than ``max_attempts`` times is dead-lettered before any handler sees it: it may be what
 killed the consumers that held it.
 
-A redelivery that this run did not nack itself (a *suspect*: it came back because a consumer died or
+A redelivery that this consumer did not nack itself (a *suspect*: it came back because a consumer died or
 stopped while holding it) runs alone: no other handler runs, the acks of everything handled before are in,
 and its own ack is in before anything else starts (each wait bounded by ``ALONE`` seconds, so a long handler
 never stalls the run). If it kills the process, what comes back is only itself
@@ -22,7 +22,7 @@ import contextlib
 import logging
 from typing import Any
 
-from ._inbox import Inbox
+from ._inbox import REMEMBERED, Inbox
 from ._message import Message
 from .errors import MsgbusError
 
@@ -30,7 +30,6 @@ log = logging.getLogger("msgbus")
 
 ALONE = 1.0  # seconds a suspect waits for handlers in flight, and then runs with no other starting
 TOP_UP = 0.05  # seconds to wait for more held redeliveries before choosing which one runs
-_REMEMBERED = 10_000  # nacked ids a run remembers (a retry comes back as itself, not as a suspect)
 
 
 def limit_reason(attempt: int, max_attempts: int) -> str:
@@ -66,20 +65,13 @@ class Redeliveries:
         self._turn = asyncio.Event()
         self._turn.set()
         self._quiet: asyncio.Event | None = None  # set by the last handler to finish while a suspect waits
-        self._nacked: dict[str, int] = {}  # id -> the attempt this run nacked it at
         self._seen: set[str] = set()  # suspects already considered (the buffer was topped up for them)
         self._owner: Message[Any] | None = None  # the suspect running alone
         self._timer: asyncio.TimerHandle | None = None
 
     def suspect(self, msg: Message[Any]) -> bool:
-        """Whether redelivery ``msg`` came back without this run having nacked it."""
-        return self._nacked.get(msg.id) != msg.attempt - 1
-
-    def nacked(self, msg: Message[Any]) -> None:
-        """This run nacked ``msg``: its next delivery is a retry, not a suspect."""
-        if len(self._nacked) >= _REMEMBERED:
-            self._nacked.clear()  # forgetting only costs a retry running alone
-        self._nacked[msg.id] = msg.attempt
+        """Whether redelivery ``msg`` came back without this consumer having nacked it (``Inbox.nacked``)."""
+        return self.inbox.nacked.get(msg.id) != msg.attempt - 1
 
     async def wait(self) -> None:
         """Wait while a suspect runs alone."""
@@ -154,7 +146,7 @@ class Redeliveries:
         kept = [m for m in buffer if id(m) not in taken]
         buffer.clear()
         buffer.extend(kept)
-        if len(self._seen) >= _REMEMBERED:
+        if len(self._seen) >= REMEMBERED:
             self._seen.clear()
         self._seen.update(m.id for m in candidates)
         for m in [m for m in candidates if m.attempt > self.max_attempts]:

@@ -60,7 +60,6 @@ async def run(
             log.warning("msgbus: message %s dead-lettered after %d attempts: %s", msg.id, msg.attempt, reason)
             await msg.reject(reason)
             return
-        turns.nacked(msg)
         delay = retry.backoff(msg.attempt)
         log.info("msgbus: message %s attempt %d failed (%s); retry in %.2fs", msg.id, msg.attempt, reason, delay)
         if not caps.delayed_nack and delay > 0:

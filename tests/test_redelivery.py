@@ -134,6 +134,29 @@ async def test_retries_this_run_nacked_are_not_run_alone() -> None:
     assert most > 1
 
 
+async def test_redeliveries_a_handler_nacked_itself_are_not_run_alone() -> None:
+    """A handler's own ``nack()`` is this consumer's nack like a failed attempt's: its redelivery is expected,
+    not a suspect. Run alone, 300 of them stalled a 3000-message Service Bus run until buffered locks expired."""
+    async with msgbus.connect(url()) as bus:
+        await bus.producer("q").send_many([{"i": i} for i in range(8)])
+        running = most = 0
+        done: set[str] = set()
+
+        async def nacks_once(msg: msgbus.Message[Any]) -> None:
+            nonlocal running, most
+            if msg.attempt == 1:
+                await msg.nack()
+                return
+            running += 1
+            most = max(most, running)
+            await asyncio.sleep(0.05)
+            running -= 1
+            done.add(msg.id)
+
+        await run_until(bus.consumer("q"), nacks_once, lambda: len(done) >= 8, concurrency=8)
+    assert most > 1  # the redeliveries ran side by side (alone, it would be 1)
+
+
 async def test_run_refuses_max_attempts_at_the_brokers_own_limit() -> None:
     async with msgbus.connect(url()) as bus:
         bus.adapter.capabilities = replace(bus.capabilities, native_delivery_limit=5)
