@@ -8,6 +8,8 @@ from collections.abc import Callable
 
 from integration import (
     test_contract_kafka,
+    test_contract_nats,
+    test_contract_postgresql,
     test_contract_pubsub,
     test_contract_redis,
     test_contract_sqs,
@@ -16,11 +18,13 @@ from integration.brokers import Endpoint
 
 __all__ = ["BACKENDS", "at_defaults", "restart", "tuned"]
 
-BACKENDS = ("rabbitmq", "redis", "kafka", "pubsub", "sqs", "servicebus")
+BACKENDS = ("rabbitmq", "redis", "kafka", "pubsub", "sqs", "servicebus", "nats", "postgresql")
 
 # Options each backend's contract test adds to its endpoint's URL (RabbitMQ and Service Bus add none).
 _TUNED = {
     "kafka": test_contract_kafka.OPTIONS,
+    "nats": test_contract_nats.OPTIONS,
+    "postgresql": test_contract_postgresql.OPTIONS,
     "pubsub": test_contract_pubsub.OPTIONS,
     "redis": test_contract_redis.OPTIONS,
     "sqs": test_contract_sqs.OPTIONS,
@@ -48,7 +52,7 @@ def tuned(ep: Endpoint) -> str:
 
 def restart(ep: Endpoint) -> Callable[[], None]:
     """The restart each contract test gives the reconnect check: a kill where only what reached the disk
-    should survive (Kafka, Redis, pstest's journal), a graceful restart where the stand-in keeps its state
-    only then (moto's snapshot, the Service Bus test broker) and for RabbitMQ."""
-    hard = ep.backend in ("kafka", "redis", "pubsub")
+    should survive (Kafka, Redis, NATS's file store, PostgreSQL, pstest's journal), a graceful restart where
+    the stand-in keeps its state only then (moto's snapshot, the Service Bus test broker) and for RabbitMQ."""
+    hard = ep.backend in ("kafka", "redis", "pubsub", "nats", "postgresql")
     return lambda: ep.restart(hard=hard)
