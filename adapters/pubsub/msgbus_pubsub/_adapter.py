@@ -13,12 +13,13 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.api_core import exceptions as gx
+from google.api_core import gapic_v1
 from google.api_core import retry as retries
 from google.cloud import pubsub_v1
 from google.cloud.pubsub_v1.publisher.futures import Future as PublishFuture
@@ -367,6 +368,9 @@ class PubSubReceiver(Receiver):
         self._settled = asyncio.Event()
         self._closed = False
         self._background: set[asyncio.Task[Any]] = set()
+        self._routing = [
+            gapic_v1.routing_header.to_grpc_metadata((("subscription", self._subscription),))  # type: ignore[no-untyped-call]
+        ]
 
     def __repr__(self) -> str:
         return f"PubSubReceiver({self._route.endpoint})"
@@ -389,16 +393,22 @@ class PubSubReceiver(Receiver):
                 except TimeoutError:
                     return []
                 continue
-            got = await self._pull(room, max(0.0, deadline - now) + self._options.pull_timeout)
+            wait = deadline - now
+            got = await self._pull(room, max(0.0, wait) + self._options.pull_timeout, wait > 0)
             if got or loop.time() >= deadline:
                 return got
 
-    async def _pull(self, room: int, rpc_timeout: float) -> list[Delivery]:
+    async def _pull(self, room: int, rpc_timeout: float, wait: bool) -> list[Delivery]:
         _, _, subscriber = self._adapter._clients()
-        request = pb.PullRequest(subscription=self._subscription, max_messages=room)
+        # A poll (receive with timeout 0) returns at once: a pull that finds nothing otherwise waits server-side
+        # (pstest 0.5 s, the service up to the RPC deadline), and run() polls before each redelivery that runs
+        # alone. Through the transport's own callable: the client's pull() warns that the flag is deprecated.
+        request = pb.PullRequest(subscription=self._subscription, max_messages=room, return_immediately=not wait)
+        pull = cast("Callable[..., Awaitable[pb.PullResponse]]", subscriber.transport.pull)
+        call = pull(request, timeout=rpc_timeout, metadata=self._routing)
         # The pull runs as its own task: if our caller is cancelled mid-pull, whatever the service
         # already handed out is released at once instead of waiting out the subscription's deadline.
-        task = asyncio.ensure_future(subscriber.pull(request=request, timeout=rpc_timeout, retry=None))
+        task = asyncio.ensure_future(_api_errors(call))
         try:
             response = await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -517,6 +527,14 @@ class PubSubReceiver(Receiver):
         for t in list(self._background):
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await t
+
+
+async def _api_errors(call: Awaitable[pb.PullResponse]) -> pb.PullResponse:
+    """Await a raw gRPC call, raising the client library's exceptions, as its own methods do."""
+    try:
+        return await call
+    except grpc.RpcError as exc:
+        raise gx.from_grpc_error(exc) from exc  # type: ignore[no-untyped-call]
 
 
 class PubSubDelivery(Delivery):
