@@ -10,6 +10,7 @@ no thread bridge, and bounds what is held unsettled exactly. See ``docs/adapters
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import math
@@ -108,6 +109,7 @@ class PubSubAdapter(Adapter):
         self._routes: dict[Endpoint, Route] = {}
         self._declared: set[Endpoint] = set()  # declared with create=True: re-declared if the service lost them
         self._receivers: set[PubSubReceiver] = set()
+        self._publishing: set[PublishFuture] = set()  # not resolved yet: close() waits for them (see there)
         self._publish_retry = retries.Retry(
             predicate=_TRANSIENT, initial=0.1, maximum=1.0, multiplier=1.5, timeout=options.publish_timeout
         )
@@ -169,7 +171,14 @@ class PubSubAdapter(Adapter):
         subscriber, self._subscriber = self._subscriber, None
         if publisher is not None:
             with contextlib.suppress(*CLIENT_ERRORS, RuntimeError):
-                await asyncio.to_thread(publisher.stop)  # flushes pending batches; blocks
+                await asyncio.to_thread(publisher.stop)  # sends the pending batches, without waiting for them
+            # Commits still retrying (the service down) end within publish_timeout, their retry deadline. The
+            # channel closed under them instead, the commit thread died of a ValueError and their sends never
+            # returned.
+            if self._publishing:
+                await asyncio.to_thread(
+                    concurrent.futures.wait, list(self._publishing), self._options.publish_timeout + 1
+                )
             await asyncio.to_thread(publisher.transport.close)
         for client in (admin, subscriber):
             if client is not None:
@@ -319,6 +328,8 @@ class PubSubAdapter(Adapter):
         try:
             for m in messages:
                 future: PublishFuture = publisher.publish(topic, m.data, ordering_key=m.ordering_key, **m.attributes)
+                self._publishing.add(future)
+                future.add_done_callback(self._publishing.discard)
                 futures.append(asyncio.wrap_future(future))
         except CLIENT_ERRORS as exc:
             raise convert(exc, f"publish to {topic}", publish=True) from exc
