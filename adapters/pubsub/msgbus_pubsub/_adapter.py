@@ -10,15 +10,17 @@ no thread bridge, and bounds what is held unsettled exactly. See ``docs/adapters
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.api_core import exceptions as gx
+from google.api_core import gapic_v1
 from google.api_core import retry as retries
 from google.cloud import pubsub_v1
 from google.cloud.pubsub_v1.publisher.futures import Future as PublishFuture
@@ -107,6 +109,7 @@ class PubSubAdapter(Adapter):
         self._routes: dict[Endpoint, Route] = {}
         self._declared: set[Endpoint] = set()  # declared with create=True: re-declared if the service lost them
         self._receivers: set[PubSubReceiver] = set()
+        self._publishing: set[PublishFuture] = set()  # not resolved yet: close() waits for them (see there)
         self._publish_retry = retries.Retry(
             predicate=_TRANSIENT, initial=0.1, maximum=1.0, multiplier=1.5, timeout=options.publish_timeout
         )
@@ -168,7 +171,14 @@ class PubSubAdapter(Adapter):
         subscriber, self._subscriber = self._subscriber, None
         if publisher is not None:
             with contextlib.suppress(*CLIENT_ERRORS, RuntimeError):
-                await asyncio.to_thread(publisher.stop)  # flushes pending batches; blocks
+                await asyncio.to_thread(publisher.stop)  # sends the pending batches, without waiting for them
+            # Commits still retrying (the service down) end within publish_timeout, their retry deadline. The
+            # channel closed under them instead, the commit thread died of a ValueError and their sends never
+            # returned.
+            if self._publishing:
+                await asyncio.to_thread(
+                    concurrent.futures.wait, list(self._publishing), self._options.publish_timeout + 1
+                )
             await asyncio.to_thread(publisher.transport.close)
         for client in (admin, subscriber):
             if client is not None:
@@ -318,6 +328,8 @@ class PubSubAdapter(Adapter):
         try:
             for m in messages:
                 future: PublishFuture = publisher.publish(topic, m.data, ordering_key=m.ordering_key, **m.attributes)
+                self._publishing.add(future)
+                future.add_done_callback(self._publishing.discard)
                 futures.append(asyncio.wrap_future(future))
         except CLIENT_ERRORS as exc:
             raise convert(exc, f"publish to {topic}", publish=True) from exc
@@ -367,6 +379,9 @@ class PubSubReceiver(Receiver):
         self._settled = asyncio.Event()
         self._closed = False
         self._background: set[asyncio.Task[Any]] = set()
+        self._routing = [
+            gapic_v1.routing_header.to_grpc_metadata((("subscription", self._subscription),))  # type: ignore[no-untyped-call]
+        ]
 
     def __repr__(self) -> str:
         return f"PubSubReceiver({self._route.endpoint})"
@@ -389,16 +404,22 @@ class PubSubReceiver(Receiver):
                 except TimeoutError:
                     return []
                 continue
-            got = await self._pull(room, max(0.0, deadline - now) + self._options.pull_timeout)
+            wait = deadline - now
+            got = await self._pull(room, max(0.0, wait) + self._options.pull_timeout, wait > 0)
             if got or loop.time() >= deadline:
                 return got
 
-    async def _pull(self, room: int, rpc_timeout: float) -> list[Delivery]:
+    async def _pull(self, room: int, rpc_timeout: float, wait: bool) -> list[Delivery]:
         _, _, subscriber = self._adapter._clients()
-        request = pb.PullRequest(subscription=self._subscription, max_messages=room)
+        # A poll (receive with timeout 0) returns at once: a pull that finds nothing otherwise waits server-side
+        # (pstest 0.5 s, the service up to the RPC deadline), and run() polls before each redelivery that runs
+        # alone. Through the transport's own callable: the client's pull() warns that the flag is deprecated.
+        request = pb.PullRequest(subscription=self._subscription, max_messages=room, return_immediately=not wait)
+        pull = cast("Callable[..., Awaitable[pb.PullResponse]]", subscriber.transport.pull)
+        call = pull(request, timeout=rpc_timeout, metadata=self._routing)
         # The pull runs as its own task: if our caller is cancelled mid-pull, whatever the service
         # already handed out is released at once instead of waiting out the subscription's deadline.
-        task = asyncio.ensure_future(subscriber.pull(request=request, timeout=rpc_timeout, retry=None))
+        task = asyncio.ensure_future(_api_errors(call))
         try:
             response = await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -517,6 +538,14 @@ class PubSubReceiver(Receiver):
         for t in list(self._background):
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await t
+
+
+async def _api_errors(call: Awaitable[pb.PullResponse]) -> pb.PullResponse:
+    """Await a raw gRPC call, raising the client library's exceptions, as its own methods do."""
+    try:
+        return await call
+    except grpc.RpcError as exc:
+        raise gx.from_grpc_error(exc) from exc  # type: ignore[no-untyped-call]
 
 
 class PubSubDelivery(Delivery):
