@@ -551,8 +551,9 @@ class Consumer(Generic[T]):
         """One receive call on the backend; undecodable deliveries are dead-lettered, not returned."""
         receiver = await self._start(16)
         inbox = self._inbox
-        assert inbox.prefetch is not None
-        room = max(1, min(max_messages, inbox.prefetch - inbox.unsettled))
+        room, timeout = await inbox.room(max_messages, timeout)  # the prefetch limit: receivers do not count it
+        if not room:
+            return []
         out: list[Message[T]] = []
         for delivery in await receiver.receive(room, timeout):
             try:

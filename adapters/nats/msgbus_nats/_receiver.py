@@ -1,7 +1,8 @@
 """Receiving from a durable pull consumer: pulls that keep ``prefetch`` messages coming, and settling.
 
 One inbox subscription per receiver. A pull request (``CONSUMER.MSG.NEXT``) asks for as many messages as the
-credit left (``prefetch`` less what is unsettled or already asked for) and lingers on the server until it is
+read-ahead window has left (``prefetch`` less what arrived and was not handed out yet, or is already asked for;
+how many are handed out and unsettled is the core's to limit) and lingers on the server until it is
 filled or expires; it is topped up once half the credit is free, so the next messages are usually on their
 way while handlers work. The server answers an expired request with a 408 that says how much of it was left.
 """
@@ -84,7 +85,6 @@ class NatsReceiver(Receiver):
         self._inbox = ""
         self._sub: Subscription | None = None
         self._ready: deque[Msg] = deque()
-        self._unsettled = 0  # handed to us by the server and not settled yet (including ``_ready``)
         self._credit = 0  # asked for by pull requests still open
         self._pulls_end = 0.0  # loop time when the last open pull request expires
         self._wake = asyncio.Event()
@@ -113,7 +113,6 @@ class NatsReceiver(Receiver):
         if self._closed:  # arrived after close: give it back at once
             await self._adapter.connected()[0].publish(msg.reply, _NAK)
             return
-        self._unsettled += 1
         self._ready.append(msg)
         self._wake.set()
 
@@ -127,7 +126,7 @@ class NatsReceiver(Receiver):
         now = loop.time()
         if self._credit and now > self._pulls_end + 2.0:  # their 408s were lost (a disconnect): start afresh
             self._credit = 0
-        room = self._prefetch - self._unsettled - self._credit
+        room = self._prefetch - len(self._ready) - self._credit
         if room <= 0 or (self._credit and 2 * room < self._prefetch):
             return
         nc, _ = self._adapter.connected()
@@ -138,7 +137,7 @@ class NatsReceiver(Receiver):
         self._pulls_end = now + PULL_EXPIRES
 
     async def receive(self, max_messages: int, timeout: float) -> list[Delivery]:
-        """Wait up to ``timeout`` seconds for deliveries; never more than ``prefetch`` unsettled."""
+        """Wait up to ``timeout`` seconds for deliveries; up to ``max_messages`` (the core keeps the prefetch limit)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, timeout)
         while True:
@@ -210,8 +209,6 @@ class NatsReceiver(Receiver):
     # -- settling (called by NatsDelivery) ----------------------------------------------------------
 
     async def _settle_raw(self, msg: Msg, payload: bytes) -> None:
-        self._unsettled = max(0, self._unsettled - 1)
-        self._wake.set()
         nc, _ = self._adapter.connected()
         with translated(f"settle on {self._route.endpoint}", self._adapter.secrets):
             await nc.publish(msg.reply, payload)
@@ -239,8 +236,6 @@ class NatsReceiver(Receiver):
                 await self._settle(d, _ACK)
         if not plain:
             return
-        self._unsettled = max(0, self._unsettled - len(plain))
-        self._wake.set()
         nc, _ = self._adapter.connected()
         with translated(f"ack on {self._route.endpoint}", self._adapter.secrets):
             for d in plain:

@@ -256,7 +256,7 @@ class RedisAdapter(Adapter):
         if not r.receivable:
             raise ConfigError(f"cannot receive from {endpoint}: name a subscription of the topic")
         self._connected()
-        receiver = RedisReceiver(self, r, prefetch)
+        receiver = RedisReceiver(self, r)
         self._receivers.add(receiver)
         return receiver
 
@@ -287,15 +287,12 @@ class RedisReceiver(Receiver):
     consumer died), and trims the topic stream below what its slowest group still needs.
     """
 
-    def __init__(self, adapter: RedisAdapter, r: Route, prefetch: int) -> None:
+    def __init__(self, adapter: RedisAdapter, r: Route) -> None:
         self._adapter = adapter
         self._options = adapter._options
         self._route = r
         self._source = replace(r.endpoint, dead_letter=False)
-        self._prefetch = max(1, prefetch)
         self._consumer = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
-        self._unsettled = 0
-        self._settled = asyncio.Event()
         self._next_housekeeping = 0.0
         self._next_trim = 0.0
         self._turn = 0
@@ -305,30 +302,20 @@ class RedisReceiver(Receiver):
         return f"RedisReceiver({self._route.endpoint}, consumer={self._consumer!r})"
 
     async def receive(self, max_messages: int, timeout: float) -> list[Delivery]:
-        """Wait up to ``timeout`` seconds for deliveries; never more than ``prefetch`` unsettled."""
+        """Wait up to ``timeout`` seconds for deliveries; up to ``max_messages`` (the core keeps the prefetch limit)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, timeout)
         while True:
             if self._closed:
                 raise ClosedError(f"{self!r} is closed")
-            room = min(max_messages, self._prefetch - self._unsettled)
             now = loop.time()
-            if room <= 0:
-                if now >= deadline:
-                    return []
-                self._settled.clear()
-                try:
-                    await asyncio.wait_for(self._settled.wait(), deadline - now)
-                except TimeoutError:
-                    return []
-                continue
             if now >= self._next_housekeeping:
-                got = await self._housekeeping(room)
+                got = await self._housekeeping(max_messages)
                 if got:
                     return got
                 now = loop.time()
             block_ms = int((min(deadline, self._next_housekeeping) - now) * 1000)
-            got = await self._read(room, block_ms if block_ms >= 1 else None)
+            got = await self._read(max_messages, block_ms if block_ms >= 1 else None)
             if got or loop.time() >= deadline:
                 return got
 
@@ -403,14 +390,9 @@ class RedisReceiver(Receiver):
                 out.append(RedisDelivery(self, Record(body=body, id=raw.entry_id), deliveries, raw, rid, problem))
                 continue
             out.append(RedisDelivery(self, record, before + deliveries, raw, rid))
-        self._unsettled += len(out)
         return out
 
     # -- settling (called by RedisDelivery) ---------------------------------------------------------
-
-    def _release(self, count: int) -> None:
-        self._unsettled = max(0, self._unsettled - count)
-        self._settled.set()
 
     async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
         """XACK (and XDEL from single-group streams) every delivery in one MULTI/EXEC round trip."""
@@ -426,9 +408,6 @@ class RedisReceiver(Receiver):
             pipe.xack(stream, self._route.group, *ids)
             if stream in self._route.deletable:
                 pipe.xdel(stream, *ids)
-        # Settled by the handler: their room is free now, so a read can go out while the ack is on its way
-        # (an ack that fails leaves them pending, and reclaimed after ``visibility_timeout``, as before).
-        self._release(len(mine))
         with translated(f"ack on {self._route.endpoint}", secrets=self._adapter._secrets):
             try:
                 await pipe.execute()
@@ -444,15 +423,12 @@ class RedisReceiver(Receiver):
         deletable = "1" if d.entry.stream in self._route.deletable else "0"
         args: list[bytes | str | int] = [self._route.group, d.rid, deletable, delay_ms, self._consumer]
         args += flatten(fields)
-        try:
-            with translated(f"settle on {self._route.endpoint}", secrets=self._adapter._secrets):
-                try:
-                    await scripts.settle(keys=[d.entry.stream, target, delayed], args=args)
-                except rx.ResponseError as exc:
-                    if not is_nogroup(exc):
-                        raise
-        finally:
-            self._release(1)
+        with translated(f"settle on {self._route.endpoint}", secrets=self._adapter._secrets):
+            try:
+                await scripts.settle(keys=[d.entry.stream, target, delayed], args=args)
+            except rx.ResponseError as exc:
+                if not is_nogroup(exc):
+                    raise
 
     async def _nack(self, d: RedisDelivery, delay: float | None) -> None:
         r = self._route
@@ -484,7 +460,6 @@ class RedisReceiver(Receiver):
             return
         self._closed = True
         self._adapter._receivers.discard(self)
-        self._settled.set()
         client = self._adapter._client
         scripts = self._adapter._scripts
         if client is None or scripts is None:
