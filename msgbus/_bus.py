@@ -247,22 +247,18 @@ class _Sender:
         return f"<{type(self).__name__} {self._endpoint.name!r} on {self._bus.url}>"
 
     def _record(
-        self,
-        body: object,
-        key: str | None,
-        headers: Mapping[str, str] | None,
-        message_id: str | None,
-        correlation_id: str | None,
-        content_type: str | None,
-        now: float,
+        self, item: Outgoing, now: float, key: str | None = None, headers: Mapping[str, str] | None = None
     ) -> Record:
-        payload, ctype = _codec.encode(body, _opt_str("content_type", content_type))
+        """The record the adapter stores for ``item``, checked once, here. ``key`` and ``headers`` are a batch's
+        shared ones, already checked: the item's own key wins, and its headers are merged over them."""
+        payload, ctype = _codec.encode(item.body, _opt_str("content_type", item.content_type))
+        own = _check_headers(item.headers)
         record = Record(
             body=payload,
-            id=_opt_str("message_id", message_id) or new_id(),
-            headers=_check_headers(headers),
-            key=_opt_str("key", key),
-            correlation_id=_opt_str("correlation_id", correlation_id),
+            id=_opt_str("message_id", item.message_id) or new_id(),
+            headers={**headers, **own} if headers and own else own or headers or {},
+            key=_opt_str("key", item.key) if item.key is not None else key,
+            correlation_id=_opt_str("correlation_id", item.correlation_id),
             content_type=ctype,
             timestamp=now,
         )
@@ -286,17 +282,8 @@ class _Sender:
             raise InvalidMessage(f"delay {seconds:g}s is longer than the backend's maximum {caps.max_delay:g}s")
         return float(seconds)
 
-    async def _one(
-        self,
-        body: object,
-        key: str | None,
-        headers: Mapping[str, str] | None,
-        delay: float | timedelta | None,
-        message_id: str | None,
-        correlation_id: str | None,
-        content_type: str | None,
-    ) -> str:
-        record = self._record(body, key, headers, message_id, correlation_id, content_type, time.time())
+    async def _one(self, item: Outgoing, delay: float | timedelta | None) -> str:
+        record = self._record(item, time.time())
         seconds = self._delay(delay)
         coalescer = self._bus._coalescer(self._endpoint) if seconds is None else None
         if coalescer is not None:
@@ -329,19 +316,7 @@ class _Sender:
                         raise MessageTooLarge(size, limit)
                 records.append(record)
             else:
-                own = _check_headers(item.headers)
-                merged = {**shared_headers, **own} if shared_headers or own else None
-                records.append(
-                    self._record(
-                        item.body,
-                        item.key if item.key is not None else key,
-                        merged,
-                        item.message_id,
-                        item.correlation_id,
-                        item.content_type,
-                        now,
-                    )
-                )
+                records.append(self._record(item, now, shared_key, shared_headers))
         if records:
             await self._bus._store(self._endpoint, records, self._delay(delay))
         return [r.id for r in records]
@@ -362,7 +337,7 @@ class Producer(_Sender):
         content_type: str | None = None,
     ) -> str:
         """Send one message; returns its id. Raises (never fails silently) when the backend did not store it."""
-        return await self._one(body, key, headers, delay, message_id, correlation_id, content_type)
+        return await self._one(Outgoing(body, key, headers, message_id, correlation_id, content_type), delay)
 
     async def send_many(
         self,
@@ -391,7 +366,7 @@ class Publisher(_Sender):
         content_type: str | None = None,
     ) -> str:
         """Publish one message to every subscription of the topic; returns its id."""
-        return await self._one(body, key, headers, delay, message_id, correlation_id, content_type)
+        return await self._one(Outgoing(body, key, headers, message_id, correlation_id, content_type), delay)
 
     async def publish_many(
         self,
