@@ -38,7 +38,7 @@ from . import _scripts
 from ._codec import BODY, decode, encode, flatten
 from ._config import Persistence, RedisOptions, read_options
 from ._errors import is_nogroup, translated
-from ._keys import GroupSpec, Route, route
+from ._names import GroupSpec, Route, route
 
 __all__ = ["RedisAdapter", "StreamEntry", "create"]
 

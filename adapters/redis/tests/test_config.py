@@ -10,7 +10,7 @@ from msgbus.adapter import Endpoint
 from msgbus.errors import BrokerError, ConfigError, ConnectionLost, InvalidMessage, PublishError, TopologyError
 from msgbus_redis import RedisAdapter, create
 from msgbus_redis._errors import convert, translated
-from msgbus_redis._keys import route
+from msgbus_redis._names import route
 
 
 def _adapter(url: str) -> RedisAdapter:
