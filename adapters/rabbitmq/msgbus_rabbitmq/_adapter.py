@@ -87,7 +87,7 @@ class RabbitMQAdapter(Adapter):
 
     def __init__(self, url: BusURL, settings: Settings) -> None:
         self.url = url
-        self._s = settings
+        self.settings = settings
         quorum = settings.queue_type == "quorum"
         self.capabilities = Capabilities(
             ordering="none",
@@ -123,7 +123,7 @@ class RabbitMQAdapter(Adapter):
         """Connect (fails fast with ``ConnectionLost`` if the broker is unreachable now)."""
         if self._conn is not None:
             return
-        s = self._s
+        s = self.settings
         with translated(f"connecting to {self.url.redacted}", [s.password]):
             conn = await aio_pika.connect_robust(
                 host=s.host,
@@ -161,7 +161,7 @@ class RabbitMQAdapter(Adapter):
         self._declared.clear()
         self._holding.clear()
         if conn is not None:
-            with translated("closing the connection", [self._s.password]):
+            with translated("closing the connection", [self.settings.password]):
                 await conn.close()
 
     def _connection(self) -> AbstractRobustConnection:
@@ -180,14 +180,14 @@ class RabbitMQAdapter(Adapter):
         A retry after a lost confirm may store the message twice (at-least-once, never at-most-once).
         """
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._s.send_timeout
+        deadline = loop.time() + self.settings.send_timeout
         while True:
             try:
                 return await operation()
             except MsgbusError:
                 raise
             except Exception as exc:
-                err = convert(exc, doing, [self._s.password])
+                err = convert(exc, doing, [self.settings.password])
                 remaining = deadline - loop.time()
                 if not isinstance(err, ConnectionLost) or remaining <= 0 or self._conn is None:
                     raise err from exc
@@ -202,14 +202,14 @@ class RabbitMQAdapter(Adapter):
 
     def _queue_arguments(self, dlq: str | None) -> dict[str, Any]:
         args: dict[str, Any] = {}
-        if self._s.queue_type == "quorum":
+        if self.settings.queue_type == "quorum":
             args["x-queue-type"] = "quorum"
         if dlq is not None:
             args["x-dead-letter-exchange"] = ""  # the default exchange routes by queue name
             args["x-dead-letter-routing-key"] = dlq
-            if self._s.queue_type == "quorum" and self._s.delivery_limit:
+            if self.settings.queue_type == "quorum" and self.settings.delivery_limit:
                 # The broker's backstop: past it the queue dead-letters by itself, without msgbus's reason.
-                args["x-delivery-limit"] = self._s.delivery_limit
+                args["x-delivery-limit"] = self.settings.delivery_limit
         return args
 
     async def declare(self, endpoint: Endpoint, *, create: bool = True) -> None:
@@ -226,7 +226,7 @@ class RabbitMQAdapter(Adapter):
             if key in self._declared:
                 return
             if create:
-                with translated(f"declaring {endpoint}", [self._s.password]):
+                with translated(f"declaring {endpoint}", [self.settings.password]):
                     await self._declare(topology, endpoint)
             else:
                 await self._verify(endpoint)
@@ -250,7 +250,7 @@ class RabbitMQAdapter(Adapter):
                 "msgbus: RabbitMQ queue %r exists without x-delivery-limit; it is used as it is (to add the "
                 'broker\'s backstop, apply a policy with "delivery-limit": %d)',
                 main,
-                self._s.delivery_limit,
+                self.settings.delivery_limit,
             )
         queue = await channel.declare_queue(main, durable=True, arguments=arguments)
         if exchange is not None:
@@ -274,10 +274,10 @@ class RabbitMQAdapter(Adapter):
     async def _verify(self, endpoint: Endpoint) -> None:
         """Passive declares on a throwaway channel: a missing entity closes that channel, not ours."""
         conn = self._connection()
-        with translated(f"verifying {endpoint}", [self._s.password]):
+        with translated(f"verifying {endpoint}", [self.settings.password]):
             probe = await conn.channel(publisher_confirms=False)
         try:
-            with translated(f"verifying {endpoint}", [self._s.password]):
+            with translated(f"verifying {endpoint}", [self.settings.password]):
                 if endpoint.kind == "topic":
                     await probe.declare_exchange(endpoint.name, passive=True, robust=False)
                 if endpoint.kind == "queue" or endpoint.subscription is not None:
@@ -318,7 +318,7 @@ class RabbitMQAdapter(Adapter):
         returns a message (queue missing), ``ConnectionLost`` when the broker stays unreachable for
         ``send_timeout`` seconds. Messages already confirmed in a failed batch stay sent.
         """
-        limit = self._s.max_message_size
+        limit = self.settings.max_message_size
         for r in records:
             if r.size() > limit:
                 raise MessageTooLarge(r.size(), limit)
@@ -333,12 +333,12 @@ class RabbitMQAdapter(Adapter):
             if delay > MAX_DELAY:
                 raise ConfigError(f"delay {delay}s exceeds the RabbitMQ adapter's max_delay of {MAX_DELAY}s")
             ms = delay_bucket_ms(delay)
-            with translated(f"declaring the delay queue for {endpoint}", [self._s.password]):
+            with translated(f"declaring the delay queue for {endpoint}", [self.settings.password]):
                 holding = await self._holding_queue(ms, target, "q" if endpoint.kind == "queue" else "t")
             exchange, routing_key, mandatory = "", holding, True
-        await self._publish_all(str(endpoint), exchange, routing_key, messages, mandatory)
+        await self.publish_all(str(endpoint), exchange, routing_key, messages, mandatory)
 
-    async def _publish_all(
+    async def publish_all(
         self, what: str, exchange: str, routing_key: str, messages: Sequence[aio_pika.Message], mandatory: bool
     ) -> None:
         """Pipeline the publishes on the confirming channel and wait for all confirms."""
@@ -387,12 +387,16 @@ class RabbitMQAdapter(Adapter):
         receiver._pause_later()
         return receiver
 
-    async def _requeue_copy(self, record: Record, queue: str, prior_attempts: int, delay: float | None) -> None:
+    def forget(self, receiver: RabbitMQReceiver) -> None:
+        """``receiver`` closed: the adapter no longer closes it."""
+        self._receivers.discard(receiver)
+
+    async def requeue_copy(self, record: Record, queue: str, prior_attempts: int, delay: float | None) -> None:
         """Re-publish ``record`` into ``queue`` (after ``delay``) carrying the attempts made so far."""
         message = encode(record, prior_attempts)
         routing_key = queue
         if delay is not None and delay > 0:
             ms = delay_bucket_ms(min(delay, MAX_DELAY))
-            with translated(f"declaring the delay queue for {queue}", [self._s.password]):
+            with translated(f"declaring the delay queue for {queue}", [self.settings.password]):
                 routing_key = await self._holding_queue(ms, queue, "q")
-        await self._publish_all(f"queue {queue}", "", routing_key, [message], True)
+        await self.publish_all(f"queue {queue}", "", routing_key, [message], True)

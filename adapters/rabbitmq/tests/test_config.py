@@ -109,7 +109,7 @@ def test_a_receivers_connection_uses_the_urls_settings() -> None:
     assert (params.host, params.port, params.virtual_host, params.heartbeat) == ("mq.example", 5999, "prod", 15)
     assert (params.credentials.username, params.credentials.password) == ("alice", "s3cret")
     assert (params.socket_timeout, params.stack_timeout, params.connection_attempts) == (3.0, 3.0, 1)
-    assert params.ssl_options.context is adapter._s.tls and params.ssl_options.server_hostname == "mq.example"
+    assert params.ssl_options.context is adapter.settings.tls and params.ssl_options.server_hostname == "mq.example"
     assert params.client_properties["connection_name"] == "msgbus consumer"
     plain = parse_url("amqp://")
     reader = plain.reader()
