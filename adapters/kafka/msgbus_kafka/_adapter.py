@@ -42,7 +42,8 @@ from msgbus.errors import ClosedError, TopologyError
 from . import _codec
 from ._config import AUTO_REPLICATION, KafkaOptions, read_options
 from ._errors import translated
-from ._receiver import KafkaReceiver, close_quietly, dead_letters_of
+from ._names import dead_letters_of, group_of, topic_of
+from ._receiver import KafkaReceiver, close_quietly
 
 __all__ = ["KafkaAdapter", "create"]
 
@@ -133,9 +134,9 @@ class KafkaAdapter(Adapter):
 
     async def declare(self, endpoint: Endpoint, *, create: bool = True) -> None:
         o = self.options
-        wanted = {_codec.topic_of(endpoint): o.partitions if not endpoint.dead_letter else o.dead_letter_partitions}
+        wanted = {topic_of(endpoint): o.partitions if not endpoint.dead_letter else o.dead_letter_partitions}
         if endpoint.kind == "queue" or endpoint.subscription is not None:
-            wanted[_codec.topic_of(dead_letters_of(endpoint))] = o.dead_letter_partitions
+            wanted[topic_of(dead_letters_of(endpoint))] = o.dead_letter_partitions
         if not endpoint.dead_letter:
             wanted[endpoint.name] = o.partitions
         await self._ensure_topics(wanted, create=create)
@@ -177,7 +178,7 @@ class KafkaAdapter(Adapter):
     async def _ensure_subscription(self, endpoint: Endpoint, *, create: bool) -> None:
         """A subscription exists once its group has committed offsets; a new one starts at the topic's end,
         so it gets every message published after ``declare`` returns (and none from before)."""
-        group = _codec.group_of(endpoint, self.options.group_prefix)
+        group = group_of(endpoint, self.options.group_prefix)
         with translated("read subscription offsets", secrets=self._secrets):
             committed = await self.admin.list_consumer_group_offsets(group)
         if committed:
@@ -220,7 +221,7 @@ class KafkaAdapter(Adapter):
         producer = self._producer
         if producer is None:
             raise ClosedError("the kafka bus is not open")
-        topic = _codec.topic_of(endpoint)
+        topic = topic_of(endpoint)
         with translated(f"send to {topic!r}", publish=True, secrets=self._secrets):
             if len(records) == 1:  # a single send: aiokafka batches concurrent ones by itself
                 kr = _codec.encode(records[0])

@@ -35,6 +35,7 @@ from msgbus.errors import ClosedError, MsgbusError
 from . import _codec
 from ._config import KafkaOptions
 from ._errors import convert, translated
+from ._names import dead_letters_of, group_of, topic_of
 
 log = logging.getLogger("msgbus.kafka")
 
@@ -50,11 +51,6 @@ class Link(Protocol):
     async def send(self, endpoint: Endpoint, records: Sequence[Record], delay: float | None = None) -> None: ...
 
     def forget(self, receiver: KafkaReceiver) -> None: ...
-
-
-def dead_letters_of(endpoint: Endpoint) -> Endpoint:
-    """The dead-letter endpoint of ``endpoint``."""
-    return Endpoint(endpoint.kind, endpoint.name, endpoint.subscription, dead_letter=True)
 
 
 async def close_quietly(*closers: Any) -> None:
@@ -160,8 +156,8 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
         self.adapter = adapter
         self.endpoint = endpoint
         self.prefetch = prefetch
-        self.topic = _codec.topic_of(endpoint)
-        self.group = _codec.group_of(endpoint, adapter.options.group_prefix)
+        self.topic = topic_of(endpoint)
+        self.group = group_of(endpoint, adapter.options.group_prefix)
         self._o = adapter.options
         self._consumer: AIOKafkaConsumer | None = None
         self._parts: dict[TopicPartition, _Partition] = {}
