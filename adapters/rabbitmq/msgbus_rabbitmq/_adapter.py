@@ -10,7 +10,6 @@ after ``d`` ms into ``x`` (TTL + dead-letter exchange), so nothing blocks while 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
@@ -25,6 +24,7 @@ from msgbus.errors import ClosedError, ConfigError, ConnectionLost, MessageTooLa
 from ._codec import encode
 from ._config import Settings, read_settings
 from ._errors import convert, translated
+from ._names import delay_bucket_ms, holding_queue_name, queue_name
 from ._receiver import RabbitMQReceiver
 
 _T = TypeVar("_T")
@@ -33,45 +33,11 @@ log = logging.getLogger("msgbus")
 MAX_DELAY = 7 * 24 * 3600.0  # holding-queue TTLs are 32-bit milliseconds; a week is a sane ceiling
 _HOLDING_GRACE_MS = 300_000  # an idle holding queue is deleted this long after its messages are due
 _HOLDING_REDECLARE = 60.0  # re-declare (resetting x-expires) when the last declare is older than this
-_MAX_NAME = 255  # bytes in an AMQP queue or exchange name
 
 
 def create(url: BusURL, options: OptionReader) -> RabbitMQAdapter:
     """Entry point for ``amqp://`` and ``amqps://`` URLs (registered under ``msgbus.adapters``)."""
     return RabbitMQAdapter(url, read_settings(url, options))
-
-
-def queue_name(endpoint: Endpoint) -> str:
-    """The RabbitMQ queue that holds ``endpoint``'s messages (a queue, a subscription, or dead letters)."""
-    if endpoint.kind == "queue":
-        base = endpoint.name
-    elif endpoint.subscription is not None:
-        base = f"{endpoint.name}.{endpoint.subscription}"
-    else:
-        raise ConfigError(f"{endpoint}: receiving from a topic needs a subscription name")
-    return f"{base}.dlq" if endpoint.dead_letter else base
-
-
-def delay_bucket_ms(delay: float) -> int:
-    """``delay`` in whole milliseconds, rounded up to two significant digits.
-
-    Every distinct delay needs its own holding queue (a queue has one TTL), so jittered backoffs are
-    grouped: a message waits at least ``delay`` and at most about 10 % longer.
-    """
-    ms = max(1, math.ceil(delay * 1000))
-    if ms < 100:
-        return ms
-    scale = 10 ** (len(str(ms)) - 2)
-    return int(-(-ms // scale) * scale)
-
-
-def holding_queue_name(ms: int, target: str, kind: str) -> str:
-    """Name of the holding queue for ``ms`` milliseconds towards queue/exchange ``target``."""
-    name = f"msgbus.delay.{ms}ms.{kind}.{target}"
-    if len(name.encode()) <= _MAX_NAME:
-        return name
-    digest = hashlib.sha256(target.encode()).hexdigest()[:16]
-    return f"msgbus.delay.{ms}ms.{kind}.{digest}"
 
 
 class RabbitMQAdapter(Adapter):

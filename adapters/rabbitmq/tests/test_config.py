@@ -8,8 +8,8 @@ from msgbus._url import parse_url
 from msgbus.adapter import Endpoint
 from msgbus.errors import ConfigError
 from msgbus_rabbitmq import create
-from msgbus_rabbitmq._adapter import delay_bucket_ms, holding_queue_name, queue_name
 from msgbus_rabbitmq._config import DEFAULT_MAX_MESSAGE_SIZE, read_settings
+from msgbus_rabbitmq._names import delay_bucket_ms, holding_queue_name, queue_name
 
 
 def _settings(url: str):
