@@ -259,22 +259,18 @@ class _Sender:
         return f"<{type(self).__name__} {self._endpoint.name!r} on {self._bus.url}>"
 
     def _record(
-        self,
-        body: object,
-        key: str | None,
-        headers: Mapping[str, str] | None,
-        message_id: str | None,
-        correlation_id: str | None,
-        content_type: str | None,
-        now: float,
+        self, item: Outgoing, now: float, key: str | None = None, headers: Mapping[str, str] | None = None
     ) -> Record:
-        payload, ctype = _codec.encode(body, _opt_str("content_type", content_type))
+        """The record the adapter stores for ``item``, checked once, here. ``key`` and ``headers`` are a batch's
+        shared ones, already checked: the item's own key wins, and its headers are merged over them."""
+        payload, ctype = _codec.encode(item.body, _opt_str("content_type", item.content_type))
+        own = _check_headers(item.headers)
         record = Record(
             body=payload,
-            id=_opt_str("message_id", message_id) or new_id(),
-            headers=_check_headers(headers),
-            key=_opt_str("key", key),
-            correlation_id=_opt_str("correlation_id", correlation_id),
+            id=_opt_str("message_id", item.message_id) or new_id(),
+            headers={**headers, **own} if headers and own else own or headers or {},
+            key=_opt_str("key", item.key) if item.key is not None else key,
+            correlation_id=_opt_str("correlation_id", item.correlation_id),
             content_type=ctype,
             timestamp=now,
         )
@@ -298,17 +294,8 @@ class _Sender:
             raise InvalidMessage(f"delay {seconds:g}s is longer than the backend's maximum {caps.max_delay:g}s")
         return float(seconds)
 
-    async def _one(
-        self,
-        body: object,
-        key: str | None,
-        headers: Mapping[str, str] | None,
-        delay: float | timedelta | None,
-        message_id: str | None,
-        correlation_id: str | None,
-        content_type: str | None,
-    ) -> str:
-        record = self._record(body, key, headers, message_id, correlation_id, content_type, time.time())
+    async def _one(self, item: Outgoing, delay: float | timedelta | None) -> str:
+        record = self._record(item, time.time())
         seconds = self._delay(delay)
         telemetry = self._bus._telemetry
         if telemetry is not None:
@@ -348,19 +335,7 @@ class _Sender:
                         raise MessageTooLarge(size, limit)
                 records.append(record)
             else:
-                own = _check_headers(item.headers)
-                merged = {**shared_headers, **own} if shared_headers or own else None
-                records.append(
-                    self._record(
-                        item.body,
-                        item.key if item.key is not None else key,
-                        merged,
-                        item.message_id,
-                        item.correlation_id,
-                        item.content_type,
-                        now,
-                    )
-                )
+                records.append(self._record(item, now, shared_key, shared_headers))
         if records:
             seconds = self._delay(delay)
             telemetry = self._bus._telemetry
@@ -388,7 +363,7 @@ class Producer(_Sender):
         content_type: str | None = None,
     ) -> str:
         """Send one message; returns its id. Raises (never fails silently) when the backend did not store it."""
-        return await self._one(body, key, headers, delay, message_id, correlation_id, content_type)
+        return await self._one(Outgoing(body, key, headers, message_id, correlation_id, content_type), delay)
 
     async def send_many(
         self,
@@ -417,7 +392,7 @@ class Publisher(_Sender):
         content_type: str | None = None,
     ) -> str:
         """Publish one message to every subscription of the topic; returns its id."""
-        return await self._one(body, key, headers, delay, message_id, correlation_id, content_type)
+        return await self._one(Outgoing(body, key, headers, message_id, correlation_id, content_type), delay)
 
     async def publish_many(
         self,
@@ -577,8 +552,9 @@ class Consumer(Generic[T]):
         """One receive call on the backend; undecodable deliveries are dead-lettered, not returned."""
         receiver = await self._start(16)
         inbox = self._inbox
-        assert inbox.prefetch is not None
-        room = max(1, min(max_messages, inbox.prefetch - inbox.unsettled))
+        room, timeout = await inbox.room(max_messages, timeout)  # the prefetch limit: receivers do not count it
+        if not room:
+            return []
         out: list[Message[T]] = []
         for delivery in await receiver.receive(room, timeout):
             try:

@@ -1,13 +1,16 @@
 """The consumer's inbox: what ``Consumer`` and the ``run()`` runtime share, and nothing else.
 
 It holds the messages fetched but not handed out yet (``buffer``), counts those held unsettled against
-``prefetch`` (``Message`` tells it when one is settled), and batches the acks of handled messages. The runtime
+``prefetch`` (``Message`` tells it when one is settled), and batches the acks of handled messages. The
+prefetch limit is the inbox's alone: it asks the receiver for at most the free room (``room``), and receivers
+return what they are asked for without counting it again. The runtime
 (``_runtime``, ``_redelivery``) works on the inbox only, never on the consumer: take, ack, release, drain.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -48,6 +51,7 @@ class Inbox(Generic[T]):
         self._durable_at = 0.0  # monotonic time of the last ``acks_durable``
         self._ack_flush: asyncio.Task[None] | None = None
         self._ack_taken: asyncio.Event | None = None  # set each time the flush takes a batch (``send_acks``)
+        self._freed: asyncio.Event | None = None  # set by a settlement while ``room`` waits for one
 
     @property
     def capabilities(self) -> Capabilities:
@@ -62,6 +66,26 @@ class Inbox(Generic[T]):
             if len(self.nacked) >= REMEMBERED:
                 self.nacked.clear()
             self.nacked[msg.id] = msg.attempt
+        if self._freed is not None:
+            self._freed.set()
+
+    async def room(self, wanted: int, timeout: float) -> tuple[int, float]:
+        """How many messages may be fetched now (at most ``wanted``) without holding more than ``prefetch``
+        unsettled, and the seconds left of ``timeout``. With no room, waits up to ``timeout`` seconds for a
+        settlement; ``(0, 0.0)`` if none came (or the inbox was closed)."""
+        assert self.prefetch is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (free := self.prefetch - self.unsettled) <= 0:
+            left = deadline - loop.time()
+            if left <= 0 or self.closed:
+                return 0, 0.0
+            if self._freed is None:
+                self._freed = asyncio.Event()
+            self._freed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._freed.wait(), left)
+        return min(wanted, free), max(0.0, deadline - loop.time())
 
     async def take(self, stop: asyncio.Event) -> Message[T] | None:
         """The next message, fetching a batch when the buffer is empty; ``None`` once stopped or closed."""

@@ -323,14 +323,12 @@ class _MemoryDelivery(Delivery):
 
 
 class _MemoryReceiver(Receiver):
-    """Leases messages from one store; at most ``prefetch`` unsettled deliveries at a time."""
+    """Leases messages from one store, as many as asked for (the consumer's inbox keeps the prefetch limit)."""
 
-    def __init__(self, adapter: MemoryAdapter, store: _Store, endpoint: Endpoint, prefetch: int) -> None:
+    def __init__(self, adapter: MemoryAdapter, store: _Store, endpoint: Endpoint) -> None:
         self.store = store
         self._adapter = adapter
         self._endpoint = endpoint
-        self._prefetch = max(1, prefetch)
-        self._held = 0
         self._closed = False
         self._waiter: _Waiter | None = None  # set while receive() sleeps
 
@@ -348,22 +346,17 @@ class _MemoryReceiver(Receiver):
         while not self._closed:
             if max_messages <= 0:
                 return []
-            room = min(max_messages, self._prefetch - self._held)
             with lock:
                 now = time.monotonic()
-                if room > 0:
-                    taken = store.take(room, now, lease)
-                    if taken:
-                        store.notify()  # leftovers for other waiters
-                        self._held += len(taken)
-                        return [_MemoryDelivery(self, msg) for msg in taken]
+                taken = store.take(max_messages, now, lease)
+                if taken:
+                    store.notify()  # leftovers for other waiters
+                    return [_MemoryDelivery(self, msg) for msg in taken]
                 if now >= deadline:
                     return []
-                # With no room only a settle, which wakes us directly, can help.
-                wake_at = min(deadline, store.next_due()) if room > 0 else deadline
+                wake_at = min(deadline, store.next_due())
                 waiter = _Waiter(loop, wake_at)
-                if room > 0:
-                    store.waiters.add(waiter)
+                store.waiters.add(waiter)
             self._waiter = waiter
             timer = loop.call_later(wake_at - now, _resolve, waiter.fut) if wake_at != _FOREVER else None
             try:
@@ -379,14 +372,12 @@ class _MemoryReceiver(Receiver):
     def settle(self, deliveries: Sequence[_MemoryDelivery], action: int, delay: float, reason: str) -> None:
         """Apply one settlement to deliveries of this receiver; stale or repeated ones are no-ops."""
         store = self.store
-        freed = 0
         with store.ns.lock:
             now = time.monotonic()
             for d in deliveries:
                 if d._settled:
                     continue
                 d._settled = True
-                freed += 1
                 msg = d._msg
                 if msg.state != _LEASED or msg.attempt != d._lease:
                     continue  # the lease expired and the message moved on
@@ -409,9 +400,6 @@ class _MemoryReceiver(Receiver):
                         target.notify()
             store.compact()
             store.notify()
-        self._held -= freed
-        if freed and self._waiter is not None:
-            self._waiter.wake()
 
     async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
         """Ack a batch under one lock acquisition."""
@@ -501,7 +489,7 @@ class MemoryAdapter(Adapter):
         with self._ns.lock:
             store = self._find(endpoint, create=True, receiving=True)
         assert store is not None
-        r = _MemoryReceiver(self, store, endpoint, prefetch)
+        r = _MemoryReceiver(self, store, endpoint)
         self._receivers.add(r)
         return r
 

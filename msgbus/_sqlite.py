@@ -486,9 +486,7 @@ class _SqliteDelivery(Delivery):
         if self._settled:
             return
         self._settled = True
-        receiver = self._receiver
-        receiver._held -= 1
-        await receiver.adapter._ack([(self._ref.seq, self._ref.lease)], self._ref.endpoint_id)
+        await self._receiver.adapter._ack([(self._ref.seq, self._ref.lease)], self._ref.endpoint_id)
 
     async def nack(self, delay: float | None = None) -> None:
         seq, lease, endpoint_id = self._ref.seq, self._ref.lease, self._ref.endpoint_id
@@ -512,15 +510,14 @@ class _SqliteDelivery(Delivery):
 
 
 class _SqliteReceiver(Receiver):
-    """Leases messages of one queue, subscription or dead-letter destination; holds at most ``prefetch``."""
+    """Leases messages of one queue, subscription or dead-letter destination, as many as asked for (the consumer's
+    inbox keeps the prefetch limit)."""
 
-    def __init__(self, adapter: SqliteAdapter, endpoint: Endpoint, endpoint_id: int, dlq_id: int, prefetch: int):
+    def __init__(self, adapter: SqliteAdapter, endpoint: Endpoint, endpoint_id: int, dlq_id: int):
         self.adapter = adapter
         self.endpoint = endpoint
         self.endpoint_id = endpoint_id
         self.dlq_id = dlq_id
-        self._prefetch = max(prefetch, 1)
-        self._held = 0
         self._closed = False
 
     async def receive(self, max_messages: int, timeout: float) -> list[Delivery]:
@@ -536,11 +533,9 @@ class _SqliteReceiver(Receiver):
         deadline = loop.time() + max(timeout, 0.0)
         pause = _FIRST_POLL
         while True:
-            room = min(max_messages, self._prefetch - self._held)
-            if room > 0:
-                deliveries = await self._lease(room)
-                if deliveries:
-                    return deliveries
+            deliveries = await self._lease(max_messages)
+            if deliveries:
+                return deliveries
             remaining = deadline - loop.time()
             if remaining <= 0 or self._closed:
                 return []
@@ -556,7 +551,6 @@ class _SqliteReceiver(Receiver):
         except asyncio.CancelledError:
             future.add_done_callback(lambda f: self._release_orphans(f, lease))
             raise
-        self._held += len(rows)
         return [_SqliteDelivery(self, _decode(row), row[1], SqliteMessage(row[0], endpoint_id, lease)) for row in rows]
 
     def _release_orphans(self, future: concurrent.futures.Future[list[_Row]], lease: int) -> None:
@@ -584,7 +578,6 @@ class _SqliteReceiver(Receiver):
         if delivery._settled:
             return
         delivery._settled = True
-        self._held -= 1
         changed = await self.adapter._call(fn)
         if not changed:
             log.warning("msgbus: lease on message %s expired before it was settled", delivery.record.id)
@@ -597,7 +590,6 @@ class _SqliteReceiver(Receiver):
                 await d.ack()
             elif not d._settled:
                 d._settled = True
-                self._held -= 1
                 held.append((d._ref.seq, d._ref.lease))
         if held:
             await self.adapter._ack(held, self.endpoint_id)
@@ -785,7 +777,7 @@ class SqliteAdapter(Adapter):
         ids = await self._call(
             lambda s, now: ((s.endpoint_id(endpoint, create=True), s.endpoint_id(dlq, create=True)), ())
         )
-        return _SqliteReceiver(self, endpoint, ids[0], ids[1], prefetch)
+        return _SqliteReceiver(self, endpoint, ids[0], ids[1])
 
 
 class _AckBatch:

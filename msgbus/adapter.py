@@ -186,7 +186,8 @@ class Delivery(abc.ABC):
 
 
 class Receiver(abc.ABC):
-    """Pulls deliveries from one endpoint, holding at most ``prefetch`` unsettled at a time."""
+    """Pulls deliveries from one endpoint. The core keeps the prefetch limit: it asks ``receive`` for at most
+    the room it has left, so a receiver returns what it is asked for and does not count unsettled deliveries."""
 
     @abc.abstractmethod
     async def receive(self, max_messages: int, timeout: float) -> list[Delivery]:
@@ -244,4 +245,5 @@ class Adapter(abc.ABC):
 
     @abc.abstractmethod
     async def receiver(self, endpoint: Endpoint, prefetch: int) -> Receiver:
-        """Start receiving from a queue, a subscription, or a dead-letter destination."""
+        """Start receiving from a queue, a subscription, or a dead-letter destination. ``prefetch`` (the most
+        the consumer holds unsettled) sizes a broker's credit or read-ahead window, where it has one."""

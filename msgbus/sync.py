@@ -8,13 +8,13 @@ plain functions executed in worker threads, and may settle their message themsel
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
-from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from concurrent.futures import Future
-from datetime import timedelta
 from types import TracebackType
-from typing import Any, Generic, Self, TypeVar
+from typing import Any, Concatenate, Generic, ParamSpec, Self, TypeVar
 
 from . import _bus
 from ._capabilities import Capabilities
@@ -26,6 +26,7 @@ __all__ = ["SyncBus", "SyncConsumer", "SyncMessage", "SyncProducer", "SyncPublis
 
 T = TypeVar("T")
 R = TypeVar("R")
+P = ParamSpec("P")
 
 log = logging.getLogger("msgbus")
 
@@ -179,6 +180,18 @@ class SyncBus:
         return SyncConsumer(dlq, self._portal)
 
 
+def _blocking(method: Callable[Concatenate[Any, P], Coroutine[Any, Any, R]]) -> Callable[Concatenate[Any, P], R]:
+    """The blocking twin of an async ``Producer``/``Publisher`` method: the same signature (derived, not spelled
+    again: ``inspect.signature`` and type checkers see the original's), one call through the portal."""
+    name = method.__name__
+
+    def call(self: Any, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self._portal.call(getattr(self._p, name)(*args, **kwargs))  # type: ignore[no-any-return]
+
+    functools.update_wrapper(call, method)
+    return call
+
+
 class SyncProducer:
     """Blocking twin of ``msgbus.Producer``."""
 
@@ -186,38 +199,8 @@ class SyncProducer:
         self._p = producer
         self._portal = portal
 
-    def send(
-        self,
-        body: object,
-        *,
-        key: str | None = None,
-        headers: Mapping[str, str] | None = None,
-        delay: float | timedelta | None = None,
-        message_id: str | None = None,
-        correlation_id: str | None = None,
-        content_type: str | None = None,
-    ) -> str:
-        return self._portal.call(
-            self._p.send(
-                body,
-                key=key,
-                headers=headers,
-                delay=delay,
-                message_id=message_id,
-                correlation_id=correlation_id,
-                content_type=content_type,
-            )
-        )
-
-    def send_many(
-        self,
-        items: Iterable[Any],
-        *,
-        key: str | None = None,
-        headers: Mapping[str, str] | None = None,
-        delay: float | timedelta | None = None,
-    ) -> list[str]:
-        return self._portal.call(self._p.send_many(items, key=key, headers=headers, delay=delay))
+    send = _blocking(_bus.Producer.send)
+    send_many = _blocking(_bus.Producer.send_many)
 
 
 class SyncPublisher:
@@ -227,38 +210,8 @@ class SyncPublisher:
         self._p = publisher
         self._portal = portal
 
-    def publish(
-        self,
-        body: object,
-        *,
-        key: str | None = None,
-        headers: Mapping[str, str] | None = None,
-        delay: float | timedelta | None = None,
-        message_id: str | None = None,
-        correlation_id: str | None = None,
-        content_type: str | None = None,
-    ) -> str:
-        return self._portal.call(
-            self._p.publish(
-                body,
-                key=key,
-                headers=headers,
-                delay=delay,
-                message_id=message_id,
-                correlation_id=correlation_id,
-                content_type=content_type,
-            )
-        )
-
-    def publish_many(
-        self,
-        items: Iterable[Any],
-        *,
-        key: str | None = None,
-        headers: Mapping[str, str] | None = None,
-        delay: float | timedelta | None = None,
-    ) -> list[str]:
-        return self._portal.call(self._p.publish_many(items, key=key, headers=headers, delay=delay))
+    publish = _blocking(_bus.Publisher.publish)
+    publish_many = _blocking(_bus.Publisher.publish_many)
 
 
 class SyncMessage(Generic[T]):

@@ -508,3 +508,24 @@ def test_sync_facade_same_shapes() -> None:
 
         consumer.run(handle, concurrency=4)
         assert sorted(handled) == list(range(30))
+
+
+@pytest.mark.parametrize(
+    ("sync_role", "async_role", "names"),
+    [
+        (msgbus.sync.SyncProducer, msgbus.Producer, ("send", "send_many")),
+        (msgbus.sync.SyncPublisher, msgbus.Publisher, ("publish", "publish_many")),
+    ],
+)
+def test_sync_send_methods_have_the_async_signatures(sync_role: type, async_role: type, names: tuple[str, ...]) -> None:
+    """The blocking send methods are derived from the async ones, so they cannot drift apart."""
+    for name in names:
+        assert inspect.signature(getattr(sync_role, name)) == inspect.signature(getattr(async_role, name)), name
+    with msgbus.sync.connect(mem()) as bus:
+        sent = bus.producer("q").send({"n": 1}, key="k", headers={"h": "v"}, correlation_id="c", content_type=None)
+        published = bus.publisher("t").publish(b"x", message_id="m-1")
+        [msg] = bus.consumer("q").receive(10, 1.0)
+        assert (msg.id, msg.body, msg.key, msg.headers, msg.correlation_id) == (sent, {"n": 1}, "k", {"h": "v"}, "c")
+        assert published == "m-1"
+        with pytest.raises(TypeError):
+            bus.producer("q").send(1, kee="k")  # type: ignore[call-arg]

@@ -20,7 +20,8 @@ from msgbus._bench import (
     MsgbusContender,
     Plan,
     Tally,
-    _engine,
+    _report,
+    _workloads,
     bench,
     drain,
     main,
@@ -102,7 +103,7 @@ def test_tally_counts_loss_duplicates_and_strays() -> None:
 
 async def test_a_lossy_run_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
     """Draining more than was sent stops after the idle timeout with LostMessages, not with a figure."""
-    monkeypatch.setattr(_engine, "IDLE_TIMEOUT", 0.3)
+    monkeypatch.setattr(_workloads, "IDLE_TIMEOUT", 0.3)
     contender = MsgbusContender(f"memory://smoke-{uuid.uuid4().hex}")
     await contender.open()
     try:
@@ -196,4 +197,4 @@ def test_contenders_option_rejects_unknown_names(capsys: pytest.CaptureFixture[s
 )
 def test_a_url_that_does_not_parse_is_shown_without_its_secrets(url: str) -> None:
     """It was shown as everything after the last '@', which kept secret options."""
-    assert _engine._redacted(url) == url.split("://")[0] + "://..."
+    assert _report._redacted(url) == url.split("://")[0] + "://..."

@@ -70,12 +70,11 @@ class ToyDelivery(Delivery):
                 queue.dead.ready.append((record, 0))
 
 
-# 3. The receiver: at most ``prefetch`` deliveries unsettled; closing gives them back.
+# 3. The receiver: as many deliveries as asked for (the core keeps the prefetch limit); closing gives them back.
 class ToyReceiver(Receiver):
-    def __init__(self, queue: _Queue, endpoint: Endpoint, prefetch: int) -> None:
+    def __init__(self, queue: _Queue, endpoint: Endpoint) -> None:
         self.queue = queue
         self.endpoint = endpoint
-        self.prefetch = prefetch
         self.held: set[ToyDelivery] = set()
         self.closed = False
 
@@ -89,9 +88,8 @@ class ToyReceiver(Receiver):
     async def receive(self, max_messages: int, timeout: float) -> list[Delivery]:
         deadline = time.monotonic() + timeout
         while not self.closed:
-            room = min(max_messages, self.prefetch - len(self.held))
             out: list[Delivery] = []
-            while room > len(out) and self.queue.ready:
+            while len(out) < max_messages and self.queue.ready:
                 record, seen = self.queue.ready.popleft()
                 delivery = ToyDelivery(self, record, seen)
                 self.held.add(delivery)
@@ -164,7 +162,7 @@ class ToyAdapter(Adapter):
             queue.ready.extend((record, 0) for record in records)
 
     async def receiver(self, endpoint: Endpoint, prefetch: int) -> Receiver:
-        return ToyReceiver(self._queue(endpoint), endpoint, prefetch)
+        return ToyReceiver(self._queue(endpoint), endpoint)
 
 
 # 5. The factory, registered under the ``msgbus.adapters`` entry-point group.

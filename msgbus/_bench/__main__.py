@@ -4,6 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from ._engine import main
+from ._command import main
 
 sys.exit(main())

@@ -1,4 +1,4 @@
-"""Record <-> Kafka record, names of topics and groups, and the commit-metadata format. Pure: no I/O.
+"""Record <-> Kafka record, and the commit-metadata format. Pure: no I/O.
 
 A Kafka record carries the body as its value, the key as its key (UTF-8), user headers as Kafka headers
 (UTF-8 values) and msgbus's own fields in four headers below; the exact float timestamp travels in a
@@ -7,12 +7,10 @@ header because Kafka's record timestamp has millisecond resolution (it is set to
 
 from __future__ import annotations
 
-import hashlib
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from msgbus.adapter import TIMESTAMP_LIMIT, Endpoint, Record
+from msgbus.adapter import TIMESTAMP_LIMIT, Record
 from msgbus.errors import InvalidMessage
 
 ID = "x-msgbus-id"
@@ -21,7 +19,6 @@ CONTENT_TYPE = "x-msgbus-content-type"
 TIMESTAMP = "x-msgbus-timestamp"
 _OWN = frozenset({ID, CORRELATION_ID, CONTENT_TYPE, TIMESTAMP})
 
-MAX_TOPIC = 249  # Kafka's limit on a topic name
 MAX_METADATA = 4000  # offset.metadata.max.bytes defaults to 4096
 
 
@@ -94,40 +91,6 @@ def decode(
         content_type=own.get(CONTENT_TYPE),
         timestamp=timestamp,
     )
-
-
-# --- names ---
-
-
-def topic_of(endpoint: Endpoint) -> str:
-    """The Kafka topic of a queue, a topic, or a dead-letter destination.
-
-    A queue and a topic are Kafka topics of the same name (Kafka has only topics). Dead letters of queue
-    ``q`` go to ``q.dlq``; of subscription ``s`` of topic ``t`` to ``t.s.dlq`` (each subscription has its own).
-    """
-    if not endpoint.dead_letter:
-        return endpoint.name
-    if endpoint.kind == "queue" or endpoint.subscription is None:
-        return _fit(f"{endpoint.name}.dlq")
-    return _fit(f"{endpoint.name}.{endpoint.subscription}.dlq")
-
-
-def group_of(endpoint: Endpoint, prefix: str) -> str:
-    """The consumer group of a queue (``<prefix>.q.<queue>``), a subscription (``<prefix>.s.<topic>.<sub>``)
-    or a dead-letter destination (``<prefix>.dlq.<dead-letter topic>``)."""
-    if endpoint.dead_letter:
-        return f"{prefix}.dlq.{topic_of(endpoint)}"
-    if endpoint.kind == "queue":
-        return f"{prefix}.q.{endpoint.name}"
-    return f"{prefix}.s.{endpoint.name}.{endpoint.subscription}"
-
-
-def _fit(name: str) -> str:
-    """``name`` if Kafka accepts its length, else shortened with a hash that keeps it unique."""
-    if len(name) <= MAX_TOPIC:
-        return name
-    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
-    return f"{name[: MAX_TOPIC - 22]}.{digest}.dlq"
 
 
 # --- commit metadata: what a partition's next owner must know beyond the committed offset ---
@@ -219,8 +182,3 @@ def _ranges(offsets: list[int]) -> str:
     if start is not None:
         out.append(str(start) if start == prev else f"{start}-{prev}")
     return ",".join(out)
-
-
-def valid_topic(name: str) -> bool:
-    """Whether Kafka accepts ``name`` as a topic name."""
-    return bool(re.match(r"^[A-Za-z0-9._-]{1,249}$", name)) and name not in (".", "..")

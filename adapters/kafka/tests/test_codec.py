@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from msgbus.adapter import Endpoint, Record
-from msgbus_kafka import _codec
+from msgbus_kafka import _codec, _names
 
 texts = st.text(min_size=0, max_size=30)
 
@@ -39,14 +39,14 @@ def test_foreign_record_gets_a_stable_id_and_kafka_timestamp() -> None:
 
 def test_names() -> None:
     q, t = Endpoint("queue", "orders"), Endpoint("topic", "placed", "billing")
-    assert (_codec.topic_of(q), _codec.group_of(q, "msgbus")) == ("orders", "msgbus.q.orders")
-    assert (_codec.topic_of(t), _codec.group_of(t, "p")) == ("placed", "p.s.placed.billing")
+    assert (_names.topic_of(q), _names.group_of(q, "msgbus")) == ("orders", "msgbus.q.orders")
+    assert (_names.topic_of(t), _names.group_of(t, "p")) == ("placed", "p.s.placed.billing")
     dq = Endpoint("queue", "orders", dead_letter=True)
     dt = Endpoint("topic", "placed", "billing", dead_letter=True)
-    assert (_codec.topic_of(dq), _codec.topic_of(dt)) == ("orders.dlq", "placed.billing.dlq")
-    assert _codec.group_of(dq, "msgbus") == "msgbus.dlq.orders.dlq"
+    assert (_names.topic_of(dq), _names.topic_of(dt)) == ("orders.dlq", "placed.billing.dlq")
+    assert _names.group_of(dq, "msgbus") == "msgbus.dlq.orders.dlq"
     long = Endpoint("topic", "t" * 200, "s" * 200, dead_letter=True)
-    assert len(_codec.topic_of(long)) <= 249 and _codec.valid_topic(_codec.topic_of(long))
+    assert len(_names.topic_of(long)) <= 249 and _names.valid_topic(_names.topic_of(long))
 
 
 @given(

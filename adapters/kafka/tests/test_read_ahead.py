@@ -11,7 +11,7 @@ import pytest
 
 import msgbus
 from integration.brokers import endpoint
-from msgbus_kafka import _adapter, _codec
+from msgbus_kafka import _codec, _receiver
 
 pytestmark = pytest.mark.integration
 
@@ -72,7 +72,7 @@ def _read_ahead_bytes(receiver: Any) -> int:
     held = 0
     for part in receiver._parts.values():
         held += sum(len(raw.value or b"") for raw in part.loading or ())
-        held += sum(len(e.record.body) for e in part.entries.values() if e.state == _adapter._FETCHED)
+        held += sum(len(e.record.body) for e in part.entries.values() if e.state == _receiver._FETCHED)
     return held
 
 
@@ -103,4 +103,4 @@ async def test_read_ahead_is_bounded_by_bytes_with_large_records() -> None:
             for msg in batch:
                 await msg.ack()
     assert sorted(m.payload[0] for m in got) == list(range(n))  # 45 sent, 45 received, 0 lost, 0 dup
-    assert _adapter.READ_AHEAD_BYTES == READ_AHEAD_BYTES  # the figure docs/adapters/kafka.md gives
+    assert _receiver.READ_AHEAD_BYTES == READ_AHEAD_BYTES  # the figure docs/adapters/kafka.md gives

@@ -358,7 +358,7 @@ class NatsAdapter(Adapter):
         if r.consumer is None:
             raise ConfigError(f"cannot receive from {endpoint}: name a subscription of the topic")
         self.connected()
-        receiver = NatsReceiver(self, r, prefetch)
+        receiver = NatsReceiver(self, r)
         await receiver.start()
         self._receivers.add(receiver)
         return receiver

@@ -1,9 +1,11 @@
-"""Receiving from a durable pull consumer: pulls that keep ``prefetch`` messages coming, and settling.
+"""Receiving from a durable pull consumer: pulls that keep the messages the core asks for coming, and settling.
 
 One inbox subscription per receiver. A pull request (``CONSUMER.MSG.NEXT``) asks for as many messages as the
-credit left (``prefetch`` less what is unsettled or already asked for) and lingers on the server until it is
-filled or expires; it is topped up once half the credit is free, so the next messages are usually on their
-way while handlers work. The server answers an expired request with a 408 that says how much of it was left.
+receive asks for (the core's free prefetch room: it keeps the limit) less what arrived and was not handed out
+yet or is already asked for, and lingers on the server until it is filled or expires; so the server never
+holds more for this consumer than the core may. It is topped up once half of that is free, so the next
+messages are usually on their way while handlers work. The server answers an expired request with a 408 that
+says how much of it was left.
 """
 
 from __future__ import annotations
@@ -75,16 +77,14 @@ class Link(Protocol):
 class NatsReceiver(Receiver):
     """Pulls one queue, subscription or dead-letter stream's durable consumer. Not for several tasks at once."""
 
-    def __init__(self, adapter: Link, r: Route, prefetch: int) -> None:
+    def __init__(self, adapter: Link, r: Route) -> None:
         self._adapter = adapter
         self._route = r
         self._source = replace(r.endpoint, dead_letter=False)
-        self._prefetch = max(1, prefetch)
         self._next = f"$JS.API.CONSUMER.MSG.NEXT.{r.stream}.{r.consumer}"
         self._inbox = ""
         self._sub: Subscription | None = None
         self._ready: deque[Msg] = deque()
-        self._unsettled = 0  # handed to us by the server and not settled yet (including ``_ready``)
         self._credit = 0  # asked for by pull requests still open
         self._pulls_end = 0.0  # loop time when the last open pull request expires
         self._wake = asyncio.Event()
@@ -113,7 +113,6 @@ class NatsReceiver(Receiver):
         if self._closed:  # arrived after close: give it back at once
             await self._adapter.connected()[0].publish(msg.reply, _NAK)
             return
-        self._unsettled += 1
         self._ready.append(msg)
         self._wake.set()
 
@@ -122,13 +121,13 @@ class NatsReceiver(Receiver):
         self._credit = 0
         self._wake.set()
 
-    async def _pull(self) -> None:
+    async def _pull(self, wanted: int) -> None:
         loop = asyncio.get_running_loop()
         now = loop.time()
         if self._credit and now > self._pulls_end + 2.0:  # their 408s were lost (a disconnect): start afresh
             self._credit = 0
-        room = self._prefetch - self._unsettled - self._credit
-        if room <= 0 or (self._credit and 2 * room < self._prefetch):
+        room = wanted - len(self._ready) - self._credit
+        if room <= 0 or (self._credit and 2 * room < wanted):
             return
         nc, _ = self._adapter.connected()
         request = b'{"batch":%d,"expires":%d}' % (room, int(PULL_EXPIRES * 1e9))
@@ -138,7 +137,7 @@ class NatsReceiver(Receiver):
         self._pulls_end = now + PULL_EXPIRES
 
     async def receive(self, max_messages: int, timeout: float) -> list[Delivery]:
-        """Wait up to ``timeout`` seconds for deliveries; never more than ``prefetch`` unsettled."""
+        """Wait up to ``timeout`` seconds for deliveries; up to ``max_messages`` (the core keeps the prefetch limit)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, timeout)
         while True:
@@ -149,7 +148,7 @@ class NatsReceiver(Receiver):
                 if got:
                     return got
                 continue
-            await self._pull()
+            await self._pull(max_messages)
             left = deadline - loop.time()
             if left <= 0:
                 return []
@@ -210,8 +209,6 @@ class NatsReceiver(Receiver):
     # -- settling (called by NatsDelivery) ----------------------------------------------------------
 
     async def _settle_raw(self, msg: Msg, payload: bytes) -> None:
-        self._unsettled = max(0, self._unsettled - 1)
-        self._wake.set()
         nc, _ = self._adapter.connected()
         with translated(f"settle on {self._route.endpoint}", self._adapter.secrets):
             await nc.publish(msg.reply, payload)
@@ -239,8 +236,6 @@ class NatsReceiver(Receiver):
                 await self._settle(d, _ACK)
         if not plain:
             return
-        self._unsettled = max(0, self._unsettled - len(plain))
-        self._wake.set()
         nc, _ = self._adapter.connected()
         with translated(f"ack on {self._route.endpoint}", self._adapter.secrets):
             for d in plain:

@@ -340,7 +340,7 @@ class PostgresAdapter(Adapter):
         dlq = Endpoint(endpoint.kind, endpoint.name, endpoint.subscription, dead_letter=True)
         endpoint_id = await self._endpoint_id(_key(endpoint), create=True, what=endpoint)
         dlq_id = await self._endpoint_id(_key(dlq), create=True, what=dlq)
-        return PostgresReceiver(self, endpoint, endpoint_id, dlq_id, prefetch)
+        return PostgresReceiver(self, endpoint, endpoint_id, dlq_id)
 
 
 def _key(endpoint: Endpoint) -> tuple[str, str, str, bool]:

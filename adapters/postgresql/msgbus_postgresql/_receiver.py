@@ -1,6 +1,7 @@
 """Receiving from one queue, subscription or dead-letter destination: leases, waits, settlements.
 
-A receive leases up to the free prefetch with one ``FOR UPDATE SKIP LOCKED`` statement. When nothing is
+A receive leases as many as it is asked for (the core keeps the prefetch limit) with one ``FOR UPDATE SKIP
+LOCKED`` statement. When nothing is
 deliverable it waits for a NOTIFY on the endpoint (a send, a nack, an ack that frees a key), for the next row
 to become visible (a delay or a lease running out: the table says when), or ``poll_interval`` at most, in
 case a notification was lost with a connection.
@@ -57,16 +58,14 @@ def new_lease() -> int:
 
 
 class PostgresReceiver(Receiver):
-    """Leases messages of one endpoint and holds at most ``prefetch`` unsettled. For one task at a time."""
+    """Leases messages of one endpoint, as many as asked for. For one task at a time."""
 
-    def __init__(self, adapter: Link, endpoint: Endpoint, endpoint_id: int, dlq_id: int, prefetch: int) -> None:
+    def __init__(self, adapter: Link, endpoint: Endpoint, endpoint_id: int, dlq_id: int) -> None:
         self._adapter = adapter
         self.endpoint = endpoint
         self.endpoint_id = endpoint_id
         self.dlq_id = dlq_id
         self._source = replace(endpoint, dead_letter=False)
-        self._prefetch = max(prefetch, 1)
-        self._held = 0
         self._wake = asyncio.Event()
         self._closed = False
         adapter.listen(endpoint_id, self._wake)
@@ -82,18 +81,16 @@ class PostgresReceiver(Receiver):
         while True:
             if self._closed:
                 raise ClosedError(f"{self!r} is closed")
-            room = min(max_messages, self._prefetch - self._held)
             pause = options.poll_interval
             self._wake.clear()  # before looking: a notification that arrives meanwhile is not lost
-            if room > 0:
-                got = await self._lease(room)
-                if got:
-                    return got
-                soonest = await self._adapter.run(
-                    f"look at {self.endpoint}", lambda c: c.fetchval(self._adapter.sql.next_visible, self.endpoint_id)
-                )
-                if soonest is not None:
-                    pause = min(pause, max(float(soonest), 0.001))
+            got = await self._lease(max_messages)
+            if got:
+                return got
+            soonest = await self._adapter.run(
+                f"look at {self.endpoint}", lambda c: c.fetchval(self._adapter.sql.next_visible, self.endpoint_id)
+            )
+            if soonest is not None:
+                pause = min(pause, max(float(soonest), 0.001))
             left = deadline - loop.time()
             if left <= 0:
                 return []
@@ -124,14 +121,12 @@ class PostgresReceiver(Receiver):
                 record = decode(key, body, meta)
             except DecodeError as exc:  # a row msgbus did not write: dead-letter it rather than loop on it
                 bad = PostgresDelivery(self, Record(body=body, id=f"postgresql-{seq}"), attempts, ref)
-                self._held += 1
                 try:
                     await bad.dead_letter(f"DecodeError: {exc}")
                 except MsgbusError as err:
                     log.warning("postgresql: could not dead-letter malformed row %d: %s", seq, err)
                 continue
             out.append(PostgresDelivery(self, record, attempts, ref))
-        self._held += len(out)
         return out
 
     def _release_orphans(self, leasing: asyncio.Future[list[Any]], token: int) -> None:
@@ -155,8 +150,6 @@ class PostgresReceiver(Receiver):
         if delivery._settled:
             return
         delivery._settled = True
-        self._held -= 1
-        self._wake.set()  # room for one more
         row = await self._adapter.run(doing, lambda c: c.fetchrow(statement, *args))
         if row is None or not row[0]:
             log.warning("postgresql: the lease on message %s expired before it was settled", delivery.record.id)
@@ -174,8 +167,6 @@ class PostgresReceiver(Receiver):
                 leases.append(d.raw.lease)
         if not seqs:
             return
-        self._held -= len(seqs)
-        self._wake.set()
         sql = self._adapter.sql
         row = await self._adapter.run(f"ack on {self.endpoint}", lambda c: c.fetchrow(sql.ack, seqs, leases))
         gone = 0 if row is None else int(row[0])

@@ -47,7 +47,7 @@ async def _rows(bus: PostgresAdapter) -> int:
     return int(await bus.pool.fetchval(f'SELECT count(*) FROM "{bus.options.schema}".messages'))
 
 
-async def test_round_trip_prefetch_bound_and_acked_rows_gone(make_adapter: MakeAdapter) -> None:
+async def test_round_trip_receive_bound_and_acked_rows_gone(make_adapter: MakeAdapter) -> None:
     bus = await make_adapter()
     await bus.declare(QUEUE)
     sent = _records(120, headers={"n": "1"}, key="k")
@@ -62,10 +62,12 @@ async def test_round_trip_prefetch_bound_and_acked_rows_gone(make_adapter: MakeA
     other = await bus.receiver(QUEUE, prefetch=25)
     unkeyed = _records(60, tag="u")
     await bus.send(QUEUE, unkeyed)
-    held = await other.receive(100, 2.0)
-    assert 0 < len(held) <= 25 and await other.receive(100, 0.2) == []  # never more than prefetch unsettled
+    held = await other.receive(25, 2.0)
+    assert 0 < len(held) <= 25  # what it is asked for (the core keeps the prefetch limit), never more
+    held += await other.receive(100, 2.0)  # no count of its own: more while the first are unsettled
+    assert len(held) > 25
     await other.ack_many(held)
-    got = first + await _drain(receiver, 119) + held + await _drain(other, 60 - len(held))
+    got = first + held + await _drain(receiver, 180 - len(first) - len(held), rounds=400)
     assert Counter(d.record.id for d in got) == Counter(r.id for r in sent + unkeyed)  # 180 sent, 180 received, 0 dup
     assert {d.record.id: d.record for d in got} == {r.id: r for r in sent + unkeyed}
     assert all(d.attempt == 1 for d in got) and await _rows(bus) == 0

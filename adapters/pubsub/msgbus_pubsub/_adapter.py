@@ -3,8 +3,8 @@
 Sending uses the library's batching ``PublisherClient`` (its worker threads commit batches; each send
 awaits the publish futures through ``asyncio.wrap_future``, so it returns once the service accepted every
 message). Receiving uses the unary ``Pull`` RPC of the asyncio ``SubscriberAsyncClient``: one pull per
-``receive`` asks for at most the free prefetch room, which maps one to one onto the Receiver SPI, needs
-no thread bridge, and bounds what is held unsettled exactly. See ``docs/adapters/pubsub.md``.
+``receive`` asks for at most what the core asked for (the free prefetch room), which maps one to one onto the
+Receiver SPI, needs no thread bridge, and bounds what is held unsettled exactly. See ``docs/adapters/pubsub.md``.
 """
 
 from __future__ import annotations
@@ -356,27 +356,24 @@ class PubSubAdapter(Adapter):
         if r.subscription is None:
             raise ConfigError(f"cannot receive from {endpoint}: name a subscription of the topic")
         self._clients()
-        receiver = PubSubReceiver(self, r, prefetch)
+        receiver = PubSubReceiver(self, r)
         self._receivers.add(receiver)
         return receiver
 
 
 class PubSubReceiver(Receiver):
-    """Pulls one subscription with the unary Pull RPC, never holding more than ``prefetch`` unsettled.
+    """Pulls one subscription with the unary Pull RPC, as many as asked for (the core keeps the prefetch limit).
 
     Each pulled message's ack deadline is set to ``ack_deadline`` at once (subscriptions cannot go
     below 10 s; the per-message deadline can), and ``extend`` pushes it further while a handler runs.
     """
 
-    def __init__(self, adapter: PubSubAdapter, r: Route, prefetch: int) -> None:
+    def __init__(self, adapter: PubSubAdapter, r: Route) -> None:
         self._adapter = adapter
         self._options = adapter._options
         self._route = r
         self._subscription = r.subscription or ""
         self._source = replace(r.endpoint, dead_letter=False)
-        self._prefetch = max(1, prefetch)
-        self._unsettled = 0
-        self._settled = asyncio.Event()
         self._closed = False
         self._background: set[asyncio.Task[Any]] = set()
         self._routing = [
@@ -393,19 +390,9 @@ class PubSubReceiver(Receiver):
         while True:
             if self._closed:
                 raise ClosedError(f"{self!r} is closed")
-            room = min(max_messages, self._prefetch - self._unsettled)
             now = loop.time()
-            if room <= 0:
-                if now >= deadline:
-                    return []
-                self._settled.clear()
-                try:
-                    await asyncio.wait_for(self._settled.wait(), deadline - now)
-                except TimeoutError:
-                    return []
-                continue
             wait = deadline - now
-            got = await self._pull(room, max(0.0, wait) + self._options.pull_timeout, wait > 0)
+            got = await self._pull(max_messages, max(0.0, wait) + self._options.pull_timeout, wait > 0)
             if got or loop.time() >= deadline:
                 return got
 
@@ -449,7 +436,6 @@ class PubSubReceiver(Receiver):
                 out.append(PubSubDelivery(self, Record(body=bytes(msg.data), id=msg.message_id), attempt, rm, problem))
                 continue
             out.append(PubSubDelivery(self, record, attempt, rm))
-        self._unsettled += len(out)
         return out
 
     def _release_abandoned(self, task: asyncio.Future[Any]) -> None:
@@ -485,10 +471,6 @@ class PubSubReceiver(Receiver):
 
     # -- settling (called by PubSubDelivery) --------------------------------------------------------
 
-    def _release(self, count: int) -> None:
-        self._unsettled = max(0, self._unsettled - count)
-        self._settled.set()
-
     async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
         """Acknowledge every delivery, up to 1000 per request."""
         mine = [d for d in deliveries if isinstance(d, PubSubDelivery)]
@@ -496,33 +478,23 @@ class PubSubReceiver(Receiver):
             return
         _, _, subscriber = self._adapter._clients()
         ids = [d.ack_id for d in mine]
-        try:
-            with translated(f"ack on {self._route.endpoint}"):
-                for i in range(0, len(ids), _ACK_BATCH):
-                    await subscriber.acknowledge(
-                        request={"subscription": self._subscription, "ack_ids": ids[i : i + _ACK_BATCH]},
-                        timeout=self._options.rpc_timeout,
-                    )
-        finally:
-            self._release(len(mine))
+        with translated(f"ack on {self._route.endpoint}"):
+            for i in range(0, len(ids), _ACK_BATCH):
+                await subscriber.acknowledge(
+                    request={"subscription": self._subscription, "ack_ids": ids[i : i + _ACK_BATCH]},
+                    timeout=self._options.rpc_timeout,
+                )
 
     async def _nack(self, d: PubSubDelivery, delay: float | None) -> None:
         seconds = 0 if delay is None or delay <= 0 else min(MAX_ACK_DEADLINE, math.ceil(delay))
-        try:
-            await self._modify([d.ack_id], seconds)
-        finally:
-            self._release(1)
+        await self._modify([d.ack_id], seconds)
 
     async def _dead_letter(self, d: PubSubDelivery, reason: str) -> None:
         record = dead_letter_record(d.record, reason, d.attempt, self._source)
-        try:
-            encoded = encode(record, ordering=False)
-            failed = await self._adapter._publish(self._route.dead_letter_topic, [encoded])
-            if failed:
-                raise PublishError(f"dead-letter publish to {self._route.dead_letter_topic} failed") from failed[0][1]
-        except BaseException:
-            self._release(1)
-            raise
+        encoded = encode(record, ordering=False)
+        failed = await self._adapter._publish(self._route.dead_letter_topic, [encoded])
+        if failed:
+            raise PublishError(f"dead-letter publish to {self._route.dead_letter_topic} failed") from failed[0][1]
         await self.ack_many([d])
 
     async def _extend(self, d: PubSubDelivery, seconds: float) -> None:
@@ -534,7 +506,6 @@ class PubSubReceiver(Receiver):
             return
         self._closed = True
         self._adapter._receivers.discard(self)
-        self._settled.set()
         for t in list(self._background):
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await t

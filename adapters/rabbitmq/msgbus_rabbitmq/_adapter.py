@@ -10,7 +10,6 @@ after ``d`` ms into ``x`` (TTL + dead-letter exchange), so nothing blocks while 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
@@ -25,6 +24,7 @@ from msgbus.errors import ClosedError, ConfigError, ConnectionLost, MessageTooLa
 from ._codec import encode
 from ._config import Settings, read_settings
 from ._errors import convert, translated
+from ._names import delay_bucket_ms, holding_queue_name, queue_name
 from ._receiver import RabbitMQReceiver
 
 _T = TypeVar("_T")
@@ -33,45 +33,11 @@ log = logging.getLogger("msgbus")
 MAX_DELAY = 7 * 24 * 3600.0  # holding-queue TTLs are 32-bit milliseconds; a week is a sane ceiling
 _HOLDING_GRACE_MS = 300_000  # an idle holding queue is deleted this long after its messages are due
 _HOLDING_REDECLARE = 60.0  # re-declare (resetting x-expires) when the last declare is older than this
-_MAX_NAME = 255  # bytes in an AMQP queue or exchange name
 
 
 def create(url: BusURL, options: OptionReader) -> RabbitMQAdapter:
     """Entry point for ``amqp://`` and ``amqps://`` URLs (registered under ``msgbus.adapters``)."""
     return RabbitMQAdapter(url, read_settings(url, options))
-
-
-def queue_name(endpoint: Endpoint) -> str:
-    """The RabbitMQ queue that holds ``endpoint``'s messages (a queue, a subscription, or dead letters)."""
-    if endpoint.kind == "queue":
-        base = endpoint.name
-    elif endpoint.subscription is not None:
-        base = f"{endpoint.name}.{endpoint.subscription}"
-    else:
-        raise ConfigError(f"{endpoint}: receiving from a topic needs a subscription name")
-    return f"{base}.dlq" if endpoint.dead_letter else base
-
-
-def delay_bucket_ms(delay: float) -> int:
-    """``delay`` in whole milliseconds, rounded up to two significant digits.
-
-    Every distinct delay needs its own holding queue (a queue has one TTL), so jittered backoffs are
-    grouped: a message waits at least ``delay`` and at most about 10 % longer.
-    """
-    ms = max(1, math.ceil(delay * 1000))
-    if ms < 100:
-        return ms
-    scale = 10 ** (len(str(ms)) - 2)
-    return int(-(-ms // scale) * scale)
-
-
-def holding_queue_name(ms: int, target: str, kind: str) -> str:
-    """Name of the holding queue for ``ms`` milliseconds towards queue/exchange ``target``."""
-    name = f"msgbus.delay.{ms}ms.{kind}.{target}"
-    if len(name.encode()) <= _MAX_NAME:
-        return name
-    digest = hashlib.sha256(target.encode()).hexdigest()[:16]
-    return f"msgbus.delay.{ms}ms.{kind}.{digest}"
 
 
 class RabbitMQAdapter(Adapter):
@@ -87,7 +53,7 @@ class RabbitMQAdapter(Adapter):
 
     def __init__(self, url: BusURL, settings: Settings) -> None:
         self.url = url
-        self._s = settings
+        self.settings = settings
         quorum = settings.queue_type == "quorum"
         self.capabilities = Capabilities(
             ordering="none",
@@ -123,7 +89,7 @@ class RabbitMQAdapter(Adapter):
         """Connect (fails fast with ``ConnectionLost`` if the broker is unreachable now)."""
         if self._conn is not None:
             return
-        s = self._s
+        s = self.settings
         with translated(f"connecting to {self.url.redacted}", [s.password]):
             conn = await aio_pika.connect_robust(
                 host=s.host,
@@ -161,7 +127,7 @@ class RabbitMQAdapter(Adapter):
         self._declared.clear()
         self._holding.clear()
         if conn is not None:
-            with translated("closing the connection", [self._s.password]):
+            with translated("closing the connection", [self.settings.password]):
                 await conn.close()
 
     def _connection(self) -> AbstractRobustConnection:
@@ -182,7 +148,7 @@ class RabbitMQAdapter(Adapter):
         A retry after a lost confirm may store the message twice (at-least-once, never at-most-once).
         """
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._s.send_timeout
+        deadline = loop.time() + self.settings.send_timeout
         while True:
             try:
                 return await asyncio.wait_for(operation(), max(deadline - loop.time(), 0.0))
@@ -194,7 +160,7 @@ class RabbitMQAdapter(Adapter):
             except MsgbusError:
                 raise
             except Exception as exc:
-                err = convert(exc, doing, [self._s.password])
+                err = convert(exc, doing, [self.settings.password])
                 remaining = deadline - loop.time()
                 if not isinstance(err, ConnectionLost) or remaining <= 0 or self._conn is None:
                     raise err from exc
@@ -209,14 +175,14 @@ class RabbitMQAdapter(Adapter):
 
     def _queue_arguments(self, dlq: str | None) -> dict[str, Any]:
         args: dict[str, Any] = {}
-        if self._s.queue_type == "quorum":
+        if self.settings.queue_type == "quorum":
             args["x-queue-type"] = "quorum"
         if dlq is not None:
             args["x-dead-letter-exchange"] = ""  # the default exchange routes by queue name
             args["x-dead-letter-routing-key"] = dlq
-            if self._s.queue_type == "quorum" and self._s.delivery_limit:
+            if self.settings.queue_type == "quorum" and self.settings.delivery_limit:
                 # The broker's backstop: past it the queue dead-letters by itself, without msgbus's reason.
-                args["x-delivery-limit"] = self._s.delivery_limit
+                args["x-delivery-limit"] = self.settings.delivery_limit
         return args
 
     async def declare(self, endpoint: Endpoint, *, create: bool = True) -> None:
@@ -233,7 +199,7 @@ class RabbitMQAdapter(Adapter):
             if key in self._declared:
                 return
             if create:
-                with translated(f"declaring {endpoint}", [self._s.password]):
+                with translated(f"declaring {endpoint}", [self.settings.password]):
                     await self._declare(topology, endpoint)
             else:
                 await self._verify(endpoint)
@@ -257,7 +223,7 @@ class RabbitMQAdapter(Adapter):
                 "msgbus: RabbitMQ queue %r exists without x-delivery-limit; it is used as it is (to add the "
                 'broker\'s backstop, apply a policy with "delivery-limit": %d)',
                 main,
-                self._s.delivery_limit,
+                self.settings.delivery_limit,
             )
         queue = await channel.declare_queue(main, durable=True, arguments=arguments)
         if exchange is not None:
@@ -281,10 +247,10 @@ class RabbitMQAdapter(Adapter):
     async def _verify(self, endpoint: Endpoint) -> None:
         """Passive declares on a throwaway channel: a missing entity closes that channel, not ours."""
         conn = self._connection()
-        with translated(f"verifying {endpoint}", [self._s.password]):
+        with translated(f"verifying {endpoint}", [self.settings.password]):
             probe = await conn.channel(publisher_confirms=False)
         try:
-            with translated(f"verifying {endpoint}", [self._s.password]):
+            with translated(f"verifying {endpoint}", [self.settings.password]):
                 if endpoint.kind == "topic":
                     await probe.declare_exchange(endpoint.name, passive=True, robust=False)
                 if endpoint.kind == "queue" or endpoint.subscription is not None:
@@ -325,7 +291,7 @@ class RabbitMQAdapter(Adapter):
         returns a message (queue missing), ``ConnectionLost`` when the broker stays unreachable (or
         silent) for ``send_timeout`` seconds. Messages already confirmed in a failed batch stay sent.
         """
-        limit = self._s.max_message_size
+        limit = self.settings.max_message_size
         for r in records:
             if r.size() > limit:
                 raise MessageTooLarge(r.size(), limit)
@@ -340,12 +306,12 @@ class RabbitMQAdapter(Adapter):
             if delay > MAX_DELAY:
                 raise ConfigError(f"delay {delay}s exceeds the RabbitMQ adapter's max_delay of {MAX_DELAY}s")
             ms = delay_bucket_ms(delay)
-            with translated(f"declaring the delay queue for {endpoint}", [self._s.password]):
+            with translated(f"declaring the delay queue for {endpoint}", [self.settings.password]):
                 holding = await self._holding_queue(ms, target, "q" if endpoint.kind == "queue" else "t")
             exchange, routing_key, mandatory = "", holding, True
-        await self._publish_all(str(endpoint), exchange, routing_key, messages, mandatory)
+        await self.publish_all(str(endpoint), exchange, routing_key, messages, mandatory)
 
-    async def _publish_all(
+    async def publish_all(
         self, what: str, exchange: str, routing_key: str, messages: Sequence[aio_pika.Message], mandatory: bool
     ) -> None:
         """Pipeline the publishes on the confirming channel and wait for all confirms."""
@@ -394,12 +360,16 @@ class RabbitMQAdapter(Adapter):
         receiver._pause_later()
         return receiver
 
-    async def _requeue_copy(self, record: Record, queue: str, prior_attempts: int, delay: float | None) -> None:
+    def forget(self, receiver: RabbitMQReceiver) -> None:
+        """``receiver`` closed: the adapter no longer closes it."""
+        self._receivers.discard(receiver)
+
+    async def requeue_copy(self, record: Record, queue: str, prior_attempts: int, delay: float | None) -> None:
         """Re-publish ``record`` into ``queue`` (after ``delay``) carrying the attempts made so far."""
         message = encode(record, prior_attempts)
         routing_key = queue
         if delay is not None and delay > 0:
             ms = delay_bucket_ms(min(delay, MAX_DELAY))
-            with translated(f"declaring the delay queue for {queue}", [self._s.password]):
+            with translated(f"declaring the delay queue for {queue}", [self.settings.password]):
                 routing_key = await self._holding_queue(ms, queue, "q")
-        await self._publish_all(f"queue {queue}", "", routing_key, [message], True)
+        await self.publish_all(f"queue {queue}", "", routing_key, [message], True)

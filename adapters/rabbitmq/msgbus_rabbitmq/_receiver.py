@@ -30,17 +30,19 @@ if TYPE_CHECKING:
     import aio_pika
 
 
-class Owner(Protocol):
-    """What a receiver uses of its adapter (a protocol: the adapter imports this module, not the reverse)."""
+class Link(Protocol):
+    """What a receiver uses of its adapter (a protocol: the adapter imports this module, not the reverse): the
+    settings, confirmed publishes (dead letters, requeued copies), and ``forget`` when it closes."""
 
-    _s: Settings
-    _receivers: set[RabbitMQReceiver]
+    settings: Settings
 
-    async def _requeue_copy(self, record: Record, queue: str, prior_attempts: int, delay: float | None) -> None: ...
+    async def requeue_copy(self, record: Record, queue: str, prior_attempts: int, delay: float | None) -> None: ...
 
-    async def _publish_all(
+    async def publish_all(
         self, what: str, exchange: str, routing_key: str, messages: Sequence[aio_pika.Message], mandatory: bool
     ) -> None: ...
+
+    def forget(self, receiver: RabbitMQReceiver) -> None: ...
 
 
 log = logging.getLogger("msgbus")
@@ -69,7 +71,7 @@ class RabbitMQReceiver(Receiver):
     until it is closed; deliveries from the lost channel are dropped (the broker has put them back).
     """
 
-    def __init__(self, adapter: Owner, endpoint: Endpoint, name: str, prefetch: int) -> None:
+    def __init__(self, adapter: Link, endpoint: Endpoint, name: str, prefetch: int) -> None:
         self._adapter = adapter
         self._endpoint = endpoint
         self._name = name
@@ -96,7 +98,7 @@ class RabbitMQReceiver(Receiver):
     # -- the connection -----------------------------------------------------------------------------
 
     def _parameters(self) -> pika.ConnectionParameters:
-        s = self._adapter._s
+        s = self._adapter.settings
         return pika.ConnectionParameters(
             host=s.host,
             port=s.port,
@@ -113,7 +115,7 @@ class RabbitMQReceiver(Receiver):
     async def connect(self) -> None:
         """Open the connection and channel, set the credit and check that the queue exists (fails fast)."""
         async with self._switch:
-            with translated(f"opening a receiver on {self._endpoint}", [self._adapter._s.password]):
+            with translated(f"opening a receiver on {self._endpoint}", [self._adapter.settings.password]):
                 await self._connect()
             self._ready = True
 
@@ -138,7 +140,7 @@ class RabbitMQReceiver(Receiver):
                 custom_ioloop=loop,
             )
             try:
-                await asyncio.wait_for(opened, self._adapter._s.connect_timeout)
+                await asyncio.wait_for(opened, self._adapter.settings.connect_timeout)
             except BaseException:
                 if not (conn.is_closed or conn.is_closing):
                     conn.close()
@@ -148,7 +150,7 @@ class RabbitMQReceiver(Receiver):
         self._pending.add(channel_open)  # fails with the reason if the connection drops meanwhile
         try:
             self._conn.channel(on_open_callback=_resolver(channel_open))
-            channel = await asyncio.wait_for(channel_open, self._adapter._s.connect_timeout)
+            channel = await asyncio.wait_for(channel_open, self._adapter.settings.connect_timeout)
         finally:
             self._pending.discard(channel_open)
         channel.add_on_close_callback(self._on_channel_closed)
@@ -199,7 +201,7 @@ class RabbitMQReceiver(Receiver):
     async def _reconnect(self) -> None:
         try:
             while not self._closed:
-                await asyncio.sleep(self._adapter._s.reconnect_interval)
+                await asyncio.sleep(self._adapter.settings.reconnect_interval)
                 try:
                     async with self._switch:
                         if self._closed:
@@ -409,10 +411,10 @@ class RabbitMQReceiver(Receiver):
             conn.add_on_close_callback(_resolver(closed))
             try:
                 conn.close()
-                await asyncio.wait_for(closed, self._adapter._s.connect_timeout)
+                await asyncio.wait_for(closed, self._adapter.settings.connect_timeout)
             except (TimeoutError, pika.exceptions.AMQPError):
                 pass  # the broker releases the connection's deliveries either way
-        self._adapter._receivers.discard(self)
+        self._adapter.forget(self)
 
 
 def _resolver(future: asyncio.Future[Any]) -> Callable[..., None]:
@@ -448,12 +450,12 @@ class RabbitMQDelivery(Delivery):
         if not receiver._current(self.raw):
             return
         adapter = receiver._adapter
-        if (delay is None or delay <= 0) and adapter._s.queue_type == "quorum":
+        if (delay is None or delay <= 0) and adapter.settings.queue_type == "quorum":
             # Quorum queues count this return in x-delivery-count, so a plain requeue keeps the count.
             receiver._settle(self.raw, "nacking", requeue=True)
             return
         # Classic queues only flag redeliveries, so carry the count on a confirmed copy, then ack.
-        await adapter._requeue_copy(self.record, receiver._name, self.attempt, delay)
+        await adapter.requeue_copy(self.record, receiver._name, self.attempt, delay)
         await self.ack()
 
     async def dead_letter(self, reason: str) -> None:
@@ -465,5 +467,5 @@ class RabbitMQDelivery(Delivery):
         source = receiver._endpoint
         target = receiver._name if source.dead_letter else f"{receiver._name}.dlq"
         record = dead_letter_record(self.record, reason, self.attempt, source)
-        await receiver._adapter._publish_all(f"dead letters of {source}", "", target, [encode(record)], True)
+        await receiver._adapter.publish_all(f"dead letters of {source}", "", target, [encode(record)], True)
         await self.ack()

@@ -8,8 +8,8 @@ from msgbus._url import parse_url
 from msgbus.adapter import Endpoint
 from msgbus.errors import ConfigError
 from msgbus_rabbitmq import create
-from msgbus_rabbitmq._adapter import delay_bucket_ms, holding_queue_name, queue_name
 from msgbus_rabbitmq._config import DEFAULT_MAX_MESSAGE_SIZE, read_settings
+from msgbus_rabbitmq._names import delay_bucket_ms, holding_queue_name, queue_name
 
 
 def _settings(url: str):
@@ -109,7 +109,7 @@ def test_a_receivers_connection_uses_the_urls_settings() -> None:
     assert (params.host, params.port, params.virtual_host, params.heartbeat) == ("mq.example", 5999, "prod", 15)
     assert (params.credentials.username, params.credentials.password) == ("alice", "s3cret")
     assert (params.socket_timeout, params.stack_timeout, params.connection_attempts) == (3.0, 3.0, 1)
-    assert params.ssl_options.context is adapter._s.tls and params.ssl_options.server_hostname == "mq.example"
+    assert params.ssl_options.context is adapter.settings.tls and params.ssl_options.server_hostname == "mq.example"
     assert params.client_properties["connection_name"] == "msgbus consumer"
     plain = parse_url("amqp://")
     reader = plain.reader()

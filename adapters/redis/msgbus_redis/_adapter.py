@@ -5,55 +5,36 @@ See ``docs/adapters/redis.md`` for the mapping, trimming and durability rules th
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
-import os
 import secrets
-import socket
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
-from typing import Any
+from collections.abc import Sequence
 
 from redis import exceptions as rx
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.commands.core import AsyncScript
 
 from msgbus.adapter import (
     Adapter,
     BusURL,
     Capabilities,
-    Delivery,
     Endpoint,
     OptionReader,
-    Receiver,
     Record,
-    dead_letter_record,
 )
-from msgbus.errors import ClosedError, ConfigError, DecodeError, MessageTooLarge, PublishError, TopologyError
+from msgbus.errors import ClosedError, ConfigError, MessageTooLarge, PublishError, TopologyError
 
-from . import _scripts
-from ._codec import BODY, decode, encode, flatten
+from ._codec import encode, flatten
 from ._config import Persistence, RedisOptions, read_options
-from ._errors import is_nogroup, translated
-from ._keys import GroupSpec, Route, route
+from ._errors import translated
+from ._names import GroupSpec, Route, route
+from ._receiver import RedisReceiver
+from ._scripts import Scripts
 
-__all__ = ["RedisAdapter", "StreamEntry", "create"]
+__all__ = ["RedisAdapter", "create"]
 
 log = logging.getLogger("msgbus.redis")
-
-_MOVE_BATCH = 500  # most delayed entries one housekeeping round moves per sorted set
-
-
-@dataclass(frozen=True, slots=True)
-class StreamEntry:
-    """``Delivery.raw`` on this backend: where the entry lives and its fields as Redis returned them."""
-
-    stream: str
-    entry_id: str
-    fields: Mapping[bytes, bytes]
 
 
 def create(url: BusURL, options: OptionReader) -> RedisAdapter:
@@ -79,30 +60,18 @@ def _capabilities(options: RedisOptions, persistence: Persistence) -> Capabiliti
     )
 
 
-class _Scripts:
-    """The Lua scripts registered on one client (EVALSHA, reloaded by redis-py after a restart)."""
-
-    def __init__(self, client: Redis) -> None:
-        self.send_delayed: AsyncScript = client.register_script(_scripts.SEND_DELAYED)
-        self.settle: AsyncScript = client.register_script(_scripts.SETTLE)
-        self.extend: AsyncScript = client.register_script(_scripts.EXTEND)
-        self.maintain: AsyncScript = client.register_script(_scripts.MAINTAIN)
-        self.ensure_stream: AsyncScript = client.register_script(_scripts.ENSURE_STREAM)
-        self.forget_consumer: AsyncScript = client.register_script(_scripts.FORGET_CONSUMER)
-
-
 class RedisAdapter(Adapter):
     """One connection pool to one Redis server (database ``/n`` of the URL). Task-safe."""
 
     def __init__(self, url: BusURL, options: RedisOptions) -> None:
         self.url = url
-        self._options = options
+        self.options = options
         self.capabilities = _capabilities(options, options.persistence)
         self._client: Redis | None = None
-        self._scripts: _Scripts | None = None
+        self._scripts: Scripts | None = None
         self._routes: dict[Endpoint, Route] = {}
         self._receivers: set[RedisReceiver] = set()
-        self._secrets = (options.password,)
+        self.secrets: tuple[str | None, ...] = (options.password,)
 
     def __repr__(self) -> str:
         return f"RedisAdapter({self.url.redacted!r})"
@@ -113,7 +82,7 @@ class RedisAdapter(Adapter):
         """Connect and ping; with ``persistence=auto`` read the server's AOF settings to declare it."""
         if self._client is not None:
             return
-        o = self._options
+        o = self.options
         client = Redis(
             host=o.host,
             port=o.port,
@@ -132,7 +101,7 @@ class RedisAdapter(Adapter):
             protocol=2,  # reply shapes this module parses (RESP3 nests XREADGROUP replies differently)
         )
         try:
-            with translated("connect", secrets=self._secrets):
+            with translated("connect", secrets=self.secrets):
                 await client.ping()
                 if o.persistence == "auto":
                     persistence = await _detect_persistence(client)
@@ -141,7 +110,7 @@ class RedisAdapter(Adapter):
             await client.aclose()
             raise
         self._client = client
-        self._scripts = _Scripts(client)
+        self._scripts = Scripts(client)
 
     async def close(self) -> None:
         """Close every receiver, then the connection pool. Idempotent."""
@@ -151,7 +120,7 @@ class RedisAdapter(Adapter):
         if client is not None:
             await client.aclose()
 
-    def _connected(self) -> tuple[Redis, _Scripts]:
+    def connected(self) -> tuple[Redis, Scripts]:
         if self._client is None or self._scripts is None:
             raise ClosedError(f"{self!r} is not open")
         return self._client, self._scripts
@@ -159,7 +128,7 @@ class RedisAdapter(Adapter):
     def _route(self, endpoint: Endpoint) -> Route:
         found = self._routes.get(endpoint)
         if found is None:
-            found = self._routes[endpoint] = route(self._options.prefix, endpoint)
+            found = self._routes[endpoint] = route(self.options.prefix, endpoint)
         return found
 
     # -- topology -----------------------------------------------------------------------------------
@@ -171,22 +140,22 @@ class RedisAdapter(Adapter):
         subscription's group starts at the topic's current end: it gets what is published afterwards.
         """
         r = self._route(endpoint)
-        client, scripts = self._connected()
-        with translated(f"declare {endpoint}", secrets=self._secrets):
+        client, scripts = self.connected()
+        with translated(f"declare {endpoint}", secrets=self.secrets):
             if not create:
                 await self._verify(client, r)
                 return
             if r.shared is not None:
                 await scripts.ensure_stream(keys=[r.shared])
-            await self._create_groups(r.groups)
+            await self.create_groups(r.groups)
 
-    async def _create_groups(self, groups: Sequence[GroupSpec], *, recover: bool = False) -> None:
+    async def create_groups(self, groups: Sequence[GroupSpec], *, recover: bool = False) -> None:
         """XGROUP CREATE ... MKSTREAM for each group, ignoring existing ones.
 
         ``recover`` (a group vanished: Redis restarted without persistence or someone deleted it)
         starts every group at id 0, so entries written since the loss are not skipped.
         """
-        client, _ = self._connected()
+        client, _ = self.connected()
         pipe = client.pipeline(transaction=False)
         for g in groups:
             pipe.xgroup_create(g.stream, g.group, id="0" if recover else g.start, mkstream=True)
@@ -224,8 +193,8 @@ class RedisAdapter(Adapter):
                     raise MessageTooLarge(size, limit)
         if not records:
             return
-        client, scripts = self._connected()
-        with translated(f"send to {endpoint}", publish=True, secrets=self._secrets):
+        client, scripts = self.connected()
+        with translated(f"send to {endpoint}", publish=True, secrets=self.secrets):
             if delay is not None and delay > 0:
                 args: list[bytes | str | int] = [math.ceil(delay * 1000)]
                 for record in records:
@@ -239,12 +208,12 @@ class RedisAdapter(Adapter):
                 for record in records:
                     pipe.xadd(r.send_stream, encode(record))  # type: ignore[arg-type]
                 await pipe.execute()
-            if self._options.wait_replicas:
+            if self.options.wait_replicas:
                 await self._wait_replicas(client)
 
     async def _wait_replicas(self, client: Redis) -> None:
-        want = self._options.wait_replicas
-        got = await client.wait(want, max(1, round(self._options.wait_timeout * 1000)))
+        want = self.options.wait_replicas
+        got = await client.wait(want, max(1, round(self.options.wait_timeout * 1000)))
         if got < want:
             raise PublishError(f"only {got} of {want} redis replicas confirmed the write (wait_replicas)")
 
@@ -255,10 +224,14 @@ class RedisAdapter(Adapter):
         r = self._route(endpoint)
         if not r.receivable:
             raise ConfigError(f"cannot receive from {endpoint}: name a subscription of the topic")
-        self._connected()
-        receiver = RedisReceiver(self, r, prefetch)
+        self.connected()
+        receiver = RedisReceiver(self, r)
         self._receivers.add(receiver)
         return receiver
+
+    def forget(self, receiver: RedisReceiver) -> None:
+        """``receiver`` closed: the adapter no longer closes it."""
+        self._receivers.discard(receiver)
 
 
 async def _detect_persistence(client: Redis) -> Persistence:
@@ -277,263 +250,3 @@ async def _detect_persistence(client: Redis) -> Persistence:
 
 def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-class RedisReceiver(Receiver):
-    """Reads one queue, subscription or dead-letter stream with XREADGROUP as one named consumer.
-
-    Every ``poll_interval`` a receive also does housekeeping in one Lua call: moves due delayed
-    entries into their streams, reclaims entries idle longer than ``visibility_timeout`` (their
-    consumer died), and trims the topic stream below what its slowest group still needs.
-    """
-
-    def __init__(self, adapter: RedisAdapter, r: Route, prefetch: int) -> None:
-        self._adapter = adapter
-        self._options = adapter._options
-        self._route = r
-        self._source = replace(r.endpoint, dead_letter=False)
-        self._prefetch = max(1, prefetch)
-        self._consumer = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
-        self._unsettled = 0
-        self._settled = asyncio.Event()
-        self._next_housekeeping = 0.0
-        self._next_trim = 0.0
-        self._turn = 0
-        self._closed = False
-
-    def __repr__(self) -> str:
-        return f"RedisReceiver({self._route.endpoint}, consumer={self._consumer!r})"
-
-    async def receive(self, max_messages: int, timeout: float) -> list[Delivery]:
-        """Wait up to ``timeout`` seconds for deliveries; never more than ``prefetch`` unsettled."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + max(0.0, timeout)
-        while True:
-            if self._closed:
-                raise ClosedError(f"{self!r} is closed")
-            room = min(max_messages, self._prefetch - self._unsettled)
-            now = loop.time()
-            if room <= 0:
-                if now >= deadline:
-                    return []
-                self._settled.clear()
-                try:
-                    await asyncio.wait_for(self._settled.wait(), deadline - now)
-                except TimeoutError:
-                    return []
-                continue
-            if now >= self._next_housekeeping:
-                got = await self._housekeeping(room)
-                if got:
-                    return got
-                now = loop.time()
-            block_ms = int((min(deadline, self._next_housekeeping) - now) * 1000)
-            got = await self._read(room, block_ms if block_ms >= 1 else None)
-            if got or loop.time() >= deadline:
-                return got
-
-    async def _read(self, room: int, block_ms: int | None) -> list[Delivery]:
-        r = self._route
-        streams = r.streams
-        if room < len(streams):  # XREADGROUP's COUNT is per stream: read one stream in turn
-            streams = (streams[self._turn % len(streams)],)
-            self._turn += 1
-        client, _ = self._adapter._connected()
-        with translated(f"receive from {r.endpoint}", secrets=self._adapter._secrets):
-            try:
-                reply: Any = await client.xreadgroup(
-                    r.group, self._consumer, dict.fromkeys(streams, ">"), count=room // len(streams), block=block_ms
-                )
-            except rx.ResponseError as exc:
-                if not is_nogroup(exc):
-                    raise
-                await self._adapter._create_groups(r.groups, recover=True)
-                return []
-        entries = [(stream.decode(), eid, fields, 1) for stream, items in reply or () for eid, fields in items]
-        return await self._deliveries(entries)
-
-    async def _housekeeping(self, room: int) -> list[Delivery]:
-        r = self._route
-        _, scripts = self._adapter._connected()
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        self._next_housekeeping = now + self._options.poll_interval
-        periodic = now >= self._next_trim  # trimming and pruning, every trim_interval
-        if periodic:
-            self._next_trim = now + self._options.trim_interval
-        trim = periodic and r.shared is not None and r.shared in r.streams
-        reclaim_from = r.streams[self._turn % len(r.streams)]
-        self._turn += 1
-        keys = [key for pair in r.movers for key in pair] + [reclaim_from, r.shared or reclaim_from]
-        args: list[str | int] = [
-            len(r.movers),
-            _MOVE_BATCH,
-            r.group,
-            self._consumer,
-            max(1, round(self._options.visibility_timeout * 1000)),
-            room,
-            "1" if trim else "0",
-            max(1, round(self._options.idle_consumer_timeout * 1000)) if periodic else 0,
-        ]
-        with translated(f"receive from {r.endpoint}", secrets=self._adapter._secrets):
-            try:
-                result: Any = await scripts.maintain(keys=keys, args=args)
-                moved, claimed, _ = result
-            except rx.ResponseError as exc:
-                if not is_nogroup(exc):
-                    raise
-                await self._adapter._create_groups(r.groups, recover=True)
-                return []
-        if moved >= _MOVE_BATCH:
-            self._next_housekeeping = now  # more are due: move them on the next call
-        entries = [(reclaim_from, eid, _pairs(flat), int(count)) for eid, count, flat in claimed]
-        return await self._deliveries(entries)
-
-    async def _deliveries(self, entries: Sequence[tuple[str, bytes, Mapping[bytes, bytes], int]]) -> list[Delivery]:
-        """Entry ids stay bytes for the acks (redis-py then sends them as they are) and are ``str`` in ``raw``."""
-        out: list[Delivery] = []
-        for stream, rid, fields, deliveries in entries:
-            raw = StreamEntry(stream, rid.decode(), fields)
-            try:
-                record, before = decode(fields)
-            except DecodeError as exc:
-                # Not a msgbus entry (or damaged): handed on with its problem, the core dead-letters it.
-                body = bytes(fields.get(BODY, b""))
-                problem = f"malformed stream entry {raw.entry_id}: {exc}"
-                out.append(RedisDelivery(self, Record(body=body, id=raw.entry_id), deliveries, raw, rid, problem))
-                continue
-            out.append(RedisDelivery(self, record, before + deliveries, raw, rid))
-        self._unsettled += len(out)
-        return out
-
-    # -- settling (called by RedisDelivery) ---------------------------------------------------------
-
-    def _release(self, count: int) -> None:
-        self._unsettled = max(0, self._unsettled - count)
-        self._settled.set()
-
-    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
-        """XACK (and XDEL from single-group streams) every delivery in one MULTI/EXEC round trip."""
-        mine = [d for d in deliveries if isinstance(d, RedisDelivery)]
-        by_stream: dict[str, list[bytes]] = {}
-        for d in mine:
-            by_stream.setdefault(d.entry.stream, []).append(d.rid)
-        if not by_stream:
-            return
-        client, _ = self._adapter._connected()
-        pipe = client.pipeline(transaction=True)
-        for stream, ids in by_stream.items():
-            pipe.xack(stream, self._route.group, *ids)
-            if stream in self._route.deletable:
-                pipe.xdel(stream, *ids)
-        # Settled by the handler: their room is free now, so a read can go out while the ack is on its way
-        # (an ack that fails leaves them pending, and reclaimed after ``visibility_timeout``, as before).
-        self._release(len(mine))
-        with translated(f"ack on {self._route.endpoint}", secrets=self._adapter._secrets):
-            try:
-                await pipe.execute()
-            except rx.ResponseError as exc:
-                if not is_nogroup(exc):  # the group is gone, and with it anything to ack
-                    raise
-
-    async def _settle(
-        self, d: RedisDelivery, target: str, delayed: str, delay: float | None, fields: dict[bytes, bytes]
-    ) -> None:
-        _, scripts = self._adapter._connected()
-        delay_ms = 0 if delay is None or delay <= 0 else math.ceil(delay * 1000)
-        deletable = "1" if d.entry.stream in self._route.deletable else "0"
-        args: list[bytes | str | int] = [self._route.group, d.rid, deletable, delay_ms, self._consumer]
-        args += flatten(fields)
-        try:
-            with translated(f"settle on {self._route.endpoint}", secrets=self._adapter._secrets):
-                try:
-                    await scripts.settle(keys=[d.entry.stream, target, delayed], args=args)
-                except rx.ResponseError as exc:
-                    if not is_nogroup(exc):
-                        raise
-        finally:
-            self._release(1)
-
-    async def _nack(self, d: RedisDelivery, delay: float | None) -> None:
-        r = self._route
-        await self._settle(d, r.retry_stream, r.retry_delayed, delay, encode(d.record, attempts=d.attempt))
-        if delay is not None and delay > 0:
-            # Wake up in time to move it back even if nothing else is going on.
-            loop = asyncio.get_running_loop()
-            self._next_housekeeping = min(self._next_housekeeping, loop.time() + delay)
-
-    async def _dead_letter(self, d: RedisDelivery, reason: str) -> None:
-        r = self._route
-        record = dead_letter_record(d.record, reason, d.attempt, self._source)
-        await self._settle(d, r.dead_letter_stream, r.retry_delayed, None, encode(record))
-
-    async def _extend(self, d: RedisDelivery) -> None:
-        _, scripts = self._adapter._connected()
-        with translated(f"extend lock on {self._route.endpoint}", secrets=self._adapter._secrets):
-            extended = await scripts.extend(keys=[d.entry.stream], args=[self._route.group, d.rid, self._consumer])
-        if not extended:
-            log.debug("msgbus: %s on %s is no longer ours; not extended", d.entry.entry_id, self._route.endpoint)
-
-    async def close(self) -> None:
-        """Stop receiving; unsettled entries return to others after ``visibility_timeout``. Idempotent.
-
-        The consumer name is removed from its group only when it holds no pending entry (removing
-        it would drop those entries from the group's pending list, losing them).
-        """
-        if self._closed:
-            return
-        self._closed = True
-        self._adapter._receivers.discard(self)
-        self._settled.set()
-        client = self._adapter._client
-        scripts = self._adapter._scripts
-        if client is None or scripts is None:
-            return
-        try:
-            await scripts.forget_consumer(keys=list(self._route.streams), args=[self._route.group, self._consumer])
-        except (rx.RedisError, OSError) as exc:  # best effort: a leftover idle consumer name is harmless
-            log.debug("could not remove consumer %s: %s", self._consumer, type(exc).__name__)
-
-
-def _pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:
-    return dict(zip(flat[::2], flat[1::2], strict=True))
-
-
-class RedisDelivery(Delivery):
-    """A stream entry pending in the group under this receiver's consumer name."""
-
-    __slots__ = ("_receiver", "entry", "rid")
-
-    def __init__(
-        self,
-        receiver: RedisReceiver,
-        record: Record,
-        attempt: int,
-        entry: StreamEntry,
-        rid: bytes,
-        problem: str | None = None,
-    ) -> None:
-        super().__init__(record, attempt, entry, problem)
-        self._receiver = receiver
-        self.entry = entry
-        self.rid = rid  # ``entry.entry_id`` as Redis sent it
-
-    async def ack(self) -> None:
-        """XACK (+ XDEL on single-group streams) in one transaction."""
-        await self._receiver.ack_many([self])
-
-    async def nack(self, delay: float | None = None) -> None:
-        """Atomically re-add a copy (attempt count carried) now or via the delayed set, then XACK this one."""
-        await self._receiver._nack(self, delay)
-
-    async def dead_letter(self, reason: str) -> None:
-        """Atomically add it to the dead-letter stream with the reason headers, then XACK it here."""
-        await self._receiver._dead_letter(self, reason)
-
-    async def extend(self, seconds: float) -> None:
-        """XCLAIM to self, only while it is still ours: it stays ours for another ``visibility_timeout``.
-
-        Redis cannot set an idle time in the future, so ``seconds`` beyond the visibility timeout is
-        not honoured; the runtime extends again before ``lock_duration`` runs out.
-        """
-        await self._receiver._extend(self)

@@ -7,6 +7,9 @@ set scored by due time (ms), with a unique tag as the first element so equal mes
 
 from __future__ import annotations
 
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+
 _NOW_MS = """
 local function now_ms()
   local t = redis.call('TIME')
@@ -185,3 +188,15 @@ for _, key in ipairs(KEYS) do
 end
 return removed
 """
+
+
+class Scripts:
+    """The Lua scripts registered on one client (EVALSHA, reloaded by redis-py after a restart)."""
+
+    def __init__(self, client: Redis) -> None:
+        self.send_delayed: AsyncScript = client.register_script(SEND_DELAYED)
+        self.settle: AsyncScript = client.register_script(SETTLE)
+        self.extend: AsyncScript = client.register_script(EXTEND)
+        self.maintain: AsyncScript = client.register_script(MAINTAIN)
+        self.ensure_stream: AsyncScript = client.register_script(ENSURE_STREAM)
+        self.forget_consumer: AsyncScript = client.register_script(FORGET_CONSUMER)

@@ -10,7 +10,7 @@ from msgbus.adapter import Endpoint
 from msgbus.errors import BrokerError, ConfigError, ConnectionLost, InvalidMessage, PublishError, TopologyError
 from msgbus_redis import RedisAdapter, create
 from msgbus_redis._errors import convert, translated
-from msgbus_redis._keys import route
+from msgbus_redis._names import route
 
 
 def _adapter(url: str) -> RedisAdapter:
@@ -23,7 +23,7 @@ def _adapter(url: str) -> RedisAdapter:
 
 def test_defaults() -> None:
     adapter = _adapter("redis://")
-    o = adapter._options
+    o = adapter.options
     assert (o.host, o.port, o.db, o.tls, o.prefix) == ("127.0.0.1", 6379, 0, False, "msgbus")
     caps = adapter.capabilities
     assert caps.lock_duration == o.visibility_timeout == 30.0
@@ -37,7 +37,7 @@ def test_options_are_read_and_typed() -> None:
         "rediss://u:pw@cache.example:6390/3?prefix=app&visibility_timeout=2.5&persistence=disk"
         "&max_message_size=1000&wait_replicas=1&ssl_check_hostname=false"
     )
-    o = adapter._options
+    o = adapter.options
     assert (o.host, o.port, o.db, o.tls, o.prefix, o.wait_replicas) == ("cache.example", 6390, 3, True, "app", 1)
     assert adapter.capabilities.persistence == "disk"
     assert adapter.capabilities.lock_duration == 2.5
@@ -48,7 +48,7 @@ def test_options_are_read_and_typed() -> None:
 def test_password_never_shows() -> None:
     adapter = _adapter("redis://user:s3cret@host:6379/0")
     assert "s3cret" not in repr(adapter)
-    assert "s3cret" not in repr(adapter._options)
+    assert "s3cret" not in repr(adapter.options)
     assert "s3cret" not in str(adapter.url)
 
 

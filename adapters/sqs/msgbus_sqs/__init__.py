@@ -3,6 +3,7 @@
 Queues are SQS queues; topics are SNS topics fanning out to one SQS queue per subscription.
 """
 
-from ._adapter import ReceivedMessage, SqsAdapter, SqsDelivery, SqsReceiver, create
+from ._adapter import SqsAdapter, create
+from ._receiver import ReceivedMessage, SqsDelivery, SqsReceiver
 
 __all__ = ["ReceivedMessage", "SqsAdapter", "SqsDelivery", "SqsReceiver", "create"]

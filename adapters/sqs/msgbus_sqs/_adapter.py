@@ -9,11 +9,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import math
 import re
 from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
 from typing import Any
 
 from aiobotocore.config import AioConfig
@@ -23,32 +21,27 @@ from msgbus.adapter import (
     Adapter,
     BusURL,
     Capabilities,
-    Delivery,
     Endpoint,
     OptionReader,
-    Receiver,
     Record,
-    dead_letter_record,
 )
 from msgbus.errors import (
-    BrokerError,
     CapabilityMissing,
     ClosedError,
-    DecodeError,
     InvalidMessage,
     MessageTooLarge,
-    MsgbusError,
     PublishError,
     TopologyError,
 )
 
-from ._batch import BATCH_MAX, Batcher
-from ._codec import decode, encode, sqs_size
-from ._config import SQS_MAX_DELAY, SQS_MAX_MESSAGE_SIZE, SQS_MAX_VISIBILITY, SqsOptions, read_options
+from ._batch import BATCH_MAX
+from ._codec import encode, sqs_size
+from ._config import SQS_MAX_DELAY, SQS_MAX_MESSAGE_SIZE, SqsOptions, read_options, whole_seconds
 from ._errors import is_missing, translated
+from ._receiver import SqsReceiver
 from ._topology import Resolved, Topology
 
-__all__ = ["ReceivedMessage", "SqsAdapter", "SqsDelivery", "SqsReceiver", "create"]
+__all__ = ["SqsAdapter", "create"]
 
 log = logging.getLogger("msgbus.sqs")
 
@@ -56,14 +49,6 @@ log = logging.getLogger("msgbus.sqs")
 METADATA_RESERVE = 1024
 _DEDUP_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 _SEND_RETRIES = 3  # rounds for batch entries AWS failed on its side (not the sender's fault)
-
-
-@dataclass(frozen=True, slots=True)
-class ReceivedMessage:
-    """``Delivery.raw`` on this backend: the queue it came from and the message as SQS returned it."""
-
-    queue_url: str
-    message: Mapping[str, Any]
 
 
 def create(url: BusURL, options: OptionReader) -> SqsAdapter:
@@ -97,20 +82,15 @@ def _dedup_id(message_id: str) -> str:
     return message_id if _DEDUP_ID.match(message_id) else hashlib.sha256(message_id.encode()).hexdigest()
 
 
-def _whole_seconds(seconds: float, limit: int) -> int:
-    """SQS takes whole seconds: round up, so a delay is never shorter than asked."""
-    return min(limit, max(0, math.ceil(seconds - 1e-9)))
-
-
 class SqsAdapter(Adapter):
     """One SQS client and one SNS client (aiobotocore, one HTTP connection pool). Task-safe."""
 
     def __init__(self, url: BusURL, options: SqsOptions) -> None:
         self.url = url
-        self._o = options
+        self.options = options
         self.capabilities = _capabilities(options)
         self._stack: AsyncExitStack | None = None
-        self._sqs: Any = None
+        self.sqs: Any = None
         self._sns: Any = None
         self._topology: Topology | None = None
         self._receivers: set[SqsReceiver] = set()
@@ -125,7 +105,7 @@ class SqsAdapter(Adapter):
         """Create the clients and make one cheap call (ListQueues) to prove the endpoint answers."""
         if self._stack is not None:
             return
-        o = self._o
+        o = self.options
         session = get_session()
         if o.profile:
             session.set_config_variable("profile", o.profile)
@@ -154,7 +134,7 @@ class SqsAdapter(Adapter):
         except BaseException:
             await stack.aclose()
             raise
-        self._stack, self._sqs = stack, sqs
+        self._stack, self.sqs = stack, sqs
         self._sns = sns
         self._topology = Topology(sqs, sns, sts, o)
 
@@ -178,7 +158,7 @@ class SqsAdapter(Adapter):
         """
         await self._topo().declare(endpoint, create=create)
 
-    async def _resolve(self, endpoint: Endpoint) -> Resolved:
+    async def resolve(self, endpoint: Endpoint) -> Resolved:
         topo = self._topo()
         found = topo.resolved(endpoint)
         return found if found is not None else await topo.declare(endpoint, create=True)
@@ -197,7 +177,7 @@ class SqsAdapter(Adapter):
                 raise CapabilityMissing("SNS topics cannot delay a message; send with delay to a queue instead")
             if delay > SQS_MAX_DELAY:
                 raise InvalidMessage(f"delay {delay:g}s is longer than SQS's maximum {SQS_MAX_DELAY}s")
-            delay_seconds = _whole_seconds(delay, SQS_MAX_DELAY)
+            delay_seconds = whole_seconds(delay, SQS_MAX_DELAY)
         entries = [self._entry(r, delay_seconds, topic=endpoint.kind == "topic") for r in records]
         batches = _batches(entries)
         try:
@@ -219,7 +199,7 @@ class SqsAdapter(Adapter):
         sends: list[asyncio.Future[None]] = []
         last: dict[str, asyncio.Future[None]] = {}  # message group -> the latest batch holding it
         for batch in batches:
-            groups = {str(e["MessageGroupId"]) for e in batch} if self._o.fifo else set()
+            groups = {str(e["MessageGroupId"]) for e in batch} if self.options.fifo else set()
             earlier = {last[g] for g in groups if g in last}
             send = asyncio.ensure_future(self._send_batch_after(earlier, endpoint, batch))
             last.update(dict.fromkeys(groups, send))
@@ -247,24 +227,24 @@ class SqsAdapter(Adapter):
         entry: dict[str, Any] = {"MessageAttributes": attrs, ("Message" if topic else "MessageBody"): body}
         if delay_seconds:
             entry["DelaySeconds"] = delay_seconds
-        if self._o.fifo:
+        if self.options.fifo:
             entry["MessageGroupId"] = record.key if record.key else record.id
             entry["MessageDeduplicationId"] = _dedup_id(record.id)
         return size, entry
 
     async def _send_batch(self, endpoint: Endpoint, batch: list[dict[str, Any]]) -> None:
         async with self._send_slots:
-            where = await self._resolve(endpoint)
+            where = await self.resolve(endpoint)
             pending = {str(i): entry for i, entry in enumerate(batch)}
             for _ in range(_SEND_RETRIES):
                 entries = [{**e, "Id": i} for i, e in pending.items()]
-                with translated(f"send to {endpoint}", publish=True, secrets=self._o.secrets):
+                with translated(f"send to {endpoint}", publish=True, secrets=self.options.secrets):
                     if where.topic_arn is not None:
                         response = await self._sns.publish_batch(
                             TopicArn=where.topic_arn, PublishBatchRequestEntries=entries
                         )
                     else:
-                        response = await self._sqs.send_message_batch(QueueUrl=where.queue_url, Entries=entries)
+                        response = await self.sqs.send_message_batch(QueueUrl=where.queue_url, Entries=entries)
                 failed = response.get("Failed") or []
                 if not failed:
                     return
@@ -274,7 +254,7 @@ class SqsAdapter(Adapter):
                     raise InvalidMessage(
                         f"sqs refused {len(fault)} message(s) sent to {endpoint}: {f.get('Code')}: {f.get('Message')}"
                     )
-                if self._o.fifo:
+                if self.options.fifo:
                     _warn_if_reordered(endpoint, pending, {str(f["Id"]) for f in failed})
                 pending = {f["Id"]: pending[f["Id"]] for f in failed}
             raise PublishError(
@@ -284,17 +264,25 @@ class SqsAdapter(Adapter):
     async def send_raw(self, queue_url: str, record: Record) -> None:
         """Send one record to a queue by URL (the dead-letter path); raises like ``send``."""
         _, entry = self._entry(record, None, topic=False)
-        with translated("send to dead-letter queue", publish=True, secrets=self._o.secrets):
-            await self._sqs.send_message(QueueUrl=queue_url, **entry)
+        with translated("send to dead-letter queue", publish=True, secrets=self.options.secrets):
+            await self.sqs.send_message(QueueUrl=queue_url, **entry)
 
     # -- receiving ----------------------------------------------------------------------------------
 
     async def receiver(self, endpoint: Endpoint, prefetch: int) -> SqsReceiver:
         """Long-poll the queue of ``endpoint`` (its dead-letter queue when ``endpoint.dead_letter``)."""
-        await self._resolve(endpoint)
+        await self.resolve(endpoint)
         receiver = SqsReceiver(self, endpoint)
         self._receivers.add(receiver)
         return receiver
+
+    async def recover(self, endpoint: Endpoint, where: Resolved) -> None:
+        """``endpoint``'s queue vanished: declare it again."""
+        await self._topo().recover(endpoint, where)
+
+    def forget(self, receiver: SqsReceiver) -> None:
+        """``receiver`` closed: the adapter no longer closes it."""
+        self._receivers.discard(receiver)
 
 
 def _batches(entries: Sequence[tuple[int, dict[str, Any]]]) -> list[list[dict[str, Any]]]:
@@ -327,187 +315,3 @@ def _warn_if_reordered(endpoint: Endpoint, sent: Mapping[str, Mapping[str, Any]]
                 endpoint,
             )
             return
-
-
-class SqsReceiver(Receiver):
-    """Long-polls one SQS queue; deletes and visibility changes go out in batches of 10."""
-
-    def __init__(self, adapter: SqsAdapter, endpoint: Endpoint) -> None:
-        self._adapter = adapter
-        self._o = adapter._o
-        self.endpoint = endpoint
-        self._closed = False
-        self._deleter = Batcher(self._flush_deletes, "delete")
-        self._changer = Batcher(self._flush_visibility, "change-visibility")
-
-    def __repr__(self) -> str:
-        return f"SqsReceiver({self.endpoint})"
-
-    async def _where(self) -> tuple[Resolved, str]:
-        where = await self._adapter._resolve(self.endpoint)
-        url = where.dead_letter_url if self.endpoint.dead_letter else where.queue_url
-        assert url is not None
-        return where, url
-
-    async def receive(self, max_messages: int, timeout: float) -> list[Delivery]:
-        """Long-poll up to ``timeout`` seconds (whole seconds, at most ``wait_time``), then top up without waiting.
-
-        On a FIFO queue each call takes one message, so a batch never holds two of one message group (SQS
-        hands out the next of a group only after the previous one is deleted or visible again); the top-up
-        makes up to 10 such calls at once. Topping up stops after a quarter of the visibility timeout, so
-        the first messages are still locked when the core starts extending them.
-        """
-        if self._closed:
-            raise ClosedError(f"{self!r} is closed")
-        wait = min(self._o.wait_time, _whole_seconds(timeout, self._o.wait_time))
-        where, url = await self._where()
-        asked = 1 if self._o.fifo else min(BATCH_MAX, max_messages)
-        try:
-            out = await self._receive_call(url, asked, wait)
-        except TopologyError as exc:
-            if not isinstance(exc.__cause__, Exception) or not is_missing(exc.__cause__):
-                raise
-            log.warning("msgbus: %s vanished; declaring it again", self.endpoint)
-            await self._adapter._topo().recover(self.endpoint, where)
-            return []
-        loop = asyncio.get_running_loop()
-        top_up_until = loop.time() + self._o.visibility_timeout / 4
-        got = len(out)
-        while got == asked and len(out) < max_messages and loop.time() < top_up_until:
-            asked = min(BATCH_MAX, max_messages - len(out))
-            sizes = [1] * asked if self._o.fifo else [asked]
-            results = await asyncio.gather(*(self._receive_call(url, n, 0) for n in sizes), return_exceptions=True)
-            more = [d for r in results if isinstance(r, list) for d in r]
-            out.extend(more)
-            got = len(more)
-            failed = [r for r in results if isinstance(r, BaseException)]
-            if failed:  # keep what arrived; the next receive meets the error again if it lasts
-                log.debug("msgbus: topping up a receive from %s failed: %s", self.endpoint, failed[0])
-                break
-        return out
-
-    async def _receive_call(self, url: str, max_messages: int, wait: int) -> list[Delivery]:
-        """One ReceiveMessage call."""
-        with translated(f"receive from {self.endpoint}", secrets=self._o.secrets):
-            response = await self._adapter._sqs.receive_message(
-                QueueUrl=url,
-                MaxNumberOfMessages=max_messages,
-                WaitTimeSeconds=wait,
-                VisibilityTimeout=self._o.visibility_timeout,
-                MessageAttributeNames=["All"],
-                MessageSystemAttributeNames=["ApproximateReceiveCount"],
-            )
-        return [self._delivery(url, m) for m in response.get("Messages") or []]
-
-    def _delivery(self, url: str, message: Mapping[str, Any]) -> SqsDelivery:
-        attempt = int((message.get("Attributes") or {}).get("ApproximateReceiveCount", "1"))
-        problem = None
-        try:
-            record = decode(message)
-        except DecodeError as exc:  # a broken "msgbus" attribute: handed on with its problem, the core dead-letters it
-            problem = str(exc)
-            record = Record(body=str(message.get("Body", "")).encode(), id=str(message.get("MessageId", "")))
-        raw = ReceivedMessage(url, message)
-        return SqsDelivery(record, attempt, raw, self, str(message["ReceiptHandle"]), problem)
-
-    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
-        """Delete several messages in batches of 10."""
-        await asyncio.gather(*(d.ack() for d in deliveries))
-
-    async def close(self) -> None:
-        """Stop receiving and flush pending deletes; unsettled messages return when their visibility ends."""
-        if self._closed:
-            return
-        self._closed = True
-        await self._deleter.close()
-        await self._changer.close()
-        self._adapter._receivers.discard(self)
-
-    async def _flush_deletes(self, entries: list[dict[str, Any]]) -> Mapping[str, MsgbusError]:
-        url = entries[0]["QueueUrl"]
-        batch = [{"Id": e["Id"], "ReceiptHandle": e["ReceiptHandle"]} for e in entries]
-        with translated(f"ack on {self.endpoint}", secrets=self._o.secrets):
-            response = await self._adapter._sqs.delete_message_batch(QueueUrl=url, Entries=batch)
-        return _failures(response, f"ack on {self.endpoint}")
-
-    async def _flush_visibility(self, entries: list[dict[str, Any]]) -> Mapping[str, MsgbusError]:
-        url = entries[0]["QueueUrl"]
-        batch = [
-            {"Id": e["Id"], "ReceiptHandle": e["ReceiptHandle"], "VisibilityTimeout": e["VisibilityTimeout"]}
-            for e in entries
-        ]
-        with translated(f"change visibility on {self.endpoint}", secrets=self._o.secrets):
-            response = await self._adapter._sqs.change_message_visibility_batch(QueueUrl=url, Entries=batch)
-        return _failures(response, f"change visibility on {self.endpoint}")
-
-
-def _failures(response: Mapping[str, Any], action: str) -> dict[str, MsgbusError]:
-    """The failed entries of a batch response as ``msgbus`` errors, by entry Id."""
-    out: dict[str, MsgbusError] = {}
-    for f in response.get("Failed") or []:
-        err = BrokerError(f"sqs {action} failed: {f.get('Code')}: {f.get('Message')}")
-        err.retryable = not f.get("SenderFault", False)  # a stale receipt handle will not get better
-        out[str(f["Id"])] = err
-    return out
-
-
-class SqsDelivery(Delivery):
-    """One received SQS message and its receipt handle."""
-
-    __slots__ = ("_receipt", "_receiver")
-
-    def __init__(
-        self,
-        record: Record,
-        attempt: int,
-        raw: ReceivedMessage,
-        receiver: SqsReceiver,
-        receipt: str,
-        problem: str | None = None,
-    ) -> None:
-        super().__init__(record, attempt, raw, problem)
-        self._receiver = receiver
-        self._receipt = receipt
-
-    @property
-    def _url(self) -> str:
-        assert isinstance(self.raw, ReceivedMessage)
-        return self.raw.queue_url
-
-    async def ack(self) -> None:
-        """Delete the message (batched with concurrent acks); returns once SQS confirmed."""
-        await self._receiver._deleter.submit({"QueueUrl": self._url, "ReceiptHandle": self._receipt})
-
-    async def nack(self, delay: float | None = None) -> None:
-        """Make it visible again now, or after ``delay`` seconds (rounded up; at most 12 hours)."""
-        seconds = _whole_seconds(delay or 0.0, SQS_MAX_VISIBILITY)
-        await self._receiver._changer.submit(
-            {"QueueUrl": self._url, "ReceiptHandle": self._receipt, "VisibilityTimeout": seconds}
-        )
-
-    async def extend(self, seconds: float) -> None:
-        """Keep it invisible ``seconds`` more from now; batched and not awaited (the core calls this often)."""
-        self._receiver._changer.submit_nowait(
-            {
-                "QueueUrl": self._url,
-                "ReceiptHandle": self._receipt,
-                "VisibilityTimeout": _whole_seconds(seconds, SQS_MAX_VISIBILITY),
-            }
-        )
-
-    async def dead_letter(self, reason: str) -> None:
-        """Send it to the dead-letter queue with the reason headers, then delete it here.
-
-        A dead letter read from a dead-letter queue goes back to the end of that same queue.
-        """
-        receiver = self._receiver
-        where, _ = await receiver._where()
-        dlq = where.dead_letter_url
-        assert dlq is not None
-        source = Topology.base(receiver.endpoint)
-        record = dead_letter_record(self.record, reason, self.attempt, source)
-        try:
-            await receiver._adapter.send_raw(dlq, record)
-        except MessageTooLarge:  # the reason pushed a near-limit message over: keep its start only
-            await receiver._adapter.send_raw(dlq, dead_letter_record(self.record, reason[:200], self.attempt, source))
-        await self.ack()

@@ -6,6 +6,7 @@ AWS environment/config chain decides); credentials come from options or that sam
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -114,3 +115,8 @@ def _prefix(value: str) -> str:
 def _optional_int(reader: OptionReader, name: str) -> int | None:
     value = reader.int(name, -1)
     return None if value == -1 else value
+
+
+def whole_seconds(seconds: float, limit: int) -> int:
+    """SQS takes whole seconds: round up, so a delay is never shorter than asked."""
+    return min(limit, max(0, math.ceil(seconds - 1e-9)))

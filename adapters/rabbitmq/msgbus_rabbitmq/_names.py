@@ -1,0 +1,44 @@
+"""msgbus endpoints -> RabbitMQ queue names, and the holding queues of delayed messages. Pure: no I/O."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+from msgbus.adapter import Endpoint
+from msgbus.errors import ConfigError
+
+_MAX_NAME = 255  # bytes in an AMQP queue or exchange name
+
+
+def queue_name(endpoint: Endpoint) -> str:
+    """The RabbitMQ queue that holds ``endpoint``'s messages (a queue, a subscription, or dead letters)."""
+    if endpoint.kind == "queue":
+        base = endpoint.name
+    elif endpoint.subscription is not None:
+        base = f"{endpoint.name}.{endpoint.subscription}"
+    else:
+        raise ConfigError(f"{endpoint}: receiving from a topic needs a subscription name")
+    return f"{base}.dlq" if endpoint.dead_letter else base
+
+
+def delay_bucket_ms(delay: float) -> int:
+    """``delay`` in whole milliseconds, rounded up to two significant digits.
+
+    Every distinct delay needs its own holding queue (a queue has one TTL), so jittered backoffs are
+    grouped: a message waits at least ``delay`` and at most about 10 % longer.
+    """
+    ms = max(1, math.ceil(delay * 1000))
+    if ms < 100:
+        return ms
+    scale = 10 ** (len(str(ms)) - 2)
+    return int(-(-ms // scale) * scale)
+
+
+def holding_queue_name(ms: int, target: str, kind: str) -> str:
+    """Name of the holding queue for ``ms`` milliseconds towards queue/exchange ``target``."""
+    name = f"msgbus.delay.{ms}ms.{kind}.{target}"
+    if len(name.encode()) <= _MAX_NAME:
+        return name
+    digest = hashlib.sha256(target.encode()).hexdigest()[:16]
+    return f"msgbus.delay.{ms}ms.{kind}.{digest}"
