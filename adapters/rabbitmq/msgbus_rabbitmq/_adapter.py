@@ -154,7 +154,7 @@ class RabbitMQAdapter(Adapter):
                 return await asyncio.wait_for(operation(), max(deadline - loop.time(), 0.0))
             except TimeoutError:
                 raise ConnectionLost(
-                    f"{doing}: no answer from RabbitMQ within send_timeout ({self._s.send_timeout:g} s); "
+                    f"{doing}: no answer from RabbitMQ within send_timeout ({self.settings.send_timeout:g} s); "
                     "the message may or may not have been stored"
                 ) from None
             except MsgbusError:
