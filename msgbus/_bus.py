@@ -15,7 +15,7 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar, overload
 
-from . import _codec, _redelivery, _runtime
+from . import _codec, _redelivery, _redrive, _runtime
 from ._capabilities import Capabilities
 from ._coalesce import Coalescer
 from ._inbox import Inbox
@@ -27,6 +27,7 @@ from .errors import (
     CapabilityMissing,
     ClosedError,
     ConfigError,
+    ConnectionLost,
     DecodeError,
     InvalidMessage,
     MessageTooLarge,
@@ -155,6 +156,53 @@ class Bus:
         if coalescer is None and self._adapter.coalesce_sends:
             coalescer = self._coalescers[endpoint] = Coalescer(lambda records: self._store(endpoint, records))
         return coalescer
+
+    async def ping(self, timeout: float = 5.0) -> float:
+        """One real round trip to the backend (``Adapter.ping``: a cheap metadata call), opening the bus first if
+        needed; returns the seconds it took. Raises ``ConnectionLost`` when the backend does not answer within
+        ``timeout`` seconds (a hung connection included), or the adapter's typed error when it refuses."""
+        timeout = _config_seconds("timeout", timeout)
+        if self._state == "closed":
+            raise ClosedError(f"{self!r} is closed")
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(timeout):
+                await self.open()
+                await self._adapter.ping()
+        except TimeoutError:
+            raise ConnectionLost(f"{self.url} did not answer a ping within {timeout:g}s") from None
+        return time.monotonic() - started
+
+    async def redrive(
+        self,
+        name: str,
+        *,
+        subscription: str | None = None,
+        limit: int | None = None,
+        filter: _redrive.Filter | None = None,  # noqa: A002 - the documented name
+        dry_run: bool = False,
+        idle: float = 2.0,
+        progress: _redrive.Progress | None = None,
+    ) -> _redrive.Redriven:
+        """Move the dead letters of queue ``name`` (or of ``subscription`` of topic ``name``) back to it.
+
+        Each keeps its id, key, body and headers; its attempt count starts again; why it died is kept in
+        ``x-msgbus-dead-letter-history``. At least once: a batch is sent back before its dead letters are removed,
+        so a crash in between duplicates, never loses. ``limit`` caps how many move; ``filter(message)`` picks
+        them (the others stay); ``dry_run`` moves none. Stops once a receive waits ``idle`` seconds for nothing,
+        or once 1000 dead letters were left in place. ``progress(moved, looked_at)`` is called per batch.
+        """
+        if limit is not None and not _whole(limit, 1, 10**12):
+            raise ConfigError(f"limit must be a whole number >= 1 or None, got {limit!r:.40}")
+        if filter is not None and not callable(filter):
+            raise ConfigError(f"filter must be a function of a message, not {type(filter).__name__}")
+        idle = _config_seconds("idle", idle)
+        dead = self.dead_letters(name, subscription=subscription, prefetch=_redrive.HOLD + _redrive.BATCH)
+        source = dead._endpoint
+        source = Endpoint(source.kind, source.name, source.subscription)
+        return await _redrive.redrive(
+            self, source, dead, limit=limit, keep=filter, dry_run=dry_run, idle=idle, progress=progress
+        )
 
     def producer(self, queue: str) -> Producer:
         """A sender to work queue ``queue``: each message is processed by one consumer."""
@@ -555,6 +603,11 @@ class Consumer(Generic[T]):
         room = max(1, min(max_messages, inbox.prefetch - inbox.unsettled))
         out: list[Message[T]] = []
         for delivery in await receiver.receive(room, timeout):
+            if self._endpoint.subscription is not None and _redrive.for_other_subscription(
+                delivery.record, self._endpoint
+            ):
+                await delivery.ack()  # a redriven dead letter of a sibling subscription: not ours
+                continue
             try:
                 body = _codec.decode_delivery(delivery, self._model)
             except DecodeError as err:
@@ -617,6 +670,19 @@ class Consumer(Generic[T]):
             else:
                 kept.append(m)
         return kept
+
+    @property
+    def ready(self) -> bool:
+        """Whether ``run()`` is running and its last receive call reached the backend (a readiness probe's
+        answer: connected and receiving). False before ``run()`` starts, after it stops, and while receives fail."""
+        running = self._running
+        return (
+            running is not None
+            and not running.done()
+            and self._inbox.receiver is not None
+            and not self._inbox.failing
+            and not self._inbox.closed
+        )
 
     def stop(self) -> None:
         """Ask a running ``run()`` to finish gracefully (no new messages; in-flight ones complete)."""

@@ -471,6 +471,10 @@ class MemoryAdapter(Adapter):
         for r in list(self._receivers):
             await r.close()
 
+    async def ping(self) -> None:
+        """In-process: the backend answers whenever the adapter is open."""
+        self._check_open()
+
     async def declare(self, endpoint: Endpoint, *, create: bool = True) -> None:
         """Create (or with ``create=False`` verify) the queue, topic or subscription; idempotent."""
         with self._ns.lock:

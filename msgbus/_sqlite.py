@@ -753,6 +753,10 @@ class SqliteAdapter(Adapter):
             except RuntimeError:  # that loop is closed; nobody is waiting any more
                 pass
 
+    async def ping(self) -> None:
+        """A ``SELECT 1`` on the database thread: the file is open and the thread is not stuck."""
+        await self._call(lambda s, now: (s.conn.execute("SELECT 1").fetchone(), ()))
+
     async def declare(self, endpoint: Endpoint, *, create: bool = True) -> None:
         """Create the endpoint, its topic and its dead-letter destination (idempotent, across processes)."""
         _check_endpoint(endpoint)

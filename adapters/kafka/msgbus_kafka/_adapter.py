@@ -138,6 +138,11 @@ class KafkaAdapter(Adapter):
 
     # --- topology ---
 
+    async def ping(self) -> None:
+        """A metadata request (DescribeCluster) to the cluster."""
+        with translated("ping", secrets=self._secrets):
+            await self.admin.describe_cluster()
+
     async def declare(self, endpoint: Endpoint, *, create: bool = True) -> None:
         o = self.options
         wanted = {_codec.topic_of(endpoint): o.partitions if not endpoint.dead_letter else o.dead_letter_partitions}

@@ -212,6 +212,12 @@ class RabbitMQAdapter(Adapter):
                 args["x-delivery-limit"] = self._s.delivery_limit
         return args
 
+    async def ping(self) -> None:
+        """A passive declare of ``amq.direct`` (every vhost has it): one AMQP round trip on the topology channel."""
+        _, topology = self._channels()
+        with translated("ping", [self._s.password]):
+            await topology.declare_exchange("amq.direct", aio_pika.ExchangeType.DIRECT, passive=True)
+
     async def declare(self, endpoint: Endpoint, *, create: bool = True) -> None:
         """Create (or with ``create=False`` only check) the queue/exchange and its dead-letter queue.
 

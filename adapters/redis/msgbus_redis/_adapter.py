@@ -164,6 +164,12 @@ class RedisAdapter(Adapter):
 
     # -- topology -----------------------------------------------------------------------------------
 
+    async def ping(self) -> None:
+        """Redis PING."""
+        client, _ = self._connected()
+        with translated("ping", secrets=self._secrets):
+            await client.ping()
+
     async def declare(self, endpoint: Endpoint, *, create: bool = True) -> None:
         """Create the streams and groups of ``endpoint`` (and its dead-letter stream); idempotent.
 
