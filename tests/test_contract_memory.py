@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from msgbus import Message, _codec, _memory, _url, adapter
+from msgbus import Message, _codec, _memory, _redrive, _url, adapter
 from msgbus.adapter import Endpoint, Record, dead_letter_record
 from msgbus.errors import DecodeError
 from msgbus.testing import ContractSuite, run_check
@@ -66,6 +66,17 @@ def _no_ambiguity_check(rest: str) -> str:
     return ""
 
 
+def _redriven_as_dead(record: Record, subscription: str | None) -> Record:
+    """Redrive that sends the dead letter back as it is: no history, its dead-letter headers still on."""
+    return record
+
+
+async def _redrive_without_removing(self: Message[Any]) -> None:
+    """An ack that settles only messages outside the dead letters: redrive leaves every dead letter in place."""
+    if self._settle() and not self._delivery._receiver._endpoint.dead_letter:  # type: ignore[attr-defined]
+        await self._delivery.ack()
+
+
 _REAL_DEAD_LETTER_RECORD = dead_letter_record
 _REAL_RECEIVE = _memory._MemoryReceiver.receive
 _REAL_DECODE_DELIVERY = _codec.decode_delivery
@@ -88,6 +99,18 @@ BREAKAGES: dict[str, tuple[Any, str, Any, str]] = {
     "dead-letter reasons are not cut": (adapter, "MAX_DEAD_LETTER_REASON", 10**9, "bad input raises typed errors"),
     "nack takes any delay": (Message, "nack", _nack_unchecked, "bad input raises typed errors"),
     "URLs split at the first '@'": (_url, "_authority", _no_ambiguity_check, "bad input raises typed errors"),
+    "redrive forgets why they died": (
+        _redrive,
+        "redriven_record",
+        _redriven_as_dead,
+        "redrive returns every dead letter once",
+    ),
+    "redrive leaves the dead letters": (
+        Message,
+        "ack",
+        _redrive_without_removing,
+        "redrive returns every dead letter once",
+    ),
 }
 
 
