@@ -116,7 +116,7 @@ class KafkaAdapter(Adapter):
             with translated("connect", secrets=self._secrets):
                 await admin.start()
                 await producer.start()
-        except Exception:
+        except BaseException:  # a cancelled open (a ping's timeout) too
             await _close_quietly(admin.close(), producer.stop())
             raise
         self._producer, self._admin = producer, admin

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import aio_pika
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+from aio_pika.connection import make_url
 
 from msgbus.adapter import Adapter, BusURL, Capabilities, Endpoint, OptionReader, Receiver, Record
 from msgbus.errors import ClosedError, ConfigError, ConnectionLost, MessageTooLarge, MsgbusError
@@ -124,21 +125,22 @@ class RabbitMQAdapter(Adapter):
         if self._conn is not None:
             return
         s = self._s
+        # aio_pika.connect_robust, with the connection in hand before it connects: an open cancelled while it
+        # connects (a ping's timeout) must close it, or it reconnects forever in the background.
+        url = make_url(
+            host=s.host,
+            port=s.port,
+            login=s.username,
+            password=s.password,
+            virtualhost=s.vhost,
+            ssl=s.tls is not None,
+            heartbeat=s.heartbeat,
+            reconnect_interval=s.reconnect_interval,
+        )
+        conn = aio_pika.RobustConnection(url, ssl_context=s.tls, client_properties={"connection_name": "msgbus"})
         with translated(f"connecting to {self.url.redacted}", [s.password]):
-            conn = await aio_pika.connect_robust(
-                host=s.host,
-                port=s.port,
-                login=s.username,
-                password=s.password,
-                virtualhost=s.vhost,
-                ssl=s.tls is not None,
-                ssl_context=s.tls,
-                timeout=s.connect_timeout,
-                client_properties={"connection_name": "msgbus"},
-                heartbeat=s.heartbeat,
-                reconnect_interval=s.reconnect_interval,
-            )
             try:
+                await conn.connect(timeout=s.connect_timeout)
                 self._publish_channel = await conn.channel(publisher_confirms=s.confirms, on_return_raises=s.confirms)
                 self._topology = await conn.channel(publisher_confirms=False)
             except BaseException:
