@@ -179,7 +179,7 @@ class Bus:
         *,
         subscription: str | None = None,
         limit: int | None = None,
-        filter: _redrive.Filter | None = None,  # noqa: A002 - the documented name
+        filter: _redrive.Filter | None = None,
         dry_run: bool = False,
         idle: float = 2.0,
         progress: _redrive.Progress | None = None,

@@ -628,8 +628,7 @@ async def _dlq_list(url: str | None, args: argparse.Namespace) -> int:
                         break
                     held += batch
                 rows = [
-                    (m.id, str(m.dead_letter_attempts or "-"), m.dead_letter_reason or "-", _text(m.body))
-                    for m in held
+                    (m.id, str(m.dead_letter_attempts or "-"), m.dead_letter_reason or "-", _text(m.body)) for m in held
                 ]
             finally:
                 for msg in held:

@@ -22,7 +22,6 @@ from msgbus.errors import TopologyError
 from ._config import ServiceBusOptions
 from ._errors import translated
 
-
 PING_ENTITY = "msgbus-health"  # attached by ping() where no management API answers
 
 
