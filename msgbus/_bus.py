@@ -198,11 +198,42 @@ class Bus:
             raise ConfigError(f"filter must be a function of a message, not {type(filter).__name__}")
         idle = _config_seconds("idle", idle)
         dead = self.dead_letters(name, subscription=subscription, prefetch=_redrive.HOLD + _redrive.BATCH)
-        source = dead._endpoint
-        source = Endpoint(source.kind, source.name, source.subscription)
-        return await _redrive.redrive(
-            self, source, dead, limit=limit, keep=filter, dry_run=dry_run, idle=idle, progress=progress
-        )
+        source = Endpoint(dead._endpoint.kind, name, subscription)
+        target = source if subscription is None else Endpoint("topic", name)  # marked for it alone
+        done = _redrive.Redriven()
+        held: list[Message[Any]] = []
+        seen: set[str] = set()
+        async with dead:
+            try:
+                while limit is None or len(done.moved) < limit:
+                    want = _redrive.BATCH if limit is None else min(_redrive.BATCH, limit - len(done.moved))
+                    batch = await dead.receive(max_messages=want, timeout=idle)
+                    if not batch:
+                        break
+                    take = []
+                    for msg in batch:
+                        # Seen already: it died again since this redrive sent it back; left for the next one.
+                        if dry_run or msg.id in seen or (filter is not None and not filter(msg)):
+                            held.append(msg)
+                        else:
+                            take.append(msg)
+                        seen.add(msg.id)
+                    if take:
+                        records = [_redrive.redriven_record(_codec.sanitize(m._delivery), subscription) for m in take]
+                        await self._store(target, records)  # durable when it returns: only now may the dead go
+                        for msg in take:
+                            await msg.ack()
+                        done.moved += [m.id for m in take]
+                    if progress is not None:
+                        progress(len(done.moved), len(seen))
+                    if len(held) >= _redrive.HOLD:
+                        break
+                await dead._inbox.acks_durable()
+                done.left = [m.id for m in held]
+            finally:
+                for msg in held:
+                    await msg.nack()  # back at once, not when a lock expires
+        return done
 
     def producer(self, queue: str) -> Producer:
         """A sender to work queue ``queue``: each message is processed by one consumer."""

@@ -1,6 +1,6 @@
-"""Dead-letter redrive: dead letters back to the queue or subscription they died in, at least once.
+"""Dead-letter redrive's records: what a dead letter looks like when it goes back (``Bus.redrive`` moves them).
 
-Built on the kit every adapter already has (a dead-letter receiver, ``send``, ``ack``), so every backend gets it:
+``Bus.redrive`` is built on the kit every adapter already has (a dead-letter receiver, ``send``, ``ack``), so every backend gets it:
 each batch is sent back first and its dead letters are acked only once that send returned, so a crash in between
 leaves them in both places (a duplicate), never in neither. A redriven message keeps its id, key, body and headers;
 its attempt count starts again (it is a new send), and why it died moves into ``x-msgbus-dead-letter-history``.
@@ -13,9 +13,8 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ._codec import sanitize
 from ._message import Message
 from .adapter import (
     HEADER_ATTEMPTS,
@@ -24,9 +23,6 @@ from .adapter import (
     Endpoint,
     Record,
 )
-
-if TYPE_CHECKING:
-    from ._bus import Bus, Consumer
 
 HEADER_DEAD_LETTER_HISTORY = "x-msgbus-dead-letter-history"
 HEADER_REDRIVE_SUBSCRIPTION = "x-msgbus-redrive-subscription"
@@ -75,53 +71,3 @@ def for_other_subscription(record: Record, endpoint: Endpoint) -> bool:
     """Whether ``record`` is a redriven dead letter of another subscription of ``endpoint``'s topic."""
     target = record.headers.get(HEADER_REDRIVE_SUBSCRIPTION)
     return target is not None and target != endpoint.subscription
-
-
-async def redrive(
-    bus: Bus,
-    source: Endpoint,
-    dead: Consumer[Any],
-    *,
-    limit: int | None,
-    keep: Filter | None,
-    dry_run: bool,
-    idle: float,
-    progress: Progress | None,
-) -> Redriven:
-    """Move up to ``limit`` of ``dead``'s messages (those ``keep`` accepts) back to ``source``; stop when a receive
-    waits ``idle`` seconds for nothing. Dead letters left in place are released when it returns."""
-    done = Redriven()
-    held: list[Message[Any]] = []
-    seen: set[str] = set()
-    target = source if source.subscription is None else Endpoint("topic", source.name)
-    async with dead:
-        try:
-            while limit is None or len(done.moved) < limit:
-                want = BATCH if limit is None else min(BATCH, limit - len(done.moved))
-                batch = await dead.receive(max_messages=want, timeout=idle)
-                if not batch:
-                    break
-                take: list[Message[Any]] = []
-                for msg in batch:
-                    # Seen already: it died again since this redrive sent it back; leave it for the next one.
-                    if dry_run or msg.id in seen or (keep is not None and not keep(msg)):
-                        held.append(msg)
-                    else:
-                        take.append(msg)
-                    seen.add(msg.id)
-                if take:
-                    records = [redriven_record(sanitize(m._delivery), source.subscription) for m in take]
-                    await bus._store(target, records)  # durable when it returns: only now may the dead go
-                    for msg in take:
-                        await msg.ack()
-                    done.moved += [m.id for m in take]
-                if progress is not None:
-                    progress(len(done.moved), len(seen))
-                if len(held) >= HOLD:
-                    break
-            await dead._inbox.acks_durable()
-            done.left = [m.id for m in held]
-        finally:
-            for msg in held:
-                await msg.nack()  # back at once, not when a lock expires
-    return done
