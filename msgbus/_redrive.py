@@ -1,11 +1,11 @@
 """Dead-letter redrive's records: what a dead letter looks like when it goes back (``Bus.redrive`` moves them).
 
-``Bus.redrive`` is built on the kit every adapter already has (a dead-letter receiver, ``send``, ``ack``), so every backend gets it:
-each batch is sent back first and its dead letters are acked only once that send returned, so a crash in between
-leaves them in both places (a duplicate), never in neither. A redriven message keeps its id, key, body and headers;
-its attempt count starts again (it is a new send), and why it died moves into ``x-msgbus-dead-letter-history``.
-A subscription's dead letters go back through the topic, marked for that subscription alone: the consumers of the
-topic's other subscriptions ack and skip them (``for_other_subscription``).
+``Bus.redrive`` is built on the kit every adapter already has (a dead-letter receiver, ``send``, ``ack``), so every
+backend gets it: each batch is sent back first and its dead letters are acked only once that send returned, so a
+crash in between leaves them in both places (a duplicate), never in neither. A redriven message keeps its id, key,
+body and headers; its attempt count starts again (it is a new send), and why it died moves into
+``x-msgbus-dead-letter-history``. A subscription's dead letters go back through the topic, marked for that
+subscription alone: the consumers of the topic's other subscriptions ack and skip them (``for_other_subscription``).
 """
 
 from __future__ import annotations
