@@ -69,5 +69,8 @@ def history_of(text: str | None) -> list[dict[str, Any]]:
 
 def for_other_subscription(record: Record, endpoint: Endpoint) -> bool:
     """Whether ``record`` is a redriven dead letter of another subscription of ``endpoint``'s topic."""
-    target = record.headers.get(HEADER_REDRIVE_SUBSCRIPTION)
+    try:
+        target = record.headers.get(HEADER_REDRIVE_SUBSCRIPTION)
+    except AttributeError:  # damaged metadata: decoding dead-letters it
+        return False
     return target is not None and target != endpoint.subscription
