@@ -60,8 +60,8 @@ PHASES: list[dict[str, list[str]]] = [
         "F": [
             "integration/test_outbox_e2e.py",
             "integration/test_properties.py",
-            "integration/test_brokers.py",
             "integration/test_health.py",
+            "integration/test_brokers.py",
         ],
     },
     {"G": ["integration/test_mutants.py"]},
