@@ -34,6 +34,7 @@ async def check_redrive_once(ctx: ContractContext) -> None:
     tally = Tally()
     for msg in await drain(ctx, consumer, tally, reached(tally, m), settle=False):
         await msg.reject(f"contract redrive {msg.headers.get('seq')}")
+    await consumer.close()  # else a pushing broker (RabbitMQ) hands the redriven ones to its read-ahead
     moved = Tally()
     calls = 0
     ctx.waiting = lambda: f"redrive to move all {m} dead letters ({moved.distinct} after {calls} calls)"
