@@ -14,6 +14,7 @@ from ._bus import Bus, Consumer, Producer, Publisher, Subscriber
 from ._capabilities import Capabilities, require
 from ._config import resolve
 from ._message import Message, Outgoing
+from ._redrive import HEADER_DEAD_LETTER_HISTORY, Redriven
 from ._registry import factory, schemes
 from ._retry import RetryPolicy
 from ._runtime import Handler, Middleware
@@ -23,6 +24,7 @@ from .errors import ConfigError
 
 __all__ = [
     "HEADER_ATTEMPTS",
+    "HEADER_DEAD_LETTER_HISTORY",
     "HEADER_DEAD_LETTER_REASON",
     "HEADER_DEAD_LETTER_SOURCE",
     "Bus",
@@ -34,6 +36,7 @@ __all__ = [
     "Outgoing",
     "Producer",
     "Publisher",
+    "Redriven",
     "RetryPolicy",
     "Subscriber",
     "__version__",

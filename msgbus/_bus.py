@@ -15,7 +15,7 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar, overload
 
-from . import _codec, _redelivery, _runtime, _telemetry
+from . import _codec, _redelivery, _redrive, _runtime, _telemetry
 from ._capabilities import Capabilities
 from ._coalesce import Coalescer
 from ._inbox import Inbox
@@ -27,6 +27,7 @@ from .errors import (
     CapabilityMissing,
     ClosedError,
     ConfigError,
+    ConnectionLost,
     DecodeError,
     InvalidMessage,
     MessageTooLarge,
@@ -167,6 +168,84 @@ class Bus:
         if coalescer is None and self._adapter.coalesce_sends:
             coalescer = self._coalescers[endpoint] = Coalescer(lambda records: self._store(endpoint, records))
         return coalescer
+
+    async def ping(self, timeout: float = 5.0) -> float:
+        """One real round trip to the backend (``Adapter.ping``: a cheap metadata call), opening the bus first if
+        needed; returns the seconds it took. Raises ``ConnectionLost`` when the backend does not answer within
+        ``timeout`` seconds (a hung connection included), or the adapter's typed error when it refuses."""
+        timeout = _config_seconds("timeout", timeout)
+        if self._state == "closed":
+            raise ClosedError(f"{self!r} is closed")
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(timeout):
+                await self.open()
+                await self._adapter.ping()
+        except TimeoutError:
+            raise ConnectionLost(f"{self.url} did not answer a ping within {timeout:g}s") from None
+        return time.monotonic() - started
+
+    async def redrive(
+        self,
+        name: str,
+        *,
+        subscription: str | None = None,
+        limit: int | None = None,
+        filter: _redrive.Filter | None = None,
+        dry_run: bool = False,
+        idle: float = 2.0,
+        progress: _redrive.Progress | None = None,
+    ) -> _redrive.Redriven:
+        """Move the dead letters of queue ``name`` (or of ``subscription`` of topic ``name``) back to it.
+
+        Each keeps its id, key, body and headers; its attempt count starts again; why it died is kept in
+        ``x-msgbus-dead-letter-history``. At least once: a batch is sent back before its dead letters are removed,
+        so a crash in between duplicates, never loses. ``limit`` caps how many move; ``filter(message)`` picks
+        them (the others stay); ``dry_run`` moves none. Stops once a receive waits ``idle`` seconds for nothing,
+        or once 1000 dead letters were left in place. ``progress(moved, looked_at)`` is called per batch.
+        """
+        if limit is not None and not _whole(limit, 1, 10**12):
+            raise ConfigError(f"limit must be a whole number >= 1 or None, got {limit!r:.40}")
+        if filter is not None and not callable(filter):
+            raise ConfigError(f"filter must be a function of a message, not {type(filter).__name__}")
+        idle = _config_seconds("idle", idle)
+        dead = self.dead_letters(name, subscription=subscription, prefetch=_redrive.HOLD + _redrive.BATCH)
+        source = Endpoint(dead._endpoint.kind, name, subscription)
+        target = source if subscription is None else Endpoint("topic", name)  # marked for it alone
+        done = _redrive.Redriven()
+        held: list[Message[Any]] = []
+        seen: set[str] = set()
+        async with dead:
+            try:
+                while limit is None or len(done.moved) < limit:
+                    want = _redrive.BATCH if limit is None else min(_redrive.BATCH, limit - len(done.moved))
+                    batch = await dead.receive(max_messages=want, timeout=idle)
+                    if not batch:
+                        break
+                    take = []
+                    for msg in batch:
+                        # Seen already: it died again since this redrive sent it back; left for the next one.
+                        if dry_run or msg.id in seen or (filter is not None and not filter(msg)):
+                            held.append(msg)
+                        else:
+                            take.append(msg)
+                        seen.add(msg.id)
+                    if take:
+                        records = [_redrive.redriven_record(_codec.sanitize(m._delivery), subscription) for m in take]
+                        await self._store(target, records)  # durable when it returns: only now may the dead go
+                        for msg in take:
+                            await msg.ack()
+                        done.moved += [m.id for m in take]
+                    if progress is not None:
+                        progress(len(done.moved), len(seen))
+                    if len(held) >= _redrive.HOLD:
+                        break
+                await dead._inbox.acks_durable()
+                done.left = [m.id for m in held]
+            finally:
+                for msg in held:
+                    await msg.nack()  # back at once, not when a lock expires
+        return done
 
     def producer(self, queue: str) -> Producer:
         """A sender to work queue ``queue``: each message is processed by one consumer."""
@@ -557,6 +636,11 @@ class Consumer(Generic[T]):
             return []
         out: list[Message[T]] = []
         for delivery in await receiver.receive(room, timeout):
+            if self._endpoint.subscription is not None and _redrive.for_other_subscription(
+                delivery.record, self._endpoint
+            ):
+                await delivery.ack()  # a redriven dead letter of a sibling subscription: not ours
+                continue
             try:
                 body = _codec.decode_delivery(delivery, self._model)
             except DecodeError as err:
@@ -619,6 +703,19 @@ class Consumer(Generic[T]):
             else:
                 kept.append(m)
         return kept
+
+    @property
+    def ready(self) -> bool:
+        """Whether ``run()`` is running and its last receive call reached the backend (a readiness probe's
+        answer: connected and receiving). False before ``run()`` starts, after it stops, and while receives fail."""
+        running = self._running
+        return (
+            running is not None
+            and not running.done()
+            and self._inbox.receiver is not None
+            and not self._inbox.failing
+            and not self._inbox.closed
+        )
 
     def stop(self) -> None:
         """Ask a running ``run()`` to finish gracefully (no new messages; in-flight ones complete)."""

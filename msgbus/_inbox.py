@@ -46,6 +46,7 @@ class Inbox(Generic[T]):
         self.nacked: dict[str, int] = {}  # id -> the attempt this consumer nacked it at (``_redelivery``)
         self.lock = asyncio.Lock()  # one ``fetch`` at a time
         self.closed = False
+        self.failing = False  # the last receive call of ``take`` failed (``Consumer.ready``)
         self._acks: list[Delivery] = []
         self._acks_since = 0.0  # monotonic time the oldest of ``_acks`` was added
         self._durable_at = 0.0  # monotonic time of the last ``acks_durable``
@@ -102,11 +103,13 @@ class Inbox(Generic[T]):
                     if not err.retryable:
                         raise
                     failures += 1
+                    self.failing = True
                     delay = min(5.0, 0.1 * 2**failures)
                     log.warning("msgbus: receive from %s failed (%s); retrying in %.1fs", self.endpoint, err, delay)
                     await asyncio.sleep(delay)
                     continue
                 failures = 0
+                self.failing = False
                 self.buffer.extend(batch)
         return None
 

@@ -22,7 +22,7 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from ._url import BusURL, OptionReader
 from .adapter import Adapter, Capabilities, Delivery, Endpoint, Receiver, Record, dead_letter_record
@@ -458,6 +458,23 @@ class MemoryAdapter(Adapter):
         self._closed = True
         for r in list(self._receivers):
             await r.close()
+
+    async def ping(self) -> None:
+        """In-process: the backend answers whenever the adapter is open."""
+        self._check_open()
+
+    async def stats(self, endpoint: Endpoint) -> Mapping[str, float]:
+        """Counted in the store: waiting, leased, dead letters, and this process's receivers of it."""
+        with self._ns.lock:
+            store = self._find(endpoint, create=False, receiving=True)
+            assert store is not None and store.dead_letters is not None
+            receivers = sum(1 for r in self._receivers if r.store is store)
+            return {
+                "depth": store.count - store.leased,
+                "in_flight": store.leased,
+                "dead_letters": store.dead_letters.count,
+                "consumers": receivers,
+            }
 
     async def declare(self, endpoint: Endpoint, *, create: bool = True) -> None:
         """Create (or with ``create=False`` verify) the queue, topic or subscription; idempotent."""

@@ -31,8 +31,8 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Final, NamedTuple, TypeVar
 
 from ._capabilities import Capabilities
@@ -744,6 +744,29 @@ class SqliteAdapter(Adapter):
                 loop.call_soon_threadsafe(_resolve, waiter)
             except RuntimeError:  # that loop is closed; nobody is waiting any more
                 pass
+
+    async def ping(self) -> None:
+        """A ``SELECT 1`` on the database thread: the file is open and the thread is not stuck."""
+        await self._call(lambda s, now: (s.conn.execute("SELECT 1").fetchone(), ()))
+
+    async def stats(self, endpoint: Endpoint) -> Mapping[str, float]:
+        """Counted in the file: waiting, leased (in flight), dead letters, and the oldest message's age."""
+
+        def count(s: _Store, now: float) -> tuple[dict[str, float], Iterable[int]]:
+            live = s.endpoint_id(endpoint, create=False)
+            dead = s.endpoint_id(replace(endpoint, dead_letter=True), create=False)
+            total, held, oldest = s.conn.execute(
+                "SELECT count(*), count(CASE WHEN lease IS NOT NULL AND visible_at > ? THEN 1 END), min(timestamp)"
+                " FROM msgbus_messages WHERE endpoint = ?",
+                (now, live),
+            ).fetchone()
+            (dead_n,) = s.conn.execute("SELECT count(*) FROM msgbus_messages WHERE endpoint = ?", (dead,)).fetchone()
+            found = {"depth": total - held, "in_flight": held, "dead_letters": dead_n}
+            if oldest is not None:
+                found["oldest_age"] = max(0.0, now - oldest)
+            return found, ()
+
+        return await self._call(count)
 
     async def declare(self, endpoint: Endpoint, *, create: bool = True) -> None:
         """Create the endpoint, its topic and its dead-letter destination (idempotent, across processes)."""

@@ -23,7 +23,7 @@ from typing import Literal
 from ._capabilities import Capabilities, has
 from ._translate import ErrorRow, ErrorTable
 from ._url import REDACTED, BusURL, OptionReader, redact, url_from_connection_string
-from .errors import InvalidMessage
+from .errors import CapabilityMissing, InvalidMessage
 
 __all__ = [
     "HEADER_ATTEMPTS",
@@ -32,6 +32,7 @@ __all__ = [
     "MAX_DEAD_LETTER_REASON",
     "REDACTED",
     "RESERVED_HEADER_PREFIX",
+    "STATS",
     "TIMESTAMP_LIMIT",
     "Adapter",
     "BusURL",
@@ -58,6 +59,8 @@ HEADER_ATTEMPTS = "x-msgbus-attempts"
 TIMESTAMP_LIMIT = 253402300800.0
 #: Longest dead-letter reason, in characters (at most 4 KiB as UTF-8); longer ones are cut (``dead_letter_reason``).
 MAX_DEAD_LETTER_REASON = 1024
+#: The figures ``Adapter.stats`` may report, in the order ``msgbus stats`` shows them.
+STATS = ("depth", "in_flight", "dead_letters", "consumers", "oldest_age")
 
 
 @dataclass(slots=True)
@@ -247,3 +250,14 @@ class Adapter(abc.ABC):
     async def receiver(self, endpoint: Endpoint, prefetch: int) -> Receiver:
         """Start receiving from a queue, a subscription, or a dead-letter destination. ``prefetch`` (the most
         the consumer holds unsettled) sizes a broker's credit or read-ahead window, where it has one."""
+
+    async def ping(self) -> None:
+        """One cheap round trip to the backend on the open connection (a metadata call), raising ``ConnectionLost``
+        or ``BrokerError`` when it fails. ``Bus.ping`` opens the adapter first and bounds both with its timeout."""
+        raise CapabilityMissing(f"{type(self).__name__} has no health check (Adapter.ping)")
+
+    async def stats(self, endpoint: Endpoint) -> Mapping[str, float] | None:
+        """What the backend reports about a queue or subscription, by name (``STATS``: ``depth``, ``in_flight``,
+        ``dead_letters``, ``consumers``, ``oldest_age`` in seconds), leaving out what it does not know; ``None``
+        when the adapter reports nothing (``msgbus stats`` says so)."""
+        return None

@@ -24,7 +24,7 @@ from typing import Any, TextIO
 
 import msgbus
 
-from . import _demo, _registry
+from . import _demo, _progress, _registry
 from ._url import parse_url
 from .errors import MsgbusError
 
@@ -220,6 +220,72 @@ def _parser() -> argparse.ArgumentParser:
     relay.add_argument("--to", dest="target", required=True, metavar="URL", help="the bus to forward to")
     relay.add_argument("--table", default="msgbus_outbox", help="the outbox table (default msgbus_outbox)")
     relay.add_argument("--batch", type=_positive_int, default=100, metavar="N", help="rows per round (default 100)")
+
+    redrive = _command(
+        commands,
+        "redrive",
+        "move a queue's dead letters back to it (at least once: each is sent back before it is removed)",
+        _run_redrive,
+        "msgbus redrive sqlite:///./bus.db orders",
+        "msgbus redrive sqlite:///./bus.db orders --limit 10",
+        "msgbus redrive sqlite:///./bus.db orders --dry-run      # count them, move none",
+        "msgbus redrive sqlite:///./bus.db order-placed --subscription billing",
+        "",
+        "Each keeps its id, key, body and headers; its attempt count starts again; why it died is kept in the",
+        "x-msgbus-dead-letter-history header. A progress bar shows on a terminal with msgbus[cli] installed.",
+    )
+    _url_argument(redrive)
+    redrive.add_argument("queue", metavar="QUEUE", help="queue name (the topic name with --subscription)")
+    redrive.add_argument("--subscription", metavar="S", help="the dead letters of subscription S of topic QUEUE")
+    redrive.add_argument("--limit", type=_positive_int, metavar="N", help="move at most N")
+    redrive.add_argument("--dry-run", action="store_true", help="count the dead letters, move none")
+
+    dlq = _command(
+        commands,
+        "dlq",
+        "inspect dead letters",
+        _run_dlq,
+        "msgbus dlq list sqlite:///./bus.db orders",
+        "msgbus dlq list sqlite:///./bus.db order-placed --subscription billing --limit 20",
+        "",
+        "Lists each dead letter's id, attempts and reason (control characters shown escaped); nothing is removed.",
+    )
+    dlq.add_argument("action", choices=["list"], help="what to do (list)")
+    _url_argument(dlq)
+    dlq.add_argument("queue", metavar="QUEUE", help="queue name (the topic name with --subscription)")
+    dlq.add_argument("--subscription", metavar="S", help="subscription S of topic QUEUE")
+    dlq.add_argument("--limit", type=_positive_int, default=100, metavar="N", help="list at most N (default 100)")
+
+    purge = _command(
+        commands,
+        "purge",
+        "remove every message waiting in a queue (or its dead letters), after a confirmation",
+        _run_purge,
+        "msgbus purge sqlite:///./bus.db orders",
+        "msgbus purge sqlite:///./bus.db orders --dead-letters --yes",
+        "",
+        "Asks before removing anything unless --yes; without a terminal to ask on it refuses. Messages held by",
+        "running consumers are not removed (they come back if not acked).",
+    )
+    _url_argument(purge)
+    purge.add_argument("queue", metavar="QUEUE", help="queue name (the topic name with --subscription)")
+    purge.add_argument("--subscription", metavar="S", help="subscription S of topic QUEUE")
+    purge.add_argument("--dead-letters", action="store_true", help="purge its dead letters instead")
+    purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+    stats = _command(
+        commands,
+        "stats",
+        "show queue figures the backend reports: depth, in flight, dead letters, consumers, oldest message age",
+        _run_stats,
+        "msgbus stats sqlite:///./bus.db orders payments",
+        "msgbus stats sqlite:///./bus.db order-placed/billing --json     # TOPIC/SUBSCRIPTION",
+        "",
+        "A figure the backend does not report is shown as '-' (left out with --json).",
+    )
+    stats.add_argument("url", metavar="URL", help="bus URL")
+    stats.add_argument("queues", nargs="+", metavar="QUEUE", help="queue names, or TOPIC/SUBSCRIPTION")
+    stats.add_argument("--json", action="store_true", help="one JSON object: {queue: {figure: value}}")
 
     info = _command(
         commands,
@@ -520,6 +586,129 @@ def _run_relay(args: argparse.Namespace, _extra: list[str]) -> int:
     asyncio.run(run())
     print(f"msgbus: forwarded {relay.forwarded} message(s), parked {relay.parked}", file=sys.stderr)
     return EXIT_OK
+
+
+def _run_redrive(args: argparse.Namespace, _extra: list[str]) -> int:
+    return asyncio.run(_redrive(_url(args), args))
+
+
+async def _redrive(url: str | None, args: argparse.Namespace) -> int:
+    async with msgbus.connect(url) as bus:
+        what = _endpoint(args.queue, args.subscription)
+        with _progress.Progress("redrive" if not args.dry_run else "dry run", sys.stderr) as bar:
+            done = await bus.redrive(
+                args.queue,
+                subscription=args.subscription,
+                limit=args.limit,
+                dry_run=args.dry_run,
+                progress=lambda moved, seen: bar.update(seen if args.dry_run else moved),
+            )
+        if args.dry_run:
+            print(f"msgbus: {len(done.left)} dead letter(s) of {what} would move back (dry run: none moved)")
+        else:
+            left = f"; {len(done.left)} left" if done.left else ""
+            print(f"msgbus: moved {len(done.moved)} dead letter(s) back to {what} on {printable(bus.url)}{left}")
+    return EXIT_OK
+
+
+def _run_dlq(args: argparse.Namespace, _extra: list[str]) -> int:
+    return asyncio.run(_dlq_list(_url(args), args))
+
+
+async def _dlq_list(url: str | None, args: argparse.Namespace) -> int:
+    """Each dead letter's id, attempts and reason; all are released (nacked) at the end, so nothing is removed."""
+    held: list[msgbus.Message[Any]] = []
+    async with msgbus.connect(url) as bus:
+        dead = bus.dead_letters(args.queue, subscription=args.subscription, prefetch=args.limit)
+        async with dead:
+            try:
+                while len(held) < args.limit:
+                    batch = await dead.receive(min(100, args.limit - len(held)), timeout=1.0)
+                    if not batch:
+                        break
+                    held += batch
+                rows = [
+                    (m.id, str(m.dead_letter_attempts or "-"), m.dead_letter_reason or "-", _text(m.body)) for m in held
+                ]
+            finally:
+                for msg in held:
+                    await msg.nack()
+        widths = [max([len(h), *(len(printable(r[i])) for r in rows)]) for i, h in enumerate(_DLQ_HEADER[:2])]
+        print(f"{_DLQ_HEADER[0]:<{widths[0]}}  {_DLQ_HEADER[1]:<{widths[1]}}  {_DLQ_HEADER[2]}")
+        for msg_id, attempts, reason, body in rows:
+            line = f"{printable(msg_id):<{widths[0]}}  {attempts:<{widths[1]}}  {printable(reason)}"
+            print(f"{line}\n{'':<{widths[0]}}  {'':<{widths[1]}}  body: {printable(body)[:120]}")
+        print(f"msgbus: {len(rows)} dead letter(s) of {_endpoint(args.queue, args.subscription)}", file=sys.stderr)
+    return EXIT_OK
+
+
+_DLQ_HEADER = ("id", "attempts", "reason")
+
+
+def _run_purge(args: argparse.Namespace, _extra: list[str]) -> int:
+    url = _url(args)
+    what = ("dead letters of " if args.dead_letters else "messages of ") + _endpoint(args.queue, args.subscription)
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise UsageError(f"purge removes every waiting message: confirm on a terminal, or pass --yes ({what})")
+        answer = input(f"Remove every waiting {what} on {printable(_redacted(url or ''))}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("msgbus: nothing removed", file=sys.stderr)
+            return EXIT_FAILED
+    return asyncio.run(_purge(url, args, what))
+
+
+async def _purge(url: str | None, args: argparse.Namespace, what: str) -> int:
+    removed = 0
+    async with msgbus.connect(url) as bus:
+        if args.dead_letters:
+            consumer = bus.dead_letters(args.queue, subscription=args.subscription, prefetch=100)
+        elif args.subscription is not None:
+            consumer = bus.subscriber(args.queue, subscription=args.subscription, prefetch=100)
+        else:
+            consumer = bus.consumer(args.queue, prefetch=100)
+        async with consumer:
+            with _progress.Progress("purge", sys.stderr) as bar:
+                while batch := await consumer.receive(100, timeout=1.0):
+                    for msg in batch:
+                        await msg.ack()
+                    removed += len(batch)
+                    bar.update(removed)
+        print(f"msgbus: removed {removed} waiting {what} on {printable(bus.url)}")
+    return EXIT_OK
+
+
+def _run_stats(args: argparse.Namespace, _extra: list[str]) -> int:
+    return asyncio.run(_stats(args))
+
+
+async def _stats(args: argparse.Namespace) -> int:
+    from .adapter import STATS, Endpoint
+
+    found: dict[str, dict[str, float]] = {}
+    async with msgbus.connect(args.url) as bus:
+        for name in args.queues:
+            topic, _, subscription = name.partition("/")
+            endpoint = Endpoint("topic", topic, subscription) if subscription else Endpoint("queue", name)
+            figures = await bus.adapter.stats(endpoint)
+            if figures is None:
+                raise UsageError(f"{type(bus.adapter).__name__} reports no queue figures ({printable(bus.url)})")
+            found[name] = {k: figures[k] for k in STATS if k in figures}
+    if args.json:
+        print(json.dumps(found, indent=2).translate(_JSON_ESCAPES))
+        return EXIT_OK
+    width = max(5, *(len(printable(n)) for n in found))
+    print(f"{'queue':<{width}}  " + "  ".join(f"{k:>12}" for k in STATS))
+    for name, figures in found.items():
+        cells = (_figure(figures.get(k)) for k in STATS)
+        print(f"{printable(name):<{width}}  " + "  ".join(f"{c:>12}" for c in cells))
+    return EXIT_OK
+
+
+def _figure(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f}s" if isinstance(value, float) else str(value)
 
 
 def _run_info(args: argparse.Namespace, _extra: list[str]) -> int:

@@ -18,7 +18,7 @@ import msgbus.sync
 from msgbus.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = ("demo", "send", "consume", "tail", "contract", "info", "schemes")
+COMMANDS = ("demo", "send", "consume", "tail", "contract", "redrive", "dlq", "purge", "stats", "info", "schemes")
 SECRET = "s3cret-pw"
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from msgbus import Message, _codec, _memory, _telemetry, _url, adapter
+from msgbus import Message, _codec, _memory, _redrive, _telemetry, _url, adapter
 from msgbus.adapter import Endpoint, Record, dead_letter_record
 from msgbus.errors import DecodeError
 from msgbus.testing import ContractSuite, run_check
@@ -82,6 +82,17 @@ def _no_context(msg: Any) -> None:
     return None
 
 
+def _redriven_as_dead(record: Record, subscription: str | None) -> Record:
+    """Redrive that sends the dead letter back as it is: no history, its dead-letter headers still on."""
+    return record
+
+
+async def _redrive_without_removing(self: Message[Any]) -> None:
+    """An ack that settles only messages outside the dead letters: redrive leaves every dead letter in place."""
+    if self._settle() and not self._delivery._receiver._endpoint.dead_letter:  # type: ignore[attr-defined]
+        await self._delivery.ack()
+
+
 _REAL_DEAD_LETTER_RECORD = dead_letter_record
 _REAL_RECEIVE = _memory._MemoryReceiver.receive
 _REAL_DECODE_DELIVERY = _codec.decode_delivery
@@ -122,6 +133,18 @@ BREAKAGES: dict[str, tuple[Any, str, Any, str]] = {
         "_extract",
         _no_context,
         "trace context survives the trip",
+    ),
+    "redrive forgets why they died": (
+        _redrive,
+        "redriven_record",
+        _redriven_as_dead,
+        "redrive returns every dead letter once",
+    ),
+    "redrive leaves the dead letters": (
+        Message,
+        "ack",
+        _redrive_without_removing,
+        "redrive returns every dead letter once",
     ),
 }
 

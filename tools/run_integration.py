@@ -57,7 +57,12 @@ PHASES: list[dict[str, list[str]]] = [
         "E": ["integration/test_contract_defaults.py"],
         # test_brokers last: its SIGKILLed RabbitMQ lost a queue declared just before, twice, while the contract
         # at defaults started its 200 checks at once; two minutes later that load is gone.
-        "F": ["integration/test_outbox_e2e.py", "integration/test_properties.py", "integration/test_brokers.py"],
+        "F": [
+            "integration/test_outbox_e2e.py",
+            "integration/test_properties.py",
+            "integration/test_health.py",
+            "integration/test_brokers.py",
+        ],
     },
     {"G": ["integration/test_mutants.py"]},
 ]

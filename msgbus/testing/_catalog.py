@@ -29,6 +29,7 @@ from ._checks_messages import (
     check_undecodable_dead_lettered,
 )
 from ._checks_reconnect import check_reconnect
+from ._checks_redrive import check_redrive_once
 from ._checks_settling import check_bulk_settling, check_stop_releases, check_unacked_come_back
 from ._checks_tracing import check_trace_context_survives
 from ._registry import Check
@@ -68,4 +69,5 @@ CHECKS: tuple[Check, ...] = (
     Check("bulk acks and immediate nacks under run()", check_bulk_settling, deadline=90, lock_waits=2),
     Check("trace context survives the trip", check_trace_context_survives, deadline=60, lock_waits=3),
     Check("reconnect after broker restart", check_reconnect, ("restartable", "persistence"), deadline=180, alone=True),
+    Check("redrive returns every dead letter once", check_redrive_once, deadline=90, lock_waits=3),
 )

@@ -110,7 +110,7 @@ class KafkaAdapter(Adapter):
             with translated("connect", secrets=self._secrets):
                 await admin.start()
                 await producer.start()
-        except Exception:
+        except BaseException:  # a cancelled open (a ping's timeout) too
             await close_quietly(admin.close(), producer.stop())
             raise
         self._producer, self._admin = producer, admin
@@ -131,6 +131,11 @@ class KafkaAdapter(Adapter):
         return self._admin
 
     # --- topology ---
+
+    async def ping(self) -> None:
+        """A metadata request (DescribeCluster) to the cluster."""
+        with translated("ping", secrets=self._secrets):
+            await self.admin.describe_cluster()
 
     async def declare(self, endpoint: Endpoint, *, create: bool = True) -> None:
         o = self.options

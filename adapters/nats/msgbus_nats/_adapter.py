@@ -198,6 +198,12 @@ class NatsAdapter(Adapter):
 
     # -- topology -----------------------------------------------------------------------------------
 
+    async def ping(self) -> None:
+        """JetStream's account info: the server and its JetStream both answer."""
+        _, jsm = self.connected()
+        with translated("ping", self.secrets):
+            await jsm.account_info()
+
     async def declare(self, endpoint: Endpoint, *, create: bool = True) -> None:
         """Create the stream, the durable consumer and the dead-letter stream of ``endpoint``; idempotent.
 

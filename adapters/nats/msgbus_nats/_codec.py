@@ -13,6 +13,7 @@ plain name never does, so the two kinds never collide.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from urllib.parse import quote, unquote
@@ -26,7 +27,11 @@ KEY = "Msgbus-Key"
 CORRELATION_ID = "Msgbus-Correlation-Id"
 CONTENT_TYPE = "Content-Type"
 ENCODED = "Msgbus-Encoded"
-_OURS = {MSG_ID, TIMESTAMP, KEY, CORRELATION_ID, CONTENT_TYPE, ENCODED}
+# A redriven dead letter keeps its id but must not be dropped as a duplicate of its first send (JetStream's window):
+# its Nats-Msg-Id gets the redrive's number and the id travels here.
+REDRIVEN_ID = "Msgbus-Id"
+_HISTORY = "x-msgbus-dead-letter-history"
+_OURS = {MSG_ID, TIMESTAMP, KEY, CORRELATION_ID, CONTENT_TYPE, ENCODED, REDRIVEN_ID}
 
 _TOKEN = re.compile(r"[!#$&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 7230 token characters without '%'
 _TOKEN_SAFE = "!#$&'*+-.^_`|~"  # what quote() leaves alone in a name (besides letters and digits)
@@ -60,6 +65,10 @@ def encode(record: Record) -> dict[str, str]:
     """
     try:
         headers = {MSG_ID: _value(record.id), TIMESTAMP: repr(record.timestamp)}
+        history = record.headers.get(_HISTORY)
+        if history is not None:
+            headers[REDRIVEN_ID] = headers[MSG_ID]
+            headers[MSG_ID] += f"~redrive-{hashlib.sha256(history.encode()).hexdigest()[:16]}"
         if record.key is not None:
             headers[KEY] = _value(record.key)
         if record.correlation_id is not None:
@@ -108,7 +117,7 @@ def decode(headers: Mapping[str, str] | None, body: bytes, fallback_id: str, fal
         encoded = get(ENCODED)
         quoted = set(encoded.split(",")) if encoded else ()
         raw_id, ts, key, correlation_id, ctype = (
-            get(MSG_ID),
+            get(REDRIVEN_ID) or get(MSG_ID),
             get(TIMESTAMP),
             get(KEY),
             get(CORRELATION_ID),

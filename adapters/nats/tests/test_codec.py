@@ -149,3 +149,14 @@ def test_long_names_are_bounded_and_still_distinct() -> None:
     a, b = "q" * 199 + "a", "q" * 199 + "b"
     ra, rb = route("msgbus", Endpoint("topic", a, a, True)), route("msgbus", Endpoint("topic", a, b, True))
     assert len(ra.stream) <= MAX_NAME and ra.stream != rb.stream
+
+
+def test_a_redriven_record_keeps_its_id_under_a_nats_msg_id_of_its_own() -> None:
+    """JetStream drops a second Nats-Msg-Id within its window: a redriven dead letter must not be that duplicate."""
+    first = Record(b"x", "id-1", {"h": "1"}, timestamp=1.0)
+    redriven = Record(b"x", "id-1", {"h": "1", "x-msgbus-dead-letter-history": '[{"reason":"r"}]'}, timestamp=1.0)
+    again = Record(b"x", "id-1", {"h": "1", "x-msgbus-dead-letter-history": '[{"reason":"r"},{"reason":"s"}]'})
+    ids = [encode(r)["Nats-Msg-Id"] for r in (first, redriven, again)]
+    assert len(set(ids)) == 3 and encode(redriven)["Nats-Msg-Id"] == ids[1]  # same history, same dedup id
+    assert decode(encode(redriven), b"x", "fallback", 0.0).id == "id-1"
+    assert "Msgbus-Id" not in decode(encode(redriven), b"x", "fallback", 0.0).headers

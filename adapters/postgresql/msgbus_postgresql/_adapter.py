@@ -269,6 +269,14 @@ class PostgresAdapter(Adapter):
         await self.run("create msgbus's tables", setup)
         self._tables = True
 
+    async def ping(self) -> None:
+        """``SELECT 1`` on a pooled connection."""
+        pool = self._pool
+        if pool is None:
+            raise ClosedError(f"{self!r} is not open")
+        with translated("ping", self._options.secrets):
+            await pool.fetchval("SELECT 1", timeout=self._options.command_timeout)
+
     async def declare(self, endpoint: Endpoint, *, create: bool = True) -> None:
         """Create the endpoint, its topic and its dead-letter destination (idempotent, across processes)."""
         _check_endpoint(endpoint)

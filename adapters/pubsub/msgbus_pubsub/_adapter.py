@@ -198,6 +198,13 @@ class PubSubAdapter(Adapter):
 
     # -- topology -----------------------------------------------------------------------------------
 
+    async def ping(self) -> None:
+        """A ListTopics call of one item, as ``open`` makes."""
+        _, admin, _ = self._clients()
+        o = self._options
+        with translated("ping"):
+            await admin.list_topics(request={"project": f"projects/{o.project}", "page_size": 1}, timeout=o.rpc_timeout)
+
     async def declare(self, endpoint: Endpoint, *, create: bool = True) -> None:
         """Create the topics and subscriptions of ``endpoint`` (with its dead-letter topic); idempotent.
 

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import aio_pika
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+from aio_pika.connection import make_url
 
 from msgbus.adapter import Adapter, BusURL, Capabilities, Endpoint, OptionReader, Receiver, Record
 from msgbus.errors import ClosedError, ConfigError, ConnectionLost, MessageTooLarge, MsgbusError
@@ -90,21 +91,22 @@ class RabbitMQAdapter(Adapter):
         if self._conn is not None:
             return
         s = self.settings
+        # aio_pika.connect_robust, with the connection in hand before it connects: an open cancelled while it
+        # connects (a ping's timeout) must close it, or it reconnects forever in the background.
+        url = make_url(
+            host=s.host,
+            port=s.port,
+            login=s.username,
+            password=s.password,
+            virtualhost=s.vhost,
+            ssl=s.tls is not None,
+            heartbeat=s.heartbeat,
+            reconnect_interval=s.reconnect_interval,
+        )
+        conn = aio_pika.RobustConnection(url, ssl_context=s.tls, client_properties={"connection_name": "msgbus"})
         with translated(f"connecting to {self.url.redacted}", [s.password]):
-            conn = await aio_pika.connect_robust(
-                host=s.host,
-                port=s.port,
-                login=s.username,
-                password=s.password,
-                virtualhost=s.vhost,
-                ssl=s.tls is not None,
-                ssl_context=s.tls,
-                timeout=s.connect_timeout,
-                client_properties={"connection_name": "msgbus"},
-                heartbeat=s.heartbeat,
-                reconnect_interval=s.reconnect_interval,
-            )
             try:
+                await conn.connect(timeout=s.connect_timeout)
                 self._publish_channel = await conn.channel(publisher_confirms=s.confirms, on_return_raises=s.confirms)
                 self._topology = await conn.channel(publisher_confirms=False)
             except BaseException:
@@ -184,6 +186,12 @@ class RabbitMQAdapter(Adapter):
                 # The broker's backstop: past it the queue dead-letters by itself, without msgbus's reason.
                 args["x-delivery-limit"] = self.settings.delivery_limit
         return args
+
+    async def ping(self) -> None:
+        """A passive declare of ``amq.direct`` (every vhost has it): one AMQP round trip on the topology channel."""
+        _, topology = self._channels()
+        with translated("ping", [self.settings.password]):
+            await topology.declare_exchange("amq.direct", aio_pika.ExchangeType.DIRECT, passive=True)
 
     async def declare(self, endpoint: Endpoint, *, create: bool = True) -> None:
         """Create (or with ``create=False`` only check) the queue/exchange and its dead-letter queue.

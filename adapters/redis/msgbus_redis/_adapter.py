@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from redis import exceptions as rx
 from redis.asyncio import Redis
@@ -132,6 +132,30 @@ class RedisAdapter(Adapter):
         return found
 
     # -- topology -----------------------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        """Redis PING."""
+        client, _ = self.connected()
+        with translated("ping", secrets=self.secrets):
+            await client.ping()
+
+    async def stats(self, endpoint: Endpoint) -> Mapping[str, float]:
+        """From XINFO GROUPS of the streams it reads: undelivered (``lag``) plus delayed entries, pending, consumers;
+        and the dead-letter stream's length."""
+        r = self._route(endpoint)
+        client, _ = self.connected()
+        depth = in_flight = consumers = 0
+        with translated(f"stats of {endpoint}", secrets=self.secrets):
+            for stream in r.streams:
+                for group in await client.xinfo_groups(stream):
+                    if group["name"] == r.group.encode():
+                        depth += group.get("lag") or 0
+                        in_flight += group["pending"]
+                        consumers = max(consumers, group["consumers"])
+            for delayed, _stream in r.movers:
+                depth += await client.zcard(delayed)
+            dead = await client.xlen(r.dead_letter_stream)
+        return {"depth": depth, "in_flight": in_flight, "dead_letters": dead, "consumers": consumers}
 
     async def declare(self, endpoint: Endpoint, *, create: bool = True) -> None:
         """Create the streams and groups of ``endpoint`` (and its dead-letter stream); idempotent.

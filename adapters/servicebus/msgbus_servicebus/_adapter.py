@@ -106,6 +106,10 @@ class ServiceBusAdapter(Adapter):
         if self._client is not None:
             await _quietly(self._client.close())
 
+    async def ping(self) -> None:
+        """The namespace's properties (``management=admin``), else a sender link attached and closed again."""
+        await self._topology.ping(self.client)
+
     async def declare(self, endpoint: Endpoint, *, create: bool = True) -> None:
         """Create (``management=admin``) or check the entity; see ``_topology``."""
         _entity(endpoint)

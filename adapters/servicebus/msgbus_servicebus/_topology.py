@@ -22,6 +22,8 @@ from msgbus.errors import TopologyError
 from ._config import ServiceBusOptions
 from ._errors import translated
 
+PING_ENTITY = "msgbus-health"  # attached by ping() where no management API answers
+
 
 class Topology:
     """Declares or verifies entities once per adapter (remembered, so sends do not repeat the check)."""
@@ -50,6 +52,23 @@ class Topology:
                 # before the first publish rather than when its consumer starts receiving.
                 await self._amqp_verify(endpoint, client)
         self._done.add(key)
+
+    async def ping(self, client: ServiceBusClient) -> None:
+        """One round trip: the namespace's properties, or (no management API) a sender link to a health entity.
+        A broker that answers "no such entity" has answered: only connection failures count."""
+        secrets = [self._options.key]
+        if self._options.management == "admin":
+            if self._admin is None:
+                self._admin = ServiceBusAdministrationClient.from_connection_string(self._options.connection_string)
+            with translated("ping", secrets=secrets):
+                await self._admin.get_namespace_properties()
+            return
+        try:
+            with translated("ping", secrets=secrets):
+                async with client.get_queue_sender(PING_ENTITY) as sender:
+                    await sender.create_message_batch()
+        except TopologyError:  # amqp:not-found: the broker answered
+            pass
 
     async def _admin_declare(self, endpoint: Endpoint, create: bool) -> None:
         if self._admin is None:

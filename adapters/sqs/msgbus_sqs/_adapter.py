@@ -151,6 +151,13 @@ class SqsAdapter(Adapter):
             raise ClosedError(f"{self!r} is not open")
         return self._topology
 
+    async def ping(self) -> None:
+        """A ListQueues call of one item, as ``open`` makes."""
+        self._topo()
+        o = self.options
+        with translated("ping", secrets=o.secrets):
+            await self.sqs.list_queues(QueueNamePrefix=o.prefix or "msgbus", MaxResults=1)
+
     async def declare(self, endpoint: Endpoint, *, create: bool = True) -> None:
         """Create (or verify) the queue/topic/subscription of ``endpoint`` and its dead-letter queue; idempotent.
 
