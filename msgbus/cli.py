@@ -234,9 +234,7 @@ def _parser() -> argparse.ArgumentParser:
         "Each keeps its id, key, body and headers; its attempt count starts again; why it died is kept in the",
         "x-msgbus-dead-letter-history header. A progress bar shows on a terminal with msgbus[cli] installed.",
     )
-    _url_argument(redrive)
-    redrive.add_argument("queue", metavar="QUEUE", help="queue name (the topic name with --subscription)")
-    redrive.add_argument("--subscription", metavar="S", help="the dead letters of subscription S of topic QUEUE")
+    _queue_arguments(redrive)
     redrive.add_argument("--limit", type=_positive_int, metavar="N", help="move at most N")
     redrive.add_argument("--dry-run", action="store_true", help="count the dead letters, move none")
 
@@ -251,9 +249,7 @@ def _parser() -> argparse.ArgumentParser:
         "Lists each dead letter's id, attempts and reason (control characters shown escaped); nothing is removed.",
     )
     dlq.add_argument("action", choices=["list"], help="what to do (list)")
-    _url_argument(dlq)
-    dlq.add_argument("queue", metavar="QUEUE", help="queue name (the topic name with --subscription)")
-    dlq.add_argument("--subscription", metavar="S", help="subscription S of topic QUEUE")
+    _queue_arguments(dlq)
     dlq.add_argument("--limit", type=_positive_int, default=100, metavar="N", help="list at most N (default 100)")
 
     purge = _command(
@@ -267,9 +263,7 @@ def _parser() -> argparse.ArgumentParser:
         "Asks before removing anything unless --yes; without a terminal to ask on it refuses. Messages held by",
         "running consumers are not removed (they come back if not acked).",
     )
-    _url_argument(purge)
-    purge.add_argument("queue", metavar="QUEUE", help="queue name (the topic name with --subscription)")
-    purge.add_argument("--subscription", metavar="S", help="subscription S of topic QUEUE")
+    _queue_arguments(purge)
     purge.add_argument("--dead-letters", action="store_true", help="purge its dead letters instead")
     purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
@@ -323,6 +317,13 @@ def _examples(*lines: str) -> str:
 def _url_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("url", metavar="URL", nargs="?", help="bus URL (or --url; default: as msgbus.connect())")
     parser.add_argument("--url", dest="url_option", metavar="URL", help="bus URL, as an option")
+
+
+def _queue_arguments(parser: argparse.ArgumentParser) -> None:
+    """URL, QUEUE and --subscription: the operator commands' target (a queue, or a topic's subscription)."""
+    _url_argument(parser)
+    parser.add_argument("queue", metavar="QUEUE", help="queue name (the topic name with --subscription)")
+    parser.add_argument("--subscription", metavar="S", help="subscription S of topic QUEUE")
 
 
 def _receive_options(parser: argparse.ArgumentParser) -> None:
