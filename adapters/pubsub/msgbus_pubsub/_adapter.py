@@ -87,7 +87,7 @@ class PubSubAdapter(Adapter):
 
     def __init__(self, url: BusURL, options: PubSubOptions) -> None:
         self.url = url
-        self._options = options
+        self.options = options
         self.capabilities = _capabilities(options)
         self._publisher: pubsub_v1.PublisherClient | None = None
         self._admin: PublisherAsyncClient | None = None
@@ -109,7 +109,7 @@ class PubSubAdapter(Adapter):
         """Create the clients and check that the project answers (a ListTopics call of one item)."""
         if self._publisher is not None:
             return
-        o = self._options
+        o = self.options
         batch = pubsub_v1.types.BatchSettings(
             max_messages=o.batch_max_messages, max_bytes=o.batch_max_bytes, max_latency=o.batch_max_latency
         )
@@ -163,7 +163,7 @@ class PubSubAdapter(Adapter):
             # returned.
             if self._publishing:
                 await asyncio.to_thread(
-                    concurrent.futures.wait, list(self._publishing), self._options.publish_timeout + 1
+                    concurrent.futures.wait, list(self._publishing), self.options.publish_timeout + 1
                 )
             await asyncio.to_thread(publisher.transport.close)
         for client in (admin, subscriber):
@@ -176,10 +176,15 @@ class PubSubAdapter(Adapter):
             raise ClosedError(f"{self!r} is not open")
         return self._publisher, self._admin, self._subscriber
 
+    @property
+    def subscriber(self) -> SubscriberAsyncClient:
+        """The asyncio subscriber client (pull, acknowledge, modify_ack_deadline); ``ClosedError`` if not open."""
+        return self._clients()[2]
+
     def _route(self, endpoint: Endpoint) -> Route:
         found = self._routes.get(endpoint)
         if found is None:
-            found = self._routes[endpoint] = route(self._options.project, self._options.prefix, endpoint)
+            found = self._routes[endpoint] = route(self.options.project, self.options.prefix, endpoint)
         return found
 
     # -- topology -----------------------------------------------------------------------------------
@@ -200,7 +205,7 @@ class PubSubAdapter(Adapter):
 
     async def _create(self, r: Route) -> None:
         _, admin, subscriber = self._clients()
-        o = self._options
+        o = self.options
         timeout = o.rpc_timeout
         retry = retries.AsyncRetry(predicate=_TRANSIENT, timeout=timeout)
         with translated(f"declare {r.endpoint}"):
@@ -217,7 +222,7 @@ class PubSubAdapter(Adapter):
                     self._check_compatible(spec, existing)
 
     def _subscription(self, spec: SubscriptionSpec) -> pb.Subscription:
-        o = self._options
+        o = self.options
         sub = pb.Subscription(
             name=spec.name,
             topic=spec.topic,
@@ -238,7 +243,7 @@ class PubSubAdapter(Adapter):
     def _check_compatible(self, spec: SubscriptionSpec, existing: pb.Subscription) -> None:
         if existing.topic != spec.topic:
             raise TopologyError(f"subscription {spec.name} exists but is bound to {existing.topic}, not {spec.topic}")
-        if self._options.ordering and spec.dead_letter_topic is not None and not existing.enable_message_ordering:
+        if self.options.ordering and spec.dead_letter_topic is not None and not existing.enable_message_ordering:
             raise TopologyError(
                 f"subscription {spec.name} exists without message ordering; ordering=true needs a new subscription"
             )
@@ -254,7 +259,7 @@ class PubSubAdapter(Adapter):
 
     async def _verify(self, r: Route) -> None:
         _, admin, subscriber = self._clients()
-        timeout = self._options.rpc_timeout
+        timeout = self.options.rpc_timeout
         try:
             with translated(f"verify {r.endpoint}"):
                 for topic in r.topics:
@@ -264,7 +269,7 @@ class PubSubAdapter(Adapter):
         except TopologyError as exc:
             raise TopologyError(f"{r.endpoint} does not exist (topology=verify): {exc}") from exc.__cause__
 
-    async def _redeclare(self, endpoint: Endpoint) -> bool:
+    async def redeclare(self, endpoint: Endpoint) -> bool:
         """Re-create what the service lost (an emulator restarted without state); False if not ours to create."""
         if endpoint not in self._declared:
             return False
@@ -287,9 +292,9 @@ class PubSubAdapter(Adapter):
         encoded = self._encode_all(records)
         if not encoded:
             return
-        failed = await self._publish(r.topic, encoded)
-        if failed and all(is_not_found(exc) for _, exc in failed) and await self._redeclare(endpoint):
-            failed = await self._publish(r.topic, [e for e, _ in failed])
+        failed = await self.publish(r.topic, encoded)
+        if failed and all(is_not_found(exc) for _, exc in failed) and await self.redeclare(endpoint):
+            failed = await self.publish(r.topic, [e for e, _ in failed])
         if failed:
             first = failed[0][1]
             err = convert(first, f"send to {endpoint}", publish=True)
@@ -298,16 +303,16 @@ class PubSubAdapter(Adapter):
             raise err from first
 
     def _encode_all(self, records: Sequence[Record]) -> list[Encoded]:
-        limit = self._options.max_message_size
+        limit = self.options.max_message_size
         out = []
         for record in records:
             size = record.size()
             if size > limit:
                 raise MessageTooLarge(size, limit)
-            out.append(encode(record, ordering=self._options.ordering))
+            out.append(encode(record, ordering=self.options.ordering))
         return out
 
-    async def _publish(self, topic: str, messages: Sequence[Encoded]) -> list[tuple[Encoded, BaseException]]:
+    async def publish(self, topic: str, messages: Sequence[Encoded]) -> list[tuple[Encoded, BaseException]]:
         """Publish through the batching client; the messages that failed, with why."""
         publisher, _, _ = self._clients()
         futures: list[asyncio.Future[str]] = []
@@ -345,3 +350,7 @@ class PubSubAdapter(Adapter):
         receiver = PubSubReceiver(self, r)
         self._receivers.add(receiver)
         return receiver
+
+    def forget(self, receiver: PubSubReceiver) -> None:
+        """Called by a receiver that closed: ``close()`` need not close it again."""
+        self._receivers.discard(receiver)

@@ -1,5 +1,7 @@
 """Receiving from one Pub/Sub subscription: unary pulls of what the core asks for, ack deadlines set and
 extended per message, and settling by ack id (acknowledge, modify_ack_deadline, a re-publish for dead letters).
+The receiver holds a ``Link`` to its adapter (settings, the subscriber client, the publish, redeclare, forget),
+not the adapter itself.
 """
 
 from __future__ import annotations
@@ -10,27 +12,41 @@ import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, cast
 
 import grpc
 from google.api_core import exceptions as gx
 from google.api_core import gapic_v1
+from google.pubsub_v1 import SubscriberAsyncClient
 from google.pubsub_v1 import types as pb
 
-from msgbus.adapter import Delivery, Receiver, Record, dead_letter_record
+from msgbus.adapter import Delivery, Endpoint, Receiver, Record, dead_letter_record
 from msgbus.errors import ClosedError, PublishError
 
-from ._codec import decode, encode
-from ._config import MAX_ACK_DEADLINE
+from ._codec import Encoded, decode, encode
+from ._config import MAX_ACK_DEADLINE, PubSubOptions
 from ._errors import CLIENT_ERRORS, convert, is_not_found, translated
 from ._names import Route
-
-if TYPE_CHECKING:
-    from ._adapter import PubSubAdapter
 
 log = logging.getLogger("msgbus.pubsub")
 
 _ACK_BATCH = 1000  # ack ids per acknowledge / modify_ack_deadline request (well under the 512 KB limit)
+
+
+class Link(Protocol):
+    """What a receiver needs from its adapter: the settings, the subscriber client, the publish for dead letters,
+    and the re-declaration of what the service lost."""
+
+    options: PubSubOptions
+
+    @property
+    def subscriber(self) -> SubscriberAsyncClient: ...
+
+    async def publish(self, topic: str, messages: Sequence[Encoded]) -> list[tuple[Encoded, BaseException]]: ...
+
+    async def redeclare(self, endpoint: Endpoint) -> bool: ...
+
+    def forget(self, receiver: PubSubReceiver) -> None: ...
 
 
 class PubSubReceiver(Receiver):
@@ -40,9 +56,9 @@ class PubSubReceiver(Receiver):
     below 10 s; the per-message deadline can), and ``extend`` pushes it further while a handler runs.
     """
 
-    def __init__(self, adapter: PubSubAdapter, r: Route) -> None:
+    def __init__(self, adapter: Link, r: Route) -> None:
         self._adapter = adapter
-        self._options = adapter._options
+        self._options = adapter.options
         self._route = r
         self._subscription = r.subscription or ""
         self._source = replace(r.endpoint, dead_letter=False)
@@ -69,7 +85,7 @@ class PubSubReceiver(Receiver):
                 return got
 
     async def _pull(self, room: int, rpc_timeout: float, wait: bool) -> list[Delivery]:
-        _, _, subscriber = self._adapter._clients()
+        subscriber = self._adapter.subscriber
         # A poll (receive with timeout 0) returns at once: a pull that finds nothing otherwise waits server-side
         # (pstest 0.5 s, the service up to the RPC deadline), and run() polls before each redelivery that runs
         # alone. Through the transport's own callable: the client's pull() warns that the flag is deprecated.
@@ -87,7 +103,7 @@ class PubSubReceiver(Receiver):
         except gx.DeadlineExceeded:
             return []
         except CLIENT_ERRORS as exc:
-            if is_not_found(exc) and await self._adapter._redeclare(self._route.endpoint):
+            if is_not_found(exc) and await self._adapter.redeclare(self._route.endpoint):
                 return []
             raise convert(exc, f"receive from {self._route.endpoint}") from exc
         # The plain protobuf message: proto-plus wrappers cost more per field than the rest of a receive.
@@ -123,7 +139,7 @@ class PubSubReceiver(Receiver):
         t.add_done_callback(self._background.discard)
 
     async def _modify(self, ack_ids: Sequence[str], seconds: int, *, quiet: bool = False) -> None:
-        _, _, subscriber = self._adapter._clients()
+        subscriber = self._adapter.subscriber
         timeout = self._options.rpc_timeout
         try:
             with translated(f"modify ack deadline on {self._route.endpoint}"):
@@ -148,7 +164,7 @@ class PubSubReceiver(Receiver):
         mine = [d for d in deliveries if isinstance(d, PubSubDelivery)]
         if not mine:
             return
-        _, _, subscriber = self._adapter._clients()
+        subscriber = self._adapter.subscriber
         ids = [d.ack_id for d in mine]
         with translated(f"ack on {self._route.endpoint}"):
             for i in range(0, len(ids), _ACK_BATCH):
@@ -164,7 +180,7 @@ class PubSubReceiver(Receiver):
     async def _dead_letter(self, d: PubSubDelivery, reason: str) -> None:
         record = dead_letter_record(d.record, reason, d.attempt, self._source)
         encoded = encode(record, ordering=False)
-        failed = await self._adapter._publish(self._route.dead_letter_topic, [encoded])
+        failed = await self._adapter.publish(self._route.dead_letter_topic, [encoded])
         if failed:
             raise PublishError(f"dead-letter publish to {self._route.dead_letter_topic} failed") from failed[0][1]
         await self.ack_many([d])
@@ -177,7 +193,7 @@ class PubSubReceiver(Receiver):
         if self._closed:
             return
         self._closed = True
-        self._adapter._receivers.discard(self)
+        self._adapter.forget(self)
         for t in list(self._background):
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await t
