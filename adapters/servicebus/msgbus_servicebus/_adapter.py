@@ -58,7 +58,7 @@ class ServiceBusAdapter(Adapter):
             # MaxDeliveryCount: set on the entities msgbus creates (management=admin); elsewhere the entity's own
             native_delivery_limit=options.max_delivery_count,
         )
-        self._secrets = [options.key]
+        self.secrets: tuple[str | None, ...] = (options.key,)
         self._client: ServiceBusClient | None = None
         self._senders: dict[str, ServiceBusSender] = {}
         self._send_locks: dict[str, asyncio.Lock] = {}  # an SDK sender is not safe for concurrent calls
@@ -83,7 +83,7 @@ class ServiceBusAdapter(Adapter):
         if self._closed:
             raise ClosedError(f"{self!r} is closed")
         if self._client is None:
-            with translated("connect", secrets=self._secrets):
+            with translated("connect", secrets=self.secrets):
                 self._client = ServiceBusClient.from_connection_string(
                     self.options.connection_string, retry_total=self.options.retry_total
                 )
@@ -116,7 +116,7 @@ class ServiceBusAdapter(Adapter):
                 sender = self._senders.get(name)
                 if sender is None:
                     sender = self.client.get_queue_sender(name)  # a topic sender is the same link
-                    with translated(f"open sender for {name!r}", secrets=self._secrets):
+                    with translated(f"open sender for {name!r}", secrets=self.secrets):
                         await sender.__aenter__()
                     self._senders[name] = sender
         return sender
@@ -142,7 +142,7 @@ class ServiceBusAdapter(Adapter):
     async def _send_locked(
         self, sender: ServiceBusSender, name: str, messages: list[ServiceBusMessage], delay: float | None
     ) -> None:
-        with translated(f"send to {name!r}", publish=True, secrets=self._secrets):
+        with translated(f"send to {name!r}", publish=True, secrets=self.secrets):
             if delay:
                 due = datetime.now(UTC) + timedelta(seconds=delay)
                 await sender.schedule_messages(messages, due)
@@ -189,3 +189,7 @@ class ServiceBusAdapter(Adapter):
         if endpoint.subscription is not None:
             return self.client.get_subscription_receiver(endpoint.name, endpoint.subscription, **common)
         return self.client.get_queue_receiver(endpoint.name, **common)
+
+    def forget(self, receiver: ServiceBusReceiverAdapter) -> None:
+        """Called by a receiver that closed: ``close()`` need not close it again."""
+        self._receivers.discard(receiver)

@@ -1,5 +1,7 @@
 """Receiving from one Service Bus queue, subscription or dead-letter sub-queue: peek-locked messages pulled in
 short slices, settled (complete, abandon, dead-letter, renew-lock) through the SDK receiver that received them.
+The receiver holds a ``Link`` to its adapter (settings, secrets, new SDK receivers, the send, forget), not the
+adapter itself.
 """
 
 from __future__ import annotations
@@ -7,33 +9,45 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from azure.servicebus import ServiceBusReceivedMessage
+from azure.servicebus import ServiceBusMessage, ServiceBusReceivedMessage
 from azure.servicebus.aio import ServiceBusReceiver
 
 from msgbus.adapter import Delivery, Endpoint, Receiver, Record
 from msgbus.errors import ClosedError, ConnectionLost, MsgbusError
 
 from . import _codec
+from ._config import ServiceBusOptions
 from ._errors import translated
-
-if TYPE_CHECKING:
-    from ._adapter import ServiceBusAdapter
 
 log = logging.getLogger("msgbus.servicebus")
 
 _RECEIVE_SLICE = 0.1  # seconds one receive call may hold the SDK receiver while settlements wait
 
 
+class Link(Protocol):
+    """What a receiver needs from its adapter: the settings and secrets, new SDK receivers, the send for a delayed
+    nack's copy, and ``forget``."""
+
+    options: ServiceBusOptions
+    secrets: tuple[str | None, ...]
+
+    def sdk_receiver(self, endpoint: Endpoint) -> ServiceBusReceiver: ...
+
+    async def send_messages(self, name: str, messages: list[ServiceBusMessage], delay: float | None) -> None: ...
+
+    def forget(self, receiver: ServiceBusReceiverAdapter) -> None: ...
+
+
 class ServiceBusReceiverAdapter(Receiver):
     """Pulls peek-locked messages with ``receive_messages``; settles through the same SDK receiver."""
 
-    def __init__(self, adapter: ServiceBusAdapter, endpoint: Endpoint) -> None:
+    def __init__(self, adapter: Link, endpoint: Endpoint) -> None:
         self._adapter = adapter
         self.endpoint = endpoint
         self.sdk = adapter.sdk_receiver(endpoint)
-        self._secrets = adapter._secrets
+        self._secrets = adapter.secrets
         self._closed = False
         self._held: set[asyncio.Task[None]] = set()
         self._closing: set[asyncio.Task[None]] = set()  # old SDK receivers being closed
@@ -109,7 +123,7 @@ class ServiceBusReceiverAdapter(Receiver):
         if self._closed:
             return
         self._closed = True
-        self._adapter._receivers.discard(self)
+        self._adapter.forget(self)
         for task in list(self._held):  # delayed abandons: their locks expire, the messages come back later
             task.cancel()
         await close_quietly(self.sdk.close())
