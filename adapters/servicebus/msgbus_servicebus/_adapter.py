@@ -18,8 +18,9 @@ from msgbus.adapter import Adapter, BusURL, Capabilities, Endpoint, OptionReader
 from msgbus.errors import ClosedError, InvalidMessage, MessageTooLarge
 
 from . import _codec
-from ._config import ServiceBusOptions, check_entity, read_options
+from ._config import ServiceBusOptions, read_options
 from ._errors import translated
+from ._names import check_entity, entity
 from ._receiver import ServiceBusReceiverAdapter, close_quietly
 from ._topology import Topology
 
@@ -29,11 +30,6 @@ __all__ = ["ServiceBusAdapter", "create"]
 def create(url: BusURL, options: OptionReader) -> ServiceBusAdapter:
     """Entry point for ``servicebus://`` URLs; does no I/O."""
     return ServiceBusAdapter(url, read_options(url, options))
-
-
-def _entity(endpoint: Endpoint) -> str:
-    """The entity a sender addresses (queue or topic), with Service Bus' name rules checked."""
-    return check_entity(endpoint.kind, endpoint.name, 260)
 
 
 class ServiceBusAdapter(Adapter):
@@ -104,7 +100,7 @@ class ServiceBusAdapter(Adapter):
 
     async def declare(self, endpoint: Endpoint, *, create: bool = True) -> None:
         """Create (``management=admin``) or check the entity; see ``_topology``."""
-        _entity(endpoint)
+        entity(endpoint)
         if endpoint.subscription is not None:
             check_entity("subscription", endpoint.subscription, 50)
         await self._topology.declare(endpoint, create=create, client=self.client)
@@ -132,7 +128,7 @@ class ServiceBusAdapter(Adapter):
         for record in records:
             if record.size() > limit:
                 raise MessageTooLarge(record.size(), limit)
-        await self.send_messages(_entity(endpoint), [_codec.encode(r) for r in records], delay)
+        await self.send_messages(entity(endpoint), [_codec.encode(r) for r in records], delay)
 
     async def send_messages(self, name: str, messages: list[ServiceBusMessage], delay: float | None) -> None:
         sender = await self._sender(name)
@@ -169,7 +165,7 @@ class ServiceBusAdapter(Adapter):
 
     async def receiver(self, endpoint: Endpoint, prefetch: int) -> Receiver:
         """A peek-lock receiver on the queue, subscription, or their ``$DeadLetterQueue``; attached on return."""
-        _entity(endpoint)
+        entity(endpoint)
         if endpoint.kind == "topic":
             if endpoint.subscription is None:
                 raise ValueError("receiving from a topic needs a subscription")
