@@ -610,14 +610,6 @@ class Consumer(Generic[T]):
             await inbox.receiver.close()
         self._bus._consumers.discard(self)
 
-    async def _abandon(self) -> None:
-        """Test hook: drop the receiver without settling anything, as if the process died."""
-        self._inbox.closed = True
-        self._inbox.buffer.clear()
-        if self._inbox.receiver is not None:
-            await self._inbox.receiver.close()
-        self._bus._consumers.discard(self)
-
     async def __aenter__(self) -> Self:
         await self.open()
         return self

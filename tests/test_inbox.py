@@ -14,6 +14,7 @@ import msgbus
 from msgbus import Handler, Message, RetryPolicy
 from msgbus.errors import ConfigError
 from msgbus.inbox import SqliteInbox
+from msgbus.testing._crash import abandon
 
 
 def _service_db(path: Path) -> SqliteInbox:
@@ -84,7 +85,7 @@ async def test_a_crash_after_commit_before_ack_is_not_applied_again(tmp_path: Pa
         doomed = bus.consumer("orders")
         [msg] = await doomed.receive(timeout=2)
         await wrapped(msg)  # committed
-        await doomed._abandon()  # died before the ack
+        await abandon(doomed)  # died before the ack
         again = bus.consumer("orders")
         [copy] = await again.receive(timeout=3)
         assert copy.id == "order-1" and copy.attempt == 2

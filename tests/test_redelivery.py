@@ -16,6 +16,7 @@ from msgbus import _memory
 from msgbus._runtime import ACK_BATCH
 from msgbus.adapter import Delivery
 from msgbus.errors import ConfigError
+from msgbus.testing._crash import abandon
 
 
 def url() -> str:
@@ -28,7 +29,7 @@ async def redeliver(bus: msgbus.Bus, queue: str, times: int) -> None:
         gone = bus.consumer(queue, prefetch=100)
         while not await gone.receive(max_messages=100, timeout=0.5):
             pass
-        await gone._abandon()
+        await abandon(gone)
         await asyncio.sleep(0.25)  # the leases expire
 
 

@@ -48,6 +48,16 @@ async def crash_sender(ctx: ContractContext, queue: str, n: int) -> tuple[list[s
     return ids + await producer.send_many([{"i": i} for i in range(part)]), "sender bus never closed"
 
 
+async def abandon(consumer: msgbus.Consumer[Any]) -> None:
+    """Drop ``consumer``'s receiver without settling anything, as if its process died (in-process crashes)."""
+    inbox = consumer._inbox
+    inbox.closed = True
+    inbox.buffer.clear()
+    if inbox.receiver is not None:
+        await inbox.receiver.close()
+    consumer._bus._consumers.discard(consumer)
+
+
 async def _crash(ctx: ContractContext, queue: str, n: int, *, gaps: bool) -> tuple[list[str], list[str], str]:
     if ctx.caps.cross_process:
         held, acked = await _kill_worker(ctx, queue, n, "gaps" if gaps else None)
@@ -60,7 +70,7 @@ async def _crash(ctx: ContractContext, queue: str, n: int, *, gaps: bool) -> tup
     to_ack = [m for i, m in enumerate(messages) if gaps and not is_gap(i)]
     for msg in to_ack:
         await msg.ack()
-    await consumer._abandon()
+    await abandon(consumer)
     return [m.id for m in messages], [m.id for m in to_ack], "abandoned in-process consumer"
 
 

@@ -4,6 +4,7 @@ Topics are topics, each subscription is a subscription, and a queue is a topic w
 subscription. See ``docs/adapters/pubsub.md``.
 """
 
-from ._adapter import PubSubAdapter, PubSubDelivery, PubSubReceiver, create
+from ._adapter import PubSubAdapter, create
+from ._receiver import PubSubDelivery, PubSubReceiver
 
 __all__ = ["PubSubAdapter", "PubSubDelivery", "PubSubReceiver", "create"]

@@ -13,14 +13,10 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import math
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import replace
-from typing import Any, cast
+from collections.abc import Sequence
 
 import grpc
 from google.api_core import exceptions as gx
-from google.api_core import gapic_v1
 from google.api_core import retry as retries
 from google.cloud import pubsub_v1
 from google.cloud.pubsub_v1.publisher.futures import Future as PublishFuture
@@ -30,29 +26,19 @@ from google.pubsub_v1 import types as pb
 from google.pubsub_v1.services.publisher.transports import PublisherGrpcAsyncIOTransport, PublisherGrpcTransport
 from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcAsyncIOTransport
 
-from msgbus.adapter import (
-    Adapter,
-    BusURL,
-    Capabilities,
-    Delivery,
-    Endpoint,
-    OptionReader,
-    Receiver,
-    Record,
-    dead_letter_record,
-)
-from msgbus.errors import CapabilityMissing, ClosedError, ConfigError, MessageTooLarge, PublishError, TopologyError
+from msgbus.adapter import Adapter, BusURL, Capabilities, Endpoint, OptionReader, Record
+from msgbus.errors import CapabilityMissing, ClosedError, ConfigError, MessageTooLarge, TopologyError
 
-from ._codec import Encoded, decode, encode
-from ._config import MAX_ACK_DEADLINE, PubSubOptions, read_options
+from ._codec import Encoded, encode
+from ._config import PubSubOptions, read_options
 from ._errors import CLIENT_ERRORS, convert, is_not_found, translated
 from ._names import Route, SubscriptionSpec, route
+from ._receiver import PubSubReceiver
 
-__all__ = ["PubSubAdapter", "PubSubDelivery", "PubSubReceiver", "create"]
+__all__ = ["PubSubAdapter", "create"]
 
 log = logging.getLogger("msgbus.pubsub")
 
-_ACK_BATCH = 1000  # ack ids per acknowledge / modify_ack_deadline request (well under the 512 KB limit)
 # Our own channels to an emulator: no message size cap (Pub/Sub takes 10 MB, gRPC's default is 4 MiB),
 # and a quick reconnect after the emulator restarts (gRPC's default backoff grows to minutes).
 _CHANNEL_OPTIONS = [
@@ -101,7 +87,7 @@ class PubSubAdapter(Adapter):
 
     def __init__(self, url: BusURL, options: PubSubOptions) -> None:
         self.url = url
-        self._options = options
+        self.options = options
         self.capabilities = _capabilities(options)
         self._publisher: pubsub_v1.PublisherClient | None = None
         self._admin: PublisherAsyncClient | None = None
@@ -123,7 +109,7 @@ class PubSubAdapter(Adapter):
         """Create the clients and check that the project answers (a ListTopics call of one item)."""
         if self._publisher is not None:
             return
-        o = self._options
+        o = self.options
         batch = pubsub_v1.types.BatchSettings(
             max_messages=o.batch_max_messages, max_bytes=o.batch_max_bytes, max_latency=o.batch_max_latency
         )
@@ -177,7 +163,7 @@ class PubSubAdapter(Adapter):
             # returned.
             if self._publishing:
                 await asyncio.to_thread(
-                    concurrent.futures.wait, list(self._publishing), self._options.publish_timeout + 1
+                    concurrent.futures.wait, list(self._publishing), self.options.publish_timeout + 1
                 )
             await asyncio.to_thread(publisher.transport.close)
         for client in (admin, subscriber):
@@ -190,10 +176,15 @@ class PubSubAdapter(Adapter):
             raise ClosedError(f"{self!r} is not open")
         return self._publisher, self._admin, self._subscriber
 
+    @property
+    def subscriber(self) -> SubscriberAsyncClient:
+        """The asyncio subscriber client (pull, acknowledge, modify_ack_deadline); ``ClosedError`` if not open."""
+        return self._clients()[2]
+
     def _route(self, endpoint: Endpoint) -> Route:
         found = self._routes.get(endpoint)
         if found is None:
-            found = self._routes[endpoint] = route(self._options.project, self._options.prefix, endpoint)
+            found = self._routes[endpoint] = route(self.options.project, self.options.prefix, endpoint)
         return found
 
     # -- topology -----------------------------------------------------------------------------------
@@ -221,7 +212,7 @@ class PubSubAdapter(Adapter):
 
     async def _create(self, r: Route) -> None:
         _, admin, subscriber = self._clients()
-        o = self._options
+        o = self.options
         timeout = o.rpc_timeout
         retry = retries.AsyncRetry(predicate=_TRANSIENT, timeout=timeout)
         with translated(f"declare {r.endpoint}"):
@@ -238,7 +229,7 @@ class PubSubAdapter(Adapter):
                     self._check_compatible(spec, existing)
 
     def _subscription(self, spec: SubscriptionSpec) -> pb.Subscription:
-        o = self._options
+        o = self.options
         sub = pb.Subscription(
             name=spec.name,
             topic=spec.topic,
@@ -259,7 +250,7 @@ class PubSubAdapter(Adapter):
     def _check_compatible(self, spec: SubscriptionSpec, existing: pb.Subscription) -> None:
         if existing.topic != spec.topic:
             raise TopologyError(f"subscription {spec.name} exists but is bound to {existing.topic}, not {spec.topic}")
-        if self._options.ordering and spec.dead_letter_topic is not None and not existing.enable_message_ordering:
+        if self.options.ordering and spec.dead_letter_topic is not None and not existing.enable_message_ordering:
             raise TopologyError(
                 f"subscription {spec.name} exists without message ordering; ordering=true needs a new subscription"
             )
@@ -275,7 +266,7 @@ class PubSubAdapter(Adapter):
 
     async def _verify(self, r: Route) -> None:
         _, admin, subscriber = self._clients()
-        timeout = self._options.rpc_timeout
+        timeout = self.options.rpc_timeout
         try:
             with translated(f"verify {r.endpoint}"):
                 for topic in r.topics:
@@ -285,7 +276,7 @@ class PubSubAdapter(Adapter):
         except TopologyError as exc:
             raise TopologyError(f"{r.endpoint} does not exist (topology=verify): {exc}") from exc.__cause__
 
-    async def _redeclare(self, endpoint: Endpoint) -> bool:
+    async def redeclare(self, endpoint: Endpoint) -> bool:
         """Re-create what the service lost (an emulator restarted without state); False if not ours to create."""
         if endpoint not in self._declared:
             return False
@@ -308,9 +299,9 @@ class PubSubAdapter(Adapter):
         encoded = self._encode_all(records)
         if not encoded:
             return
-        failed = await self._publish(r.topic, encoded)
-        if failed and all(is_not_found(exc) for _, exc in failed) and await self._redeclare(endpoint):
-            failed = await self._publish(r.topic, [e for e, _ in failed])
+        failed = await self.publish(r.topic, encoded)
+        if failed and all(is_not_found(exc) for _, exc in failed) and await self.redeclare(endpoint):
+            failed = await self.publish(r.topic, [e for e, _ in failed])
         if failed:
             first = failed[0][1]
             err = convert(first, f"send to {endpoint}", publish=True)
@@ -319,16 +310,16 @@ class PubSubAdapter(Adapter):
             raise err from first
 
     def _encode_all(self, records: Sequence[Record]) -> list[Encoded]:
-        limit = self._options.max_message_size
+        limit = self.options.max_message_size
         out = []
         for record in records:
             size = record.size()
             if size > limit:
                 raise MessageTooLarge(size, limit)
-            out.append(encode(record, ordering=self._options.ordering))
+            out.append(encode(record, ordering=self.options.ordering))
         return out
 
-    async def _publish(self, topic: str, messages: Sequence[Encoded]) -> list[tuple[Encoded, BaseException]]:
+    async def publish(self, topic: str, messages: Sequence[Encoded]) -> list[tuple[Encoded, BaseException]]:
         """Publish through the batching client; the messages that failed, with why."""
         publisher, _, _ = self._clients()
         futures: list[asyncio.Future[str]] = []
@@ -367,189 +358,6 @@ class PubSubAdapter(Adapter):
         self._receivers.add(receiver)
         return receiver
 
-
-class PubSubReceiver(Receiver):
-    """Pulls one subscription with the unary Pull RPC, as many as asked for (the core keeps the prefetch limit).
-
-    Each pulled message's ack deadline is set to ``ack_deadline`` at once (subscriptions cannot go
-    below 10 s; the per-message deadline can), and ``extend`` pushes it further while a handler runs.
-    """
-
-    def __init__(self, adapter: PubSubAdapter, r: Route) -> None:
-        self._adapter = adapter
-        self._options = adapter._options
-        self._route = r
-        self._subscription = r.subscription or ""
-        self._source = replace(r.endpoint, dead_letter=False)
-        self._closed = False
-        self._background: set[asyncio.Task[Any]] = set()
-        self._routing = [
-            gapic_v1.routing_header.to_grpc_metadata((("subscription", self._subscription),))  # type: ignore[no-untyped-call]
-        ]
-
-    def __repr__(self) -> str:
-        return f"PubSubReceiver({self._route.endpoint})"
-
-    async def receive(self, max_messages: int, timeout: float) -> list[Delivery]:
-        """Wait up to ``timeout`` seconds (plus at most ``pull_timeout`` for a pull under way) for deliveries."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + max(0.0, timeout)
-        while True:
-            if self._closed:
-                raise ClosedError(f"{self!r} is closed")
-            now = loop.time()
-            wait = deadline - now
-            got = await self._pull(max_messages, max(0.0, wait) + self._options.pull_timeout, wait > 0)
-            if got or loop.time() >= deadline:
-                return got
-
-    async def _pull(self, room: int, rpc_timeout: float, wait: bool) -> list[Delivery]:
-        _, _, subscriber = self._adapter._clients()
-        # A poll (receive with timeout 0) returns at once: a pull that finds nothing otherwise waits server-side
-        # (pstest 0.5 s, the service up to the RPC deadline), and run() polls before each redelivery that runs
-        # alone. Through the transport's own callable: the client's pull() warns that the flag is deprecated.
-        request = pb.PullRequest(subscription=self._subscription, max_messages=room, return_immediately=not wait)
-        pull = cast("Callable[..., Awaitable[pb.PullResponse]]", subscriber.transport.pull)
-        call = pull(request, timeout=rpc_timeout, metadata=self._routing)
-        # The pull runs as its own task: if our caller is cancelled mid-pull, whatever the service
-        # already handed out is released at once instead of waiting out the subscription's deadline.
-        task = asyncio.ensure_future(_api_errors(call))
-        try:
-            response = await asyncio.shield(task)
-        except asyncio.CancelledError:
-            task.add_done_callback(self._release_abandoned)
-            raise
-        except gx.DeadlineExceeded:
-            return []
-        except CLIENT_ERRORS as exc:
-            if is_not_found(exc) and await self._adapter._redeclare(self._route.endpoint):
-                return []
-            raise convert(exc, f"receive from {self._route.endpoint}") from exc
-        # The plain protobuf message: proto-plus wrappers cost more per field than the rest of a receive.
-        received = list(pb.PullResponse.pb(response).received_messages)
-        if not received:
-            return []
-        if self._options.ack_deadline < self._options.subscription_ack_deadline:
-            await self._modify([m.ack_id for m in received], self._options.ack_deadline, quiet=True)
-        out: list[Delivery] = []
-        for rm in received:
-            msg = rm.message
-            publish_time = msg.publish_time.seconds + msg.publish_time.nanos / 1e9
-            attempt = max(1, rm.delivery_attempt)
-            try:
-                record = decode(msg.data, msg.attributes, msg.message_id, publish_time)
-            except Exception as exc:  # a damaged message: handed on with its problem, the core dead-letters it
-                problem = f"malformed Pub/Sub message {msg.message_id}: {exc}"
-                out.append(PubSubDelivery(self, Record(body=bytes(msg.data), id=msg.message_id), attempt, rm, problem))
-                continue
-            out.append(PubSubDelivery(self, record, attempt, rm))
-        return out
-
-    def _release_abandoned(self, task: asyncio.Future[Any]) -> None:
-        if task.cancelled() or task.exception() is not None:
-            return
-        ids = [m.ack_id for m in pb.PullResponse.pb(task.result()).received_messages]
-        if ids and not self._closed:
-            self._spawn(self._modify(ids, 0, quiet=True))
-
-    def _spawn(self, coro: Any) -> None:
-        t = asyncio.ensure_future(coro)
-        self._background.add(t)
-        t.add_done_callback(self._background.discard)
-
-    async def _modify(self, ack_ids: Sequence[str], seconds: int, *, quiet: bool = False) -> None:
-        _, _, subscriber = self._adapter._clients()
-        timeout = self._options.rpc_timeout
-        try:
-            with translated(f"modify ack deadline on {self._route.endpoint}"):
-                for i in range(0, len(ack_ids), _ACK_BATCH):
-                    await subscriber.modify_ack_deadline(
-                        request={
-                            "subscription": self._subscription,
-                            "ack_ids": list(ack_ids[i : i + _ACK_BATCH]),
-                            "ack_deadline_seconds": seconds,
-                        },
-                        timeout=timeout,
-                    )
-        except Exception as exc:
-            if not quiet:
-                raise
-            log.debug("pubsub: modify_ack_deadline failed (the deadline will lapse by itself): %s", exc)
-
-    # -- settling (called by PubSubDelivery) --------------------------------------------------------
-
-    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
-        """Acknowledge every delivery, up to 1000 per request."""
-        mine = [d for d in deliveries if isinstance(d, PubSubDelivery)]
-        if not mine:
-            return
-        _, _, subscriber = self._adapter._clients()
-        ids = [d.ack_id for d in mine]
-        with translated(f"ack on {self._route.endpoint}"):
-            for i in range(0, len(ids), _ACK_BATCH):
-                await subscriber.acknowledge(
-                    request={"subscription": self._subscription, "ack_ids": ids[i : i + _ACK_BATCH]},
-                    timeout=self._options.rpc_timeout,
-                )
-
-    async def _nack(self, d: PubSubDelivery, delay: float | None) -> None:
-        seconds = 0 if delay is None or delay <= 0 else min(MAX_ACK_DEADLINE, math.ceil(delay))
-        await self._modify([d.ack_id], seconds)
-
-    async def _dead_letter(self, d: PubSubDelivery, reason: str) -> None:
-        record = dead_letter_record(d.record, reason, d.attempt, self._source)
-        encoded = encode(record, ordering=False)
-        failed = await self._adapter._publish(self._route.dead_letter_topic, [encoded])
-        if failed:
-            raise PublishError(f"dead-letter publish to {self._route.dead_letter_topic} failed") from failed[0][1]
-        await self.ack_many([d])
-
-    async def _extend(self, d: PubSubDelivery, seconds: float) -> None:
-        await self._modify([d.ack_id], min(MAX_ACK_DEADLINE, max(1, math.ceil(seconds))))
-
-    async def close(self) -> None:
-        """Stop receiving; unsettled messages return to others when their ack deadline lapses. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        self._adapter._receivers.discard(self)
-        for t in list(self._background):
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await t
-
-
-async def _api_errors(call: Awaitable[pb.PullResponse]) -> pb.PullResponse:
-    """Await a raw gRPC call, raising the client library's exceptions, as its own methods do."""
-    try:
-        return await call
-    except grpc.RpcError as exc:
-        raise gx.from_grpc_error(exc) from exc  # type: ignore[no-untyped-call]
-
-
-class PubSubDelivery(Delivery):
-    """A pulled message, settled through its ack id. ``raw`` is the ``ReceivedMessage`` (plain protobuf)."""
-
-    __slots__ = ("_receiver", "ack_id")
-
-    def __init__(
-        self, receiver: PubSubReceiver, record: Record, attempt: int, raw: Any, problem: str | None = None
-    ) -> None:
-        super().__init__(record, attempt, raw, problem)
-        self._receiver = receiver
-        self.ack_id: str = raw.ack_id
-
-    async def ack(self) -> None:
-        """Acknowledge: Pub/Sub will not deliver it again on this subscription (best effort, see docs)."""
-        await self._receiver.ack_many([self])
-
-    async def nack(self, delay: float | None = None) -> None:
-        """Set its ack deadline to 0 (redeliver now) or to ``delay`` rounded up to whole seconds (max 600)."""
-        await self._receiver._nack(self, delay)
-
-    async def dead_letter(self, reason: str) -> None:
-        """Publish it with the reason headers to the dead-letter topic, then acknowledge it here."""
-        await self._receiver._dead_letter(self, reason)
-
-    async def extend(self, seconds: float) -> None:
-        """Set its ack deadline to ``seconds`` from now (rounded up to whole seconds, at most 600)."""
-        await self._receiver._extend(self, seconds)
+    def forget(self, receiver: PubSubReceiver) -> None:
+        """Called by a receiver that closed: ``close()`` need not close it again."""
+        self._receivers.discard(receiver)

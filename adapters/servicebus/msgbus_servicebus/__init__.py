@@ -4,8 +4,9 @@ Queues are queues, topics are topics and each msgbus subscription is a Service B
 messages are peek-locked, dead letters go to the native ``$DeadLetterQueue`` sub-queue.
 """
 
-from ._adapter import ServiceBusAdapter, ServiceBusDelivery, ServiceBusReceiverAdapter, create
+from ._adapter import ServiceBusAdapter, create
 from ._config import url_from_connection_string
+from ._receiver import ServiceBusDelivery, ServiceBusReceiverAdapter
 
 __all__ = [
     "ServiceBusAdapter",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -15,7 +14,6 @@ Management = Literal["admin", "none"]
 # Standard tier's limit is 256 KiB for the whole message; leave room for the AMQP sections around the body.
 DEFAULT_MAX_MESSAGE_SIZE = 240 * 1024
 _LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
-_ENTITY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,10 +64,3 @@ def read_options(url: BusURL, reader: OptionReader) -> ServiceBusOptions:
         max_message_size=reader.int("max_message_size", DEFAULT_MAX_MESSAGE_SIZE, min=1),
         retry_total=reader.int("retry_total", 3, min=0),
     )
-
-
-def check_entity(kind: str, name: str, limit: int) -> str:
-    """``name`` when Service Bus accepts it for ``kind``, else ``ConfigError``."""
-    if len(name) > limit or not _ENTITY.match(name):
-        raise ConfigError(f"Service Bus {kind} names are 1-{limit} of letters, digits, '.', '_', '-'; got {name!r}")
-    return name

@@ -7,7 +7,8 @@ import pytest
 from msgbus._url import parse_url
 from msgbus.errors import ConfigError
 from msgbus_servicebus import create, url_from_connection_string
-from msgbus_servicebus._config import check_entity, read_options
+from msgbus_servicebus._config import read_options
+from msgbus_servicebus._names import check_entity
 
 KEY = "s3cr3t+Key/with=="
 

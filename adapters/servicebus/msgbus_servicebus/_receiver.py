@@ -1,0 +1,226 @@
+"""Receiving from one Service Bus queue, subscription or dead-letter sub-queue: peek-locked messages pulled in
+short slices, settled (complete, abandon, dead-letter, renew-lock) through the SDK receiver that received them.
+The receiver holds a ``Link`` to its adapter (settings, secrets, new SDK receivers, the send, forget), not the
+adapter itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from azure.servicebus import ServiceBusMessage, ServiceBusReceivedMessage
+from azure.servicebus.aio import ServiceBusReceiver
+
+from msgbus.adapter import Delivery, Endpoint, Receiver, Record
+from msgbus.errors import ClosedError, ConnectionLost, MsgbusError
+
+from . import _codec
+from ._config import ServiceBusOptions
+from ._errors import translated
+
+log = logging.getLogger("msgbus.servicebus")
+
+_RECEIVE_SLICE = 0.1  # seconds one receive call may hold the SDK receiver while settlements wait
+
+
+class Link(Protocol):
+    """What a receiver needs from its adapter: the settings and secrets, new SDK receivers, the send for a delayed
+    nack's copy, and ``forget``."""
+
+    options: ServiceBusOptions
+    secrets: tuple[str | None, ...]
+
+    def sdk_receiver(self, endpoint: Endpoint) -> ServiceBusReceiver: ...
+
+    async def send_messages(self, name: str, messages: list[ServiceBusMessage], delay: float | None) -> None: ...
+
+    def forget(self, receiver: ServiceBusReceiverAdapter) -> None: ...
+
+
+class ServiceBusReceiverAdapter(Receiver):
+    """Pulls peek-locked messages with ``receive_messages``; settles through the same SDK receiver."""
+
+    def __init__(self, adapter: Link, endpoint: Endpoint) -> None:
+        self._adapter = adapter
+        self.endpoint = endpoint
+        self.sdk = adapter.sdk_receiver(endpoint)
+        self._secrets = adapter.secrets
+        self._closed = False
+        self._held: set[asyncio.Task[None]] = set()
+        self._closing: set[asyncio.Task[None]] = set()  # old SDK receivers being closed
+        self._stale = False  # the connection was lost: replace the SDK receiver before the next receive
+        # The SDK's aio receiver is not coroutine-safe: receive, settle and renew take turns.
+        self.lock = asyncio.Lock()
+
+    def hold(self, delivery: ServiceBusDelivery, delay: float) -> None:
+        """Abandon ``delivery`` after ``delay`` seconds, renewing its lock meanwhile (delayed nack)."""
+        task = asyncio.create_task(delivery._abandon_later(delay))
+        self._held.add(task)
+        task.add_done_callback(self._held.discard)
+
+    async def open(self) -> None:
+        with translated(f"attach receiver to {self.endpoint}", secrets=self._secrets):
+            await self.sdk.__aenter__()
+
+    async def receive(self, max_messages: int, timeout: float) -> list[Delivery]:
+        """Receive in short slices, so settlements (which share the SDK receiver's lock) are not held back."""
+        if self._closed:
+            raise ClosedError(f"receiver for {self.endpoint} is closed")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            wait = max(0.05, min(_RECEIVE_SLICE, deadline - loop.time()))
+            async with self.lock:
+                if self._stale:
+                    await self._replace()
+                try:
+                    with translated(f"receive from {self.endpoint}", secrets=self._secrets):
+                        batch = await self.sdk.receive_messages(max_message_count=max_messages, max_wait_time=wait)
+                except ConnectionLost:
+                    self._stale = True
+                    raise
+            if batch or loop.time() >= deadline:
+                break
+        out: list[Delivery] = []
+        for message in batch:
+            # A message msgbus cannot read is handed on with its problem: the core dead-letters it, and the
+            # rest of the batch is delivered (raising here would leave all of them locked until they expire).
+            record, attempt, problem = _codec.read(message, self.endpoint)
+            out.append(ServiceBusDelivery(self, self.sdk, record, attempt, message, problem))
+        return out
+
+    async def _replace(self) -> None:
+        """After a lost connection, attach a fresh SDK receiver with the SDK's full open timeout.
+
+        Left to itself the SDK re-opens inside ``receive_messages``, bounded by its short ``max_wait_time``,
+        which a slow handshake never meets. The old receiver's locks went with its connection.
+        """
+        old, self.sdk = self.sdk, self._adapter.sdk_receiver(self.endpoint)
+        closing = asyncio.create_task(close_quietly(old.close()))
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+        with translated(f"re-attach receiver to {self.endpoint}", secrets=self._secrets):
+            await self.sdk.__aenter__()
+        self._stale = False
+
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """Complete each delivery; one lost lock does not stop the others. Raises the first failure after."""
+        first: MsgbusError | None = None
+        async with self.lock:  # one turn for the whole batch
+            for delivery in deliveries:
+                try:
+                    with translated(f"complete on {self.endpoint}", secrets=self._secrets):
+                        await _sdk(delivery).complete_message(_message(delivery))
+                except MsgbusError as err:
+                    first = first or err
+        if first is not None:
+            raise first
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._adapter.forget(self)
+        for task in list(self._held):  # delayed abandons: their locks expire, the messages come back later
+            task.cancel()
+        await close_quietly(self.sdk.close())
+        if self._closing:  # let replaced receivers finish closing, or their sockets leak
+            await asyncio.wait(self._closing, timeout=5)
+
+
+class ServiceBusDelivery(Delivery):
+    """A peek-locked message; ``raw`` is the SDK's ``ServiceBusReceivedMessage``."""
+
+    __slots__ = ("_receiver", "_sdk")
+
+    raw: ServiceBusReceivedMessage
+
+    def __init__(
+        self,
+        receiver: ServiceBusReceiverAdapter,
+        sdk: ServiceBusReceiver,
+        record: Record,
+        attempt: int,
+        raw: ServiceBusReceivedMessage,
+        problem: str | None = None,
+    ) -> None:
+        super().__init__(record, attempt, raw, problem)
+        self._receiver = receiver
+        self._sdk = sdk  # settle through the SDK receiver that received it
+
+    async def ack(self) -> None:
+        with translated(f"complete on {self._receiver.endpoint}", secrets=self._receiver._secrets):
+            async with self._receiver.lock:
+                await self._sdk.complete_message(self.raw)
+
+    async def nack(self, delay: float | None = None) -> None:
+        """Abandon (delivery count + 1); with ``delay``, schedule a copy carrying the attempts, then complete.
+
+        The copy is stored before the original is completed, so a failure in between duplicates, never loses.
+        """
+        r = self._receiver
+        if not delay:
+            with translated(f"abandon on {r.endpoint}", secrets=r._secrets):
+                async with r.lock:
+                    await self._sdk.abandon_message(self.raw)
+            return
+        if r.endpoint.kind == "queue" and not r.endpoint.dead_letter:
+            await r._adapter.send_messages(r.endpoint.name, [_codec.encode(self.record, self.attempt)], delay)
+            await self.ack()
+            return
+        # A subscription cannot be sent to (a copy to the topic would reach every subscription): keep the
+        # lock, renewed, for ``delay`` seconds, then abandon. If this process dies the lock simply expires.
+        r.hold(self, delay)
+
+    async def _abandon_later(self, delay: float) -> None:
+        r = self._receiver
+        lock = r._adapter.options.lock_duration
+        remaining = delay
+        try:
+            while remaining > 0:
+                step = min(remaining, lock / 3)
+                await asyncio.sleep(step)
+                remaining -= step
+                if remaining > 0:
+                    await self.extend(lock)
+            async with r.lock:
+                await self._sdk.abandon_message(self.raw)
+        except Exception as exc:  # the lock expires instead: redelivered all the same
+            log.debug("msgbus: delayed abandon of %s failed: %s", self.record.id, type(exc).__name__)
+
+    async def dead_letter(self, reason: str) -> None:
+        r = self._receiver
+        with translated(f"dead-letter on {r.endpoint}", secrets=r._secrets):
+            async with r.lock:
+                await self._sdk.dead_letter_message(
+                    self.raw, reason=reason[: _codec.MAX_REASON], error_description=_codec.description(self.attempt)
+                )
+
+    async def extend(self, seconds: float) -> None:
+        """Renew the lock (for the entity's lock duration; ``seconds`` cannot be chosen on Service Bus)."""
+        r = self._receiver
+        with translated(f"renew lock on {r.endpoint}", secrets=r._secrets):
+            async with r.lock:
+                await self._sdk.renew_message_lock(self.raw)
+
+
+def _sdk(delivery: Delivery) -> ServiceBusReceiver:
+    if not isinstance(delivery, ServiceBusDelivery):
+        raise TypeError(f"not a Service Bus delivery: {delivery!r}")
+    return delivery._sdk
+
+
+def _message(delivery: Delivery) -> ServiceBusReceivedMessage:
+    if not isinstance(delivery, ServiceBusDelivery):
+        raise TypeError(f"not a Service Bus delivery: {delivery!r}")
+    return delivery.raw
+
+
+async def close_quietly(closing: Any) -> None:
+    try:
+        await closing
+    except Exception as exc:  # closing must not raise: the connection may already be gone
+        log.debug("msgbus: servicebus close failed: %s", type(exc).__name__)
