@@ -192,7 +192,7 @@ class PubSubAdapter(Adapter):
     async def ping(self) -> None:
         """A ListTopics call of one item, as ``open`` makes."""
         _, admin, _ = self._clients()
-        o = self._options
+        o = self.options
         with translated("ping"):
             await admin.list_topics(request={"project": f"projects/{o.project}", "page_size": 1}, timeout=o.rpc_timeout)
 
