@@ -21,6 +21,7 @@ __all__ = ["check_bulk_settling", "check_stop_releases", "check_unacked_come_bac
 RELEASE_BOUND = 1.0  # seconds after stop() within which a backend without locks must have handed messages back
 STOP_SLACK = 3.0  # seconds past that bound before the check stops waiting and fails
 CLOSE_SLACK = 10.0  # seconds beyond the lock window for a closed consumer's unacked messages to be back
+LATE_RECEIVE = 0.5  # seconds of the closing consumer's last, empty receive, and of its wait before close()
 
 
 async def check_unacked_come_back(ctx: ContractContext) -> None:
@@ -35,7 +36,8 @@ async def _gaps_then(ctx: ContractContext, how: str) -> str:
     queue = ctx.name(how)
     producer = ctx.bus.producer(queue)
     # One call: Kafka puts a call's unkeyed records on one partition, so the acks leave gaps in it.
-    sent = set(await producer.send_many([{"i": i} for i in range(held_n + rest_n)]))
+    first = held_n if how == "close" else held_n + rest_n
+    sent = set(await producer.send_many([{"i": i} for i in range(first)]))
     if how == "close":
         holder = (await ctx.open_bus()).consumer(queue, prefetch=held_n)
         tally = Tally()
@@ -44,6 +46,12 @@ async def _gaps_then(ctx: ContractContext, how: str) -> str:
         for msg in held:
             if msg.id in acked:
                 await msg.ack()
+        # The acks freed room: a receive that finds nothing may leave its request open (a NATS pull lingers on
+        # the server), so the rest, sent now, reach the holder's read-ahead and never a caller: close() must
+        # hand them back (a NATS +TERM instead of -NAK loses them).
+        await holder.receive(max_messages=held_n, timeout=LATE_RECEIVE)  # finds nothing; unacked if it does
+        sent |= set(await producer.send_many([{"i": i} for i in range(held_n, held_n + rest_n)]))
+        await asyncio.sleep(LATE_RECEIVE)  # open a moment longer, as a service would: the sends reach it
         await holder.close()
         died = "closed"
     else:
