@@ -153,7 +153,8 @@ class RabbitMQAdapter(Adapter):
         deadline = loop.time() + self.settings.send_timeout
         while True:
             try:
-                return await asyncio.wait_for(operation(), max(deadline - loop.time(), 0.0))
+                async with asyncio.timeout_at(deadline):  # a timer, not a task per publish (the hot path)
+                    return await operation()
             except TimeoutError:
                 raise ConnectionLost(
                     f"{doing}: no answer from RabbitMQ within send_timeout ({self.settings.send_timeout:g} s); "
