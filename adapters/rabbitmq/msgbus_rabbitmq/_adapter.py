@@ -23,7 +23,7 @@ from msgbus.adapter import Adapter, BusURL, Capabilities, Endpoint, OptionReader
 from msgbus.errors import ClosedError, ConfigError, ConnectionLost, MessageTooLarge, MsgbusError
 
 from ._codec import encode
-from ._config import Settings, read_settings
+from ._config import RabbitMQOptions, read_options
 from ._errors import convert, translated
 from ._names import delay_bucket_ms, holding_queue_name, queue_name
 from ._receiver import RabbitMQReceiver
@@ -38,7 +38,7 @@ _HOLDING_REDECLARE = 60.0  # re-declare (resetting x-expires) when the last decl
 
 def create(url: BusURL, options: OptionReader) -> RabbitMQAdapter:
     """Entry point for ``amqp://`` and ``amqps://`` URLs (registered under ``msgbus.adapters``)."""
-    return RabbitMQAdapter(url, read_settings(url, options))
+    return RabbitMQAdapter(url, read_options(url, options))
 
 
 class RabbitMQAdapter(Adapter):
@@ -52,17 +52,17 @@ class RabbitMQAdapter(Adapter):
     # AMQP has no batch publish: concurrent sends already share the channel, each publish in flight at once.
     coalesce_sends = False
 
-    def __init__(self, url: BusURL, settings: Settings) -> None:
+    def __init__(self, url: BusURL, options: RabbitMQOptions) -> None:
         self.url = url
-        self.settings = settings
-        quorum = settings.queue_type == "quorum"
+        self.options = options
+        quorum = options.queue_type == "quorum"
         self.capabilities = Capabilities(
             ordering="none",
             delayed_delivery=True,
             max_delay=MAX_DELAY,
             delayed_nack=True,
             native_dead_letter=False,  # the adapter re-publishes with the reason headers, then acks
-            max_message_size=settings.max_message_size,
+            max_message_size=options.max_message_size,
             persistence="disk",
             cross_process=True,
             lock_extension=False,
@@ -70,7 +70,7 @@ class RabbitMQAdapter(Adapter):
             # Quorum queues count returns (x-delivery-count; x-acquired-count on 4.x); classic queues only flag
             # a redelivery, so a message that kills its consumer comes back as attempt 2 every time.
             counts_deliveries=quorum,
-            native_delivery_limit=(settings.delivery_limit or None) if quorum else None,
+            native_delivery_limit=(options.delivery_limit or None) if quorum else None,
         )
         self._conn: AbstractRobustConnection | None = None
         self._publish_channel: AbstractRobustChannel | None = None
@@ -90,7 +90,7 @@ class RabbitMQAdapter(Adapter):
         """Connect (fails fast with ``ConnectionLost`` if the broker is unreachable now)."""
         if self._conn is not None:
             return
-        s = self.settings
+        s = self.options
         # aio_pika.connect_robust, with the connection in hand before it connects: an open cancelled while it
         # connects (a ping's timeout) must close it, or it reconnects forever in the background.
         url = make_url(
@@ -129,7 +129,7 @@ class RabbitMQAdapter(Adapter):
         self._declared.clear()
         self._holding.clear()
         if conn is not None:
-            with translated("closing the connection", [self.settings.password]):
+            with translated("closing the connection", [self.options.password]):
                 await conn.close()
 
     def _connection(self) -> AbstractRobustConnection:
@@ -150,20 +150,20 @@ class RabbitMQAdapter(Adapter):
         A retry after a lost confirm may store the message twice (at-least-once, never at-most-once).
         """
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.send_timeout
+        deadline = loop.time() + self.options.send_timeout
         while True:
             try:
                 async with asyncio.timeout_at(deadline):  # a timer, not a task per publish (the hot path)
                     return await operation()
             except TimeoutError:
                 raise ConnectionLost(
-                    f"{doing}: no answer from RabbitMQ within send_timeout ({self.settings.send_timeout:g} s); "
+                    f"{doing}: no answer from RabbitMQ within send_timeout ({self.options.send_timeout:g} s); "
                     "the message may or may not have been stored"
                 ) from None
             except MsgbusError:
                 raise
             except Exception as exc:
-                err = convert(exc, doing, [self.settings.password])
+                err = convert(exc, doing, [self.options.password])
                 remaining = deadline - loop.time()
                 if not isinstance(err, ConnectionLost) or remaining <= 0 or self._conn is None:
                     raise err from exc
@@ -178,20 +178,20 @@ class RabbitMQAdapter(Adapter):
 
     def _queue_arguments(self, dlq: str | None) -> dict[str, Any]:
         args: dict[str, Any] = {}
-        if self.settings.queue_type == "quorum":
+        if self.options.queue_type == "quorum":
             args["x-queue-type"] = "quorum"
         if dlq is not None:
             args["x-dead-letter-exchange"] = ""  # the default exchange routes by queue name
             args["x-dead-letter-routing-key"] = dlq
-            if self.settings.queue_type == "quorum" and self.settings.delivery_limit:
+            if self.options.queue_type == "quorum" and self.options.delivery_limit:
                 # The broker's backstop: past it the queue dead-letters by itself, without msgbus's reason.
-                args["x-delivery-limit"] = self.settings.delivery_limit
+                args["x-delivery-limit"] = self.options.delivery_limit
         return args
 
     async def ping(self) -> None:
         """A passive declare of ``amq.direct`` (every vhost has it): one AMQP round trip on the topology channel."""
         _, topology = self._channels()
-        with translated("ping", [self.settings.password]):
+        with translated("ping", [self.options.password]):
             await topology.declare_exchange("amq.direct", aio_pika.ExchangeType.DIRECT, passive=True)
 
     async def declare(self, endpoint: Endpoint, *, create: bool = True) -> None:
@@ -208,7 +208,7 @@ class RabbitMQAdapter(Adapter):
             if key in self._declared:
                 return
             if create:
-                with translated(f"declaring {endpoint}", [self.settings.password]):
+                with translated(f"declaring {endpoint}", [self.options.password]):
                     await self._declare(topology, endpoint)
             else:
                 await self._verify(endpoint)
@@ -232,7 +232,7 @@ class RabbitMQAdapter(Adapter):
                 "msgbus: RabbitMQ queue %r exists without x-delivery-limit; it is used as it is (to add the "
                 'broker\'s backstop, apply a policy with "delivery-limit": %d)',
                 main,
-                self.settings.delivery_limit,
+                self.options.delivery_limit,
             )
         queue = await channel.declare_queue(main, durable=True, arguments=arguments)
         if exchange is not None:
@@ -256,10 +256,10 @@ class RabbitMQAdapter(Adapter):
     async def _verify(self, endpoint: Endpoint) -> None:
         """Passive declares on a throwaway channel: a missing entity closes that channel, not ours."""
         conn = self._connection()
-        with translated(f"verifying {endpoint}", [self.settings.password]):
+        with translated(f"verifying {endpoint}", [self.options.password]):
             probe = await conn.channel(publisher_confirms=False)
         try:
-            with translated(f"verifying {endpoint}", [self.settings.password]):
+            with translated(f"verifying {endpoint}", [self.options.password]):
                 if endpoint.kind == "topic":
                     await probe.declare_exchange(endpoint.name, passive=True, robust=False)
                 if endpoint.kind == "queue" or endpoint.subscription is not None:
@@ -300,7 +300,7 @@ class RabbitMQAdapter(Adapter):
         returns a message (queue missing), ``ConnectionLost`` when the broker stays unreachable (or
         silent) for ``send_timeout`` seconds. Messages already confirmed in a failed batch stay sent.
         """
-        limit = self.settings.max_message_size
+        limit = self.options.max_message_size
         for r in records:
             if r.size() > limit:
                 raise MessageTooLarge(r.size(), limit)
@@ -315,7 +315,7 @@ class RabbitMQAdapter(Adapter):
             if delay > MAX_DELAY:
                 raise ConfigError(f"delay {delay}s exceeds the RabbitMQ adapter's max_delay of {MAX_DELAY}s")
             ms = delay_bucket_ms(delay)
-            with translated(f"declaring the delay queue for {endpoint}", [self.settings.password]):
+            with translated(f"declaring the delay queue for {endpoint}", [self.options.password]):
                 holding = await self._holding_queue(ms, target, "q" if endpoint.kind == "queue" else "t")
             exchange, routing_key, mandatory = "", holding, True
         await self.publish_all(str(endpoint), exchange, routing_key, messages, mandatory)
@@ -379,6 +379,6 @@ class RabbitMQAdapter(Adapter):
         routing_key = queue
         if delay is not None and delay > 0:
             ms = delay_bucket_ms(min(delay, MAX_DELAY))
-            with translated(f"declaring the delay queue for {queue}", [self.settings.password]):
+            with translated(f"declaring the delay queue for {queue}", [self.options.password]):
                 routing_key = await self._holding_queue(ms, queue, "q")
         await self.publish_all(f"queue {queue}", "", routing_key, [message], True)

@@ -1,4 +1,4 @@
-"""URL options of ``amqp://`` / ``amqps://`` buses, read once into a frozen settings object."""
+"""URL options of ``amqp://`` / ``amqps://`` buses, read once into a frozen options object."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ DEFAULT_DELIVERY_LIMIT = 20  # a quorum queue's x-delivery-limit; RabbitMQ 4's o
 
 
 @dataclass(frozen=True, slots=True)
-class Settings:
+class RabbitMQOptions:
     """Everything the adapter needs from the URL. ``password`` never appears in ``repr``."""
 
     host: str
@@ -34,7 +34,7 @@ class Settings:
     delivery_limit: int = DEFAULT_DELIVERY_LIMIT
 
 
-def read_settings(url: BusURL, options: OptionReader) -> Settings:
+def read_options(url: BusURL, options: OptionReader) -> RabbitMQOptions:
     """Read the adapter's options from ``options`` (the core rejects any left unread)."""
     secure = url.scheme == "amqps"
     ca_file = options.str("ca_file")
@@ -49,7 +49,7 @@ def read_settings(url: BusURL, options: OptionReader) -> Settings:
     if max_size > BROKER_MAX_MESSAGE_SIZE:
         raise ConfigError(f"option 'max_message_size' must be <= {BROKER_MAX_MESSAGE_SIZE} (RabbitMQ's ceiling)")
     vhost = unquote(url.path[1:]) if url.path.startswith("/") else unquote(url.path)
-    return Settings(
+    return RabbitMQOptions(
         host=url.host or "localhost",
         port=url.port or (5671 if secure else 5672),
         username=url.username if url.username is not None else "guest",

@@ -23,7 +23,7 @@ from msgbus.adapter import Delivery, Endpoint, Receiver, Record, dead_letter_rec
 from msgbus.errors import ClosedError, ConnectionLost
 
 from ._codec import decode, encode
-from ._config import Settings
+from ._config import RabbitMQOptions
 from ._errors import translated
 
 if TYPE_CHECKING:
@@ -32,9 +32,9 @@ if TYPE_CHECKING:
 
 class Link(Protocol):
     """What a receiver uses of its adapter (a protocol: the adapter imports this module, not the reverse): the
-    settings, confirmed publishes (dead letters, requeued copies), and ``forget`` when it closes."""
+    options, confirmed publishes (dead letters, requeued copies), and ``forget`` when it closes."""
 
-    settings: Settings
+    options: RabbitMQOptions
 
     async def requeue_copy(self, record: Record, queue: str, prior_attempts: int, delay: float | None) -> None: ...
 
@@ -98,7 +98,7 @@ class RabbitMQReceiver(Receiver):
     # -- the connection -----------------------------------------------------------------------------
 
     def _parameters(self) -> pika.ConnectionParameters:
-        s = self._adapter.settings
+        s = self._adapter.options
         return pika.ConnectionParameters(
             host=s.host,
             port=s.port,
@@ -115,7 +115,7 @@ class RabbitMQReceiver(Receiver):
     async def connect(self) -> None:
         """Open the connection and channel, set the credit and check that the queue exists (fails fast)."""
         async with self._switch:
-            with translated(f"opening a receiver on {self._endpoint}", [self._adapter.settings.password]):
+            with translated(f"opening a receiver on {self._endpoint}", [self._adapter.options.password]):
                 await self._connect()
             self._ready = True
 
@@ -140,7 +140,7 @@ class RabbitMQReceiver(Receiver):
                 custom_ioloop=loop,
             )
             try:
-                await asyncio.wait_for(opened, self._adapter.settings.connect_timeout)
+                await asyncio.wait_for(opened, self._adapter.options.connect_timeout)
             except BaseException:
                 if not (conn.is_closed or conn.is_closing):
                     conn.close()
@@ -150,7 +150,7 @@ class RabbitMQReceiver(Receiver):
         self._pending.add(channel_open)  # fails with the reason if the connection drops meanwhile
         try:
             self._conn.channel(on_open_callback=_resolver(channel_open))
-            channel = await asyncio.wait_for(channel_open, self._adapter.settings.connect_timeout)
+            channel = await asyncio.wait_for(channel_open, self._adapter.options.connect_timeout)
         finally:
             self._pending.discard(channel_open)
         channel.add_on_close_callback(self._on_channel_closed)
@@ -201,7 +201,7 @@ class RabbitMQReceiver(Receiver):
     async def _reconnect(self) -> None:
         try:
             while not self._closed:
-                await asyncio.sleep(self._adapter.settings.reconnect_interval)
+                await asyncio.sleep(self._adapter.options.reconnect_interval)
                 try:
                     async with self._switch:
                         if self._closed:
@@ -411,7 +411,7 @@ class RabbitMQReceiver(Receiver):
             conn.add_on_close_callback(_resolver(closed))
             try:
                 conn.close()
-                await asyncio.wait_for(closed, self._adapter.settings.connect_timeout)
+                await asyncio.wait_for(closed, self._adapter.options.connect_timeout)
             except (TimeoutError, pika.exceptions.AMQPError):
                 pass  # the broker releases the connection's deliveries either way
         self._adapter.forget(self)
@@ -450,7 +450,7 @@ class RabbitMQDelivery(Delivery):
         if not receiver._current(self.raw):
             return
         adapter = receiver._adapter
-        if (delay is None or delay <= 0) and adapter.settings.queue_type == "quorum":
+        if (delay is None or delay <= 0) and adapter.options.queue_type == "quorum":
             # Quorum queues count this return in x-delivery-count, so a plain requeue keeps the count.
             receiver._settle(self.raw, "nacking", requeue=True)
             return

@@ -8,26 +8,26 @@ from msgbus._url import parse_url
 from msgbus.adapter import Endpoint
 from msgbus.errors import ConfigError
 from msgbus_rabbitmq import create
-from msgbus_rabbitmq._config import DEFAULT_MAX_MESSAGE_SIZE, read_settings
+from msgbus_rabbitmq._config import DEFAULT_MAX_MESSAGE_SIZE, read_options
 from msgbus_rabbitmq._names import delay_bucket_ms, holding_queue_name, queue_name
 
 
-def _settings(url: str):
+def _options(url: str):
     parsed = parse_url(url)
     reader = parsed.reader()
-    settings = read_settings(parsed, reader)
+    options = read_options(parsed, reader)
     reader.finish()
-    return settings
+    return options
 
 
 def test_defaults() -> None:
-    s = _settings("amqp://")
+    s = _options("amqp://")
     assert (s.host, s.port, s.username, s.password, s.vhost) == ("localhost", 5672, "guest", "guest", "/")
     assert (s.queue_type, s.confirms, s.max_message_size, s.tls) == ("quorum", True, DEFAULT_MAX_MESSAGE_SIZE, None)
 
 
 def test_vhost_and_options() -> None:
-    s = _settings("amqp://u:p@h:1234/my%2Fvhost?queue_type=classic&send_timeout=2.5&max_message_size=1024")
+    s = _options("amqp://u:p@h:1234/my%2Fvhost?queue_type=classic&send_timeout=2.5&max_message_size=1024")
     assert (s.host, s.port, s.vhost, s.queue_type, s.send_timeout, s.max_message_size) == (
         "h",
         1234,
@@ -39,12 +39,12 @@ def test_vhost_and_options() -> None:
 
 
 def test_amqps_defaults_to_port_5671_and_verifying_tls() -> None:
-    s = _settings("amqps://h/")
+    s = _options("amqps://h/")
     assert s.port == 5671 and s.tls is not None and s.tls.check_hostname
 
 
 def test_amqps_verify_false_turns_checks_off() -> None:
-    s = _settings("amqps://h/?verify=false")
+    s = _options("amqps://h/?verify=false")
     assert s.tls is not None and not s.tls.check_hostname
 
 
@@ -61,7 +61,7 @@ def test_amqps_verify_false_turns_checks_off() -> None:
 )
 def test_bad_options_raise_config_error(url: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
-        _settings(url)
+        _options(url)
 
 
 def test_unknown_option_is_left_for_the_core_to_reject() -> None:
@@ -75,7 +75,7 @@ def test_unknown_option_is_left_for_the_core_to_reject() -> None:
 def test_password_never_in_repr() -> None:
     parsed = parse_url("amqp://user:s3cret@h/")
     adapter = create(parsed, parsed.reader())
-    assert "s3cret" not in repr(adapter) and "s3cret" not in repr(_settings("amqp://user:s3cret@h/"))
+    assert "s3cret" not in repr(adapter) and "s3cret" not in repr(_options("amqp://user:s3cret@h/"))
 
 
 def test_queue_names() -> None:
@@ -109,7 +109,7 @@ def test_a_receivers_connection_uses_the_urls_settings() -> None:
     assert (params.host, params.port, params.virtual_host, params.heartbeat) == ("mq.example", 5999, "prod", 15)
     assert (params.credentials.username, params.credentials.password) == ("alice", "s3cret")
     assert (params.socket_timeout, params.stack_timeout, params.connection_attempts) == (3.0, 3.0, 1)
-    assert params.ssl_options.context is adapter.settings.tls and params.ssl_options.server_hostname == "mq.example"
+    assert params.ssl_options.context is adapter.options.tls and params.ssl_options.server_hostname == "mq.example"
     assert params.client_properties["connection_name"] == "msgbus consumer"
     plain = parse_url("amqp://")
     reader = plain.reader()
