@@ -16,6 +16,9 @@ export MSGBUS_CHAOS_QUICK ?= 1
 # make test runs the rows in two pytest processes at once, each on its own brokers (the suite's streams are
 # light; the two cores are mostly busy restarting brokers), to stay within CI's budget.
 CHAOS_CI_GROUPS ?= rabbitmq,redis,nats,postgresql,rabbitmq-cluster kafka,sqs,pubsub,servicebus,kafka-cluster
+# A group may run this long (it takes about 8 minutes in CI); then it is ended with every thread's stack in its
+# log (SIGABRT: faulthandler), so a hang fails the run early and says where instead of eating CI's budget.
+CHAOS_CI_TIMEOUT ?= 1500
 
 .PHONY: chaos chaos-ci reliability brokers-chaos
 
@@ -33,7 +36,8 @@ chaos: brokers-chaos
 chaos-ci: $(VENV)/.dev
 	@mkdir -p build; pids=""; for rows in $(CHAOS_CI_GROUPS); do \
 		echo "== pytest integration/test_chaos.py (rows $$rows, in the background)"; \
-		CHAOS_ROWS=$$rows $(BIN)/python -m pytest --import-mode=importlib $(INTEGRATION_RERUNS) \
+		CHAOS_ROWS=$$rows PYTHONFAULTHANDLER=1 timeout --signal=ABRT --kill-after=30 $(CHAOS_CI_TIMEOUT) \
+			$(BIN)/python -m pytest --import-mode=importlib $(INTEGRATION_RERUNS) \
 			integration/test_chaos.py $(PYTEST_ARGS) > build/chaos-ci-$$rows.log 2>&1 & pids="$$pids $$!"; \
 	done; status=0; for pid in $$pids; do wait $$pid || status=1; done; \
 	for rows in $(CHAOS_CI_GROUPS); do echo "== rows $$rows"; cat build/chaos-ci-$$rows.log; done; exit $$status

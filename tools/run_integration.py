@@ -6,17 +6,26 @@ holds the files of its own brokers, and a file may restart only a broker of its 
 are prefixed with their file as they come (progress on a long run); a summary gives each file's seconds and
 result. A file whose pytest finds no tests (exit code 5) fails, as any other.
 
+No file can stall the run: one that outruns its budget (MSGBUS_INTEGRATION_FILE_TIMEOUT, 20 minutes in CI), or
+that printed its result but does not exit (a thread nobody joins), is ended with every thread's stack in the
+log, and run once more, visibly; the summary names it either way.
+
 usage: run_integration.py [PYTEST_ARG ...]   (passed to every pytest, after the file)
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
+import re
+import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import IO
 
 # Phases run one after the other; in a phase, each lane runs its files one by one, beside the other lane. A lane
 # owns the brokers its files restart (contract tests restart their broker; adapter tests may too), so nothing
@@ -69,6 +78,10 @@ PHASES: list[dict[str, list[str]]] = [
 SUMMARY = Path(os.environ["MSGBUS_INTEGRATION_SUMMARY"]) if os.environ.get("MSGBUS_INTEGRATION_SUMMARY") else None
 # Run by make's chaos-ci target, after these.
 EXCLUDED = {"integration/test_chaos.py"}
+# A pytest that printed its result line ("== 12 passed in 3.10s ==") but is still there after EXIT_GRACE is stuck
+# in its teardown (a thread nobody joins, a broker call in an executor): it is ended, with its stacks.
+EXIT_GRACE = 90.0
+_RESULT_LINE = re.compile(r"^=+ .* in [0-9.]+s\b.*=+$")
 _print = threading.Lock()
 failures: list[str] = []  # the FAILED/ERROR lines of every file, for the summary
 
@@ -79,20 +92,100 @@ def _all_files() -> list[str]:
     return [f for f in found if f not in EXCLUDED]
 
 
-def _run(path: str, args: list[str], results: list[tuple[str, int, float]]) -> None:
-    """One pytest process for ``path``, its output prefixed line by line; appends (path, code, seconds)."""
-    start = time.monotonic()
+def _budget() -> float:
+    """Seconds one file may run: CI's reduced volumes take at most ~5 minutes a file; full volumes longer."""
+    configured = os.environ.get("MSGBUS_INTEGRATION_FILE_TIMEOUT")
+    if configured:
+        return float(configured)
+    return 1200.0 if os.environ.get("MSGBUS_CONTRACT_QUICK") == "1" else 3600.0
+
+
+def _read(stream: IO[bytes], lines: queue.Queue[str | None]) -> None:
+    """Hand over ``stream``'s lines as they come, then None at its end."""
+    for raw in iter(stream.readline, b""):
+        lines.put(raw.decode(errors="replace"))
+    lines.put(None)
+
+
+def _abort(proc: subprocess.Popen[bytes]) -> None:
+    """End a stuck pytest so that it says where: SIGABRT makes faulthandler print each
+    thread's stack to its stderr, our pipe; then its whole process group goes (not the brokers it restarted:
+    they run in sessions of their own)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGABRT)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _emit(tag: str, line: str) -> None:
+    if line.startswith(("FAILED ", "ERROR ")):  # pytest's short summary: repeated in ours
+        failures.append(f"[{tag}] {line.rstrip()[:400]}")
+    with _print:
+        sys.stdout.write(f"[{tag}] {line}" if line.endswith("\n") else f"[{tag}] {line}\n")
+        sys.stdout.flush()
+
+
+def _run_once(path: str, args: list[str], tag: str) -> tuple[int, str | None]:
+    """One pytest process for ``path``, its output prefixed line by line. Returns its exit code and, when it
+    had to be ended, why: it outran the file budget, or it did not exit after printing its result."""
     argv = [sys.executable, "-m", "pytest", "--import-mode=importlib", path, *args]
-    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
-        assert proc.stdout is not None
-        tag = Path(path).stem if path.startswith("integration") else path.split("/")[1] + "/tests"
-        for line in proc.stdout:
-            if line.startswith(("FAILED ", "ERROR ")):  # pytest's short summary: repeated in ours
-                failures.append(f"[{tag}] {line.rstrip()[:400]}")
-            with _print:
-                sys.stdout.write(f"[{tag}] {line}")
-                sys.stdout.flush()
-    results.append((path, proc.returncode, time.monotonic() - start))
+    # PYTHONFAULTHANDLER: faulthandler stays on after pytest's own session ends (pytest then restores it).
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    assert proc.stdout is not None
+    lines: queue.Queue[str | None] = queue.Queue()
+    threading.Thread(target=_read, args=(proc.stdout, lines), daemon=True).start()
+    deadline = time.monotonic() + _budget()
+    finished: float | None = None  # when pytest printed its last line ("== 12 passed in 3.1s ==")
+    exited: float | None = None
+    stuck: str | None = None
+    while True:
+        try:
+            line = lines.get(timeout=1)
+        except queue.Empty:
+            line = ""
+        if line is None:
+            break
+        if line:
+            _emit(tag, line)
+            if _RESULT_LINE.match(line.strip()):
+                finished = time.monotonic()
+        now = time.monotonic()
+        if proc.poll() is not None:
+            exited = exited or now
+            if now - exited > 10:  # a process it started holds our pipe open: its output is done
+                break
+        elif stuck is None and (now > deadline or (finished is not None and now - finished > EXIT_GRACE)):
+            stuck = (
+                f"did not exit {EXIT_GRACE:.0f}s after its result line"
+                if finished is not None and now <= deadline
+                else f"still running after {_budget():.0f}s"
+            )
+            _emit(tag, f"run_integration: {path} {stuck}: ending it, with every thread's stack (SIGABRT)\n")
+            _abort(proc)
+    proc.wait()
+    return proc.returncode, stuck
+
+
+def _run(path: str, args: list[str], results: list[tuple[str, int, float]]) -> None:
+    """Run ``path``; appends (path, code, seconds). A file that had to be ended (a hang) is run once more,
+    visibly, as a failed check is (INTEGRATION_RERUNS): its stacks are in the log, its second run decides."""
+    start = time.monotonic()
+    tag = Path(path).stem if path.startswith("integration") else path.split("/")[1] + "/tests"
+    code, stuck = _run_once(path, args, tag)
+    if stuck is not None:
+        failures.append(f"[{tag}] HUNG: {stuck} (stacks above); run once more")
+        _emit(tag, f"run_integration: RERUN {path} after it hung\n")
+        code, stuck = _run_once(path, args, tag)
+        if stuck is not None:
+            failures.append(f"[{tag}] HUNG again: {stuck}")
+            code = code or 1
+    results.append((path, code, time.monotonic() - start))
 
 
 def _lane(files: list[str], args: list[str], results: list[tuple[str, int, float]]) -> None:
