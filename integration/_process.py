@@ -20,6 +20,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+# How long a start or stop waits for another one of the same broker, and how many SIGKILL rounds (10 s apart) a
+# stop sends before it reports what will not die: a stuck step fails with a reason instead of hanging a test run.
+LOCK_TIMEOUT = 900.0
+KILL_ROUNDS = 3
 # Popen objects of children started by this interpreter, so they are reaped (no zombies) when they exit.
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 
@@ -133,10 +137,16 @@ def terminate(record: PidRecord, *, timeout: float, hard: bool = False) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + timeout
+    kills = 0
     while record.alive() or group_members(record.pid) or any(start_time(pid) is not None for pid in strays):
         if time.monotonic() > deadline:
+            if kills == KILL_ROUNDS:  # something SIGKILL does not end (a process stuck in the kernel): say so
+                left = [p for p in [record.pid, *group_members(record.pid), *strays] if start_time(p) is not None]
+                states = ", ".join(f"{p} ({(_proc_stat(p) or ['?'])[0]})" for p in sorted(set(left)))
+                raise RuntimeError(f"{record.argv[0]}: still running after {KILL_ROUNDS} SIGKILLs: {states}")
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(record.pid, signal.SIGKILL)
+            kills += 1
             deadline = time.monotonic() + 10
         time.sleep(0.1)
     child = _CHILDREN.pop(record.pid, None)
@@ -167,11 +177,22 @@ def port_bindable(port: int, host: str = "127.0.0.1") -> bool:
 
 
 @contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive advisory lock, so two processes never start or stop the same broker at once."""
+def locked(path: Path, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
+    """Hold an exclusive advisory lock, so two processes never start or stop the same broker at once.
+
+    Waits at most ``timeout`` seconds (a cold start installs and starts a broker in a few minutes), then raises
+    instead of waiting on a holder that is itself stuck."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{path} is still held by another process after {timeout:.0f}s") from None
+                time.sleep(0.2)
         try:
             yield
         finally:

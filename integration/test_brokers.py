@@ -18,7 +18,16 @@ from pathlib import Path
 import pytest
 
 from integration import brokers
-from integration._process import PidRecord, children, group_members, port_bindable, spawn, start_time, terminate
+from integration._process import (
+    PidRecord,
+    children,
+    group_members,
+    locked,
+    port_bindable,
+    spawn,
+    start_time,
+    terminate,
+)
 from integration.brokers import BrokerUnavailable, LauncherError, LocalBroker
 
 N = 5  # messages written before a restart and counted after it
@@ -231,6 +240,16 @@ def test_a_hard_stop_kills_children_that_left_the_process_group(tmp_path: Path) 
     assert strays, "the broker stand-in did not start a child in a session of its own"
     terminate(record, timeout=5, hard=True)
     assert all(start_time(pid) is None for pid in strays), "the child in its own session survived the hard stop"
+
+
+def test_a_broker_lock_held_elsewhere_fails_in_bounded_time(tmp_path: Path) -> None:
+    """A start or stop waiting on another one that is stuck raises, naming the lock, instead of hanging the run."""
+    lock = tmp_path / "lock"
+    # Another open file description of the same file: flock makes it wait, as it would another process.
+    with locked(lock), pytest.raises(RuntimeError, match="still held by another process after 1s"), locked(lock, 1):
+        pass
+    with locked(lock, timeout=1):  # released: taken at once
+        pass
 
 
 def test_last_test_run_to_let_go_stops_an_auto_started_broker(tmp_path: Path) -> None:
