@@ -44,9 +44,13 @@ async def _run(
         consumer = bus.consumer("orders", retry=msgbus.RetryPolicy(initial_backoff=0.01, jitter=0))
         task = asyncio.create_task(consumer.run(handler, concurrency=8, middleware=[inbox]))
         try:
-            async with asyncio.timeout(seconds):
-                while len([k async for k in client.scan_iter(match=f"{run}:effects:*")]) < 20:
-                    await asyncio.sleep(0.05)
+            # A deadline, not asyncio.timeout: redis-py's calls lose a cancel on Python 3.11 (the adapter restores
+            # it, see msgbus/_translate.py; this raw client does not), and the loop then ran forever.
+            deadline = asyncio.get_running_loop().time() + seconds
+            while len([k async for k in client.scan_iter(match=f"{run}:effects:*")]) < 20:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise TimeoutError(f"fewer than 20 effects after {seconds}s")
+                await asyncio.sleep(0.05)
             await asyncio.sleep(0.5)
         finally:
             consumer.stop()

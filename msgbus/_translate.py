@@ -20,6 +20,7 @@ The rules, the same for every backend:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import NamedTuple
@@ -82,7 +83,9 @@ class ErrorTable:
     @contextmanager
     def translated(self, doing: str, secrets: Sequence[str | None] = (), *, publish: bool = False) -> Iterator[None]:
         """Re-raise an exception of the block that a row matches as its ``msgbus`` error, ``from`` the original;
-        anything else (``MsgbusError`` included) propagates unchanged."""
+        anything else (``MsgbusError`` included) propagates unchanged. A cancellation the client library lost
+        is raised again when the block ends (``_lost_cancel``)."""
+        before = _cancel_requests()
         try:
             yield
         except MsgbusError:
@@ -91,6 +94,24 @@ class ErrorTable:
             if self.row(exc, publish=publish) is None:
                 raise
             raise self.convert(exc, doing, secrets, publish=publish) from exc
+        if _cancel_requests() > before:
+            raise asyncio.CancelledError(_LOST_CANCEL)
+
+
+# On Python 3.11, ``asyncio.wait_for`` returns the result when the call it waits on finished just as its task
+# was cancelled, and the cancellation is gone (fixed in 3.12). redis-py (since 8.0, whose socket_timeout
+# defaults to 5 s, and with msgbus's own socket_timeout) sends every command through it: a stop(), a close()
+# or a timeout around a Redis call was lost about one time in two, and a loop waiting on it ran forever.
+_LOST_CANCEL = "cancelled while in a client call that did not raise it (Python 3.11 asyncio.wait_for)"
+
+
+def _cancel_requests() -> int:
+    """How many cancel requests the running task has pending (0 outside a task)."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no running event loop: synchronous code
+        return 0
+    return task.cancelling() if task is not None else 0
 
 
 _UNKNOWN = ErrorRow(BaseException, BrokerError)

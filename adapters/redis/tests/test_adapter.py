@@ -411,3 +411,23 @@ async def test_consumers_of_dead_receivers_are_pruned_once_empty(
     names = {c["name"].decode() for c in await raw.xinfo_consumers(stream, "msgbus")}
     assert empty._consumer not in names
     assert holding._consumer in names  # pruning it would lose its pending entry
+
+
+async def test_a_timeout_around_redis_calls_always_takes(make_adapter: MakeAdapter) -> None:
+    """A cancel that reaches a Redis call ends it, every time: redis-py sends each command through
+    ``asyncio.wait_for``, which on Python 3.11 lost the cancel about one time in two when the write had just
+    finished, so a timeout or stop() around a loop of calls never took (it hung the CI run of 12-04). Each round
+    here must end by its timeout, never by the loop's own bound."""
+    adapter = await make_adapter()
+    lost = 0
+    for i in range(20):
+        calls = 0
+        try:
+            async with asyncio.timeout(0.02 + (i % 7) * 0.003):
+                while calls < 5000:  # the loop's own bound: reached only when the timeout was lost
+                    calls += 1
+                    await adapter.ping()
+        except TimeoutError:
+            continue
+        lost += 1
+    assert lost == 0, f"{lost} of 20 timeouts around Redis calls never took"
