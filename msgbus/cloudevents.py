@@ -104,7 +104,7 @@ def from_message(msg: Message[Any]) -> CloudEvent:
             raise DecodeError(f"CloudEvents specversion {attributes['specversion']!r} is not supported (1.0 only)")
         data = None
         if msg.payload:
-            if msg.content_type and msg.content_type != _codec.BYTES:
+            if msg.content_type:  # the event's datacontenttype, application/octet-stream included
                 attributes["datacontenttype"] = msg.content_type
             data = _codec.decode(msg.payload, msg.content_type)
         return CloudEvent(attributes, data)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,7 +27,8 @@ from msgbus.cloudevents import (
     to_outgoing,
 )
 from msgbus.errors import DecodeError, InvalidMessage
-from msgbus.testing import assert_dead_lettered, wait_for_messages
+from msgbus.testing import assert_dead_lettered, run_check, wait_for_messages
+from msgbus.testing._runner import select
 
 TEXT = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=40)
 JSON_VALUES = st.recursive(
@@ -81,8 +83,10 @@ def expected_attributes(event: CloudEvent, mode: str) -> dict[str, Any]:
     """What is received: the same attributes; in binary mode data without a content type gets the codec's."""
     want = dict(event.get_attributes())
     data = event.get_data()
-    if mode == "binary" and "datacontenttype" not in want and data is not None and not isinstance(data, bytes):
-        want["datacontenttype"] = "application/json" if isinstance(data, dict) else "text/plain; charset=utf-8"
+    if mode == "binary" and "datacontenttype" not in want and data is not None:
+        want["datacontenttype"] = {dict: "application/json", str: "text/plain; charset=utf-8"}.get(
+            type(data), "application/octet-stream"
+        )
     return want
 
 
@@ -197,3 +201,18 @@ async def test_a_handler_given_a_bad_event_dead_letters_it_and_goes_on(bus: msgb
             await asyncio.sleep(0.01)
     consumer.stop()
     await task
+
+
+async def test_the_contract_check_runs_here_and_skips_without_the_sdk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dev install (CI's) has the SDK, so the contract's CloudEvents check runs rather than skips; a user
+    without the extra gets a skip that names it."""
+    monkeypatch.delenv("MSGBUS_CONTRACT_RESULTS", raising=False)
+    (check,) = select("CloudEvents round-trip")
+    ran = await run_check(check, f"memory://{uuid.uuid4().hex}")
+    assert ran.status == "pass", ran.detail
+    monkeypatch.setitem(sys.modules, "msgbus.cloudevents", None)  # import msgbus.cloudevents raises ImportError
+    skipped = await run_check(check, f"memory://{uuid.uuid4().hex}")
+    assert (skipped.status, skipped.detail) == (
+        "skip",
+        "the CloudEvents SDK is not installed (pip install 'msgbus[cloudevents]')",
+    )

@@ -74,6 +74,20 @@ async def _send_dropping_foreign_headers(
     await _REAL_SEND(self, endpoint, kept, delay)
 
 
+async def _send_without_ce_headers(self: Any, endpoint: Endpoint, records: Any, delay: float | None = None) -> None:
+    """A backend that drops the CloudEvents binding's ``ce_`` headers, as a gateway filtering unknown prefixes."""
+    kept = [replace(r, headers={k: v for k, v in r.headers.items() if not k.startswith("ce_")}) for r in records]
+    await _REAL_SEND(self, endpoint, kept, delay)
+
+
+async def _send_stripping_header_values(
+    self: Any, endpoint: Endpoint, records: Any, delay: float | None = None
+) -> None:
+    """A backend that trims whitespace around header values, as some HTTP-style header stores do."""
+    kept = [replace(r, headers={k: v.strip() for k, v in r.headers.items()}) for r in records]
+    await _REAL_SEND(self, endpoint, kept, delay)
+
+
 def _dead_letter_without_headers(record: Record, reason: str, attempts: int, source: Endpoint) -> Record:
     return _REAL_DEAD_LETTER_RECORD(replace(record, headers={}), reason, attempts, source)
 
@@ -145,6 +159,18 @@ BREAKAGES: dict[str, tuple[Any, str, Any, str]] = {
         "ack",
         _redrive_without_removing,
         "redrive returns every dead letter once",
+    ),
+    "the backend drops ce_ headers": (
+        _memory.MemoryAdapter,
+        "send",
+        _send_without_ce_headers,
+        "CloudEvents round-trip",
+    ),
+    "the backend trims header values": (
+        _memory.MemoryAdapter,
+        "send",
+        _send_stripping_header_values,
+        "CloudEvents round-trip",
     ),
 }
 

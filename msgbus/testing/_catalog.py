@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ._checks_cloudevents import check_cloudevents_round_trip
 from ._checks_consumers import (
     check_cancelled_subscription,
     check_competing_consumers,
@@ -70,4 +71,5 @@ CHECKS: tuple[Check, ...] = (
     Check("trace context survives the trip", check_trace_context_survives, deadline=60, lock_waits=3),
     Check("reconnect after broker restart", check_reconnect, ("restartable", "persistence"), deadline=180, alone=True),
     Check("redrive returns every dead letter once", check_redrive_once, deadline=90, lock_waits=3),
+    Check("CloudEvents round-trip", check_cloudevents_round_trip, deadline=60),
 )
