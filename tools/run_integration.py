@@ -6,7 +6,7 @@ holds the files of its own brokers, and a file may restart only a broker of its 
 are prefixed with their file as they come (progress on a long run); a summary gives each file's seconds and
 result. A file whose pytest finds no tests (exit code 5) fails, as any other.
 
-No file can stall the run: one that outruns its budget (MSGBUS_INTEGRATION_FILE_TIMEOUT, 20 minutes in CI), or
+No file can stall the run: one that outruns its budget (MSGBUS_INTEGRATION_FILE_TIMEOUT, 15 minutes in CI), or
 that printed its result but does not exit (a thread nobody joins), is ended with every thread's stack in the
 log, and run once more, visibly; the summary names it either way.
 
@@ -97,7 +97,7 @@ def _budget() -> float:
     configured = os.environ.get("MSGBUS_INTEGRATION_FILE_TIMEOUT")
     if configured:
         return float(configured)
-    return 1200.0 if os.environ.get("MSGBUS_CONTRACT_QUICK") == "1" else 3600.0
+    return 900.0 if os.environ.get("MSGBUS_CONTRACT_QUICK") == "1" else 3600.0
 
 
 def _read(stream: IO[bytes], lines: queue.Queue[str | None]) -> None:
