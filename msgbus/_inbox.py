@@ -10,7 +10,6 @@ return what they are asked for without counting it again. The runtime
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -19,6 +18,7 @@ from typing import Any, Generic, TypeVar
 
 from ._capabilities import Capabilities
 from ._message import Message
+from ._waits import wait_set
 from .adapter import Adapter, Delivery, Endpoint, Receiver
 from .errors import MsgbusError
 
@@ -84,8 +84,7 @@ class Inbox(Generic[T]):
             if self._freed is None:
                 self._freed = asyncio.Event()
             self._freed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._freed.wait(), left)
+            await wait_set(self._freed, left)
         return min(wanted, free), max(0.0, deadline - loop.time())
 
     async def take(self, stop: asyncio.Event) -> Message[T] | None:

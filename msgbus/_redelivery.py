@@ -18,12 +18,12 @@ with it into older and newer ones; each group runs before it in one of two conse
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any
 
 from ._inbox import REMEMBERED, Inbox
 from ._message import Message
+from ._waits import wait_set
 from .errors import MsgbusError
 
 log = logging.getLogger("msgbus")
@@ -99,8 +99,7 @@ class Redeliveries:
         try:
             if self.running:
                 self._quiet = asyncio.Event()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._quiet.wait(), ALONE)
+                await wait_set(self._quiet, ALONE)
                 self._quiet = None
             await self.inbox.acks_durable()
             chosen = await self._choose()

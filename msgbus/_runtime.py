@@ -13,6 +13,7 @@ from ._inbox import Inbox
 from ._message import Message
 from ._redelivery import Redeliveries, dead_letter_over_limit
 from ._retry import RetryPolicy
+from ._waits import wait_set
 from .adapter import MAX_DEAD_LETTER_REASON
 from .errors import MsgbusError
 
@@ -147,8 +148,7 @@ async def run(
         assert caps.lock_duration is not None
         period = max(caps.lock_duration / 3, 0.05)
         while not handlers_done.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(handlers_done.wait(), period)
+            if await wait_set(handlers_done, period):
                 return
             for msg in [*in_flight, *inbox.buffer]:
                 if not msg.settled:

@@ -23,6 +23,7 @@ from typing import Literal
 from ._capabilities import Capabilities, has
 from ._translate import ErrorRow, ErrorTable
 from ._url import REDACTED, BusURL, OptionReader, redact, url_from_connection_string
+from ._waits import wait_set
 from .errors import CapabilityMissing, InvalidMessage
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "has",
     "redact",
     "url_from_connection_string",
+    "wait_set",
 ]
 
 RESERVED_HEADER_PREFIX = "x-msgbus-"

@@ -26,6 +26,7 @@ from . import _codec
 from ._bus import Bus, _check_headers, _check_name, _opt_str, new_id
 from ._message import Outgoing
 from ._url import parse_url
+from ._waits import wait_set
 from .errors import BrokerError, ConfigError, InvalidMessage, MsgbusError
 
 __all__ = ["TABLE", "Relay", "Staged", "create_table", "create_table_sync", "stage", "stage_sync"]
@@ -303,8 +304,7 @@ class _PostgresSource:
             lock = _key_lock(self._table, "\0relay")
             while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock):
                 log.info("outbox: another relay forwards %s; waiting to take over", self._table)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 1.0)
+                await wait_set(stop, 1.0)
                 if stop.is_set():
                     conn.terminate()
                     return False
@@ -336,8 +336,7 @@ class _PostgresSource:
             await self._conn.execute(f"UPDATE {self._table} SET error = $2 WHERE seq = $1", seq, error)
 
     async def wait(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._woken.wait(), seconds)
+        await wait_set(self._woken, seconds)
         with self._guard("pinging the database"):
             await self._conn.fetchval("SELECT 1")  # a dead connection surfaces here, not as a silent wait
 
@@ -345,7 +344,8 @@ class _PostgresSource:
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.close(), 5)
+                async with asyncio.timeout(5):
+                    await conn.close()
             conn.terminate()
 
 
@@ -367,8 +367,7 @@ class _SqliteSource:
                 break
             except BlockingIOError:
                 log.info("outbox: another relay forwards %s; waiting to take over", self._path)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 1.0)
+                await wait_set(stop, 1.0)
                 if stop.is_set():
                     return False
         conn = sqlite3.connect(self._path, timeout=10, isolation_level=None, check_same_thread=False)
@@ -466,8 +465,7 @@ class Relay:
                 finally:
                     await source.close()
                 if not stop.is_set():
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), pause)
+                    await wait_set(stop, pause)
                     pause = min(pause * 2, 5.0)
         finally:
             if owned:

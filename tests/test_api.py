@@ -93,6 +93,32 @@ def test_private_import_check_catches_each_form(tmp_path: Path) -> None:
     assert private_imports(module) == [f"{module}:{n}" for n in (4, 5, 6, 8)]
 
 
+def wait_for_calls(path: Path) -> list[str]:
+    """``file:line`` of every ``asyncio.wait_for`` call (or import): see msgbus/_waits.py for why."""
+    where = path.relative_to(REPO) if path.is_relative_to(REPO) else path
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Attribute) and node.attr == "wait_for" and getattr(node.value, "id", "") == "asyncio":
+            found.append(f"{where}:{node.lineno}")
+        elif isinstance(node, ast.ImportFrom) and node.module == "asyncio":
+            found += [f"{where}:{node.lineno}" for a in node.names if a.name == "wait_for"]
+    return found
+
+
+def test_the_library_and_adapters_never_wait_with_asyncio_wait_for() -> None:
+    """On Python 3.11 it loses a cancel that arrives as the awaited call finishes: stop(), close() or a timeout
+    around a receive loop could go unnoticed. ``asyncio.timeout`` and ``msgbus.adapter.wait_set`` do not."""
+    files = sorted(REPO.glob("msgbus/**/*.py")) + sorted(REPO.glob("adapters/*/msgbus_*/**/*.py"))
+    assert len(files) > 50
+    assert [hit for f in files for hit in wait_for_calls(f)] == []
+
+
+def test_wait_for_check_catches_each_form(tmp_path: Path) -> None:
+    module = tmp_path / "m.py"
+    module.write_text("import asyncio\nfrom asyncio import wait_for\nasyncio.wait_for(x, 1)\nev.wait_for(1)\n")
+    assert [hit.rsplit(":", 1)[1] for hit in wait_for_calls(module)] == ["2", "3"]
+
+
 def _from_core(value: object) -> bool:
     module = getattr(value, "__module__", "") or ""
     return module.startswith("msgbus") and module != "msgbus.errors"

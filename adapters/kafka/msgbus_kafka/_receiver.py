@@ -29,6 +29,7 @@ from msgbus.adapter import (
     Receiver,
     Record,
     dead_letter_record,
+    wait_set,
 )
 from msgbus.errors import ClosedError, MsgbusError
 
@@ -290,10 +291,7 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
                 break
             until = min(min(e.locked_until for e in locked), deadline) - now
             self._changed.clear()
-            try:
-                await asyncio.wait_for(self._changed.wait(), max(until, 0.01))
-            except TimeoutError:
-                pass
+            await wait_set(self._changed, max(until, 0.01))
         await self._commit(tps, consumer=consumer, exact=True)
         self._epoch += 1
         self._forget({tp for tp, part in parts.items() if self._parts.get(tp) is part})
@@ -380,10 +378,7 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
             if left <= 0 or self._closed or self._pump is None:
                 return []
             self._arrived.clear()
-            try:
-                await asyncio.wait_for(self._arrived.wait(), left)
-            except TimeoutError:
-                pass
+            await wait_set(self._arrived, left)
 
     async def _run_pump(self, consumer: AIOKafkaConsumer) -> None:
         """Fetch ahead of ``receive`` and note each record's next attempt while the handlers work, so

@@ -26,7 +26,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.manager import JetStreamManager
 
-from msgbus.adapter import Delivery, Receiver, Record, dead_letter_record
+from msgbus.adapter import Delivery, Receiver, Record, dead_letter_record, wait_set
 from msgbus.errors import ClosedError, DecodeError, MsgbusError
 
 from ._codec import check_size, decode, encode, parse_header_block
@@ -153,10 +153,7 @@ class NatsReceiver(Receiver):
             if left <= 0:
                 return []
             self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), min(left, PULL_EXPIRES))
-            except TimeoutError:
-                pass
+            await wait_set(self._wake, min(left, PULL_EXPIRES))
 
     async def _take(self, n: int) -> list[Delivery]:
         out: list[Delivery] = []

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import asyncpg
 import asyncpg.exceptions as px
 
-from msgbus.adapter import Adapter, BusURL, Capabilities, Endpoint, OptionReader, Record
+from msgbus.adapter import Adapter, BusURL, Capabilities, Endpoint, OptionReader, Record, wait_set
 from msgbus.errors import ClosedError, ConfigError, MessageTooLarge, TopologyError
 
 from ._codec import encode
@@ -145,7 +145,8 @@ class PostgresAdapter(Adapter):
         pool, self._pool = self._pool, None
         if pool is not None:
             try:
-                await asyncio.wait_for(pool.close(), self._options.command_timeout)
+                async with asyncio.timeout(self._options.command_timeout):
+                    await pool.close()
             except (TimeoutError, *DRIVER_ERRORS):
                 pool.terminate()
         for events in list(self._waiters.values()):
@@ -231,9 +232,7 @@ class PostgresAdapter(Adapter):
                 self._wake_all()
                 pause = 0.1
                 while True:
-                    try:
-                        await asyncio.wait_for(lost.wait(), o.keepalive_interval)
-                    except TimeoutError:
+                    if not await wait_set(lost, o.keepalive_interval):
                         await conn.fetchval("SELECT 1", timeout=o.command_timeout)
                     else:
                         raise ConnectionResetError("the listening connection closed")

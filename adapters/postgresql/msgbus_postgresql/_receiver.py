@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any, NamedTuple, Protocol, TypeVar
 
-from msgbus.adapter import Delivery, Endpoint, Receiver, Record, dead_letter_record
+from msgbus.adapter import Delivery, Endpoint, Receiver, Record, dead_letter_record, wait_set
 from msgbus.errors import ClosedError, DecodeError, MsgbusError
 
 from ._codec import decode, encode
@@ -94,11 +94,9 @@ class PostgresReceiver(Receiver):
             left = deadline - loop.time()
             if left <= 0:
                 return []
-            try:
-                await asyncio.wait_for(self._wake.wait(), min(left, pause))
-            except TimeoutError:
-                if pause >= left:  # waited out the caller's timeout: what comes now is for the next call
-                    return []
+            # Waited out the caller's timeout: what comes now is for the next call.
+            if not await wait_set(self._wake, min(left, pause)) and pause >= left:
+                return []
 
     async def _lease(self, limit: int) -> list[Delivery]:
         sql, endpoint_id, token = self._adapter.sql, self.endpoint_id, new_lease()

@@ -169,7 +169,8 @@ class RabbitMQAdapter(Adapter):
                     raise err from exc
                 pub, _ = self._channels()
                 try:
-                    await asyncio.wait_for(pub.ready(), remaining)
+                    async with asyncio.timeout(remaining):
+                        await pub.ready()
                 except TimeoutError:
                     raise err from exc
                 await asyncio.sleep(0.05)  # let the restored channels settle before retrying

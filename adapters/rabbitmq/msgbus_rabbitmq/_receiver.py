@@ -19,7 +19,7 @@ import pika
 import pika.exceptions
 from pika.adapters.asyncio_connection import AsyncioConnection
 
-from msgbus.adapter import Delivery, Endpoint, Receiver, Record, dead_letter_record
+from msgbus.adapter import Delivery, Endpoint, Receiver, Record, dead_letter_record, wait_set
 from msgbus.errors import ClosedError, ConnectionLost
 
 from ._codec import decode, encode
@@ -140,7 +140,8 @@ class RabbitMQReceiver(Receiver):
                 custom_ioloop=loop,
             )
             try:
-                await asyncio.wait_for(opened, self._adapter.options.connect_timeout)
+                async with asyncio.timeout(self._adapter.options.connect_timeout):
+                    await opened
             except BaseException:
                 if not (conn.is_closed or conn.is_closing):
                     conn.close()
@@ -150,7 +151,8 @@ class RabbitMQReceiver(Receiver):
         self._pending.add(channel_open)  # fails with the reason if the connection drops meanwhile
         try:
             self._conn.channel(on_open_callback=_resolver(channel_open))
-            channel = await asyncio.wait_for(channel_open, self._adapter.options.connect_timeout)
+            async with asyncio.timeout(self._adapter.options.connect_timeout):
+                channel = await channel_open
         finally:
             self._pending.discard(channel_open)
         channel.add_on_close_callback(self._on_channel_closed)
@@ -290,9 +292,7 @@ class RabbitMQReceiver(Receiver):
                 if remaining <= 0:
                     return out
                 self._arrived.clear()
-                try:
-                    await asyncio.wait_for(self._arrived.wait(), remaining)
-                except TimeoutError:
+                if not await wait_set(self._arrived, remaining):
                     return out
             if self._closed:
                 raise ClosedError(f"receiver on {self._endpoint} is closed")
@@ -411,7 +411,8 @@ class RabbitMQReceiver(Receiver):
             conn.add_on_close_callback(_resolver(closed))
             try:
                 conn.close()
-                await asyncio.wait_for(closed, self._adapter.options.connect_timeout)
+                async with asyncio.timeout(self._adapter.options.connect_timeout):
+                    await closed
             except (TimeoutError, pika.exceptions.AMQPError):
                 pass  # the broker releases the connection's deliveries either way
         self._adapter.forget(self)
