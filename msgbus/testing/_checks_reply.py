@@ -40,16 +40,15 @@ async def check_request_gets_its_reply(ctx: ContractContext) -> None:
     requests = await drain(ctx, responder, held, reached(held, 2 * n), settle=False, what="the requests")
     for msg in reversed(requests):
         asked[msg.id] = msg.body
-    for round_ in ("first", "duplicate"):  # a responder that crashed between reply and ack replies twice
-        for msg in reversed(requests):
-            await msg.reply({"answer": msg.body, "round": round_})
-    for msg in requests:
-        await msg.ack()
+    # Twice each (a responder that crashed between reply and ack replies again), last request first; at once, as
+    # a lock-duration backend would take back requests held for a round trip each.
+    await asyncio.gather(*(msg.reply({"answer": msg.body}) for _ in range(2) for msg in reversed(requests)))
+    await asyncio.gather(*(msg.ack() for msg in requests))
     ctx.waiting = lambda: f"the replies to {2 * n} concurrent requests"
     answered = await calls
     wrong = []
     for body, reply in answered:
-        if reply.body != {"answer": body, "round": "first"} or asked.get(reply.correlation_id or "") != body:
+        if reply.body != {"answer": body} or asked.get(reply.correlation_id or "") != body:
             wrong.append(f"{body} got {reply.body} (correlation id {reply.correlation_id!r:.40})")
     line = held.ensure_exact(set(asked), f"{2 * n} concurrent requests from 2 buses, held at once")
     ensure(not wrong, f"{line}; {len(wrong)} got another request's reply, e.g. {'; '.join(wrong[:3])}")
