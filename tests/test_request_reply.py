@@ -1,0 +1,181 @@
+"""Request/reply on the embedded backends: concurrency, timeouts, duplicates, hostile replies and requests."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import msgbus
+from msgbus import Bus, Message, RetryPolicy
+from msgbus.adapter import HEADER_REPLY_TO, Endpoint, Record
+from msgbus.errors import ClosedError, DecodeError, InvalidMessage, RequestTimeout
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def bus(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Bus]:
+    url = f"memory://rr-{uuid.uuid4().hex[:8]}" if request.param == "memory" else f"sqlite:///{tmp_path}/rr.db"
+    async with msgbus.connect(url) as bus:
+        yield bus
+
+
+async def echo(msg: Message[Any]) -> None:
+    await msg.reply({"echo": msg.body})
+
+
+async def serve(bus: Bus, queue: str, handler: Any, **run: Any) -> tuple[msgbus.Consumer[Any], asyncio.Task[None]]:
+    consumer = bus.consumer(queue)
+    return consumer, asyncio.create_task(consumer.run(handler, **run))
+
+
+async def test_concurrent_requests_overlap_at_a_sleeping_responder(bus: Bus) -> None:
+    """N requests at once against a responder that sleeps: every handler starts before any finishes, so the N
+    take about one sleep, not N (the requester neither sends nor waits one at a time)."""
+    n = 12
+    events: list[tuple[str, int]] = []
+
+    async def slow(msg: Message[Any]) -> None:
+        events.append(("start", msg.body))
+        await asyncio.sleep(0.2)
+        events.append(("end", msg.body))
+        await msg.reply(msg.body * 10)
+
+    consumer, task = await serve(bus, "slow", slow, concurrency=n)
+    replies = await asyncio.gather(*(bus.request("slow", i, timeout=30) for i in range(n)))
+    consumer.stop()
+    await task
+    assert [r.body for r in replies] == [i * 10 for i in range(n)]  # each caller its own, in its own order
+    first_end = next(i for i, (what, _) in enumerate(events) if what == "end")
+    assert sorted(body for what, body in events[:first_end] if what == "start") == list(range(n))
+    assert bus.dropped_replies == 0
+
+
+async def test_timeout_is_typed_and_the_late_reply_goes_to_no_one(bus: Bus) -> None:
+    with pytest.raises(RequestTimeout, match="no reply to request .* on queue 'late' within 0.05s"):
+        await bus.request("late", "first", timeout=0.05)
+    (held,) = await bus.consumer("late").receive(timeout=5)
+    assert held.body == "first" and held.headers[HEADER_REPLY_TO].startswith("msgbus-reply-")
+    consumer, task = await serve(bus, "late", echo)
+    asking = asyncio.create_task(bus.request("late", "second", timeout=30))
+    await held.reply("late answer")  # reaches the listener while "second" waits: must not be taken for its reply
+    await held.ack()
+    assert (await asking).body == {"echo": "second"}
+    consumer.stop()
+    await task
+    assert bus.dropped_replies == 1
+
+
+async def test_a_crash_between_reply_and_ack_redelivers_and_the_requester_keeps_one_reply(bus: Bus) -> None:
+    """Reply, then fail before the ack (a crash there): the request comes back, is answered again, and the
+    requester gets one reply; the second is dropped and counted."""
+    calls: list[int] = []
+
+    async def reply_then_fail(msg: Message[Any]) -> None:
+        calls.append(msg.attempt)
+        await msg.reply({"attempt": msg.attempt})
+        if msg.attempt == 1:
+            raise RuntimeError("died after replying")
+
+    consumer, task = await serve(bus, "crashy", reply_then_fail, retry=RetryPolicy(initial_backoff=0))
+    reply = await bus.request("crashy", "go", timeout=30)
+    while bus.dropped_replies < 1:  # the second reply: a duplicate, counted once it arrives
+        await asyncio.sleep(0.01)
+    consumer.stop()
+    await task
+    assert reply.body == {"attempt": 1} and calls == [1, 2] and bus.dropped_replies == 1
+
+
+@pytest.mark.parametrize("correlation_id", [None, "unknown", "duplicate"])
+async def test_hostile_replies_are_dropped_and_counted(bus: Bus, correlation_id: str | None) -> None:
+    """Replies without a correlation id, with one no request has, or a second one for an answered request: dropped
+    and counted, never handed to a waiting request; the listener goes on."""
+    seen: list[Message[Any]] = []
+
+    async def answer(msg: Message[Any]) -> None:
+        seen.append(msg)
+        await echo(msg)
+
+    consumer, task = await serve(bus, "svc", answer)
+    answered = await bus.request("svc", 1, timeout=30)
+    reply_to = seen[0].headers[HEADER_REPLY_TO]
+    cid = answered.correlation_id if correlation_id == "duplicate" else correlation_id
+    waiting = asyncio.create_task(bus.request("nobody", "waits", timeout=30))  # must not get the forged reply
+    await bus.producer(reply_to).send({"forged": True}, correlation_id=cid)
+    while bus.dropped_replies < 1:
+        await asyncio.sleep(0.01)
+    assert (await bus.request("svc", 3, timeout=30)).body == {"echo": 3}  # the listener lives on
+    assert not waiting.done()
+    waiting.cancel()
+    consumer.stop()
+    await task
+    assert answered.correlation_id == seen[0].id and bus.dropped_replies == 1
+
+
+@pytest.mark.parametrize(
+    ("headers", "problem"),
+    [({}, "has no reply-to"), ({HEADER_REPLY_TO: "../../etc/passwd"}, "is not a queue name")],
+)
+async def test_replying_to_what_was_not_requested_dead_letters_it_with_the_reason(
+    bus: Bus, headers: dict[str, str], problem: str
+) -> None:
+    """A handler that replies to a plain message (or one whose reply-to is no queue name): InvalidMessage, which
+    under run() is a failure like any other: dead-lettered with the reason, nothing lost."""
+    endpoint = Endpoint("queue", "plain")
+    await bus.producer("plain").send("warm-up: declares the queue")
+    await bus.adapter.send(endpoint, [Record(b'"hostile"', "m-1", headers, content_type="application/json")])
+    consumer, task = await serve(bus, "plain", echo, retry=RetryPolicy(max_attempts=1))
+    dead = bus.dead_letters("plain")
+    got = []
+    while len(got) < 2:
+        got += await dead.receive(max_messages=10, timeout=5)
+    consumer.stop()
+    await task
+    reasons = {m.body: m.dead_letter_reason or "" for m in got}
+    assert set(reasons) == {"warm-up: declares the queue", "hostile"}
+    assert all(r.startswith("InvalidMessage: ") for r in reasons.values()), reasons
+    assert problem in reasons["hostile"] and "has no reply-to" in reasons["warm-up: declares the queue"]
+
+
+async def test_reserved_reply_to_header_and_reply_after_ack_are_refused(bus: Bus) -> None:
+    with pytest.raises(InvalidMessage, match="reserved"):
+        await bus.request("svc", 1, headers={HEADER_REPLY_TO: "someone-else"}, timeout=1)
+    asking = asyncio.create_task(bus.request("svc", 1, timeout=30))
+    (msg,) = await bus.consumer("svc").receive(timeout=5)
+    await msg.ack()
+    with pytest.raises(InvalidMessage, match="settled: reply before ack"):
+        await msg.reply("too late")
+    asking.cancel()
+
+
+@dataclass
+class Answer:
+    value: int
+
+
+async def test_typed_reply_and_undecodable_reply(bus: Bus) -> None:
+    async def answer(msg: Message[Any]) -> None:
+        await msg.reply({"value": msg.body} if msg.body >= 0 else {"value": "not a number"})
+
+    consumer, task = await serve(bus, "typed", answer)
+    reply = await bus.request("typed", 7, model=Answer, timeout=30)
+    assert reply.body == Answer(7)
+    with pytest.raises(DecodeError):
+        await bus.request("typed", -1, model=Answer, timeout=30)
+    consumer.stop()
+    await task
+
+
+async def test_close_fails_waiting_requests_and_later_ones(bus: Bus) -> None:
+    asking = asyncio.create_task(bus.request("nobody", 1, timeout=30))
+    while bus._replies is None or not bus._replies._waiting:
+        await asyncio.sleep(0.01)
+    await bus.close()
+    with pytest.raises(ClosedError, match="closed while request"):
+        await asking
+    with pytest.raises(ClosedError):
+        await bus.request("nobody", 2, timeout=1)
