@@ -179,3 +179,25 @@ async def test_close_fails_waiting_requests_and_later_ones(bus: Bus) -> None:
         await asking
     with pytest.raises(ClosedError):
         await bus.request("nobody", 2, timeout=1)
+
+
+def test_blocking_request_and_reply_from_threads() -> None:
+    """``msgbus.sync``: a blocking responder thread replies; requests from several threads each get their own."""
+    import concurrent.futures
+    import threading
+
+    from msgbus import sync
+
+    with sync.connect(f"memory://rr-sync-{uuid.uuid4().hex[:8]}") as bus:
+        consumer = bus.consumer("sync-svc")
+
+        def answer(msg: sync.SyncMessage[Any]) -> None:
+            msg.reply({"echo": msg.body})
+
+        serving = threading.Thread(target=consumer.run, args=(answer,), kwargs={"concurrency": 4})
+        serving.start()
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(lambda i: bus.request("sync-svc", i, timeout=30).body, range(16)))
+        consumer.stop()
+        serving.join()
+        assert replies == [{"echo": i} for i in range(16)] and bus.dropped_replies == 0
