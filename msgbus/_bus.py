@@ -294,8 +294,8 @@ class Bus:
         model: type[Any] | None = None,
     ) -> Message[Any]:
         """Send ``body`` to work queue ``queue`` as a request and return its reply (``msg.reply()`` on the other
-        side), its body decoded (into ``model`` when given, else ``DecodeError``). Task-safe: concurrent requests
-        share this bus's one reply queue and listener, and do not wait for each other.
+        side), its body decoded (into ``model`` when given); ``DecodeError`` when it does not decode. Task-safe:
+        concurrent requests share this bus's one reply queue and listener, and do not wait for each other.
 
         ``RequestTimeout`` when no reply came within ``timeout`` seconds (the send included); the request may
         still be handled, and its late reply is dropped (``dropped_replies``). The reply comes acked. The reply
@@ -317,8 +317,7 @@ class Bus:
             raise RequestTimeout(f"no reply to request {request_id} on queue {queue!r} within {timeout:g}s") from None
         finally:
             replies.forget(request_id)
-        if model is not None:
-            reply.body = _codec.decode_delivery(reply._delivery, model)
+        reply.body = _codec.decode_delivery(reply._delivery, model)  # the listener took it raw: a bad one is ours
         return reply
 
     @property
@@ -340,7 +339,9 @@ class Bus:
                 await self.open()
                 await self._adapter.declare(endpoint, create=True)
                 self._declared.add(endpoint)
-                listener: Consumer[Any] = Consumer(self, endpoint, None, _reply.BATCH, None)
+                # Raw bytes (decoded by the request that gets them), so a reply that does not decode reaches its
+                # caller as DecodeError at once, not the reply queue's dead letters and a timeout.
+                listener: Consumer[Any] = Consumer(self, endpoint, bytes, _reply.BATCH, None)
                 replies.start(listener.receive)
                 self._replies = replies
         return self._replies

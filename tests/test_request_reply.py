@@ -152,6 +152,16 @@ async def test_reserved_reply_to_header_and_reply_after_ack_are_refused(bus: Bus
     asking.cancel()
 
 
+async def test_an_undecodable_reply_reaches_its_caller_as_decode_error(bus: Bus) -> None:
+    asking = asyncio.create_task(bus.request("raw", "?", timeout=30))
+    (msg,) = await bus.consumer("raw").receive(timeout=5)
+    forged = bus.producer(msg.headers[HEADER_REPLY_TO])
+    await forged.send(b"{not json", content_type="application/json", correlation_id=msg.id)
+    with pytest.raises(DecodeError, match="invalid JSON payload"):
+        await asking
+    await msg.ack()
+
+
 @dataclass
 class Answer:
     value: int
