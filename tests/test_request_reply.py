@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -12,9 +15,9 @@ from typing import Any
 import pytest
 
 import msgbus
-from msgbus import Bus, Message, RetryPolicy
+from msgbus import Bus, Message, RetryPolicy, _memory
 from msgbus.adapter import HEADER_REPLY_TO, Endpoint, Record
-from msgbus.errors import ClosedError, DecodeError, InvalidMessage, RequestTimeout
+from msgbus.errors import ClosedError, ConnectionLost, DecodeError, InvalidMessage, RequestTimeout
 
 
 @pytest.fixture(params=["memory", "sqlite"])
@@ -211,3 +214,57 @@ def test_blocking_request_and_reply_from_threads() -> None:
         consumer.stop()
         serving.join()
         assert replies == [{"echo": i} for i in range(16)] and bus.dropped_replies == 0
+
+
+CHILD = Path(__file__).with_name("reply_crash_child.py")
+REPO = Path(__file__).resolve().parent.parent
+
+
+async def test_a_responder_killed_between_reply_and_ack(tmp_path: Path) -> None:
+    """A responder process SIGKILLed after its reply is stored and before its ack: the requester has the reply;
+    the request comes back (attempt 2) to another responder, whose second reply is dropped and counted."""
+    url = f"sqlite:///{tmp_path}/crash.db?visibility_timeout=1"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    async with msgbus.connect(url) as bus:
+        asking = asyncio.create_task(bus.request("svc", "question", timeout=60))
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, str(CHILD), url, "svc", stdout=asyncio.subprocess.PIPE, env=env
+        )
+        out, _ = await asyncio.wait_for(child.communicate(), 60)
+        assert child.returncode == -signal.SIGKILL and b'"replied"' in out
+        reply = await asking
+        assert reply.body == {"by": "child", "attempt": 1}
+        attempts: list[int] = []
+
+        async def again(msg: Message[Any]) -> None:
+            attempts.append(msg.attempt)
+            await msg.reply({"by": "parent", "attempt": msg.attempt})
+
+        consumer, task = await serve(bus, "svc", again)
+        while bus.dropped_replies < 1:
+            await asyncio.sleep(0.01)
+        consumer.stop()
+        await task
+        assert attempts == [2] and bus.dropped_replies == 1
+
+
+async def test_the_listener_survives_a_failed_receive(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reply queue's receive fails (a dropped connection): the listener receives again and the request
+    still gets its reply."""
+    real = _memory._MemoryReceiver.receive
+    failures: list[str] = []
+
+    async def flaky(self: Any, max_messages: int, timeout: float) -> list[Any]:
+        name = self._endpoint.name
+        if name.startswith("msgbus-reply-") and not failures:
+            failures.append(name)
+            raise ConnectionLost("connection reset (test)")
+        return await real(self, max_messages, timeout)
+
+    monkeypatch.setattr(_memory._MemoryReceiver, "receive", flaky)
+    async with msgbus.connect(f"memory://rr-{uuid.uuid4().hex[:8]}") as bus:
+        consumer, task = await serve(bus, "svc", echo)
+        assert (await bus.request("svc", 1, timeout=30)).body == {"echo": 1}
+        consumer.stop()
+        await task
+    assert len(failures) == 1
