@@ -268,3 +268,22 @@ async def test_the_listener_survives_a_failed_receive(monkeypatch: pytest.Monkey
         consumer.stop()
         await task
     assert len(failures) == 1
+
+
+async def test_verify_only_topology_still_gets_its_reply_queue() -> None:
+    """``topology=verify`` checks the service's queues but creates the bus's own reply queue; reply headers are
+    checked like any sent headers."""
+    name = f"memory://rr-{uuid.uuid4().hex[:8]}"
+
+    async def answer(msg: Message[Any]) -> None:
+        with pytest.raises(InvalidMessage, match="reserved"):
+            await msg.reply("no", headers={"x-msgbus-attempts": "1"})
+        await msg.reply({"echo": msg.body}, headers={"served-by": "svc"})
+
+    async with msgbus.connect(name) as responder_bus, msgbus.connect(name, topology="verify") as bus:
+        consumer, task = await serve(responder_bus, "svc", answer)
+        await consumer.open()
+        reply = await bus.request("svc", 1, timeout=30)
+        assert reply.body == {"echo": 1} and reply.headers["served-by"] == "svc"
+        consumer.stop()
+        await task
