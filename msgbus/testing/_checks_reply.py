@@ -14,6 +14,7 @@ from ._flow import drain, expect_raises, reached, stop_run
 __all__ = ["check_request_gets_its_reply"]
 
 PATIENT = 3600.0  # a request timeout the check's own deadline always ends first
+LATE = 1.5  # seconds a request waits for a reply that does not come
 
 
 async def check_request_gets_its_reply(ctx: ContractContext) -> None:
@@ -58,8 +59,9 @@ async def check_request_gets_its_reply(ctx: ContractContext) -> None:
     line += f"; each got its own reply; {2 * n} duplicate replies"
     await _dropped(ctx, requesters, {"a": n, "b": n}, line)
 
+    # The timeout bounds the send too: long enough for any backend to store the request, which must come back.
     late = await expect_raises(
-        requesters["a"].request(queue, {"late": True}, timeout=ctx.quiet), RequestTimeout, "a request nobody answered"
+        requesters["a"].request(queue, {"late": True}, timeout=LATE), RequestTimeout, "a request nobody answered"
     )
     one = Tally()
     for msg in await drain(ctx, responder, one, reached(one, 1), settle=False, what="the timed-out request"):
