@@ -19,7 +19,7 @@ from ._registry import factory, schemes
 from ._retry import RetryPolicy
 from ._runtime import Handler, Middleware
 from ._url import parse_url
-from .adapter import HEADER_ATTEMPTS, HEADER_DEAD_LETTER_REASON, HEADER_DEAD_LETTER_SOURCE
+from .adapter import HEADER_ATTEMPTS, HEADER_DEAD_LETTER_REASON, HEADER_DEAD_LETTER_SOURCE, HEADER_REPLY_TO
 from .errors import ConfigError
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "HEADER_DEAD_LETTER_HISTORY",
     "HEADER_DEAD_LETTER_REASON",
     "HEADER_DEAD_LETTER_SOURCE",
+    "HEADER_REPLY_TO",
     "Bus",
     "Capabilities",
     "Consumer",

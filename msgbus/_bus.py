@@ -15,14 +15,23 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar, overload
 
-from . import _codec, _redelivery, _redrive, _runtime, _telemetry
+from . import _codec, _redelivery, _redrive, _reply, _runtime, _telemetry
 from ._capabilities import Capabilities
 from ._coalesce import Coalescer
 from ._inbox import Inbox
 from ._message import Message, Outgoing
 from ._retry import RetryPolicy
 from ._url import BusURL
-from .adapter import RESERVED_HEADER_PREFIX, Adapter, Delivery, Endpoint, Receiver, Record, dead_letter_reason
+from .adapter import (
+    HEADER_REPLY_TO,
+    RESERVED_HEADER_PREFIX,
+    Adapter,
+    Delivery,
+    Endpoint,
+    Receiver,
+    Record,
+    dead_letter_reason,
+)
 from .errors import (
     CapabilityMissing,
     ClosedError,
@@ -31,6 +40,7 @@ from .errors import (
     DecodeError,
     InvalidMessage,
     MessageTooLarge,
+    RequestTimeout,
 )
 
 log = logging.getLogger("msgbus")
@@ -83,6 +93,8 @@ class Bus:
         self._coalescers: dict[Endpoint, Coalescer] = {}
         self._providers: tuple[Any, Any] = (None, None)  # instrument()'s, else the global ones
         self._telemetry = _telemetry.resolve(url)  # None: tracing and metrics off, nothing done per message
+        self._replies: _reply.Replies | None = None  # this bus's reply queue, once it made a request
+        self._replies_lock = asyncio.Lock()
 
     @property
     def capabilities(self) -> Capabilities:
@@ -136,6 +148,8 @@ class Bus:
         bus from another task does not pull the connection from under finished work."""
         if self._state == "closed":
             return
+        if self._replies is not None:
+            await self._replies.close()
         consumers = list(self._consumers)
         if consumers:
             await asyncio.gather(*(c.close() for c in consumers))
@@ -246,6 +260,103 @@ class Bus:
                 for msg in held:
                     await msg.nack()  # back at once, not when a lock expires
         return done
+
+    @overload
+    async def request(
+        self,
+        queue: str,
+        body: object,
+        *,
+        timeout: float = 30.0,
+        headers: Mapping[str, str] | None = None,
+        key: str | None = None,
+        model: None = None,
+    ) -> Message[Any]: ...
+    @overload
+    async def request(
+        self,
+        queue: str,
+        body: object,
+        *,
+        timeout: float = 30.0,
+        headers: Mapping[str, str] | None = None,
+        key: str | None = None,
+        model: type[T],
+    ) -> Message[T]: ...
+    async def request(
+        self,
+        queue: str,
+        body: object,
+        *,
+        timeout: float = 30.0,
+        headers: Mapping[str, str] | None = None,
+        key: str | None = None,
+        model: type[Any] | None = None,
+    ) -> Message[Any]:
+        """Send ``body`` to work queue ``queue`` as a request and return its reply (``msg.reply()`` on the other
+        side), its body decoded (into ``model`` when given); ``DecodeError`` when it does not decode. Task-safe:
+        concurrent requests share this bus's one reply queue and listener, and do not wait for each other.
+
+        ``RequestTimeout`` when no reply came within ``timeout`` seconds (the send included); the request may
+        still be handled, and its late reply is dropped (``dropped_replies``). The reply comes acked. The reply
+        queue is created on the first request and is this bus's alone (``msgbus-reply-<16 hex>``).
+        """
+        timeout = _config_seconds("timeout", timeout)
+        if model is not None:
+            _codec.check_model(model)
+        producer = self.producer(queue)
+        replies = await self._reply_listener()
+        request_id = new_id()
+        item = Outgoing(body, key, headers, request_id)
+        waiting = replies.expect(request_id)
+        try:
+            async with asyncio.timeout(timeout):
+                await producer._one(item, None, {HEADER_REPLY_TO: replies.queue})
+                reply = await waiting
+        except TimeoutError:
+            raise RequestTimeout(f"no reply to request {request_id} on queue {queue!r} within {timeout:g}s") from None
+        finally:
+            replies.forget(request_id)
+        reply.body = _codec.decode_delivery(reply._delivery, model)  # the listener took it raw: a bad one is ours
+        return reply
+
+    @property
+    def dropped_replies(self) -> int:
+        """Replies this bus received that no request waited for: late (after their request timed out),
+        duplicated (a responder crashed between reply and ack) or stray. Each is acked and logged."""
+        return 0 if self._replies is None else self._replies.dropped
+
+    async def _reply_listener(self) -> _reply.Replies:
+        """This bus's reply queue and its listener, created on first use (always declared: it is ours alone)."""
+        if self._replies is not None:
+            return self._replies
+        async with self._replies_lock:
+            if self._replies is None:
+                if self._state == "closed":
+                    raise ClosedError(f"{self!r} is closed")
+                replies = _reply.Replies(_reply.reply_queue_name())
+                endpoint = Endpoint("queue", replies.queue)
+                await self.open()
+                await self._adapter.declare(endpoint, create=True)
+                self._declared.add(endpoint)
+                # Raw bytes (decoded by the request that gets them), so a reply that does not decode reaches its
+                # caller as DecodeError at once, not the reply queue's dead letters and a timeout.
+                listener: Consumer[Any] = Consumer(self, endpoint, bytes, _reply.BATCH, None)
+                replies.start(listener.receive)
+                self._replies = replies
+        return self._replies
+
+    async def _reply(self, request: Message[Any], body: object, headers: Mapping[str, str] | None) -> None:
+        """``Message.reply``: ``body`` to the request's reply queue, correlated by the request's id."""
+        reply_to = request.headers.get(HEADER_REPLY_TO)
+        if reply_to is None:
+            raise InvalidMessage(
+                f"message {request.id!r:.80} has no reply-to ({HEADER_REPLY_TO}): it was sent, not requested "
+                "with bus.request(), so there is no one to reply to"
+            )
+        if not _NAME.fullmatch(reply_to):
+            raise InvalidMessage(f"message {request.id!r:.80}: its reply-to {reply_to!r:.80} is not a queue name")
+        await self.producer(reply_to)._one(Outgoing(body, headers=headers, correlation_id=request.id), None)
 
     def producer(self, queue: str) -> Producer:
         """A sender to work queue ``queue``: each message is processed by one consumer."""
@@ -373,8 +484,10 @@ class _Sender:
             raise InvalidMessage(f"delay {seconds:g}s is longer than the backend's maximum {caps.max_delay:g}s")
         return float(seconds)
 
-    async def _one(self, item: Outgoing, delay: float | timedelta | None) -> str:
-        record = self._record(item, time.time())
+    async def _one(
+        self, item: Outgoing, delay: float | timedelta | None, reserved: Mapping[str, str] | None = None
+    ) -> str:
+        record = self._record(item, time.time(), None, reserved)  # reserved: msgbus's own headers, unchecked
         seconds = self._delay(delay)
         telemetry = self._bus._telemetry
         if telemetry is not None:
@@ -556,7 +669,7 @@ class Consumer(Generic[T]):
         self._endpoint = endpoint
         self._model = model
         self._retry = retry or RetryPolicy()
-        self._inbox = Inbox(bus._adapter, endpoint, prefetch, self._fetch)  # shared with the runtime, alone
+        self._inbox = Inbox(bus._adapter, endpoint, prefetch, self._fetch, bus._reply)  # shared with the runtime
         self._opened = False
         self._stop: asyncio.Event | None = None
         self._running: asyncio.Future[None] | None = None  # while run() works: resolved when it has returned

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Generic, TypeVar
 
 from ._capabilities import Capabilities
@@ -30,13 +30,18 @@ REMEMBERED = 10_000  # nacked ids an inbox remembers; forgetting one only costs 
 
 #: One receive call on the backend, returning decoded messages: ``(max_messages, timeout) -> messages``.
 Fetch = Callable[[int, float], Awaitable[list[Message[T]]]]
+#: Send a reply to a received request (``Message.reply``): ``(request, body, headers)``; the bus's ``_reply``.
+Reply = Callable[[Message[Any], object, Mapping[str, str] | None], Awaitable[None]]
 
 
 class Inbox(Generic[T]):
     """The buffer, the unsettled count and the batched acks of one consumer. Task-safe within one event loop."""
 
-    def __init__(self, adapter: Adapter, endpoint: Endpoint, prefetch: int | None, fetch: Fetch[T]) -> None:
+    def __init__(
+        self, adapter: Adapter, endpoint: Endpoint, prefetch: int | None, fetch: Fetch[T], reply: Reply
+    ) -> None:
         self.adapter = adapter
+        self.reply = reply
         self.endpoint = endpoint
         self.prefetch = prefetch  # set when the receiver starts, if the user did not
         self.fetch = fetch

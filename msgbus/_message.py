@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Generic, Protocol, TypeVar
@@ -18,6 +18,9 @@ class Settling(Protocol):
     the messages held unsettled against prefetch and remembers the nacked ones (their redelivery is expected)."""
 
     def settled(self, msg: Message[Any], *, nacked: bool = False) -> None: ...
+
+    #: Sends a reply to a received request (``Message.reply``): ``(request, body, headers)``.
+    reply: Callable[[Message[Any], object, Mapping[str, str] | None], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +129,20 @@ class Message(Generic[T]):
             raise InvalidMessage(f"reject reason must be a str, not {type(reason).__name__}")
         if self._settle():
             await self._delivery.dead_letter(dead_letter_reason(reason))
+
+    async def reply(self, body: object, *, headers: Mapping[str, str] | None = None) -> None:
+        """Answer this request (sent with ``bus.request()``): send ``body`` to the requester's reply queue, with this
+        message's id as correlation id. Returns once the reply is stored durably; call it before the message is
+        settled (under ``run()``: reply, then return, which acks), so a crash in between re-delivers the request
+        and the requester drops the second reply. ``InvalidMessage`` when the message carries no reply-to (it
+        was sent, not requested), names no valid queue, or is settled already; under ``run()`` that is a
+        handler failure like any other: retried, then dead-lettered with the reason.
+        """
+        if self.settled:
+            raise InvalidMessage(f"message {self.id!r:.80} is settled: reply before ack, so a crash cannot lose it")
+        if self._inbox is None:
+            raise InvalidMessage(f"message {self.id!r:.80} was not received by a consumer: there is nothing to reply")
+        await self._inbox.reply(self, body, headers)
 
     def _settle(self, *, nacked: bool = False) -> bool:
         if self.settled:

@@ -30,6 +30,7 @@ __all__ = [
     "HEADER_ATTEMPTS",
     "HEADER_DEAD_LETTER_REASON",
     "HEADER_DEAD_LETTER_SOURCE",
+    "HEADER_REPLY_TO",
     "MAX_DEAD_LETTER_REASON",
     "REDACTED",
     "RESERVED_HEADER_PREFIX",
@@ -57,6 +58,9 @@ RESERVED_HEADER_PREFIX = "x-msgbus-"
 HEADER_DEAD_LETTER_REASON = "x-msgbus-dead-letter-reason"
 HEADER_DEAD_LETTER_SOURCE = "x-msgbus-dead-letter-source"
 HEADER_ATTEMPTS = "x-msgbus-attempts"
+#: The queue a request's reply goes to (``Bus.request``, ``Message.reply``); its reply carries the request's id as
+#: its correlation id.
+HEADER_REPLY_TO = "x-msgbus-reply-to"
 #: Timestamps are seconds since the epoch before this one (10000-01-01, the end of ``datetime``'s range).
 TIMESTAMP_LIMIT = 253402300800.0
 #: Longest dead-letter reason, in characters (at most 4 KiB as UTF-8); longer ones are cut (``dead_letter_reason``).

@@ -19,6 +19,7 @@ __all__ = [
     "MessageTooLarge",
     "MsgbusError",
     "PublishError",
+    "RequestTimeout",
     "TopologyError",
 ]
 
@@ -89,3 +90,8 @@ class TopologyError(BrokerError):
     """A queue, topic or subscription is missing (verify-only mode) or was declared incompatibly."""
 
     retryable = False
+
+
+class RequestTimeout(MsgbusError, TimeoutError):
+    """``bus.request()`` got no reply within its timeout. The request may still be handled later; its late reply
+    is then dropped (counted in ``bus.dropped_replies``), never handed to another caller."""

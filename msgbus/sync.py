@@ -11,7 +11,7 @@ import asyncio
 import functools
 import logging
 import threading
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, Concatenate, Generic, ParamSpec, Self, TypeVar
@@ -140,6 +140,25 @@ class SyncBus:
     ) -> None:
         self.close()
 
+    def request(
+        self,
+        queue: str,
+        body: object,
+        *,
+        timeout: float = 30.0,
+        headers: Mapping[str, str] | None = None,
+        key: str | None = None,
+        model: type[Any] | None = None,
+    ) -> SyncMessage[Any]:
+        """Blocking twin of ``Bus.request``: the reply, or ``RequestTimeout``. Thread-safe: concurrent calls from
+        several threads share the bus's one reply listener."""
+        reply = self._bus.request(queue, body, timeout=timeout, headers=headers, key=key, model=model)
+        return SyncMessage(self._portal.call(reply), self._portal)
+
+    @property
+    def dropped_replies(self) -> int:
+        return self._bus.dropped_replies
+
     def producer(self, queue: str) -> SyncProducer:
         return SyncProducer(self._bus.producer(queue), self._portal)
 
@@ -236,6 +255,9 @@ class SyncMessage(Generic[T]):
 
     def reject(self, reason: str) -> None:
         self._portal.call(self.message.reject(reason))
+
+    def reply(self, body: object, *, headers: Mapping[str, str] | None = None) -> None:
+        self._portal.call(self.message.reply(body, headers=headers))
 
     def __repr__(self) -> str:
         return repr(self.message)

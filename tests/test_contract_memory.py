@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from msgbus import Message, _codec, _memory, _redrive, _telemetry, _url, adapter
+from msgbus import Message, _codec, _memory, _redrive, _reply, _telemetry, _url, adapter
 from msgbus.adapter import Endpoint, Record, dead_letter_record
 from msgbus.errors import DecodeError
 from msgbus.testing import ContractSuite, run_check
@@ -107,6 +107,22 @@ async def _redrive_without_removing(self: Message[Any]) -> None:
         await self._delivery.ack()
 
 
+def _reply_to_the_longest_waiting(self: _reply.Replies, msg: Message[Any]) -> bool:
+    """A listener that hands each reply to whichever request has waited longest, not to the one it answers."""
+    if not self._waiting:
+        return _REAL_DELIVER(self, msg)
+    self._waiting.pop(next(iter(self._waiting))).set_result(msg)
+    return True
+
+
+async def _send_dropping_correlation_ids(
+    self: Any, endpoint: Endpoint, records: Any, delay: float | None = None
+) -> None:
+    """A backend (or codec) that does not carry the correlation id."""
+    await _REAL_SEND(self, endpoint, [replace(r, correlation_id=None) for r in records], delay)
+
+
+_REAL_DELIVER = _reply.Replies.deliver
 _REAL_DEAD_LETTER_RECORD = dead_letter_record
 _REAL_RECEIVE = _memory._MemoryReceiver.receive
 _REAL_DECODE_DELIVERY = _codec.decode_delivery
@@ -171,6 +187,18 @@ BREAKAGES: dict[str, tuple[Any, str, Any, str]] = {
         "send",
         _send_stripping_header_values,
         "CloudEvents round-trip",
+    ),
+    "replies go to the request that waited longest": (
+        _reply.Replies,
+        "deliver",
+        _reply_to_the_longest_waiting,
+        "a request gets exactly its reply",
+    ),
+    "the backend drops correlation ids": (
+        _memory.MemoryAdapter,
+        "send",
+        _send_dropping_correlation_ids,
+        "a request gets exactly its reply",
     ),
 }
 
