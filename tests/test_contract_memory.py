@@ -93,6 +93,11 @@ async def _redrive_without_removing(self: Message[Any]) -> None:
         await self._delivery.ack()
 
 
+def _for_every_subscription(record: Record, endpoint: Endpoint) -> bool:
+    """Subscribers that keep a sibling subscription's redriven dead letters: a redrive reaches them all."""
+    return False
+
+
 _REAL_DEAD_LETTER_RECORD = dead_letter_record
 _REAL_RECEIVE = _memory._MemoryReceiver.receive
 _REAL_DECODE_DELIVERY = _codec.decode_delivery
@@ -145,6 +150,12 @@ BREAKAGES: dict[str, tuple[Any, str, Any, str]] = {
         "ack",
         _redrive_without_removing,
         "redrive returns every dead letter once",
+    ),
+    "a subscription's redrive reaches every subscription": (
+        _redrive,
+        "for_other_subscription",
+        _for_every_subscription,
+        "redrive returns a subscription's dead letters to it alone",
     ),
 }
 

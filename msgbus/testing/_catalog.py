@@ -29,7 +29,7 @@ from ._checks_messages import (
     check_undecodable_dead_lettered,
 )
 from ._checks_reconnect import check_reconnect
-from ._checks_redrive import check_redrive_once
+from ._checks_redrive import check_redrive_once, check_redrive_subscription
 from ._checks_settling import check_bulk_settling, check_stop_releases, check_unacked_come_back
 from ._checks_tracing import check_trace_context_survives
 from ._registry import Check
@@ -70,4 +70,10 @@ CHECKS: tuple[Check, ...] = (
     Check("trace context survives the trip", check_trace_context_survives, deadline=60, lock_waits=3),
     Check("reconnect after broker restart", check_reconnect, ("restartable", "persistence"), deadline=180, alone=True),
     Check("redrive returns every dead letter once", check_redrive_once, deadline=90, lock_waits=3),
+    Check(
+        "redrive returns a subscription's dead letters to it alone",
+        check_redrive_subscription,
+        deadline=90,
+        lock_waits=3,
+    ),
 )
