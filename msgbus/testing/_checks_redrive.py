@@ -71,7 +71,7 @@ async def _redrive_once(
     items = [
         Outgoing(
             {"i": i},
-            key=f"k{i}",  # one each: held unsettled, a shared key would hold back the rest
+            key=f"k{i}",
             headers={"seq": str(i), "traceparent": f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"},
         )
         for i in range(m)
@@ -79,9 +79,13 @@ async def _redrive_once(
     consumer = consumer_on(ctx.bus)
     await consumer.open()  # a subscription gets what is published after it exists
     sent = dict(zip(await send_many(items), items, strict=True))
-    tally = Tally()
-    for msg in await drain(ctx, consumer, tally, reached(tally, m), settle=False):
-        await msg.reject(f"contract redrive {msg.headers.get('seq')}")
+    rejected = Tally()
+    ctx.waiting = lambda: f"{m} messages at {where} to reject ({rejected.distinct} so far)"
+    while rejected.distinct < m:  # each rejected as it comes: one held past its lock would come back as well
+        for msg in await consumer.receive(max_messages=m, timeout=1.0):
+            rejected.add(msg.id)
+            await msg.reject(f"contract redrive {msg.headers.get('seq')}")
+    rejected.ensure_exact(set(sent), f"{m} sent to {where}, rejected")
     await consumer.close()  # else a pushing broker (RabbitMQ) hands the redriven ones to its read-ahead
     moved = Tally()
     calls = 0
