@@ -39,7 +39,7 @@ def test_the_contract_draws_a_bar_of_checks_on_a_terminal(monkeypatch: pytest.Mo
     monkeypatch.setattr("sys.stdout", out)
     monkeypatch.delenv("MSGBUS_CONTRACT_RESULTS", raising=False)  # a two-check run is no result for the matrix
     only = ["--only", "headers and ids round-trip", "--only", "batches"]
-    assert contract_main(["memory://", "--quick", *only]) == 0
+    assert contract_main(["memory://?visibility_timeout=0.5", "--quick", *only]) == 0
     shown = out.getvalue()
     assert "[ 2/2] batches: pass" in shown and "[ 1/2] headers and ids round-trip: pass" in shown
     assert ("contract: 100%|" in shown and "2/2" in shown and "0 failed" in shown) is terminal, shown[-600:]
