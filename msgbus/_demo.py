@@ -23,6 +23,8 @@ from typing import Any, TextIO
 
 import msgbus
 
+from . import _progress
+
 SUBSCRIPTIONS = ("inventory", "billing", "email")
 RETRY = msgbus.RetryPolicy(max_attempts=3, initial_backoff=0.05, max_backoff=0.2)
 BATCH = 50  # orders per send_many call
@@ -281,13 +283,22 @@ async def _settle(tally: Tally, orders: int, stall_timeout: float) -> None:
 
 
 async def _report(tally: Tally, orders: int, out: TextIO | None, live: bool) -> None:
-    """Live progress: one redrawn line on a terminal, a line a second otherwise."""
+    """Live progress: on a terminal a bar of settled orders (tqdm, ``msgbus[cli]``) or else one redrawn line; a
+    line a second otherwise."""
     if out is None:
         return
-    while True:
-        await asyncio.sleep(0.1 if live else 1.0)
-        out.write(f"\r{tally.progress(orders)}\x1b[K" if live else tally.progress(orders) + "\n")
-        out.flush()
+    with _progress.Progress("orders", out, total=orders, unit="order") if live else contextlib.nullcontext() as bar:
+        try:
+            while True:
+                await asyncio.sleep(0.1 if live else 1.0)
+                if bar is not None and bar.shown:
+                    bar.update(len(tally.processed | tally.gave_up), tally.progress(orders))
+                    continue
+                out.write(f"\r{tally.progress(orders)}\x1b[K" if live else tally.progress(orders) + "\n")
+                out.flush()
+        finally:
+            if bar is not None:  # where the run ended, not where the last tick saw it
+                bar.update(len(tally.processed | tally.gave_up), tally.progress(orders))
 
 
 async def _read_dead_letters(bus: msgbus.Bus, run_id: str) -> list[tuple[int, str]]:

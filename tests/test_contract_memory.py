@@ -123,6 +123,13 @@ async def _send_dropping_correlation_ids(
 
 
 _REAL_DELIVER = _reply.Replies.deliver
+
+
+def _for_every_subscription(record: Record, endpoint: Endpoint) -> bool:
+    """Subscribers that keep a sibling subscription's redriven dead letters: a redrive reaches them all."""
+    return False
+
+
 _REAL_DEAD_LETTER_RECORD = dead_letter_record
 _REAL_RECEIVE = _memory._MemoryReceiver.receive
 _REAL_DECODE_DELIVERY = _codec.decode_delivery
@@ -199,6 +206,12 @@ BREAKAGES: dict[str, tuple[Any, str, Any, str]] = {
         "send",
         _send_dropping_correlation_ids,
         "a request gets exactly its reply",
+    ),
+    "a subscription's redrive reaches every subscription": (
+        _redrive,
+        "for_other_subscription",
+        _for_every_subscription,
+        "redrive returns a subscription's dead letters to it alone",
     ),
 }
 

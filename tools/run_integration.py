@@ -70,6 +70,7 @@ PHASES: list[dict[str, list[str]]] = [
             "integration/test_outbox_e2e.py",
             "integration/test_properties.py",
             "integration/test_health.py",
+            "integration/test_stats.py",
             "integration/test_brokers.py",
         ],
     },

@@ -30,7 +30,7 @@ from ._checks_messages import (
     check_undecodable_dead_lettered,
 )
 from ._checks_reconnect import check_reconnect
-from ._checks_redrive import check_redrive_once
+from ._checks_redrive import check_redrive_once, check_redrive_subscription
 from ._checks_reply import check_request_gets_its_reply
 from ._checks_settling import check_bulk_settling, check_stop_releases, check_unacked_come_back
 from ._checks_tracing import check_trace_context_survives
@@ -74,4 +74,10 @@ CHECKS: tuple[Check, ...] = (
     Check("redrive returns every dead letter once", check_redrive_once, deadline=90, lock_waits=3),
     Check("CloudEvents round-trip", check_cloudevents_round_trip, deadline=60),
     Check("a request gets exactly its reply", check_request_gets_its_reply, deadline=90, lock_waits=2),
+    Check(
+        "redrive returns a subscription's dead letters to it alone",
+        check_redrive_subscription,
+        deadline=90,
+        lock_waits=3,
+    ),
 )

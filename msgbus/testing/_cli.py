@@ -9,8 +9,9 @@ import os
 import sys
 from collections.abc import Sequence
 
+from .._progress import Progress
 from ._catalog import CHECKS
-from ._runner import Report, _redacted, bus_options, run_contract, select
+from ._runner import CheckResult, Report, _redacted, bus_options, run_contract, select
 
 __all__ = ["main"]
 
@@ -57,16 +58,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("msgbus contract: --jobs must be >= 1", file=sys.stderr)
         return 2
     print(Report(_redacted(url), args.quick, options=bus_options(url)).options_line(), flush=True)
-    report = asyncio.run(
-        run_contract(
-            url,
-            quick=args.quick,
-            only=args.only,
-            progress=lambda line: print(line, flush=True),
-            jobs=args.jobs,
-            fail_fast=args.fail_fast,
+    done: list[CheckResult] = []
+    # On a terminal with msgbus[cli]: a bar of checks done, each check's lines printed above it.
+    with Progress("contract", sys.stdout, total=len(select(args.only)), unit="check") as bar:
+
+        def ended(result: CheckResult) -> None:
+            done.append(result)
+            bar.update(len(done), f"{sum(1 for r in done if r.status == 'fail')} failed")
+
+        report = asyncio.run(
+            run_contract(
+                url,
+                quick=args.quick,
+                only=args.only,
+                progress=bar.write,
+                jobs=args.jobs,
+                fail_fast=args.fail_fast,
+                on_result=ended,
+            )
         )
-    )
     print()
     print(report.table())
     return 0 if report.ok else 1

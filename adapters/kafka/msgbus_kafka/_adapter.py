@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from aiokafka import (
@@ -37,7 +37,7 @@ from msgbus.adapter import (
     Receiver,
     Record,
 )
-from msgbus.errors import ClosedError, TopologyError
+from msgbus.errors import ClosedError, ConfigError, TopologyError
 
 from . import _codec
 from ._config import AUTO_REPLICATION, KafkaOptions, read_options
@@ -136,6 +136,43 @@ class KafkaAdapter(Adapter):
         """A metadata request (DescribeCluster) to the cluster."""
         with translated("ping", secrets=self._secrets):
             await self.admin.describe_cluster()
+
+    async def stats(self, endpoint: Endpoint) -> Mapping[str, float]:
+        """The group's lag: per partition, the end offset minus the committed one, less what the commit notes say
+        is settled beyond it; the same of the dead-letter topic for its group; the group's members. Kafka does not
+        tell delivered from waiting records, so ``depth`` counts every unsettled one (no ``in_flight``), and an ack
+        counts once committed (every ``commit_interval``)."""
+        if endpoint.kind == "topic" and endpoint.subscription is None:
+            raise ConfigError(f"{endpoint} has no consumer group: ask for a queue or a TOPIC/SUBSCRIPTION")
+        live = Endpoint(endpoint.kind, endpoint.name, endpoint.subscription)
+        dead = dead_letters_of(live)
+        await self._ensure_topics({topic_of(live): 0, topic_of(dead): 0}, create=False)  # a missing one: typed, at once
+        group = group_of(live, self.options.group_prefix)
+        reader = AIOKafkaConsumer(**self.options.client_kwargs(), enable_auto_commit=False)
+        try:
+            with translated(f"stats of {endpoint}", secrets=self._secrets):
+                await reader.start()
+                depth = await self._lag(reader, group, topic_of(live))
+                dead_n = await self._lag(reader, group_of(dead, self.options.group_prefix), topic_of(dead))
+                (described,) = await self.admin.describe_consumer_groups([group])
+        finally:
+            await close_quietly(reader.stop())
+        members = described.groups[0][5]  # error_code, group, state, protocol_type, protocol, members
+        return {"depth": depth, "dead_letters": dead_n, "consumers": len(members)}
+
+    async def _lag(self, reader: AIOKafkaConsumer, group: str, topic: str) -> int:
+        """Records of ``topic`` that ``group`` has not settled (from the start of the log where it never committed)."""
+        parts = await self._partitions(topic)
+        ends = await reader.end_offsets(parts)
+        starts = await reader.beginning_offsets(parts)
+        committed = await self.admin.list_consumer_group_offsets(group, partitions=parts)
+        lag = 0
+        for tp in parts:
+            meta = committed.get(tp)
+            at = meta.offset if meta is not None and meta.offset >= 0 else starts[tp]
+            notes = _codec.decode_notes(meta.metadata if meta is not None else None)
+            lag += max(0, ends[tp] - at) - sum(1 for o in notes.settled if at <= o < ends[tp])
+        return lag
 
     async def declare(self, endpoint: Endpoint, *, create: bool = True) -> None:
         o = self.options

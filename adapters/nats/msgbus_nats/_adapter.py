@@ -9,7 +9,7 @@ import asyncio
 import itertools
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import nats.errors as nx
@@ -203,6 +203,23 @@ class NatsAdapter(Adapter):
         _, jsm = self.connected()
         with translated("ping", self.secrets):
             await jsm.account_info()
+
+    async def stats(self, endpoint: Endpoint) -> Mapping[str, float]:
+        """From JetStream's consumer info: ``num_pending`` (not delivered yet) and ``num_ack_pending`` (delivered,
+        not acked); and the dead-letter stream's message count. Pull consumers are not registered clients, so
+        JetStream cannot say how many receivers there are (``num_waiting`` counts pending pull requests)."""
+        r = self.route(Endpoint(endpoint.kind, endpoint.name, endpoint.subscription))
+        if r.consumer is None:
+            raise ConfigError(f"{endpoint} has no consumer: ask for a queue or a TOPIC/SUBSCRIPTION")
+        _, jsm = self.connected()
+        with translated(f"stats of {endpoint}", self.secrets):
+            info = await jsm.consumer_info(r.stream, r.consumer)
+            dead = await jsm.stream_info(r.dead_stream)
+        return {
+            "depth": info.num_pending or 0,
+            "in_flight": info.num_ack_pending or 0,
+            "dead_letters": dead.state.messages,
+        }
 
     async def declare(self, endpoint: Endpoint, *, create: bool = True) -> None:
         """Create the stream, the durable consumer and the dead-letter stream of ``endpoint``; idempotent.

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import asyncpg
@@ -306,6 +307,23 @@ class PostgresAdapter(Adapter):
         if found is None:
             raise TopologyError(f"{what} does not exist (topology=verify)")
         self._ids[key] = found
+        return found
+
+    async def stats(self, endpoint: Endpoint) -> Mapping[str, float]:
+        """Counted in the tables: waiting rows, rows leased now (in flight), dead letters, and the age of the
+        oldest row's send time. Consumers are not registered anywhere, so there is no count of them."""
+        _check_endpoint(endpoint)
+        live = Endpoint(endpoint.kind, endpoint.name, endpoint.subscription)
+        if live.kind == "topic" and live.subscription is None:
+            raise ConfigError(f"{endpoint} holds no messages of its own: ask for a queue or a TOPIC/SUBSCRIPTION")
+        await self._ensure_tables(False)
+        dead = replace(live, dead_letter=True)
+        ids = [await self._endpoint_id(_key(e), create=False, what=e) for e in (live, dead)]
+        sql = self._sql
+        total, held, dead_n, age = await self.run(f"stats of {endpoint}", lambda c: c.fetchrow(sql.stats, *ids))
+        found = {"depth": total - held, "in_flight": held, "dead_letters": dead_n}
+        if age is not None:
+            found["oldest_age"] = max(0.0, age)
         return found
 
     # -- sending ------------------------------------------------------------------------------------

@@ -75,6 +75,7 @@ class Statements:
     extend: str
     release: str
     dead_letter: str
+    stats: str
 
     @classmethod
     def for_schema(cls, schema: str, channel: str) -> Statements:
@@ -150,4 +151,12 @@ WITH gone AS (DELETE FROM {s}.messages WHERE seq = $1 AND lease = $2 RETURNING e
         SELECT $3, now(), key, body, $4 FROM gone RETURNING endpoint),
      woken AS (SELECT {notify} FROM (SELECT endpoint FROM gone UNION SELECT endpoint FROM moved) AS changed)
 SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM woken)""",
+            # $1 endpoint, $2 its dead-letter endpoint: rows, rows leased now, dead letters, and the age of the
+            # first row's send time (the record's timestamp, the 5th item of meta; 0 is unknown) by the server's clock.
+            stats=f"""
+SELECT count(*), count(*) FILTER (WHERE lease IS NOT NULL AND visible_at > now()),
+    (SELECT count(*) FROM {s}.messages WHERE endpoint = $2),
+    EXTRACT(EPOCH FROM now())::float8 - (SELECT NULLIF((convert_from(meta, 'UTF8')::jsonb ->> 4)::float8, 0)
+        FROM {s}.messages WHERE endpoint = $1 ORDER BY seq LIMIT 1)
+FROM {s}.messages WHERE endpoint = $1""",
         )

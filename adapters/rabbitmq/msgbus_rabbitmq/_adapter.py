@@ -10,9 +10,10 @@ after ``d`` ms into ``x`` (TTL + dead-letter exchange), so nothing blocks while 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import aio_pika
@@ -256,17 +257,37 @@ class RabbitMQAdapter(Adapter):
 
     async def _verify(self, endpoint: Endpoint) -> None:
         """Passive declares on a throwaway channel: a missing entity closes that channel, not ours."""
+        async with self._probe(f"verifying {endpoint}") as probe:
+            if endpoint.kind == "topic":
+                await probe.declare_exchange(endpoint.name, passive=True, robust=False)
+            if endpoint.kind == "queue" or endpoint.subscription is not None:
+                main = queue_name(Endpoint(endpoint.kind, endpoint.name, endpoint.subscription))
+                for name in (main, f"{main}.dlq"):
+                    await probe.declare_queue(name, passive=True, robust=False)
+
+    async def stats(self, endpoint: Endpoint) -> Mapping[str, float]:
+        """From passive queue declares: the queue's ready messages and consumers, its ``.dlq``'s messages. AMQP
+        reports no unacked count nor message ages (those are in the management plugin's HTTP API, not used)."""
+        main = queue_name(Endpoint(endpoint.kind, endpoint.name, endpoint.subscription))
+        async with self._probe(f"stats of {endpoint}") as probe:
+            live = await probe.declare_queue(main, passive=True, robust=False)
+            dead = await probe.declare_queue(f"{main}.dlq", passive=True, robust=False)
+        found, dead_ok = live.declaration_result, dead.declaration_result
+        return {
+            "depth": found.message_count or 0,
+            "dead_letters": dead_ok.message_count or 0,
+            "consumers": found.consumer_count or 0,
+        }
+
+    @contextlib.asynccontextmanager
+    async def _probe(self, doing: str) -> AsyncIterator[AbstractRobustChannel]:
+        """A throwaway channel for passive declares: a missing entity (404) closes it, not ours."""
         conn = self._connection()
-        with translated(f"verifying {endpoint}", [self.options.password]):
+        with translated(doing, [self.options.password]):
             probe = await conn.channel(publisher_confirms=False)
         try:
-            with translated(f"verifying {endpoint}", [self.options.password]):
-                if endpoint.kind == "topic":
-                    await probe.declare_exchange(endpoint.name, passive=True, robust=False)
-                if endpoint.kind == "queue" or endpoint.subscription is not None:
-                    main = queue_name(Endpoint(endpoint.kind, endpoint.name, endpoint.subscription))
-                    for name in (main, f"{main}.dlq"):
-                        await probe.declare_queue(name, passive=True, robust=False)
+            with translated(doing, [self.options.password]):
+                yield probe
         finally:
             try:
                 await probe.close()

@@ -147,7 +147,11 @@ class RedisAdapter(Adapter):
         depth = in_flight = consumers = 0
         with translated(f"stats of {endpoint}", secrets=self.secrets):
             for stream in r.streams:
-                for group in await client.xinfo_groups(stream):
+                try:
+                    groups = await client.xinfo_groups(stream)
+                except rx.ResponseError as exc:
+                    raise TopologyError(f"{endpoint} does not exist: no stream {stream}") from exc
+                for group in groups:
                     if group["name"] == r.group.encode():
                         depth += group.get("lag") or 0
                         in_flight += group["pending"]

@@ -28,6 +28,7 @@ from msgbus.adapter import (
 from msgbus.errors import (
     CapabilityMissing,
     ClosedError,
+    ConfigError,
     InvalidMessage,
     MessageTooLarge,
     PublishError,
@@ -169,6 +170,28 @@ class SqsAdapter(Adapter):
         topo = self._topo()
         found = topo.resolved(endpoint)
         return found if found is not None else await topo.declare(endpoint, create=True)
+
+    async def stats(self, endpoint: Endpoint) -> Mapping[str, float]:
+        """GetQueueAttributes of the queue it reads (ApproximateNumberOfMessages plus ...Delayed, ...NotVisible)
+        and of its dead-letter queue: SQS's own figures, approximate (eventually consistent, a few seconds behind
+        the sends and receives). An endpoint not declared by this adapter is looked up, never created."""
+        topo = self._topo()
+        found = topo.resolved(endpoint) or await topo.declare(endpoint, create=False)
+        if found.queue_url is None or found.dead_letter_url is None:
+            raise ConfigError(f"{endpoint} has no queue of its own: ask for a queue or a TOPIC/SUBSCRIPTION")
+        names = [
+            "ApproximateNumberOfMessages",
+            "ApproximateNumberOfMessagesNotVisible",
+            "ApproximateNumberOfMessagesDelayed",
+        ]
+        with translated(f"stats of {endpoint}", secrets=self.options.secrets):
+            live = (await self.sqs.get_queue_attributes(QueueUrl=found.queue_url, AttributeNames=names))["Attributes"]
+            dead = await self.sqs.get_queue_attributes(QueueUrl=found.dead_letter_url, AttributeNames=names[:1])
+        return {
+            "depth": int(live[names[0]]) + int(live[names[2]]),
+            "in_flight": int(live[names[1]]),
+            "dead_letters": int(dead["Attributes"][names[0]]),
+        }
 
     # -- sending ------------------------------------------------------------------------------------
 
