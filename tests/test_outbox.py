@@ -41,14 +41,19 @@ def _place(conn: sqlite3.Connection, order: int, customer: str, *, commit: bool 
 
 
 async def _drain(sub: msgbus.Consumer[Any], want: int, *, idle: float = 5.0) -> list[msgbus.Message[Any]]:
-    """Receive and ack until ``want`` arrived or nothing came for ``idle`` seconds."""
+    """Receive and ack until ``want`` distinct ids arrived or nothing came for ``idle`` seconds.
+
+    Distinct: a relay killed mid-forward resends its batch (at least once), and counting those copies ended the
+    drain before the last ids came (it failed as "lost" on a loaded machine, where kills land mid-batch more)."""
     got: list[msgbus.Message[Any]] = []
+    ids: set[str] = set()
     loop = asyncio.get_running_loop()
     quiet_since = loop.time()
-    while len(got) < want and loop.time() - quiet_since < idle:
+    while len(ids) < want and loop.time() - quiet_since < idle:
         batch = await sub.receive(max_messages=100, timeout=0.2)
         for m in batch:
             await m.ack()
+            ids.add(m.id)
         if batch:
             quiet_since = loop.time()
         got += batch
