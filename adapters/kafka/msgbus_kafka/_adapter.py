@@ -36,13 +36,14 @@ from msgbus.adapter import (
     OptionReader,
     Receiver,
     Record,
+    deleted_queue,
 )
-from msgbus.errors import ClosedError, ConfigError, TopologyError
+from msgbus.errors import BrokerError, ClosedError, ConfigError, TopologyError
 
 from . import _codec
 from ._config import AUTO_REPLICATION, KafkaOptions, read_options
 from ._errors import translated
-from ._names import dead_letters_of, group_of, topic_of
+from ._names import dead_letters_of, group_of, topic_of, valid_topic
 from ._receiver import KafkaReceiver, close_quietly
 
 __all__ = ["KafkaAdapter", "create"]
@@ -185,6 +186,21 @@ class KafkaAdapter(Adapter):
         if endpoint.subscription is not None and not endpoint.dead_letter:
             await self._ensure_subscription(endpoint, create=create)
 
+    async def delete(self, endpoint: Endpoint) -> None:
+        """Delete the queue's Kafka topic and its ``.dlq`` topic (a missing one is fine). Their consumer groups
+        go with them: the coordinator drops the offsets of deleted partitions, and an empty group without
+        offsets is removed. Kafka has only topics, so msgbus topic ``name`` (the same Kafka topic) goes too."""
+        queue = Endpoint("queue", deleted_queue(endpoint))
+        topics = [topic_of(queue), topic_of(dead_letters_of(queue))]
+        if not all(valid_topic(t) for t in topics):
+            raise ConfigError(f"{endpoint}: not a Kafka topic name (1-249 of letters, digits, '.', '_', '-')")
+        self._topics -= set(topics)
+        with translated(f"delete {endpoint}", secrets=self._secrets):
+            response = await self.admin.delete_topics(topics)
+        for name, code, message in _topic_errors(response):
+            if code not in (0, kx.UnknownTopicOrPartitionError.errno):
+                raise BrokerError(f"kafka could not delete topic {name!r}: error {code} {message or ''}".rstrip())
+
     async def _ensure_topics(self, wanted: dict[str, int], *, create: bool) -> None:
         missing = {t: n for t, n in wanted.items() if t not in self._topics}
         if not missing:
@@ -325,8 +341,9 @@ _PARTITIONER = DefaultPartitioner()  # the producer's own (it is built with the 
 
 
 def _topic_errors(response: Any) -> list[tuple[str, int, str | None]]:
-    """(topic, error code, message) from a CreateTopics response of any version."""
+    """(topic, error code, message) from a CreateTopics or DeleteTopics response of any version."""
     out = []
-    for item in getattr(response, "topic_errors", None) or getattr(response, "topics", []):
+    items = getattr(response, "topic_errors", None) or getattr(response, "topic_error_codes", None)
+    for item in items or getattr(response, "topics", []):
         out.append((item[0], item[1], item[2] if len(item) > 2 and isinstance(item[2], str) else None))
     return out

@@ -8,7 +8,7 @@ import math
 from msgbus.adapter import Endpoint
 from msgbus.errors import ConfigError
 
-_MAX_NAME = 255  # bytes in an AMQP queue or exchange name
+MAX_NAME = 255  # bytes in an AMQP queue or exchange name
 
 
 def queue_name(endpoint: Endpoint) -> str:
@@ -38,7 +38,7 @@ def delay_bucket_ms(delay: float) -> int:
 def holding_queue_name(ms: int, target: str, kind: str) -> str:
     """Name of the holding queue for ``ms`` milliseconds towards queue/exchange ``target``."""
     name = f"msgbus.delay.{ms}ms.{kind}.{target}"
-    if len(name.encode()) <= _MAX_NAME:
+    if len(name.encode()) <= MAX_NAME:
         return name
     digest = hashlib.sha256(target.encode()).hexdigest()[:16]
     return f"msgbus.delay.{ms}ms.{kind}.{digest}"
