@@ -191,3 +191,22 @@ async def test_sqlite_never_reuses_a_deleted_queue_id(tmp_path: Path) -> None:
         live = "SELECT id FROM msgbus_endpoints WHERE kind != 'deleted'"
         assert db.execute(f"SELECT count(*) FROM msgbus_messages WHERE endpoint IN ({live})").fetchone() == (0,)
         assert db.execute("SELECT count(*) FROM msgbus_endpoints WHERE kind = 'deleted'").fetchone() == (1,)
+
+
+@pytest.mark.parametrize(
+    ("url", "name"),
+    [
+        ("amqp://guest:pw@127.0.0.1:1/", "a" * 252),  # 256 bytes with .dlq
+        ("redis://127.0.0.1:1/0", "{other}"),  # another queue's hash tag
+        ("kafka://127.0.0.1:1", "a b"),
+        ("nats://127.0.0.1:1", "*"),  # a wildcard in the JetStream API subject
+        ("nats://127.0.0.1:1", ">"),
+        ("pubsub://test-project?emulator_host=127.0.0.1:1", "x~sub~s"),  # the separator of another endpoint's resource id
+        ("postgresql://u:pw@127.0.0.1:1/db", "q\x00"),
+    ],
+)
+async def test_a_broker_adapter_refuses_a_name_it_cannot_delete_before_any_request(url: str, name: str) -> None:
+    """Refused typed before any connection (the ports are closed: a request would be ``ConnectionLost``)."""
+    adapter = msgbus.connect(url).adapter
+    with pytest.raises(ConfigError):
+        await adapter.delete(Endpoint("queue", name))
