@@ -14,9 +14,11 @@ from typing import Any
 import pytest
 
 import msgbus
+from integration.test_delete import exists
 from msgbus import Bus, Message, _reply
-from msgbus.adapter import Adapter, Endpoint, Record
-from msgbus.errors import BrokerError, CapabilityMissing, ClosedError, ConfigError, RequestTimeout, TopologyError
+from msgbus.adapter import Endpoint, Record
+from msgbus.cli import main
+from msgbus.errors import BrokerError, CapabilityMissing, ClosedError, ConfigError, RequestTimeout
 
 HOSTILE = ["x' OR '1'='1", "%", "_", "*", "a; DROP TABLE msgbus_endpoints", "ü\u202e", "q" * 300]
 
@@ -30,14 +32,6 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 async def bus(url: str) -> AsyncIterator[Bus]:
     async with msgbus.connect(url) as bus:
         yield bus
-
-
-async def exists(adapter: Adapter, queue: str) -> bool:
-    try:
-        await adapter.declare(Endpoint("queue", queue), create=False)
-    except TopologyError:
-        return False
-    return True
 
 
 async def figures(bus: Bus, endpoint: Endpoint) -> tuple[float, float]:
@@ -127,6 +121,8 @@ async def test_delete_is_idempotent(bus: Bus) -> None:
 
 async def fill(bus: Bus, queue: str, waiting: int, dead: int) -> None:
     await bus.producer(queue).send_many([f"{queue}-{i}".encode() for i in range(waiting + dead)])
+    if not dead:
+        return
     async with bus.consumer(queue) as consumer:
         for msg in await consumer.receive(dead, timeout=5):
             await msg.reject("for the test")
@@ -201,7 +197,7 @@ async def test_sqlite_never_reuses_a_deleted_queue_id(tmp_path: Path) -> None:
         ("kafka://127.0.0.1:1", "a b"),
         ("nats://127.0.0.1:1", "*"),  # a wildcard in the JetStream API subject
         ("nats://127.0.0.1:1", ">"),
-        ("pubsub://test-project?emulator_host=127.0.0.1:1", "x~sub~s"),  # the separator of another endpoint's resource id
+        ("pubsub://test-project?emulator_host=127.0.0.1:1", "x~sub~s"),  # ~ separates resource id parts
         ("postgresql://u:pw@127.0.0.1:1/db", "q\x00"),
     ],
 )
@@ -210,3 +206,35 @@ async def test_a_broker_adapter_refuses_a_name_it_cannot_delete_before_any_reque
     adapter = msgbus.connect(url).adapter
     with pytest.raises(ConfigError):
         await adapter.delete(Endpoint("queue", name))
+
+
+def test_msgbus_delete_asks_refuses_and_deletes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{tmp_path}/cli.db"
+
+    async def setup() -> None:
+        async with msgbus.connect(url) as bus:
+            await fill(bus, "orders", waiting=2, dead=1)
+            await fill(bus, "kept", waiting=1, dead=0)
+
+    async def present(queue: str) -> bool:
+        async with msgbus.connect(url) as bus:
+            return await exists(bus.adapter, queue)
+
+    asyncio.run(setup())
+    assert main(["delete", url, "orders"]) == 2  # no terminal to ask on, no --yes
+    assert "confirm on a terminal, or pass --yes" in capsys.readouterr().err
+    assert asyncio.run(present("orders"))
+    assert main(["delete", url, "bad name!", "--yes"]) == 2
+    assert "queue name must be" in capsys.readouterr().err
+    assert main(["delete", url, "orders", "--yes"]) == 0
+    assert "deleted the queue orders with its messages and dead letters" in capsys.readouterr().out
+    assert not asyncio.run(present("orders"))
+    assert asyncio.run(present("kept"))
+    assert main(["delete", url, "orders", "--yes"]) == 0  # gone already: not an error
+
+
+def test_msgbus_delete_has_help_with_examples(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    assert "delete a work queue" in capsys.readouterr().out
+    assert main(["delete", "--help"]) == 0
+    assert "examples:\n  msgbus delete " in capsys.readouterr().out
