@@ -52,6 +52,19 @@ async def gone(url: str, queue: str) -> bool:
         await asyncio.sleep(0.5)
 
 
+async def kafka_groups_of(url: str, queue: str) -> list[str]:
+    """The consumer groups on the broker that name ``queue``, within ``GONE_WITHIN`` (the coordinator drops them
+    once the deleted topics' offsets are gone)."""
+    deadline = time.monotonic() + GONE_WITHIN
+    async with msgbus.connect(url) as bus:
+        admin = bus.adapter.admin  # type: ignore[attr-defined]
+        while True:
+            found = [str(g[0]) for g in await admin.list_consumer_groups() if queue in str(g[0])]
+            if not found or time.monotonic() > deadline:
+                return found
+            await asyncio.sleep(0.5)
+
+
 async def take(receiver: Receiver, n: int, seconds: float = 30.0) -> list[Any]:
     got: list[Any] = []
     deadline = time.monotonic() + seconds
@@ -92,6 +105,8 @@ async def test_close_deletes_the_reply_queue(broker_url: Callable[[str], Broker]
                 await other.adapter.delete(Endpoint("queue", queue))
     else:
         assert await gone(url, queue)
+    if backend == "kafka":  # the groups went with the topics' offsets (asked of the broker, not the adapter)
+        assert not await kafka_groups_of(url, queue)
     print(f"{backend}: reply queue {queue} {'kept' if backend in CANNOT_DELETE else 'deleted'}; close {took:.2f} s")
 
 
