@@ -193,6 +193,7 @@ async def test_sqlite_never_reuses_a_deleted_queue_id(tmp_path: Path) -> None:
     ("url", "name"),
     [
         ("amqp://guest:pw@127.0.0.1:1/", "a" * 252),  # 256 bytes with .dlq
+        ("amqp://guest:pw@127.0.0.1:1/", "a~b"),  # the client refuses it
         ("redis://127.0.0.1:1/0", "{other}"),  # another queue's hash tag
         ("kafka://127.0.0.1:1", "a b"),
         ("nats://127.0.0.1:1", "*"),  # a wildcard in the JetStream API subject

@@ -26,7 +26,7 @@ from msgbus.errors import ClosedError, ConfigError, ConnectionLost, MessageTooLa
 from ._codec import encode
 from ._config import RabbitMQOptions, read_options
 from ._errors import convert, translated
-from ._names import MAX_NAME, delay_bucket_ms, holding_queue_name, queue_name
+from ._names import MAX_NAME, QUEUE_NAME, delay_bucket_ms, holding_queue_name, queue_name
 from ._receiver import RabbitMQReceiver
 
 _T = TypeVar("_T")
@@ -220,8 +220,10 @@ class RabbitMQAdapter(Adapter):
         """Delete the queue and its ``.dlq`` with their messages (RabbitMQ's queue.delete of a missing queue is
         fine) on the topology channel, which then forgets them: a reconnect does not declare them again."""
         main = queue_name(Endpoint("queue", deleted_queue(endpoint)))
-        if len(f"{main}.dlq".encode()) > MAX_NAME:
-            raise ConfigError(f"{endpoint}: a RabbitMQ queue name is at most {MAX_NAME} bytes with .dlq")
+        if len(f"{main}.dlq".encode()) > MAX_NAME or not QUEUE_NAME.fullmatch(main):
+            raise ConfigError(
+                f"{endpoint}: not a RabbitMQ queue name (letters, digits, '_.:@#,/+ -', with .dlq 255 bytes)"
+            )
         _, topology = self._channels()
         async with self._lock:
             self._declared.discard(("queue", endpoint.name, None))

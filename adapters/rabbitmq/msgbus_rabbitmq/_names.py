@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 
 from msgbus.adapter import Endpoint
 from msgbus.errors import ConfigError
 
 MAX_NAME = 255  # bytes in an AMQP queue or exchange name
+QUEUE_NAME = re.compile(r"[A-Za-z0-9_.:@#,/+ -]+")  # what the client (pamqp) lets through as a queue name
 
 
 def queue_name(endpoint: Endpoint) -> str:
