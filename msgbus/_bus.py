@@ -145,7 +145,8 @@ class Bus:
     async def close(self) -> None:
         """Close consumers, then disconnect; idempotent. A consumer's running ``run()`` is stopped gracefully
         first (in-flight handlers finish within its ``shutdown_timeout`` and their acks go out), so closing the
-        bus from another task does not pull the connection from under finished work."""
+        bus from another task does not pull the connection from under finished work. A bus that made requests
+        then deletes its reply queue (best effort, logged when it cannot)."""
         if self._state == "closed":
             return
         if self._replies is not None:
@@ -153,6 +154,8 @@ class Bus:
         consumers = list(self._consumers)
         if consumers:
             await asyncio.gather(*(c.close() for c in consumers))
+        if self._replies is not None:  # once nothing reads it (a Kafka group with members cannot be deleted)
+            await _reply.delete_queue(self._adapter, self._replies.queue)
         self._state = "closed"
         await self._adapter.close()
 
@@ -299,7 +302,8 @@ class Bus:
 
         ``RequestTimeout`` when no reply came within ``timeout`` seconds (the send included); the request may
         still be handled, and its late reply is dropped (``dropped_replies``). The reply comes acked. The reply
-        queue is created on the first request and is this bus's alone (``msgbus-reply-<16 hex>``).
+        queue is created on the first request and is this bus's alone (``msgbus-reply-<16 hex>``); ``close()``
+        deletes it.
         """
         timeout = _config_seconds("timeout", timeout)
         if model is not None:

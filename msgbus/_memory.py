@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from ._url import BusURL, OptionReader
-from .adapter import Adapter, Capabilities, Delivery, Endpoint, Receiver, Record, dead_letter_record
+from .adapter import Adapter, Capabilities, Delivery, Endpoint, Receiver, Record, dead_letter_record, deleted_queue
 from .errors import ClosedError, ConfigError, MessageTooLarge, TopologyError
 
 __all__ = ["MemoryAdapter", "create", "reset"]
@@ -480,6 +480,13 @@ class MemoryAdapter(Adapter):
         """Create (or with ``create=False`` verify) the queue, topic or subscription; idempotent."""
         with self._ns.lock:
             self._find(endpoint, create=create, receiving=False)
+
+    async def delete(self, endpoint: Endpoint) -> None:
+        """Forget the queue and its dead letters; receivers still reading it see no more messages. Idempotent."""
+        name = deleted_queue(endpoint)
+        self._check_open()
+        with self._ns.lock:
+            self._ns.queues.pop(name, None)
 
     async def send(self, endpoint: Endpoint, records: Sequence[Record], delay: float | None = None) -> None:
         """Store every record (all or none) at a queue, topic, subscription or dead-letter destination.

@@ -16,7 +16,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ._message import Message
-from .errors import ClosedError, MsgbusError
+from .adapter import Adapter, Endpoint
+from .errors import CapabilityMissing, ClosedError, MsgbusError
 
 log = logging.getLogger("msgbus")
 
@@ -24,6 +25,7 @@ log = logging.getLogger("msgbus")
 Receive = Callable[[int, float], Awaitable[list[Message[Any]]]]
 BATCH = 100  # replies taken per receive call
 RETRY = 0.5  # seconds before receiving again after the reply queue failed (the adapter reconnects)
+DELETE_TIMEOUT = 5.0  # seconds Bus.close waits for the reply queue's deletion before it gives up (and logs)
 
 
 def reply_queue_name() -> str:
@@ -96,3 +98,14 @@ class Replies:
             if not future.done():
                 future.set_exception(ClosedError(f"the bus closed while request {request_id} waited for its reply"))
         self._waiting.clear()
+
+
+async def delete_queue(adapter: Adapter, queue: str) -> None:
+    """Delete a closing bus's reply queue, best effort: a failure or ``DELETE_TIMEOUT`` is logged, never raised."""
+    try:
+        async with asyncio.timeout(DELETE_TIMEOUT):
+            await adapter.delete(Endpoint("queue", queue))
+    except CapabilityMissing as err:
+        log.info("msgbus: reply queue %s stays on the backend: %s", queue, err)
+    except (MsgbusError, TimeoutError) as err:
+        log.warning("msgbus: could not delete reply queue %s, it stays on the backend: %s", queue, err or "timed out")

@@ -37,7 +37,7 @@ from typing import Any, Final, NamedTuple, TypeVar
 
 from ._capabilities import Capabilities
 from ._url import BusURL, OptionReader
-from .adapter import Adapter, Delivery, Endpoint, Receiver, Record, dead_letter_record
+from .adapter import Adapter, Delivery, Endpoint, Receiver, Record, dead_letter_record, deleted_queue
 from .errors import (
     BrokerError,
     ClosedError,
@@ -234,6 +234,24 @@ class _Store:
         for key in rows:
             if key not in self._ids and self._lookup(key) is None:
                 raise TopologyError(f"{endpoint} does not exist (topology=verify)")
+
+    def delete(self, name: str) -> None:
+        """Delete queue ``name`` and its dead letters, with their messages; a missing queue is fine."""
+        keys = _rows_to_create(Endpoint("queue", name))
+        ids = [(found,) for key in keys if (found := self._lookup(key)) is not None]
+        for key in keys:
+            self._ids.pop(key, None)
+        self.conn.executemany("DELETE FROM msgbus_messages WHERE endpoint = ?", ids)
+        # Tombstones, not gaps: SQLite gives a new row the highest id + 1, and a process that still has a deleted
+        # id cached (a responder sending a late reply) must not write into the next queue declared. Only the
+        # highest tombstone needs to stay; a late write to an older one is left to no endpoint, unread.
+        self.conn.executemany("UPDATE msgbus_endpoints SET kind = 'deleted', name = CAST(id AS TEXT) WHERE id = ?", ids)
+        self.conn.execute(
+            "DELETE FROM msgbus_messages WHERE endpoint IN (SELECT id FROM msgbus_endpoints WHERE kind = 'deleted')"
+        )
+        self.conn.execute(
+            "DELETE FROM msgbus_endpoints WHERE kind = 'deleted' AND id < (SELECT max(id) FROM msgbus_endpoints)"
+        )
 
     def targets(self, endpoint: Endpoint) -> list[int]:
         """Endpoint ids a send lands in: one queue, or every current subscription of a topic (maybe none).
@@ -774,6 +792,16 @@ class SqliteAdapter(Adapter):
 
         def run(s: _Store, now: float) -> tuple[None, Iterable[int]]:
             s.declare(endpoint, create)
+            return None, ()
+
+        await self._call(run)
+
+    async def delete(self, endpoint: Endpoint) -> None:
+        """Delete the queue, its dead-letter destination and their messages in one commit; idempotent."""
+        name = deleted_queue(endpoint)
+
+        def run(s: _Store, now: float) -> tuple[None, Iterable[int]]:
+            s.delete(name)
             return None, ()
 
         await self._call(run)

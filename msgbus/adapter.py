@@ -24,7 +24,7 @@ from ._capabilities import Capabilities, has
 from ._translate import ErrorRow, ErrorTable
 from ._url import REDACTED, BusURL, OptionReader, redact, url_from_connection_string
 from ._waits import wait_set
-from .errors import CapabilityMissing, InvalidMessage
+from .errors import CapabilityMissing, ConfigError, InvalidMessage
 
 __all__ = [
     "HEADER_ATTEMPTS",
@@ -48,6 +48,7 @@ __all__ = [
     "Record",
     "dead_letter_reason",
     "dead_letter_record",
+    "deleted_queue",
     "has",
     "redact",
     "url_from_connection_string",
@@ -267,3 +268,17 @@ class Adapter(abc.ABC):
         ``dead_letters``, ``consumers``, ``oldest_age`` in seconds), leaving out what it does not know; ``None``
         when the adapter reports nothing (``msgbus stats`` says so)."""
         return None
+
+    async def delete(self, endpoint: Endpoint) -> None:
+        """Remove a work queue and what the adapter made for it (its dead-letter destination, groups, rows), with
+        their messages, and nothing else; a queue that does not exist is not an error. ``deleted_queue`` names the
+        queue. ``Bus.close`` removes its reply queue through it, ``msgbus delete`` any queue."""
+        raise CapabilityMissing(f"{type(self).__name__} cannot delete a queue (Adapter.delete)")
+
+
+def deleted_queue(endpoint: Endpoint) -> str:
+    """The name of the queue ``Adapter.delete`` removes; ``ConfigError`` for a topic, a subscription or a
+    dead-letter destination alone (they go with their queue)."""
+    if endpoint.kind != "queue" or endpoint.subscription is not None or endpoint.dead_letter or not endpoint.name:
+        raise ConfigError(f"{endpoint}: only a work queue can be deleted (with its dead letters)")
+    return endpoint.name

@@ -25,6 +25,7 @@ from typing import Any, TextIO
 import msgbus
 
 from . import _demo, _progress, _registry
+from ._bus import _check_name
 from ._url import parse_url
 from .errors import MsgbusError
 
@@ -266,6 +267,22 @@ def _parser() -> argparse.ArgumentParser:
     _queue_arguments(purge)
     purge.add_argument("--dead-letters", action="store_true", help="purge its dead letters instead")
     purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+    delete = _command(
+        commands,
+        "delete",
+        "delete a work queue with its messages and dead letters, after a confirmation",
+        _run_delete,
+        "msgbus delete sqlite:///./bus.db msgbus-reply-0123456789abcdef",
+        "msgbus delete amqp://guest:guest@localhost/ old-orders --yes",
+        "",
+        "For queues nothing uses any more, such as the reply queue of a process that died before bus.close()",
+        "(msgbus-reply-<16 hex>). Asks unless --yes; without a terminal to ask on it refuses. A queue that does",
+        "not exist is not an error.",
+    )
+    _url_argument(delete)
+    delete.add_argument("queue", metavar="QUEUE", help="queue name")
+    delete.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
     stats = _command(
         commands,
@@ -646,17 +663,43 @@ async def _dlq_list(url: str | None, args: argparse.Namespace) -> int:
 _DLQ_HEADER = ("id", "attempts", "reason")
 
 
+def _confirmed(args: argparse.Namespace, refusal: str, question: str) -> bool:
+    """True with ``--yes`` or a "y" typed on the terminal; ``UsageError`` (``refusal``) without a terminal."""
+    if args.yes:
+        return True
+    if not sys.stdin.isatty():
+        raise UsageError(f"{refusal}: confirm on a terminal, or pass --yes")
+    if input(f"{question} [y/N] ").strip().lower() in ("y", "yes"):
+        return True
+    print("msgbus: nothing removed", file=sys.stderr)
+    return False
+
+
 def _run_purge(args: argparse.Namespace, _extra: list[str]) -> int:
     url = _url(args)
     what = ("dead letters of " if args.dead_letters else "messages of ") + _endpoint(args.queue, args.subscription)
-    if not args.yes:
-        if not sys.stdin.isatty():
-            raise UsageError(f"purge removes every waiting message: confirm on a terminal, or pass --yes ({what})")
-        answer = input(f"Remove every waiting {what} on {printable(_redacted(url or ''))}? [y/N] ")
-        if answer.strip().lower() not in ("y", "yes"):
-            print("msgbus: nothing removed", file=sys.stderr)
-            return EXIT_FAILED
+    question = f"Remove every waiting {what} on {printable(_redacted(url or ''))}?"
+    if not _confirmed(args, f"purge removes every waiting message ({what})", question):
+        return EXIT_FAILED
     return asyncio.run(_purge(url, args, what))
+
+
+def _run_delete(args: argparse.Namespace, _extra: list[str]) -> int:
+    url = _url(args)
+    name = _check_name("queue", args.queue)
+    what = f"queue {printable(name)} with its messages and dead letters"
+    if not _confirmed(args, f"delete removes the {what}", f"Delete the {what} on {printable(_redacted(url or ''))}?"):
+        return EXIT_FAILED
+    return asyncio.run(_delete(url, name, what))
+
+
+async def _delete(url: str | None, name: str, what: str) -> int:
+    from .adapter import Endpoint
+
+    async with msgbus.connect(url) as bus:
+        await bus.adapter.delete(Endpoint("queue", name))
+        print(f"msgbus: deleted the {what} on {printable(bus.url)}")
+    return EXIT_OK
 
 
 async def _purge(url: str | None, args: argparse.Namespace, what: str) -> int:

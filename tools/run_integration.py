@@ -71,6 +71,7 @@ PHASES: list[dict[str, list[str]]] = [
             "integration/test_properties.py",
             "integration/test_health.py",
             "integration/test_stats.py",
+            "integration/test_delete.py",
             "integration/test_brokers.py",
         ],
     },

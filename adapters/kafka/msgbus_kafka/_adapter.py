@@ -26,6 +26,7 @@ from aiokafka import (
 from aiokafka import errors as kx
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.protocol.admin import DeleteGroupsRequest
 from aiokafka.structs import OffsetAndMetadata
 
 from msgbus.adapter import (
@@ -36,13 +37,14 @@ from msgbus.adapter import (
     OptionReader,
     Receiver,
     Record,
+    deleted_queue,
 )
-from msgbus.errors import ClosedError, ConfigError, TopologyError
+from msgbus.errors import BrokerError, ClosedError, ConfigError, TopologyError
 
 from . import _codec
 from ._config import AUTO_REPLICATION, KafkaOptions, read_options
 from ._errors import translated
-from ._names import dead_letters_of, group_of, topic_of
+from ._names import dead_letters_of, group_of, topic_of, valid_topic
 from ._receiver import KafkaReceiver, close_quietly
 
 __all__ = ["KafkaAdapter", "create"]
@@ -185,6 +187,43 @@ class KafkaAdapter(Adapter):
         if endpoint.subscription is not None and not endpoint.dead_letter:
             await self._ensure_subscription(endpoint, create=create)
 
+    async def delete(self, endpoint: Endpoint) -> None:
+        """Delete the queue's Kafka topic and its ``.dlq`` topic, then the consumer groups that read them (a
+        missing one is fine; a group with members still reading is a ``BrokerError``). Kafka has only topics, so
+        msgbus topic ``name`` (the same Kafka topic) goes too."""
+        queue = Endpoint("queue", deleted_queue(endpoint))
+        topics = [topic_of(queue), topic_of(dead_letters_of(queue))]
+        if not all(valid_topic(t) for t in topics):
+            raise ConfigError(f"{endpoint}: not a Kafka topic name (1-249 of letters, digits, '.', '_', '-')")
+        self._topics -= set(topics)
+        with translated(f"delete {endpoint}", secrets=self._secrets):
+            response = await self.admin.delete_topics(topics)
+        for name, code, message in _topic_errors(response):
+            if code not in (0, kx.UnknownTopicOrPartitionError.errno):
+                raise BrokerError(f"kafka could not delete topic {name!r}: error {code} {message or ''}".rstrip())
+        for group in (
+            group_of(queue, self.options.group_prefix),
+            group_of(dead_letters_of(queue), self.options.group_prefix),
+        ):
+            await self._delete_group(group, f"delete {endpoint}")
+
+    async def _delete_group(self, group: str, doing: str) -> None:
+        """DeleteGroups at the group's coordinator: aiokafka's admin client has no call for it (its request and
+        node-addressed send are used as its own calls use them). The coordinator keeps an empty group's offsets
+        for ``offsets.retention.minutes`` (7 days), so without this the group outlives its topic."""
+        admin: Any = self.admin
+        with translated(doing, secrets=self._secrets):
+            node = await admin.find_coordinator(group)
+            request = (
+                DeleteGroupsRequest[1]([group])
+                if isinstance(DeleteGroupsRequest, list)
+                else DeleteGroupsRequest([group])
+            )
+            response = await admin._send_request_to_node(node, request)
+        for name, code in response.results:
+            if code not in (0, kx.GroupIdNotFound.errno):
+                raise BrokerError(f"kafka could not delete consumer group {name!r}: error {code}")
+
     async def _ensure_topics(self, wanted: dict[str, int], *, create: bool) -> None:
         missing = {t: n for t, n in wanted.items() if t not in self._topics}
         if not missing:
@@ -325,8 +364,9 @@ _PARTITIONER = DefaultPartitioner()  # the producer's own (it is built with the 
 
 
 def _topic_errors(response: Any) -> list[tuple[str, int, str | None]]:
-    """(topic, error code, message) from a CreateTopics response of any version."""
+    """(topic, error code, message) from a CreateTopics or DeleteTopics response of any version."""
     out = []
-    for item in getattr(response, "topic_errors", None) or getattr(response, "topics", []):
+    items = getattr(response, "topic_errors", None) or getattr(response, "topic_error_codes", None)
+    for item in items or getattr(response, "topics", []):
         out.append((item[0], item[1], item[2] if len(item) > 2 and isinstance(item[2], str) else None))
     return out

@@ -9,6 +9,7 @@ import asyncio
 import itertools
 import json
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -26,7 +27,7 @@ from nats.js.api import (
 )
 from nats.js.manager import JetStreamManager
 
-from msgbus.adapter import Adapter, BusURL, Capabilities, Endpoint, OptionReader, Record
+from msgbus.adapter import Adapter, BusURL, Capabilities, Endpoint, OptionReader, Record, deleted_queue
 from msgbus.errors import ClosedError, ConfigError, MsgbusError, PublishError, TopologyError
 
 from ._codec import check_size, encode
@@ -36,6 +37,8 @@ from ._names import QUEUE_CONSUMER, Route, route
 from ._receiver import NatsReceiver
 
 __all__ = ["NatsAdapter", "create"]
+
+_STREAM_NAME = re.compile(r"[A-Za-z0-9_-]+")  # what escape() makes of a msgbus name, prefix included
 
 log = logging.getLogger("msgbus.nats")
 
@@ -245,6 +248,21 @@ class NatsAdapter(Adapter):
             if r.consumer is not None:
                 start = DeliverPolicy.ALL if endpoint.kind == "queue" else DeliverPolicy.NEW
                 await self._consumer(jsm, r.stream, r.consumer, start, max_deliver=o.max_deliver)
+
+    async def delete(self, endpoint: Endpoint) -> None:
+        """Delete the queue's stream and its dead-letter stream (their consumers go with them); a missing one is
+        fine. The names become subjects of the JetStream API, so a name that would not make a plain stream name
+        (``*``, ``>``, spaces) is refused before any request."""
+        r = self.route(Endpoint("queue", deleted_queue(endpoint)))
+        if not all(_STREAM_NAME.fullmatch(name) for name in (r.stream, r.dead_stream)):
+            raise ConfigError(f"{endpoint}: not a JetStream stream name (letters, digits, '_', '-', '.')")
+        _, jsm = self.connected()
+        with translated(f"delete {endpoint}", self.secrets):
+            for stream in (r.stream, r.dead_stream):
+                try:
+                    await jsm.delete_stream(stream)
+                except jx.NotFoundError:
+                    pass
 
     async def _stream(self, jsm: JetStreamManager, name: str, subjects: list[str], retention: RetentionPolicy) -> None:
         o = self._options

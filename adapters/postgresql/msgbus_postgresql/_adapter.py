@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import asyncpg
 import asyncpg.exceptions as px
 
-from msgbus.adapter import Adapter, BusURL, Capabilities, Endpoint, OptionReader, Record, wait_set
+from msgbus.adapter import Adapter, BusURL, Capabilities, Endpoint, OptionReader, Record, deleted_queue, wait_set
 from msgbus.errors import ClosedError, ConfigError, MessageTooLarge, TopologyError
 
 from ._codec import encode
@@ -289,6 +289,21 @@ class PostgresAdapter(Adapter):
             return
         for key in keys:
             await self._endpoint_id(key, create=False, what=endpoint)
+
+    async def delete(self, endpoint: Endpoint) -> None:
+        """Delete the queue's endpoint rows and its messages and dead letters in one statement, the name passed as
+        a parameter; a missing queue (or no tables at all) deletes nothing."""
+        name = deleted_queue(endpoint)
+        if "\x00" in name:
+            raise ConfigError(f"{endpoint}: a PostgreSQL text cannot hold a NUL character")
+        try:
+            await self._ensure_tables(False)
+        except TopologyError:
+            return
+        for key in _rows_to_create(endpoint):
+            self._ids.pop(key, None)
+        sql = self._sql
+        await self.run(f"delete {endpoint}", lambda c: c.execute(sql.delete_queue, name))
 
     async def _endpoint_id(self, key: tuple[str, str, str, bool], *, create: bool, what: Endpoint) -> int:
         found = self._ids.get(key)

@@ -76,6 +76,7 @@ class Statements:
     release: str
     dead_letter: str
     stats: str
+    delete_queue: str
 
     @classmethod
     def for_schema(cls, schema: str, channel: str) -> Statements:
@@ -159,4 +160,10 @@ SELECT count(*), count(*) FILTER (WHERE lease IS NOT NULL AND visible_at > now()
     EXTRACT(EPOCH FROM now())::float8 - (SELECT NULLIF((convert_from(meta, 'UTF8')::jsonb ->> 4)::float8, 0)
         FROM {s}.messages WHERE endpoint = $1 ORDER BY seq LIMIT 1)
 FROM {s}.messages WHERE endpoint = $1""",
+            # $1 queue name: its endpoint rows (it and its dead letters) and their messages, in one statement.
+            # Ids come from a sequence and are never reused: a process that still has one cached writes rows no
+            # endpoint owns, never into another queue.
+            delete_queue=f"""
+WITH gone AS (DELETE FROM {s}.endpoints WHERE kind = 'queue' AND name = $1 RETURNING id)
+DELETE FROM {s}.messages WHERE endpoint IN (SELECT id FROM gone)""",
         )

@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import re
 from collections.abc import Sequence
 
 import grpc
@@ -26,7 +27,7 @@ from google.pubsub_v1 import types as pb
 from google.pubsub_v1.services.publisher.transports import PublisherGrpcAsyncIOTransport, PublisherGrpcTransport
 from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcAsyncIOTransport
 
-from msgbus.adapter import Adapter, BusURL, Capabilities, Endpoint, OptionReader, Record
+from msgbus.adapter import Adapter, BusURL, Capabilities, Endpoint, OptionReader, Record, deleted_queue
 from msgbus.errors import CapabilityMissing, ClosedError, ConfigError, MessageTooLarge, TopologyError
 
 from ._codec import Encoded, encode
@@ -38,6 +39,7 @@ from ._receiver import PubSubReceiver
 __all__ = ["PubSubAdapter", "create"]
 
 log = logging.getLogger("msgbus.pubsub")
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # a msgbus name: never the ~ that separates the parts of a resource id
 
 # Our own channels to an emulator: no message size cap (Pub/Sub takes 10 MB, gRPC's default is 4 MiB),
 # and a quick reconnect after the emulator restarts (gRPC's default backoff grows to minutes).
@@ -275,6 +277,25 @@ class PubSubAdapter(Adapter):
                     await subscriber.get_subscription(request={"subscription": spec.name}, timeout=timeout)
         except TopologyError as exc:
             raise TopologyError(f"{r.endpoint} does not exist (topology=verify): {exc}") from exc.__cause__
+
+    async def delete(self, endpoint: Endpoint) -> None:
+        """Delete the queue's two subscriptions, then its topic and dead-letter topic (a missing one is fine). Only
+        a msgbus name (no ``~`` or ``/``) is taken, so the resource ids cannot reach another endpoint's."""
+        name = deleted_queue(endpoint)
+        if not _NAME.fullmatch(name):
+            raise ConfigError(f"{endpoint}: a queue name here is letters, digits, '_', '.', '-'")
+        queue = Endpoint("queue", name)
+        r = self._route(queue)
+        self._declared.discard(queue)
+        _, admin, subscriber = self._clients()
+        timeout = self.options.rpc_timeout
+        with translated(f"delete {endpoint}"):
+            for spec in r.subscriptions:
+                with contextlib.suppress(gx.NotFound):
+                    await subscriber.delete_subscription(request={"subscription": spec.name}, timeout=timeout)
+            for topic in r.topics:
+                with contextlib.suppress(gx.NotFound):
+                    await admin.delete_topic(request={"topic": topic}, timeout=timeout)
 
     async def redeclare(self, endpoint: Endpoint) -> bool:
         """Re-create what the service lost (an emulator restarted without state); False if not ours to create."""

@@ -20,13 +20,13 @@ import aio_pika
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aio_pika.connection import make_url
 
-from msgbus.adapter import Adapter, BusURL, Capabilities, Endpoint, OptionReader, Receiver, Record
+from msgbus.adapter import Adapter, BusURL, Capabilities, Endpoint, OptionReader, Receiver, Record, deleted_queue
 from msgbus.errors import ClosedError, ConfigError, ConnectionLost, MessageTooLarge, MsgbusError
 
 from ._codec import encode
 from ._config import RabbitMQOptions, read_options
 from ._errors import convert, translated
-from ._names import delay_bucket_ms, holding_queue_name, queue_name
+from ._names import MAX_NAME, QUEUE_NAME, delay_bucket_ms, holding_queue_name, queue_name
 from ._receiver import RabbitMQReceiver
 
 _T = TypeVar("_T")
@@ -215,6 +215,21 @@ class RabbitMQAdapter(Adapter):
             else:
                 await self._verify(endpoint)
             self._declared.add(key)
+
+    async def delete(self, endpoint: Endpoint) -> None:
+        """Delete the queue and its ``.dlq`` with their messages (RabbitMQ's queue.delete of a missing queue is
+        fine) on the topology channel, which then forgets them: a reconnect does not declare them again."""
+        main = queue_name(Endpoint("queue", deleted_queue(endpoint)))
+        if len(f"{main}.dlq".encode()) > MAX_NAME or not QUEUE_NAME.fullmatch(main):
+            raise ConfigError(
+                f"{endpoint}: not a RabbitMQ queue name (letters, digits, '_.:@#,/+ -', with .dlq 255 bytes)"
+            )
+        _, topology = self._channels()
+        async with self._lock:
+            self._declared.discard(("queue", endpoint.name, None))
+            with translated(f"deleting {endpoint}", [self.options.password]):
+                for name in (main, f"{main}.dlq"):
+                    await topology.queue_delete(name)
 
     async def _declare(self, channel: AbstractRobustChannel, endpoint: Endpoint) -> None:
         exchange = None

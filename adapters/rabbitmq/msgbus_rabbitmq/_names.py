@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 
 from msgbus.adapter import Endpoint
 from msgbus.errors import ConfigError
 
-_MAX_NAME = 255  # bytes in an AMQP queue or exchange name
+MAX_NAME = 255  # bytes in an AMQP queue or exchange name
+QUEUE_NAME = re.compile(r"[A-Za-z0-9_.:@#,/+ -]+")  # what the client (pamqp) lets through as a queue name
 
 
 def queue_name(endpoint: Endpoint) -> str:
@@ -38,7 +40,7 @@ def delay_bucket_ms(delay: float) -> int:
 def holding_queue_name(ms: int, target: str, kind: str) -> str:
     """Name of the holding queue for ``ms`` milliseconds towards queue/exchange ``target``."""
     name = f"msgbus.delay.{ms}ms.{kind}.{target}"
-    if len(name.encode()) <= _MAX_NAME:
+    if len(name.encode()) <= MAX_NAME:
         return name
     digest = hashlib.sha256(target.encode()).hexdigest()[:16]
     return f"msgbus.delay.{ms}ms.{kind}.{digest}"

@@ -22,6 +22,7 @@ from msgbus.adapter import (
     Endpoint,
     OptionReader,
     Record,
+    deleted_queue,
 )
 from msgbus.errors import ClosedError, ConfigError, MessageTooLarge, PublishError, TopologyError
 
@@ -176,6 +177,15 @@ class RedisAdapter(Adapter):
             if r.shared is not None:
                 await scripts.ensure_stream(keys=[r.shared])
             await self.create_groups(r.groups)
+
+    async def delete(self, endpoint: Endpoint) -> None:
+        """DEL exactly the queue's keys (its stream, its dead-letter stream and their delayed sorted sets, groups
+        included), never a pattern; deleting a missing queue deletes nothing."""
+        live = self._route(Endpoint("queue", deleted_queue(endpoint)))
+        dead = self._route(Endpoint("queue", endpoint.name, dead_letter=True))
+        client, _ = self.connected()
+        with translated(f"delete {endpoint}", secrets=self.secrets):
+            await client.delete(live.send_stream, live.send_delayed, dead.send_stream, dead.send_delayed)
 
     async def create_groups(self, groups: Sequence[GroupSpec], *, recover: bool = False) -> None:
         """XGROUP CREATE ... MKSTREAM for each group, ignoring existing ones.

@@ -14,7 +14,7 @@ from typing import Any
 from azure.servicebus import ServiceBusMessage, ServiceBusReceiveMode, ServiceBusSubQueue
 from azure.servicebus.aio import ServiceBusClient, ServiceBusReceiver, ServiceBusSender
 
-from msgbus.adapter import Adapter, BusURL, Capabilities, Endpoint, OptionReader, Receiver, Record
+from msgbus.adapter import Adapter, BusURL, Capabilities, Endpoint, OptionReader, Receiver, Record, deleted_queue
 from msgbus.errors import ClosedError, InvalidMessage, MessageTooLarge
 
 from . import _codec
@@ -108,6 +108,14 @@ class ServiceBusAdapter(Adapter):
         if endpoint.subscription is not None:
             check_entity("subscription", endpoint.subscription, 50)
         await self._topology.declare(endpoint, create=create, client=self.client)
+
+    async def delete(self, endpoint: Endpoint) -> None:
+        """Delete the queue with its dead letters (``management=admin`` only, else ``CapabilityMissing``)."""
+        name = entity(Endpoint("queue", deleted_queue(endpoint)))
+        sender = self._senders.pop(name, None)
+        if sender is not None:
+            await close_quietly(sender.close())
+        await self._topology.delete(Endpoint("queue", name))
 
     async def _sender(self, name: str) -> ServiceBusSender:
         sender = self._senders.get(name)

@@ -17,7 +17,7 @@ from azure.servicebus.aio import ServiceBusClient
 from azure.servicebus.aio.management import ServiceBusAdministrationClient
 
 from msgbus.adapter import Endpoint
-from msgbus.errors import TopologyError
+from msgbus.errors import CapabilityMissing, TopologyError
 
 from ._config import ServiceBusOptions
 from ._errors import translated
@@ -52,6 +52,20 @@ class Topology:
                 # before the first publish rather than when its consumer starts receiving.
                 await self._amqp_verify(endpoint, client)
         self._done.add(key)
+
+    async def delete(self, endpoint: Endpoint) -> None:
+        """Delete a queue (its ``$DeadLetterQueue`` is part of it) through the administration client; a missing one
+        is fine. Without it (``management=none``: the emulator, the test broker) there is no way to delete."""
+        if self._options.management != "admin":
+            raise CapabilityMissing(f"servicebus deletes {endpoint} only with management=admin (the ATOM API)")
+        if self._admin is None:
+            self._admin = ServiceBusAdministrationClient.from_connection_string(self._options.connection_string)
+        self._done.discard((endpoint.kind, endpoint.name, endpoint.subscription))
+        with translated(f"delete {endpoint}", secrets=[self._options.key]):
+            try:
+                await self._admin.delete_queue(endpoint.name)
+            except core.ResourceNotFoundError:
+                pass
 
     async def ping(self, client: ServiceBusClient) -> None:
         """One round trip: the namespace's properties, or (no management API) a sender link to a health entity.

@@ -24,6 +24,7 @@ from msgbus.adapter import (
     Endpoint,
     OptionReader,
     Record,
+    deleted_queue,
 )
 from msgbus.errors import (
     CapabilityMissing,
@@ -165,6 +166,10 @@ class SqsAdapter(Adapter):
         A subscription's queue is subscribed before this returns, so it gets every message published after.
         """
         await self._topo().declare(endpoint, create=create)
+
+    async def delete(self, endpoint: Endpoint) -> None:
+        """Delete the queue and its dead-letter queue with their messages; a missing one is fine."""
+        await self._topo().delete(Endpoint("queue", deleted_queue(endpoint)))
 
     async def resolve(self, endpoint: Endpoint) -> Resolved:
         topo = self._topo()

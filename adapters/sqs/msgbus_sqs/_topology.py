@@ -81,6 +81,22 @@ class Topology:
             self._arns.clear()
             return await self.declare(base, create=True)
 
+    async def delete(self, endpoint: Endpoint) -> None:
+        """Delete queue ``endpoint``'s SQS queue and its dead-letter queue (a missing one is fine), and forget them."""
+        n = names_for(endpoint, self._o.prefix, fifo=self._o.fifo)
+        self._resolved.pop(endpoint, None)
+        self._create.pop(endpoint, None)
+        with translated(f"delete {endpoint}", secrets=self._o.secrets):
+            for name in (n.queue, n.dead_letter_queue):
+                try:
+                    url = str((await self._sqs.get_queue_url(QueueName=name))["QueueUrl"])
+                except Exception as exc:
+                    if error_code(exc) in ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"):
+                        continue
+                    raise
+                self._arns.pop(url, None)
+                await self._sqs.delete_queue(QueueUrl=url)
+
     # -- create ------------------------------------------------------------------------------------
 
     async def _create_all(self, endpoint: Endpoint) -> Resolved:
