@@ -427,7 +427,16 @@ async def test_receive_then_ack_nack_reject_each_get_one_span_to_settlement(bus_
     }
 
 
-async def test_hostile_trace_headers_never_stop_receive_nor_a_dead_letter(bus_url: str) -> None:
+@pytest.mark.parametrize("propagator", ["w3c", "raising"])
+async def test_hostile_trace_headers_never_stop_receive_nor_a_dead_letter(
+    bus_url: str, propagator: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if propagator == "raising":  # a third-party propagator that chokes on them
+
+        def explode(*_args: object, **_kwargs: object) -> None:
+            raise ValueError("a third-party propagator choked")
+
+        monkeypatch.setattr(_telemetry.propagate, "extract", explode)
     otel = Otel()
     async with msgbus.connect(bus_url) as plain, msgbus.connect(bus_url) as bus:
         otel.instrument(bus)
