@@ -72,6 +72,7 @@ async def test_off_without_a_configured_provider() -> None:
         await bus.producer("q").send(b"x")
         (msg,) = await bus.consumer("q").receive(timeout=1)
         assert "traceparent" not in msg.headers
+        assert type(msg._delivery).__module__ == "msgbus._memory"  # handed out as received: nothing wraps it
 
 
 async def test_off_without_the_api(monkeypatch: pytest.MonkeyPatch) -> None:
