@@ -466,5 +466,16 @@ async def test_the_bus_own_readers_are_not_observed(bus_url: str) -> None:
         await bus.producer("d").send(b"x")
         (msg,) = await bus.consumer("d").receive(timeout=2)
         await msg.reject("for the redrive")
-        assert (await bus.redrive("d")).moved == [msg.id]
-    assert [s.attributes["msgbus.message.outcome"] for s in otel.process_spans()] == ["dead_letter"]
+        assert (await bus.redrive("d", idle=0.2)).moved == [msg.id]
+        responder = bus.consumer("svc")
+
+        async def answer(request: Message[Any]) -> None:
+            await request.reply(b"pong")
+            responder.stop()
+
+        task = asyncio.create_task(responder.run(answer))
+        reply = await bus.request("svc", b"ping", timeout=5)
+        await task
+        assert reply.payload == b"pong"
+    spans = [(s.name, s.attributes["msgbus.message.outcome"]) for s in otel.process_spans()]
+    assert spans == [("process d", "dead_letter"), ("process svc", "ack")]  # none for the redrive nor the reply
