@@ -236,7 +236,7 @@ class Bus:
             try:
                 while limit is None or len(done.moved) < limit:
                     want = _redrive.BATCH if limit is None else min(_redrive.BATCH, limit - len(done.moved))
-                    batch = await dead.receive(max_messages=want, timeout=idle)
+                    batch = await dead._receive(want, idle)
                     if not batch:
                         break
                     take = []
@@ -346,7 +346,7 @@ class Bus:
                 # Raw bytes (decoded by the request that gets them), so a reply that does not decode reaches its
                 # caller as DecodeError at once, not the reply queue's dead letters and a timeout.
                 listener: Consumer[Any] = Consumer(self, endpoint, bytes, _reply.BATCH, None)
-                replies.start(listener.receive)
+                replies.start(listener._receive)
                 self._replies = replies
         return self._replies
 
@@ -701,6 +701,7 @@ class Consumer(Generic[T]):
         """The backend receiver, created on first use with the given prefetch unless one was set."""
         await self.open()
         inbox = self._inbox
+        inbox.telemetry = self._bus._telemetry  # the bus resolves it again when it opens or is instrumented
         if inbox.receiver is None:
             inbox.prefetch = inbox.prefetch or default_prefetch
             inbox.receiver = await self._bus._adapter.receiver(self._endpoint, inbox.prefetch)
@@ -765,13 +766,27 @@ class Consumer(Generic[T]):
     async def _dead_letter_undecodable(self, delivery: Delivery, err: DecodeError) -> None:
         record = _codec.sanitize(delivery)  # metadata it can store, whatever the message held
         log.warning("msgbus: message %s on %s is undecodable; dead-lettering it: %s", record.id, self._endpoint, err)
+        reason = dead_letter_reason(f"DecodeError: {err}")
+        telemetry = self._inbox.telemetry
         try:
-            await delivery.dead_letter(dead_letter_reason(f"DecodeError: {err}"))
+            if telemetry is None:
+                await delivery.dead_letter(reason)
+            else:
+                settle = delivery.dead_letter(reason)
+                await telemetry.unhandled(self._endpoint, record, delivery.attempt, reason, settle)
         except Exception as exc:  # nothing about one message may stop the loop; its lock expires, it comes back
             log.warning("msgbus: could not dead-letter undecodable %s: %s", record.id, _codec.describe(exc))
 
     async def receive(self, max_messages: int = 1, timeout: float = 1.0) -> list[Message[T]]:
         """Wait up to ``timeout`` seconds for messages; returns up to ``max_messages`` (``[]`` on timeout)."""
+        msgs = await self._receive(max_messages, timeout)
+        telemetry = self._inbox.telemetry
+        if telemetry is not None and msgs:
+            telemetry.received(self._endpoint, msgs)  # a span from now until each is settled
+        return msgs
+
+    async def _receive(self, max_messages: int, timeout: float) -> list[Message[T]]:
+        """``receive()`` unobserved: for the bus's own readers (redrive, the reply listener), which handle none."""
         if not _whole(max_messages, 1, MAX_PREFETCH):
             raise ConfigError(f"max_messages must be an int from 1 to {MAX_PREFETCH}, got {max_messages!r:.40}")
         timeout = _config_seconds("timeout", timeout)
@@ -796,6 +811,8 @@ class Consumer(Generic[T]):
             if msg is None:
                 return
             if await self._within_limit([msg]):
+                if self._inbox.telemetry is not None:
+                    self._inbox.telemetry.received(self._endpoint, [msg])
                 yield msg
 
     async def _within_limit(self, msgs: list[Message[T]]) -> list[Message[T]]:
@@ -808,7 +825,7 @@ class Consumer(Generic[T]):
         kept = []
         for m in msgs:
             if m._delivery.attempt > limit:
-                await _redelivery.dead_letter_over_limit(m, limit)
+                await _redelivery.dead_letter_over_limit(m, limit, self._inbox)
             else:
                 kept.append(m)
         return kept

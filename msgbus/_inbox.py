@@ -14,13 +14,16 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ._capabilities import Capabilities
 from ._message import Message
 from ._waits import wait_set
 from .adapter import Adapter, Delivery, Endpoint, Receiver
 from .errors import MsgbusError
+
+if TYPE_CHECKING:
+    from ._telemetry import Telemetry
 
 log = logging.getLogger("msgbus")
 
@@ -46,6 +49,7 @@ class Inbox(Generic[T]):
         self.prefetch = prefetch  # set when the receiver starts, if the user did not
         self.fetch = fetch
         self.receiver: Receiver | None = None  # set by the consumer when it starts receiving
+        self.telemetry: Telemetry | None = None  # the bus's, set by the consumer on each receive call
         self.buffer: deque[Message[T]] = deque()
         self.unsettled = 0  # messages handed out by ``fetch`` and not settled yet
         self.nacked: dict[str, int] = {}  # id -> the attempt this consumer nacked it at (``_redelivery``)

@@ -40,12 +40,18 @@ def limit_reason(attempt: int, max_attempts: int) -> str:
     )
 
 
-async def dead_letter_over_limit(msg: Message[Any], max_attempts: int) -> None:
-    """Dead-letter ``msg`` (delivered more than ``max_attempts`` times) without handling it."""
+async def dead_letter_over_limit(msg: Message[Any], max_attempts: int, inbox: Inbox[Any]) -> None:
+    """Dead-letter ``msg`` (delivered more than ``max_attempts`` times, received by ``inbox``) without handling
+    it; observed like a handled message when telemetry is on (``Telemetry.unhandled``)."""
     reason = limit_reason(msg.attempt, max_attempts)
     log.warning("msgbus: message %s dead-lettered before handling: %s", msg.id, reason)
+    telemetry = inbox.telemetry
     try:
-        await msg.reject(reason)
+        if telemetry is None:
+            await msg.reject(reason)
+        else:
+            record = msg._delivery.record
+            await telemetry.unhandled(inbox.endpoint, record, msg.attempt, reason, msg.reject(reason))
     except MsgbusError as err:
         log.warning("msgbus: could not dead-letter message %s over the delivery limit: %s", msg.id, err)
 
@@ -150,7 +156,7 @@ class Redeliveries:
         self._seen.update(m.id for m in candidates)
         for m in [m for m in candidates if m.attempt > self.max_attempts]:
             candidates.remove(m)
-            await dead_letter_over_limit(m, self.max_attempts)
+            await dead_letter_over_limit(m, self.max_attempts, inbox)
         if not candidates:
             return None
         newest = max(m.attempt for m in candidates) % 2 == 1

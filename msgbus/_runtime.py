@@ -91,7 +91,7 @@ async def run(
             if counted and msg._delivery.attempt > 1:  # a redelivery (see _redelivery.py)
                 if msg._delivery.attempt > limit:
                     in_flight.discard(msg)
-                    await dead_letter_over_limit(msg, limit)
+                    await dead_letter_over_limit(msg, limit, inbox)
                     continue
                 if turns.suspect(msg):
                     first, msg = msg, await turns.enter(msg)

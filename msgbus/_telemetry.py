@@ -12,13 +12,13 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from ._codec import describe
 from ._message import Message
 from ._url import BusURL
-from .adapter import Endpoint, Record
+from .adapter import Delivery, Endpoint, Record
 
 try:
     from opentelemetry import metrics, propagate, trace
@@ -176,7 +176,7 @@ class Telemetry:
                 else:
                     attrs = {**base, "messaging.message.id": msg.id, ATTEMPT: msg.attempt}
                     with tracer.start_as_current_span(
-                        name, context=_extract(msg), kind=SpanKind.CONSUMER, attributes=attrs
+                        name, context=_extract(msg.headers), kind=SpanKind.CONSUMER, attributes=attrs
                     ) as span:
                         outcome, exc = await handle(msg)
                         if outcome is not None:
@@ -199,6 +199,99 @@ class Telemetry:
                 raise exc
 
         return traced
+
+    async def unhandled(
+        self, endpoint: Endpoint, record: Record, attempt: int, reason: str, dead_letter: Awaitable[None]
+    ) -> None:
+        """Await ``dead_letter``, the dead-lettering of a message no handler saw (undecodable, or over the delivery
+        limit), inside a consumer "process" span with outcome dead_letter and ``reason`` as an event and the
+        status; counted in the dead-lettered metric once it returned (a failure leaves the message where it was).
+        """
+        base = self.attributes(endpoint, "process")
+        if self.tracer is None:
+            await dead_letter
+        else:
+            attrs = {**base, "messaging.message.id": record.id, ATTEMPT: attempt, OUTCOME: "dead_letter"}
+            with self.tracer.start_as_current_span(
+                f"process {endpoint.name}", context=_extract(record.headers), kind=SpanKind.CONSUMER, attributes=attrs
+            ) as span:
+                _dead_lettered(span, reason)
+                await dead_letter
+        if self.metering:
+            self.dead_lettered.add(base)
+
+    def received(self, endpoint: Endpoint, msgs: Sequence[Message[Any]]) -> None:
+        """Observe ``msgs``, handed out by ``receive()`` or ``async for``: each gets a consumer "process" span from
+        now until it is settled (ack, nack or reject: outcome ack, retry or dead_letter), counted as consumed now
+        and as processed, retried or dead-lettered then. The span is not made current: msgbus cannot enter it
+        around the caller's code (a message never settled has no span)."""
+        base = self.attributes(endpoint, "process")
+        for msg in msgs:
+            span = None
+            if self.tracer is not None:
+                attrs = {**base, "messaging.message.id": msg.id, ATTEMPT: msg.attempt}
+                span = self.tracer.start_span(
+                    f"process {endpoint.name}", context=_extract(msg.headers), kind=SpanKind.CONSUMER, attributes=attrs
+                )
+            if self.metering:
+                self.consumed.add(base)
+            msg._delivery = _Observed(msg._delivery, self, base, span)
+
+
+class _Observed(Delivery):
+    """A delivery handed out by ``receive()`` / ``async for``: settling it ends its span and counts it
+    (``Telemetry.received``). Everything else is the wrapped delivery's."""
+
+    __slots__ = ("_base", "_inner", "_span", "_start", "_telemetry")
+
+    def __init__(self, inner: Delivery, telemetry: Telemetry, base: dict[str, str | int], span: Any) -> None:
+        super().__init__(inner.record, inner.attempt, inner.raw, inner.problem)
+        self._inner, self._telemetry, self._base, self._span = inner, telemetry, base, span
+        self._start = time.perf_counter()
+
+    async def ack(self) -> None:
+        await self._settled(self._inner.ack(), "ack")
+
+    async def nack(self, delay: float | None = None) -> None:
+        await self._settled(self._inner.nack(delay), "retry")
+
+    async def dead_letter(self, reason: str) -> None:
+        await self._settled(self._inner.dead_letter(reason), "dead_letter", reason)
+
+    async def extend(self, seconds: float) -> None:
+        await self._inner.extend(seconds)
+
+    async def _settled(self, settle: Awaitable[None], outcome: str, reason: str | None = None) -> None:
+        span, telemetry, base = self._span, self._telemetry, self._base
+        error = None
+        try:
+            await settle
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            if span is not None:
+                span.set_attribute(OUTCOME, outcome)
+                if reason is not None:
+                    _dead_lettered(span, reason)
+                if error is not None:
+                    span.set_attribute("error.type", type(error).__name__)
+                    span.record_exception(error)
+                    span.set_status(StatusCode.ERROR, describe(error, 200))
+                span.end()
+            if telemetry.metering:
+                attrs = base if error is None else {**base, "error.type": type(error).__name__}
+                telemetry.process_duration.record(time.perf_counter() - self._start, attrs)
+                if error is None and outcome == "retry":
+                    telemetry.retried.add(base)
+                elif error is None and outcome == "dead_letter":
+                    telemetry.dead_lettered.add(base)
+
+
+def _dead_lettered(span: Any, reason: str) -> None:
+    """Mark ``span`` as its message's dead-lettering for ``reason``."""
+    span.add_event("msgbus.dead_letter", {"msgbus.dead_letter.reason": reason})
+    span.set_status(StatusCode.ERROR, reason[:200])
 
 
 def _attributes(common: tuple[tuple[str, str | int], ...], endpoint: Endpoint, operation: str) -> dict[str, str | int]:
@@ -293,9 +386,9 @@ def _carrying(record: Record) -> Record:
     )
 
 
-def _extract(msg: Message[Any]) -> Any:
-    """The context a received message carries; None (a new trace) when its headers hold none or garbage."""
+def _extract(headers: Mapping[str, str]) -> Any:
+    """The context a received message's headers carry; None (a new trace) when they hold none or garbage."""
     try:
-        return propagate.extract(msg.headers)
+        return propagate.extract(headers)
     except Exception:  # a third-party propagator choking on hostile headers must not stop the consumer
         return None

@@ -96,6 +96,12 @@ def _no_context(msg: Any) -> None:
     return None
 
 
+async def _dead_letter_unobserved(
+    self: Any, endpoint: Endpoint, record: Record, attempt: int, reason: str, dead_letter: Any
+) -> None:
+    await dead_letter  # dead-lettered before any handler, with no span
+
+
 def _redriven_as_dead(record: Record, subscription: str | None) -> Record:
     """Redrive that sends the dead letter back as it is: no history, its dead-letter headers still on."""
     return record
@@ -212,6 +218,18 @@ BREAKAGES: dict[str, tuple[Any, str, Any, str]] = {
         "for_other_subscription",
         _for_every_subscription,
         "redrive returns a subscription's dead letters to it alone",
+    ),
+    "undecodable messages are dead-lettered without a span": (
+        _telemetry.Telemetry,
+        "unhandled",
+        _dead_letter_unobserved,
+        "trace context survives the trip",
+    ),
+    "messages read with receive() get no span": (
+        _telemetry.Telemetry,
+        "received",
+        lambda *_args: None,
+        "trace context survives the trip",
     ),
 }
 

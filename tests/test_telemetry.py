@@ -72,6 +72,7 @@ async def test_off_without_a_configured_provider() -> None:
         await bus.producer("q").send(b"x")
         (msg,) = await bus.consumer("q").receive(timeout=1)
         assert "traceparent" not in msg.headers
+        assert type(msg._delivery).__module__ == "msgbus._memory"  # handed out as received: nothing wraps it
 
 
 async def test_off_without_the_api(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -291,3 +292,190 @@ def test_the_contract_holds_in_a_process_with_a_global_tracer_provider() -> None
 
     out = subprocess.run([sys.executable, "-c", _GLOBAL_PROVIDER_RUN], capture_output=True, text=True, timeout=120)
     assert out.stdout.startswith("pass: "), out.stdout + out.stderr[-2000:]
+
+
+# Messages settled without a handler of run(): dead-lettered before any handler (undecodable, over the delivery
+# limit), and read with receive() / async for. Each gets the same consumer span and counts as a handled one.
+
+LIMIT = msgbus.RetryPolicy(max_attempts=2, initial_backoff=0)
+UNDECODABLE = {"body": b"{not json", "content_type": "application/json"}
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def bus_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    """A fresh bus on either embedded backend; leases of 0.2 s, so an abandoned delivery comes back soon."""
+    if request.param == "memory":
+        return f"{_url()}?visibility_timeout=0.2"
+    return f"sqlite:///{tmp_path}/otel.db?visibility_timeout=0.2"
+
+
+async def _eventually(condition: Any, what: str) -> None:
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def _dead_lettered_unhandled(url: str, how: str, *, over_limit: bool, traceparent: str | None = None) -> Any:
+    """Send one message that never reaches a handler (undecodable, or delivered past ``LIMIT``), consume it with
+    ``how`` ("run" or "receive") on an instrumented bus; returns (otel, its id, send span, dead letters read)."""
+    from msgbus.testing._crash import abandon
+
+    otel = Otel()
+    async with msgbus.connect(url) as plain, msgbus.connect(url) as bus:
+        otel.instrument(bus)
+        headers = None if traceparent is None else {"traceparent": traceparent}
+        sent = (
+            await (plain if traceparent is not None else bus)
+            .producer("u")
+            .send(**({"body": b"poison"} if over_limit else UNDECODABLE), headers=headers)
+        )
+        if over_limit:  # delivered LIMIT times to consumers that vanished without settling it
+            for _ in range(LIMIT.max_attempts):
+                gone = plain.consumer("u")
+                while not await gone.receive(timeout=0.5):
+                    pass
+                await abandon(gone)
+                await asyncio.sleep(0.25)
+        handled: list[str] = []
+        consumer = bus.consumer("u", retry=LIMIT)
+        if how == "run":
+
+            async def handler(msg: Message[Any]) -> None:
+                handled.append(msg.id)
+
+            task = asyncio.create_task(consumer.run(handler, retry=LIMIT))
+            await _eventually(lambda: otel.process_spans(), "a process span")
+            consumer.stop()
+            await task
+        else:
+            got = await consumer.receive(timeout=2)
+            handled += [m.id for m in got]
+        assert handled == []
+        dead = await plain.dead_letters("u").receive(max_messages=10, timeout=2)
+        assert await plain.consumer("u").receive(timeout=0.3) == []  # settled, not left to come back
+    (send,) = [s for s in otel.spans.get_finished_spans() if s.name == "send u"] or [None]
+    return otel, sent, send, dead
+
+
+@pytest.mark.parametrize("how", ["run", "receive"])
+@pytest.mark.parametrize("over_limit", [False, True], ids=["undecodable", "over-limit"])
+async def test_a_message_dead_lettered_before_any_handler_gets_one_span(
+    bus_url: str, how: str, over_limit: bool
+) -> None:
+    otel, sent, send, dead = await _dead_lettered_unhandled(bus_url, how, over_limit=over_limit)
+    assert [m.id for m in dead] == [sent]
+    (span,) = otel.process_spans()
+    reason = dead[0].dead_letter_reason
+    assert reason is not None and reason.startswith("delivered 3 times" if over_limit else "DecodeError")
+    assert span.attributes["messaging.message.id"] == sent
+    assert span.attributes["msgbus.message.outcome"] == "dead_letter"
+    assert span.attributes["msgbus.message.attempt"] == (3 if over_limit else 1)
+    assert [(e.name, dict(e.attributes)) for e in span.events] == [
+        ("msgbus.dead_letter", {"msgbus.dead_letter.reason": reason})
+    ]
+    assert span.status.status_code.name == "ERROR" and span.status.description == reason[:200]
+    if not over_limit:  # sent by the instrumented bus: the dead-lettering joins the send's trace
+        assert span.parent is not None and span.parent.span_id == send.context.span_id
+    metrics = otel.metrics()
+    assert metrics["msgbus.messages.dead_lettered"] == 1
+    assert "messaging.client.consumed.messages" not in metrics  # no handler, no application saw it
+
+
+async def test_receive_then_ack_nack_reject_each_get_one_span_to_settlement(bus_url: str) -> None:
+    otel = Otel()
+    async with msgbus.connect(bus_url) as bus:
+        otel.instrument(bus)
+        ids = [await bus.producer("r").send({"i": i}) for i in range(3)]
+        consumer = bus.consumer("r", retry=POLICY)
+        got = {m.id: m for m in await consumer.receive(max_messages=3, timeout=2)}
+        assert set(got) == set(ids)
+        assert otel.process_spans() == []  # each span is open until its message is settled
+        await got[ids[0]].ack()
+        await got[ids[1]].nack()
+        await got[ids[2]].reject("not for us")
+        await got[ids[0]].ack()  # settling twice is a no-op: no second span
+        async for again in consumer:  # the nacked one, through async for
+            await again.ack()
+            break
+    spans = otel.process_spans()
+    sends = {
+        s.attributes["messaging.message.id"]: s.context.span_id
+        for s in otel.spans.get_finished_spans()
+        if s.name == "send r"
+    }
+    outcomes = sorted(
+        (
+            ids.index(s.attributes["messaging.message.id"]),
+            s.attributes["msgbus.message.attempt"],
+            s.attributes["msgbus.message.outcome"],
+        )
+        for s in spans
+    )
+    assert outcomes == [(0, 1, "ack"), (1, 1, "retry"), (1, 2, "ack"), (2, 1, "dead_letter")]
+    for span in spans:  # each a child of its message's send span
+        assert span.parent is not None and span.parent.span_id == sends[span.attributes["messaging.message.id"]]
+    (rejected,) = [s for s in spans if s.attributes["msgbus.message.outcome"] == "dead_letter"]
+    assert [e.attributes["msgbus.dead_letter.reason"] for e in rejected.events] == ["not for us"]
+    assert otel.metrics() == {
+        "messaging.client.sent.messages": 3,
+        "messaging.client.operation.duration": 3,
+        "messaging.client.consumed.messages": 4,
+        "messaging.process.duration": 4,
+        "msgbus.messages.retried": 1,
+        "msgbus.messages.dead_lettered": 1,
+    }
+
+
+@pytest.mark.parametrize("propagator", ["w3c", "raising"])
+async def test_hostile_trace_headers_never_stop_receive_nor_a_dead_letter(
+    bus_url: str, propagator: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if propagator == "raising":  # a third-party propagator that chokes on them
+
+        def explode(*_args: object, **_kwargs: object) -> None:
+            raise ValueError("a third-party propagator choked")
+
+        monkeypatch.setattr(_telemetry.propagate, "extract", explode)
+    otel = Otel()
+    async with msgbus.connect(bus_url) as plain, msgbus.connect(bus_url) as bus:
+        otel.instrument(bus)
+        headers = [{"traceparent": v, "tracestate": "\x00" * 600} for v in HOSTILE]
+        good = [await plain.producer("h").send(b"x", headers=h) for h in headers]
+        bad = [await plain.producer("h").send(**UNDECODABLE, headers=h) for h in headers]
+        consumer = bus.consumer("h")
+        got: list[Message[Any]] = []
+        while len(got) < len(good):
+            got += await consumer.receive(max_messages=100, timeout=2)
+        for msg in got:
+            await msg.ack()
+        assert sorted(m.id for m in got) == sorted(good)
+        assert len(await plain.dead_letters("h").receive(max_messages=100, timeout=2)) == len(bad)
+    spans = otel.process_spans()
+    outcomes = sorted((s.attributes["messaging.message.id"], s.attributes["msgbus.message.outcome"]) for s in spans)
+    assert outcomes == sorted([(i, "ack") for i in good] + [(i, "dead_letter") for i in bad])
+    assert all(s.parent is None for s in spans)  # each starts a trace of its own
+
+
+async def test_the_bus_own_readers_are_not_observed(bus_url: str) -> None:
+    """Redrive and the reply listener read with the consumer's receive, but handle nothing: no span of theirs."""
+    otel = Otel()
+    async with msgbus.connect(bus_url) as bus:
+        otel.instrument(bus)
+        await bus.producer("d").send(b"x")
+        (msg,) = await bus.consumer("d").receive(timeout=2)
+        await msg.reject("for the redrive")
+        assert (await bus.redrive("d", idle=0.2)).moved == [msg.id]
+        responder = bus.consumer("svc")
+
+        async def answer(request: Message[Any]) -> None:
+            await request.reply(b"pong")
+            responder.stop()
+
+        task = asyncio.create_task(responder.run(answer))
+        reply = await bus.request("svc", b"ping", timeout=5)
+        await task
+        assert reply.payload == b"pong"
+    spans = [(s.name, s.attributes["msgbus.message.outcome"]) for s in otel.process_spans()]
+    assert spans == [("process d", "dead_letter"), ("process svc", "ack")]  # none for the redrive nor the reply

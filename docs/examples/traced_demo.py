@@ -35,6 +35,7 @@ def show(span: ReadableSpan, children: dict[int, list[ReadableSpan]], depth: int
     extra = " ".join(f"{k.split('.')[-1]}={attrs[k]}" for k in SHOWN if k in attrs)
     sub = attrs.get("messaging.destination.subscription.name")
     where = f" [{sub}]" if sub else ""
+    where += " [dead letters]" if attrs.get("msgbus.destination.dead_letter") else ""
     links = f" links={len(span.links)}" if span.links else ""
     print(f"{'  ' * depth}{span.name}{where} ({span.kind.name.lower()}) {extra}{links}".rstrip())
     for child in sorted(children[span.context.span_id], key=lambda s: s.start_time or 0):
@@ -72,7 +73,8 @@ def main() -> int:
                     shown = value if value is not None else f"count={point.count} sum={point.sum:.3f}s"  # type: ignore[attr-defined]
                     dest = attrs.get("messaging.destination.name")
                     sub = attrs.get("messaging.destination.subscription.name")
-                    print(f"  {metric.name} {dest}{'/' + str(sub) if sub else ''}: {shown}")
+                    dead = " (dead letters)" if attrs.get("msgbus.destination.dead_letter") else ""
+                    print(f"  {metric.name} {dest}{'/' + str(sub) if sub else ''}{dead}: {shown}")
     return status
 
 

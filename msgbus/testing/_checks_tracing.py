@@ -1,5 +1,6 @@
-"""Check for promise 15 (observability): the W3C trace context crosses the broker, through retries and
-dead-lettering. Needs the OpenTelemetry SDK (a test dependency; the check skips without it)."""
+"""Check for promise 15 (observability): the W3C trace context crosses the broker, through retries, dead-lettering
+(by a handler's failure, or of an undecodable message no handler saw) and ``receive()``. Needs the OpenTelemetry
+SDK (a test dependency; the check skips without it)."""
 
 from __future__ import annotations
 
@@ -34,12 +35,13 @@ def _sdk() -> tuple[Any, Any]:
 
 async def check_trace_context_survives(ctx: ContractContext) -> None:
     """A handler's span has the sender's span as parent: after send and send_many, on a retry, on the
-    dead-lettered copy (its headers keep the traceparent), and through a topic."""
+    dead-lettered copy (its headers keep the traceparent) read with receive() and with run(), through a topic,
+    and on the span of an undecodable message dead-lettered before any handler (outcome dead_letter)."""
     provider, exporter = _sdk()
     m = ctx.scale(10, 3)
     ctx.bus.instrument(tracer_provider=provider)
     tracer = provider.get_tracer("msgbus-contract")
-    queue, topic, sub = ctx.name("q"), ctx.name("t"), ctx.name("s")
+    queue, topic, sub, unreadable = ctx.name("q"), ctx.name("t"), ctx.name("s"), ctx.name("u")
     subscriber = ctx.bus.subscriber(topic, subscription=sub)
     await subscriber.open()  # the subscription exists before the publish
     producer = ctx.bus.producer(queue)
@@ -49,9 +51,12 @@ async def check_trace_context_survives(ctx: ContractContext) -> None:
         doomed = [await producer.send({"do": "fail", "i": i}) for i in range(m)]
         batched = await producer.send_many([{"do": "ack", "i": i} for i in range(m)])
         published = await ctx.bus.publisher(topic).publish_many([{"do": "ack", "i": i} for i in range(m)])
+        undecodable = [
+            await ctx.bus.producer(unreadable).send(b"{not json", content_type="application/json") for _ in range(m)
+        ]
     trace_id = root.get_span_context().trace_id
     senders = _senders(exporter.get_finished_spans())
-    expected = {*ok, *flaky, *doomed, *batched, *published}
+    expected = {*ok, *flaky, *doomed, *batched, *published, *undecodable}
     missing = expected - set(senders)
     ensure(not missing, f"no send/create span carries the message id of e.g. {examples(missing)}")
 
@@ -66,6 +71,8 @@ async def check_trace_context_survives(ctx: ContractContext) -> None:
     consumer = ctx.bus.consumer(queue)
     task = ctx.background(consumer.run(handler, concurrency=4, retry=policy), "traced-run")
     sub_task = ctx.background(subscriber.run(handler, concurrency=4, retry=policy), "traced-subscriber")
+    unreadable_consumer = ctx.bus.consumer(unreadable)
+    unreadable_task = ctx.background(unreadable_consumer.run(handler, retry=policy), "traced-undecodable")
     want = len(ok) + 2 * len(flaky) + 2 * len(doomed) + len(batched) + len(published)
     ctx.waiting = lambda: f"handling ({handled.total} of {want} deliveries)"
     await handled.wait_until(lambda: handled.total >= want)
@@ -88,7 +95,12 @@ async def check_trace_context_survives(ctx: ContractContext) -> None:
     dl_task = ctx.background(dead_letters.run(dead_handler), "traced-dead-letters")
     ctx.waiting = lambda: f"handling dead letters ({again.distinct} of {len(doomed)})"
     await again.wait_distinct(len(doomed))
-    for consumer_, task_ in ((consumer, task), (subscriber, sub_task), (dead_letters, dl_task)):
+    unreadable_dead = Tally()  # read with receive() and acked: a span each, in the trace too
+    wanted = reached(unreadable_dead, len(undecodable))
+    await drain(ctx, ctx.bus.dead_letters(unreadable), unreadable_dead, wanted, what="undecodable dead letters")
+    line_undecodable = unreadable_dead.ensure_exact(set(undecodable), "undecodable, dead-lettered")
+    runs = ((consumer, task), (subscriber, sub_task), (dead_letters, dl_task), (unreadable_consumer, unreadable_task))
+    for consumer_, task_ in runs:
         await stop_run(consumer_, task_)
     await asyncio.sleep(0)
 
@@ -99,10 +111,10 @@ async def check_trace_context_survives(ctx: ContractContext) -> None:
     problems = []
     for msg_id in expected:
         spans = processed.get(msg_id, [])
-        runs = 1 if msg_id in ok or msg_id in batched or msg_id in published else 2
-        runs += msg_id in carried  # its dead letter handled once more
-        if len(spans) != runs:
-            problems.append(f"{msg_id}: {len(spans)} process spans, expected {runs}")
+        want = 2 if msg_id in flaky or msg_id in doomed or msg_id in undecodable else 1
+        want += 2 * (msg_id in carried)  # its dead letter read with receive() and nacked, then handled by run()
+        if len(spans) != want:
+            problems.append(f"{msg_id}: {len(spans)} process spans, expected {want}")
         for span in spans:
             parent = span.parent
             if span.context.trace_id != trace_id or parent is None or parent.span_id != senders[msg_id].span_id:
@@ -112,13 +124,40 @@ async def check_trace_context_survives(ctx: ContractContext) -> None:
                     f"expected the sender's {senders[msg_id].span_id:016x} in trace {trace_id:032x}"
                 )
     ensure(not problems, f"{len(problems)} process spans lost the trace context: {'; '.join(problems[:3])}")
-    outcomes = {i: [s.attributes.get("msgbus.message.outcome") for s in processed[i]] for i in doomed}
-    bad = {i: o for i, o in outcomes.items() if o[:2] != ["retry", "dead_letter"]}
-    ensure(not bad, f"outcomes of always-failing messages should be retry, dead_letter; e.g. {list(bad.items())[:2]}")
+    outcomes = {i: _outcomes(processed[i]) for i in doomed}
+    bad = {i: o for i, o in outcomes.items() if o != (["retry", "dead_letter"], ["ack", "retry"])}
+    ensure(
+        not bad,
+        "outcomes of always-failing messages should be retry, dead_letter, then on the dead letter ack (run) and "
+        f"retry (receive + nack); e.g. {list(bad.items())[:2]}",
+    )
+    unhandled = {i: _outcomes(processed[i]) for i in undecodable}
+    bad = {i: o for i, o in unhandled.items() if o != (["dead_letter"], ["ack"])}
+    ensure(not bad, f"undecodable messages' spans should have outcome dead_letter; e.g. {list(bad.items())[:2]}")
+    events = [e for i in undecodable for s in processed[i] for e in s.events if e.name == "msgbus.dead_letter"]
+    reasons = [str(e.attributes.get("msgbus.dead_letter.reason", "")) for e in events]
+    ensure(
+        len(events) == len(undecodable) and all(r.startswith("DecodeError") for r in reasons),
+        f"undecodable messages' spans should carry the reason in a msgbus.dead_letter event; got {reasons[:2]}",
+    )
     ctx.note(
         f"{len(expected)} sent under one span; {sum(map(len, processed.values()))} process spans, each a child of "
-        f"its message's send/create span (retries and dead letters included); {line}, traceparent kept"
+        f"its message's send/create span (retries, dead letters and undecodable ones included); {line}, "
+        f"traceparent kept; {line_undecodable}, each with a dead_letter span"
     )
+
+
+def _outcomes(spans: Spans) -> tuple[list[str], list[str]]:
+    """The outcomes of a message's spans on its destination, in the order they ended, and on its dead-letter
+    destination, sorted (read by receive() and by run() at once)."""
+    ended = sorted(spans, key=lambda s: s.end_time)
+    here = [str(s.attributes.get("msgbus.message.outcome")) for s in ended if not _on_dead_letters(s)]
+    dead = sorted(str(s.attributes.get("msgbus.message.outcome")) for s in spans if _on_dead_letters(s))
+    return here, dead
+
+
+def _on_dead_letters(span: Any) -> bool:
+    return bool(span.attributes.get("msgbus.destination.dead_letter"))
 
 
 def _senders(spans: Spans) -> dict[str, Any]:
