@@ -100,10 +100,19 @@ class Inbox(Generic[T]):
         while not stop.is_set() and not self.closed:
             if self.buffer:
                 return self.buffer.popleft()
-            if until is not None and (wait := min(0.25, until - asyncio.get_running_loop().time())) <= 0:
-                return None
-            async with self.lock:
-                if self.buffer or stop.is_set() or self.closed:
+            if until is None:
+                await self.lock.acquire()
+            else:
+                if (wait := until - asyncio.get_running_loop().time()) <= 0:
+                    return None
+                try:  # not past ``until`` behind other workers' fetches: what they get lands in the buffer
+                    async with asyncio.timeout(min(0.25, wait)):
+                        await self.lock.acquire()
+                except TimeoutError:
+                    continue
+                wait = min(0.25, until - asyncio.get_running_loop().time())
+            try:
+                if self.buffer or stop.is_set() or self.closed or wait <= 0:
                     continue
                 try:
                     batch = await self.fetch(self.prefetch or 16, wait)
@@ -119,6 +128,8 @@ class Inbox(Generic[T]):
                 failures = 0
                 self.failing = False
                 self.buffer.extend(batch)
+            finally:
+                self.lock.release()
         return None
 
     async def top_up(self, timeout: float) -> None:
