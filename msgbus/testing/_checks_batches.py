@@ -103,7 +103,9 @@ async def _as_told(ctx: ContractContext) -> str:
     quiet = await quiet_then_sentinel(ctx, sentinels, sentinel_sender(producer), ctx.lock_window, "after all settled")
     await stop_run(consumer, task)
     ensure(not problems, f"{dead_line}; {'; '.join(problems[:3])}")
-    ensure(sizes and max(sizes) <= MAX_BATCH, f"a batch of {max(sizes, default=0)} messages; max_batch={MAX_BATCH}")
+    ensure(
+        bool(sizes) and max(sizes) <= MAX_BATCH, f"a batch of {max(sizes, default=0)} messages; max_batch={MAX_BATCH}"
+    )
     ensure(bool(raised), "no batch held a raiser on its first delivery: the whole-batch failure was not exercised")
     expected = {"named": ([1, 2, 3],), "rejected": ([1],), "ok": ([1], [1, 2]), "raiser": ([1], [1, 2])}
     wrong = [f"{i} ({role[i]}): attempts {a}" for i, a in seen.items() if a not in expected[role[i]]]
