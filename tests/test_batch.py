@@ -229,3 +229,22 @@ async def test_a_suspect_redelivery_runs_alone() -> None:
         consumer.stop()
         await task
         assert batches == [[fresh], [suspect]]
+
+
+async def test_a_subscriber_runs_batches() -> None:
+    """The subscriber's run_batch is the consumer's: every published message once, in batches of at most max_batch."""
+    async with msgbus.connect(url()) as bus:
+        sub = bus.subscriber("t", subscription="s")
+        await sub.open()
+        sent = set(await bus.publisher("t").publish_many([{"i": i} for i in range(25)]))
+        batches: list[list[str]] = []
+
+        async def handler(msgs: list[Message[Any]]) -> None:
+            batches.append([m.id for m in msgs])
+
+        task = asyncio.create_task(sub.run_batch(handler, max_batch=10, max_wait=0.1))
+        await until(lambda: sum(map(len, batches)) >= 25)
+        sub.stop()
+        await task
+        assert sorted(i for b in batches for i in b) == sorted(sent)
+        assert max(map(len, batches)) == 10
