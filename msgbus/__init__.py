@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import errors
+from ._batch import BatchHandler, BatchMiddleware, BatchResult
 from ._bus import Bus, Consumer, Producer, Publisher, Subscriber
 from ._capabilities import Capabilities, require
 from ._config import resolve
@@ -28,6 +29,9 @@ __all__ = [
     "HEADER_DEAD_LETTER_REASON",
     "HEADER_DEAD_LETTER_SOURCE",
     "HEADER_REPLY_TO",
+    "BatchHandler",
+    "BatchMiddleware",
+    "BatchResult",
     "Bus",
     "Capabilities",
     "Consumer",

@@ -16,6 +16,7 @@ from types import TracebackType
 from typing import Any, Generic, Self, TypeVar, overload
 
 from . import _codec, _redelivery, _redrive, _reply, _runtime, _telemetry
+from ._batch import MAX_BATCH, Batch, BatchHandler, BatchMiddleware
 from ._capabilities import Capabilities
 from ._coalesce import Coalescer
 from ._inbox import Inbox
@@ -866,10 +867,51 @@ class Consumer(Generic[T]):
         when ``max_attempts`` is not below the broker's own delivery limit. On stop, prefetched messages are
         released and in-flight handlers get ``shutdown_timeout`` seconds before being cancelled (and nacked).
         """
-        if not _whole(concurrency, 1, MAX_CONCURRENCY):
-            raise ConfigError(f"concurrency must be an int from 1 to {MAX_CONCURRENCY}, got {concurrency!r:.40}")
         if not callable(handler) or not all(callable(mw) for mw in middleware):
             raise ConfigError("run() needs an async handler function and middleware callables")
+        await self._run(_runtime.compose(handler, middleware), concurrency, 2, retry, shutdown_timeout)
+
+    async def run_batch(
+        self,
+        handler: BatchHandler,
+        *,
+        max_batch: int = 100,
+        max_wait: float = 0.5,
+        concurrency: int = 1,
+        retry: RetryPolicy | None = None,
+        middleware: Sequence[BatchMiddleware] = (),
+        shutdown_timeout: float = 30.0,
+    ) -> None:
+        """Like ``run()``, with a handler of lists: up to ``max_batch`` messages, handed over once that many are
+        in or ``max_wait`` seconds after the first (sooner when ``prefetch`` leaves no room for more).
+
+        Return acks them all; raise fails them all, each retried or dead-lettered on its own attempt count; a
+        returned ``BatchResult`` fails only the messages it names (docs/guide.md, "Batch handlers"). Messages the
+        handler settled itself stay settled; undecodable ones and those over the delivery limit never reach it.
+        A batch keeps the order messages were received in: on a backend with per-key ordering, one key's next
+        message is not delivered before its last batch is settled. The default prefetch holds two batches
+        per worker. ``stop()`` and ``shutdown_timeout`` work as in ``run()``: a batch in flight finishes, or
+        its unsettled messages are nacked.
+        """
+        if not _whole(max_batch, 1, MAX_BATCH):
+            raise ConfigError(f"max_batch must be an int from 1 to {MAX_BATCH}, got {max_batch!r:.40}")
+        max_wait = _config_seconds("max_wait", max_wait)
+        if not callable(handler) or not all(callable(mw) for mw in middleware):
+            raise ConfigError("run_batch() needs an async handler function and middleware callables")
+        batch = Batch(_runtime.compose(handler, middleware), max_batch, max_wait)
+        await self._run(batch, concurrency, 2 * max_batch, retry, shutdown_timeout)
+
+    async def _run(
+        self,
+        handler: _runtime.Handler | Batch,
+        concurrency: int,
+        per_worker: int,
+        retry: RetryPolicy | None,
+        shutdown_timeout: float,
+    ) -> None:
+        """``run()`` and ``run_batch()`` once their handler is built: ``per_worker`` messages of default prefetch."""
+        if not _whole(concurrency, 1, MAX_CONCURRENCY):
+            raise ConfigError(f"concurrency must be an int from 1 to {MAX_CONCURRENCY}, got {concurrency!r:.40}")
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise ConfigError(f"retry must be a msgbus.RetryPolicy, not {type(retry).__name__}")
         shutdown_timeout = _config_seconds("shutdown_timeout", shutdown_timeout)
@@ -887,10 +929,10 @@ class Consumer(Generic[T]):
         self._running = running = asyncio.get_running_loop().create_future()
         token = _RUNNING.set(self)  # the runtime's tasks inherit it: close() from a handler must not wait
         try:
-            await self._start(max(2 * concurrency, 16))
-            handler = _runtime.compose(handler, middleware)
+            await self._start(min(max(per_worker * concurrency, 16), MAX_PREFETCH))
             telemetry = self._bus._telemetry
-            if telemetry is not None:  # the span is outermost: middleware runs inside the message's trace
+            if telemetry is not None and not isinstance(handler, Batch):
+                # the span is outermost: middleware runs inside the message's trace
                 handler = telemetry.process(handler, self._endpoint, retry.max_attempts)
             await _runtime.run(
                 self._inbox,

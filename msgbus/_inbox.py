@@ -96,29 +96,44 @@ class Inbox(Generic[T]):
             await wait_set(self._freed, left)
         return min(wanted, free), max(0.0, deadline - loop.time())
 
-    async def take(self, stop: asyncio.Event) -> Message[T] | None:
-        """The next message, fetching a batch when the buffer is empty; ``None`` once stopped or closed."""
+    async def take(self, stop: asyncio.Event, until: float | None = None) -> Message[T] | None:
+        """The next message, fetching a batch when the buffer is empty; ``None`` once stopped or closed, or once
+        the loop's clock reaches ``until`` (a batch being gathered, ``_runtime``)."""
         failures = 0
+        wait = 0.25
         while not stop.is_set() and not self.closed:
             if self.buffer:
                 return self.buffer.popleft()
-            async with self.lock:
-                if self.buffer or stop.is_set() or self.closed:
+            if until is None:
+                await self.lock.acquire()
+            else:
+                if (wait := until - asyncio.get_running_loop().time()) <= 0:
+                    return None
+                try:  # not past ``until`` behind other workers' fetches: what they get lands in the buffer
+                    async with asyncio.timeout(min(0.25, wait)):
+                        await self.lock.acquire()
+                except TimeoutError:
+                    continue
+                wait = min(0.25, until - asyncio.get_running_loop().time())
+            try:
+                if self.buffer or stop.is_set() or self.closed or wait <= 0:
                     continue
                 try:
-                    batch = await self.fetch(self.prefetch or 16, 0.25)
+                    batch = await self.fetch(self.prefetch or 16, wait)
                 except MsgbusError as err:
                     if not err.retryable:
                         raise
                     failures += 1
                     self.failing = True
-                    delay = min(5.0, 0.1 * 2**failures)
+                    delay = min(5.0, 0.1 * 2**failures, wait if until is not None else 5.0)
                     log.warning("msgbus: receive from %s failed (%s); retrying in %.1fs", self.endpoint, err, delay)
                     await asyncio.sleep(delay)
                     continue
                 failures = 0
                 self.failing = False
                 self.buffer.extend(batch)
+            finally:
+                self.lock.release()
         return None
 
     async def top_up(self, timeout: float) -> None:

@@ -1,4 +1,5 @@
-"""The consume loop behind ``Consumer.run``: concurrency, retries, dead-letter, lock extension, shutdown."""
+"""The consume loop behind ``Consumer.run`` and ``run_batch``: concurrency, retries, dead-letter, lock extension,
+shutdown."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
+from ._batch import Batch, failures
 from ._codec import describe
 from ._inbox import Inbox
 from ._message import Message
@@ -21,6 +23,7 @@ log = logging.getLogger("msgbus")
 
 Handler = Callable[[Message[Any]], Awaitable[None]]
 Middleware = Callable[[Handler], Handler]
+H = TypeVar("H")
 
 # The ack bound: once ACK_BATCH acks wait, the runtime gives the ack flush a turn of the loop before the next
 # handler (it takes them at once unless a batch is in flight); once the oldest has waited ACK_DELAY seconds, it
@@ -30,7 +33,7 @@ ACK_BATCH = 64
 ACK_DELAY = 0.05
 
 
-def compose(handler: Handler, middleware: Sequence[Middleware]) -> Handler:
+def compose(handler: H, middleware: Sequence[Callable[[H], H]]) -> H:
     """Wrap ``handler`` once: the first middleware is the outermost."""
     for mw in reversed(middleware):
         handler = mw(handler)
@@ -39,7 +42,7 @@ def compose(handler: Handler, middleware: Sequence[Middleware]) -> Handler:
 
 async def run(
     inbox: Inbox[Any],
-    handler: Handler,
+    handler: Handler | Batch,
     *,
     concurrency: int,
     retry: RetryPolicy,
@@ -47,7 +50,7 @@ async def run(
     stop: asyncio.Event,
 ) -> None:
     """Run ``concurrency`` workers on a consumer's ``inbox`` until ``stop`` is set or the calling task is
-    cancelled."""
+    cancelled. With a ``Batch``, each worker gathers a list of messages and hands it to the batch handler."""
     caps = inbox.capabilities
     in_flight: set[Message[Any]] = set()
     limit = retry.max_attempts
@@ -101,6 +104,9 @@ async def run(
                     if extending:
                         in_flight.add(msg)
                     alone = True
+            if isinstance(handler, Batch):
+                await handle_batch(handler, await gather_batch(handler, msg, alone), alone)
+                continue
             if not alone:
                 if turns.held:
                     await turns.wait()
@@ -140,6 +146,77 @@ async def run(
                     turns.leave(msg)
                 else:
                     turns.done()
+
+    async def gather_batch(batch: Batch, first: Message[Any], alone: bool) -> list[Message[Any]]:
+        """``first`` and the messages after it, up to ``max_batch`` or until ``max_wait`` seconds have passed, then
+        its turn (``turns.running``). A suspect runs alone: in a batch of its own, never gathered with others."""
+        msgs, buffer = [first], inbox.buffer
+        if alone:
+            return msgs
+        until = asyncio.get_running_loop().time() + batch.max_wait
+        try:
+            while len(msgs) < batch.max_batch and not stop.is_set():
+                if inbox.unsettled >= (inbox.prefetch or 0) and not buffer:
+                    break  # no room: nothing more comes before something is settled, and this batch is what waits
+                msg = buffer.popleft() if buffer else await inbox.take(stop, until)
+                if msg is None:
+                    break
+                if extending:
+                    in_flight.add(msg)  # waiting in a batch, its lock is extended like a handled message's
+                if counted and msg._delivery.attempt > limit:
+                    in_flight.discard(msg)
+                    await dead_letter_over_limit(msg, limit, inbox)
+                elif counted and msg._delivery.attempt > 1 and turns.suspect(msg):
+                    in_flight.discard(msg)
+                    buffer.appendleft(msg)  # the first of a later batch, alone
+                    break
+                else:
+                    msgs.append(msg)
+            if turns.held:
+                await turns.wait()
+        except BaseException:  # cancelled while gathering: what it holds goes back, nothing waits for its lock
+            for msg in msgs:
+                in_flight.discard(msg)
+            await asyncio.gather(*(_quietly(msg.nack()) for msg in msgs))
+            raise
+        turns.running += 1
+        return msgs
+
+    async def handle_batch(batch: Batch, msgs: list[Message[Any]], alone: bool) -> None:
+        """The batch handler on ``msgs``: return acks the unsettled ones but those it names as failed; raise fails
+        them all; each failed message retries or is dead-lettered on its own attempt count."""
+        try:
+            failing = failures(await batch.handler(msgs), msgs)
+        except Exception as exc:
+            if alone:
+                turns.leave(msgs[0])
+            await asyncio.gather(*(failed(msg, exc) for msg in msgs if not msg.settled))
+        except asyncio.CancelledError as exc:
+            if not _cancelling():  # raised by the handler: a failure (see worker)
+                if alone:
+                    turns.leave(msgs[0])
+                await asyncio.gather(*(failed(msg, exc) for msg in msgs if not msg.settled))
+                return
+            await asyncio.gather(*(_quietly(msg.nack()) for msg in msgs))
+            raise
+        except BaseException:
+            await asyncio.gather(*(_quietly(msg.nack()) for msg in msgs))
+            raise
+        else:
+            await asyncio.gather(*(failed(msg, exc) for msg, exc in failing.items() if not msg.settled))
+            for msg in msgs:
+                inbox.ack_soon(msg)  # no-op for those settled above or by the handler
+            if alone:
+                await inbox.acks_durable()
+            elif inbox.acks_overdue(ACK_BATCH, ACK_DELAY):
+                await inbox.send_acks(ACK_BATCH, ACK_DELAY)
+        finally:
+            for msg in msgs:
+                in_flight.discard(msg)
+            if alone:
+                turns.leave(msgs[0])
+            else:
+                turns.done()
 
     async def extend_locks() -> None:
         # Ends by itself once the handlers are done, not only when cancelled: a client library that turns the

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from msgbus import Message, _codec, _memory, _redrive, _reply, _telemetry, _url, adapter
+from msgbus import Message, _batch, _bus, _codec, _memory, _redrive, _reply, _runtime, _telemetry, _url, adapter
 from msgbus.adapter import Endpoint, Record, dead_letter_record
 from msgbus.errors import DecodeError
 from msgbus.testing import ContractSuite, run_check
@@ -136,6 +136,16 @@ def _for_every_subscription(record: Record, endpoint: Endpoint) -> bool:
     return False
 
 
+def _no_batch_failures(result: object, msgs: Any) -> dict[Message[Any], BaseException]:
+    """A batch runtime that acks the whole batch on return, whatever the handler named as failed."""
+    return {}
+
+
+def _batch_twice_as_large(handler: Any, max_batch: int, max_wait: float) -> _batch.Batch:
+    """A batch runtime that gathers twice ``max_batch`` messages."""
+    return _batch.Batch(handler, 2 * max_batch, max_wait)
+
+
 _REAL_DEAD_LETTER_RECORD = dead_letter_record
 _REAL_RECEIVE = _memory._MemoryReceiver.receive
 _REAL_DECODE_DELIVERY = _codec.decode_delivery
@@ -230,6 +240,24 @@ BREAKAGES: dict[str, tuple[Any, str, Any, str]] = {
         "received",
         lambda *_args: None,
         "trace context survives the trip",
+    ),
+    "run_batch acks what its handler failed by name": (
+        _runtime,
+        "failures",
+        _no_batch_failures,
+        "run_batch settles each message of a batch as told",
+    ),
+    "run_batch hands over batches over max_batch": (
+        _bus,
+        "Batch",
+        _batch_twice_as_large,
+        "run_batch settles each message of a batch as told",
+    ),
+    "keys are not ordered (batches)": (
+        _memory._Store,
+        "__init__",
+        _unordered_store,
+        "run_batch settles each message of a batch as told",
     ),
 }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ._checks_batches import check_run_batch
 from ._checks_cloudevents import check_cloudevents_round_trip
 from ._checks_consumers import (
     check_cancelled_subscription,
@@ -80,4 +81,5 @@ CHECKS: tuple[Check, ...] = (
         deadline=90,
         lock_waits=3,
     ),
+    Check("run_batch settles each message of a batch as told", check_run_batch, deadline=90, lock_waits=2),
 )
