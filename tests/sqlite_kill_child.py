@@ -1,6 +1,6 @@
 """A process for tests/test_sqlite_kill.py to SIGKILL: a consumer stuck mid-handler, or a producer mid-stream.
 
-``python sqlite_kill_child.py consume URL N``: handle (and so ack) N messages of queue ``work`` printing
+``python sqlite_kill_child.py consume URL N``: handle and ack N messages of queue ``work`` printing
 ``{"handled": id}`` for each, then print ``{"holding": id, "attempt": n}`` and hang inside the handler.
 ``python sqlite_kill_child.py produce URL``: send messages one at a time forever, printing ``{"sent": id}``
 after each ``send`` returns (that is, once it is durable).
@@ -27,8 +27,13 @@ async def consume(url: str, n: int) -> None:
         nonlocal handled
         if handled < n:
             handled += 1
+            # Acked (durably: ack() returns once the store has it) before it says so. Left to the runtime, the
+            # ack is batched and may still be on its way when the next message is taken (room is freed at
+            # settlement): under CPU load the last one came back after the kill, which the promise allows
+            # ("re-delivers at most that much", docs/guide.md) and this test's exact counts did not.
+            await msg.ack()
             say(handled=msg.id, attempt=msg.attempt)
-            return  # the runtime acks before it takes the next message (prefetch=1)
+            return
         say(holding=msg.id, attempt=msg.attempt)
         await asyncio.Event().wait()  # "mid-handler" until SIGKILL
 
