@@ -30,7 +30,10 @@ from msgbus.testing import CHECKS
 BROKERS = ("kafka", "redis", "pubsub", "sqs", "nats", "postgresql")
 SAME_AS_TUNED = ("rabbitmq", "servicebus")
 EMBEDDED = ("memory", "sqlite")
-JOBS = len(CHECKS)  # every check at once: most of a run at defaults is waiting out 30-60 s locks
+# Most of a run at defaults is waiting out 30-60 s locks, so many checks run at once; not all 31 of 8 backends
+# (248 at once): under that load Kafka's checks missed their 30 s to open and a 15 s invisibility window (3 of 8
+# backends rerun, 581 s for the file in the CI rehearsal of 12-04).
+JOBS = min(len(CHECKS), 16)
 # What may be skipped at defaults: the reconnect check (no restart hook) and undeclared capabilities.
 ALLOWED_SKIPS = {
     "no restart hook",
