@@ -69,6 +69,8 @@ class ContractSuite:
         batch = _Batch.of(type(self), url, selected, jobs, self._quick(), hook) if selected and jobs > 1 else None
         result = batch.take(check) if batch is not None else None
         if result is None:  # alone, not in the batch, or a rerun (the batch result was taken)
+            if batch is not None:  # a rerun: not beside the batch's last check, which may restart the broker
+                batch.wait()
             result = asyncio.run(run_check(check, url, quick=self._quick(), restart_broker=hook))
         if result.status == "skip":
             pytest.skip(f"{check.name}: {result.detail}")
@@ -114,6 +116,11 @@ class _Batch:
         finally:  # a check without a result is run by its test itself
             for done in self._done.values():
                 done.set()
+
+    def wait(self) -> None:
+        """Until every check of the batch ended (the one that restarts the broker runs last, alone)."""
+        for done in self._done.values():
+            done.wait()
 
     def take(self, check: Check) -> CheckResult | None:
         """``check``'s result once it ran (None if it is not in the batch or was taken before)."""
