@@ -224,9 +224,7 @@ async def run(
         # kept run() waiting for this task for a minute after stop().
         assert caps.lock_duration is not None
         period = max(caps.lock_duration / 3, 0.05)
-        while not handlers_done.is_set():
-            if await wait_set(handlers_done, period):
-                return
+        while not await wait_set(handlers_done, period):
             for msg in [*in_flight, *inbox.buffer]:
                 if not msg.settled:
                     await _quietly(msg._delivery.extend(caps.lock_duration))

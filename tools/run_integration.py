@@ -142,7 +142,8 @@ def _run_once(path: str, args: list[str], tag: str) -> tuple[int, str | None]:
     assert proc.stdout is not None
     lines: queue.Queue[str | None] = queue.Queue()
     threading.Thread(target=_read, args=(proc.stdout, lines), daemon=True).start()
-    deadline = time.monotonic() + _budget()
+    budget = _budget()
+    deadline = time.monotonic() + budget
     finished: float | None = None  # when pytest printed its last line ("== 12 passed in 3.1s ==")
     exited: float | None = None
     stuck: str | None = None
@@ -166,7 +167,7 @@ def _run_once(path: str, args: list[str], tag: str) -> tuple[int, str | None]:
             stuck = (
                 f"did not exit {EXIT_GRACE:.0f}s after its result line"
                 if finished is not None and now <= deadline
-                else f"still running after {_budget():.0f}s"
+                else f"still running after {budget:.0f}s"
             )
             _emit(tag, f"run_integration: {path} {stuck}: ending it, with every thread's stack (SIGABRT)\n")
             _abort(proc)
