@@ -46,6 +46,7 @@ __all__ = [
     "OptionReader",
     "Receiver",
     "Record",
+    "content_type_from",
     "dead_letter_reason",
     "dead_letter_record",
     "deleted_queue",
@@ -128,6 +129,22 @@ class Endpoint:
     def __str__(self) -> str:
         text = self.name if self.subscription is None else f"{self.name}/{self.subscription}"
         return f"{self.kind}:{text}" + (" (dead letters)" if self.dead_letter else "")
+
+
+def content_type_from(headers: Mapping[str, str]) -> str | None:
+    """The content type a message written by other code names in its headers, under any common spelling
+    (``content-type``, ``Content-Type``, ``contentType``, ``content_type``; case and ``-``/``_`` ignored), for
+    adapters reading messages that carry it as a header rather than in a native property. A value that is not
+    short printable text (at most 256 characters) names none: the message is then untyped, not rejected."""
+    for name, value in headers.items():
+        if _CONTENT_TYPE_NAME.fullmatch(name) and isinstance(value, str):
+            value = value.strip()
+            if 0 < len(value) <= 256 and value.isprintable():
+                return value
+    return None
+
+
+_CONTENT_TYPE_NAME = re.compile("content[-_]?type", re.IGNORECASE)
 
 
 def dead_letter_reason(text: str) -> str:
