@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from integration.brokers import Endpoint
-from msgbus.testing import ContractSuite
+from msgbus.testing import CHECKS, ContractSuite
 
 # Sometimes (a reconnect racing the restart) the SDK drops a connection's socket or transport without closing
 # it; its ResourceWarnings are ignored (here and, for the session's end, in pyproject.toml), and
@@ -49,3 +49,34 @@ class TestServiceBusContract(ContractSuite):
         if endpoint.handle is not None:  # the local test broker: a graceful restart keeps its saved state
             self.restart_broker = lambda: asyncio.to_thread(_restart, endpoint)
         return endpoint.url
+
+
+# ordering=per_key (sessions, the key is the session id): the promises sessions change, not the whole suite again
+# (CI time). The reconnect check stays with the class above.
+PER_KEY = "ordering=per_key"
+PER_KEY_CHECKS = {
+    "per-key ordering",
+    "run_batch settles each message of a batch as told",
+    "competing consumers",
+    "fan-out",
+    "nack redelivers",
+    "retries then dead-letter",
+    "lock extended for long handlers",
+    "poison that kills its consumer",
+    "at-least-once after consumer crash",
+    "stop() hands back unstarted messages",
+    "graceful shutdown",
+}
+
+
+class TestServiceBusPerKeyContract(ContractSuite):
+    @pytest.fixture
+    def contract_url(self, broker_url: Callable[[str], Endpoint]) -> str:
+        url = broker_url("servicebus").url
+        return url + ("&" if "?" in url else "?") + PER_KEY
+
+
+assert PER_KEY_CHECKS <= {c.name for c in CHECKS}, "a per_key check was renamed"
+for _check in CHECKS:  # the others are not collected for this class (a None attribute is not a test)
+    if _check.name not in PER_KEY_CHECKS:
+        setattr(TestServiceBusPerKeyContract, f"test_{_check.slug}", None)

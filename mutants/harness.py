@@ -47,6 +47,7 @@ class Mutant:
     checks: tuple[str, ...]
     ci: bool = False  # part of the quick subset that runs in `make test`
     why: str = ""  # what a real bug of this shape looks like, for the table
+    options: str = ""  # URL options the checks need (e.g. ordering=per_key), added to the backend's URL
 
     def apply(self, root: Path) -> None:
         """Mutate ``root / file`` in place; the text must occur exactly once (a stale mutant is an error)."""
@@ -172,7 +173,7 @@ def run_mutant(
             if mutant is not None:
                 _imports_from(root, mutant.module)
             env = _env(root)
-            env["MSGBUS_URL"] = url(root) if callable(url) else url  # not in argv: the process list is public
+            env["MSGBUS_URL"] = _with_options(url(root) if callable(url) else url, mutant)  # not in argv: it is public
             env["MUTANT_FAIL_FAST"] = "1" if mutant else "0"
             argv = [sys.executable, "-m", "mutants.run", backend, *checks]
             proc = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=1800)
@@ -185,6 +186,12 @@ def run_mutant(
         return outcome("killed", failed[0]["check"].strip(), failed[0]["detail"].strip())
     tail = (proc.stderr.strip() or proc.stdout.strip())[-800:]
     return outcome("error", "", f"msgbus contract exited with {proc.returncode}: {tail}")
+
+
+def _with_options(url: str, mutant: Mutant | None) -> str:
+    if mutant is None or not mutant.options:
+        return url
+    return url + ("&" if "?" in url else "?") + mutant.options
 
 
 def read_results(path: Path) -> list[Outcome]:

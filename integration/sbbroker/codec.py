@@ -71,6 +71,18 @@ def _message_id(parts: list[tuple[int, bytes, Any]]) -> Any:
     return None
 
 
+def group_id(raw: bytes) -> str | None:
+    """The message's group-id (Service Bus' SessionId), or None."""
+    try:
+        parts = sections(raw)
+    except ValueError:
+        return None
+    for code, _, value in parts:
+        if code == PROPERTIES and isinstance(value, list) and len(value) > 10 and value[10] is not None:
+            return str(value[10])
+    return None
+
+
 def _encode(code: int, value: Any) -> bytes:
     data = Data()
     data.put_object(Described(ulong(code), value))

@@ -13,7 +13,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from proton import UNDESCRIBED, Array, Condition, Data, Delivery, Disposition, Endpoint, Handler, Link, Message, symbol
+from proton import (
+    UNDESCRIBED,
+    Array,
+    Condition,
+    Data,
+    Delivery,
+    Described,
+    Disposition,
+    Endpoint,
+    Handler,
+    Link,
+    Message,
+    symbol,
+)
 from proton.reactor import Container
 
 from . import codec
@@ -22,6 +35,19 @@ from .store import MessageQueue, Store, Stored
 log = logging.getLogger("sbbroker")
 CREDIT = 500  # credit given to client senders, topped up as messages arrive
 MGMT = "/$management"
+SESSION_FILTER = symbol("com.microsoft:session-filter")
+LOCKED_UNTIL_UTC = symbol("com.microsoft:locked-until-utc")
+OPERATION_TIMEOUT = symbol("com.microsoft:timeout")
+NEXT_AVAILABLE_WAIT = 65.0  # seconds a next-available session receiver waits when it names no timeout (the SDK's)
+DOTNET_EPOCH_TICKS = 621355968000000000  # 0001-01-01 to 1970-01-01 in 100 ns ticks (DateTimeOffset)
+
+
+class Refused(LookupError):
+    """An attach the broker refuses with ``condition`` (echo the source, then detach)."""
+
+    def __init__(self, condition: str, text: str) -> None:
+        super().__init__(text)
+        self.condition = condition
 
 
 def entity_path(address: str | None) -> str:
@@ -42,6 +68,8 @@ class Broker(Handler):
         self.state = state
         self.stopping = False
         self.container: Container | None = None
+        # Next-available session receivers waiting for a free session: (link, queue, deadline), oldest first.
+        self.waiting: list[tuple[Link, MessageQueue, float]] = []
 
     # --- lifecycle ---
 
@@ -51,8 +79,13 @@ class Broker(Handler):
 
     def on_timer_task(self, event: Any) -> None:
         now = time.time()
-        for mq in set(self.store.expired(now)) | set(self.store.due(now)):
+        touched = set(self.store.expired(now)) | set(self.store.due(now))
+        for mq, session, holder in self.store.expired_sessions(now):
+            touched.update(self.store.unlock_session(mq, session))
+            self._lose_session(holder)
+        for mq in touched:
             self.pump(mq)
+        self._time_out_waiting(now)
         if self.stopping:
             if self.state is not None:
                 self.store.save(self.state)
@@ -96,10 +129,20 @@ class Broker(Handler):
         conn.sb_replies = {}
 
     def _detach(self, link: Link) -> None:
-        # Messages it still holds stay locked until their lock expires, as on the service.
+        # Messages it still holds stay locked until their lock expires, as on the service; a session receiver's
+        # messages are locked by its session, which is released with the link (they count as delivered).
+        self.waiting = [w for w in self.waiting if w[0] is not link]
         for mq in self.store.queues():
             if link in mq.consumers:
                 mq.consumers.remove(link)
+        session = getattr(link, "sb_session", None)
+        mq = getattr(link, "sb_queue", None)
+        if session is not None and mq is not None:
+            link.sb_session = None
+            lock = mq.session_locks.get(session)
+            if lock is not None and lock.holder is link:
+                for touched in self.store.unlock_session(mq, session):
+                    self.pump(touched)
 
     # --- attach ---
 
@@ -123,9 +166,13 @@ class Broker(Handler):
             else:
                 self._attach_receiver(link)
         except LookupError as exc:  # echo the source, then detach with the error (see the notes)
-            link.open()
-            link.condition = Condition("amqp:not-found", str(exc))
-            link.close()
+            self._refuse(link, exc.condition if isinstance(exc, Refused) else "amqp:not-found", str(exc))
+
+    @staticmethod
+    def _refuse(link: Link, condition: str, text: str) -> None:
+        link.open()
+        link.condition = Condition(condition, text)
+        link.close()
 
     def _attach_sender(self, link: Link) -> None:
         address = link.remote_source.address or ""
@@ -136,9 +183,72 @@ class Broker(Handler):
             link.open()
             return
         mq = self.store.message_queue(entity_path(address))
+        wanted, session = _session_filter(link)
+        if mq.sessions is None:
+            self.store.require_sessions(mq, wanted)
+        elif mq.sessions != wanted:
+            raise Refused(
+                "amqp:not-allowed",
+                f"'{mq.path}' requires sessions: receive with a session receiver"
+                if mq.sessions
+                else f"'{mq.path}' does not require sessions: a session receiver cannot be created on it",
+            )
+        if not wanted:
+            link.open()
+            mq.consumers.append(link)
+            link.sb_queue = mq
+            return
+        now = time.time()
+        if session is None:
+            session = mq.free_session(now)
+            if session is None:  # answer the attach once a session frees up, or with a timeout
+                timeout = (link.remote_properties or {}).get(OPERATION_TIMEOUT)
+                wait = int(timeout) / 1000 if timeout is not None else NEXT_AVAILABLE_WAIT
+                self.waiting.append((link, mq, now + wait))
+                return
+        else:
+            lock = mq.session_locks.get(session)
+            if lock is not None and lock.until > now:
+                raise Refused(
+                    "com.microsoft:session-cannot-be-locked", f"session '{session}' is locked by another receiver"
+                )
+        self._grant(link, mq, session)
+
+    def _grant(self, link: Link, mq: MessageQueue, session: str) -> None:
+        """Lock ``session`` for ``link`` and answer its attach, echoing the session id and the lock's end."""
+        until = self.store.lock_session(mq, session, link)
+        link.source.filter.put_dict({SESSION_FILTER: session})
+        link.properties = {LOCKED_UNTIL_UTC: _ticks(until)}
         link.open()
         mq.consumers.append(link)
         link.sb_queue = mq
+        link.sb_session = session
+        log.debug("session %s of %s locked", session, mq.path)
+
+    def _grant_waiting(self, mq: MessageQueue) -> None:
+        """Give free sessions of ``mq`` to the receivers waiting for one, oldest first."""
+        now = time.time()
+        for waiter in [w for w in self.waiting if w[1] is mq]:
+            session = mq.free_session(now)
+            if session is None:
+                return
+            self.waiting.remove(waiter)
+            self._grant(waiter[0], mq, session)
+
+    def _time_out_waiting(self, now: float) -> None:
+        for waiter in [w for w in self.waiting if w[2] <= now]:
+            self.waiting.remove(waiter)
+            self._refuse(waiter[0], "com.microsoft:timeout", "no session became available in time")
+
+    def _lose_session(self, link: Link) -> None:
+        """The session lock ran out: the receiver's link ends with session-lock-lost, as on the service."""
+        for mq in self.store.queues():
+            if link in mq.consumers:
+                mq.consumers.remove(link)
+        link.sb_session = None
+        if link.state & Endpoint.LOCAL_ACTIVE:
+            link.condition = Condition("com.microsoft:session-lock-lost", "the session lock has expired")
+            link.close()
 
     def _attach_receiver(self, link: Link) -> None:
         address = link.remote_target.address or ""
@@ -169,8 +279,17 @@ class Broker(Handler):
             self._settlement(dlv)
 
     def pump(self, mq: MessageQueue) -> None:
-        """Hand ready messages to receivers with credit, round robin."""
-        while mq.ready and mq.consumers:
+        """Hand ready messages to receivers with credit, round robin (on a session queue, each receiver the
+        messages of its session, in order)."""
+        if mq.sessions:
+            self._grant_waiting(mq)
+            for link in mq.consumers:
+                while link.credit > 0 and link.state & Endpoint.LOCAL_ACTIVE:
+                    msg = mq.pop_ready(link.sb_session)
+                    if msg is None:
+                        break
+                    self._deliver(link, mq, msg)
+        while mq.ready and mq.consumers and not mq.sessions:
             links = [link for link in mq.consumers if link.credit > 0 and link.state & Endpoint.LOCAL_ACTIVE]
             if not links:
                 return
@@ -192,7 +311,7 @@ class Broker(Handler):
             "x-opt-enqueued-time": codec.ms(msg.enqueued),
             "x-opt-enqueue-sequence-number": msg.seq,
         }
-        if peek_lock:
+        if peek_lock and not mq.sessions:  # a session message is locked by its session (not announced per message)
             annotations["x-opt-locked-until"] = codec.ms(msg.locked_until)
         if msg.dead_letter:
             annotations["x-opt-deadletter-source"] = mq.path.rsplit("/", 1)[0]
@@ -217,7 +336,9 @@ class Broker(Handler):
         state = dlv.remote_state
         touched: MessageQueue | None = None
         if self.store.locked(token) is None:
-            dlv.local.condition = Condition("com.microsoft:message-lock-lost", "the lock has expired")
+            queue = getattr(dlv.link, "sb_queue", None)
+            lost = "session" if queue is not None and queue.sessions else "message"
+            dlv.local.condition = Condition(f"com.microsoft:{lost}-lock-lost", "the lock has expired")
             dlv.update(Disposition.REJECTED)
             dlv.settle()
             return
@@ -256,7 +377,9 @@ class Broker(Handler):
                 self._store(link.sb_entity, raw)
             dlv.update(Disposition.ACCEPTED)
         except (ValueError, LookupError) as exc:
-            dlv.local.condition = Condition("amqp:invalid-field", str(exc))
+            log.info("refused a message on %s: %s", address, exc)
+            # With its info map: the SDK reads the rejection's error as three fields (a missing info hung the send).
+            dlv.local.condition = Condition("amqp:invalid-field", str(exc), {symbol("reason"): str(exc)})
             dlv.update(Disposition.REJECTED)
         dlv.settle()
         if link.credit < CREDIT // 2:
@@ -264,7 +387,10 @@ class Broker(Handler):
 
     def _store(self, ent: Any, raw: bytes) -> None:
         touched: list[MessageQueue] = []
-        for one in codec.split_batch(raw):
+        batch = codec.split_batch(raw)
+        if ent.queue is not None and ent.queue.sessions and any(codec.group_id(one) is None for one in batch):
+            raise ValueError(f"'{ent.name}' requires sessions: a message without a SessionId cannot be sent to it")
+        for one in batch:
             due = codec.message_annotations(one).get("x-opt-scheduled-enqueue-time")
             if due is not None and int(due) / 1000 > time.time():
                 self.store.schedule(ent, one, int(due) / 1000)
@@ -345,6 +471,21 @@ class Broker(Handler):
             expirations.append(codec.ms(found[1].locked_until))
         return 200, None, {"expirations": _array(Data.TIMESTAMP, expirations)}
 
+    def _op_renew_session_lock(self, path: str, body: dict[str, Any]) -> tuple[int, str | None, Any]:
+        until = self.store.renew_session(self.store.message_queue(path), str(body.get("session-id", "")))
+        if until is None:
+            return 410, "com.microsoft:session-lock-lost", None
+        return 200, None, {"expiration": codec.ms(until)}
+
+    def _op_get_session_state(self, path: str, body: dict[str, Any]) -> tuple[int, str | None, Any]:
+        state = self.store.message_queue(path).session_state.get(str(body.get("session-id", "")))
+        return 200, None, {"session-state": state}
+
+    def _op_set_session_state(self, path: str, body: dict[str, Any]) -> tuple[int, str | None, Any]:
+        mq, state = self.store.message_queue(path), body.get("session-state")
+        mq.session_state[str(body.get("session-id", ""))] = bytes(state) if state is not None else b""
+        return 200, None, None
+
     def _op_update_disposition(self, path: str, body: dict[str, Any]) -> tuple[int, str | None, Any]:
         status = str(body.get("disposition-status", ""))
         for token in self._tokens(body):
@@ -383,7 +524,11 @@ class Broker(Handler):
     def _op_peek_message(self, path: str, body: dict[str, Any]) -> tuple[int, str | None, Any]:
         mq = self.store.message_queue(path)
         start, count = int(body.get("from-sequence-number", 0)), int(body.get("message-count", 1))
-        found = sorted((m for m in mq.messages.values() if m.seq >= start), key=lambda m: m.seq)[:count]
+        session = body.get("session-id")
+        found = sorted(
+            (m for m in mq.messages.values() if m.seq >= start and (session is None or m.session == str(session))),
+            key=lambda m: m.seq,
+        )[:count]
         if not found:
             return 204, None, None
         return 200, None, {"messages": [{"message": self._encoded(mq, m)} for m in found]}
@@ -407,6 +552,29 @@ class Broker(Handler):
         return codec.rewrite(
             msg.raw, delivery_count=msg.delivery_count, annotations=annotations, properties=msg.dead_letter or None
         )
+
+
+def _session_filter(link: Link) -> tuple[bool, str | None]:
+    """Whether the receiver asked for a session (a ``com.microsoft:session-filter``), and which (None: next
+    available)."""
+    data = link.remote_source.filter
+    data.rewind()
+    if not data.next():
+        return False, None
+    filters = data.get_object()
+    if not isinstance(filters, dict) or SESSION_FILTER not in filters:
+        return False, None
+    value = filters[SESSION_FILTER]
+    if isinstance(value, Described):
+        value = value.value
+    if isinstance(value, bytes | memoryview):
+        value = bytes(value).decode()
+    return True, None if value is None else str(value)
+
+
+def _ticks(seconds: float) -> int:
+    """A time as .NET ticks (100 ns since 0001-01-01), as Service Bus sends ``locked-until-utc``."""
+    return int(seconds * 10_000_000) + DOTNET_EPOCH_TICKS  # proton encodes an int as a long
 
 
 def _array(kind: int, values: list[Any]) -> Array:

@@ -42,10 +42,24 @@ class Stored:
     token: uuid.UUID | None = None  # set while locked
     locked_until: float = 0.0
     holder: Any = None  # the link that holds the lock
+    session: str | None = None  # the message's session id (AMQP group-id), read from ``raw``
+
+
+@dataclass
+class SessionLock:
+    """Who holds a session (the sender link of a session receiver) and until when."""
+
+    holder: Any
+    until: float
 
 
 class MessageQueue:
-    """A queue, a subscription, or a dead-letter sub-queue: messages in sequence order, with locks."""
+    """A queue, a subscription, or a dead-letter sub-queue: messages in sequence order, with locks.
+
+    A message queue that requires sessions (``sessions``, decided by its first receiver, as the entity's
+    RequiresSession would be) keeps one ready heap per session id instead of one for all, and session locks:
+    a session is received from by one receiver at a time, in sequence order.
+    """
 
     def __init__(self, path: str, *, dead_letter: bool = False) -> None:
         self.path = path
@@ -53,17 +67,56 @@ class MessageQueue:
         self.ready: list[int] = []  # heap of sequence numbers available to receivers
         self.consumers: list[Any] = []  # sender links of receivers, served round robin
         self.dlq = None if dead_letter else MessageQueue(path + "/$DeadLetterQueue", dead_letter=True)
+        self.sessions: bool | None = False if dead_letter else None  # None: no receiver has decided yet
+        self.by_session: dict[str, list[int]] = {}  # session id -> heap of its ready sequence numbers
+        self.session_locks: dict[str, SessionLock] = {}
+        self.session_state: dict[str, bytes] = {}  # get/set-session-state (not journaled)
 
     def add(self, msg: Stored) -> None:
         self.messages[msg.seq] = msg
-        heapq.heappush(self.ready, msg.seq)
+        self.push(msg.seq)
 
-    def pop_ready(self) -> Stored | None:
-        while self.ready:
-            msg = self.messages.get(heapq.heappop(self.ready))
+    def push(self, seq: int) -> None:
+        """Make message ``seq`` available again (in its session's heap on a session queue)."""
+        if self.sessions:
+            heapq.heappush(self.by_session.setdefault(self.messages[seq].session or "", []), seq)
+        else:
+            heapq.heappush(self.ready, seq)
+
+    def require_sessions(self, on: bool) -> None:
+        """Decide whether receivers need sessions; messages stored before move to their sessions' heaps."""
+        self.sessions = on
+        if on:
+            ready, self.ready = self.ready, []
+            for seq in ready:
+                if seq in self.messages:
+                    self.push(seq)
+
+    def pop_ready(self, session: str | None = None) -> Stored | None:
+        """The next available message (of ``session``, on a session queue)."""
+        heap = self.by_session.get(session or "", []) if self.sessions else self.ready
+        while heap:
+            msg = self.messages.get(heapq.heappop(heap))
             if msg is not None and msg.token is None and not msg.deferred:
                 return msg
         return None
+
+    def free_session(self, now: float) -> str | None:
+        """The unlocked session whose next message is oldest, if any has one (next-available session)."""
+        best: tuple[int, str] | None = None
+        for sid, heap in self.by_session.items():
+            lock = self.session_locks.get(sid)
+            if lock is not None and lock.until > now:
+                continue
+            while heap and not self._available(heap[0]):
+                heapq.heappop(heap)
+            if heap and (best is None or heap[0] < best[0]):
+                best = (heap[0], sid)
+        return None if best is None else best[1]
+
+    def _available(self, seq: int) -> bool:
+        msg = self.messages.get(seq)
+        return msg is not None and msg.token is None and not msg.deferred
 
 
 @dataclass
@@ -93,6 +146,12 @@ class Journal:
 
     def close(self) -> None:
         os.close(self._fd)
+
+
+def _group_id(raw: bytes) -> str | None:
+    from .codec import group_id  # the store itself decodes nothing else
+
+    return group_id(raw)
 
 
 def _b64(raw: bytes) -> str:
@@ -184,8 +243,9 @@ class Store:
         targets = list(ent.subscriptions.values()) if ent.kind == "topic" else [ent.queue] if ent.queue else []
         if targets:
             self._log("enq", paths=[mq.path for mq in targets], seq=seq, raw=_b64(raw), at=now)
+        session = _group_id(raw)
         for mq in targets:
-            mq.add(Stored(seq, raw, now))
+            mq.add(Stored(seq, raw, now, session=session))
         return targets
 
     def schedule(self, ent: Entity, raw: bytes, due: float) -> int:
@@ -252,7 +312,7 @@ class Store:
                     mq, msg, "MaxDeliveryCountExceeded", "Message could not be consumed after 10 attempts"
                 )
                 return mq.dlq
-        heapq.heappush(mq.ready, msg.seq)
+        mq.push(msg.seq)
         return mq
 
     def defer(self, token: uuid.UUID) -> bool:
@@ -281,14 +341,56 @@ class Store:
     def _move_to_dlq(mq: MessageQueue, msg: Stored, reason: str, description: str) -> None:
         del mq.messages[msg.seq]
         assert mq.dlq is not None
-        dead = Stored(msg.seq, msg.raw, msg.enqueued, msg.delivery_count)
+        dead = Stored(msg.seq, msg.raw, msg.enqueued, msg.delivery_count, session=msg.session)
         dead.dead_letter = {"DeadLetterReason": reason, "DeadLetterErrorDescription": description}
         mq.dlq.add(dead)
 
     def expired(self, now: float) -> list[MessageQueue]:
-        """Release every lock that ran out (a failed delivery: the count goes up); returns the queues touched."""
-        late = [t for t, (_, msg) in self.locks.items() if msg.locked_until <= now]
+        """Release every lock that ran out (a failed delivery: the count goes up); returns the queues touched.
+        A message of a session is locked by its session's lock (``expired_sessions``)."""
+        late = [t for t, (mq, msg) in self.locks.items() if msg.locked_until <= now and not mq.sessions]
         return [mq for t in late if (mq := self.release(t, count=True)) is not None]
+
+    # --- sessions ---
+
+    def require_sessions(self, mq: MessageQueue, on: bool) -> None:
+        """Decide (once, journaled) whether ``mq`` requires sessions."""
+        self._log("sessions", path=mq.path, on=on)
+        mq.require_sessions(on)
+
+    def lock_session(self, mq: MessageQueue, session: str, holder: Any) -> float:
+        """Lock ``session`` for ``holder``; returns when the lock runs out."""
+        until = time.time() + self.lock_duration
+        mq.session_locks[session] = SessionLock(holder, until)
+        return until
+
+    def renew_session(self, mq: MessageQueue, session: str) -> float | None:
+        """Extend a held session lock (and the locks of the messages it holds); None when it is not held."""
+        lock = mq.session_locks.get(session)
+        now = time.time()
+        if lock is None or lock.until <= now:
+            return None
+        lock.until = now + self.lock_duration
+        for owner, msg in self.locks.values():
+            if owner is mq and msg.session == session:
+                msg.locked_until = lock.until
+        return lock.until
+
+    def unlock_session(self, mq: MessageQueue, session: str) -> list[MessageQueue]:
+        """Drop the session's lock; the messages it held are available again, each as a failed delivery.
+        Returns the queues touched (``mq``, and its dead-letter queue for a message over the delivery limit)."""
+        mq.session_locks.pop(session, None)
+        held = [t for t, (owner, msg) in self.locks.items() if owner is mq and msg.session == session]
+        return [mq, *(q for t in held if (q := self.release(t, count=True)) is not None)]
+
+    def expired_sessions(self, now: float) -> list[tuple[MessageQueue, str, Any]]:
+        """The session locks that ran out: ``(queue, session, holder)``, still in place (``unlock_session``)."""
+        return [
+            (mq, sid, lock.holder)
+            for mq in self.queues()
+            for sid, lock in mq.session_locks.items()
+            if lock.until <= now
+        ]
 
     def queues(self) -> list[MessageQueue]:
         out: list[MessageQueue] = []
@@ -345,14 +447,17 @@ class Store:
             if e["name"] not in ent.subscriptions:
                 self._subscription(ent, e["name"])
         elif op == "enq":
+            raw = base64.b64decode(e["raw"])
             for path in e["paths"]:
-                self._find(path).add(Stored(e["seq"], base64.b64decode(e["raw"]), e["at"]))
+                self._find(path).add(Stored(e["seq"], raw, e["at"], session=_group_id(raw)))
             self.seq = max(self.seq, e["seq"])
         elif op == "sched":
             heapq.heappush(self.entities[e["name"]].scheduled, (e["due"], e["seq"], base64.b64decode(e["raw"])))
             self.seq = max(self.seq, e["seq"])
         elif op == "unsched":
             self.cancel(self.entities[e["name"]], set(e["seqs"]))
+        elif op == "sessions":
+            self._find(e["path"]).require_sessions(e["on"])
         else:
             mq = self._find(e["path"])
             msg = mq.messages.get(e["seq"])
@@ -393,7 +498,8 @@ class Store:
                     "name": ent.name,
                     "kind": ent.kind,
                     "queues": {
-                        k: {"live": dump(mq), "dead": dump(mq.dlq) if mq.dlq else []} for k, mq in queues.items()
+                        k: {"live": dump(mq), "dead": dump(mq.dlq) if mq.dlq else [], "sessions": mq.sessions}
+                        for k, mq in queues.items()
                     },
                     "scheduled": [[d, s, _b64(r)] for d, s, r in ent.scheduled],
                 }
@@ -420,13 +526,16 @@ class Store:
                     ent.subscriptions[key] = mq
                 else:
                     ent.queue = mq
+                mq.sessions = q.get("sessions")
                 for target, items in ((mq, q["live"]), (mq.dlq, q["dead"])):
                     assert target is not None
                     for m in items:
-                        msg = Stored(m["seq"], base64.b64decode(m["raw"]), m["enq"], m["count"], m["deferred"], m["dl"])
+                        raw = base64.b64decode(m["raw"])
+                        msg = Stored(m["seq"], raw, m["enq"], m["count"], m["deferred"], m["dl"])
+                        msg.session = _group_id(raw)
                         target.messages[msg.seq] = msg
                         if not msg.deferred:
-                            heapq.heappush(target.ready, msg.seq)
+                            target.push(msg.seq)
             ent.scheduled = [(d, s, base64.b64decode(r)) for d, s, r in e["scheduled"]]
             heapq.heapify(ent.scheduled)
         epoch = state.get("epoch")

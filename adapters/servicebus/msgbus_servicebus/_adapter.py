@@ -22,6 +22,7 @@ from ._config import ServiceBusOptions, read_options
 from ._errors import translated
 from ._names import check_entity, entity
 from ._receiver import ServiceBusReceiverAdapter, close_quietly
+from ._sessions import SessionReceiver, with_session
 from ._topology import Topology
 
 __all__ = ["ServiceBusAdapter", "create"]
@@ -39,7 +40,7 @@ class ServiceBusAdapter(Adapter):
         self.url = url
         self.options = options
         self.capabilities = Capabilities(
-            ordering="none",  # sessions would give per-key order; not declared until the contract proves it
+            ordering=options.ordering,  # per_key: sessions, the key is the session id (``_sessions``)
             delayed_delivery=True,  # scheduled messages
             max_delay=None,
             delayed_nack=True,  # a scheduled copy, then complete the original
@@ -59,7 +60,7 @@ class ServiceBusAdapter(Adapter):
         self._senders: dict[str, ServiceBusSender] = {}
         self._send_locks: dict[str, asyncio.Lock] = {}  # an SDK sender is not safe for concurrent calls
         self._sender_lock = asyncio.Lock()
-        self._receivers: set[ServiceBusReceiverAdapter] = set()
+        self._receivers: set[Receiver] = set()
         self._topology = Topology(options)
         self._closed = False
 
@@ -140,7 +141,10 @@ class ServiceBusAdapter(Adapter):
         for record in records:
             if record.size() > limit:
                 raise MessageTooLarge(record.size(), limit)
-        await self.send_messages(entity(endpoint), [_codec.encode(r) for r in records], delay)
+        messages = [_codec.encode(r) for r in records]
+        if self.options.ordering == "per_key":
+            messages = [with_session(m, r) for m, r in zip(messages, records, strict=True)]
+        await self.send_messages(entity(endpoint), messages, delay)
 
     async def send_messages(self, name: str, messages: list[ServiceBusMessage], delay: float | None) -> None:
         sender = await self._sender(name)
@@ -182,7 +186,11 @@ class ServiceBusAdapter(Adapter):
             if endpoint.subscription is None:
                 raise ValueError("receiving from a topic needs a subscription")
             check_entity("subscription", endpoint.subscription, 50)
-        receiver = ServiceBusReceiverAdapter(self, endpoint)
+        receiver: ServiceBusReceiverAdapter | SessionReceiver
+        if self.options.ordering == "per_key" and not endpoint.dead_letter:  # a dead-letter queue has no sessions
+            receiver = SessionReceiver(self, endpoint, prefetch)  # one unsettled message per session
+        else:
+            receiver = ServiceBusReceiverAdapter(self, endpoint)
         await receiver.open()
         self._receivers.add(receiver)
         return receiver
@@ -198,6 +206,6 @@ class ServiceBusAdapter(Adapter):
             return self.client.get_subscription_receiver(endpoint.name, endpoint.subscription, **common)
         return self.client.get_queue_receiver(endpoint.name, **common)
 
-    def forget(self, receiver: ServiceBusReceiverAdapter) -> None:
+    def forget(self, receiver: Receiver) -> None:
         """Called by a receiver that closed: ``close()`` need not close it again."""
         self._receivers.discard(receiver)

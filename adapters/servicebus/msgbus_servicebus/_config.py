@@ -10,6 +10,7 @@ from msgbus.adapter import url_from_connection_string as url_from_connection_str
 from msgbus.errors import ConfigError
 
 Management = Literal["admin", "none"]
+Ordering = Literal["none", "per_key"]
 
 # Standard tier's limit is 256 KiB for the whole message; leave room for the AMQP sections around the body.
 DEFAULT_MAX_MESSAGE_SIZE = 240 * 1024
@@ -30,6 +31,7 @@ class ServiceBusOptions:
     max_delivery_count: int
     max_message_size: int
     retry_total: int
+    ordering: Ordering = "none"  # per_key: session-enabled entities, the key is the session id (``_sessions``)
 
     def __repr__(self) -> str:
         return f"ServiceBusOptions(host={self.host!r}, port={self.port}, emulator={self.emulator})"
@@ -63,4 +65,5 @@ def read_options(url: BusURL, reader: OptionReader) -> ServiceBusOptions:
         max_delivery_count=reader.int("max_delivery_count", 10, min=1),
         max_message_size=reader.int("max_message_size", DEFAULT_MAX_MESSAGE_SIZE, min=1),
         retry_total=reader.int("retry_total", 3, min=0),
+        ordering="per_key" if reader.choice("ordering", "none", ("none", "per_key")) == "per_key" else "none",
     )

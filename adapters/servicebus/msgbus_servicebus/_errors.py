@@ -33,6 +33,7 @@ ERRORS = ErrorTable(
         (core.ClientAuthenticationError, ConfigError, None),
         (sb.ServiceBusAuthorizationError, BrokerError, False),
         (sb.MessageLockLostError, BrokerError, False),  # the lock expired: the message comes back anyway
+        (sb.SessionLockLostError, BrokerError, False),  # the same for a session's messages (ordering=per_key)
         (sb.MessageAlreadySettled, BrokerError, False),
         (sb.MessagingEntityDisabledError, TopologyError, None),
         (sb.ServiceBusQuotaExceededError, BrokerError, True),

@@ -15,14 +15,28 @@ from datetime import timedelta
 from azure.core import exceptions as core
 from azure.servicebus.aio import ServiceBusClient
 from azure.servicebus.aio.management import ServiceBusAdministrationClient
+from azure.servicebus.exceptions import MessagingEntityNotFoundError, ServiceBusError
 
 from msgbus.adapter import Endpoint
 from msgbus.errors import CapabilityMissing, TopologyError
 
 from ._config import ServiceBusOptions
 from ._errors import translated
+from ._sessions import session_receiver
 
 PING_ENTITY = "msgbus-health"  # attached by ping() where no management API answers
+VERIFY_SESSION = "msgbus-verify"  # the session a per_key topology check attaches to (holds no messages)
+
+
+def _check_sessions(endpoint: Endpoint, requires_session: bool | None, wanted: bool) -> None:
+    """An existing entity must require sessions exactly when ``ordering=per_key`` does (neither side can receive
+    from the other kind)."""
+    if bool(requires_session) != wanted:
+        state = "requires" if requires_session else "does not require"
+        raise TopologyError(
+            f"{endpoint} {state} sessions, but ordering={'per_key' if wanted else 'none'} "
+            f"{'needs' if wanted else 'cannot use'} them: use another entity or change the option"
+        )
 
 
 class Topology:
@@ -89,9 +103,10 @@ class Topology:
             self._admin = ServiceBusAdministrationClient.from_connection_string(self._options.connection_string)
         admin, lock = self._admin, timedelta(seconds=self._options.lock_duration)
         count = self._options.max_delivery_count
+        sessions = self._options.ordering == "per_key"  # RequiresSession: the key is the session id
         try:
             if endpoint.kind == "queue":
-                await admin.get_queue(endpoint.name)
+                _check_sessions(endpoint, (await admin.get_queue(endpoint.name)).requires_session, sessions)
             else:
                 await admin.get_topic(endpoint.name)
         except core.ResourceNotFoundError:
@@ -99,27 +114,47 @@ class Topology:
                 raise TopologyError(f"{endpoint.kind} {endpoint.name!r} does not exist (topology=verify)") from None
             try:
                 if endpoint.kind == "queue":
-                    await admin.create_queue(endpoint.name, lock_duration=lock, max_delivery_count=count)
+                    await admin.create_queue(
+                        endpoint.name, lock_duration=lock, max_delivery_count=count, requires_session=sessions
+                    )
                 else:
                     await admin.create_topic(endpoint.name)
             except core.ResourceExistsError:
                 pass  # created concurrently by another process
         if endpoint.kind == "topic" and endpoint.subscription is not None:
             try:
-                await admin.get_subscription(endpoint.name, endpoint.subscription)
+                found = await admin.get_subscription(endpoint.name, endpoint.subscription)
+                _check_sessions(endpoint, found.requires_session, sessions)
             except core.ResourceNotFoundError:
                 if not create:
                     raise TopologyError(f"subscription {endpoint} does not exist (topology=verify)") from None
                 try:
                     await admin.create_subscription(
-                        endpoint.name, endpoint.subscription, lock_duration=lock, max_delivery_count=count
+                        endpoint.name,
+                        endpoint.subscription,
+                        lock_duration=lock,
+                        max_delivery_count=count,
+                        requires_session=sessions,
                     )
                 except core.ResourceExistsError:
                     pass
 
     async def _amqp_verify(self, endpoint: Endpoint, client: ServiceBusClient) -> None:
         # Attaching a link is the only existence check that needs no management API: a missing entity
-        # is refused with amqp:not-found (MessagingEntityNotFoundError -> TopologyError).
+        # is refused with amqp:not-found (MessagingEntityNotFoundError -> TopologyError). With ordering=per_key
+        # the link is a session receiver (of a session nobody uses): only a session-enabled entity accepts it.
+        if self._options.ordering == "per_key" and (endpoint.kind == "queue" or endpoint.subscription is not None):
+            try:
+                async with session_receiver(client, endpoint, VERIFY_SESSION) as receiver:
+                    await receiver.peek_messages(max_message_count=1)
+            except ServiceBusError as exc:
+                if isinstance(exc, MessagingEntityNotFoundError):
+                    raise
+                raise TopologyError(
+                    f"{endpoint} cannot be received from with sessions ({exc}): ordering=per_key needs a "
+                    "session-enabled queue or subscription (RequiresSession)"
+                ) from exc
+            return
         if endpoint.subscription is not None:
             async with client.get_subscription_receiver(endpoint.name, endpoint.subscription) as receiver:
                 await receiver.peek_messages(max_message_count=1)
