@@ -85,3 +85,29 @@ def test_entity_names() -> None:
         check_entity("subscription", "s" * 51, 50)
     with pytest.raises(ConfigError):
         check_entity("queue", "-bad", 260)
+
+
+def test_ordering_per_key_is_declared_only_with_the_option() -> None:
+    assert _options("servicebus://Root:k@127.0.0.1:5682").ordering == "none"
+    assert _options("servicebus://Root:k@127.0.0.1:5682?ordering=per_key").ordering == "per_key"
+    with pytest.raises(ConfigError):
+        _options("servicebus://Root:k@127.0.0.1:5682?ordering=total")
+    parsed = parse_url("servicebus://Root:k@127.0.0.1:5682?ordering=per_key")
+    assert create(parsed, parsed.reader()).capabilities.ordering == "per_key"
+    parsed = parse_url("servicebus://Root:k@127.0.0.1:5682")
+    assert create(parsed, parsed.reader()).capabilities.ordering == "none"
+
+
+def test_the_session_of_a_record_is_its_key_or_one_of_sixteen_by_its_id() -> None:
+    from msgbus.adapter import Record
+    from msgbus.errors import InvalidMessage
+    from msgbus_servicebus._sessions import KEYLESS_SESSIONS, session_of
+
+    assert session_of(Record(b"", "id-1", key="order-7")) == "order-7"
+    keyless = {session_of(Record(b"", f"id-{i}")) for i in range(500)}
+    assert keyless == {f"msgbus-keyless-{n}" for n in range(KEYLESS_SESSIONS)}
+    assert session_of(Record(b"", "id-1")) == session_of(Record(b"", "id-1"))  # a redrive keeps its session
+    assert session_of(Record(b"", "x", key="k" * 128)) == "k" * 128
+    for bad in ("", "k" * 129):
+        with pytest.raises(InvalidMessage, match="session id"):
+            session_of(Record(b"", "x", key=bad))
