@@ -40,7 +40,7 @@ from ._receiver import close_quietly
 log = logging.getLogger("msgbus.servicebus")
 
 SESSION_IDLE = 0.2  # seconds a session may have no next message before its slot lets it go
-ACQUIRING = 4  # slots looking for a session at once, at most
+ACQUIRING = 8  # slots looking for a session at once, at most
 ACQUIRE_WAIT = 5.0  # seconds one attempt to take the next available session waits for one
 MAX_SESSION_ID = 128  # Service Bus' limit on SessionId
 KEYLESS_SESSIONS = 16  # the sessions messages without a key are spread over
@@ -159,13 +159,16 @@ class SessionReceiver(Receiver):
         if not counted:
             self._looking += 1
         session = _Session(session_receiver(self._adapter.client, self.endpoint), self)
+        asked = asyncio.get_running_loop().time()
         try:
             with translated(f"take a session of {self.endpoint}", secrets=self._secrets):
                 await session.sdk.__aenter__()
                 # The test broker answers a next-available attach that found no session in time with the attach
                 # and then a detach (com.microsoft:timeout): the first receive tells.
                 session.first = await session.sdk.receive_messages(max_message_count=1, max_wait_time=SESSION_IDLE)
-            session.renewed_at = asyncio.get_running_loop().time()
+            # The lock started when the broker answered the attach, some time after `asked` (a next-available
+            # attach waits for a free session): counted from `asked`, it is renewed early rather than late.
+            session.renewed_at = asked
             return session
         except MsgbusError as err:
             self._let_go(session)
@@ -173,6 +176,9 @@ class SessionReceiver(Receiver):
                 log.debug("msgbus: servicebus session slot on %s: %s", self.endpoint, err)
                 await asyncio.sleep(0.5)  # a lost connection: try again shortly
             return None
+        except BaseException:  # cancelled (close): a session granted meanwhile must not stay locked
+            self._let_go(session)
+            raise
         finally:
             self._looking -= 1
 
@@ -202,9 +208,10 @@ class SessionReceiver(Receiver):
         """Wait for ``delivery``'s settlement, keeping its session locked meanwhile, as the SDK's AutoLockRenewer
         does for a session: the lock is the session's, held while this consumer lives (a consumer that dies or
         closes lets it go), not a message's that a slow ``async for`` would lose."""
+        loop = asyncio.get_running_loop()
         while True:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(session.period):
+                async with asyncio.timeout(max(session.renewed_at + session.period - loop.time(), 0.01)):
                     await delivery.settled.wait()
                     return
             if self._closed or delivery.withdrawn:
