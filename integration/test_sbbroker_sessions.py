@@ -17,8 +17,10 @@ import pytest
 from azure.servicebus import NEXT_AVAILABLE_SESSION, ServiceBusMessage
 from azure.servicebus import exceptions as sb
 from azure.servicebus.aio import ServiceBusClient
+from proton import Message
 
 from integration.brokers import Endpoint
+from integration.sbbroker import codec
 from integration.sbbroker.store import Store
 
 pytestmark = [
@@ -159,9 +161,6 @@ def test_requiring_sessions_and_each_messages_session_survive_a_kill(tmp_path: P
     store.open(state)
     mq = store.message_queue("orders")
     store.require_sessions(mq, True)
-    from integration.sbbroker import codec
-    from proton import Message
-
     for session in ("A", "B", "A"):
         store.enqueue(store.entity("orders", None), Message(body=session, group_id=session).encode())
     assert codec.group_id(Message(group_id="A").encode()) == "A"

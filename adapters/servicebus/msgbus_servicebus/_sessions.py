@@ -40,7 +40,7 @@ from ._receiver import close_quietly
 log = logging.getLogger("msgbus.servicebus")
 
 SESSION_IDLE = 0.2  # seconds a session may have no next message before its slot lets it go
-ACQUIRING = 8  # slots looking for a session at once, at most
+ACQUIRING = 4  # slots looking for a session at once, at most
 ACQUIRE_WAIT = 5.0  # seconds one attempt to take the next available session waits for one
 MAX_SESSION_ID = 128  # Service Bus' limit on SessionId
 KEYLESS_SESSIONS = 16  # the sessions messages without a key are spread over
@@ -251,7 +251,7 @@ class _Session:
         self.sdk = sdk
         self.receiver = receiver
         self.lock = asyncio.Lock()
-        self.period = max(receiver._adapter.options.lock_duration / 3, 0.05)
+        self.period = max(receiver._adapter.options.lock_duration / 4, 0.05)  # a stalled loop has 3/4 of it
         self.renewed_at = 0.0
         self.first: list[ServiceBusReceivedMessage] = []  # received while taking the session
 
