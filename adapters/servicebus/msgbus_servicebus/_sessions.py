@@ -39,7 +39,7 @@ from ._receiver import close_quietly
 
 log = logging.getLogger("msgbus.servicebus")
 
-SESSION_IDLE = 0.2  # seconds a session may have no next message before its slot lets it go
+SESSION_IDLE = 1.0  # seconds a session may have no next message before its slot lets it go (taking one costs more)
 ACQUIRING = 4  # slots looking for a session at once, at most
 ACQUIRE_WAIT = 5.0  # seconds one attempt to take the next available session waits for one
 MAX_SESSION_ID = 128  # Service Bus' limit on SessionId
@@ -197,7 +197,7 @@ class SessionReceiver(Receiver):
                 async with session.lock:
                     with translated(f"receive from a session of {self.endpoint}", secrets=self._secrets):
                         batch = await session.sdk.receive_messages(max_message_count=1, max_wait_time=SESSION_IDLE)
-            if not batch:
+            if not batch or self._paused or self._closed:  # stopped meanwhile: closing the session gives it back
                 return
             record, attempt, problem = _codec.read(batch[0], self.endpoint)
             delivery = SessionDelivery(session, record, attempt, batch[0], problem)

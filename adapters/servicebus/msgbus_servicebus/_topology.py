@@ -15,7 +15,13 @@ from datetime import timedelta
 from azure.core import exceptions as core
 from azure.servicebus.aio import ServiceBusClient
 from azure.servicebus.aio.management import ServiceBusAdministrationClient
-from azure.servicebus.exceptions import MessagingEntityNotFoundError, ServiceBusError
+from azure.servicebus.exceptions import (
+    MessagingEntityNotFoundError,
+    OperationTimeoutError,
+    ServiceBusConnectionError,
+    ServiceBusError,
+    SessionLockLostError,
+)
 
 from msgbus.adapter import Endpoint
 from msgbus.errors import CapabilityMissing, TopologyError
@@ -147,9 +153,11 @@ class Topology:
             try:
                 async with session_receiver(client, endpoint, VERIFY_SESSION) as receiver:
                     await receiver.peek_messages(max_message_count=1)
-            except ServiceBusError as exc:
-                if isinstance(exc, MessagingEntityNotFoundError):
-                    raise
+            except SessionLockLostError:
+                pass  # attached (a slow open outlived the SDK's idea of the lock): the entity takes sessions
+            except (MessagingEntityNotFoundError, ServiceBusConnectionError, OperationTimeoutError):
+                raise  # translated as ever: TopologyError, ConnectionLost
+            except ServiceBusError as exc:  # the attach was refused: not a session entity
                 raise TopologyError(
                     f"{endpoint} cannot be received from with sessions ({exc}): ordering=per_key needs a "
                     "session-enabled queue or subscription (RequiresSession)"
