@@ -242,9 +242,9 @@ class Broker(Handler):
 
     def _lose_session(self, link: Link) -> None:
         """The session lock ran out: the receiver's link ends with session-lock-lost, as on the service."""
-        for mq in self.store.queues():
-            if link in mq.consumers:
-                mq.consumers.remove(link)
+        mq = getattr(link, "sb_queue", None)
+        if mq is not None and link in mq.consumers:
+            mq.consumers.remove(link)
         link.sb_session = None
         if link.state & Endpoint.LOCAL_ACTIVE:
             link.condition = Condition("com.microsoft:session-lock-lost", "the session lock has expired")

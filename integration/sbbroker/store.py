@@ -165,6 +165,7 @@ class Store:
         self.lock_duration = lock_duration
         self.entities: dict[str, Entity] = {}
         self.locks: dict[uuid.UUID, tuple[MessageQueue, Stored]] = {}
+        self.locking: set[MessageQueue] = set()  # queues with session locks (checked for expiry every tick)
         self.seq = 0
         self.journal: Journal | None = None
         self.replayed = 0  # journal entries replayed at the last open()
@@ -362,6 +363,7 @@ class Store:
         """Lock ``session`` for ``holder``; returns when the lock runs out."""
         until = time.time() + self.lock_duration
         mq.session_locks[session] = SessionLock(holder, until)
+        self.locking.add(mq)
         return until
 
     def renew_session(self, mq: MessageQueue, session: str) -> float | None:
@@ -380,6 +382,8 @@ class Store:
         """Drop the session's lock; the messages it held are available again, each as a failed delivery.
         Returns the queues touched (``mq``, and its dead-letter queue for a message over the delivery limit)."""
         mq.session_locks.pop(session, None)
+        if not mq.session_locks:
+            self.locking.discard(mq)
         held = [t for t, (owner, msg) in self.locks.items() if owner is mq and msg.session == session]
         return [mq, *(q for t in held if (q := self.release(t, count=True)) is not None)]
 
@@ -387,7 +391,7 @@ class Store:
         """The session locks that ran out: ``(queue, session, holder)``, still in place (``unlock_session``)."""
         return [
             (mq, sid, lock.holder)
-            for mq in self.queues()
+            for mq in list(self.locking)
             for sid, lock in mq.session_locks.items()
             if lock.until <= now
         ]
