@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from ._capabilities import Capabilities, has
+from ._hold import KeyHold
 from ._translate import ErrorRow, ErrorTable
 from ._url import REDACTED, BusURL, OptionReader, redact, url_from_connection_string
 from ._waits import wait_set
@@ -43,6 +44,7 @@ __all__ = [
     "Endpoint",
     "ErrorRow",
     "ErrorTable",
+    "KeyHold",
     "OptionReader",
     "Receiver",
     "Record",
