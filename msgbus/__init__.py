@@ -12,7 +12,7 @@ from typing import Any
 from . import errors
 from ._batch import BatchHandler, BatchMiddleware, BatchResult
 from ._bus import Bus, Consumer, Producer, Publisher, Subscriber
-from ._capabilities import Capabilities, require
+from ._capabilities import Capabilities, require, with_ordering
 from ._config import resolve
 from ._message import Message, Outgoing
 from ._redrive import HEADER_DEAD_LETTER_HISTORY, Redriven
@@ -67,9 +67,11 @@ def connect(url: str | None = None, *, profile: str | None = None, **options: An
     topology = reader.choice("topology", "declare", ("declare", "verify"))
     make = factory(parsed.scheme)
     adapter = make(parsed, reader)
+    ordering = reader.str("ordering")  # None as well when the adapter read it itself (and declared from it)
     reader.finish()
     if not isinstance(adapter, msgbus_adapter.Adapter):
         raise ConfigError(f"the adapter for {parsed.scheme}:// is not a msgbus.adapter.Adapter")
+    adapter.capabilities = with_ordering(adapter.capabilities, ordering, parsed.scheme)
     return Bus(adapter, parsed, create_topology=topology == "declare", options=reader.used())
 
 

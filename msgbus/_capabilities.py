@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Literal
 
-from .errors import CapabilityMissing
+from .errors import CapabilityMissing, ConfigError
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,3 +72,22 @@ def require(target: object, *names: str) -> None:
     missing = [n for n in names if not has(caps, n)]
     if missing:
         raise CapabilityMissing(f"backend {target!r} lacks required capability: {', '.join(missing)}")
+
+
+def with_ordering(caps: Capabilities, asked: str | None, scheme: str) -> Capabilities:
+    """``caps`` after the URL/profile option ``ordering`` (``none`` or ``per_key``; ``None``: not given).
+
+    ``per_key`` on a backend that does not declare it (with its other options) raises ``CapabilityMissing`` at
+    ``connect``; ``none`` declares no order even where the backend keeps one (Kafka partitions), so a service
+    configured without ordering is tested without it.
+    """
+    if asked is None:
+        return caps
+    if asked not in ("none", "per_key"):
+        raise ConfigError(f"option 'ordering' must be one of none, per_key; got {asked!r}")
+    if asked == "per_key" and caps.ordering != "per_key":
+        raise CapabilityMissing(
+            f"{scheme}:// cannot keep per-key order with these options (ordering=per_key); see the "
+            "capability matrix (docs/capabilities.md) and the adapter's page for the options that do"
+        )
+    return caps if asked == caps.ordering else replace(caps, ordering=asked)

@@ -60,9 +60,9 @@ def create(url: BusURL, options: OptionReader) -> SqsAdapter:
 
 def _capabilities(o: SqsOptions) -> Capabilities:
     return Capabilities(
-        # FIFO keeps each key (MessageGroupId) in order, and the per-key check passes on the local endpoint,
-        # but the full contract with fifo=true is not green there yet (docs/adapters/sqs.md): not claimed.
-        ordering="none",
+        # FIFO: SQS hands a message group (= key) to one consumer at a time, the receiver's KeyHold keeps it one
+        # at a time in that consumer. ordering=none with fifo=true keeps FIFO queues (and their dedup) unclaimed.
+        ordering="per_key" if o.ordering == "per_key" else "none",
         delayed_delivery=not o.fifo,  # FIFO queues take no per-message DelaySeconds
         max_delay=SQS_MAX_DELAY,
         delayed_nack=True,  # ChangeMessageVisibility
