@@ -15,12 +15,18 @@ from ._bus import Bus, Consumer, Producer, Publisher, Subscriber
 from ._capabilities import Capabilities, require, with_ordering
 from ._config import resolve
 from ._message import Message, Outgoing
-from ._redrive import HEADER_DEAD_LETTER_HISTORY, Redriven
+from ._redrive import Redriven
 from ._registry import factory, schemes
 from ._retry import RetryPolicy
 from ._runtime import Handler, Middleware
 from ._url import parse_url
-from .adapter import HEADER_ATTEMPTS, HEADER_DEAD_LETTER_REASON, HEADER_DEAD_LETTER_SOURCE, HEADER_REPLY_TO
+from .adapter import (
+    HEADER_ATTEMPTS,
+    HEADER_DEAD_LETTER_HISTORY,
+    HEADER_DEAD_LETTER_REASON,
+    HEADER_DEAD_LETTER_SOURCE,
+    HEADER_REPLY_TO,
+)
 from .errors import ConfigError
 
 __all__ = [

@@ -32,6 +32,9 @@ class Capabilities:
     counts_deliveries: bool = False
     native_delivery_limit: int | None = None  # deliveries after which the broker dead-letters by itself
     ack_delay: float = 0.0  # seconds an ack handed to the adapter may wait before it is durable
+    # Seconds within which a send repeating a message id (a retry after a timeout) is stored once
+    # (``msgbus.adapter.dedup_key``); None: every send is stored.
+    dedup_window: float | None = None
 
     def as_dict(self) -> dict[str, object]:
         """Every capability by name, for reports (``msgbus contract`` prints them)."""
@@ -56,6 +59,8 @@ def has(caps: Capabilities, name: str) -> bool:
         return caps.ordering == "per_key"
     if name == "persistence":
         return caps.persistence != "none"
+    if name == "dedup_window":
+        return bool(caps.dedup_window and caps.dedup_window > 0)
     if name not in _BOOL_FLAGS:
         raise ValueError(f"unknown capability {name!r}")
     return bool(getattr(caps, name))
@@ -90,4 +95,4 @@ def with_ordering(caps: Capabilities, asked: str | None, scheme: str) -> Capabil
             f"{scheme}:// cannot keep per-key order with these options (ordering=per_key); see the "
             "capability matrix (docs/capabilities.md) and the adapter's page for the options that do"
         )
-    return caps if asked == caps.ordering else replace(caps, ordering=asked)
+    return caps if asked == caps.ordering else replace(caps, ordering="none")

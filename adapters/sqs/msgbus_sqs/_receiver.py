@@ -7,6 +7,7 @@ client, the queue URLs and the dead-letter send), not the adapter itself.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -56,7 +57,7 @@ class Link(Protocol):
 
     async def recover(self, endpoint: Endpoint, where: Resolved) -> None: ...
 
-    async def send_raw(self, queue_url: str, record: Record) -> None: ...
+    async def send_raw(self, queue_url: str, record: Record, dedup: str | None = None) -> None: ...
 
     def forget(self, receiver: SqsReceiver) -> None: ...
 
@@ -293,12 +294,14 @@ class SqsDelivery(Delivery):
         assert dlq is not None
         source = Topology.base(receiver.endpoint)
         record = dead_letter_record(self.record, reason, self.attempt, source)
+        # Back to the end of the dead-letter queue it came from: a new message there, not a repeat of itself.
+        dedup = hashlib.sha256(self._receipt.encode()).hexdigest() if receiver.endpoint.dead_letter else None
         try:
             try:
-                await receiver._adapter.send_raw(dlq, record)
+                await receiver._adapter.send_raw(dlq, record, dedup)
             except MessageTooLarge:  # the reason pushed a near-limit message over: keep its start only
                 dead = dead_letter_record(self.record, reason[:200], self.attempt, source)
-                await receiver._adapter.send_raw(dlq, dead)
+                await receiver._adapter.send_raw(dlq, dead, dedup)
         except BaseException:  # not moved: it comes back when its lock ends, and what is held behind it now
             if receiver.hold is not None:
                 await give_back(receiver.hold.released(self))
