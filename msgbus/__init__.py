@@ -12,7 +12,8 @@ from typing import Any
 from . import errors
 from ._batch import BatchHandler, BatchMiddleware, BatchResult
 from ._bus import Bus, Consumer, Producer, Publisher, Subscriber
-from ._capabilities import Capabilities, require, with_ordering
+from ._capabilities import Capabilities, require
+from ._capabilities import with_ordering as _with_ordering
 from ._config import resolve
 from ._message import Message, Outgoing
 from ._redrive import Redriven
@@ -77,7 +78,7 @@ def connect(url: str | None = None, *, profile: str | None = None, **options: An
     reader.finish()
     if not isinstance(adapter, msgbus_adapter.Adapter):
         raise ConfigError(f"the adapter for {parsed.scheme}:// is not a msgbus.adapter.Adapter")
-    adapter.capabilities = with_ordering(adapter.capabilities, ordering, parsed.scheme)
+    adapter.capabilities = _with_ordering(adapter.capabilities, ordering, parsed.scheme)
     return Bus(adapter, parsed, create_topology=topology == "declare", options=reader.used())
 
 
