@@ -88,10 +88,16 @@ class SqsReceiver(Receiver):
         """Long-poll up to ``timeout`` seconds (whole seconds, at most ``wait_time``), then top up without waiting.
 
         Topping up stops after a quarter of the visibility timeout, so the first messages are still locked when
-        the core starts extending them. On a FIFO queue what is fetched goes through the ``KeyHold``: a group's
-        later messages wait in this receiver (their locks extended with the first's) until the one before is
-        settled, and those whose turn came are returned first, without a call. While some wait, the poll does
-        not wait on SQS but on them.
+        the core starts extending them.
+
+        On a FIFO queue each call takes one message (the top-up makes up to 10 such calls at once): SQS then never
+        hands this consumer a group's next message while it holds one, so a message waiting behind its key is
+        never received, and its receive count (the delivery limit's count) grows only when it is handled. A call
+        of 10 would take a group's next messages too, counting a receive for each every time the first came back
+        (a poison message's key-mates reached the limit behind it). What is fetched still goes through the
+        ``KeyHold``, the per-key hold every ordering adapter shares: a group's later message, should the endpoint
+        hand one out anyway, waits in this receiver (locks extended with the first's) until the one before is
+        settled, and those whose turn came are returned first, without a call.
         """
         if self._closed:
             raise ClosedError(f"{self!r} is closed")
@@ -109,7 +115,7 @@ class SqsReceiver(Receiver):
         """ReceiveMessage: one long poll of up to ``timeout`` seconds, then calls without waiting to top it up."""
         wait = min(self._o.wait_time, whole_seconds(timeout, self._o.wait_time))
         where, url = await self._where()
-        asked = min(BATCH_MAX, max_messages)
+        asked = 1 if self._o.fifo else min(BATCH_MAX, max_messages)
         try:
             out = await self._receive_call(url, asked, wait)
         except TopologyError as exc:
@@ -123,7 +129,7 @@ class SqsReceiver(Receiver):
         got = len(out)
         while got == asked and len(out) < max_messages and loop.time() < top_up_until:
             asked = min(BATCH_MAX, max_messages - len(out))
-            sizes = [asked]
+            sizes = [1] * asked if self._o.fifo else [asked]
             results = await asyncio.gather(*(self._receive_call(url, n, 0) for n in sizes), return_exceptions=True)
             more = [d for r in results if isinstance(r, list) for d in r]
             out.extend(more)
