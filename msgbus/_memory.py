@@ -4,7 +4,7 @@
 process that names the same namespace shares its queues, topics and subscriptions. Nothing survives
 the process. Options: ``visibility_timeout`` (seconds a received message stays leased, default 30),
 ``max_message_size`` (bytes, default 1 MiB) and ``dedup_window`` (seconds a send repeating a message id is
-dropped, default 60, at most the last ``DEDUP_REMEMBERED`` ids per queue; 0 turns it off).
+dropped, at most the last ``DEDUP_REMEMBERED`` ids per queue; default 0: off, as on most brokers).
 
 Design notes. All state of a namespace is guarded by one ``threading.Lock`` (the sync facade runs
 the core on another thread's loop). No asyncio object lives in the shared state longer than one
@@ -464,7 +464,7 @@ class MemoryAdapter(Adapter):
         namespace: _Namespace,
         visibility_timeout: float,
         max_message_size: int,
-        dedup_window: float = 60.0,
+        dedup_window: float = 0.0,
     ) -> None:
         self.url = url
         self.visibility_timeout = visibility_timeout
@@ -640,5 +640,5 @@ def create(url: BusURL, options: OptionReader) -> Adapter:
         raise ConfigError("memory:// takes only a namespace name, e.g. memory://tests")
     visibility_timeout = options.float("visibility_timeout", 30.0, min=0.001)
     max_message_size = options.int("max_message_size", 1_048_576, min=1)
-    dedup_window = options.float("dedup_window", 60.0, min=0.0)
+    dedup_window = options.float("dedup_window", 0.0, min=0.0)
     return MemoryAdapter(url, _namespace(url.host or ""), visibility_timeout, max_message_size, dedup_window)

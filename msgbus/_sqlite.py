@@ -665,7 +665,7 @@ class SqliteAdapter(Adapter):
         synchronous: str,
         busy_timeout: float,
         max_message_size: int,
-        dedup_window: float = 60.0,
+        dedup_window: float = 0.0,
     ) -> None:
         self.url = url
         self.path = path
@@ -950,5 +950,5 @@ def create(url: BusURL, options: OptionReader) -> Adapter:
         synchronous=options.choice("synchronous", "normal", ("normal", "full")),
         busy_timeout=options.float("busy_timeout", 10.0, min=0.0),
         max_message_size=options.int("max_message_size", 1_048_576, min=1),
-        dedup_window=options.float("dedup_window", 60.0, min=0.0),
+        dedup_window=options.float("dedup_window", 0.0, min=0.0),
     )
