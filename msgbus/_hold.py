@@ -21,11 +21,14 @@ from ._waits import wait_set
 
 class _Keyed(Protocol):
     @property
+    def id(self) -> str: ...
+
+    @property
     def key(self) -> str | None: ...
 
 
 class _Delivery(Protocol):
-    """What the hold reads of a delivery (``msgbus.adapter.Delivery``): its record's key."""
+    """What the hold reads of a delivery (``msgbus.adapter.Delivery``): its record's key and id."""
 
     @property
     def record(self) -> _Keyed: ...
@@ -49,7 +52,9 @@ class KeyHold(Generic[D]):
     - ``drain()`` when it stops (``Receiver.release``, ``close``): everything held or ready, in fetch order, to
       give back. Deliveries already out stay with the core, which settles them as usual.
 
-    Settling is recognised by identity and is idempotent: only the delivery that is out for a key moves it on.
+    Settling is recognised by identity and is idempotent: only the delivery that is out for a key moves it on. A
+    message the broker delivers again (same record id) replaces its earlier delivery: the broker took that one back
+    (its lock expired, an ``async for`` caller never settled it), so the earlier handle is stale and never settles.
     """
 
     def __init__(self) -> None:
@@ -70,12 +75,17 @@ class KeyHold(Generic[D]):
             key = d.record.key
             if key is None:
                 out.append(d)
-            elif key not in self._out:
-                self._out[key] = d
+            elif key not in self._out or self._out[key].record.id == d.record.id:
+                self._out[key] = d  # new, or the one out delivered again
                 out.append(d)
             else:
-                self._held.setdefault(key, deque()).append(d)
-                self._count += 1
+                waiting = self._held.setdefault(key, deque())
+                again = [i for i, w in enumerate(waiting) if w.record.id == d.record.id]
+                if again:
+                    waiting[again[0]] = d  # a held one delivered again: keep its place, the fresh handle
+                else:
+                    waiting.append(d)
+                    self._count += 1
         return out
 
     def ready(self, n: int) -> list[D]:

@@ -71,6 +71,20 @@ def test_drain_gives_back_everything_not_handed_out_and_frees_ready_keys() -> No
     assert hold.ready(10) == [b3]
 
 
+def test_a_message_delivered_again_replaces_its_stale_delivery() -> None:
+    """The broker took the head back (lock expired, never settled) and delivers it again: it goes out at once,
+    instead of waiting forever behind a handle that will never settle; a held one delivered again keeps its place."""
+    hold: KeyHold[_D] = KeyHold()
+    a1, a2 = _d(1, "a"), _d(2, "a")
+    hold.admit([a1, a2])
+    a1_again, a2_again = _D(Record(b"", "m1", key="a"), 2), _D(Record(b"", "m2", key="a"), 2)
+    assert hold.admit([a1_again, a2_again]) == [a1_again] and len(hold) == 1
+    hold.settled(a1)  # the stale handle: ignored
+    assert hold.ready(10) == []
+    hold.settled(a1_again)
+    assert hold.ready(10) == [a2_again]
+
+
 async def test_wait_returns_when_a_delivery_becomes_ready() -> None:
     hold: KeyHold[_D] = KeyHold()
     a1, a2 = _d(1, "a"), _d(2, "a")
