@@ -159,9 +159,11 @@ def _attempts(fields: Mapping[bytes, bytes], headers: dict[str, str]) -> int:
 
 
 def _entry_time(entry_id: bytes) -> float:
-    """The time in a stream entry id (``<milliseconds>-<sequence>``)."""
+    """The time in a stream entry id (``<milliseconds>-<sequence>``); 0 for one past ``TIMESTAMP_LIMIT`` (an
+    explicit ``XADD`` id can be any number)."""
     ms, _, _ = entry_id.partition(b"-")
-    return int(ms) / 1000 if ms.isdigit() else 0.0
+    seconds = int(ms) / 1000 if ms.isdigit() else 0.0
+    return seconds if seconds < TIMESTAMP_LIMIT else 0.0
 
 
 def _headers(raw: bytes) -> dict[str, str] | None:

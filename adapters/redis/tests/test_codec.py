@@ -122,3 +122,16 @@ def test_entries_in_the_older_format_are_still_read() -> None:
     record, attempts = decode(fields, b"9-0")
     assert record == Record(b"b", "m1", {"h": "v", "id": "x"}, "k", "c", "text/plain", 1.5)
     assert attempts == 2
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from([b"body", b"id", b"timestamp", b"headers", b"attempts", b"key"]) | st.binary(), st.binary()
+    ),
+    st.integers(min_value=0, max_value=2**48),
+)
+def test_any_entry_decodes_to_a_sound_record_that_round_trips(fields: dict[bytes, bytes], ms: int) -> None:
+    """Hostile or foreign fields never raise, and what they decode to is storable and reads back the same."""
+    record, attempts = decode(fields, f"{ms}-0".encode())
+    assert record.size() >= 0  # every text encodable, the timestamp a time
+    assert decode(encode(record, attempts), b"1-0") == (record, attempts)
