@@ -149,7 +149,7 @@ class SqsReceiver(Receiver):
                 WaitTimeSeconds=wait,
                 VisibilityTimeout=self._o.visibility_timeout,
                 MessageAttributeNames=["All"],
-                MessageSystemAttributeNames=["ApproximateReceiveCount"],
+                MessageSystemAttributeNames=["ApproximateReceiveCount", "SentTimestamp"],  # the time of foreign ones
             )
         return [self._delivery(url, m) for m in response.get("Messages") or []]
 
