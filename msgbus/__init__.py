@@ -13,14 +13,21 @@ from . import errors
 from ._batch import BatchHandler, BatchMiddleware, BatchResult
 from ._bus import Bus, Consumer, Producer, Publisher, Subscriber
 from ._capabilities import Capabilities, require
+from ._capabilities import with_ordering as _with_ordering
 from ._config import resolve
 from ._message import Message, Outgoing
-from ._redrive import HEADER_DEAD_LETTER_HISTORY, Redriven
+from ._redrive import Redriven
 from ._registry import factory, schemes
 from ._retry import RetryPolicy
 from ._runtime import Handler, Middleware
 from ._url import parse_url
-from .adapter import HEADER_ATTEMPTS, HEADER_DEAD_LETTER_REASON, HEADER_DEAD_LETTER_SOURCE, HEADER_REPLY_TO
+from .adapter import (
+    HEADER_ATTEMPTS,
+    HEADER_DEAD_LETTER_HISTORY,
+    HEADER_DEAD_LETTER_REASON,
+    HEADER_DEAD_LETTER_SOURCE,
+    HEADER_REPLY_TO,
+)
 from .errors import ConfigError
 
 __all__ = [
@@ -67,9 +74,11 @@ def connect(url: str | None = None, *, profile: str | None = None, **options: An
     topology = reader.choice("topology", "declare", ("declare", "verify"))
     make = factory(parsed.scheme)
     adapter = make(parsed, reader)
+    ordering = reader.str("ordering")  # None as well when the adapter read it itself (and declared from it)
     reader.finish()
     if not isinstance(adapter, msgbus_adapter.Adapter):
         raise ConfigError(f"the adapter for {parsed.scheme}:// is not a msgbus.adapter.Adapter")
+    adapter.capabilities = _with_ordering(adapter.capabilities, ordering, parsed.scheme)
     return Bus(adapter, parsed, create_topology=topology == "declare", options=reader.used())
 
 

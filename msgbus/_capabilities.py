@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Literal
 
-from .errors import CapabilityMissing
+from .errors import CapabilityMissing, ConfigError
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +32,9 @@ class Capabilities:
     counts_deliveries: bool = False
     native_delivery_limit: int | None = None  # deliveries after which the broker dead-letters by itself
     ack_delay: float = 0.0  # seconds an ack handed to the adapter may wait before it is durable
+    # Seconds within which a send repeating a message id (a retry after a timeout) is stored once
+    # (``msgbus.adapter.dedup_key``); None: every send is stored.
+    dedup_window: float | None = None
 
     def as_dict(self) -> dict[str, object]:
         """Every capability by name, for reports (``msgbus contract`` prints them)."""
@@ -56,6 +59,8 @@ def has(caps: Capabilities, name: str) -> bool:
         return caps.ordering == "per_key"
     if name == "persistence":
         return caps.persistence != "none"
+    if name == "dedup_window":
+        return bool(caps.dedup_window and caps.dedup_window > 0)
     if name not in _BOOL_FLAGS:
         raise ValueError(f"unknown capability {name!r}")
     return bool(getattr(caps, name))
@@ -72,3 +77,22 @@ def require(target: object, *names: str) -> None:
     missing = [n for n in names if not has(caps, n)]
     if missing:
         raise CapabilityMissing(f"backend {target!r} lacks required capability: {', '.join(missing)}")
+
+
+def with_ordering(caps: Capabilities, asked: str | None, scheme: str) -> Capabilities:
+    """``caps`` after the URL/profile option ``ordering`` (``none`` or ``per_key``; ``None``: not given).
+
+    ``per_key`` on a backend that does not declare it (with its other options) raises ``CapabilityMissing`` at
+    ``connect``; ``none`` declares no order even where the backend keeps one (Kafka partitions), so a service
+    configured without ordering is tested without it.
+    """
+    if asked is None:
+        return caps
+    if asked not in ("none", "per_key"):
+        raise ConfigError(f"option 'ordering' must be one of none, per_key; got {asked!r}")
+    if asked == "per_key" and caps.ordering != "per_key":
+        raise CapabilityMissing(
+            f"{scheme}:// cannot keep per-key order with these options (ordering=per_key); see the "
+            "capability matrix (docs/capabilities.md) and the adapter's page for the options that do"
+        )
+    return caps if asked == caps.ordering else replace(caps, ordering="none")

@@ -2,8 +2,9 @@
 
 ``memory://`` is the default namespace and ``memory://<name>`` a separate one; every adapter in the
 process that names the same namespace shares its queues, topics and subscriptions. Nothing survives
-the process. Options: ``visibility_timeout`` (seconds a received message stays leased, default 30)
-and ``max_message_size`` (bytes, default 1 MiB).
+the process. Options: ``visibility_timeout`` (seconds a received message stays leased, default 30),
+``max_message_size`` (bytes, default 1 MiB) and ``dedup_window`` (seconds a send repeating a message id is
+dropped, at most the last ``DEDUP_REMEMBERED`` ids per queue; default 0: off, as on most brokers).
 
 Design notes. All state of a namespace is guarded by one ``threading.Lock`` (the sync facade runs
 the core on another thread's loop). No asyncio object lives in the shared state longer than one
@@ -25,7 +26,17 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from ._url import BusURL, OptionReader
-from .adapter import Adapter, Capabilities, Delivery, Endpoint, Receiver, Record, dead_letter_record, deleted_queue
+from .adapter import (
+    Adapter,
+    Capabilities,
+    Delivery,
+    Endpoint,
+    Receiver,
+    Record,
+    dead_letter_record,
+    dedup_key,
+    deleted_queue,
+)
 from .errors import ClosedError, ConfigError, MessageTooLarge, TopologyError
 
 __all__ = ["MemoryAdapter", "create", "reset"]
@@ -33,6 +44,7 @@ __all__ = ["MemoryAdapter", "create", "reset"]
 _READY, _DELAYED, _BLOCKED, _LEASED, _GONE = range(5)
 _ACK, _NACK, _DEAD_LETTER = range(3)
 _FOREVER = float("inf")
+DEDUP_REMEMBERED = 100_000  # send ids a queue remembers for deduplication; older ones are forgotten first
 
 
 class _Message:
@@ -120,12 +132,17 @@ class _Store:
         self._lease_refs = 0  # message references held by lease entries, live or stale
         self._lease_no = itertools.count()
         self._keys: dict[str, deque[_Message]] = {}  # key -> its present messages, in send order
+        self._sent: dict[str, float] = {}  # dedup_key -> until when a send repeating it is dropped
+        self._sent_order: deque[tuple[float, str]] = deque()  # the same, oldest first
         self.waiters: set[_Waiter] = set()
 
     # -- adding ---------------------------------------------------------------------------------
 
-    def add(self, records: Sequence[Record], visible_at: float, now: float) -> None:
-        """Store records in send order (visible from ``visible_at``; 0 means now)."""
+    def add(self, records: Sequence[Record], visible_at: float, now: float, dedup: float = 0.0) -> None:
+        """Store records in send order (visible from ``visible_at``; 0 means now); with ``dedup`` seconds, not those
+        repeating a send of the last ``dedup`` seconds (``dedup_key``)."""
+        if dedup:
+            records = self._unseen(records, now, dedup)
         ready_append = self._ready.append
         ordered = self.ordered
         seq = self._seq
@@ -139,6 +156,23 @@ class _Store:
                 self._add_slow(msg, visible_at, now)
         self.count += seq - self._seq
         self._seq = seq
+
+    def _unseen(self, records: Sequence[Record], now: float, window: float) -> list[Record]:
+        """The records whose ``dedup_key`` was not sent within its window, remembered from now on for ``window``."""
+        sent, order = self._sent, self._sent_order
+        while order and (order[0][0] <= now or len(order) > DEDUP_REMEMBERED):
+            until, key = order.popleft()
+            if sent.get(key) == until:
+                del sent[key]
+        out: list[Record] = []
+        for r in records:
+            key = dedup_key(r)
+            if sent.get(key, 0.0) > now:
+                continue
+            sent[key] = now + window
+            order.append((now + window, key))
+            out.append(r)
+        return out
 
     def _add_slow(self, msg: _Message, visible_at: float, now: float) -> None:
         if msg.key is not None:
@@ -424,10 +458,18 @@ class MemoryAdapter(Adapter):
 
     coalesce_sends = False  # send never waits: there is nothing to share
 
-    def __init__(self, url: BusURL, namespace: _Namespace, visibility_timeout: float, max_message_size: int) -> None:
+    def __init__(
+        self,
+        url: BusURL,
+        namespace: _Namespace,
+        visibility_timeout: float,
+        max_message_size: int,
+        dedup_window: float = 0.0,
+    ) -> None:
         self.url = url
         self.visibility_timeout = visibility_timeout
         self.max_message_size = max_message_size
+        self.dedup_window = dedup_window
         self.capabilities = Capabilities(
             ordering="per_key",
             delayed_delivery=True,
@@ -441,6 +483,7 @@ class MemoryAdapter(Adapter):
             lock_duration=visibility_timeout,
             restartable=False,
             counts_deliveries=True,  # every lease counts, expired or released
+            dedup_window=dedup_window or None,
         )
         self._ns = namespace
         self._closed = False
@@ -504,7 +547,7 @@ class MemoryAdapter(Adapter):
             now = time.monotonic()
             visible_at = now + delay if delay and delay > 0 else 0.0
             for store in self._targets(endpoint):
-                store.add(records, visible_at, now)
+                store.add(records, visible_at, now, self.dedup_window)
                 store.notify()
 
     async def receiver(self, endpoint: Endpoint, prefetch: int) -> Receiver:
@@ -590,11 +633,12 @@ def reset(namespace: str | None = None) -> None:
 
 
 def create(url: BusURL, options: OptionReader) -> Adapter:
-    """Entry point for ``memory://[namespace]``; reads ``visibility_timeout`` and ``max_message_size``."""
+    """Entry point for ``memory://[namespace]``; reads its options (see the module docstring)."""
     if url.path not in ("", "/"):
         raise ConfigError(f"{url.redacted!r}: memory:// takes no path; name a namespace as memory://<name>")
     if url.port is not None or url.username is not None or url.password is not None:
         raise ConfigError("memory:// takes only a namespace name, e.g. memory://tests")
     visibility_timeout = options.float("visibility_timeout", 30.0, min=0.001)
     max_message_size = options.int("max_message_size", 1_048_576, min=1)
-    return MemoryAdapter(url, _namespace(url.host or ""), visibility_timeout, max_message_size)
+    dedup_window = options.float("dedup_window", 0.0, min=0.0)
+    return MemoryAdapter(url, _namespace(url.host or ""), visibility_timeout, max_message_size, dedup_window)

@@ -18,13 +18,13 @@ from typing import Any
 from ._message import Message
 from .adapter import (
     HEADER_ATTEMPTS,
+    HEADER_DEAD_LETTER_HISTORY,
     HEADER_DEAD_LETTER_REASON,
     HEADER_DEAD_LETTER_SOURCE,
     Endpoint,
     Record,
 )
 
-HEADER_DEAD_LETTER_HISTORY = "x-msgbus-dead-letter-history"
 HEADER_REDRIVE_SUBSCRIPTION = "x-msgbus-redrive-subscription"
 MAX_HISTORY = 5  # deaths remembered per message (each reason is at most 1024 characters)
 BATCH = 100  # dead letters read, sent back and acked per round

@@ -37,7 +37,7 @@ from typing import Any, Final, NamedTuple, TypeVar
 
 from ._capabilities import Capabilities
 from ._url import BusURL, OptionReader
-from .adapter import Adapter, Delivery, Endpoint, Receiver, Record, dead_letter_record, deleted_queue
+from .adapter import Adapter, Delivery, Endpoint, Receiver, Record, dead_letter_record, dedup_key, deleted_queue
 from .errors import (
     BrokerError,
     ClosedError,
@@ -83,8 +83,20 @@ CREATE TABLE IF NOT EXISTS msgbus_messages (
 );
 CREATE INDEX IF NOT EXISTS msgbus_messages_ready ON msgbus_messages (endpoint, seq, visible_at);
 CREATE INDEX IF NOT EXISTS msgbus_messages_key ON msgbus_messages (endpoint, key, seq) WHERE key IS NOT NULL;
+CREATE TABLE IF NOT EXISTS msgbus_sent (
+    endpoint INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    until REAL NOT NULL,
+    PRIMARY KEY (endpoint, key)
+) WITHOUT ROWID;
 """
 
+# Send deduplication (``dedup_window``): a key sent to an endpoint, and until when a repeat of it is dropped.
+_SENT: Final = "SELECT 1 FROM msgbus_sent WHERE endpoint = ? AND key = ? AND until > ?"
+_REMEMBER: Final = (
+    "INSERT INTO msgbus_sent (endpoint, key, until) VALUES (?, ?, ?)"
+    " ON CONFLICT (endpoint, key) DO UPDATE SET until = excluded.until"
+)
 _INSERT: Final = (
     "INSERT INTO msgbus_messages (endpoint, visible_at, lease, attempts, id, body, headers, key,"
     " correlation_id, content_type, timestamp) VALUES (?, ?, NULL, 0, ?, ?, ?, ?, ?, ?, ?)"
@@ -174,6 +186,7 @@ class _Store:
     def __init__(self, path: str, synchronous: str, busy_timeout: float) -> None:
         self.conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None, cached_statements=64)
         self._ids: dict[_EndpointKey, int] = {}
+        self._sends = 0  # deduplicated sends, for pruning ``msgbus_sent``
         try:
             mode = self.conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
@@ -268,9 +281,30 @@ class _Store:
             return [int(r[0]) for r in rows]
         return [self.endpoint_id(endpoint, create=True)]
 
-    def send(self, endpoint: Endpoint, rows: Sequence[_Row], visible_at: float) -> list[int]:
+    def send(
+        self, endpoint: Endpoint, rows: Sequence[_Row], visible_at: float, dedup: tuple[list[str], float, float] | None
+    ) -> list[int]:
+        """Insert ``rows`` at each target; with ``dedup`` = (each row's ``dedup_key``, now, window), not those whose
+        key was sent to that target within its window (``msgbus_sent``, pruned of expired keys every 1000 sends)."""
         targets = self.targets(endpoint)
-        self.conn.executemany(_INSERT, [(t, visible_at, *row) for t in targets for row in rows])
+        if dedup is None:
+            self.conn.executemany(_INSERT, [(t, visible_at, *row) for t in targets for row in rows])
+            return targets
+        keys, now, window = dedup
+        self._sends += 1
+        if self._sends % 1000 == 0:
+            self.conn.execute("DELETE FROM msgbus_sent WHERE until <= ?", (now,))
+        for t in targets:
+            seen = {k for k in keys if self.conn.execute(_SENT, (t, k, now)).fetchone() is not None}
+            fresh: list[_Row] = []
+            remembered: list[tuple[int, str, float]] = []
+            for key, row in zip(keys, rows, strict=True):
+                if key not in seen:
+                    seen.add(key)  # a repeat within the batch too
+                    fresh.append(row)
+                    remembered.append((t, key, now + window))  # the window runs from the first send, as on SQS
+            self.conn.executemany(_INSERT, [(t, visible_at, *row) for row in fresh])
+            self.conn.executemany(_REMEMBER, remembered)
         return targets
 
     def lease(self, endpoint_id: int, limit: int, lease: int, now: float, until: float) -> list[_Row]:
@@ -631,9 +665,11 @@ class SqliteAdapter(Adapter):
         synchronous: str,
         busy_timeout: float,
         max_message_size: int,
+        dedup_window: float = 0.0,
     ) -> None:
         self.url = url
         self.path = path
+        self.dedup_window = dedup_window
         self.visibility_timeout = visibility_timeout
         self.poll_interval = poll_interval
         self.max_message_size = max_message_size
@@ -651,6 +687,7 @@ class SqliteAdapter(Adapter):
             lock_duration=visibility_timeout,
             restartable=False,
             counts_deliveries=True,  # every lease counts, expired or released
+            dedup_window=dedup_window or None,  # msgbus_sent
         )
         self._db: _DbThread | None = None
         self._closed = False
@@ -817,7 +854,11 @@ class SqliteAdapter(Adapter):
             return
         rows = [_encode(r) for r in records]
         pause = max(delay or 0.0, 0.0)
-        await self._call(lambda s, now: _with_ids(s.send(endpoint, rows, now + pause)))
+        window = self.dedup_window
+        keys = [dedup_key(r) for r in records] if window else []
+        await self._call(
+            lambda s, now: _with_ids(s.send(endpoint, rows, now + pause, (keys, now, window) if window else None))
+        )
 
     async def receiver(self, endpoint: Endpoint, prefetch: int) -> Receiver:
         """A receiver for a queue, a subscription or a dead-letter destination (created if missing)."""
@@ -909,4 +950,5 @@ def create(url: BusURL, options: OptionReader) -> Adapter:
         synchronous=options.choice("synchronous", "normal", ("normal", "full")),
         busy_timeout=options.float("busy_timeout", 10.0, min=0.0),
         max_message_size=options.int("max_message_size", 1_048_576, min=1),
+        dedup_window=options.float("dedup_window", 0.0, min=0.0),
     )

@@ -15,12 +15,14 @@ This module is the whole public kit for adapter authors: an adapter distribution
 from __future__ import annotations
 
 import abc
+import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from ._capabilities import Capabilities, has
+from ._hold import KeyHold
 from ._translate import ErrorRow, ErrorTable
 from ._url import REDACTED, BusURL, OptionReader, redact, url_from_connection_string
 from ._waits import wait_set
@@ -28,6 +30,7 @@ from .errors import CapabilityMissing, ConfigError, InvalidMessage
 
 __all__ = [
     "HEADER_ATTEMPTS",
+    "HEADER_DEAD_LETTER_HISTORY",
     "HEADER_DEAD_LETTER_REASON",
     "HEADER_DEAD_LETTER_SOURCE",
     "HEADER_REPLY_TO",
@@ -43,12 +46,14 @@ __all__ = [
     "Endpoint",
     "ErrorRow",
     "ErrorTable",
+    "KeyHold",
     "OptionReader",
     "Receiver",
     "Record",
     "content_type_from",
     "dead_letter_reason",
     "dead_letter_record",
+    "dedup_key",
     "deleted_queue",
     "has",
     "redact",
@@ -60,6 +65,8 @@ RESERVED_HEADER_PREFIX = "x-msgbus-"
 HEADER_DEAD_LETTER_REASON = "x-msgbus-dead-letter-reason"
 HEADER_DEAD_LETTER_SOURCE = "x-msgbus-dead-letter-source"
 HEADER_ATTEMPTS = "x-msgbus-attempts"
+#: Why a redriven message died before (``Bus.redrive``), a JSON list; ``msgbus.HEADER_DEAD_LETTER_HISTORY``.
+HEADER_DEAD_LETTER_HISTORY = "x-msgbus-dead-letter-history"
 #: The queue a request's reply goes to (``Bus.request``, ``Message.reply``); its reply carries the request's id as
 #: its correlation id.
 HEADER_REPLY_TO = "x-msgbus-reply-to"
@@ -145,6 +152,20 @@ def content_type_from(headers: Mapping[str, str]) -> str | None:
 
 
 _CONTENT_TYPE_NAME = re.compile("content[-_]?type", re.IGNORECASE)
+
+
+def dedup_key(record: Record) -> str:
+    """What a backend with send deduplication (``Capabilities.dedup_window``) recognises a repeated send by: the
+    message id, which a retried send repeats. A redriven message keeps its id but is a new send, not a repeat: its
+    key is a hash of the id and its dead-letter history (the same for a retried redrive). At most 64 characters of
+    ``[0-9a-f]`` or the id itself when that is printable ASCII of at most 128 (SQS's MessageDeduplicationId)."""
+    history = record.headers.get(HEADER_DEAD_LETTER_HISTORY)
+    if history is None and _DEDUP_SAFE.fullmatch(record.id):
+        return record.id
+    return hashlib.sha256(f"{record.id}\n{history or ''}".encode(errors="surrogatepass")).hexdigest()
+
+
+_DEDUP_SAFE = re.compile(r"[\x21-\x7e]{1,128}")
 
 
 def dead_letter_reason(text: str) -> str:

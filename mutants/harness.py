@@ -147,8 +147,8 @@ def _imports_from(root: Path, module: str) -> None:
 def embedded_url(backend: str, root: Path) -> str:
     """A fresh memory:// namespace or sqlite:// file, with the 1 s lock the unit contract tests use."""
     if backend == "memory":
-        return f"memory://mutant-{uuid.uuid4().hex[:8]}?visibility_timeout=1"
-    return f"sqlite:///{root}/contract.db?visibility_timeout=1"
+        return f"memory://mutant-{uuid.uuid4().hex[:8]}?visibility_timeout=1&dedup_window=60"
+    return f"sqlite:///{root}/contract.db?visibility_timeout=1&dedup_window=60"
 
 
 def run_mutant(

@@ -17,7 +17,7 @@ from msgbus.testing._runner import select
 
 class TestMemoryContract(ContractSuite):
     # A namespace of its own, and a short lease so the lock-expiry checks take seconds, not minutes.
-    url = f"memory://contract-{uuid.uuid4().hex[:8]}?visibility_timeout=1"
+    url = f"memory://contract-{uuid.uuid4().hex[:8]}?visibility_timeout=1&dedup_window=60"
 
 
 # The suite can fail: break one promise of the memory backend at a time and the check for it must say so.

@@ -17,7 +17,7 @@ class TestSqliteContract(ContractSuite):
     @pytest.fixture
     def contract_url(self, tmp_path: Path) -> str:
         # A fresh file per test; a short lease so the lock-expiry checks take seconds, not minutes.
-        return f"sqlite:///{tmp_path}/contract.db?visibility_timeout=1"
+        return f"sqlite:///{tmp_path}/contract.db?visibility_timeout=1&dedup_window=60"
 
 
 # The checks that kill a consumer process can fail: the consumer (a worker process) is broken one way at a

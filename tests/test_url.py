@@ -80,7 +80,12 @@ def test_option_reader_notes_what_each_option_ended_up_as() -> None:
 
 def test_bus_options_are_what_the_bus_runs_with() -> None:
     bus = msgbus.connect("memory://?visibility_timeout=2")
-    assert bus.options == {"topology": "declare", "visibility_timeout": "2.0", "max_message_size": "1048576"}
+    assert bus.options == {
+        "topology": "declare",
+        "visibility_timeout": "2.0",
+        "max_message_size": "1048576",
+        "dedup_window": "0.0",
+    }
 
 
 @pytest.mark.parametrize(

@@ -32,7 +32,14 @@ CAPS = [
     ("counts_deliveries", "counts deliveries (delivery limit)"),
     ("native_delivery_limit", "broker's own delivery limit"),
     ("ack_delay", "ack delay (s)"),
+    ("dedup_window", "send dedup window (s)"),
 ]
+
+
+def _column(name: str) -> str:
+    """A results file's column head: ``sqs`` -> ``sqs://``, ``sqs+ordering`` -> ``sqs://`` with ``ordering=per_key``."""
+    scheme, _, variant = name.partition("+")
+    return f"`{scheme}://`" + (" ordering=per_key" if variant == "ordering" else f" {variant}" if variant else "")
 
 
 def _latest(path: Path) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
@@ -73,7 +80,7 @@ def render(results: Path) -> str:
         "",
         "## Declared capabilities",
         "",
-        "| capability | " + " | ".join(f"`{n}://`" for n in names) + " |",
+        "| capability | " + " | ".join(_column(n) for n in names) + " |",
         "| --- |" + " --- |" * len(names),
     ]
     for field, label in CAPS:
@@ -86,7 +93,7 @@ def render(results: Path) -> str:
         "",
         "## Latest contract run",
         "",
-        "| promise | " + " | ".join(f"`{n}://`" for n in names) + " |",
+        "| promise | " + " | ".join(_column(n) for n in names) + " |",
         "| --- |" + " --- |" * len(names),
     ]
     for check in checks:

@@ -73,6 +73,7 @@ PHASES: list[dict[str, list[str]]] = [
             "integration/test_health.py",
             "integration/test_stats.py",
             "integration/test_delete.py",
+            "integration/test_interop_native.py",
             "integration/test_brokers.py",
         ],
     },

@@ -14,6 +14,7 @@ from ._checks_consumers import (
     check_per_key_ordering,
 )
 from ._checks_crash import check_acks_survive_crash, check_poison_kills_consumer
+from ._checks_dedup import check_send_dedup
 from ._checks_delivery import (
     check_ack_removes,
     check_at_least_once_after_crash,
@@ -82,4 +83,5 @@ CHECKS: tuple[Check, ...] = (
         lock_waits=3,
     ),
     Check("run_batch settles each message of a batch as told", check_run_batch, deadline=90, lock_waits=2),
+    Check("a send retried with the same id is delivered once", check_send_dedup, ("dedup_window",), deadline=60),
 )

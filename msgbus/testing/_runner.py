@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import time
 import traceback
 from collections.abc import Callable, Iterable
@@ -130,7 +131,8 @@ async def run_check(
     """Run one check with a fresh, opened bus on ``url`` under the check's total deadline.
 
     With ``$MSGBUS_CONTRACT_RESULTS`` naming a directory, the result and the backend's declared
-    capabilities are appended to ``<dir>/<scheme>.jsonl`` (the capability matrix is built from these).
+    capabilities are appended to ``<dir>/<scheme>.jsonl`` (the capability matrix is built from these), or to
+    ``<dir>/<scheme>+ordering.jsonl`` when the URL asks for ``ordering=per_key`` (a column of its own: SQS FIFO).
     """
     ctx = ContractContext(url=url, quick=quick, restart_broker=restart_broker, slug=check.slug)
     result = await _run_check(check, ctx)
@@ -147,7 +149,8 @@ async def run_check(
             "capabilities": caps,
             "at": time.time(),
         }
-        path = Path(directory) / f"{url.split('://', 1)[0]}.jsonl"
+        ordered = re.search(r"[?&]ordering=per_key(&|$)", url) is not None
+        path = Path(directory) / f"{url.split('://', 1)[0]}{'+ordering' if ordered else ''}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(line) + "\n")

@@ -13,6 +13,8 @@ from msgbus.errors import ConfigError
 
 Persistence = Literal["none", "process-crash", "disk"]
 
+# ``ordering=per_key`` as every adapter spells it; ``true``/``false`` as this adapter spelled it first.
+_ORDERING = ("none", "per_key", "true", "false")
 PUBSUB_MAX_MESSAGE = 10_000_000  # Pub/Sub's limit on one message (data + attributes + ordering key)
 # The declared limit on Record.size(): the adapter's own attributes and JSON escaping need some room.
 DEFAULT_MAX_MESSAGE_SIZE = PUBSUB_MAX_MESSAGE - 64 * 1024
@@ -73,7 +75,7 @@ def read_options(url: BusURL, reader: OptionReader) -> PubSubOptions:
         emulator_host=emulator,
         prefix=_prefix(reader.str("prefix", "") or ""),
         ack_deadline=math.ceil(ack),
-        ordering=reader.bool("ordering", False),
+        ordering=reader.choice("ordering", "none", _ORDERING) in ("per_key", "true"),
         max_delivery_attempts=attempts,
         max_message_size=reader.int("max_message_size", DEFAULT_MAX_MESSAGE_SIZE, min=1),
         persistence=_persistence(reader),

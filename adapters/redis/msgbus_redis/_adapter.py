@@ -232,19 +232,20 @@ class RedisAdapter(Adapter):
         if not records:
             return
         client, scripts = self.connected()
+        body = self.options.body_fields
         with translated(f"send to {endpoint}", publish=True, secrets=self.secrets):
             if delay is not None and delay > 0:
                 args: list[bytes | str | int] = [math.ceil(delay * 1000)]
                 for record in records:
-                    fields = flatten(encode(record))
+                    fields = flatten(encode(record, 0, body))
                     args += [len(fields), secrets.token_hex(8), *fields]
                 await scripts.send_delayed(keys=[r.send_delayed], args=args)
             elif len(records) == 1:
-                await client.xadd(r.send_stream, encode(records[0]))  # type: ignore[arg-type]
+                await client.xadd(r.send_stream, encode(records[0], 0, body))  # type: ignore[arg-type]
             else:
                 pipe = client.pipeline(transaction=False)
                 for record in records:
-                    pipe.xadd(r.send_stream, encode(record))  # type: ignore[arg-type]
+                    pipe.xadd(r.send_stream, encode(record, 0, body))  # type: ignore[arg-type]
                 await pipe.execute()
             if self.options.wait_replicas:
                 await self._wait_replicas(client)

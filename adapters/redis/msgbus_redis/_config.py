@@ -40,6 +40,7 @@ class RedisOptions:
     ssl_certfile: str | None
     ssl_keyfile: str | None
     ssl_check_hostname: bool
+    body_fields: tuple[bytes, ...] = (b"body",)
 
     def __repr__(self) -> str:
         return f"RedisOptions(host={self.host!r}, port={self.port}, db={self.db}, tls={self.tls})"
@@ -71,6 +72,7 @@ def read_options(url: BusURL, reader: OptionReader) -> RedisOptions:
         ssl_certfile=reader.str("ssl_certfile") if tls else None,
         ssl_keyfile=reader.str("ssl_keyfile") if tls else None,
         ssl_check_hostname=reader.bool("ssl_check_hostname", True) if tls else False,
+        body_fields=_body_fields(reader.str("body_fields", "body") or "body"),
     )
     if options.max_message_size > REDIS_MAX_BULK // 2:
         raise ConfigError(f"option 'max_message_size' must be <= {REDIS_MAX_BULK // 2} (Redis strings hold 512 MiB)")
@@ -92,6 +94,26 @@ def _prefix(value: str) -> str:
     if "{" in value or "}" in value or any(c.isspace() for c in value):
         raise ConfigError(f"option 'prefix' must not contain braces or spaces, got {value!r}")
     return value
+
+
+# Fields with a meaning of their own in the stream entry convention (``_codec``): never the body.
+_NOT_BODY = frozenset({"id", "key", "headers", "timestamp", "correlation-id", "correlation_id", "attempts"})
+
+
+def _body_fields(value: str) -> tuple[bytes, ...]:
+    """``body_fields``: the comma-separated names of the field that holds an entry's body, first match wins;
+    msgbus writes the body under the first."""
+    names = tuple(name.strip() for name in value.split(","))
+    for name in names:
+        low = name.lower()
+        if (
+            not name
+            or low in _NOT_BODY
+            or low.startswith("x-msgbus-")
+            or low.replace("_", "").replace("-", "") == "contenttype"
+        ):
+            raise ConfigError(f"option 'body_fields' must name fields other than msgbus's own, got {value!r}")
+    return tuple(dict.fromkeys(name.encode() for name in names))
 
 
 def _persistence(reader: OptionReader) -> Persistence:

@@ -23,9 +23,9 @@ from msgbus.adapter import (
     Record,
     dead_letter_record,
 )
-from msgbus.errors import ClosedError, DecodeError
+from msgbus.errors import ClosedError
 
-from ._codec import BODY, decode, encode, flatten
+from ._codec import decode, encode, flatten
 from ._config import RedisOptions
 from ._errors import is_nogroup, translated
 from ._names import GroupSpec, Route
@@ -158,17 +158,11 @@ class RedisReceiver(Receiver):
     async def _deliveries(self, entries: Sequence[tuple[str, bytes, Mapping[bytes, bytes], int]]) -> list[Delivery]:
         """Entry ids stay bytes for the acks (redis-py then sends them as they are) and are ``str`` in ``raw``."""
         out: list[Delivery] = []
+        body_fields = self._options.body_fields
         for stream, rid, fields, deliveries in entries:
-            raw = StreamEntry(stream, rid.decode(), fields)
-            try:
-                record, before = decode(fields)
-            except DecodeError as exc:
-                # Not a msgbus entry (or damaged): handed on with its problem, the core dead-letters it.
-                body = bytes(fields.get(BODY, b""))
-                problem = f"malformed stream entry {raw.entry_id}: {exc}"
-                out.append(RedisDelivery(self, Record(body=body, id=raw.entry_id), deliveries, raw, rid, problem))
-                continue
-            out.append(RedisDelivery(self, record, before + deliveries, raw, rid))
+            # Any entry is deliverable (``_codec``): one written by other code gets the field convention.
+            record, before = decode(fields, rid, body_fields)
+            out.append(RedisDelivery(self, record, before + deliveries, StreamEntry(stream, rid.decode(), fields), rid))
         return out
 
     # -- settling (called by RedisDelivery) ---------------------------------------------------------
@@ -211,7 +205,9 @@ class RedisReceiver(Receiver):
 
     async def _nack(self, d: RedisDelivery, delay: float | None) -> None:
         r = self._route
-        await self._settle(d, r.retry_stream, r.retry_delayed, delay, encode(d.record, attempts=d.attempt))
+        await self._settle(
+            d, r.retry_stream, r.retry_delayed, delay, encode(d.record, d.attempt, self._options.body_fields)
+        )
         if delay is not None and delay > 0:
             # Wake up in time to move it back even if nothing else is going on.
             loop = asyncio.get_running_loop()
@@ -220,7 +216,7 @@ class RedisReceiver(Receiver):
     async def _dead_letter(self, d: RedisDelivery, reason: str) -> None:
         r = self._route
         record = dead_letter_record(d.record, reason, d.attempt, self._source)
-        await self._settle(d, r.dead_letter_stream, r.retry_delayed, None, encode(record))
+        await self._settle(d, r.dead_letter_stream, r.retry_delayed, None, encode(record, 0, self._options.body_fields))
 
     async def _extend(self, d: RedisDelivery) -> None:
         _, scripts = self._adapter.connected()

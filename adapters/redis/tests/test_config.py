@@ -119,3 +119,11 @@ def test_translated_chains_the_cause_and_removes_secrets() -> None:
         raise rx.ConnectionError("could not auth with hunter2")
     assert "hunter2" not in str(info.value)
     assert isinstance(info.value.__cause__, rx.ConnectionError)
+
+
+def test_body_fields_option() -> None:
+    assert _adapter("redis://").options.body_fields == (b"body",)
+    assert _adapter("redis://?body_fields=data,%20payload,data").options.body_fields == (b"data", b"payload")
+    for bad in ("id", "body,", "Content-Type", "x-msgbus-prior-attempts", "headers"):
+        with pytest.raises(ConfigError, match="body_fields"):
+            _adapter(f"redis://?body_fields={bad}")

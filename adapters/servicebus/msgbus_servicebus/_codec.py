@@ -1,10 +1,13 @@
 """Record <-> Service Bus message. Pure: no I/O, unit-tested without a broker.
 
-Body, message id, correlation id and content type map to the message's own fields; headers are
-application properties. The key, the exact send timestamp and the attempts made before a delayed
-nack's re-sent copy travel as private application properties (``x-msgbus-`` names, which user headers
-cannot use). Dead-lettered messages are read back with Service Bus' ``DeadLetterReason`` and
-``DeadLetterErrorDescription`` as the msgbus dead-letter headers.
+Body, message id, correlation id and content type map to the message's own fields, the key to its partition
+key, the timestamp to its AMQP ``creation-time`` (milliseconds); headers are application properties, one each.
+Only what Service Bus has no field for travels as a private application property (``x-msgbus-`` names, which
+user headers cannot use): the attempts made before a delayed nack's re-sent copy, and a key the partition key
+cannot hold (empty, or over 128 characters). Messages written by other code are read the same way; one without
+a message id gets its sequence number, without a creation time its enqueued time. The key and timestamp
+properties earlier versions wrote are still read. Dead-lettered messages are read back with Service Bus'
+``DeadLetterReason`` and ``DeadLetterErrorDescription`` as the msgbus dead-letter headers.
 """
 
 from __future__ import annotations
@@ -16,11 +19,19 @@ from typing import Any
 from azure.servicebus import ServiceBusMessage, ServiceBusReceivedMessage
 from azure.servicebus.amqp import AmqpMessageBodyType
 
-from msgbus.adapter import HEADER_ATTEMPTS, HEADER_DEAD_LETTER_REASON, HEADER_DEAD_LETTER_SOURCE, Endpoint, Record
+from msgbus.adapter import (
+    HEADER_ATTEMPTS,
+    HEADER_DEAD_LETTER_REASON,
+    HEADER_DEAD_LETTER_SOURCE,
+    TIMESTAMP_LIMIT,
+    Endpoint,
+    Record,
+)
 from msgbus.errors import DecodeError
 
-KEY = "x-msgbus-key"
-TIMESTAMP = "x-msgbus-timestamp"
+KEY = "x-msgbus-key"  # only for a key the partition key cannot hold
+TIMESTAMP = "x-msgbus-timestamp"  # read only: earlier versions wrote the exact timestamp here
+MAX_PARTITION_KEY = 128  # characters (the service's and the SDK's limit)
 PRIOR_ATTEMPTS = "x-msgbus-prior-attempts"  # deliveries before a delayed nack re-sent the message
 _PRIVATE = frozenset({KEY, TIMESTAMP, PRIOR_ATTEMPTS})
 DL_REASON = "DeadLetterReason"
@@ -32,18 +43,24 @@ _ATTEMPTS_TEXT = re.compile(r"after (\d+) attempt")
 def encode(record: Record, prior_attempts: int = 0) -> ServiceBusMessage:
     """The message to send for ``record`` (``prior_attempts``: deliveries already made, for a re-sent copy)."""
     props: dict[str | bytes, Any] = {k: v for k, v in record.headers.items()}
-    props[TIMESTAMP] = repr(record.timestamp)
-    if record.key is not None:
-        props[KEY] = record.key
+    key = record.key
+    native_key = key is not None and 0 < len(key) <= MAX_PARTITION_KEY
+    if key is not None and not native_key:
+        props[KEY] = key
     if prior_attempts:
         props[PRIOR_ATTEMPTS] = str(prior_attempts)
-    return ServiceBusMessage(
+    message = ServiceBusMessage(
         record.body,
         message_id=record.id,
         correlation_id=record.correlation_id,
         content_type=record.content_type,
+        partition_key=key if native_key else None,
         application_properties=props,
     )
+    properties = message.raw_amqp_message.properties
+    if properties is not None:
+        properties.creation_time = round(record.timestamp * 1000)
+    return message
 
 
 def description(attempts: int) -> str:
@@ -97,7 +114,7 @@ def read(msg: ServiceBusReceivedMessage, endpoint: Endpoint) -> tuple[Record, in
         prior = 0
         problems.append(f"{PRIOR_ATTEMPTS}: {exc}")
     try:
-        timestamp = float(_text(text[TIMESTAMP])) if TIMESTAMP in text else _enqueued(msg)
+        timestamp = _timestamp(msg, text)
     except ValueError as exc:
         timestamp = _enqueued(msg)
         problems.append(f"{TIMESTAMP}: {exc}")
@@ -117,13 +134,29 @@ def read(msg: ServiceBusReceivedMessage, endpoint: Endpoint) -> tuple[Record, in
         body=body,
         id=str(msg.message_id) if msg.message_id is not None else str(msg.sequence_number),
         headers=headers,
-        key=_text(text[KEY]) if KEY in text else None,
+        key=_text(text[KEY]) if KEY in text else msg.partition_key,
         correlation_id=None if msg.correlation_id is None else str(msg.correlation_id),
         content_type=msg.content_type,
         timestamp=timestamp,
     )
     problem = f"malformed msgbus property on message {record.id}: {'; '.join(problems)}" if problems else None
     return record, attempt, problem
+
+
+def _timestamp(msg: ServiceBusReceivedMessage, props: Mapping[str, Any]) -> float:
+    """The creation time (the older ``x-msgbus-timestamp`` first), else the enqueued time; ``ValueError`` for a
+    value that is not a time."""
+    if TIMESTAMP in props:
+        value = float(_text(props[TIMESTAMP]))
+    else:
+        amqp = msg.raw_amqp_message.properties
+        created = None if amqp is None else amqp.creation_time
+        if created is None:
+            return _enqueued(msg)
+        value = int(created) / 1000
+    if not 0 <= value < TIMESTAMP_LIMIT:  # also false for NaN
+        raise ValueError(f"{value!r} is not a time in seconds since the epoch")
+    return value
 
 
 def _enqueued(msg: ServiceBusReceivedMessage) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -34,10 +35,27 @@ def _received(record: Record, *, prior: int = 0, delivery_count: int = 0, extra:
 
 def test_round_trip_keeps_everything() -> None:
     record = Record(
-        b"\x00body", "id-1", {"h": "v", "ünï": "✓", "empty": ""}, "k1", "corr", "application/json", 1234.5678
+        b"\x00body", "id-1", {"h": "v", "ünï": "✓", "empty": ""}, "k1", "corr", "application/json", 1234.567
     )
     got, attempt = _codec.decode(_received(record), QUEUE)
     assert got == record and attempt == 1
+    native = _codec.encode(record).raw_amqp_message
+    assert native.annotations == {b"x-opt-partition-key": "k1"}
+    assert native.properties is not None and native.properties.creation_time == 1234567
+    assert set(native.application_properties or {}) == {"h", "ünï", "empty"}  # nothing of msgbus's
+
+
+@pytest.mark.parametrize("key", ["", "k" * 129])
+def test_a_key_the_partition_key_cannot_hold_is_a_private_property(key: str) -> None:
+    record = Record(b"x", "id", key=key, timestamp=2.0)
+    assert (_codec.encode(record).application_properties or {})[_codec.KEY] == key
+    assert _codec.decode(_received(record), QUEUE)[0] == record
+
+
+def test_the_older_timestamp_and_key_properties_are_still_read() -> None:
+    record = Record(b"x", "id", timestamp=1.0)
+    got, _ = _codec.decode(_received(record, extra={_codec.TIMESTAMP: "1.2345678", _codec.KEY: "old"}), QUEUE)
+    assert (got.timestamp, got.key, got.headers) == (1.2345678, "old", {})
 
 
 def test_attempt_counts_deliveries_and_prior_attempts() -> None:
@@ -78,7 +96,8 @@ def test_round_trip_property(body: bytes, headers: dict[str, str], key: str | No
     headers.pop(_codec.DL_REASON, None)
     headers.pop(_codec.DL_DESCRIPTION, None)
     record = Record(body, "id", headers, key, None, None, timestamp)
-    assert _codec.decode(_received(record), QUEUE)[0] == record
+    # The AMQP creation time holds milliseconds.
+    assert _codec.decode(_received(record), QUEUE)[0] == replace(record, timestamp=round(timestamp * 1000) / 1000)
 
 
 @pytest.mark.parametrize(

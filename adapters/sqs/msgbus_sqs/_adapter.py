@@ -7,9 +7,7 @@ long poll holds no thread. See ``docs/adapters/sqs.md`` for the mapping, limits 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import re
 from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
 from typing import Any
@@ -24,6 +22,7 @@ from msgbus.adapter import (
     Endpoint,
     OptionReader,
     Record,
+    dedup_key,
     deleted_queue,
 )
 from msgbus.errors import (
@@ -49,7 +48,7 @@ log = logging.getLogger("msgbus.sqs")
 
 # Record.size() counts body and metadata; the JSON around them (names, quotes, timestamp) needs room too.
 METADATA_RESERVE = 1024
-_DEDUP_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
+SQS_DEDUP_WINDOW = 300.0  # FIFO queues and topics drop a repeated MessageDeduplicationId for 5 minutes
 _SEND_RETRIES = 3  # rounds for batch entries AWS failed on its side (not the sender's fault)
 
 
@@ -60,9 +59,9 @@ def create(url: BusURL, options: OptionReader) -> SqsAdapter:
 
 def _capabilities(o: SqsOptions) -> Capabilities:
     return Capabilities(
-        # FIFO keeps each key (MessageGroupId) in order, and the per-key check passes on the local endpoint,
-        # but the full contract with fifo=true is not green there yet (docs/adapters/sqs.md): not claimed.
-        ordering="none",
+        # FIFO: SQS hands a message group (= key) to one consumer at a time, the receiver's KeyHold keeps it one
+        # at a time in that consumer. ordering=none with fifo=true keeps FIFO queues (and their dedup) unclaimed.
+        ordering="per_key" if o.ordering == "per_key" else "none",
         delayed_delivery=not o.fifo,  # FIFO queues take no per-message DelaySeconds
         max_delay=SQS_MAX_DELAY,
         delayed_nack=True,  # ChangeMessageVisibility
@@ -76,12 +75,8 @@ def _capabilities(o: SqsOptions) -> Capabilities:
         exactly_once=False,
         counts_deliveries=True,  # ApproximateReceiveCount: every receive, expired or released ones included
         native_delivery_limit=o.max_receive_count or None,  # the redrive policy's maxReceiveCount
+        dedup_window=SQS_DEDUP_WINDOW if o.fifo else None,  # MessageDeduplicationId = dedup_key(record)
     )
-
-
-def _dedup_id(message_id: str) -> str:
-    """A FIFO deduplication id for ``message_id`` (the id itself when SQS accepts it)."""
-    return message_id if _DEDUP_ID.match(message_id) else hashlib.sha256(message_id.encode()).hexdigest()
 
 
 class SqsAdapter(Adapter):
@@ -264,7 +259,7 @@ class SqsAdapter(Adapter):
             entry["DelaySeconds"] = delay_seconds
         if self.options.fifo:
             entry["MessageGroupId"] = record.key if record.key else record.id
-            entry["MessageDeduplicationId"] = _dedup_id(record.id)
+            entry["MessageDeduplicationId"] = dedup_key(record)
         return size, entry
 
     async def _send_batch(self, endpoint: Endpoint, batch: list[dict[str, Any]]) -> None:
@@ -296,9 +291,12 @@ class SqsAdapter(Adapter):
                 f"sqs did not store {len(pending)} message(s) sent to {endpoint} after {_SEND_RETRIES} tries"
             )
 
-    async def send_raw(self, queue_url: str, record: Record) -> None:
-        """Send one record to a queue by URL (the dead-letter path); raises like ``send``."""
+    async def send_raw(self, queue_url: str, record: Record, dedup: str | None = None) -> None:
+        """Send one record to a queue by URL (the dead-letter path); raises like ``send``. On FIFO ``dedup`` replaces
+        the deduplication id (a dead letter put back at the end of its own dead-letter queue is no repeat)."""
         _, entry = self._entry(record, None, topic=False)
+        if dedup is not None and self.options.fifo:
+            entry["MessageDeduplicationId"] = dedup
         with translated("send to dead-letter queue", publish=True, secrets=self.options.secrets):
             await self.sqs.send_message(QueueUrl=queue_url, **entry)
 

@@ -34,6 +34,7 @@ class SqsOptions:
     profile: str | None
     prefix: str
     fifo: bool
+    ordering: str  # "per_key" (FIFO queues) or "none"
     visibility_timeout: int
     wait_time: int
     max_receive_count: int
@@ -67,6 +68,12 @@ def read_options(url: BusURL, reader: OptionReader) -> SqsOptions:
     secret_access_key = reader.str("secret_access_key")
     if (access_key_id is None) != (secret_access_key is None):
         raise ConfigError("options 'access_key_id' and 'secret_access_key' must be given together")
+    ordering = reader.str("ordering")
+    if ordering not in (None, "none", "per_key"):
+        raise ConfigError(f"option 'ordering' must be one of none, per_key; got {ordering!r}")
+    fifo = reader.bool("fifo", ordering == "per_key")  # ordering=per_key means FIFO queues
+    if ordering == "per_key" and not fifo:
+        raise ConfigError("ordering=per_key on SQS needs FIFO queues: drop fifo=false (ordering=per_key implies it)")
     options = SqsOptions(
         region=region,
         endpoint_url=_endpoint(reader.str("endpoint_url")),
@@ -75,7 +82,8 @@ def read_options(url: BusURL, reader: OptionReader) -> SqsOptions:
         session_token=reader.str("session_token"),
         profile=reader.str("profile"),
         prefix=_prefix(reader.str("prefix", "") or ""),
-        fifo=reader.bool("fifo", False),
+        fifo=fifo,
+        ordering=ordering or ("per_key" if fifo else "none"),
         visibility_timeout=reader.int("visibility_timeout", 30, min=1),
         wait_time=reader.int("wait_time", SQS_MAX_WAIT, min=0),
         max_receive_count=reader.int("max_receive_count", 50, min=0),

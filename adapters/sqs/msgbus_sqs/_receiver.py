@@ -1,11 +1,13 @@
 """Receiving from one SQS queue: long polls topped up to what the core asks for, and settling in batches of 10
-(deletes, visibility changes). The receiver holds a ``Link`` to its adapter (settings, the client, the queue
-URLs and the dead-letter send), not the adapter itself.
+(deletes, visibility changes). On a FIFO queue a ``KeyHold`` keeps each message group one at a time in this
+consumer (SQS keeps it with one consumer at a time). The receiver holds a ``Link`` to its adapter (settings, the
+client, the queue URLs and the dead-letter send), not the adapter itself.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -14,6 +16,7 @@ from typing import Any, Protocol
 from msgbus.adapter import (
     Delivery,
     Endpoint,
+    KeyHold,
     Receiver,
     Record,
     dead_letter_record,
@@ -54,7 +57,7 @@ class Link(Protocol):
 
     async def recover(self, endpoint: Endpoint, where: Resolved) -> None: ...
 
-    async def send_raw(self, queue_url: str, record: Record) -> None: ...
+    async def send_raw(self, queue_url: str, record: Record, dedup: str | None = None) -> None: ...
 
     def forget(self, receiver: SqsReceiver) -> None: ...
 
@@ -67,6 +70,8 @@ class SqsReceiver(Receiver):
         self._o = adapter.options
         self.endpoint = endpoint
         self._closed = False
+        # FIFO: a batch may hold several messages of one group (= key); the next goes out once the one before is done.
+        self.hold: KeyHold[SqsDelivery] | None = KeyHold() if self._o.fifo else None
         self._deleter = Batcher(self._flush_deletes, "delete")
         self._changer = Batcher(self._flush_visibility, "change-visibility")
 
@@ -82,13 +87,32 @@ class SqsReceiver(Receiver):
     async def receive(self, max_messages: int, timeout: float) -> list[Delivery]:
         """Long-poll up to ``timeout`` seconds (whole seconds, at most ``wait_time``), then top up without waiting.
 
-        On a FIFO queue each call takes one message, so a batch never holds two of one message group (SQS
-        hands out the next of a group only after the previous one is deleted or visible again); the top-up
-        makes up to 10 such calls at once. Topping up stops after a quarter of the visibility timeout, so
-        the first messages are still locked when the core starts extending them.
+        Topping up stops after a quarter of the visibility timeout, so the first messages are still locked when
+        the core starts extending them.
+
+        On a FIFO queue each call takes one message (the top-up makes up to 10 such calls at once): SQS then never
+        hands this consumer a group's next message while it holds one, so a message waiting behind its key is
+        never received, and its receive count (the delivery limit's count) grows only when it is handled. A call
+        of 10 would take a group's next messages too, counting a receive for each every time the first came back
+        (a poison message's key-mates reached the limit behind it). What is fetched still goes through the
+        ``KeyHold``, the per-key hold every ordering adapter shares: a group's later message, should the endpoint
+        hand one out anyway, waits in this receiver (locks extended with the first's) until the one before is
+        settled, and those whose turn came are returned first, without a call.
         """
         if self._closed:
             raise ClosedError(f"{self!r} is closed")
+        hold = self.hold
+        if hold is not None:
+            out = hold.ready(max_messages)
+            if not out and len(hold) < max(BATCH_MAX, max_messages):  # else enough is read ahead: wait for a turn
+                out = hold.admit(await self._fetch(max_messages, 0 if len(hold) else timeout))
+            if not out and len(hold) and await hold.wait(timeout):
+                out = hold.ready(max_messages)
+            return [*out]
+        return [*await self._fetch(max_messages, timeout)]
+
+    async def _fetch(self, max_messages: int, timeout: float) -> list[SqsDelivery]:
+        """ReceiveMessage: one long poll of up to ``timeout`` seconds, then calls without waiting to top it up."""
         wait = min(self._o.wait_time, whole_seconds(timeout, self._o.wait_time))
         where, url = await self._where()
         asked = 1 if self._o.fifo else min(BATCH_MAX, max_messages)
@@ -116,7 +140,7 @@ class SqsReceiver(Receiver):
                 break
         return out
 
-    async def _receive_call(self, url: str, max_messages: int, wait: int) -> list[Delivery]:
+    async def _receive_call(self, url: str, max_messages: int, wait: int) -> list[SqsDelivery]:
         """One ReceiveMessage call."""
         with translated(f"receive from {self.endpoint}", secrets=self._o.secrets):
             response = await self._adapter.sqs.receive_message(
@@ -125,7 +149,7 @@ class SqsReceiver(Receiver):
                 WaitTimeSeconds=wait,
                 VisibilityTimeout=self._o.visibility_timeout,
                 MessageAttributeNames=["All"],
-                MessageSystemAttributeNames=["ApproximateReceiveCount"],
+                MessageSystemAttributeNames=["ApproximateReceiveCount", "SentTimestamp"],  # the time of foreign ones
             )
         return [self._delivery(url, m) for m in response.get("Messages") or []]
 
@@ -144,10 +168,19 @@ class SqsReceiver(Receiver):
         """Delete several messages in batches of 10."""
         await asyncio.gather(*(d.ack() for d in deliveries))
 
+    async def release(self) -> None:
+        """Give back what the ``KeyHold`` holds (FIFO): made visible now, so the group goes on elsewhere in order."""
+        if self.hold is not None and len(self.hold):
+            await give_back(self.hold.drain())
+
     async def close(self) -> None:
         """Stop receiving and flush pending deletes; unsettled messages return when their visibility ends."""
         if self._closed:
             return
+        try:
+            await self.release()
+        except MsgbusError as exc:  # their visibility ends by itself
+            log.debug("msgbus: giving back held messages of %s failed: %s", self.endpoint, exc)
         self._closed = True
         await self._deleter.close()
         await self._changer.close()
@@ -169,6 +202,14 @@ class SqsReceiver(Receiver):
         with translated(f"change visibility on {self.endpoint}", secrets=self._o.secrets):
             response = await self._adapter.sqs.change_message_visibility_batch(QueueUrl=url, Entries=batch)
         return _failures(response, f"change visibility on {self.endpoint}")
+
+
+async def give_back(deliveries: Sequence[SqsDelivery]) -> None:
+    """Make held deliveries visible again at once (batched), in their order; raises the first failure."""
+    results = await asyncio.gather(*(d.change_visibility(0) for d in deliveries), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
 
 
 def _failures(response: Mapping[str, Any], action: str) -> dict[str, MsgbusError]:
@@ -205,25 +246,48 @@ class SqsDelivery(Delivery):
         return self.raw.queue_url
 
     async def ack(self) -> None:
-        """Delete the message (batched with concurrent acks); returns once SQS confirmed."""
-        await self._receiver._deleter.submit({"QueueUrl": self._url, "ReceiptHandle": self._receipt})
+        """Delete the message (batched with concurrent acks); returns once SQS confirmed. On FIFO the next message
+        of its group held here goes out only then; if the delete fails, those held go back to SQS with it."""
+        hold = self._receiver.hold
+        try:
+            await self._receiver._deleter.submit({"QueueUrl": self._url, "ReceiptHandle": self._receipt})
+        except BaseException:
+            if hold is not None:
+                await give_back(hold.released(self))
+            raise
+        if hold is not None:
+            hold.settled(self)
 
     async def nack(self, delay: float | None = None) -> None:
-        """Make it visible again now, or after ``delay`` seconds (rounded up; at most 12 hours)."""
-        seconds = whole_seconds(delay or 0.0, SQS_MAX_VISIBILITY)
-        await self._receiver._changer.submit(
-            {"QueueUrl": self._url, "ReceiptHandle": self._receipt, "VisibilityTimeout": seconds}
-        )
+        """Make it visible again now, or after ``delay`` seconds (rounded up; at most 12 hours). On FIFO the
+        messages of its group held behind it are made visible now too: SQS hands the group out again from this one,
+        once its delay has passed (a group waits while any of its messages is in flight)."""
+        hold = self._receiver.hold
+        behind = hold.released(self) if hold is not None else []
+        await asyncio.gather(self.change_visibility(delay or 0.0), give_back(behind))
 
-    async def extend(self, seconds: float) -> None:
-        """Keep it invisible ``seconds`` more from now; batched and not awaited (the core calls this often)."""
-        self._receiver._changer.submit_nowait(
+    async def change_visibility(self, seconds: float) -> None:
+        """ChangeMessageVisibility to ``seconds`` from now (rounded up; at most 12 hours), batched; waits for SQS."""
+        await self._receiver._changer.submit(
             {
                 "QueueUrl": self._url,
                 "ReceiptHandle": self._receipt,
                 "VisibilityTimeout": whole_seconds(seconds, SQS_MAX_VISIBILITY),
             }
         )
+
+    async def extend(self, seconds: float) -> None:
+        """Keep it, and on FIFO what is held behind it, invisible ``seconds`` more from now; batched and not awaited
+        (the core calls this often)."""
+        hold = self._receiver.hold
+        for d in [self, *(hold.behind(self) if hold is not None else ())]:
+            self._receiver._changer.submit_nowait(
+                {
+                    "QueueUrl": d._url,
+                    "ReceiptHandle": d._receipt,
+                    "VisibilityTimeout": whole_seconds(seconds, SQS_MAX_VISIBILITY),
+                }
+            )
 
     async def dead_letter(self, reason: str) -> None:
         """Send it to the dead-letter queue with the reason headers, then delete it here.
@@ -236,8 +300,16 @@ class SqsDelivery(Delivery):
         assert dlq is not None
         source = Topology.base(receiver.endpoint)
         record = dead_letter_record(self.record, reason, self.attempt, source)
+        # Back to the end of the dead-letter queue it came from: a new message there, not a repeat of itself.
+        dedup = hashlib.sha256(self._receipt.encode()).hexdigest() if receiver.endpoint.dead_letter else None
         try:
-            await receiver._adapter.send_raw(dlq, record)
-        except MessageTooLarge:  # the reason pushed a near-limit message over: keep its start only
-            await receiver._adapter.send_raw(dlq, dead_letter_record(self.record, reason[:200], self.attempt, source))
+            try:
+                await receiver._adapter.send_raw(dlq, record, dedup)
+            except MessageTooLarge:  # the reason pushed a near-limit message over: keep its start only
+                dead = dead_letter_record(self.record, reason[:200], self.attempt, source)
+                await receiver._adapter.send_raw(dlq, dead, dedup)
+        except BaseException:  # not moved: it comes back when its lock ends, and what is held behind it now
+            if receiver.hold is not None:
+                await give_back(receiver.hold.released(self))
+            raise
         await self.ack()
