@@ -760,8 +760,8 @@ class Consumer(Generic[T]):
                 else:
                     await self._dead_letter_undecodable(delivery, err)
                     continue
-            inbox.unsettled += 1
             out.append(Message(delivery, body, inbox))
+        inbox.held(out)
         return out
 
     async def _dead_letter_undecodable(self, delivery: Delivery, err: DecodeError) -> None:
@@ -929,7 +929,7 @@ class Consumer(Generic[T]):
         self._running = running = asyncio.get_running_loop().create_future()
         token = _RUNNING.set(self)  # the runtime's tasks inherit it: close() from a handler must not wait
         try:
-            await self._start(min(max(per_worker * concurrency, 16), MAX_PREFETCH))
+            await self._start(default_prefetch(self._bus._adapter, per_worker * concurrency))
             telemetry = self._bus._telemetry
             if telemetry is not None and not isinstance(handler, Batch):
                 # the span is outermost: middleware runs inside the message's trace
@@ -951,6 +951,12 @@ class Consumer(Generic[T]):
 _RUNNING: contextvars.ContextVar[Consumer[Any] | None] = contextvars.ContextVar("msgbus_running", default=None)
 MAX_PREFETCH = 1_000_000  # messages held unsettled: more is a typo, and overflows some backends' counters
 MAX_CONCURRENCY = 10_000  # handler tasks of one run()
+
+
+def default_prefetch(adapter: Adapter, needed: int) -> int:
+    """The prefetch ``run()`` uses when the user set none: the adapter's natural credit, or what ``needed`` (the
+    workers' share) asks for if more."""
+    return min(max(adapter.credit, needed, 1), MAX_PREFETCH)
 
 
 def _whole(value: object, low: int, high: int) -> bool:

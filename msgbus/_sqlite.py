@@ -621,6 +621,10 @@ class _SqliteReceiver(Receiver):
 class SqliteAdapter(Adapter):
     """A bus in one SQLite file. Task-safe; several adapters (in any processes) may share the file."""
 
+    # A lease is one write transaction on the file (a sync to disk) for up to this many rows; run() extends the
+    # leases it holds, and leased rows are rows a consumer in another process cannot take.
+    credit = 128
+
     def __init__(
         self,
         url: BusURL,

@@ -24,6 +24,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import OffsetAndMetadata
 
 from msgbus.adapter import (
+    PREFETCH_BYTES,
     Delivery,
     Endpoint,
     Receiver,
@@ -68,7 +69,7 @@ _FETCHED, _DELIVERED, _WAITING, _DONE = range(4)
 #: Bytes (keys and values) a receiver reads ahead at most, besides its ``3 * prefetch`` records: with large
 #: records the byte bound comes first. One fetch may pass it (by at most what aiokafka fetched in one go).
 #: Entries waiting for their commit note are a subset of these, so the notes' buffer is bounded too.
-READ_AHEAD_BYTES = 32 * 1024 * 1024
+READ_AHEAD_BYTES = PREFETCH_BYTES  # the kit's bound on what a consumer holds
 
 
 def _size(raw: Any) -> int:

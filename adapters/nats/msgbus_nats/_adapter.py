@@ -75,6 +75,10 @@ def _capabilities(options: NatsOptions, max_payload: int) -> Capabilities:
 class NatsAdapter(Adapter):
     """One NATS connection (reconnecting on its own) shared by every sender and receiver. Task-safe."""
 
+    # A pull batch: one JetStream fetch request asks for up to this many messages; run() extends the ack wait
+    # (+WPI) of those it holds, so a deep batch does not redeliver behind the handlers.
+    credit = 256
+
     coalesce_sends = True
 
     def __init__(self, url: BusURL, options: NatsOptions) -> None:
