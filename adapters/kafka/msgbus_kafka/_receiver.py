@@ -648,15 +648,17 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
                     n = e.attempts if exact else max(e.attempts, e.note)
                     if n:
                         attempts[o] = n
+                claims = range(0)
                 if not exact and part.next_offset is not None:
                     # Pre-notes: the next ``prefetch`` offsets, not fetched yet, as delivered once, so the records
                     # that arrive there are handed out at once (one record's latency without a commit's). After
-                    # a crash they count one attempt, like records read ahead; a hand-over (exact) drops them.
-                    ahead[tp] = part.next_offset + self.prefetch
-                    for o in range(part.next_offset, ahead[tp]):
-                        attempts.setdefault(o, 1)
+                    # a crash they count one attempt, like records read ahead (an earlier owner's higher count
+                    # wins); a hand-over (exact) drops them.
+                    claims = range(part.next_offset, part.next_offset + self.prefetch)
+                    ahead[tp] = claims.stop
                 settled = {o for o in part.settled | part.skip if o >= position}
-                offsets[tp] = OffsetAndMetadata(position, _codec.encode_notes(settled, attempts))
+                notes = _codec.encode_notes(settled, attempts, ahead=claims)
+                offsets[tp] = OffsetAndMetadata(position, notes)
                 part.dirty = False
             if not offsets:
                 return stored
