@@ -45,7 +45,7 @@ index) and fails loudly on a lost, duplicated or foreign message, so no figure c
   awaiting single sends. The messages are then drained and counted (untimed).
 - **consume**: 10,000 x 1 KiB preloaded, then a fresh process consumes them with ack (msgbus:
   `consumer.run(handler, concurrency=16)` with its default prefetch, the adapter's natural credit (`Adapter.credit`:
-  Kafka and Redis 512, RabbitMQ, PostgreSQL, SQLite and Pub/Sub 128, NATS, SQS and Service Bus 32 at C=16);
+  Kafka and Redis 512, RabbitMQ, PostgreSQL and Pub/Sub 128, NATS, SQLite, SQS and Service Bus 32 at C=16);
   the others get the same credit; rows marked "prefetch N" set it),
   timed from opening the consumer to the last handled message. **rss**: that process's peak RSS (VmHWM).
 - **latency**: one 1 KiB message every 2 ms (500/s), 1,000 measured after 100 unmeasured, from the `send` call

@@ -29,7 +29,7 @@ log = logging.getLogger("msgbus")
 
 T = TypeVar("T")
 
-FIRST_FETCH = 16  # messages asked for while their size is unknown (the byte bound needs a size to count with)
+FIRST_FETCH = 16  # messages ``take`` asks for while their size is unknown (the byte bound counts with a size)
 REMEMBERED = 10_000  # nacked ids an inbox remembers; forgetting one only costs its retry running alone
 
 #: One receive call on the backend, returning decoded messages: ``(max_messages, timeout) -> messages``.
@@ -108,7 +108,7 @@ class Inbox(Generic[T]):
         if free <= 0:
             return free
         if not self.mean_size:
-            return min(free, FIRST_FETCH)
+            return free  # ``take`` asks for FIRST_FETCH until a size is known; ``receive(n)`` gets its n
         if not self.unsettled:
             return max(1, min(free, PREFETCH_BYTES // self.mean_size))
         return min(free, (PREFETCH_BYTES - self.held_bytes) // self.mean_size)
@@ -144,7 +144,7 @@ class Inbox(Generic[T]):
                 if self.buffer or stop.is_set() or self.closed or wait <= 0:
                     continue
                 try:
-                    batch = await self.fetch(self.prefetch or 16, wait)
+                    batch = await self.fetch(self.prefetch or 16 if self.mean_size else FIRST_FETCH, wait)
                 except MsgbusError as err:
                     if not err.retryable:
                         raise

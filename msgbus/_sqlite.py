@@ -621,9 +621,11 @@ class _SqliteReceiver(Receiver):
 class SqliteAdapter(Adapter):
     """A bus in one SQLite file. Task-safe; several adapters (in any processes) may share the file."""
 
-    # A lease is one write transaction on the file (a sync to disk) for up to this many rows; run() extends the
-    # leases it holds, and leased rows are rows a consumer in another process cannot take.
-    credit = 128
+    # What run() needs for its workers (2 per worker), as before: run() extends each held lease with a write of
+    # its own every lock_duration / 3, so a deep buffer costs writes, and 20 consumers holding 128 each with
+    # visibility_timeout=1 could not keep their leases (the contract's competing-consumers check: 134 of 3000
+    # delivered twice). A lease is local: a larger fetch saves no round trip worth that.
+    credit = 16
 
     def __init__(
         self,
