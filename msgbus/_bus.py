@@ -954,9 +954,20 @@ MAX_CONCURRENCY = 10_000  # handler tasks of one run()
 
 
 def default_prefetch(adapter: Adapter, needed: int) -> int:
-    """The prefetch ``run()`` uses when the user set none: the adapter's natural credit, or what ``needed`` (the
-    workers' share) asks for if more."""
-    return min(max(adapter.credit, needed, 1), MAX_PREFETCH)
+    """The prefetch ``run()`` uses when the user set none: the adapter's natural credit, at most
+    ``CREDIT_PER_LOCK_SECOND`` per second of a lock that run() must extend, or what ``needed`` (the workers'
+    share) asks for if more."""
+    credit, caps = adapter.credit, adapter.capabilities
+    if caps.lock_extension and caps.lock_duration:
+        credit = min(credit, int(caps.lock_duration * CREDIT_PER_LOCK_SECOND))
+    return min(max(credit, needed, 1), MAX_PREFETCH)
+
+
+# run() extends the lock of every message it holds, buffered ones too, once per third of the lock duration: a
+# deep buffer behind a short lock is many extensions per period, and under load they fell behind (Redis at
+# visibility_timeout=2 with 512 held: 3 messages redelivered in the competing-consumers check). So the default
+# credit holds at most this many messages per second of lock (30 s locks: 600, 2 s: 40).
+CREDIT_PER_LOCK_SECOND = 20
 
 
 def _whole(value: object, low: int, high: int) -> bool:

@@ -203,3 +203,21 @@ async def test_run_defaults_to_the_adapters_credit() -> None:
         await once(bus, "many", 80)
         await once(bus, "set", 80, prefetch=7)
     assert seen == {"few": 100, "many": 160, "set": 7}
+
+
+async def test_default_credit_is_bounded_by_a_short_lock() -> None:
+    """Behind a 2 s lock the default credit holds at most 20 per second of it (40), or the workers' share."""
+    seen: list[int | None] = []
+    async with msgbus.connect("memory://?visibility_timeout=2") as bus:
+        bus.adapter.credit = 512
+        for name, concurrency in (("short", 4), ("wide", 64)):
+            await bus.producer(name).send(b"x")
+            consumer = bus.consumer(name)
+
+            async def handle(msg: Message[Any], consumer: msgbus.Consumer[Any] = consumer) -> None:
+                seen.append(consumer._inbox.prefetch)
+                consumer.stop()
+
+            await consumer.run(handle, concurrency=concurrency)
+            await consumer.close()
+    assert seen == [40, 128]
