@@ -14,7 +14,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 PEERS = ("raw", "kombu", "faststream")
-ORDER = ["memory", "sqlite", "rabbitmq", "redis", "kafka", "nats", "sqs", "pubsub", "servicebus"]
+ORDER = ["memory", "sqlite", "rabbitmq", "redis", "kafka", "nats", "postgresql", "sqs", "pubsub", "servicebus"]
 TITLES = {
     "memory": "memory://",
     "sqlite": "sqlite://",
@@ -22,6 +22,7 @@ TITLES = {
     "redis": "Redis",
     "kafka": "Kafka",
     "nats": "NATS JetStream",
+    "postgresql": "PostgreSQL",
     "sqs": "SQS",
     "pubsub": "Google Pub/Sub",
     "servicebus": "Azure Service Bus",
@@ -43,7 +44,9 @@ index) and fails loudly on a lost, duplicated or foreign message, so no figure c
   time; *batch*: `send_many` of 100 (raw: a pipelined batch of the client's own); *concurrent*: 16 tasks each
   awaiting single sends. The messages are then drained and counted (untimed).
 - **consume**: 10,000 x 1 KiB preloaded, then a fresh process consumes them with ack (msgbus:
-  `consumer.run(handler, concurrency=16)` with its default prefetch of 32; the others get the same credit),
+  `consumer.run(handler, concurrency=16)` with its default prefetch, the adapter's natural credit (`Adapter.credit`:
+  Kafka and Redis 512, RabbitMQ, PostgreSQL and Pub/Sub 128, NATS, SQLite, SQS and Service Bus 32 at C=16);
+  the others get the same credit; rows marked "prefetch N" set it),
   timed from opening the consumer to the last handled message. **rss**: that process's peak RSS (VmHWM).
 - **latency**: one 1 KiB message every 2 ms (500/s), 1,000 measured after 100 unmeasured, from the `send` call
   to the handler's first line, both in one process. Percentiles are per run; the table shows their medians.
@@ -170,7 +173,7 @@ def targets(results: list[dict[str, Any]]) -> str:
             continue
         for case in sorted((c for w, c in rows if w == "consume"), key=len):  # msgbus's default credit first
             credit = re.search(r"prefetch \d+", case)
-            name = TITLES[broker] + " consume" + (f" ({credit.group(0)})" if credit else "")
+            name = TITLES[broker] + " consume" + (f" ({credit.group(0)})" if credit else " at defaults")
             ours, theirs = _get(rows, "consume", case, "msgbus"), _get(rows, "consume", case, peer)
             if ours is not None:
                 row(f"{name} >= {floor:,} msgs/s", f"{ours:,.0f}", ours >= floor)
@@ -190,6 +193,7 @@ def targets(results: list[dict[str, Any]]) -> str:
                     what = f">= {ratio}x raw" if peer == "raw" else "ahead of FastStream"
                     met = ours / theirs >= ratio if peer == "raw" else ours > theirs
                     row(f"NATS consume {what}", f"{ours / theirs:.2f}x", met)
+    defaults(by_broker, row)
     for broker in ("rabbitmq", "redis", "kafka", "nats"):
         rows = by_broker.get(broker)
         if rows is None:
@@ -224,6 +228,32 @@ def targets(results: list[dict[str, Any]]) -> str:
             row(f"{TITLES[broker]} send+consume >= {floor:,} msgs/s", f"{ours:,.0f}", ours >= floor)
     lines.append("")
     return "\n".join(lines)
+
+
+def defaults(
+    by_broker: dict[str, dict[tuple[str, str], dict[str, dict[str, Any]]]],
+    row: Callable[[str, str, bool | None], None],
+) -> None:
+    """Issue 20's rows: every broker's consume at msgbus's default prefetch against its raw client at the same
+    credit (>= 0.9x, peak RSS <= 1.2x), and Kafka's one-message latency (p50 within +1 ms of aiokafka)."""
+    for broker in ORDER:
+        rows = by_broker.get(broker)
+        if rows is None:
+            continue
+        case = next((c for w, c in rows if w == "consume" and "prefetch" not in c), None)
+        if case is None:
+            continue
+        ours, raw = _get(rows, "consume", case, "msgbus"), _get(rows, "consume", case, "raw")
+        if ours is not None and raw:
+            row(f"{TITLES[broker]} consume at defaults >= 0.9x raw", f"{ours / raw:.2f}x", ours / raw >= 0.9)
+        ours, raw = (_get(rows, "rss", "peak of the consuming process", who) for who in ("msgbus", "raw"))
+        if ours is not None and raw:
+            row(f"{TITLES[broker]} peak RSS at defaults <= 1.2x raw", f"{ours / raw:.2f}x", ours / raw <= 1.2)
+    rows = by_broker.get("kafka")
+    if rows is not None:
+        ours, raw = _get(rows, "latency", "p50 ", "msgbus"), _get(rows, "latency", "p50 ", "raw")
+        if ours is not None and raw is not None:
+            row("Kafka latency p50 within +1 ms of raw", f"{ours - raw:+.2f} ms", ours - raw <= 1.0)
 
 
 def render(paths: list[Path]) -> str:

@@ -760,8 +760,8 @@ class Consumer(Generic[T]):
                 else:
                     await self._dead_letter_undecodable(delivery, err)
                     continue
-            inbox.unsettled += 1
             out.append(Message(delivery, body, inbox))
+        inbox.held(out)
         return out
 
     async def _dead_letter_undecodable(self, delivery: Delivery, err: DecodeError) -> None:
@@ -929,7 +929,7 @@ class Consumer(Generic[T]):
         self._running = running = asyncio.get_running_loop().create_future()
         token = _RUNNING.set(self)  # the runtime's tasks inherit it: close() from a handler must not wait
         try:
-            await self._start(min(max(per_worker * concurrency, 16), MAX_PREFETCH))
+            await self._start(default_prefetch(self._bus._adapter, per_worker * concurrency))
             telemetry = self._bus._telemetry
             if telemetry is not None and not isinstance(handler, Batch):
                 # the span is outermost: middleware runs inside the message's trace
@@ -951,6 +951,23 @@ class Consumer(Generic[T]):
 _RUNNING: contextvars.ContextVar[Consumer[Any] | None] = contextvars.ContextVar("msgbus_running", default=None)
 MAX_PREFETCH = 1_000_000  # messages held unsettled: more is a typo, and overflows some backends' counters
 MAX_CONCURRENCY = 10_000  # handler tasks of one run()
+
+
+def default_prefetch(adapter: Adapter, needed: int) -> int:
+    """The prefetch ``run()`` uses when the user set none: the adapter's natural credit, at most
+    ``CREDIT_PER_LOCK_SECOND`` per second of a lock that run() must extend, or what ``needed`` (the workers'
+    share) asks for if more."""
+    credit, caps = adapter.credit, adapter.capabilities
+    if caps.lock_extension and caps.lock_duration:
+        credit = min(credit, int(caps.lock_duration * CREDIT_PER_LOCK_SECOND))
+    return min(max(credit, needed, 1), MAX_PREFETCH)
+
+
+# run() extends the lock of every message it holds, buffered ones too, once per third of the lock duration: a
+# deep buffer behind a short lock is many extensions per period, and under load they fell behind (Redis at
+# visibility_timeout=2 with 512 held: 3 messages redelivered in the competing-consumers check). So the default
+# credit holds at most this many messages per second of lock (30 s locks: 600, 2 s: 40).
+CREDIT_PER_LOCK_SECOND = 20
 
 
 def _whole(value: object, low: int, high: int) -> bool:

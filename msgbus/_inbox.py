@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from ._capabilities import Capabilities
 from ._message import Message
 from ._waits import wait_set
-from .adapter import Adapter, Delivery, Endpoint, Receiver
+from .adapter import PREFETCH_BYTES, Adapter, Delivery, Endpoint, Receiver
 from .errors import MsgbusError
 
 if TYPE_CHECKING:
@@ -29,6 +29,7 @@ log = logging.getLogger("msgbus")
 
 T = TypeVar("T")
 
+FIRST_FETCH = 16  # messages ``take`` asks for while their size is unknown (the byte bound counts with a size)
 REMEMBERED = 10_000  # nacked ids an inbox remembers; forgetting one only costs its retry running alone
 
 #: One receive call on the backend, returning decoded messages: ``(max_messages, timeout) -> messages``.
@@ -52,6 +53,8 @@ class Inbox(Generic[T]):
         self.telemetry: Telemetry | None = None  # the bus's, set by the consumer on each receive call
         self.buffer: deque[Message[T]] = deque()
         self.unsettled = 0  # messages handed out by ``fetch`` and not settled yet
+        self.held_bytes = 0  # their bodies' bytes, bounded by ``PREFETCH_BYTES``
+        self.mean_size = 0  # bytes per body in the last fetch (0: none yet), to turn the byte room into a count
         self.nacked: dict[str, int] = {}  # id -> the attempt this consumer nacked it at (``_redelivery``)
         self.lock = asyncio.Lock()  # one ``fetch`` at a time
         self.closed = False
@@ -72,6 +75,7 @@ class Inbox(Generic[T]):
         """``msg`` was settled: it no longer counts against ``prefetch`` (``Message`` calls this once). A nacked
         one is remembered: its redelivery is a retry, whether the runtime or the handler itself nacked it."""
         self.unsettled -= 1
+        self.held_bytes = self.held_bytes - len(msg._delivery.record.body) if self.unsettled else 0
         if nacked:
             if len(self.nacked) >= REMEMBERED:
                 self.nacked.clear()
@@ -81,12 +85,13 @@ class Inbox(Generic[T]):
 
     async def room(self, wanted: int, timeout: float) -> tuple[int, float]:
         """How many messages may be fetched now (at most ``wanted``) without holding more than ``prefetch``
-        unsettled, and the seconds left of ``timeout``. With no room, waits up to ``timeout`` seconds for a
-        settlement; ``(0, 0.0)`` if none came (or the inbox was closed)."""
+        unsettled, nor (at the last fetch's mean size) more than ``PREFETCH_BYTES`` of bodies, and the seconds
+        left of ``timeout``. With no room, waits up to ``timeout`` seconds for a settlement; ``(0, 0.0)`` if none
+        came (or the inbox was closed). At least one message fits when none is held, however large."""
         assert self.prefetch is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while (free := self.prefetch - self.unsettled) <= 0:
+        while (free := self._free()) <= 0:
             left = deadline - loop.time()
             if left <= 0 or self.closed:
                 return 0, 0.0
@@ -95,6 +100,26 @@ class Inbox(Generic[T]):
             self._freed.clear()
             await wait_set(self._freed, left)
         return min(wanted, free), max(0.0, deadline - loop.time())
+
+    def _free(self) -> int:
+        """Messages that fit now, by count and by bytes."""
+        assert self.prefetch is not None
+        free = self.prefetch - self.unsettled
+        if free <= 0:
+            return free
+        if not self.mean_size:
+            return free  # ``take`` asks for FIRST_FETCH until a size is known; ``receive(n)`` gets its n
+        if not self.unsettled:
+            return max(1, min(free, PREFETCH_BYTES // self.mean_size))
+        return min(free, (PREFETCH_BYTES - self.held_bytes) // self.mean_size)
+
+    def held(self, msgs: list[Message[T]]) -> None:
+        """``msgs`` were just fetched: they count against ``prefetch`` and ``PREFETCH_BYTES`` until settled."""
+        if msgs:
+            size = sum(len(m._delivery.record.body) for m in msgs)
+            self.unsettled += len(msgs)
+            self.held_bytes += size
+            self.mean_size = max(1, size // len(msgs))
 
     async def take(self, stop: asyncio.Event, until: float | None = None) -> Message[T] | None:
         """The next message, fetching a batch when the buffer is empty; ``None`` once stopped or closed, or once
@@ -119,7 +144,7 @@ class Inbox(Generic[T]):
                 if self.buffer or stop.is_set() or self.closed or wait <= 0:
                     continue
                 try:
-                    batch = await self.fetch(self.prefetch or 16, wait)
+                    batch = await self.fetch(self.prefetch or 16 if self.mean_size else FIRST_FETCH, wait)
                 except MsgbusError as err:
                     if not err.retryable:
                         raise

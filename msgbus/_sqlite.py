@@ -655,6 +655,12 @@ class _SqliteReceiver(Receiver):
 class SqliteAdapter(Adapter):
     """A bus in one SQLite file. Task-safe; several adapters (in any processes) may share the file."""
 
+    # What run() needs for its workers (2 per worker), as before: run() extends each held lease with a write of
+    # its own every lock_duration / 3, so a deep buffer costs writes, and 20 consumers holding 128 each with
+    # visibility_timeout=1 could not keep their leases (the contract's competing-consumers check: 134 of 3000
+    # delivered twice). A lease is local: a larger fetch saves no round trip worth that.
+    credit = 16
+
     def __init__(
         self,
         url: BusURL,

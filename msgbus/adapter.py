@@ -35,6 +35,7 @@ __all__ = [
     "HEADER_DEAD_LETTER_SOURCE",
     "HEADER_REPLY_TO",
     "MAX_DEAD_LETTER_REASON",
+    "PREFETCH_BYTES",
     "REDACTED",
     "RESERVED_HEADER_PREFIX",
     "STATS",
@@ -74,6 +75,11 @@ HEADER_REPLY_TO = "x-msgbus-reply-to"
 TIMESTAMP_LIMIT = 253402300800.0
 #: Longest dead-letter reason, in characters (at most 4 KiB as UTF-8); longer ones are cut (``dead_letter_reason``).
 MAX_DEAD_LETTER_REASON = 1024
+#: The most bytes of message bodies one consumer holds fetched and unsettled, whatever its ``prefetch`` (a
+#: count): with large messages this bound is reached first, so a queue of 1 MiB messages at a credit of 512
+#: holds about 32 MiB, not 512. A receiver that reads ahead of what the core asked for (Kafka's pump) bounds
+#: its read-ahead by the same figure. A single message larger than the bound is still received, one at a time.
+PREFETCH_BYTES = 32 * 1024 * 1024
 #: The figures ``Adapter.stats`` may report, in the order ``msgbus stats`` shows them.
 STATS = ("depth", "in_flight", "dead_letters", "consumers", "oldest_age")
 
@@ -269,6 +275,13 @@ class Adapter(abc.ABC):
     #: Whether concurrent single sends to one endpoint should go out together (``msgbus._coalesce``): true
     #: for anything with a round trip; an in-process backend whose ``send`` never waits sets it false.
     coalesce_sends: bool = True
+    #: The backend's natural credit: the prefetch ``run()`` and ``run_batch()`` use when the user sets none
+    #: (raised to what the workers need, ``2 x concurrency`` messages or two batches each). A whole fetch where
+    #: one receive returns many for one round trip (a Kafka fetch, a Redis stream read), so a consumer at
+    #: defaults pays a round trip per that many messages; near what handlers finish within a lock period where
+    #: a held message's lock runs (SQS, Service Bus), so it is not held while others could take it. Set it with
+    #: the reason in a comment. ``PREFETCH_BYTES`` bounds the bytes it stands for.
+    credit: int = 16
 
     @abc.abstractmethod
     async def open(self) -> None:

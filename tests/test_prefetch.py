@@ -119,3 +119,105 @@ async def test_run_holds_at_most_prefetch_whatever_its_concurrency(url: str) -> 
 async def test_run_check_catches_a_core_that_asks_past_prefetch() -> None:
     most, _ = await _most_at_once("memory://", prefetch=3, concurrency=16, n=60)
     assert most > 3
+
+
+@pytest.fixture
+def small_byte_bound(monkeypatch: pytest.MonkeyPatch) -> int:
+    """``PREFETCH_BYTES`` at 10,000, so 1,000-byte bodies reach it at 10 held, long before a prefetch of 512."""
+    monkeypatch.setattr("msgbus._inbox.PREFETCH_BYTES", 10_000)
+    return 10_000
+
+
+@pytest.fixture
+def count_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The core bounding what it holds by count alone (the rule before the byte bound)."""
+
+    def by_count(self: Inbox[Any]) -> int:
+        assert self.prefetch is not None
+        return self.prefetch - self.unsettled
+
+    monkeypatch.setattr(Inbox, "_free", by_count)
+
+
+async def _receive_by_bytes(url: str) -> tuple[list[int], int]:
+    """Batch sizes of receive(100) on 40 bodies of 1,000 bytes and one of 50,000 with prefetch 512, holding
+    one received first (so the size is known): what the bytes allow, then none, and again after acking all;
+    the large one alone. Returns the sizes and how many distinct messages were received (41 sent)."""
+    sizes: list[int] = []
+    got: list[bytes] = []
+    async with msgbus.connect(url) as bus:
+        producer = bus.producer("big")
+        await producer.send_many([i.to_bytes(2, "big") * 500 for i in range(40)])
+        await producer.send(b"L" * 50_000)
+        async with bus.consumer("big", prefetch=512) as consumer:
+            held = await consumer.receive(1, 1.0)
+            for _ in range(8):
+                held += await consumer.receive(100, 1.0)
+                sizes.append(len(held) - (1 if len(sizes) == 0 else 0))
+                more = await consumer.receive(100, 0.2)  # holding: nothing more while the bytes are taken
+                sizes.append(len(more))
+                for msg in held + more:
+                    got.append(msg.body)
+                    await msg.ack()
+                held = []
+                if len(got) == 41:
+                    break
+    counts = Counter(got)
+    assert all(n == 1 for n in counts.values()), "duplicates"
+    return sizes, len(counts)
+
+
+async def test_receive_holds_at_most_prefetch_bytes(url: str, small_byte_bound: int) -> None:
+    sizes, distinct = await _receive_by_bytes(url)
+    # 9 beside the one held, then 10 x 1,000 bytes; the 50,000-byte message alone (more than the bound)
+    assert sizes[:6] == [9, 0, 10, 0, 10, 0]
+    assert max(sizes[6:]) <= 10
+    assert distinct == 41  # 41 sent, 41 received, 0 lost, 0 duplicated
+
+
+@pytest.mark.usefixtures("small_byte_bound", "count_only")
+async def test_bytes_check_catches_a_core_that_counts_only() -> None:
+    sizes, _ = await _receive_by_bytes("memory://")
+    assert sizes[0] > 9
+
+
+async def test_run_defaults_to_the_adapters_credit() -> None:
+    """run() with no prefetch takes the adapter's natural credit, or two per worker when that is more; a
+    prefetch the user set wins."""
+    seen: dict[str, int | None] = {}
+
+    async def once(bus: msgbus.Bus, name: str, concurrency: int, prefetch: int | None = None) -> None:
+        await bus.producer(name).send(b"x")
+        consumer = bus.consumer(name, prefetch=prefetch)
+
+        async def handle(msg: Message[Any]) -> None:
+            seen[name] = consumer._inbox.prefetch
+            consumer.stop()
+
+        await consumer.run(handle, concurrency=concurrency)
+        await consumer.close()
+
+    async with msgbus.connect("memory://") as bus:
+        bus.adapter.credit = 100
+        await once(bus, "few", 2)
+        await once(bus, "many", 80)
+        await once(bus, "set", 80, prefetch=7)
+    assert seen == {"few": 100, "many": 160, "set": 7}
+
+
+async def test_default_credit_is_bounded_by_a_short_lock() -> None:
+    """Behind a 2 s lock the default credit holds at most 20 per second of it (40), or the workers' share."""
+    seen: list[int | None] = []
+    async with msgbus.connect("memory://?visibility_timeout=2") as bus:
+        bus.adapter.credit = 512
+        for name, concurrency in (("short", 4), ("wide", 64)):
+            await bus.producer(name).send(b"x")
+            consumer = bus.consumer(name)
+
+            async def handle(msg: Message[Any], consumer: msgbus.Consumer[Any] = consumer) -> None:
+                seen.append(consumer._inbox.prefetch)
+                consumer.stop()
+
+            await consumer.run(handle, concurrency=concurrency)
+            await consumer.close()
+    assert seen == [40, 128]

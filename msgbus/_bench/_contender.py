@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgbus
+from msgbus._bus import default_prefetch
 
 _HEAD = struct.Struct("<IId")  # run tag, index, send time (time.perf_counter) -> 16 bytes
 
@@ -97,8 +98,12 @@ class Contender(abc.ABC):
         self.url = url
 
     def prefetch(self, concurrency: int) -> int:
-        """The credit every contender grants when consuming: ``credit``, else msgbus's default ``max(2C, 16)``."""
-        return self.credit or max(2 * concurrency, 16)
+        """The credit every contender grants when consuming: ``credit``, else what msgbus's ``run(concurrency=C)``
+        takes by default on this URL (the adapter's natural credit, at least ``2C``), so the defaults row
+        compares msgbus at its defaults with the raw client at the same credit."""
+        if self.credit:
+            return self.credit
+        return default_prefetch(msgbus.connect(self.url).adapter, 2 * concurrency)
 
     async def open(self) -> None:  # noqa: B027 - optional hook
         """Connect (untimed)."""

@@ -75,6 +75,12 @@ def _capabilities(o: KafkaOptions) -> Capabilities:
 class KafkaAdapter(Adapter):
     """One bus on a Kafka cluster: a producer and an admin client, opened by ``open()``."""
 
+    # A whole fetch: Kafka returns up to 1 MiB per partition (about 1,000 records of 1 KiB) for one request, and
+    # a receiver notes the attempts of what it reads ahead in one commit per batch, so a consumer at this credit
+    # pays one commit per 512 records instead of one per 32 (harness, C=16, 1 KiB: 54k msgs/s at 512, 7.6k at
+    # 32). No per-message lock runs out meanwhile: a partition stays ours while the member is alive.
+    credit = 512
+
     # Concurrent single sends are coalesced by the core (the default): a batch of them goes out through
     # ``_send_batches`` as whole record batches, cheaper than aiokafka appending them one by one
     # (16 senders: 11.8k -> 17.7k msgs/s at 16 B, 15.7k -> 18.0k at 1 KiB, medians of 4 interleaved).

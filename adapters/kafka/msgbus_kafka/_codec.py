@@ -109,14 +109,20 @@ class PartitionNotes:
 _VERSION = "msgbus1"
 
 
-def encode_notes(settled: Iterable[int], attempts: Mapping[int, int], limit: int = MAX_METADATA) -> str:
+def encode_notes(
+    settled: Iterable[int], attempts: Mapping[int, int], limit: int = MAX_METADATA, ahead: range = range(0)
+) -> str:
     """``msgbus1|s:<ranges>|a:<range>=<n>,...``; attempts are dropped first, then settled ranges,
     to stay within ``limit`` (losing them costs a redelivery or an attempt count, never a message).
 
     Attempts are written as runs of consecutive offsets with the same count (``40-551=1``): a full credit of
-    records handed out once each is one short entry, not one per record."""
+    records handed out once each is one short entry, not one per record. ``ahead`` (offsets not fetched yet,
+    claimed as delivered once) comes first, so a count in ``attempts`` for one of them wins when read back."""
     ranges = _ranges(sorted(set(settled)))
     delivered = _runs(attempts)
+    if len(ahead):
+        first = f"{ahead[0]}-{ahead[-1]}=1"
+        delivered = f"{first},{delivered}" if delivered else first
     text = f"{_VERSION}|s:{ranges}|a:{delivered}"
     if len(text) <= limit:
         return text

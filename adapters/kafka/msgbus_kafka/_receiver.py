@@ -24,6 +24,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import OffsetAndMetadata
 
 from msgbus.adapter import (
+    PREFETCH_BYTES,
     Delivery,
     Endpoint,
     Receiver,
@@ -68,7 +69,7 @@ _FETCHED, _DELIVERED, _WAITING, _DONE = range(4)
 #: Bytes (keys and values) a receiver reads ahead at most, besides its ``3 * prefetch`` records: with large
 #: records the byte bound comes first. One fetch may pass it (by at most what aiokafka fetched in one go).
 #: Entries waiting for their commit note are a subset of these, so the notes' buffer is bounded too.
-READ_AHEAD_BYTES = 32 * 1024 * 1024
+READ_AHEAD_BYTES = PREFETCH_BYTES  # the kit's bound on what a consumer holds
 
 
 def _size(raw: Any) -> int:
@@ -101,6 +102,9 @@ class _Partition:
     skip: set[int] = field(default_factory=set)  # settled by an earlier owner, not fetched yet
     prior: dict[int, int] = field(default_factory=dict)  # delivered by an earlier owner, not fetched yet
     next_offset: int | None = None  # the offset after the last fetched one
+    # Offsets from ``next_offset`` up to this one are claimed as delivered once in the last stored commit (its
+    # pre-notes, see ``_commit``): a record fetched there is handed out without waiting for a note of its own.
+    noted_to: int = 0
     committed: int | None = None
     dirty: bool = False
     revoking: bool = False
@@ -494,7 +498,13 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
             part.entries[offset] = entry
             self._ahead += 1
             self._ahead_bytes += entry.size
-            if self._route(entry) or not entry.attempts:
+            if not entry.attempts and offset < part.noted_to:
+                entry.note = entry.noted = 1  # pre-noted: deliverable now, no commit between fetch and handler
+                if self._route(entry):
+                    self._arrived.set()
+                if part.noted_to - part.next_offset < self.prefetch // 2:
+                    part.dirty = True  # the commit loop extends the pre-notes before they run out
+            elif self._route(entry) or not entry.attempts:
                 self._to_note.append(entry)
             # else: an earlier owner delivered it and it waits behind its key (maybe behind the record that
             # killed that owner): noted when its key frees, so each crash does not count it again (_settle)
@@ -618,11 +628,12 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
         async with self._commit_lock:
             stored: set[TopicPartition] = set()
             offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+            ahead: dict[TopicPartition, int] = {}  # the pre-notes each commit writes
             for tp in tps:
                 part = self._parts.get(tp)
                 if part is None:
                     continue
-                if not part.dirty:
+                if not part.dirty and not (exact and part.noted_to):  # a hand-over takes back its pre-notes
                     stored.add(tp)  # the last commit (done: we hold the lock) had everything
                     continue
                 while part.order and part.order[0] in part.settled:
@@ -637,8 +648,17 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
                     n = e.attempts if exact else max(e.attempts, e.note)
                     if n:
                         attempts[o] = n
+                claims = range(0)
+                if not exact and part.next_offset is not None:
+                    # Pre-notes: the next ``prefetch`` offsets, not fetched yet, as delivered once, so the records
+                    # that arrive there are handed out at once (one record's latency without a commit's). After
+                    # a crash they count one attempt, like records read ahead (an earlier owner's higher count
+                    # wins); a hand-over (exact) drops them.
+                    claims = range(part.next_offset, part.next_offset + self.prefetch)
+                    ahead[tp] = claims.stop
                 settled = {o for o in part.settled | part.skip if o >= position}
-                offsets[tp] = OffsetAndMetadata(position, _codec.encode_notes(settled, attempts))
+                notes = _codec.encode_notes(settled, attempts, ahead=claims)
+                offsets[tp] = OffsetAndMetadata(position, notes)
                 part.dirty = False
             if not offsets:
                 return stored
@@ -658,6 +678,7 @@ class KafkaReceiver(Receiver, ConsumerRebalanceListener):  # type: ignore[misc]
                 part = self._parts.get(tp)
                 if part is not None:
                     part.committed = meta.offset
+                    part.noted_to = ahead.get(tp, 0) if exact else max(part.noted_to, ahead.get(tp, 0))
             return stored | set(offsets)
 
     async def close(self) -> None:

@@ -76,3 +76,12 @@ def test_notes_stay_within_the_limit_dropping_attempts_first() -> None:
 def test_foreign_metadata_means_no_notes() -> None:
     for text in (None, "", "someone else's", "msgbus1|s:x|a:"):
         assert _codec.decode_notes(text) == _codec.PartitionNotes()
+
+
+def test_claimed_offsets_read_back_as_one_attempt_unless_counted_higher() -> None:
+    """Pre-notes (``ahead``) are one run; a count an earlier owner left for one of them wins when read back."""
+    text = _codec.encode_notes({3}, {5: 1, 12: 3}, ahead=range(10, 20))
+    notes = _codec.decode_notes(text)
+    assert text.endswith("|a:10-19=1,5=1,12=3")
+    assert dict(notes.attempts) == {5: 1, **dict.fromkeys(range(10, 20), 1), 12: 3}
+    assert notes.settled == {3}

@@ -37,14 +37,15 @@ async def test_read_ahead_is_noted_and_a_graceful_close_leaves_exact_counts() ->
         assert [m.body["i"] for m in first] == list(range(PREFETCH))
         group = consumer._inbox.receiver.group  # type: ignore[union-attr]
 
-        # Records beyond the ten handed out are fetched and noted as attempt 1 already, at most three credits.
+        # Records beyond the ten handed out are fetched and noted as attempt 1 already, at most three credits,
+        # and the credit after them is pre-noted (not fetched yet: ``test_pre_notes...``).
         for _ in range(100):
             noted = (await _notes(bus, group)).attempts
             if len(noted) > PREFETCH:
                 break
             await asyncio.sleep(0.05)
         assert len(noted) > PREFETCH, noted
-        assert set(noted) <= set(range(4 * PREFETCH)) and set(noted.values()) == {1}, noted
+        assert set(noted) <= set(range(5 * PREFETCH)) and set(noted.values()) == {1}, noted
 
         for msg in first[:5]:
             await msg.ack()
@@ -65,6 +66,45 @@ async def test_read_ahead_is_noted_and_a_graceful_close_leaves_exact_counts() ->
     attempts = {m.body["i"]: m.attempt for m in got.values()}
     assert {i for i, a in attempts.items() if a == 2} == set(range(5, PREFETCH))
     assert {i for i, a in attempts.items() if a == 1} == set(range(PREFETCH, N))
+
+
+async def test_pre_notes_hand_out_a_new_record_without_a_commit() -> None:
+    """Once a commit is stored, the next ``prefetch`` offsets are claimed as delivered once (pre-notes): a record
+    that arrives there is handed out without a commit between fetch and handler (one record's latency), and a
+    graceful close drops the claims. Without pre-notes, the receive waits for a note commit (``commits == 1``)."""
+    url = f"{endpoint('kafka').url}?partitions=1"
+    queue = f"pre-notes-{uuid.uuid4().hex[:10]}"
+    async with msgbus.connect(url) as bus:
+        producer = bus.producer(queue)
+        await producer.send_many([{"i": i} for i in range(PREFETCH)])
+        consumer = bus.consumer(queue, prefetch=PREFETCH)
+        got: list[msgbus.Message[Any]] = []
+        while len(got) < PREFETCH:
+            got += await consumer.receive(PREFETCH, timeout=5.0)
+        for msg in got:
+            await msg.ack()
+        receiver: Any = consumer._inbox.receiver
+        await receiver.flush()  # offset 10 committed, 10..19 pre-noted
+        group = receiver.group
+        assert dict((await _notes(bus, group)).attempts) == {i: 1 for i in range(PREFETCH, 2 * PREFETCH)}
+
+        commits = 0
+        real = receiver._commit
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            nonlocal commits
+            commits += 1
+            return await real(*args, **kwargs)
+
+        receiver._commit = counted
+        await producer.send({"i": PREFETCH})
+        (late,) = await consumer.receive(1, timeout=5.0)
+        assert (late.body["i"], late.attempt, commits) == (PREFETCH, 1, 0)
+        await late.ack()
+        await receiver.flush()  # everything stored: the close has nothing left to commit but taking back claims
+        await consumer.close()  # a graceful hand-over: exact counts, no pre-notes left
+        notes = await _notes(bus, group)
+        assert dict(notes.attempts) == {}, notes
 
 
 def _read_ahead_bytes(receiver: Any) -> int:

@@ -75,6 +75,12 @@ def _capabilities(options: NatsOptions, max_payload: int) -> Capabilities:
 class NatsAdapter(Adapter):
     """One NATS connection (reconnecting on its own) shared by every sender and receiver. Task-safe."""
 
+    # What run() needs for its workers (2 per worker), as before: a deeper pull (256) failed the contract's
+    # "graceful shutdown" check at defaults three times in three (a message handed to the drain consumer twice
+    # after stop() and a cancel released a deep pull), and at equal credit msgbus already consumes 1.5x nats-py
+    # (docs/benchmarks.md). Raising it needs that cause found first (issue 20's report).
+    credit = 16
+
     coalesce_sends = True
 
     def __init__(self, url: BusURL, options: NatsOptions) -> None:

@@ -60,6 +60,11 @@ class PostgresAdapter(Adapter):
     ``reconnect_timeout``; a statement unanswered after ``command_timeout`` closes its connection.
     """
 
+    # A lease: one FOR UPDATE SKIP LOCKED statement (a commit) takes up to this many rows, and the settled ones
+    # go in one DELETE per batch; run() extends the lease of what it holds. Not more: leased rows are rows no
+    # competing consumer can take, and per-key ordering holds a key's later rows behind a leased one.
+    credit = 128
+
     def __init__(self, url: BusURL, options: PostgresOptions) -> None:
         self.url = url
         self._options = options

@@ -87,6 +87,10 @@ def _capabilities(o: PubSubOptions) -> Capabilities:
 class PubSubAdapter(Adapter):
     """Clients for one Google Cloud project (or emulator). Task-safe; use from one event loop."""
 
+    # One Pull RPC returns up to this many messages (the service caps a Pull at 1,000); run() extends the ack
+    # deadline of those it holds (modify_ack_deadline), so a deep pull does not expire behind the handlers.
+    credit = 128
+
     def __init__(self, url: BusURL, options: PubSubOptions) -> None:
         self.url = url
         self.options = options

@@ -64,6 +64,11 @@ def _capabilities(options: RedisOptions, persistence: Persistence) -> Capabiliti
 class RedisAdapter(Adapter):
     """One connection pool to one Redis server (database ``/n`` of the URL). Task-safe."""
 
+    # A stream read: one XREADGROUP COUNT 512 fetches 512 entries in a round trip (harness, C=16, 1 KiB: 65k
+    # msgs/s at 512, 27k at 32). run() extends the claim of the entries it holds in its buffer, so a deep
+    # buffer is not reclaimed by other consumers after visibility_timeout.
+    credit = 512
+
     def __init__(self, url: BusURL, options: RedisOptions) -> None:
         self.url = url
         self.options = options

@@ -82,6 +82,11 @@ def _capabilities(o: SqsOptions) -> Capabilities:
 class SqsAdapter(Adapter):
     """One SQS client and one SNS client (aiobotocore, one HTTP connection pool). Task-safe."""
 
+    # ReceiveMessage returns at most 10 messages per call, each invisible for visibility_timeout from then on:
+    # the default stays what run() needs for its workers (2 per worker) until the receiver's consume path is
+    # measured at more (issue 20's SQS part).
+    credit = 16
+
     def __init__(self, url: BusURL, options: SqsOptions) -> None:
         self.url = url
         self.options = options
