@@ -64,7 +64,9 @@ def _encode(record: Record) -> KafkaRecord:
     user = record.headers
     headers = [(OLD_ID if ID in user else ID, record.id.encode())]
     if record.correlation_id is not None:
-        headers.append((OLD_CORRELATION_ID if CORRELATION_ID in user else CORRELATION_ID, record.correlation_id.encode()))
+        headers.append(
+            (OLD_CORRELATION_ID if CORRELATION_ID in user else CORRELATION_ID, record.correlation_id.encode())
+        )
     if record.content_type is not None:
         headers.append((OLD_CONTENT_TYPE if CONTENT_TYPE in user else CONTENT_TYPE, record.content_type.encode()))
     headers += [(k, v.encode()) for k, v in user.items()]
