@@ -164,10 +164,10 @@ def decode(
         timestamp = float(values[TIMESTAMP]) if TIMESTAMP in values else publish_time
     except ValueError as exc:
         raise DecodeError(f"malformed {TIMESTAMP} attribute: {exc}") from exc
-    content_type = fields[CONTENT_TYPE]
+    content_type, own_id = fields[CONTENT_TYPE], fields[ID]
     return Record(
         body=body,
-        id=message_id if fields[ID] is None else fields[ID],
+        id=message_id if own_id is None else own_id,
         headers=headers,
         key=fields[KEY],
         correlation_id=fields[CORRELATION_ID],
