@@ -96,11 +96,13 @@ def decode(
     timestamp = timestamp_ms / 1000 if timestamp_ms and timestamp_ms > 0 else 0.0
     if own:  # written by msgbus before issue 18, or a user header under a native field's name
         old_ts = own.get(OLD_TIMESTAMP)
-        if old_ts is not None:
+        if old_ts is not None:  # a header of another producer may hold anything: only a time replaces Kafka's
             try:
-                timestamp = float(old_ts)
+                exact = float(old_ts)
             except ValueError:
-                pass
+                exact = -1.0
+            if 0 <= exact < TIMESTAMP_LIMIT:
+                timestamp = exact
         message_id, correlation_id, content_type = (
             own[OLD_ID] if OLD_ID in own else _native(user, ID),
             own[OLD_CORRELATION_ID] if OLD_CORRELATION_ID in own else _native(user, CORRELATION_ID),

@@ -117,3 +117,9 @@ def test_notes_stay_within_the_limit_dropping_attempts_first() -> None:
 def test_foreign_metadata_means_no_notes() -> None:
     for text in (None, "", "someone else's", "msgbus1|s:x|a:"):
         assert _codec.decode_notes(text) == _codec.PartitionNotes()
+
+
+def test_a_damaged_old_timestamp_header_leaves_kafka_s_time() -> None:
+    """Not a time (text, NaN, past year 9999): the record's own timestamp, so the message stays deliverable."""
+    for bad in (b"not-a-time", b"nan", b"1e300", b"-1"):
+        assert _codec.decode(b"", None, [("x-msgbus-timestamp", bad)], 2_000, "t-0-1").timestamp == 2.0

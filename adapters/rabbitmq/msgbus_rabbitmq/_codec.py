@@ -26,7 +26,7 @@ from typing import Any
 
 from aio_pika import DeliveryMode, Message
 
-from msgbus.adapter import Record, content_type_from
+from msgbus.adapter import TIMESTAMP_LIMIT, Record, content_type_from
 from msgbus.errors import InvalidMessage
 
 HEADER_KEY = "x-msgbus-key"
@@ -126,13 +126,14 @@ def decode(
     ts_header, scale = raw.get(HEADER_TIMESTAMP_MS), 1000
     if ts_header is None:
         ts_header, scale = raw.get(OLD_TIMESTAMP), 1
-    if ts_header is not None:
+    ts = float(timestamp) if timestamp is not None else 0.0
+    if ts_header is not None:  # another producer's header may hold anything: only a time replaces AMQP's
         try:
-            ts = float(ts_header if isinstance(ts_header, str | int) else _text(ts_header)) / scale
-        except ValueError:
-            ts = 0.0
-    else:
-        ts = float(timestamp) if timestamp is not None else 0.0
+            exact = float(ts_header if isinstance(ts_header, str | int) else _text(ts_header)) / scale
+        except (ValueError, OverflowError):
+            exact = -1.0
+        if 0 <= exact < TIMESTAMP_LIMIT:
+            ts = exact
     key = raw.get(HEADER_KEY)
     marked = raw.get(HEADER_EMPTY)  # rare: only a message with an empty id, correlation id or content type
     empty = _text(marked).split(",") if marked is not None else ()

@@ -144,3 +144,12 @@ def test_ids_longer_than_an_amqp_short_string_are_refused() -> None:
         encode(Record(b"", "m" * 256))
     with pytest.raises(InvalidMessage, match="255"):
         encode(Record(b"", "m", correlation_id="é" * 128))
+
+
+@pytest.mark.parametrize("bad", ["not-a-time", "nan", "1e300", -5, 10**30])
+def test_a_damaged_timestamp_header_leaves_the_amqp_timestamp(bad: object) -> None:
+    for name in ("timestamp_in_ms", "x-msgbus-timestamp"):
+        decoded = decode(
+            b"", {name: bad}, message_id="m", correlation_id=None, content_type=None, timestamp=7.0, redelivered=False
+        )
+        assert decoded.record.timestamp == 7.0
