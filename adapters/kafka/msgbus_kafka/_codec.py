@@ -74,7 +74,7 @@ def _encode(record: Record) -> KafkaRecord:
         value=record.body,
         key=None if record.key is None else record.key.encode(),
         headers=headers,
-        timestamp_ms=int(record.timestamp * 1000) if record.timestamp > 0 else None,
+        timestamp_ms=round(record.timestamp * 1000) if record.timestamp > 0 else None,  # round: re-sent stays put
     )
 
 

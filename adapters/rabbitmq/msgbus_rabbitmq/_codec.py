@@ -81,7 +81,7 @@ def encode(record: Record, prior_attempts: int = 0) -> Message:
     if record.key is not None:
         headers[HEADER_KEY] = record.key
     if record.timestamp:
-        headers[HEADER_TIMESTAMP_MS] = int(record.timestamp * 1000)
+        headers[HEADER_TIMESTAMP_MS] = round(record.timestamp * 1000)  # round: a re-publish keeps it
     if prior_attempts:
         headers[HEADER_PRIOR_ATTEMPTS] = str(prior_attempts)
     empty = [n for n, v in (("id", record.id), ("cid", record.correlation_id), ("ct", record.content_type)) if v == ""]

@@ -52,7 +52,7 @@ def test_every_field_round_trips_exactly(
 ) -> None:
     record = Record(body, msg_id, headers, key, correlation_id, content_type, timestamp)
     decoded = _roundtrip(record)
-    assert decoded.record == replace(record, timestamp=int(timestamp * 1000) / 1000)  # milliseconds kept
+    assert decoded.record == replace(record, timestamp=round(timestamp * 1000) / 1000)  # milliseconds kept
     assert decoded.attempt == 1
 
 
