@@ -373,11 +373,23 @@ class Bus:
 
     @overload
     def consumer(
-        self, queue: str, *, model: None = None, prefetch: int | None = None, retry: RetryPolicy | None = None
+        self,
+        queue: str,
+        *,
+        model: None = None,
+        prefetch: int | None = None,
+        retry: RetryPolicy | None = None,
+        content_type: str | None = None,
     ) -> Consumer[Any]: ...
     @overload
     def consumer(
-        self, queue: str, *, model: type[T], prefetch: int | None = None, retry: RetryPolicy | None = None
+        self,
+        queue: str,
+        *,
+        model: type[T],
+        prefetch: int | None = None,
+        retry: RetryPolicy | None = None,
+        content_type: str | None = None,
     ) -> Consumer[T]: ...
     def consumer(
         self,
@@ -386,9 +398,12 @@ class Bus:
         model: type[Any] | None = None,
         prefetch: int | None = None,
         retry: RetryPolicy | None = None,
+        content_type: str | None = None,
     ) -> Consumer[Any]:
-        """A competing consumer of work queue ``queue``; ``model`` validates bodies on receipt."""
-        return Consumer(self, Endpoint("queue", _check_name("queue", queue)), model, prefetch, retry)
+        """A competing consumer of work queue ``queue``; ``model`` validates bodies on receipt; ``content_type``
+        says what a payload that names no content type is (``"application/json"`` for JSON from other code)."""
+        endpoint = Endpoint("queue", _check_name("queue", queue))
+        return Consumer(self, endpoint, model, prefetch, retry, content_type)
 
     @overload
     def subscriber(
@@ -399,6 +414,7 @@ class Bus:
         model: None = None,
         prefetch: int | None = None,
         retry: RetryPolicy | None = None,
+        content_type: str | None = None,
     ) -> Subscriber[Any]: ...
     @overload
     def subscriber(
@@ -409,6 +425,7 @@ class Bus:
         model: type[T],
         prefetch: int | None = None,
         retry: RetryPolicy | None = None,
+        content_type: str | None = None,
     ) -> Subscriber[T]: ...
     def subscriber(
         self,
@@ -418,10 +435,12 @@ class Bus:
         model: type[Any] | None = None,
         prefetch: int | None = None,
         retry: RetryPolicy | None = None,
+        content_type: str | None = None,
     ) -> Subscriber[Any]:
-        """A consumer of the durable ``subscription`` of ``topic`` (consumers of one subscription compete)."""
+        """A consumer of the durable ``subscription`` of ``topic`` (consumers of one subscription compete);
+        ``model`` and ``content_type`` as for ``consumer``."""
         endpoint = Endpoint("topic", _check_name("topic", topic), _check_name("subscription", subscription))
-        return Subscriber(self, endpoint, model, prefetch, retry)
+        return Subscriber(self, endpoint, model, prefetch, retry, content_type)
 
     def dead_letters(
         self,
@@ -430,13 +449,15 @@ class Bus:
         subscription: str | None = None,
         model: type[Any] | None = None,
         prefetch: int | None = None,
+        content_type: str | None = None,
     ) -> Consumer[Any]:
-        """A consumer of what was dead-lettered from queue ``name`` (or from ``subscription`` of topic ``name``)."""
+        """A consumer of what was dead-lettered from queue ``name`` (or from ``subscription`` of topic ``name``);
+        ``model`` and ``content_type`` as for ``consumer``."""
         if subscription is None:
             endpoint = Endpoint("queue", _check_name("queue", name), dead_letter=True)
         else:
             endpoint = Endpoint("topic", _check_name("topic", name), _check_name("subscription", subscription), True)
-        return Consumer(self, endpoint, model, prefetch, None)
+        return Consumer(self, endpoint, model, prefetch, None, content_type)
 
 
 class _Sender:
@@ -662,7 +683,13 @@ class Consumer(Generic[T]):
     """
 
     def __init__(
-        self, bus: Bus, endpoint: Endpoint, model: type[T] | None, prefetch: int | None, retry: RetryPolicy | None
+        self,
+        bus: Bus,
+        endpoint: Endpoint,
+        model: type[T] | None,
+        prefetch: int | None,
+        retry: RetryPolicy | None,
+        content_type: str | None = None,
     ) -> None:
         if prefetch is not None and not _whole(prefetch, 1, MAX_PREFETCH):
             raise ConfigError(f"prefetch must be an int from 1 to {MAX_PREFETCH}, got {prefetch!r:.40}")
@@ -670,9 +697,12 @@ class Consumer(Generic[T]):
             raise ConfigError(f"retry must be a msgbus.RetryPolicy, not {type(retry).__name__}")
         if model is not None:
             _codec.check_model(model)
+        if content_type is not None:
+            _codec.check_content_type(content_type)
         self._bus = bus
         self._endpoint = endpoint
         self._model = model
+        self._content_type = content_type  # what a payload naming no content type is
         self._retry = retry or RetryPolicy()
         self._inbox = Inbox(bus._adapter, endpoint, prefetch, self._fetch, bus._reply)  # shared with the runtime
         self._opened = False
@@ -753,7 +783,7 @@ class Consumer(Generic[T]):
                 await delivery.ack()  # a redriven dead letter of a sibling subscription: not ours
                 continue
             try:
-                body = _codec.decode_delivery(delivery, self._model)
+                body = _codec.decode_delivery(delivery, self._model, self._content_type)
             except DecodeError as err:
                 if self._endpoint.dead_letter:  # already dead: hand it out raw rather than loop
                     body = _codec.sanitize(delivery).body

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Hashable, Mapping
 from functools import lru_cache
 from typing import Any, cast
@@ -53,8 +54,9 @@ def _utf8(text: str, what: str) -> bytes:
         raise InvalidMessage(f"{what} is not valid text: {exc.reason} at position {exc.start}") from None
 
 
-def decode_delivery(delivery: Delivery, model: type[Any] | None) -> Any:
+def decode_delivery(delivery: Delivery, model: type[Any] | None, default_type: str | None = None) -> Any:
     """The decoded body of a received message; ``DecodeError`` (only) when it has none, whatever the cause.
+    ``default_type`` is the content type of a payload that names none (the consumer's ``content_type=``).
 
     Nothing a payload or its metadata holds may escape as another exception: the consume loop dead-letters
     on ``DecodeError`` and would stop on anything else (JSON nested deeper than the recursion limit, a
@@ -67,7 +69,8 @@ def decode_delivery(delivery: Delivery, model: type[Any] | None) -> Any:
         problem = received_problem(record)
         if problem is not None:
             raise DecodeError(problem)
-        return decode(record.body, record.content_type, model)
+        ctype = record.content_type
+        return decode(record.body, default_type if ctype is None else ctype, model)
     except DecodeError:
         raise
     except Exception as exc:
@@ -180,6 +183,18 @@ def _text(value: object) -> str:
         except Exception:
             value = f"<{type(value).__name__}>"
     return value if value.isascii() or _encodable(value) else value.encode("utf-8", "replace").decode()
+
+
+def check_content_type(content_type: object) -> None:
+    """``ConfigError`` unless ``content_type`` is a media type a consumer can default to (``type/subtype``,
+    optionally with parameters, printable ASCII, at most 256 characters)."""
+    if not isinstance(content_type, str):
+        raise ConfigError(f"content_type must be a str such as 'application/json', not {type(content_type).__name__}")
+    if not (len(content_type) <= 256 and _MEDIA_TYPE.fullmatch(content_type)):
+        raise ConfigError(f"content_type must be a media type such as 'application/json', got {content_type!r:.60}")
+
+
+_MEDIA_TYPE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+/[!#$%&'*+.^_`|~0-9A-Za-z-]+(\s*;[ -~]*)?")
 
 
 def check_model(model: object) -> None:

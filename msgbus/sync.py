@@ -172,8 +172,10 @@ class SyncBus:
         model: type[Any] | None = None,
         prefetch: int | None = None,
         retry: RetryPolicy | None = None,
+        content_type: str | None = None,
     ) -> SyncConsumer[Any]:
-        return SyncConsumer(self._bus.consumer(queue, model=model, prefetch=prefetch, retry=retry), self._portal)
+        consumer = self._bus.consumer(queue, model=model, prefetch=prefetch, retry=retry, content_type=content_type)
+        return SyncConsumer(consumer, self._portal)
 
     def subscriber(
         self,
@@ -183,8 +185,11 @@ class SyncBus:
         model: type[Any] | None = None,
         prefetch: int | None = None,
         retry: RetryPolicy | None = None,
+        content_type: str | None = None,
     ) -> SyncConsumer[Any]:
-        sub = self._bus.subscriber(topic, subscription=subscription, model=model, prefetch=prefetch, retry=retry)
+        sub = self._bus.subscriber(
+            topic, subscription=subscription, model=model, prefetch=prefetch, retry=retry, content_type=content_type
+        )
         return SyncConsumer(sub, self._portal)
 
     def dead_letters(
@@ -194,8 +199,11 @@ class SyncBus:
         subscription: str | None = None,
         model: type[Any] | None = None,
         prefetch: int | None = None,
+        content_type: str | None = None,
     ) -> SyncConsumer[Any]:
-        dlq = self._bus.dead_letters(name, subscription=subscription, model=model, prefetch=prefetch)
+        dlq = self._bus.dead_letters(
+            name, subscription=subscription, model=model, prefetch=prefetch, content_type=content_type
+        )
         return SyncConsumer(dlq, self._portal)
 
 

@@ -69,6 +69,7 @@ PHASES: list[dict[str, list[str]]] = [
         # at defaults started its 200 checks at once; two minutes later that load is gone.
         "F": [
             "integration/test_outbox_e2e.py",
+            "integration/test_interop.py",
             "integration/test_properties.py",
             "integration/test_health.py",
             "integration/test_stats.py",

@@ -1,8 +1,16 @@
 """Record <-> Kafka record, and the commit-metadata format. Pure: no I/O.
 
-A Kafka record carries the body as its value, the key as its key (UTF-8), user headers as Kafka headers
-(UTF-8 values) and msgbus's own fields in four headers below; the exact float timestamp travels in a
-header because Kafka's record timestamp has millisecond resolution (it is set too, for Kafka tools).
+Native first, so other Kafka code reads and writes msgbus messages: the body is the record's value, the key
+its key (UTF-8), the timestamp its timestamp (milliseconds: ``CreateTime``), and the id, correlation id and
+content type are the headers ``message-id``, ``correlation-id`` and ``content-type`` (the name CloudEvents'
+Kafka binding uses); user headers are Kafka headers of their own (UTF-8 values). A record from other code
+gets ``topic-partition-offset`` as its id (stable across redeliveries, distinct per record) and its content
+type from any common spelling (``content-type``, ``contentType``, ``content_type``...). Records written by
+msgbus before issue 18 (``x-msgbus-id``, ``-timestamp``, ``-correlation-id``, ``-content-type``) still read.
+
+A user header may itself be named ``content-type`` (the CloudEvents binding's ``datacontenttype`` of an event
+without data, say) or ``message-id``/``correlation-id``: it stays a header, and that field of msgbus's travels
+under its ``x-msgbus-`` name instead (read first on receipt), so both round-trip.
 """
 
 from __future__ import annotations
@@ -10,14 +18,19 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from msgbus.adapter import TIMESTAMP_LIMIT, Record
+from msgbus.adapter import TIMESTAMP_LIMIT, Record, content_type_from
 from msgbus.errors import InvalidMessage
 
-ID = "x-msgbus-id"
-CORRELATION_ID = "x-msgbus-correlation-id"
-CONTENT_TYPE = "x-msgbus-content-type"
-TIMESTAMP = "x-msgbus-timestamp"
-_OWN = frozenset({ID, CORRELATION_ID, CONTENT_TYPE, TIMESTAMP})
+ID = "message-id"
+CORRELATION_ID = "correlation-id"
+CONTENT_TYPE = "content-type"
+NATIVE = frozenset({ID, CORRELATION_ID, CONTENT_TYPE})
+# The format before issue 18, still read for records already in topics.
+OLD_ID = "x-msgbus-id"
+OLD_CORRELATION_ID = "x-msgbus-correlation-id"
+OLD_CONTENT_TYPE = "x-msgbus-content-type"
+OLD_TIMESTAMP = "x-msgbus-timestamp"
+_OLD = frozenset({OLD_ID, OLD_CORRELATION_ID, OLD_CONTENT_TYPE, OLD_TIMESTAMP})
 
 MAX_METADATA = 4000  # offset.metadata.max.bytes defaults to 4096
 
@@ -33,7 +46,7 @@ class KafkaRecord:
 
 
 def encode(record: Record) -> KafkaRecord:
-    """The Kafka record for ``record``: user headers first, then msgbus's fields.
+    """The Kafka record for ``record``: msgbus's fields first, then user headers.
 
     ``InvalidMessage`` for a record that is not what ``Record`` says (the core checked those it built).
     """
@@ -48,18 +61,20 @@ def _encode(record: Record) -> KafkaRecord:
         raise TypeError(f"the body is a {type(record.body).__name__}, not bytes")
     if not 0 <= record.timestamp < TIMESTAMP_LIMIT:  # NaN too
         raise ValueError(f"the timestamp {record.timestamp!r} is not a time in seconds since the epoch")
-    headers = [(k, v.encode()) for k, v in record.headers.items()]
-    headers.append((ID, record.id.encode()))
-    headers.append((TIMESTAMP, repr(record.timestamp).encode()))
+    user = record.headers
+    headers = [(OLD_ID if ID in user else ID, record.id.encode())]
     if record.correlation_id is not None:
-        headers.append((CORRELATION_ID, record.correlation_id.encode()))
+        headers.append(
+            (OLD_CORRELATION_ID if CORRELATION_ID in user else CORRELATION_ID, record.correlation_id.encode())
+        )
     if record.content_type is not None:
-        headers.append((CONTENT_TYPE, record.content_type.encode()))
+        headers.append((OLD_CONTENT_TYPE if CONTENT_TYPE in user else CONTENT_TYPE, record.content_type.encode()))
+    headers += [(k, v.encode()) for k, v in user.items()]
     return KafkaRecord(
         value=record.body,
         key=None if record.key is None else record.key.encode(),
         headers=headers,
-        timestamp_ms=int(record.timestamp * 1000) if record.timestamp > 0 else None,
+        timestamp_ms=round(record.timestamp * 1000) if record.timestamp > 0 else None,  # round: re-sent stays put
     )
 
 
@@ -77,20 +92,44 @@ def decode(
     user: dict[str, str] = {}
     for name, raw in headers:
         text = (raw or b"").decode(errors="replace")
-        (own if name in _OWN else user)[name] = text
-    try:
-        timestamp = float(own[TIMESTAMP])
-    except (KeyError, ValueError):
-        timestamp = timestamp_ms / 1000 if timestamp_ms and timestamp_ms > 0 else 0.0
+        (own if name in _OLD else user)[name] = text
+    timestamp = timestamp_ms / 1000 if timestamp_ms and timestamp_ms > 0 else 0.0
+    if own:  # written by msgbus before issue 18, or a user header under a native field's name
+        old_ts = own.get(OLD_TIMESTAMP)
+        if old_ts is not None:  # a header of another producer may hold anything: only a time replaces Kafka's
+            try:
+                exact = float(old_ts)
+            except ValueError:
+                exact = -1.0
+            if 0 <= exact < TIMESTAMP_LIMIT:
+                timestamp = exact
+        message_id, correlation_id, content_type = (
+            own[OLD_ID] if OLD_ID in own else _native(user, ID),
+            own[OLD_CORRELATION_ID] if OLD_CORRELATION_ID in own else _native(user, CORRELATION_ID),
+            own[OLD_CONTENT_TYPE] if OLD_CONTENT_TYPE in own else _native(user, CONTENT_TYPE),
+        )
+    else:
+        message_id, correlation_id, content_type = (
+            _native(user, ID),
+            _native(user, CORRELATION_ID),
+            _native(user, CONTENT_TYPE),
+        )
+    if content_type is None and user:
+        content_type = content_type_from(user)  # another spelling (contentType...): it stays a header too
     return Record(
         body=value or b"",
-        id=own.get(ID) or fallback_id,
+        id=message_id or fallback_id,
         headers=user,
         key=None if key is None else key.decode(errors="replace"),
-        correlation_id=own.get(CORRELATION_ID),
-        content_type=own.get(CONTENT_TYPE),
+        correlation_id=correlation_id,
+        content_type=content_type,
         timestamp=timestamp,
     )
+
+
+def _native(user: dict[str, str], name: str) -> str | None:
+    """The field under its native header ``name``, taken out of the user headers."""
+    return user.pop(name, None)
 
 
 # --- commit metadata: what a partition's next owner must know beyond the committed offset ---

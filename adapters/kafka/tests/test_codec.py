@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -29,7 +31,46 @@ def test_record_round_trips(
 ) -> None:
     record = Record(body, "id-1", headers, key, correlation, content_type, timestamp)
     kr = _codec.encode(record)
-    assert _codec.decode(kr.value, kr.key, kr.headers, kr.timestamp_ms or 0, "fallback") == record
+    got = _codec.decode(kr.value, kr.key, kr.headers, kr.timestamp_ms or 0, "fallback")
+    assert got == replace(record, timestamp=(kr.timestamp_ms or 0) / 1000)  # Kafka keeps milliseconds
+    assert abs(got.timestamp - timestamp) < 0.001
+
+
+def test_fields_go_to_native_places() -> None:
+    record = Record(b"{}", "m-1", {"origin": "x"}, "k", "c-1", "application/json", 1.5)
+    kr = _codec.encode(record)
+    assert (kr.key, kr.timestamp_ms, kr.value) == (b"k", 1500, b"{}")
+    want = [("message-id", b"m-1"), ("correlation-id", b"c-1"), ("content-type", b"application/json")]
+    assert kr.headers == [*want, ("origin", b"x")]
+    assert not [n for n, _ in kr.headers if n.startswith("x-msgbus-")]
+
+
+def test_a_user_header_under_a_native_name_keeps_both() -> None:
+    """A CloudEvent without data: its datacontenttype header beside msgbus's own content type."""
+    headers = {"content-type": "application/json", "message-id": "theirs", "ce_id": "e"}
+    record = Record(b"", "m-1", headers, None, "c", "application/octet-stream", 2.0)
+    kr = _codec.encode(record)
+    assert ("x-msgbus-content-type", b"application/octet-stream") in kr.headers
+    assert _codec.decode(kr.value, kr.key, kr.headers, kr.timestamp_ms or 0, "f") == record
+
+
+def test_other_code_s_record_reads_by_convention() -> None:
+    for name in ("content-type", "Content-Type", "contentType", "content_type"):
+        record = _codec.decode(b"{}", b"k", [(name, b"application/json"), ("origin", b"raw")], 2_000, "t-0-9")
+        assert (record.id, record.content_type, record.key, record.timestamp) == ("t-0-9", "application/json", "k", 2.0)
+        assert record.headers.get("origin") == "raw"
+
+
+def test_records_written_before_issue_18_still_read() -> None:
+    old = [
+        ("h", b"v"),
+        ("x-msgbus-id", b"old-1"),
+        ("x-msgbus-timestamp", b"1700000000.123456"),
+        ("x-msgbus-correlation-id", b"c-9"),
+        ("x-msgbus-content-type", b"text/plain; charset=utf-8"),
+    ]
+    record = _codec.decode(b"hi", b"k", old, 1_700_000_000_123, "t-0-1")
+    assert record == Record(b"hi", "old-1", {"h": "v"}, "k", "c-9", "text/plain; charset=utf-8", 1700000000.123456)
 
 
 def test_foreign_record_gets_a_stable_id_and_kafka_timestamp() -> None:
@@ -85,3 +126,9 @@ def test_claimed_offsets_read_back_as_one_attempt_unless_counted_higher() -> Non
     assert text.endswith("|a:10-19=1,5=1,12=3")
     assert dict(notes.attempts) == {5: 1, **dict.fromkeys(range(10, 20), 1), 12: 3}
     assert notes.settled == {3}
+
+
+def test_a_damaged_old_timestamp_header_leaves_kafka_s_time() -> None:
+    """Not a time (text, NaN, past year 9999): the record's own timestamp, so the message stays deliverable."""
+    for bad in (b"not-a-time", b"nan", b"1e300", b"-1"):
+        assert _codec.decode(b"", None, [("x-msgbus-timestamp", bad)], 2_000, "t-0-1").timestamp == 2.0

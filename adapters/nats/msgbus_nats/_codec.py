@@ -9,6 +9,12 @@ values' outer spaces. A name or value that does not fit (unicode, spaces at eith
 would be read as a ``Nats-``/``Msgbus-`` header) is percent-encoded, and its encoded name is listed in
 ``Msgbus-Encoded`` so the receiver decodes exactly those. An encoded name always contains ``%``, which a
 plain name never does, so the two kinds never collide.
+
+Native first (issue 18): the id is ``Nats-Msg-Id`` and the content type ``Content-Type``, the places other NATS
+code uses; NATS has no key, correlation id or producer-set time, so those stay msgbus's own ``Msgbus-`` headers.
+A message from other code gets ``nats-<stream>-<stream sequence>`` as its id when it has no ``Nats-Msg-Id``
+(stable across redeliveries, distinct per message), the server's time, and its content type from any common
+header spelling (``content-type``, ``contentType``...).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import re
 from collections.abc import Mapping
 from urllib.parse import quote, unquote
 
-from msgbus.adapter import Record
+from msgbus.adapter import Record, content_type_from
 from msgbus.errors import DecodeError, InvalidMessage, MessageTooLarge
 
 MSG_ID = "Nats-Msg-Id"
@@ -137,7 +143,7 @@ def decode(headers: Mapping[str, str] | None, body: bytes, fallback_id: str, fal
             user,
             None if key is None else _unvalue(key),
             None if correlation_id is None else _unvalue(correlation_id),
-            None if ctype is None else _unvalue(ctype),
+            _unvalue(ctype) if ctype is not None else content_type_from(user) if ts is None and user else None,
             fallback_ts if ts is None else float(ts),
         )
     except (UnicodeDecodeError, ValueError) as exc:

@@ -160,3 +160,11 @@ def test_a_redriven_record_keeps_its_id_under_a_nats_msg_id_of_its_own() -> None
     assert len(set(ids)) == 3 and encode(redriven)["Nats-Msg-Id"] == ids[1]  # same history, same dedup id
     assert decode(encode(redriven), b"x", "fallback", 0.0).id == "id-1"
     assert "Msgbus-Id" not in decode(encode(redriven), b"x", "fallback", 0.0).headers
+
+
+@pytest.mark.parametrize("name", ["content-type", "Content-Type", "contentType", "content_type"])
+def test_other_code_s_content_type_header_is_read(name: str) -> None:
+    """Written by other code (no Msgbus-Ts): the content type under any common spelling; the stream sequence id."""
+    r = decode({name: "application/json", "origin": "raw"}, b"{}", "nats-S-7", 5.0)
+    assert (r.id, r.content_type, r.timestamp) == ("nats-S-7", "application/json", 5.0)
+    assert r.headers.get("origin") == "raw"

@@ -116,7 +116,7 @@ class PostgresReceiver(Receiver):
         for seq, attempts, key, body, meta in rows:
             ref = PostgresMessage(seq, endpoint_id, token)
             try:
-                record = decode(key, body, meta)
+                record = decode(key, body, meta, seq)
             except DecodeError as exc:  # a row msgbus did not write: dead-letter it rather than loop on it
                 bad = PostgresDelivery(self, Record(body=body, id=f"postgresql-{seq}"), attempts, ref)
                 try:

@@ -57,7 +57,13 @@ def test_a_non_finite_timestamp_is_an_invalid_message() -> None:
         b"not json",
         b"\xff\xfe",
         b"[]",
-        b'{"id": "x"}',
+        b"5",
+        b'{"id": 5}',
+        b'{"headers": {"h": 1}}',
+        b'{"headers": []}',
+        b'{"timestamp": "soon"}',
+        b'{"timestamp": true}',
+        b'{"content_type": 1}',
         b"[1, {}, null, null, 0]",
         b'["x", [], null, null, 0]',
         b'["x", {"h": 1}, null, null, 0]',
@@ -74,3 +80,27 @@ def test_key_bytes_that_are_not_utf8_are_decode_errors() -> None:
     meta = json.dumps(["x", {}, None, None, 0]).encode()
     with pytest.raises(DecodeError):
         decode(b"\xff", b"", meta)
+
+
+def test_rows_other_code_writes_with_sql_read_with_defaults() -> None:
+    """Any field of meta may be left out: the row's sequence number is the id, the timestamp 0."""
+    assert decode(None, b"x", b"", 42) == Record(b"x", "postgresql-42", {}, timestamp=0.0)
+    assert decode(None, b"x", b"{}", 43).id == "postgresql-43"
+    meta = b'{"headers": {"content-type": "application/json", "origin": "sql"}}'
+    r = decode(b"k", b"{}", meta, 44)
+    assert (r.id, r.key, r.content_type, r.headers["origin"]) == ("postgresql-44", "k", "application/json", "sql")
+
+
+def test_rows_written_before_issue_18_still_read() -> None:
+    meta = json.dumps(["old-1", {"h": "v"}, "c", "text/plain", 1700000000.25]).encode()
+    assert decode(b"k", b"hi", meta, 7) == Record(b"hi", "old-1", {"h": "v"}, "k", "c", "text/plain", 1700000000.25)
+
+
+def test_meta_is_a_self_describing_object() -> None:
+    _, _, meta = encode(Record(b"", "m-1", {"a": "b"}, "k", None, "application/json", 1.5))
+    assert json.loads(meta) == {
+        "id": "m-1",
+        "headers": {"a": "b"},
+        "timestamp": 1.5,
+        "content_type": "application/json",
+    }

@@ -118,7 +118,7 @@ class PubSubReceiver(Receiver):
             publish_time = msg.publish_time.seconds + msg.publish_time.nanos / 1e9
             attempt = max(1, rm.delivery_attempt)
             try:
-                record = decode(msg.data, msg.attributes, msg.message_id, publish_time)
+                record = decode(msg.data, msg.attributes, msg.message_id, publish_time, msg.ordering_key)
             except Exception as exc:  # a damaged message: handed on with its problem, the core dead-letters it
                 problem = f"malformed Pub/Sub message {msg.message_id}: {exc}"
                 out.append(PubSubDelivery(self, Record(body=bytes(msg.data), id=msg.message_id), attempt, rm, problem))

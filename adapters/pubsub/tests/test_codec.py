@@ -22,7 +22,7 @@ from msgbus_pubsub._codec import (
 
 def roundtrip(record: Record, *, ordering: bool = False) -> Record:
     e = encode(record, ordering=ordering)
-    return decode(e.data, e.attributes, "m1", 1.0)
+    return decode(e.data, e.attributes, "m1", 1.0, e.ordering_key)
 
 
 def test_small_headers_are_plain_attributes_and_body_untouched() -> None:
@@ -50,7 +50,7 @@ def test_oversized_and_reserved_headers_overflow_into_the_body_prefix() -> None:
     }
     r = Record(b"\x00payload", "id", headers, key="k" * 2000, timestamp=2.0)
     e = encode(r, ordering=False)
-    assert set(e.attributes) == {ID, TIMESTAMP, "ok", OVERFLOW}
+    assert set(e.attributes) == {ID, TIMESTAMP, "ok", OVERFLOW}  # the key is too long for an attribute
     assert e.data.endswith(b"\x00payload") and len(e.data) == int(e.attributes[OVERFLOW]) + 8
     assert roundtrip(r) == r
 
@@ -75,6 +75,46 @@ def test_over_10_mb_is_too_large() -> None:
 def test_foreign_message_uses_pubsub_metadata() -> None:
     r = decode(b"raw", {"origin": "gcloud"}, "m42", 123.25)
     assert r == Record(b"raw", "m42", {"origin": "gcloud"}, timestamp=123.25)
+
+
+@pytest.mark.parametrize("name", ["content-type", "Content-Type", "contentType", "content_type"])
+def test_other_code_s_message_reads_by_convention(name: str) -> None:
+    r = decode(b"{}", {name: "application/json", "origin": "raw"}, "m42", 5.0, "k-1")
+    assert (r.id, r.content_type, r.key, r.timestamp) == ("m42", "application/json", "k-1", 5.0)
+    assert r.headers.get("origin") == "raw"
+
+
+def test_fields_go_to_native_places() -> None:
+    r = Record(b"{}", "m-1", {"origin": "x"}, "k", "c-1", "application/json", 1.5)
+    e = encode(r, ordering=True)
+    assert e.ordering_key == "k"
+    assert e.attributes == {
+        "message-id": "m-1",
+        "correlation-id": "c-1",
+        "content-type": "application/json",
+        "x-msgbus-timestamp": "1.5",
+        "origin": "x",
+    }
+    assert roundtrip(r, ordering=True) == r
+    assert encode(r, ordering=False).attributes["key"] == "k"
+
+
+def test_a_user_header_under_a_native_name_keeps_both() -> None:
+    r = Record(b"", "m", {"content-type": "a/b", "key": "theirs", "message-id": "x"}, "k", None, "c/d", 1.0)
+    for ordering in (False, True):
+        assert roundtrip(r, ordering=ordering) == r
+
+
+def test_messages_written_before_issue_18_still_read() -> None:
+    old = {
+        "h": "v",
+        "x-msgbus-id": "old-1",
+        "x-msgbus-timestamp": "1700000000.25",
+        "x-msgbus-key": "k",
+        "x-msgbus-correlation-id": "c",
+        "x-msgbus-content-type": "text/plain",
+    }
+    assert decode(b"hi", old, "m9", 5.0) == Record(b"hi", "old-1", {"h": "v"}, "k", "c", "text/plain", 1700000000.25)
 
 
 @pytest.mark.parametrize(
@@ -112,3 +152,5 @@ def test_any_record_round_trips(
 ) -> None:
     r = Record(body, "id-x", headers, key, correlation_id, content_type, timestamp)
     assert roundtrip(r) == r
+    if key is None or len(key.encode()) <= 1024:
+        assert roundtrip(r, ordering=True) == r

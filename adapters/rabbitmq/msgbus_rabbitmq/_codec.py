@@ -1,15 +1,23 @@
 """Record <-> AMQP 0-9-1 message. Pure functions: no I/O, unit-tested without a broker.
 
-Mapping: body -> body; id -> ``message_id``; correlation_id -> ``correlation_id``; content_type ->
-``content_type``; timestamp -> ``timestamp`` (whole seconds, for other AMQP tools) plus the exact float in
-header ``x-msgbus-timestamp``; key -> header ``x-msgbus-key``; headers -> AMQP headers (str -> str).
-Every message is persistent (delivery mode 2).
+Mapping (native first, so other AMQP code reads and writes msgbus messages): body -> body; id -> ``message_id``;
+correlation_id -> ``correlation_id``; content_type -> ``content_type``; timestamp -> ``timestamp`` (whole
+seconds) plus milliseconds in header ``timestamp_in_ms`` (the header of RabbitMQ's message-timestamp plugin);
+key -> header ``x-msgbus-key`` (AMQP 0-9-1 has no key property and the routing key addresses the queue: the key
+is msgbus's own, for its per-key ordering); headers -> AMQP headers (str -> str), one by one. Every message is
+persistent (delivery mode 2).
+
+A message from other code: without ``content_type``, the content type a header names under a common spelling
+(``content-type``, ``contentType``...); without ``message_id``, a fresh id ``amqp-<uuid>`` per delivery (classic
+and quorum queues hold no per-message identity to derive a stable one from; a body hash would give two distinct
+messages with the same body one id): distinct between messages, kept through msgbus's own re-publishes (delayed
+nacks), but new on a broker redelivery. Messages written before issue 18 (``x-msgbus-timestamp``) still read.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,11 +26,13 @@ from typing import Any
 
 from aio_pika import DeliveryMode, Message
 
-from msgbus.adapter import Record
+from msgbus.adapter import TIMESTAMP_LIMIT, Record, content_type_from
 from msgbus.errors import InvalidMessage
 
 HEADER_KEY = "x-msgbus-key"
-HEADER_TIMESTAMP = "x-msgbus-timestamp"
+# The creation time in milliseconds, as RabbitMQ's message-timestamp plugin stamps it (AMQP's is whole seconds).
+HEADER_TIMESTAMP_MS = "timestamp_in_ms"
+OLD_TIMESTAMP = "x-msgbus-timestamp"  # the exact float, before issue 18: still read
 # Attempts already made before this copy was re-published (delayed nack / classic-queue nack).
 HEADER_PRIOR_ATTEMPTS = "x-msgbus-prior-attempts"
 # aio-pika sends an empty id/correlation id/content type as "absent"; this header names those that were "".
@@ -34,7 +44,15 @@ BROKER_HEADER = "x-delivery-count"
 ACQUIRED_HEADER = "x-acquired-count"
 _BROKER_PREFIXES = ("x-death", "x-first-death-", "x-last-death-")
 _PRIVATE = frozenset(
-    {HEADER_KEY, HEADER_TIMESTAMP, HEADER_PRIOR_ATTEMPTS, HEADER_EMPTY, BROKER_HEADER, ACQUIRED_HEADER}
+    {
+        HEADER_KEY,
+        HEADER_TIMESTAMP_MS,
+        OLD_TIMESTAMP,
+        HEADER_PRIOR_ATTEMPTS,
+        HEADER_EMPTY,
+        BROKER_HEADER,
+        ACQUIRED_HEADER,
+    }
 )
 _SHORTSTR = 255  # AMQP short strings (ids, content type, header names) hold at most 255 bytes
 
@@ -63,7 +81,7 @@ def encode(record: Record, prior_attempts: int = 0) -> Message:
     if record.key is not None:
         headers[HEADER_KEY] = record.key
     if record.timestamp:
-        headers[HEADER_TIMESTAMP] = repr(record.timestamp)
+        headers[HEADER_TIMESTAMP_MS] = round(record.timestamp * 1000)  # round: a re-publish keeps it
     if prior_attempts:
         headers[HEADER_PRIOR_ATTEMPTS] = str(prior_attempts)
     empty = [n for n, v in (("id", record.id), ("cid", record.correlation_id), ("ct", record.content_type)) if v == ""]
@@ -105,24 +123,27 @@ def decode(
         redeliveries = _count(raw[BROKER_HEADER])
     else:
         redeliveries = int(bool(redelivered))
-    ts_header = raw.get(HEADER_TIMESTAMP)
-    if ts_header is not None:
+    ts_header, scale = raw.get(HEADER_TIMESTAMP_MS), 1000
+    if ts_header is None:
+        ts_header, scale = raw.get(OLD_TIMESTAMP), 1
+    ts = float(timestamp) if timestamp is not None else 0.0
+    if ts_header is not None:  # another producer's header may hold anything: only a time replaces AMQP's
         try:
-            ts = float(ts_header if isinstance(ts_header, str) else _text(ts_header))
-        except ValueError:
-            ts = 0.0
-    else:
-        ts = float(timestamp) if timestamp is not None else 0.0
+            exact = float(ts_header if isinstance(ts_header, str | int) else _text(ts_header)) / scale
+        except (ValueError, OverflowError):
+            exact = -1.0
+        if 0 <= exact < TIMESTAMP_LIMIT:
+            ts = exact
     key = raw.get(HEADER_KEY)
     marked = raw.get(HEADER_EMPTY)  # rare: only a message with an empty id, correlation id or content type
     empty = _text(marked).split(",") if marked is not None else ()
     record = Record(
         body=body,
-        id="" if "id" in empty else message_id or _fallback_id(body),
+        id="" if "id" in empty else message_id or _fallback_id(),
         headers=user,
         key=_text(key) if key is not None else None,
         correlation_id="" if "cid" in empty else correlation_id or None,
-        content_type="" if "ct" in empty else content_type or None,
+        content_type="" if "ct" in empty else content_type or (content_type_from(user) if user else None),
         timestamp=ts,
     )
     return Decoded(record, prior + redeliveries + 1)
@@ -157,6 +178,6 @@ def _text(value: object) -> str:
     return json.dumps(value, default=str, sort_keys=True)
 
 
-def _fallback_id(body: bytes) -> str:
-    """A stable id for a message whose producer set none (same body -> same id)."""
-    return "sha256:" + hashlib.sha256(body).hexdigest()[:32]
+def _fallback_id() -> str:
+    """An id for a message whose producer set none: distinct per delivery (see the module docstring)."""
+    return f"amqp-{uuid.uuid4().hex}"

@@ -27,7 +27,8 @@ pytestmark = pytest.mark.integration
 
 def _records(n: int, prefix: str = "m") -> list[Record]:
     return [
-        Record(f"body-{i}".encode(), f"{prefix}-{i}", {"i": str(i)}, key=f"k{i % 3}", timestamp=time.time())
+        # milliseconds: the resolution RabbitMQ keeps (timestamp_in_ms)
+        Record(f"body-{i}".encode(), f"{prefix}-{i}", {"i": str(i)}, key=f"k{i % 3}", timestamp=round(time.time(), 3))
         for i in range(n)
     ]
 
