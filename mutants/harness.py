@@ -47,6 +47,7 @@ class Mutant:
     checks: tuple[str, ...]
     ci: bool = False  # part of the quick subset that runs in `make test`
     why: str = ""  # what a real bug of this shape looks like, for the table
+    options: str = ""  # URL options the checks run with (e.g. "ordering=per_key"), after the backend's own
 
     def apply(self, root: Path) -> None:
         """Mutate ``root / file`` in place; the text must occur exactly once (a stale mutant is an error)."""

@@ -266,30 +266,28 @@ class RabbitMQAdapter(Adapter):
                 main,
                 self.options.delivery_limit,
             )
-        if self.ordered:
-            await self._declare_partitions(channel, main, dlq, exchange)
-            return
         queue = await channel.declare_queue(main, durable=True, arguments=arguments)
-        if exchange is not None:
+        if self.ordered:
+            if exchange is not None:  # unkeyed messages only (and what a publisher without the option sends)
+                await queue.bind(exchange, exchange.name)
+            await self._declare_partitions(channel, main, dlq, exchange)
+        elif exchange is not None:
             await queue.bind(exchange, "#")
 
     async def _declare_partitions(
         self, channel: AbstractRobustChannel, main: str, dlq: str, exchange: aio_pika.abc.AbstractExchange | None
     ) -> None:
-        """The single-active-consumer partition queues of ``main``; a subscription's partition ``i`` bound with
-        ``<topic>.p<i>``, and partition 0 also with the topic's own name (what an unordered publisher routes with),
-        so a publisher without ``ordering=per_key`` reaches the subscription too."""
+        """The single-active-consumer partition queues of ``main`` for keyed messages; a subscription's partition
+        ``i`` bound with routing key ``<topic>.p<i>``."""
         arguments = self._queue_arguments(dlq, single_active=True)
         for i, name in enumerate(partition_queues(main, self.options.partitions)):
             queue = await channel.declare_queue(name, durable=True, arguments=arguments)
             if exchange is not None:
                 await queue.bind(exchange, f"{exchange.name}.p{i}")
-                if i == 0:
-                    await queue.bind(exchange, exchange.name)
 
     def _queues_of(self, main: str) -> list[str]:
-        """The queues that hold ``main``'s messages: itself, or its partitions under ``ordering=per_key``."""
-        return partition_queues(main, self.options.partitions) if self.ordered else [main]
+        """The queues that hold ``main``'s messages: itself, and under ``ordering=per_key`` its partitions."""
+        return [main, *partition_queues(main, self.options.partitions)] if self.ordered else [main]
 
     async def _accepts(self, name: str, arguments: dict[str, Any]) -> bool:
         """Declare queue ``name`` with ``arguments`` on a throwaway channel: False if it exists with others
@@ -378,9 +376,12 @@ class RabbitMQAdapter(Adapter):
         for r in records:
             if r.size() > limit:
                 raise MessageTooLarge(r.size(), limit)
-        if self.ordered and not endpoint.dead_letter:
-            await self._send_partitioned(endpoint, records, delay)
-            return
+        if self.ordered and not endpoint.dead_letter and any(r.key is not None for r in records):
+            unkeyed = [r for r in records if r.key is None]
+            await self._send_partitioned(endpoint, [r for r in records if r.key is not None], delay)
+            if not unkeyed:
+                return
+            records = unkeyed
         messages = [encode(r) for r in records]
         if endpoint.kind == "queue":
             target = queue_name(endpoint)
@@ -398,7 +399,7 @@ class RabbitMQAdapter(Adapter):
         await self.publish_all(str(endpoint), exchange, routing_key, messages, mandatory)
 
     async def _send_partitioned(self, endpoint: Endpoint, records: Sequence[Record], delay: float | None) -> None:
-        """``ordering=per_key``: each record to the partition its key hashes to, a partition's in send order."""
+        """``ordering=per_key``: each keyed record to the partition its key hashes to, a partition's in send order."""
         n = self.options.partitions
         groups: dict[int, list[aio_pika.Message]] = {}
         for r in records:

@@ -12,7 +12,7 @@ from msgbus.errors import ConfigError
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024  # well under RabbitMQ's own 128 MiB default
 BROKER_MAX_MESSAGE_SIZE = 512 * 1024 * 1024  # the largest max_message_size RabbitMQ accepts
 DEFAULT_DELIVERY_LIMIT = 20  # a quorum queue's x-delivery-limit; RabbitMQ 4's own default
-DEFAULT_PARTITIONS = 8  # partition queues of an endpoint with ordering=per_key
+DEFAULT_PARTITIONS = 16  # partition queues of an endpoint with ordering=per_key
 MAX_PARTITIONS = 256
 
 

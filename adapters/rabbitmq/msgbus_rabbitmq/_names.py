@@ -31,8 +31,8 @@ def partition_queues(name: str, partitions: int) -> list[str]:
 
 
 def partition_of(record: Record, partitions: int) -> int:
-    """The partition of ``record``: by its key (every message of a key in one queue), unkeyed ones by id."""
-    return zlib.crc32((record.key if record.key is not None else record.id).encode()) % partitions
+    """The partition of keyed ``record``: by its key, so every message of a key is in one queue."""
+    return zlib.crc32((record.key or "").encode()) % partitions
 
 
 def delay_bucket_ms(delay: float) -> int:

@@ -6,8 +6,9 @@ messages with nothing on top, pika's adapter reached 21-26k msgs/s where aiormq 
 14-15k, same broker, same run (``docs/benchmarks.md``). A connection of its own also keeps a consumer
 running while the broker blocks publishing connections (RabbitMQ's flow control acts per connection).
 
-With ``ordering=per_key`` a receiver consumes every partition queue of its endpoint; each is a single-active-consumer
-queue, so the broker hands a partition (and so a key) to one receiver at a time, in queue order. Inside the receiver
+With ``ordering=per_key`` a receiver consumes the endpoint's queue (unkeyed messages, as without the option) and its
+partition queues (keyed ones); each partition is a single-active-consumer queue, so the broker hands a partition
+(and so a key) to one receiver at a time, in queue order. Inside the receiver
 the kit's ``KeyHold`` hands a key's next delivery out only once the one before is settled. A nacked delivery is
 returned alone and its key *parked* until it comes back: a quorum queue delivers returned messages before any
 other, so it is the key's next delivery again, with its delivery count up by one; what was held behind it stays
@@ -17,9 +18,10 @@ here (giving it back would count a delivery on each of them too). A nack's delay
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import pika
@@ -55,6 +57,7 @@ class Link(Protocol):
 log = logging.getLogger("msgbus")
 
 _IDLE_PAUSE = 0.25  # seconds without receive() before a receiver stops taking new messages
+_HAND_OFF = 0.5  # seconds a receiver stays the active consumer of a partition before it lets the next one take it
 
 
 class Incoming(NamedTuple):
@@ -65,6 +68,7 @@ class Incoming(NamedTuple):
     redelivered: bool
     properties: Any  # pika.BasicProperties
     body: bytes
+    partition: int = 0  # index of the queue it came from in the receiver's queues
 
 
 class RabbitMQReceiver(Receiver):
@@ -84,7 +88,7 @@ class RabbitMQReceiver(Receiver):
         self._adapter = adapter
         self._endpoint = endpoint
         self._name = name  # the endpoint's queue: where requeued copies go, ``.dlq`` appended for dead letters
-        self._queues = list(queues)  # what it consumes: ``name``, or its partition queues
+        self._queues = list(queues)  # what it consumes: ``name``, then its partition queues if ordered
         self._prefetch = max(1, prefetch)
         self._conn: AsyncioConnection | None = None
         self._channel: Any = None  # pika Channel while open
@@ -109,6 +113,11 @@ class RabbitMQReceiver(Receiver):
         self._hold: KeyHold[RabbitMQDelivery] | None = KeyHold() if ordered else None
         self._parked: dict[str, tuple[str, list[RabbitMQDelivery]]] = {}
         self._returning: dict[int, tuple[asyncio.TimerHandle, Incoming, list[RabbitMQDelivery]]] = {}
+        # Per partition: deliveries unsettled here, and since when it is consumed (see ``_hand_off``).
+        self._unsettled = [0] * len(self._queues)
+        self._since = [0.0] * len(self._queues)
+        self._qos = 0  # the basic.qos of the current channel: it applies to the consumers created after it
+        self._consuming_again: asyncio.Future[None] | None = None
 
     # -- the connection -----------------------------------------------------------------------------
 
@@ -173,11 +182,19 @@ class RabbitMQReceiver(Receiver):
         channel.add_on_close_callback(self._on_channel_closed)
         channel.add_on_cancel_callback(self._on_cancelled)
         self._channel = channel
-        # Per consumer (RabbitMQ's reading of global_qos=False): with partitions, ``prefetch`` each, so a returned
-        # message always finds room in its own queue's credit (a shared limit could be taken by other partitions).
-        await self._call(channel.basic_qos, prefetch_count=self._prefetch)
+        self._qos = 0
         for queue in self._queues:
             await self._call(channel.queue_declare, queue=queue, passive=True)
+
+    def _credit(self, partition: int) -> int:
+        """``basic.qos`` of a consumer (RabbitMQ's reading of ``global_qos=False``): ``prefetch`` for the endpoint's
+        queue; for each partition ``prefetch`` split between them, rounded down. So a returned message always finds
+        room in its own queue's credit (a channel-wide limit could be taken by other partitions' messages), and what
+        a dying consumer held of a partition, counted a delivery each time, is only more than the message that killed
+        it when ``prefetch`` exceeds ``partitions`` (docs/adapters/rabbitmq.md, *Per-key ordering*)."""
+        if partition == 0:
+            return self._prefetch
+        return max(1, self._prefetch // (len(self._queues) - 1))
 
     async def _call(self, method: Callable[..., Any], **kwargs: Any) -> Any:
         """Send a synchronous AMQP method on the current channel and wait for the broker's reply.
@@ -210,6 +227,7 @@ class RabbitMQReceiver(Receiver):
         self._link += 1
         self._open_tags.clear()
         self._done_tags.clear()
+        self._unsettled = [0] * len(self._queues)
         self._forget_order()
         for reply in self._pending:
             if not reply.done():
@@ -253,24 +271,38 @@ class RabbitMQReceiver(Receiver):
 
     # -- consuming ------------------------------------------------------------------------------------
 
-    def _on_message(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
+    def _on_message(self, partition: int, channel: Any, method: Any, properties: Any, body: bytes) -> None:
         if channel is not self._channel:
             return  # a late frame of a channel already given up; the broker puts the message back
         tag: int = method.delivery_tag
         self._open_tags.append(tag)
-        self._buffer.append(Incoming(self._link, tag, method.redelivered, properties, body))
+        self._unsettled[partition] += 1
+        self._buffer.append(Incoming(self._link, tag, method.redelivered, properties, body, partition))
         self._arrived.set()
 
     async def _consume(self) -> None:
-        for queue in self._queues:
+        for partition, queue in enumerate(self._queues):
             if queue not in self._tags and self._channel is not None and not self._closed:
-                ok = await self._call(self._channel.basic_consume, queue=queue, on_message_callback=self._on_message)
+                credit = self._credit(partition)
+                if credit != self._qos:
+                    await self._call(self._channel.basic_qos, prefetch_count=credit)
+                    self._qos = credit
+                # The partition is bound to the callback: deliveries may come before this call returns.
+                callback = functools.partial(self._on_message, partition)
+                ok = await self._call(self._channel.basic_consume, queue=queue, on_message_callback=callback)
                 self._tags[queue] = ok.method.consumer_tag
+                self._since[partition] = asyncio.get_running_loop().time()
 
-    async def _cancel(self) -> None:
-        """basic.cancel every consumer (a lost channel has dropped them anyway)."""
-        while self._tags and self._channel is not None:
-            queue, tag = next(iter(self._tags.items()))
+    async def _cancel(self, idle_only: bool = False) -> None:
+        """basic.cancel every consumer (a lost channel has dropped them anyway); with ``idle_only`` not those of
+        partitions with deliveries unsettled here: a single-active-consumer queue whose consumer cancels goes to the
+        next one at once, which would get their keys' next messages."""
+        for queue, tag in list(self._tags.items()):
+            if self._channel is None:
+                return
+            partition = self._queues.index(queue)
+            if idle_only and partition > 0 and self._unsettled[partition]:
+                continue
             del self._tags[queue]
             try:
                 await self._call(self._channel.basic_cancel, consumer_tag=tag)
@@ -284,7 +316,9 @@ class RabbitMQReceiver(Receiver):
     async def _pause(self) -> None:
         async with self._switch:
             if not self._receiving and not self._closed:
-                await self._cancel()
+                await self._cancel(idle_only=True)
+                if self._tags:
+                    self._pause_later()  # the partitions still held: once they are settled
 
     def _pause_later(self) -> None:
         if self._idle is not None:
@@ -293,11 +327,6 @@ class RabbitMQReceiver(Receiver):
 
     def _start_pause(self) -> None:
         self._idle = None
-        if self._hold is not None and self._open_tags:
-            # A single-active-consumer queue whose consumer cancels goes to the next one at once: with deliveries
-            # still unsettled here, that one would get their keys' next messages.
-            self._pause_later()
-            return
         if not self._receiving and not self._closed:
             self._pausing = asyncio.ensure_future(self._pause())
 
@@ -395,11 +424,50 @@ class RabbitMQReceiver(Receiver):
             )
         with translated(f"{doing} on {self._endpoint}"):
             if requeue is None:
+                self._hand_off({incoming.partition: 1})
                 self._channel.basic_ack(incoming.delivery_tag)
             else:
                 self._channel.basic_nack(incoming.delivery_tag, requeue=requeue)
         self._done_tags.add(incoming.delivery_tag)
+        self._unsettled[incoming.partition] -= 1
         self._advance()
+
+    def _hand_off(self, acking: Mapping[int, int]) -> None:
+        """Before acks of partitions' last unsettled deliveries: let the next waiting consumer have the partitions
+        this receiver has been active on for ``_HAND_OFF`` seconds, and queue up again behind it.
+
+        A single-active-consumer queue keeps its first consumer active for as long as it stays, so consumers started
+        together would leave all partitions to one of them. The basic.cancel goes out before the ack on the same
+        channel, so the broker hands the partition over with nothing of it left here: the next consumer gets only
+        messages after the ones this one handled. Not while a key is parked or a synchronous call is pending
+        (pika would queue the cancel behind it, after the ack).
+        """
+        if self._hold is None or self._parked or self._returning or self._pending or self._channel is None:
+            return
+        now = asyncio.get_running_loop().time()
+        handed = False
+        for partition, n in acking.items():
+            queue = self._queues[partition]
+            tag = self._tags.get(queue)
+            # Only with its whole credit in these acks: then nothing more of it can be on the way here.
+            if partition == 0 or tag is None or not self._unsettled[partition] == n == self._credit(partition):
+                continue
+            if now - self._since[partition] < _HAND_OFF:
+                continue
+            del self._tags[queue]
+            self._channel.basic_cancel(consumer_tag=tag)  # no callback: nowait, sent now
+            handed = True
+        if handed and not self._closed and self._consuming_again is None:
+            self._consuming_again = asyncio.ensure_future(self._consume_again())
+
+    async def _consume_again(self) -> None:
+        """After a hand-off: consume the partitions again, behind the consumers now active on them."""
+        try:
+            await self._resume()
+        except Exception as exc:  # the channel is gone: the reconnect consumes them again
+            log.debug("msgbus: RabbitMQ receiver on %s: consuming again failed (%s)", self._endpoint, exc)
+        finally:
+            self._consuming_again = None
 
     def _settled(self, delivery: RabbitMQDelivery) -> None:
         """``delivery`` is acked or dead-lettered: its key's next delivery may go out."""
@@ -460,13 +528,17 @@ class RabbitMQReceiver(Receiver):
             if tag in batch:
                 upto = tag
         if upto:
+            acked = [d for tag, d in batch.items() if tag <= upto]
             with translated(f"acking on {self._endpoint}"):
+                if self._hold is not None:
+                    self._hand_off(Counter(d.raw.partition for d in acked))
                 self._channel.basic_ack(upto, multiple=True)
+            for d in acked:
+                self._unsettled[d.raw.partition] -= 1
+                self._settled(d)
         for tag, d in batch.items():
             if tag > upto:
                 singles.append(d)
-            else:
-                self._settled(d)
         for d in singles:
             await d.ack()
 
@@ -558,7 +630,7 @@ class RabbitMQDelivery(Delivery):
         if not receiver._current(self.raw):
             return
         adapter = receiver._adapter
-        if receiver._hold is not None:  # ordering=per_key: back to the head of its partition, its key parked
+        if receiver._hold is not None and self.raw.partition:  # a partition: back to its head, its key parked
             receiver._return_later(self, delay)
             return
         if (delay is None or delay <= 0) and adapter.options.queue_type == "quorum":
