@@ -298,8 +298,8 @@ class RabbitMQReceiver(Receiver):
         partitions with deliveries unsettled here: a single-active-consumer queue whose consumer cancels goes to the
         next one at once, which would get their keys' next messages."""
         for queue, tag in list(self._tags.items()):
-            if self._channel is None:
-                return
+            if self._channel is None or (idle_only and self._receiving):
+                return  # a receive() came meanwhile: it wants them (one cancel is a round trip, 17 take a while)
             partition = self._queues.index(queue)
             if idle_only and partition > 0 and self._unsettled[partition]:
                 continue
