@@ -33,6 +33,15 @@ def _url(backend: str) -> str | Callable[[Path], str]:
     return tuned(resolve(backend))
 
 
+def _with(url: str | Callable[[Path], str], options: str) -> str | Callable[[Path], str]:
+    """``url`` with the mutant's extra ``options``."""
+    if not options:
+        return url
+    if callable(url):
+        return lambda root: f"{url(root)}{'&' if '?' in url(root) else '?'}{options}"
+    return f"{url}{'&' if '?' in url else '?'}{options}"
+
+
 def _select(mutants: list[Mutant], args: argparse.Namespace) -> list[tuple[Mutant, str]]:
     runs = []
     for m in mutants:
@@ -92,18 +101,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(runs: list[tuple[Mutant, str]], args: argparse.Namespace) -> int:
-    urls = {b: _url(b) for b in sorted({b for _, b in runs})}
+    urls = {(b, m.options): _with(_url(b), m.options) for m, b in runs}
     if not args.no_baseline:
-        for backend, url in urls.items():
-            checks = tuple(dict.fromkeys(c for m, b in runs if b == backend for c in m.checks))
+        for (backend, options), url in urls.items():
+            checks = tuple(dict.fromkeys(c for m, b in runs if (b, m.options) == (backend, options) for c in m.checks))
             base = run_mutant(None, backend, url, checks)
-            print(f"baseline {backend}: {base.status} ({base.seconds:.0f}s) {base.detail[:300]}", flush=True)
+            shown = f"{backend}?{options}" if options else backend
+            print(f"baseline {shown}: {base.status} ({base.seconds:.0f}s) {base.detail[:300]}", flush=True)
             if base.status != "survived":  # the unmutated tree must pass the checks the mutants are run with
                 return 2
 
     def one(run: tuple[Mutant, str]) -> Outcome:
         mutant, backend = run
-        result = run_mutant(mutant, backend, urls[backend])
+        result = run_mutant(mutant, backend, _url(backend))  # run_mutant adds the mutant's options
         print(f"{result.status:>8} {backend:<10} {mutant.name} ({result.seconds:.0f}s) {result.check}", flush=True)
         if result.status != "killed":
             print(f"         {result.detail[:600]}", flush=True)

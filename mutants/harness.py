@@ -189,6 +189,8 @@ def run_mutant(
 
 
 def _with_options(url: str, mutant: Mutant | None) -> str:
+    """``url`` with the mutant's URL ``options`` (the one place they are added; a baseline gets them from its
+    caller, which knows which options its mutants need)."""
     if mutant is None or not mutant.options:
         return url
     return url + ("&" if "?" in url else "?") + mutant.options

@@ -5,6 +5,9 @@ exchange ``t``; subscription ``s`` of ``t`` -> durable queue ``t.s`` bound to ``
 dead letters of queue ``x`` -> durable queue ``x.dlq`` (also the broker's dead-letter target for ``x``);
 a delay of ``d`` ms towards ``x`` -> holding queue ``msgbus.delay.<d>ms.<x>`` whose messages expire
 after ``d`` ms into ``x`` (TTL + dead-letter exchange), so nothing blocks while a message waits.
+With ``ordering=per_key`` queue (or subscription queue) ``x`` is instead ``partitions`` single-active-consumer
+quorum queues ``x.p0`` ... (a message goes to the one its key hashes to; a subscription's partition ``i`` is
+bound with routing key ``t.p<i>``), sharing ``x.dlq``.
 """
 
 from __future__ import annotations
@@ -26,7 +29,15 @@ from msgbus.errors import ClosedError, ConfigError, ConnectionLost, MessageTooLa
 from ._codec import encode
 from ._config import RabbitMQOptions, read_options
 from ._errors import convert, translated
-from ._names import MAX_NAME, QUEUE_NAME, delay_bucket_ms, holding_queue_name, queue_name
+from ._names import (
+    MAX_NAME,
+    QUEUE_NAME,
+    delay_bucket_ms,
+    holding_queue_name,
+    partition_of,
+    partition_queues,
+    queue_name,
+)
 from ._receiver import RabbitMQReceiver
 
 _T = TypeVar("_T")
@@ -62,8 +73,9 @@ class RabbitMQAdapter(Adapter):
         self.url = url
         self.options = options
         quorum = options.queue_type == "quorum"
+        self.ordered = options.ordering == "per_key"
         self.capabilities = Capabilities(
-            ordering="none",
+            ordering="per_key" if self.ordered else "none",
             delayed_delivery=True,
             max_delay=MAX_DELAY,
             delayed_nack=True,
@@ -183,8 +195,10 @@ class RabbitMQAdapter(Adapter):
 
     # -- topology ---------------------------------------------------------------------------------
 
-    def _queue_arguments(self, dlq: str | None) -> dict[str, Any]:
+    def _queue_arguments(self, dlq: str | None, single_active: bool = False) -> dict[str, Any]:
         args: dict[str, Any] = {}
+        if single_active:  # one consumer at a time gets the queue's messages, in queue order
+            args["x-single-active-consumer"] = True
         if self.options.queue_type == "quorum":
             args["x-queue-type"] = "quorum"
         if dlq is not None:
@@ -225,7 +239,8 @@ class RabbitMQAdapter(Adapter):
         """Delete the queue and its ``.dlq`` with their messages (RabbitMQ's queue.delete of a missing queue is
         fine) on the topology channel, which then forgets them: a reconnect does not declare them again."""
         main = queue_name(Endpoint("queue", deleted_queue(endpoint)))
-        if len(f"{main}.dlq".encode()) > MAX_NAME or not QUEUE_NAME.fullmatch(main):
+        longest = f"{main}.p{self.options.partitions - 1}" if self.ordered else f"{main}.dlq"
+        if len(longest.encode()) > MAX_NAME or not QUEUE_NAME.fullmatch(main):
             raise ConfigError(
                 f"{endpoint}: not a RabbitMQ queue name (letters, digits, '_.:@#,/+ -', with .dlq 255 bytes)"
             )
@@ -233,7 +248,7 @@ class RabbitMQAdapter(Adapter):
         async with self._lock:
             self._declared.discard(("queue", endpoint.name, None))
             with translated(f"deleting {endpoint}", [self.options.password]):
-                for name in (main, f"{main}.dlq"):
+                for name in (*self._queues_of(main), f"{main}.dlq"):
                     await topology.queue_delete(name)
 
     async def _declare(self, channel: AbstractRobustChannel, endpoint: Endpoint) -> None:
@@ -257,8 +272,27 @@ class RabbitMQAdapter(Adapter):
                 self.options.delivery_limit,
             )
         queue = await channel.declare_queue(main, durable=True, arguments=arguments)
-        if exchange is not None:
+        if self.ordered:
+            if exchange is not None:  # unkeyed messages only (and what a publisher without the option sends)
+                await queue.bind(exchange, exchange.name)
+            await self._declare_partitions(channel, main, dlq, exchange)
+        elif exchange is not None:
             await queue.bind(exchange, "#")
+
+    async def _declare_partitions(
+        self, channel: AbstractRobustChannel, main: str, dlq: str, exchange: aio_pika.abc.AbstractExchange | None
+    ) -> None:
+        """The single-active-consumer partition queues of ``main`` for keyed messages; a subscription's partition
+        ``i`` bound with routing key ``<topic>.p<i>``."""
+        arguments = self._queue_arguments(dlq, single_active=True)
+        for i, name in enumerate(partition_queues(main, self.options.partitions)):
+            queue = await channel.declare_queue(name, durable=True, arguments=arguments)
+            if exchange is not None:
+                await queue.bind(exchange, f"{exchange.name}.p{i}")
+
+    def _queues_of(self, main: str) -> list[str]:
+        """The queues that hold ``main``'s messages: itself, and under ``ordering=per_key`` its partitions."""
+        return [main, *partition_queues(main, self.options.partitions)] if self.ordered else [main]
 
     async def _accepts(self, name: str, arguments: dict[str, Any]) -> bool:
         """Declare queue ``name`` with ``arguments`` on a throwaway channel: False if it exists with others
@@ -282,7 +316,7 @@ class RabbitMQAdapter(Adapter):
                 await probe.declare_exchange(endpoint.name, passive=True, robust=False)
             if endpoint.kind == "queue" or endpoint.subscription is not None:
                 main = queue_name(Endpoint(endpoint.kind, endpoint.name, endpoint.subscription))
-                for name in (main, f"{main}.dlq"):
+                for name in (*self._queues_of(main), f"{main}.dlq"):
                     await probe.declare_queue(name, passive=True, robust=False)
 
     async def stats(self, endpoint: Endpoint) -> Mapping[str, float]:
@@ -290,13 +324,13 @@ class RabbitMQAdapter(Adapter):
         reports no unacked count nor message ages (those are in the management plugin's HTTP API, not used)."""
         main = queue_name(Endpoint(endpoint.kind, endpoint.name, endpoint.subscription))
         async with self._probe(f"stats of {endpoint}") as probe:
-            live = await probe.declare_queue(main, passive=True, robust=False)
+            live = [await probe.declare_queue(name, passive=True, robust=False) for name in self._queues_of(main)]
             dead = await probe.declare_queue(f"{main}.dlq", passive=True, robust=False)
-        found, dead_ok = live.declaration_result, dead.declaration_result
-        return {
-            "depth": found.message_count or 0,
-            "dead_letters": dead_ok.message_count or 0,
-            "consumers": found.consumer_count or 0,
+        found = [q.declaration_result for q in live]
+        return {  # partitions: the sum of their depths, and the most consumers one has (each has every one)
+            "depth": sum(r.message_count or 0 for r in found),
+            "dead_letters": dead.declaration_result.message_count or 0,
+            "consumers": max(r.consumer_count or 0 for r in found),
         }
 
     @contextlib.asynccontextmanager
@@ -314,9 +348,10 @@ class RabbitMQAdapter(Adapter):
             except Exception:  # the probe may already be closed by the broker's 404
                 pass
 
-    async def _holding_queue(self, ms: int, target: str, kind: str) -> str:
-        """Declare (or refresh) the holding queue that releases into ``target`` after ``ms`` ms."""
-        name = holding_queue_name(ms, target, kind)
+    async def _holding_queue(self, ms: int, target: str, kind: str, routing_key: str | None = None) -> str:
+        """Declare (or refresh) the holding queue that releases into ``target`` after ``ms`` ms (into exchange
+        ``target`` with ``routing_key``, when given: an ordered topic's partition)."""
+        name = holding_queue_name(ms, routing_key or target, kind)
         now = asyncio.get_running_loop().time()
         if now - self._holding.get(name, -math.inf) < _HOLDING_REDECLARE:
             return name
@@ -326,8 +361,8 @@ class RabbitMQAdapter(Adapter):
             "x-expires": ms + _HOLDING_GRACE_MS,
             "x-dead-letter-exchange": "" if kind == "q" else target,
         }
-        if kind == "q":
-            arguments["x-dead-letter-routing-key"] = target
+        if kind == "q" or routing_key is not None:
+            arguments["x-dead-letter-routing-key"] = routing_key or target
         # robust=False: holding queues are re-declared lazily, not restored forever on every reconnect.
         await topology.declare_queue(name, durable=True, arguments=arguments, robust=False)
         self._holding[name] = now
@@ -346,6 +381,12 @@ class RabbitMQAdapter(Adapter):
         for r in records:
             if r.size() > limit:
                 raise MessageTooLarge(r.size(), limit)
+        if self.ordered and not endpoint.dead_letter and any(r.key is not None for r in records):
+            unkeyed = [r for r in records if r.key is None]
+            await self._send_partitioned(endpoint, [r for r in records if r.key is not None], delay)
+            if not unkeyed:
+                return
+            records = unkeyed
         messages = [encode(r) for r in records]
         if endpoint.kind == "queue":
             target = queue_name(endpoint)
@@ -361,6 +402,32 @@ class RabbitMQAdapter(Adapter):
                 holding = await self._holding_queue(ms, target, "q" if endpoint.kind == "queue" else "t")
             exchange, routing_key, mandatory = "", holding, True
         await self.publish_all(str(endpoint), exchange, routing_key, messages, mandatory)
+
+    async def _send_partitioned(self, endpoint: Endpoint, records: Sequence[Record], delay: float | None) -> None:
+        """``ordering=per_key``: each keyed record to the partition its key hashes to, a partition's in send order."""
+        n = self.options.partitions
+        groups: dict[int, list[aio_pika.Message]] = {}
+        for r in records:
+            groups.setdefault(partition_of(r, n), []).append(encode(r))
+        delayed = delay is not None and delay > 0
+        if delayed and delay is not None and delay > MAX_DELAY:
+            raise ConfigError(f"delay {delay}s exceeds the RabbitMQ adapter's max_delay of {MAX_DELAY}s")
+        sends = []
+        for i, messages in groups.items():
+            if endpoint.kind == "queue":
+                exchange, routing_key, mandatory = "", f"{queue_name(endpoint)}.p{i}", True
+                holding_args: tuple[str, str, str | None] = (routing_key, "q", None)
+            else:
+                exchange, routing_key, mandatory = endpoint.name, f"{endpoint.name}.p{i}", False
+                holding_args = (endpoint.name, "t", routing_key)
+            if delayed and delay is not None:
+                with translated(f"declaring the delay queue for {endpoint}", [self.options.password]):
+                    holding = await self._holding_queue(delay_bucket_ms(delay), *holding_args)
+                exchange, routing_key, mandatory = "", holding, True
+            sends.append(self.publish_all(str(endpoint), exchange, routing_key, messages, mandatory))
+        for result in await asyncio.gather(*sends, return_exceptions=True):
+            if isinstance(result, BaseException):
+                raise result
 
     async def publish_all(
         self, what: str, exchange: str, routing_key: str, messages: Sequence[aio_pika.Message], mandatory: bool
@@ -400,7 +467,10 @@ class RabbitMQAdapter(Adapter):
         """Consume from a queue, subscription or dead-letter queue with ``basic.qos(prefetch)``, on a
         connection of the receiver's own (``_receiver.py`` says why)."""
         self._connection()
-        receiver = RabbitMQReceiver(self, endpoint, queue_name(endpoint), prefetch)
+        name = queue_name(endpoint)
+        queues = [name] if endpoint.dead_letter else self._queues_of(name)
+        ordered = self.ordered and not endpoint.dead_letter
+        receiver = RabbitMQReceiver(self, endpoint, name, queues, prefetch, ordered=ordered)
         self._receivers.add(receiver)
         try:
             await receiver.connect()

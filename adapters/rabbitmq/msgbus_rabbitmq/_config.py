@@ -12,6 +12,8 @@ from msgbus.errors import ConfigError
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024  # well under RabbitMQ's own 128 MiB default
 BROKER_MAX_MESSAGE_SIZE = 512 * 1024 * 1024  # the largest max_message_size RabbitMQ accepts
 DEFAULT_DELIVERY_LIMIT = 20  # a quorum queue's x-delivery-limit; RabbitMQ 4's own default
+DEFAULT_PARTITIONS = 16  # partition queues of an endpoint with ordering=per_key
+MAX_PARTITIONS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +34,8 @@ class RabbitMQOptions:
     reconnect_interval: float = 1.0
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     delivery_limit: int = DEFAULT_DELIVERY_LIMIT
+    ordering: str = "none"  # per_key: each endpoint is `partitions` single-active-consumer queues, by key hash
+    partitions: int = DEFAULT_PARTITIONS
 
 
 def read_options(url: BusURL, options: OptionReader) -> RabbitMQOptions:
@@ -49,6 +53,14 @@ def read_options(url: BusURL, options: OptionReader) -> RabbitMQOptions:
     if max_size > BROKER_MAX_MESSAGE_SIZE:
         raise ConfigError(f"option 'max_message_size' must be <= {BROKER_MAX_MESSAGE_SIZE} (RabbitMQ's ceiling)")
     vhost = unquote(url.path[1:]) if url.path.startswith("/") else unquote(url.path)
+    queue_type = options.choice("queue_type", "quorum", ("quorum", "classic"))
+    ordering = options.choice("ordering", "none", ("none", "per_key"))
+    partitions = options.int("partitions", DEFAULT_PARTITIONS, min=1)
+    if partitions > MAX_PARTITIONS:
+        raise ConfigError(f"option 'partitions' must be <= {MAX_PARTITIONS}, got {partitions}")
+    if ordering == "per_key" and queue_type != "quorum":
+        # A classic queue does not count returns, and a retry then travels as a copy to the tail of the queue.
+        raise ConfigError("ordering=per_key needs queue_type=quorum (a classic queue cannot keep a retry in place)")
     return RabbitMQOptions(
         host=url.host or "localhost",
         port=url.port or (5671 if secure else 5672),
@@ -56,7 +68,7 @@ def read_options(url: BusURL, options: OptionReader) -> RabbitMQOptions:
         password=url.password if url.password is not None else "guest",
         vhost=vhost or "/",
         tls=_tls_context(ca_file, cert_file, key_file, verify) if secure else None,
-        queue_type=options.choice("queue_type", "quorum", ("quorum", "classic")),
+        queue_type=queue_type,
         confirms=options.bool("confirms", True),
         send_timeout=options.float("send_timeout", 30.0, min=0.1),
         connect_timeout=options.float("connect_timeout", 10.0, min=0.1),
@@ -64,6 +76,8 @@ def read_options(url: BusURL, options: OptionReader) -> RabbitMQOptions:
         reconnect_interval=options.float("reconnect_interval", 1.0, min=0.1),
         max_message_size=max_size,
         delivery_limit=options.int("delivery_limit", DEFAULT_DELIVERY_LIMIT, min=0),
+        ordering=ordering,
+        partitions=partitions,
     )
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import zlib
 
-from msgbus.adapter import Endpoint
+from msgbus.adapter import Endpoint, Record
 from msgbus.errors import ConfigError
 
 MAX_NAME = 255  # bytes in an AMQP queue or exchange name
@@ -22,6 +23,16 @@ def queue_name(endpoint: Endpoint) -> str:
     else:
         raise ConfigError(f"{endpoint}: receiving from a topic needs a subscription name")
     return f"{base}.dlq" if endpoint.dead_letter else base
+
+
+def partition_queues(name: str, partitions: int) -> list[str]:
+    """The partition queues of queue ``name`` under ``ordering=per_key``: ``name.p0`` ... ``name.p<N-1>``."""
+    return [f"{name}.p{i}" for i in range(partitions)]
+
+
+def partition_of(record: Record, partitions: int) -> int:
+    """The partition of keyed ``record``: by its key, so every message of a key is in one queue."""
+    return zlib.crc32((record.key or "").encode()) % partitions
 
 
 def delay_bucket_ms(delay: float) -> int:

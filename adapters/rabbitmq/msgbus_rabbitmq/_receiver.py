@@ -5,22 +5,31 @@ message object per delivery, and the asyncio stack under aio-pika cannot keep up
 messages with nothing on top, pika's adapter reached 21-26k msgs/s where aiormq (under aio-pika) reached
 14-15k, same broker, same run (``docs/benchmarks.md``). A connection of its own also keeps a consumer
 running while the broker blocks publishing connections (RabbitMQ's flow control acts per connection).
+
+With ``ordering=per_key`` a receiver consumes the endpoint's queue (unkeyed messages, as without the option) and its
+partition queues (keyed ones); each partition is a single-active-consumer queue, so the broker hands a partition
+(and so a key) to one receiver at a time, in queue order. Inside the receiver
+the kit's ``KeyHold`` hands a key's next delivery out only once the one before is settled. A nacked delivery is
+returned alone and its key *parked* until it comes back: a quorum queue delivers returned messages before any
+other, so it is the key's next delivery again, with its delivery count up by one; what was held behind it stays
+here (giving it back would count a delivery on each of them too). A nack's delay is waited out here, holding it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import pika
 import pika.exceptions
 from pika.adapters.asyncio_connection import AsyncioConnection
 
-from msgbus.adapter import Delivery, Endpoint, Receiver, Record, dead_letter_record, wait_set
-from msgbus.errors import ClosedError, ConnectionLost
+from msgbus.adapter import Delivery, Endpoint, KeyHold, Receiver, Record, dead_letter_record, wait_set
+from msgbus.errors import ClosedError, ConnectionLost, MsgbusError
 
 from ._codec import decode, encode
 from ._config import RabbitMQOptions
@@ -48,6 +57,7 @@ class Link(Protocol):
 log = logging.getLogger("msgbus")
 
 _IDLE_PAUSE = 0.25  # seconds without receive() before a receiver stops taking new messages
+_HAND_OFF = 0.5  # seconds a receiver stays the active consumer of a partition before it lets the next one take it
 
 
 class Incoming(NamedTuple):
@@ -58,6 +68,7 @@ class Incoming(NamedTuple):
     redelivered: bool
     properties: Any  # pika.BasicProperties
     body: bytes
+    partition: int = 0  # index of the queue it came from in the receiver's queues
 
 
 class RabbitMQReceiver(Receiver):
@@ -71,10 +82,13 @@ class RabbitMQReceiver(Receiver):
     until it is closed; deliveries from the lost channel are dropped (the broker has put them back).
     """
 
-    def __init__(self, adapter: Link, endpoint: Endpoint, name: str, prefetch: int) -> None:
+    def __init__(
+        self, adapter: Link, endpoint: Endpoint, name: str, queues: Sequence[str], prefetch: int, *, ordered: bool
+    ) -> None:
         self._adapter = adapter
         self._endpoint = endpoint
-        self._name = name
+        self._name = name  # the endpoint's queue: where requeued copies go, ``.dlq`` appended for dead letters
+        self._queues = list(queues)  # what it consumes: ``name``, then its partition queues if ordered
         self._prefetch = max(1, prefetch)
         self._conn: AsyncioConnection | None = None
         self._channel: Any = None  # pika Channel while open
@@ -84,7 +98,7 @@ class RabbitMQReceiver(Receiver):
         self._arrived = asyncio.Event()
         self._closed = False
         self._ready = False  # connected once: only then does a loss start reconnecting
-        self._tag: str | None = None  # consumer tag while consuming
+        self._tags: dict[str, str] = {}  # queue -> consumer tag, while consuming it
         self._switch = asyncio.Lock()  # serialises connect/consume/cancel
         self._receiving = 0
         self._idle: asyncio.TimerHandle | None = None
@@ -94,6 +108,16 @@ class RabbitMQReceiver(Receiver):
         # out of order: ack_many acks the settled prefix with one ``multiple=True`` frame.
         self._open_tags: deque[int] = deque()
         self._done_tags: set[int] = set()
+        # ordering=per_key: the per-key hold, the keys parked until their nacked head comes back (its message id,
+        # what was held behind it), and the nacks waiting out their delay.
+        self._hold: KeyHold[RabbitMQDelivery] | None = KeyHold() if ordered else None
+        self._parked: dict[str, tuple[str, list[RabbitMQDelivery]]] = {}
+        self._returning: dict[int, tuple[asyncio.TimerHandle, Incoming, list[RabbitMQDelivery]]] = {}
+        # Per partition: deliveries unsettled here, and since when it is consumed (see ``_hand_off``).
+        self._unsettled = [0] * len(self._queues)
+        self._since = [0.0] * len(self._queues)
+        self._qos = 0  # the basic.qos of the current channel: it applies to the consumers created after it
+        self._consuming_again: asyncio.Future[None] | None = None
 
     # -- the connection -----------------------------------------------------------------------------
 
@@ -158,8 +182,19 @@ class RabbitMQReceiver(Receiver):
         channel.add_on_close_callback(self._on_channel_closed)
         channel.add_on_cancel_callback(self._on_cancelled)
         self._channel = channel
-        await self._call(channel.basic_qos, prefetch_count=self._prefetch)
-        await self._call(channel.queue_declare, queue=self._name, passive=True)
+        self._qos = 0
+        for queue in self._queues:
+            await self._call(channel.queue_declare, queue=queue, passive=True)
+
+    def _credit(self, partition: int) -> int:
+        """``basic.qos`` of a consumer (RabbitMQ's reading of ``global_qos=False``): ``prefetch`` for the endpoint's
+        queue; for each partition ``prefetch`` split between them, rounded down. So a returned message always finds
+        room in its own queue's credit (a channel-wide limit could be taken by other partitions' messages), and what
+        a dying consumer held of a partition, counted a delivery each time, is only more than the message that killed
+        it when ``prefetch`` exceeds ``partitions`` (docs/adapters/rabbitmq.md, *Per-key ordering*)."""
+        if partition == 0:
+            return self._prefetch
+        return max(1, self._prefetch // (len(self._queues) - 1))
 
     async def _call(self, method: Callable[..., Any], **kwargs: Any) -> Any:
         """Send a synchronous AMQP method on the current channel and wait for the broker's reply.
@@ -188,10 +223,12 @@ class RabbitMQReceiver(Receiver):
     def _lost(self, reason: BaseException) -> None:
         """The channel is gone: fail what waits on it, forget its tags, reconnect unless closing."""
         self._channel = None
-        self._tag = None
+        self._tags.clear()
         self._link += 1
         self._open_tags.clear()
         self._done_tags.clear()
+        self._unsettled = [0] * len(self._queues)
+        self._forget_order()
         for reply in self._pending:
             if not reply.done():
                 reply.set_exception(reason)
@@ -218,23 +255,59 @@ class RabbitMQReceiver(Receiver):
         finally:
             self._reconnecting = None
 
-    def _on_cancelled(self, _frame: Any) -> None:
-        self._tag = None  # the broker cancelled the consumer (queue deleted); the next receive() tries again
+    def _on_cancelled(self, frame: Any) -> None:
+        # The broker cancelled a consumer (queue deleted); the next receive() tries again.
+        tag = frame.method.consumer_tag
+        self._tags = {q: t for q, t in self._tags.items() if t != tag}
+
+    def _forget_order(self) -> None:
+        """The broker has taken back every unsettled delivery (channel lost, closed): start the hold afresh."""
+        if self._hold is not None:
+            self._hold = KeyHold()
+            self._parked.clear()
+            for handle, _, _ in self._returning.values():
+                handle.cancel()
+            self._returning.clear()
 
     # -- consuming ------------------------------------------------------------------------------------
 
-    def _on_message(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
+    def _on_message(self, partition: int, channel: Any, method: Any, properties: Any, body: bytes) -> None:
         if channel is not self._channel:
             return  # a late frame of a channel already given up; the broker puts the message back
         tag: int = method.delivery_tag
         self._open_tags.append(tag)
-        self._buffer.append(Incoming(self._link, tag, method.redelivered, properties, body))
+        self._unsettled[partition] += 1
+        self._buffer.append(Incoming(self._link, tag, method.redelivered, properties, body, partition))
         self._arrived.set()
 
     async def _consume(self) -> None:
-        if self._tag is None and self._channel is not None and not self._closed:
-            ok = await self._call(self._channel.basic_consume, queue=self._name, on_message_callback=self._on_message)
-            self._tag = ok.method.consumer_tag
+        for partition, queue in enumerate(self._queues):
+            if queue not in self._tags and self._channel is not None and not self._closed:
+                credit = self._credit(partition)
+                if credit != self._qos:
+                    await self._call(self._channel.basic_qos, prefetch_count=credit)
+                    self._qos = credit
+                # The partition is bound to the callback: deliveries may come before this call returns.
+                callback = functools.partial(self._on_message, partition)
+                ok = await self._call(self._channel.basic_consume, queue=queue, on_message_callback=callback)
+                self._tags[queue] = ok.method.consumer_tag
+                self._since[partition] = asyncio.get_running_loop().time()
+
+    async def _cancel(self, idle_only: bool = False) -> None:
+        """basic.cancel every consumer (a lost channel has dropped them anyway); with ``idle_only`` not those of
+        partitions with deliveries unsettled here: a single-active-consumer queue whose consumer cancels goes to the
+        next one at once, which would get their keys' next messages."""
+        for queue, tag in list(self._tags.items()):
+            if self._channel is None or (idle_only and self._receiving):
+                return  # a receive() came meanwhile: it wants them (one cancel is a round trip, 17 take a while)
+            partition = self._queues.index(queue)
+            if idle_only and partition > 0 and self._unsettled[partition]:
+                continue
+            del self._tags[queue]
+            try:
+                await self._call(self._channel.basic_cancel, consumer_tag=tag)
+            except Exception:  # channel gone: the broker has dropped the consumer anyway
+                pass
 
     async def _resume(self) -> None:
         async with self._switch:
@@ -242,12 +315,10 @@ class RabbitMQReceiver(Receiver):
 
     async def _pause(self) -> None:
         async with self._switch:
-            if self._tag is not None and not self._receiving and not self._closed and self._channel is not None:
-                tag, self._tag = self._tag, None
-                try:
-                    await self._call(self._channel.basic_cancel, consumer_tag=tag)
-                except Exception:  # channel gone: the broker has dropped the consumer anyway
-                    pass
+            if not self._receiving and not self._closed:
+                await self._cancel(idle_only=True)
+                if self._tags:
+                    self._pause_later()  # the partitions still held: once they are settled
 
     def _pause_later(self) -> None:
         if self._idle is not None:
@@ -272,7 +343,7 @@ class RabbitMQReceiver(Receiver):
             self._idle.cancel()
             self._idle = None
         try:
-            if self._tag is None and self._channel is not None:
+            if len(self._tags) < len(self._queues) and self._channel is not None:
                 with translated(f"receiving from {self._endpoint}"):
                     await self._resume()
             return await self._collect(max_messages, timeout)
@@ -285,8 +356,12 @@ class RabbitMQReceiver(Receiver):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, timeout)
         out: list[Delivery] = []
-        buffer = self._buffer
+        buffer, hold = self._buffer, self._hold
         while not out:
+            if hold is not None:
+                out.extend(hold.ready(max_messages))  # their turn came: fetched before anything still buffered
+                if out:
+                    return out
             if not buffer:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -299,8 +374,24 @@ class RabbitMQReceiver(Receiver):
             while buffer and len(out) < max_messages:
                 incoming = buffer.popleft()
                 if incoming.link == self._link:
-                    out.append(self._delivery(incoming))
+                    if hold is None:
+                        out.append(self._delivery(incoming))
+                    else:
+                        out.extend(self._admit(hold, self._delivery(incoming)))
         return out
+
+    def _admit(self, hold: KeyHold[RabbitMQDelivery], delivery: RabbitMQDelivery) -> list[RabbitMQDelivery]:
+        """Through the hold, unless its key is parked: then the nacked head, back, goes first; others wait."""
+        key = delivery.record.key
+        parked = self._parked.get(key) if key is not None else None
+        if parked is None:
+            return hold.admit((delivery,))
+        head, behind = parked
+        if delivery.record.id != head:
+            behind.append(delivery)
+            return []
+        del self._parked[key]  # type: ignore[arg-type]
+        return hold.admit((delivery, *behind))
 
     def _delivery(self, incoming: Incoming) -> RabbitMQDelivery:
         p = incoming.properties
@@ -333,11 +424,83 @@ class RabbitMQReceiver(Receiver):
             )
         with translated(f"{doing} on {self._endpoint}"):
             if requeue is None:
+                self._hand_off({incoming.partition: 1})
                 self._channel.basic_ack(incoming.delivery_tag)
             else:
                 self._channel.basic_nack(incoming.delivery_tag, requeue=requeue)
         self._done_tags.add(incoming.delivery_tag)
+        self._unsettled[incoming.partition] -= 1
         self._advance()
+
+    def _hand_off(self, acking: Mapping[int, int]) -> None:
+        """Before acks of partitions' last unsettled deliveries: let the next waiting consumer have the partitions
+        this receiver has been active on for ``_HAND_OFF`` seconds, and queue up again behind it.
+
+        A single-active-consumer queue keeps its first consumer active for as long as it stays, so consumers started
+        together would leave all partitions to one of them. The basic.cancel goes out before the ack on the same
+        channel, so the broker hands the partition over with nothing of it left here: the next consumer gets only
+        messages after the ones this one handled. Not while a key is parked or a synchronous call is pending
+        (pika would queue the cancel behind it, after the ack).
+        """
+        if self._hold is None or self._parked or self._returning or self._pending or self._channel is None:
+            return
+        now = asyncio.get_running_loop().time()
+        handed = False
+        for partition, n in acking.items():
+            queue = self._queues[partition]
+            tag = self._tags.get(queue)
+            # Only with its whole credit in these acks: then nothing more of it can be on the way here.
+            if partition == 0 or tag is None or not self._unsettled[partition] == n == self._credit(partition):
+                continue
+            if now - self._since[partition] < _HAND_OFF:
+                continue
+            del self._tags[queue]
+            self._channel.basic_cancel(consumer_tag=tag)  # no callback: nowait, sent now
+            handed = True
+        if handed and not self._closed and self._consuming_again is None:
+            self._consuming_again = asyncio.ensure_future(self._consume_again())
+
+    async def _consume_again(self) -> None:
+        """After a hand-off: consume the partitions again, behind the consumers now active on them."""
+        try:
+            await self._resume()
+        except Exception as exc:  # the channel is gone: the reconnect consumes them again
+            log.debug("msgbus: RabbitMQ receiver on %s: consuming again failed (%s)", self._endpoint, exc)
+        finally:
+            self._consuming_again = None
+
+    def _settled(self, delivery: RabbitMQDelivery) -> None:
+        """``delivery`` is acked or dead-lettered: its key's next delivery may go out."""
+        if self._hold is not None:
+            self._hold.settled(delivery)
+            self._arrived.set()  # a receive() waiting may return it
+
+    def _return_later(self, delivery: RabbitMQDelivery, delay: float | None) -> None:
+        """Nack of an ordered delivery: park its key with what was held behind it, requeue it after ``delay``."""
+        assert self._hold is not None
+        behind = self._hold.released(delivery)
+        key = delivery.record.key
+        limit = self._adapter.options.delivery_limit
+        if key is not None and (not limit or delivery.attempt <= limit):
+            self._parked[key] = (delivery.record.id, behind)
+            behind = []
+        # else past the broker's delivery limit it will not come back (dead-lettered): give back the rest after it
+        incoming = delivery.raw
+        if delay is None or delay <= 0:
+            self._return(incoming, behind)
+            return
+        handle = asyncio.get_running_loop().call_later(delay, self._return, incoming, behind)
+        self._returning[id(incoming)] = (handle, incoming, behind)
+
+    def _return(self, incoming: Incoming, behind: Sequence[RabbitMQDelivery] = ()) -> None:
+        """basic.nack with requeue of ``incoming``, then of ``behind``: in that order at the head of their queue."""
+        self._returning.pop(id(incoming), None)
+        for raw in (incoming, *(d.raw for d in behind)):
+            if self._current(raw):
+                try:
+                    self._settle(raw, "nacking", requeue=True)
+                except MsgbusError as err:  # the channel closed meanwhile: the broker has it back anyway
+                    log.debug("msgbus: RabbitMQ requeue on %s failed: %s", self._endpoint, err)
 
     def _advance(self) -> None:
         """Drop the settled prefix of the open tags."""
@@ -365,8 +528,14 @@ class RabbitMQReceiver(Receiver):
             if tag in batch:
                 upto = tag
         if upto:
+            acked = [d for tag, d in batch.items() if tag <= upto]
             with translated(f"acking on {self._endpoint}"):
+                if self._hold is not None:
+                    self._hand_off(Counter(d.raw.partition for d in acked))
                 self._channel.basic_ack(upto, multiple=True)
+            for d in acked:
+                self._unsettled[d.raw.partition] -= 1
+                self._settled(d)
         for tag, d in batch.items():
             if tag > upto:
                 singles.append(d)
@@ -378,16 +547,24 @@ class RabbitMQReceiver(Receiver):
         returned: a stopped ``run()`` must not sit on messages other consumers wait for until it is closed.
         The next ``receive`` consumes again."""
         async with self._switch:
-            if self._tag is not None and self._channel is not None and not self._closed:
-                tag, self._tag = self._tag, None
-                try:
-                    await self._call(self._channel.basic_cancel, consumer_tag=tag)
-                except Exception:  # channel gone: the broker has put back everything it held for us
-                    pass
+            if not self._closed:
+                await self._cancel()
+            if self._hold is not None:  # in order within each key: nacked heads, what waits for them, what is held
+                for handle, incoming, behind in list(self._returning.values()):
+                    handle.cancel()
+                    self._return(incoming, behind)
+                for _, behind in self._parked.values():
+                    self._return_all(behind)
+                self._parked.clear()
+                self._return_all(self._hold.drain())
             while self._buffer:  # after cancel-ok nothing more arrives for the cancelled tag
                 incoming = self._buffer.popleft()
                 if self._current(incoming):
                     self._settle(incoming, "releasing", requeue=True)
+
+    def _return_all(self, deliveries: Sequence[RabbitMQDelivery]) -> None:
+        for d in deliveries:
+            self._return(d.raw)
 
     async def close(self) -> None:
         """Close the connection; acks nothing, so unsettled and buffered messages go back to the queue."""
@@ -402,6 +579,7 @@ class RabbitMQReceiver(Receiver):
             self._reconnecting.cancel()
             await asyncio.gather(self._reconnecting, return_exceptions=True)
         self._buffer.clear()
+        self._forget_order()  # closing the channel gives back every unsettled delivery, in delivery order
         self._arrived.set()
         conn, self._conn = self._conn, None
         self._channel = None
@@ -444,6 +622,7 @@ class RabbitMQDelivery(Delivery):
     async def ack(self) -> None:
         """basic.ack. Raises ``ConnectionLost`` if the channel closed first (the message will come back)."""
         self._receiver._settle(self.raw, "acking")
+        self._receiver._settled(self)
 
     async def nack(self, delay: float | None = None) -> None:
         """Release for another attempt (after ``delay`` s via a holding queue, without blocking anyone)."""
@@ -451,6 +630,9 @@ class RabbitMQDelivery(Delivery):
         if not receiver._current(self.raw):
             return
         adapter = receiver._adapter
+        if receiver._hold is not None and self.raw.partition:  # a partition: back to its head, its key parked
+            receiver._return_later(self, delay)
+            return
         if (delay is None or delay <= 0) and adapter.options.queue_type == "quorum":
             # Quorum queues count this return in x-delivery-count, so a plain requeue keeps the count.
             receiver._settle(self.raw, "nacking", requeue=True)

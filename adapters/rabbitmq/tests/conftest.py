@@ -76,8 +76,9 @@ async def names(broker: Any) -> AsyncIterator[Callable[[str], str]]:
         channel = await connection.channel()
         underlay = await channel.get_underlay_channel()
         for base in made:
-            for queue in (base, f"{base}.dlq", f"{base}.sub", f"{base}.sub.dlq", f"{base}.s2", f"{base}.s2.dlq"):
-                await underlay.queue_delete(queue)
+            for main in (base, f"{base}.sub", f"{base}.s2"):
+                for queue in (main, f"{main}.dlq", *(f"{main}.p{i}" for i in range(16))):  # partitions: ordering
+                    await underlay.queue_delete(queue)
             await underlay.exchange_delete(base)
     finally:
         await connection.close()

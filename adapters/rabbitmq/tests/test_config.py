@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from msgbus._url import parse_url
-from msgbus.adapter import Endpoint
+from msgbus.adapter import Endpoint, Record
 from msgbus.errors import ConfigError
 from msgbus_rabbitmq import create
 from msgbus_rabbitmq._config import DEFAULT_MAX_MESSAGE_SIZE, read_options
-from msgbus_rabbitmq._names import delay_bucket_ms, holding_queue_name, queue_name
+from msgbus_rabbitmq._names import delay_bucket_ms, holding_queue_name, partition_of, partition_queues, queue_name
 
 
 def _options(url: str):
@@ -57,6 +57,10 @@ def test_amqps_verify_false_turns_checks_off() -> None:
         ("amqp://h/?queue_type=stream", "queue_type"),
         ("amqp://h/?max_message_size=999999999999", "max_message_size"),
         ("amqp://h/?send_timeout=-1", "send_timeout"),
+        ("amqp://h/?ordering=global", "ordering"),
+        ("amqp://h/?ordering=per_key&queue_type=classic", "quorum"),
+        ("amqp://h/?ordering=per_key&partitions=0", "partitions"),
+        ("amqp://h/?ordering=per_key&partitions=257", "partitions"),
     ],
 )
 def test_bad_options_raise_config_error(url: str, match: str) -> None:
@@ -105,7 +109,7 @@ def test_a_receivers_connection_uses_the_urls_settings() -> None:
     reader = parsed.reader()
     adapter = create(parsed, reader)
     reader.finish()
-    params = RabbitMQReceiver(adapter, Endpoint("queue", "q"), "q", 8)._parameters()
+    params = RabbitMQReceiver(adapter, Endpoint("queue", "q"), "q", ["q"], 8, ordered=False)._parameters()
     assert (params.host, params.port, params.virtual_host, params.heartbeat) == ("mq.example", 5999, "prod", 15)
     assert (params.credentials.username, params.credentials.password) == ("alice", "s3cret")
     assert (params.socket_timeout, params.stack_timeout, params.connection_attempts) == (3.0, 3.0, 1)
@@ -115,4 +119,21 @@ def test_a_receivers_connection_uses_the_urls_settings() -> None:
     reader = plain.reader()
     local = create(plain, reader)
     reader.finish()
-    assert RabbitMQReceiver(local, Endpoint("queue", "q"), "q", 8)._parameters().ssl_options is None
+    assert (
+        RabbitMQReceiver(local, Endpoint("queue", "q"), "q", ["q"], 8, ordered=False)._parameters().ssl_options is None
+    )
+
+
+def test_ordering_is_declared_only_with_the_option() -> None:
+    for url, ordering in (("amqp://h/", "none"), ("amqp://h/?ordering=per_key&partitions=4", "per_key")):
+        parsed = parse_url(url)
+        assert create(parsed, parsed.reader()).capabilities.ordering == ordering
+
+
+def test_partitions_follow_the_key() -> None:
+    assert partition_queues("orders", 3) == ["orders.p0", "orders.p1", "orders.p2"]
+    keyed = {partition_of(Record(b"", f"id-{i}", key="customer-7"), 8) for i in range(100)}
+    assert len(keyed) == 1  # one key, one partition, whatever the ids
+    spread = {partition_of(Record(b"", "id", key=f"customer-{i}"), 8) for i in range(100)}
+    assert spread == set(range(8))
+    assert all(0 <= partition_of(Record(b"", "x", key=f"k{i}"), 5) < 5 for i in range(50))
