@@ -74,6 +74,10 @@ class RabbitMQAdapter(Adapter):
         self.options = options
         quorum = options.queue_type == "quorum"
         self.ordered = options.ordering == "per_key"
+        if self.ordered:
+            # One delivery per partition at defaults: more would let a consumer-killing message take what is held
+            # behind it in its partition to the delivery limit (docs/adapters/rabbitmq.md, *Per-key ordering*).
+            self.credit = options.partitions
         self.capabilities = Capabilities(
             ordering="per_key" if self.ordered else "none",
             delayed_delivery=True,
