@@ -351,10 +351,10 @@ class SyncConsumer(Generic[T]):
         )
 
 
-def _unwrapped(result: object) -> Any:
+def _unwrapped(result: Any) -> BatchResult | None:
     """A sync batch handler's result for the core: the messages a ``BatchResult`` names as ``SyncMessage`` views
     replaced by theirs; anything else unchanged (the core refuses what is malformed)."""
     if not isinstance(result, BatchResult):
-        return result
+        return result  # type: ignore[no-any-return]  # None, or garbage the core refuses with a TypeError
     failed = {m.message if isinstance(m, SyncMessage) else m: exc for m, exc in result.failed.items()}
     return BatchResult(failed)
