@@ -31,7 +31,7 @@ class FakeSqs:
         self.deletes: list[int] = []
         self._n = itertools.count()
 
-    async def receive_message(self, *, MaxNumberOfMessages: int, **_: Any) -> dict[str, Any]:  # noqa: N803
+    async def receive_message(self, *, MaxNumberOfMessages: int, **_: Any) -> dict[str, Any]:
         self.receives.append(MaxNumberOfMessages)
         n = min(MaxNumberOfMessages, self.available)
         self.available -= n
@@ -42,9 +42,11 @@ class FakeSqs:
         i = next(self._n)
         return {"MessageId": f"m{i}", "ReceiptHandle": f"r{i}", "Body": "eA==", "Attributes": {}}
 
-    async def delete_message_batch(self, *, Entries: list[dict[str, str]], **_: Any) -> dict[str, Any]:  # noqa: N803
+    async def delete_message_batch(self, *, Entries: list[dict[str, str]], **_: Any) -> dict[str, Any]:
         self.deletes.append(len(Entries))
-        failed = [{"Id": e["Id"], "Code": "X", "SenderFault": True} for e in Entries if e["ReceiptHandle"] in self.refuse]
+        failed = [
+            {"Id": e["Id"], "Code": "X", "SenderFault": True} for e in Entries if e["ReceiptHandle"] in self.refuse
+        ]
         return {"Failed": failed}
 
 
