@@ -82,9 +82,9 @@ class SqsReceiver(Receiver):
     async def receive(self, max_messages: int, timeout: float) -> list[Delivery]:
         """Long-poll up to ``timeout`` seconds (whole seconds, at most ``wait_time``), then top up without waiting.
 
-        The top-up asks for whole batches of 10 at once (all the calls of one round together), and leaves a
-        remainder under 10 for the next receive: a call costs the same for 2 messages as for 10, and the deletes
-        follow in the same sizes. On a FIFO queue each call takes one message, so a batch never holds two of one
+        The top-up asks for whole batches of 10, one call at a time (a receiver must not crowd out the
+        endpoint's other clients), and leaves a remainder under 10 for the next receive: a call costs the same
+        for 2 messages as for 10, and the deletes follow in the same sizes. On a FIFO queue each call takes one message, so a batch never holds two of one
         message group (SQS hands out the next of a group only after the previous one is deleted or visible
         again); the top-up makes up to 10 such calls at once. Topping up stops after a quarter of the visibility
         timeout, so the first messages are still locked when the core starts extending them.
@@ -107,10 +107,10 @@ class SqsReceiver(Receiver):
         got = len(out)
         while got == asked and len(out) < max_messages and loop.time() < top_up_until:
             room = max_messages - len(out)
-            sizes = [1] * min(BATCH_MAX, room) if self._o.fifo else [BATCH_MAX] * (room // BATCH_MAX)
-            if not sizes:
-                break
-            asked = len(sizes) if self._o.fifo else room - room % BATCH_MAX
+            if room < BATCH_MAX and not self._o.fifo:
+                break  # the remainder waits for the next receive: a call costs the same for 2 as for 10
+            asked = min(BATCH_MAX, room)
+            sizes = [1] * asked if self._o.fifo else [asked]
             results = await asyncio.gather(*(self._receive_call(url, n, 0) for n in sizes), return_exceptions=True)
             more = [d for r in results if isinstance(r, list) for d in r]
             out.extend(more)

@@ -75,7 +75,7 @@ class FakeLink:
         (32, 1000, [10, 10, 10], 30),  # the remainder of 2 waits for the next receive
         (40, 1000, [10, 10, 10, 10], 40),
         (5, 1000, [5], 5),  # less than a batch: asked as is
-        (32, 14, [10, 10, 10], 14),  # the queue ran dry in the top-up (its calls go out at once)
+        (32, 14, [10, 10], 14),  # the queue ran dry in the top-up
         (32, 7, [10], 7),  # not full: no top-up
     ],
 )
@@ -91,7 +91,7 @@ async def test_acks_go_out_in_batches_of_ten_and_every_failure_waits_for_the_res
     sqs = FakeSqs(25, refuse=frozenset({"r3"}))
     receiver = SqsReceiver(FakeLink(sqs), Endpoint("queue", "q"))
     deliveries = await receiver.receive(30, 1.0)
-    assert len(deliveries) == 25
+    assert len(deliveries) == 25  # 10 + 10 + 5: the queue ran dry
     with pytest.raises(BrokerError, match="ack on queue:q failed: X"):
         await receiver.ack_many(deliveries)
     assert sqs.deletes == [10, 10, 5]  # every batch went out, though the first had a failure
