@@ -141,6 +141,7 @@ class ServiceBusReceiverAdapter(Receiver):
         except MsgbusError as err:
             log.debug("msgbus: completing %d on %s at once failed (%s); one by one", len(together), self.endpoint, err)
             return deliveries
+        _forget(sdk, together)
         return [d for d in deliveries if _sdk(d) is not sdk]
 
     async def close(self) -> None:
@@ -229,6 +230,16 @@ class ServiceBusDelivery(Delivery):
         with translated(f"renew lock on {r.endpoint}", secrets=r._secrets):
             async with r.lock:
                 await self._sdk.renew_message_lock(self.raw)
+
+
+def _forget(sdk: ServiceBusReceiver, deliveries: Sequence[Delivery]) -> None:
+    """Drop the delivery tags of messages completed through ``$management`` from the SDK link's set of unsettled
+    ones: only a settlement on the link removes them, so a long-running receiver would keep one per message."""
+    link = getattr(getattr(sdk, "_handler", None), "_link", None)
+    tags = getattr(link, "_received_delivery_tags", None)
+    if isinstance(tags, set):
+        for delivery in deliveries:
+            tags.discard(getattr(_message(delivery), "_delivery_tag", None))
 
 
 def _sdk(delivery: Delivery) -> ServiceBusReceiver:

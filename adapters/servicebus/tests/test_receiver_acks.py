@@ -6,6 +6,7 @@ is the contract suite's business (integration/test_contract_servicebus.py, on th
 from __future__ import annotations
 
 import uuid
+from types import SimpleNamespace
 from typing import Any
 
 import azure.servicebus.exceptions as sb
@@ -19,6 +20,7 @@ from msgbus_servicebus._receiver import ServiceBusDelivery, ServiceBusReceiverAd
 class FakeMessage:
     def __init__(self) -> None:
         self.lock_token = str(uuid.uuid4())
+        self._delivery_tag = uuid.UUID(self.lock_token).bytes_le
 
 
 class FakeSdk:
@@ -29,6 +31,7 @@ class FakeSdk:
         self.lost = lost
         self.together: list[tuple[str, list[str]]] = []
         self.alone: list[str] = []
+        self._handler = SimpleNamespace(_link=SimpleNamespace(_received_delivery_tags=set()))
 
     async def _settle_message_via_mgmt_link(self, status: str, tokens: list[str]) -> None:
         self.together.append((status, tokens))
@@ -61,7 +64,9 @@ class FakeLink:
 
 
 def deliveries(receiver: ServiceBusReceiverAdapter, sdk: FakeSdk, n: int) -> list[ServiceBusDelivery]:
-    return [ServiceBusDelivery(receiver, sdk, Record(b"x", f"m{i}"), 1, FakeMessage()) for i in range(n)]  # type: ignore[arg-type]
+    out = [ServiceBusDelivery(receiver, sdk, Record(b"x", f"m{i}"), 1, FakeMessage()) for i in range(n)]  # type: ignore[arg-type]
+    sdk._handler._link._received_delivery_tags |= {d.raw._delivery_tag for d in out}  # unsettled on the link
+    return out
 
 
 def tokens(ds: list[ServiceBusDelivery]) -> list[str]:
@@ -75,6 +80,7 @@ async def test_a_batch_is_completed_with_one_request() -> None:
     await receiver.ack_many(batch)
     assert sdk.together == [("completed", tokens(batch))]
     assert sdk.alone == []
+    assert sdk._handler._link._received_delivery_tags == set()  # the link keeps nothing per completed message
 
 
 async def test_deliveries_of_a_replaced_sdk_receiver_are_completed_through_it_one_by_one() -> None:
