@@ -84,10 +84,11 @@ class SqsReceiver(Receiver):
 
         The top-up asks for whole batches of 10, one call at a time (a receiver must not crowd out the
         endpoint's other clients), and leaves a remainder under 10 for the next receive: a call costs the same
-        for 2 messages as for 10, and the deletes follow in the same sizes. On a FIFO queue each call takes one message, so a batch never holds two of one
-        message group (SQS hands out the next of a group only after the previous one is deleted or visible
-        again); the top-up makes up to 10 such calls at once. Topping up stops after a quarter of the visibility
-        timeout, so the first messages are still locked when the core starts extending them.
+        for 2 messages as for 10, and the deletes follow in the same sizes. On a FIFO queue each call takes one
+        message, so a batch never holds two of one message group (SQS hands out the next of a group only after
+        the previous one is deleted or visible again); the top-up makes up to 10 such calls at once. Topping up
+        stops after a quarter of the visibility timeout, so the first messages are still locked when the core
+        starts extending them.
         """
         if self._closed:
             raise ClosedError(f"{self!r} is closed")
