@@ -961,9 +961,13 @@ class Consumer(Generic[T]):
         try:
             await self._start(default_prefetch(self._bus._adapter, per_worker * concurrency))
             telemetry = self._bus._telemetry
-            if telemetry is not None and not isinstance(handler, Batch):
-                # the span is outermost: middleware runs inside the message's trace
-                handler = telemetry.process(handler, self._endpoint, retry.max_attempts)
+            # the span is outermost: middleware runs inside the message's (or the batch's) trace
+            if telemetry is not None:
+                if isinstance(handler, Batch):
+                    traced = telemetry.process_batch(handler.handler, self._endpoint, retry.max_attempts)
+                    handler = handler._replace(handler=traced)
+                else:
+                    handler = telemetry.process(handler, self._endpoint, retry.max_attempts)
             await _runtime.run(
                 self._inbox,
                 handler,

@@ -9,12 +9,14 @@ configured propagator's), which any other OpenTelemetry-instrumented consumer re
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
+from ._batch import BatchHandler, BatchResult, failures
 from ._codec import describe
 from ._message import Message
 from ._url import BusURL
@@ -200,6 +202,61 @@ class Telemetry:
 
         return traced
 
+    def process_batch(self, handler: BatchHandler, endpoint: Endpoint, max_attempts: int) -> BatchHandler:
+        """``handler`` of a batch inside one consumer "process" span, as the conventions ask for batch processing:
+        no parent taken from the messages but a link to each one's creation context (with its id and attempt),
+        ``messaging.batch.message_count``, and what became of the batch (``_end_batch``). Each message counts in
+        the metrics as under ``run()``: consumed, in flight, processed (taking the batch's duration), retried or
+        dead-lettered. The outcomes follow the runtime's rule (``_runtime.handle_batch``): return acks what the
+        handler neither settled nor named in its ``BatchResult``; a named or raised failure retries below
+        ``max_attempts`` and dead-letters at it. A malformed ``traceparent`` only means no link.
+        """
+        base = self.attributes(endpoint, "process")
+        name = f"process {endpoint.name}"
+        tracer, metering = self.tracer, self.metering
+
+        async def traced(msgs: list[Message[Any]]) -> BatchResult | None:
+            n = len(msgs)
+            if metering:
+                self.consumed.add(base, n)
+                self.in_flight.add(base, n)
+            start = time.perf_counter()
+            before = [m.settled for m in msgs]
+            outcomes: list[tuple[str | None, BaseException | None]] = []
+            error: BaseException | None = None
+            span = None
+            if tracer is not None:
+                attrs = {**base, "messaging.batch.message_count": n}
+                span = tracer.start_span(name, kind=SpanKind.CONSUMER, attributes=attrs, links=_links(msgs))
+            try:
+                with _current(span):
+                    try:
+                        result = await handler(msgs)
+                    except Exception as exc:
+                        error = exc
+                        outcomes = _batch_outcomes(msgs, before, dict.fromkeys(msgs, exc), max_attempts)
+                        raise
+                try:
+                    failed = failures(result, msgs)
+                except TypeError as exc:  # malformed: the runtime fails the whole batch with it
+                    error, failed = exc, dict.fromkeys(msgs, exc)
+                outcomes = _batch_outcomes(msgs, before, failed, max_attempts)
+                return result
+            finally:
+                if span is not None:
+                    _end_batch(span, msgs, outcomes, error)
+                if metering:
+                    self.in_flight.add(base, -n)
+                    seconds = time.perf_counter() - start
+                    for outcome, failure in outcomes or [(None, None)] * n:
+                        self.process_duration.record(seconds, base if failure is None else _error(base, failure))
+                        if outcome == "retry":
+                            self.retried.add(base)
+                        elif outcome == "dead_letter":
+                            self.dead_lettered.add(base)
+
+        return traced
+
     async def unhandled(
         self, endpoint: Endpoint, record: Record, attempt: int, reason: str, dead_letter: Awaitable[None]
     ) -> None:
@@ -292,6 +349,79 @@ def _dead_lettered(span: Any, reason: str) -> None:
     """Mark ``span`` as its message's dead-lettering for ``reason``."""
     span.add_event("msgbus.dead_letter", {"msgbus.dead_letter.reason": reason})
     span.set_status(StatusCode.ERROR, reason[:200])
+
+
+def _links(msgs: Sequence[Message[Any]]) -> list[Link]:
+    """A link to the creation context each message carries (none for a message that carries none, or garbage)."""
+    links = []
+    for msg in msgs:
+        context = _extract(msg.headers)
+        if context is None:
+            continue
+        sc = trace.get_current_span(context).get_span_context()
+        if sc.is_valid:
+            links.append(Link(sc, {"messaging.message.id": msg.id, ATTEMPT: msg.attempt}))
+    return links
+
+
+def _current(span: Any) -> Any:
+    """A context making ``span`` current around a batch handler (the handler's own spans are its children);
+    exceptions are recorded by ``_end_batch``, not twice."""
+    if span is None:
+        return contextlib.nullcontext()
+    return trace.use_span(span, end_on_exit=False, record_exception=False, set_status_on_exception=False)
+
+
+def _batch_outcomes(
+    msgs: Sequence[Message[Any]],
+    before: Sequence[bool],
+    failed: Mapping[Message[Any], BaseException],
+    max_attempts: int,
+) -> list[tuple[str | None, BaseException | None]]:
+    """What the runtime does with each message of a handled batch: (outcome, its failure). The outcome is None
+    for a message the handler settled itself (or that was settled before it)."""
+    out: list[tuple[str | None, BaseException | None]] = []
+    for msg, was_settled in zip(msgs, before, strict=True):
+        exc = failed.get(msg)
+        if was_settled or msg.settled:
+            out.append((None, exc))
+        elif exc is not None:
+            out.append(("dead_letter" if msg.attempt >= max_attempts else "retry", exc))
+        else:
+            out.append(("ack", None))
+    return out
+
+
+def _end_batch(
+    span: Any,
+    msgs: Sequence[Message[Any]],
+    outcomes: Sequence[tuple[str | None, BaseException | None]],
+    error: BaseException | None,
+) -> None:
+    """Put what became of a batch on its span, then end it: a count per outcome (``msgbus.batch.ack`` ...), the
+    outcome itself when all messages share it, an exception event naming each message that failed alone, and
+    the error status when the whole batch failed (a raise, or a malformed result)."""
+    counts: dict[str, int] = {}
+    for outcome, _ in outcomes:
+        if outcome is not None:
+            counts[outcome] = counts.get(outcome, 0) + 1
+    for outcome, count in counts.items():
+        span.set_attribute(f"msgbus.batch.{outcome}", count)
+    if len(counts) == 1 and sum(counts.values()) == len(msgs):
+        span.set_attribute(OUTCOME, next(iter(counts)))
+    if error is not None:
+        span.set_attribute("error.type", type(error).__name__)
+        span.record_exception(error)
+        span.set_status(StatusCode.ERROR, describe(error, 200))
+    else:
+        for msg, (_, exc) in zip(msgs, outcomes, strict=False):
+            if exc is not None:
+                span.record_exception(exc, {"messaging.message.id": msg.id})
+    span.end()
+
+
+def _error(base: dict[str, str | int], exc: BaseException) -> dict[str, str | int]:
+    return {**base, "error.type": type(exc).__name__}
 
 
 def _attributes(common: tuple[tuple[str, str | int], ...], endpoint: Endpoint, operation: str) -> dict[str, str | int]:

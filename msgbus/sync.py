@@ -17,6 +17,7 @@ from types import TracebackType
 from typing import Any, Concatenate, Generic, ParamSpec, Self, TypeVar
 
 from . import _bus
+from ._batch import BatchMiddleware, BatchResult
 from ._capabilities import Capabilities
 from ._message import Message
 from ._retry import RetryPolicy
@@ -322,3 +323,46 @@ class SyncConsumer(Generic[T]):
                 call, concurrency=concurrency, retry=retry, middleware=middleware, shutdown_timeout=shutdown_timeout
             )
         )
+
+    def run_batch(
+        self,
+        handler: Callable[[list[SyncMessage[T]]], BatchResult | None],
+        *,
+        max_batch: int = 100,
+        max_wait: float = 0.5,
+        concurrency: int = 1,
+        retry: RetryPolicy | None = None,
+        middleware: Sequence[BatchMiddleware] = (),
+        shutdown_timeout: float = 30.0,
+    ) -> None:
+        """Block running ``handler`` on lists of messages in ``concurrency`` threads until ``stop()`` or Ctrl-C.
+
+        ``Consumer.run_batch``'s rules: return acks the batch, raise fails it all, a ``BatchResult`` naming some of
+        its ``SyncMessage`` objects fails those only. ``middleware`` wraps the async batch handler, as in ``run``.
+        """
+        portal = self._portal
+
+        async def call(msgs: list[Message[T]]) -> BatchResult | None:
+            views = [SyncMessage(m, portal) for m in msgs]
+            return _unwrapped(await asyncio.to_thread(handler, views))
+
+        self._portal.call(
+            self._c.run_batch(
+                call,
+                max_batch=max_batch,
+                max_wait=max_wait,
+                concurrency=concurrency,
+                retry=retry,
+                middleware=middleware,
+                shutdown_timeout=shutdown_timeout,
+            )
+        )
+
+
+def _unwrapped(result: Any) -> BatchResult | None:
+    """A sync batch handler's result for the core: the messages a ``BatchResult`` names as ``SyncMessage`` views
+    replaced by theirs; anything else unchanged (the core refuses what is malformed)."""
+    if not isinstance(result, BatchResult):
+        return result  # type: ignore[no-any-return]  # None, or garbage the core refuses with a TypeError
+    failed = {m.message if isinstance(m, SyncMessage) else m: exc for m, exc in result.failed.items()}
+    return BatchResult(failed)

@@ -15,6 +15,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
 
 import msgbus
 import msgbus.sync
@@ -479,3 +480,94 @@ async def test_the_bus_own_readers_are_not_observed(bus_url: str) -> None:
         assert reply.payload == b"pong"
     spans = [(s.name, s.attributes["msgbus.message.outcome"]) for s in otel.process_spans()]
     assert spans == [("process d", "dead_letter"), ("process svc", "ack")]  # none for the redrive nor the reply
+
+
+async def _run_batch_until(consumer: msgbus.Consumer[Any], handler: Any, done: asyncio.Event) -> None:
+    task = asyncio.create_task(consumer.run_batch(handler, max_batch=6, max_wait=0.3, retry=POLICY))
+    async with asyncio.timeout(10):
+        await done.wait()
+    consumer.stop()
+    await task
+
+
+async def test_a_batch_gets_one_process_span_linking_its_messages() -> None:
+    """run_batch: one "process" span per batch, linked to the context each message was sent in, with the batch
+    size, the count of each outcome and an exception event naming the message a BatchResult failed; the
+    handler's own spans are its children; the per-message metrics count as under run()."""
+    otel = Otel()
+    async with msgbus.connect(_url()) as bus:
+        otel.instrument(bus)
+        producer = bus.producer("batch")
+        ids = [await producer.send({"i": i}) for i in range(6)]
+        tracer = otel.tracer_provider.get_tracer("test")
+        done = asyncio.Event()
+        attempts: list[int] = []
+
+        async def handler(msgs: list[Message[Any]]) -> msgbus.BatchResult:
+            with tracer.start_as_current_span("insert rows"):
+                attempts.extend(m.attempt for m in msgs)
+            if len(attempts) == 7:
+                done.set()
+            return msgbus.BatchResult({m: ValueError("row refused") for m in msgs if m.body["i"] == 2})
+
+        await _run_batch_until(bus.consumer("batch"), handler, done)
+    spans = otel.spans.get_finished_spans()
+    sends = {s.attributes["messaging.message.id"]: s for s in spans if s.name == "send batch"}
+    first, second = sorted(otel.process_spans(), key=lambda s: s.start_time)
+    assert first.kind == second.kind == SpanKind.CONSUMER
+    assert first.parent is None
+    assert first.attributes["messaging.batch.message_count"] == 6
+    assert {(link.context.span_id, link.attributes["messaging.message.id"]) for link in first.links} == {
+        (sends[i].context.span_id, i) for i in ids
+    }
+    assert (first.attributes["msgbus.batch.ack"], first.attributes["msgbus.batch.retry"]) == (5, 1)
+    assert "msgbus.message.outcome" not in first.attributes  # mixed: the counts say it
+    (event,) = first.events
+    assert (event.name, event.attributes["messaging.message.id"]) == ("exception", ids[2])
+    assert first.status.status_code != StatusCode.ERROR  # the batch handler did not fail
+    assert second.attributes["messaging.batch.message_count"] == 1
+    assert [link.attributes["msgbus.message.attempt"] for link in second.links] == [2]
+    assert (second.attributes["msgbus.batch.dead_letter"], second.attributes["msgbus.message.outcome"]) == (
+        1,
+        "dead_letter",
+    )
+    inserts = [s for s in spans if s.name == "insert rows"]
+    assert {s.parent.span_id for s in inserts} == {first.context.span_id, second.context.span_id}
+    assert otel.metrics() == {
+        "messaging.client.sent.messages": 6,
+        "messaging.client.operation.duration": 6,
+        "messaging.client.consumed.messages": 7,
+        "messaging.process.duration": 7,
+        "msgbus.messages.retried": 1,
+        "msgbus.messages.dead_lettered": 1,
+        "msgbus.messages.in_flight": 0,
+    }
+
+
+async def test_a_batch_that_raises_fails_every_message_on_its_span() -> None:
+    otel = Otel()
+    async with msgbus.connect(_url()) as bus:
+        otel.instrument(bus)
+        await bus.producer("doomed").send_many([{"i": i} for i in range(3)])
+        done = asyncio.Event()
+        seen: list[int] = []
+
+        async def handler(msgs: list[Message[Any]]) -> None:
+            seen.extend(m.attempt for m in msgs)
+            if len(seen) == 6:
+                done.set()
+            raise RuntimeError("database down")
+
+        await _run_batch_until(bus.consumer("doomed"), handler, done)
+    spans = otel.process_spans()
+    assert sum(s.attributes["messaging.batch.message_count"] for s in spans) == 6
+    assert sum(s.attributes.get("msgbus.batch.retry", 0) for s in spans) == 3
+    assert sum(s.attributes.get("msgbus.batch.dead_letter", 0) for s in spans) == 3
+    for span in spans:
+        assert span.status.status_code == StatusCode.ERROR
+        assert span.attributes["error.type"] == "RuntimeError"
+        assert span.attributes["msgbus.message.outcome"] in ("retry", "dead_letter")
+        assert len(span.links) == span.attributes["messaging.batch.message_count"]  # each create span linked
+    metrics = otel.metrics()
+    assert (metrics["messaging.client.consumed.messages"], metrics["messaging.process.duration"]) == (6, 6)
+    assert (metrics["msgbus.messages.retried"], metrics["msgbus.messages.dead_lettered"]) == (3, 3)

@@ -24,6 +24,7 @@ from ._errors import translated
 log = logging.getLogger("msgbus.servicebus")
 
 _RECEIVE_SLICE = 0.1  # seconds one receive call may hold the SDK receiver while settlements wait
+_COMPLETED = "completed"  # the update-disposition status of a completed message ($management)
 
 
 class Link(Protocol):
@@ -107,9 +108,16 @@ class ServiceBusReceiverAdapter(Receiver):
         self._stale = False
 
     async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
-        """Complete each delivery; one lost lock does not stop the others. Raises the first failure after."""
+        """Complete the deliveries; one lost lock does not stop the others. Raises the first failure after.
+
+        Those received by the current SDK receiver are completed with one ``$management`` update-disposition
+        request (one round trip for the batch, where each ``complete_message`` waits for its own echo: the
+        receive and settle calls take turns on the SDK receiver, so those round trips were most of a consumer's
+        time). If that request fails (a lost lock among them, say), each is completed on its own after it.
+        """
         first: MsgbusError | None = None
         async with self.lock:  # one turn for the whole batch
+            deliveries = await self._complete_together(deliveries)
             for delivery in deliveries:
                 try:
                     with translated(f"complete on {self.endpoint}", secrets=self._secrets):
@@ -118,6 +126,23 @@ class ServiceBusReceiverAdapter(Receiver):
                     first = first or err
         if first is not None:
             raise first
+
+    async def _complete_together(self, deliveries: Sequence[Delivery]) -> Sequence[Delivery]:
+        """Complete those of ``deliveries`` the current SDK receiver received in one management request (under
+        ``lock``); the ones left to complete one by one: the others, or all of them if the request failed."""
+        sdk = self.sdk
+        settle = getattr(sdk, "_settle_message_via_mgmt_link", None)  # the SDK's own fallback settlement path
+        together = [d for d in deliveries if _sdk(d) is sdk]
+        if settle is None or self._stale or len(together) < 2:
+            return deliveries
+        try:
+            with translated(f"complete on {self.endpoint}", secrets=self._secrets):
+                await settle(_COMPLETED, [_message(d).lock_token for d in together])
+        except MsgbusError as err:
+            log.debug("msgbus: completing %d on %s at once failed (%s); one by one", len(together), self.endpoint, err)
+            return deliveries
+        _forget(sdk, together)
+        return [d for d in deliveries if _sdk(d) is not sdk]
 
     async def close(self) -> None:
         if self._closed:
@@ -205,6 +230,16 @@ class ServiceBusDelivery(Delivery):
         with translated(f"renew lock on {r.endpoint}", secrets=r._secrets):
             async with r.lock:
                 await self._sdk.renew_message_lock(self.raw)
+
+
+def _forget(sdk: ServiceBusReceiver, deliveries: Sequence[Delivery]) -> None:
+    """Drop the delivery tags of messages completed through ``$management`` from the SDK link's set of unsettled
+    ones: only a settlement on the link removes them, so a long-running receiver would keep one per message."""
+    link = getattr(getattr(sdk, "_handler", None), "_link", None)
+    tags = getattr(link, "_received_delivery_tags", None)
+    if isinstance(tags, set):
+        for delivery in deliveries:
+            tags.discard(getattr(_message(delivery), "_delivery_tag", None))
 
 
 def _sdk(delivery: Delivery) -> ServiceBusReceiver:

@@ -38,6 +38,19 @@ class Batcher:
         self._add(entry, future)
         await future
 
+    async def submit_many(self, entries: Sequence[dict[str, Any]]) -> None:
+        """``submit`` for several entries at once: waits until AWS answered for each of them, then raises the
+        first failure (the others were sent all the same)."""
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[None]] = []
+        for entry in entries:  # futures, not a task per entry (what a gather of submit() calls would cost)
+            futures.append(loop.create_future())
+            self._add(entry, futures[-1])
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
     def submit_nowait(self, entry: dict[str, Any]) -> None:
         """Add ``entry`` to the next batch without waiting; a failure is only logged (best effort)."""
         self._add(entry, None)

@@ -87,8 +87,10 @@ class SqsReceiver(Receiver):
     async def receive(self, max_messages: int, timeout: float) -> list[Delivery]:
         """Long-poll up to ``timeout`` seconds (whole seconds, at most ``wait_time``), then top up without waiting.
 
-        Topping up stops after a quarter of the visibility timeout, so the first messages are still locked when
-        the core starts extending them.
+        The top-up asks for whole batches of 10, one call at a time (a receiver must not crowd out the
+        endpoint's other clients), and leaves a remainder under 10 for the next receive: a call costs the same
+        for 2 messages as for 10, and the deletes follow in the same sizes. Topping up stops after a quarter of
+        the visibility timeout, so the first messages are still locked when the core starts extending them.
 
         On a FIFO queue each call takes one message (the top-up makes up to 10 such calls at once): SQS then never
         hands this consumer a group's next message while it holds one, so a message waiting behind its key is
@@ -128,7 +130,10 @@ class SqsReceiver(Receiver):
         top_up_until = loop.time() + self._o.visibility_timeout / 4
         got = len(out)
         while got == asked and len(out) < max_messages and loop.time() < top_up_until:
-            asked = min(BATCH_MAX, max_messages - len(out))
+            room = max_messages - len(out)
+            if room < BATCH_MAX and not self._o.fifo:
+                break  # the remainder waits for the next receive: a call costs the same for 2 as for 10
+            asked = min(BATCH_MAX, room)
             sizes = [1] * asked if self._o.fifo else [asked]
             results = await asyncio.gather(*(self._receive_call(url, n, 0) for n in sizes), return_exceptions=True)
             more = [d for r in results if isinstance(r, list) for d in r]
@@ -165,8 +170,17 @@ class SqsReceiver(Receiver):
         return SqsDelivery(record, attempt, raw, self, str(message["ReceiptHandle"]), problem)
 
     async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
-        """Delete several messages in batches of 10."""
-        await asyncio.gather(*(d.ack() for d in deliveries))
+        """Delete several messages in batches of 10 (one future per batch, not a task per message); raises the
+        first failure once all were tried. On FIFO each goes through its own ``ack``, which moves the ``KeyHold``."""
+        if self.hold is not None:
+            await asyncio.gather(*(d.ack() for d in deliveries))
+            return
+        entries = []
+        for d in deliveries:
+            if not isinstance(d, SqsDelivery):
+                raise TypeError(f"not an SQS delivery: {d!r}")
+            entries.append({"QueueUrl": d._url, "ReceiptHandle": d._receipt})
+        await self._deleter.submit_many(entries)
 
     async def release(self) -> None:
         """Give back what the ``KeyHold`` holds (FIFO): made visible now, so the group goes on elsewhere in order."""
