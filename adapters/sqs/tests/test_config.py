@@ -26,9 +26,12 @@ def test_defaults_and_capabilities() -> None:
     assert caps.max_message_size is not None and caps.max_message_size < 256 * 1024
 
 
-def test_fifo_claims_no_ordering_until_its_contract_is_green_and_no_delay() -> None:
+def test_fifo_orders_per_key_deduplicates_and_has_no_delay() -> None:
     caps = _adapter("sqs://us-east-1?fifo=true&visibility_timeout=2").capabilities
-    assert (caps.ordering, caps.delayed_delivery, caps.lock_duration) == ("none", False, 2.0)
+    assert (caps.ordering, caps.delayed_delivery, caps.lock_duration) == ("per_key", False, 2.0)
+    assert caps.dedup_window == 300
+    unordered = _adapter("sqs://us-east-1?fifo=true&ordering=none").capabilities
+    assert (unordered.ordering, unordered.dedup_window) == ("none", 300)
 
 
 def test_credentials_never_show() -> None:
