@@ -61,10 +61,12 @@ class RabbitMQAdapter(Adapter):
     reconnects by itself: aio-pika restores the declared topology, a receiver its consumer.
     """
 
-    # basic.qos: the broker pushes up to this many unacked deliveries on the receiver's channel. RabbitMQ's own
-    # guidance is 100-300 for a consumer that keeps up; more gains nothing once the channel never runs dry, and
-    # holds messages a competing consumer could take (RabbitMQ has no per-message lock that expires meanwhile).
-    credit = 128
+    # basic.qos: the broker pushes up to this many unacked deliveries on the receiver's channel (run() raises it to
+    # twice its workers). Kept small: a consumer that stops or closes puts back what it held, and a quorum queue
+    # counts that as a delivery of each; at 128 the contract's "graceful shutdown" (consumers stopped in turn) took
+    # messages never handled to the delivery limit. 16 (32 at concurrency 16) already keeps the channel busy:
+    # docs/benchmarks.md, 2.9x aio-pika.
+    credit = 16
 
     # AMQP has no batch publish: concurrent sends already share the channel, each publish in flight at once.
     coalesce_sends = False
