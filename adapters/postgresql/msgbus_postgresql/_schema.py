@@ -153,12 +153,14 @@ WITH gone AS (DELETE FROM {s}.messages WHERE seq = $1 AND lease = $2 RETURNING e
      woken AS (SELECT {notify} FROM (SELECT endpoint FROM gone UNION SELECT endpoint FROM moved) AS changed)
 SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM woken)""",
             # $1 endpoint, $2 its dead-letter endpoint: rows, rows leased now, dead letters, and the age of the
-            # first row's send time (the record's timestamp, the 5th item of meta; 0 is unknown) by the server's clock.
+            # first row's send time (meta's timestamp, or the 5th item of a pre-18 array; 0 or none is unknown) by the
+            # server's clock.
             stats=f"""
 SELECT count(*), count(*) FILTER (WHERE lease IS NOT NULL AND visible_at > now()),
     (SELECT count(*) FROM {s}.messages WHERE endpoint = $2),
-    EXTRACT(EPOCH FROM now())::float8 - (SELECT NULLIF((convert_from(meta, 'UTF8')::jsonb ->> 4)::float8, 0)
-        FROM {s}.messages WHERE endpoint = $1 ORDER BY seq LIMIT 1)
+    EXTRACT(EPOCH FROM now())::float8 - (SELECT NULLIF(COALESCE(j ->> 'timestamp', j ->> 4)::float8, 0)
+        FROM (SELECT NULLIF(convert_from(meta, 'UTF8'), '')::jsonb AS j
+            FROM {s}.messages WHERE endpoint = $1 ORDER BY seq LIMIT 1) AS oldest)
 FROM {s}.messages WHERE endpoint = $1""",
             # $1 queue name: its endpoint rows (it and its dead letters) and their messages, in one statement.
             # Ids come from a sequence and are never reused: a process that still has one cached writes rows no
