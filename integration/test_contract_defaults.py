@@ -38,9 +38,6 @@ EMBEDDED = ("memory", "sqlite")
 # (248 at once): under that load Kafka's checks missed their 30 s to open and a 15 s invisibility window (3 of 8
 # backends rerun, 581 s for the file in the CI rehearsal of 12-04).
 JOBS = min(len(CHECKS), 16)
-# Both SQS runs (standard and FIFO) share one moto, a single-threaded server: at 16 checks each, the FIFO run missed
-# its deadlines once in the rehearsal of 12-04 (both reran, 593 s for the file); at 10 each, 20 at once on moto.
-JOBS_ON_MOTO = min(len(CHECKS), 10)
 # What may be skipped at defaults: the reconnect check (no restart hook) and undeclared capabilities.
 ALLOWED_SKIPS = {
     "no restart hook",
@@ -64,8 +61,7 @@ class Run:
         env = {**os.environ, "MSGBUS_URL": url}  # not in argv: the process list is world-readable
         if backend not in VARIANTS:
             env.pop("MSGBUS_CONTRACT_RESULTS", None)  # the capability matrix shows the tuned runs
-        jobs = JOBS_ON_MOTO if VARIANTS.get(backend, (backend, ""))[0] == "sqs" else JOBS
-        argv = [sys.executable, "-m", "msgbus.testing._cli", "--quick", "--jobs", str(jobs)]  # `msgbus contract`
+        argv = [sys.executable, "-m", "msgbus.testing._cli", "--quick", "--jobs", str(JOBS)]  # `msgbus contract`
         with out.open("w") as fh:
             self._proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env, text=True)
 
