@@ -19,7 +19,17 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .harness import EMBEDDED, Mutant, Outcome, embedded_url, load, read_results, run_mutant, write_results
+from .harness import (
+    EMBEDDED,
+    Mutant,
+    Outcome,
+    embedded_url,
+    load,
+    read_results,
+    run_mutant,
+    with_options,
+    write_results,
+)
 
 BEGIN, END = "<!-- mutants:begin -->", "<!-- mutants:end -->"
 
@@ -38,8 +48,8 @@ def _with(url: str | Callable[[Path], str], options: str) -> str | Callable[[Pat
     if not options:
         return url
     if callable(url):
-        return lambda root: f"{url(root)}{'&' if '?' in url(root) else '?'}{options}"
-    return f"{url}{'&' if '?' in url else '?'}{options}"
+        return lambda root: with_options(url(root), options)
+    return with_options(url, options)
 
 
 def _select(mutants: list[Mutant], args: argparse.Namespace) -> list[tuple[Mutant, str]]:

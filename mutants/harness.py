@@ -189,11 +189,16 @@ def run_mutant(
 
 
 def _with_options(url: str, mutant: Mutant | None) -> str:
-    """``url`` with the mutant's URL ``options`` (the one place they are added; a baseline gets them from its
-    caller, which knows which options its mutants need)."""
-    if mutant is None or not mutant.options:
+    """``url`` with the mutant's URL ``options`` (added here for a mutant; a baseline gets them from its caller,
+    which knows which options its mutants need, through ``with_options``)."""
+    return with_options(url, mutant.options if mutant is not None else "")
+
+
+def with_options(url: str, options: str) -> str:
+    """``url`` with extra URL ``options`` (``a=1&b=2``) appended."""
+    if not options:
         return url
-    return url + ("&" if "?" in url else "?") + mutant.options
+    return url + ("&" if "?" in url else "?") + options
 
 
 def read_results(path: Path) -> list[Outcome]:
