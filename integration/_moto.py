@@ -15,11 +15,15 @@
    fresh one, and a waiting poll sleeps until the queue changes or a message's visibility/delay ends
    (see "long polls" below).
 3. **State survives a restart, even a SIGKILL, as on SQS.** moto keeps everything in memory. Here the SQS
-   and SNS backends are pickled to ``FILE`` (a snapshot) on SIGTERM/SIGINT and after every request that
-   changes topology (queues, topics, subscriptions, attributes); every message stored, received (its receive
-   count: redrive depends on it), deleted or purged is appended to a journal beside it (``FILE.journal``)
-   before the reply. At start the snapshot is loaded and the journal replayed over it. Visibility is not
-   kept: a message in flight when the server stopped is visible again, with its receive count.
+   and SNS backends are pickled to ``FILE`` (a snapshot) at start and on SIGTERM/SIGINT; every message
+   stored, received (its receive count: redrive depends on it), deleted or purged is appended to a journal
+   beside it (``FILE.journal``) before the reply; and after every request that changes topology (queues,
+   topics, subscriptions, attributes) the backends *without their messages* are pickled to ``FILE.topology``
+   before the reply. Its cost follows the number of queues, not of the messages they hold (a full snapshot
+   per new queue took a second and more under the request lock once a run had left tens of MB of messages,
+   and stalled every client meanwhile). At start the topology is loaded, each queue that the snapshot knew
+   gets its messages back from it, and the journal is replayed over that. Visibility is not kept: a message in
+   flight when the server stopped is visible again, with its receive count.
 """
 
 from __future__ import annotations
@@ -314,8 +318,8 @@ def _action(environ: dict[str, Any]) -> str:
 
 
 def serialised(app: Any, state: Path | None = None) -> Any:
-    """The WSGI ``app`` with every request handled under the lock; a topology change is snapshotted to ``state``
-    before its reply is sent."""
+    """The WSGI ``app`` with every request handled under the lock; after a topology change the topology beside
+    ``state`` is saved before the reply is sent."""
 
     def handle(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         global _generation
@@ -324,21 +328,59 @@ def serialised(app: Any, state: Path | None = None) -> Any:
             action = _action(environ) if state is not None else ""
             body = list(app(environ, start_response))
             if state is not None and action not in _MESSAGE_ACTIONS and not action.startswith(_READ_ACTIONS):
-                save(state)
+                save_topology(state)
             return body
 
     return handle
 
 
+# What a queue holds of messages: left out of the topology file, taken from the snapshot when loading.
+_MESSAGE_FIELDS = ("_messages", "_pending_messages", "deleted_messages")
+_original_queue_init = Queue.__init__
+
+
+def _queue_init(self: Queue, *args: Any, **kwargs: Any) -> None:
+    _original_queue_init(self, *args, **kwargs)
+    vars(self)["msgbus_uid"] = uuid.uuid4().hex  # tells a queue deleted and created again under its name apart
+
+
+Queue.__init__ = _queue_init  # type: ignore[method-assign]
+
+
+def _queues(backends: Any) -> dict[tuple[str, str, str, str], Queue]:
+    """Every SQS queue of ``backends`` by (account, region, name, uid); a queue without a uid gets one."""
+    out = {}
+    for account, regions in backends.items():
+        for region, backend in regions.items():
+            for queue in backend.queues.values():
+                if not hasattr(queue, "msgbus_uid"):
+                    queue.msgbus_uid = uuid.uuid4().hex
+                out[(account, region, queue.name, queue.msgbus_uid)] = queue
+    return out
+
+
 def load(path: Path) -> str | None:
-    """Put the saved SQS and SNS state (if any) into moto's live backends; returns the snapshot's epoch."""
+    """Put the saved SQS and SNS state (if any) into moto's live backends: the topology saved last, each queue
+    with the messages the snapshot has of it. Returns the snapshot's epoch (the journal that follows it)."""
     if not path.exists():
         return None
     with path.open("rb") as f:
         saved = pickle.load(f)
+    topology = path.with_suffix(".topology")
+    if topology.exists():
+        with topology.open("rb") as f:
+            shape = pickle.load(f)
+        if shape.get("epoch") == saved.get("epoch"):  # else older than the snapshot, which has it all
+            held = _queues(saved["sqs"])
+            for key, queue in _queues(shape["sqs"]).items():
+                if (old := held.get(key)) is not None:
+                    for field in _MESSAGE_FIELDS:
+                        setattr(queue, field, getattr(old, field))
+            saved = shape
     for live, name in ((sqs_backends, "sqs"), (sns_backends, "sns")):
         live.clear()
         live.update(saved[name])
+    _queues(sqs_backends)
     epoch = saved.get("epoch")
     return str(epoch) if epoch is not None else None
 
@@ -378,18 +420,51 @@ def replay(path: Path, epoch: str | None) -> int:
     return applied
 
 
-def save(path: Path) -> None:
-    """Write the SQS and SNS state atomically (a crash mid-write leaves the previous snapshot), then start an
-    empty journal that follows it."""
-    epoch = uuid.uuid4().hex
-    tmp = path.with_suffix(".tmp")
+_epoch: str | None = None  # the snapshot's, which the journal and the topology file follow
+
+
+def _write(path: Path, state: dict[str, Any]) -> None:
+    """Pickle ``state`` to ``path`` atomically: a crash mid-write leaves the previous file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
     with tmp.open("wb") as f:
-        pickle.dump({"sqs": sqs_backends, "sns": sns_backends, "epoch": epoch}, f, protocol=pickle.HIGHEST_PROTOCOL)
+        pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL)
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(path)
+
+
+def save(path: Path) -> None:
+    """Write the SQS and SNS state (a snapshot), then start an empty journal that follows it."""
+    global _epoch
+    _epoch = uuid.uuid4().hex
+    _forget_notifications()
+    _write(path, {"sqs": sqs_backends, "sns": sns_backends, "epoch": _epoch})
+    path.with_suffix(".topology").unlink(missing_ok=True)
     if _journal is not None:
-        _journal.restart(epoch)
+        _journal.restart(_epoch)
+
+
+def _forget_notifications() -> None:
+    """moto's SNS topics keep every notification they sent (for moto's own inspection API, unused here)."""
+    for regions in sns_backends.values():
+        for backend in regions.values():
+            for topic in backend.topics.values():
+                topic.sent_notifications.clear()
+
+
+def save_topology(path: Path) -> None:
+    """Write the SQS and SNS state without the queues' messages beside snapshot ``path`` (under the lock)."""
+    _forget_notifications()
+    queues = list(_queues(sqs_backends).values())
+    kept = [{field: getattr(q, field) for field in _MESSAGE_FIELDS} for q in queues]
+    try:
+        for queue in queues:
+            queue._messages, queue._pending_messages, queue.deleted_messages = [], set(), set()
+        _write(path.with_suffix(".topology"), {"sqs": sqs_backends, "sns": sns_backends, "epoch": _epoch})
+    finally:
+        for queue, fields in zip(queues, kept, strict=True):
+            for field, value in fields.items():
+                setattr(queue, field, value)
 
 
 def main(argv: list[str] | None = None) -> None:

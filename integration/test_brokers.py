@@ -321,11 +321,25 @@ def test_moto_server_lifecycle(tmp_path: Path) -> None:
         )
         queue = sqs.create_queue(QueueName="kept")["QueueUrl"]
         sqs.send_message(QueueUrl=queue, MessageBody="stored before the kill")
+        # Topology changes after the snapshot (the start's) are kept without the messages, which come from the
+        # snapshot and the journal: a queue deleted and created again under its name comes back empty but for
+        # what was sent to the new one, and a queue's attributes changed after its messages keep both.
+        again = sqs.create_queue(QueueName="again")["QueueUrl"]
+        sqs.send_message(QueueUrl=again, MessageBody="to the first 'again'")
+        moto.restart()  # graceful: a snapshot with both queues and their messages
+        sqs.delete_queue(QueueUrl=again)
+        again = sqs.create_queue(QueueName="again")["QueueUrl"]
+        sqs.send_message(QueueUrl=again, MessageBody="to the second 'again'")
+        sqs.set_queue_attributes(QueueUrl=queue, Attributes={"VisibilityTimeout": "7"})
         moto.restart(hard=True)
         second = moto.running()
         assert second is not None and second.pid != first.pid and moto.ready() is None
         got = sqs.receive_message(QueueUrl=queue, WaitTimeSeconds=1).get("Messages", [])
         assert [m["Body"] for m in got] == ["stored before the kill"]
+        attrs = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["VisibilityTimeout"])["Attributes"]
+        assert attrs["VisibilityTimeout"] == "7"
+        got = sqs.receive_message(QueueUrl=again, MaxNumberOfMessages=10, WaitTimeSeconds=1).get("Messages", [])
+        assert [m["Body"] for m in got] == ["to the second 'again'"]
         sqs.close()
     finally:
         assert moto.stop() is True
