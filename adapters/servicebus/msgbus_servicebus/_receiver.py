@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from azure.servicebus import ServiceBusMessage, ServiceBusReceivedMessage
 from azure.servicebus.aio import ServiceBusReceiver
@@ -25,6 +25,8 @@ log = logging.getLogger("msgbus.servicebus")
 
 _RECEIVE_SLICE = 0.1  # seconds one receive call may hold the SDK receiver while settlements wait
 _COMPLETED = "completed"  # the update-disposition status of a completed message ($management)
+_ABANDONED = "abandoned"  # ... and of an abandoned one
+_D = TypeVar("_D", bound=Delivery)
 
 
 class Link(Protocol):
@@ -53,6 +55,7 @@ class ServiceBusReceiverAdapter(Receiver):
         self._held: set[asyncio.Task[None]] = set()
         self._closing: set[asyncio.Task[None]] = set()  # old SDK receivers being closed
         self._stale = False  # the connection was lost: replace the SDK receiver before the next receive
+        self._abandoning: list[ServiceBusDelivery] = []  # abandons waiting for their turn on the SDK receiver
         # The SDK's aio receiver is not coroutine-safe: receive, settle and renew take turns.
         self.lock = asyncio.Lock()
 
@@ -117,7 +120,7 @@ class ServiceBusReceiverAdapter(Receiver):
         """
         first: MsgbusError | None = None
         async with self.lock:  # one turn for the whole batch
-            deliveries = await self._complete_together(deliveries)
+            deliveries = await self._settle_together(_COMPLETED, deliveries)
             for delivery in deliveries:
                 try:
                     with translated(f"complete on {self.endpoint}", secrets=self._secrets):
@@ -127,19 +130,35 @@ class ServiceBusReceiverAdapter(Receiver):
         if first is not None:
             raise first
 
-    async def _complete_together(self, deliveries: Sequence[Delivery]) -> Sequence[Delivery]:
-        """Complete those of ``deliveries`` the current SDK receiver received in one management request (under
-        ``lock``); the ones left to complete one by one: the others, or all of them if the request failed."""
+    async def abandon(self, delivery: ServiceBusDelivery) -> None:
+        """Abandon ``delivery``. Abandons that queue up while the SDK receiver is busy go out together, in one
+        management request: a stopping consumer hands back its whole prefetch in one round trip, not one each."""
+        self._abandoning.append(delivery)
+        async with self.lock:
+            batch, self._abandoning = self._abandoning, []
+            for each in await self._settle_together(_ABANDONED, batch):
+                try:
+                    with translated(f"abandon on {self.endpoint}", secrets=self._secrets):
+                        await each._sdk.abandon_message(each.raw)
+                except MsgbusError as err:
+                    each.failure = err
+        failure, delivery.failure = delivery.failure, None  # settled by this call or by an earlier one's batch
+        if failure is not None:
+            raise failure
+
+    async def _settle_together(self, status: str, deliveries: Sequence[_D]) -> Sequence[_D]:
+        """Settle those of ``deliveries`` the current SDK receiver received in one management request (under
+        ``lock``); the ones left to settle one by one: the others, or all of them if the request failed."""
         sdk = self.sdk
         settle = getattr(sdk, "_settle_message_via_mgmt_link", None)  # the SDK's own fallback settlement path
         together = [d for d in deliveries if _sdk(d) is sdk]
         if settle is None or self._stale or len(together) < 2:
             return deliveries
         try:
-            with translated(f"complete on {self.endpoint}", secrets=self._secrets):
-                await settle(_COMPLETED, [_message(d).lock_token for d in together])
+            with translated(f"{status} at once on {self.endpoint}", secrets=self._secrets):
+                await settle(status, [_message(d).lock_token for d in together])
         except MsgbusError as err:
-            log.debug("msgbus: completing %d on %s at once failed (%s); one by one", len(together), self.endpoint, err)
+            log.debug("msgbus: settling %d on %s at once failed (%s); one by one", len(together), self.endpoint, err)
             return deliveries
         _forget(sdk, together)
         return [d for d in deliveries if _sdk(d) is not sdk]
@@ -159,7 +178,7 @@ class ServiceBusReceiverAdapter(Receiver):
 class ServiceBusDelivery(Delivery):
     """A peek-locked message; ``raw`` is the SDK's ``ServiceBusReceivedMessage``."""
 
-    __slots__ = ("_receiver", "_sdk")
+    __slots__ = ("_receiver", "_sdk", "failure")
 
     raw: ServiceBusReceivedMessage
 
@@ -175,6 +194,7 @@ class ServiceBusDelivery(Delivery):
         super().__init__(record, attempt, raw, problem)
         self._receiver = receiver
         self._sdk = sdk  # settle through the SDK receiver that received it
+        self.failure: MsgbusError | None = None  # why its abandon failed, when another call's batch made it
 
     async def ack(self) -> None:
         with translated(f"complete on {self._receiver.endpoint}", secrets=self._receiver._secrets):
@@ -188,9 +208,7 @@ class ServiceBusDelivery(Delivery):
         """
         r = self._receiver
         if not delay:
-            with translated(f"abandon on {r.endpoint}", secrets=r._secrets):
-                async with r.lock:
-                    await self._sdk.abandon_message(self.raw)
+            await r.abandon(self)
             return
         if r.endpoint.kind == "queue" and not r.endpoint.dead_letter:
             await r._adapter.send_messages(r.endpoint.name, [_codec.encode(self.record, self.attempt)], delay)

@@ -10,10 +10,11 @@ slots (the most it may hold unsettled, one message per session): one key in one 
 proceed.
 
 A message without a key goes to one of ``KEYLESS_SESSIONS`` sessions chosen by a hash of its id
-(``msgbus-keyless-N``), as Kafka spreads keyless records over partitions: it is ordered with the other keyless
-messages of its session. Its own id as its session would keep it independent of every other, but costs a
-session (on the SDK: a connection, a token and an attach) per message: 5 messages a second per consumer against
-the test broker, where sixteen shared sessions keep the throughput of keyed messages.
+(``msgbus-keyless-N``), as Kafka spreads keyless records over partitions. Keyless messages promise no order, so
+the slot that holds such a session hands over up to ``prefetch`` of its messages at once, as a receiver without
+sessions would: a keyless message never waits behind another. Its own id as its session would keep it apart from
+every other too, but costs a session (on the SDK: a connection, a token and an attach) per message: 5 messages a
+second per consumer against the test broker.
 """
 
 from __future__ import annotations
@@ -44,18 +45,25 @@ ACQUIRING = 4  # slots looking for a session at once, at most
 ACQUIRE_WAIT = 5.0  # seconds one attempt to take the next available session waits for one
 MAX_SESSION_ID = 128  # Service Bus' limit on SessionId
 KEYLESS_SESSIONS = 16  # the sessions messages without a key are spread over
+KEYLESS = "msgbus-keyless-"  # their names' prefix, not allowed as a key's
+_SLICE = 0.1  # seconds a keyless session's receive may hold its SDK receiver while its messages are settled
 
 
 def session_of(record: Record) -> str:
     """The session a record goes to: its key, or for a record without one a session chosen by a hash of its id
     (``InvalidMessage`` for a key that is empty or longer than 128 characters, Service Bus' limit)."""
     if record.key is None:
-        return f"msgbus-keyless-{zlib.crc32(record.id.encode()) % KEYLESS_SESSIONS}"
+        return f"{KEYLESS}{zlib.crc32(record.id.encode()) % KEYLESS_SESSIONS}"
     session = record.key
     if not session or len(session) > MAX_SESSION_ID:
         raise InvalidMessage(
             f"servicebus ordering=per_key: the key (the session id) must be 1-{MAX_SESSION_ID} characters, "
             f"got {len(session)} for record {record.id[:80]!r}"
+        )
+    if session.startswith(KEYLESS):
+        raise InvalidMessage(
+            f"servicebus ordering=per_key: a key may not start with {KEYLESS!r} (the sessions of messages without "
+            f"a key), got one for record {record.id[:80]!r}"
         )
     return session
 
@@ -102,6 +110,10 @@ class SessionReceiver(Receiver):
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing: set[asyncio.Task[None]] = set()  # sessions being let go
         self._looking = 0  # slots looking for a session right now
+        # Messages received and not settled yet (ready or handed out), at most ``slots``, as a receiver without
+        # sessions holds at most its prefetch: what a consumer that dies held counts a delivery each.
+        self._held = 0
+        self._freed = asyncio.Event()  # set by each settlement
         self._paused = False
         self._closed = False
 
@@ -190,19 +202,91 @@ class SessionReceiver(Receiver):
 
     async def _serve(self, session: _Session) -> None:
         """One session: receive a message, wait until it is settled, receive the next; return when idle."""
+        if session.keyless:
+            await self._serve_keyless(session)
+            return
         while not self._paused and not self._closed:
             batch, session.first = session.first, []
+            self._freed.clear()
+            if not batch and self._held >= self._slots:  # keyless sessions hold the rest
+                await self._until_freed(session)
+                continue
             if not batch:
                 await session.renew_if_due()  # settling does not renew a session: a busy one would run out
-                async with session.lock:
-                    with translated(f"receive from a session of {self.endpoint}", secrets=self._secrets):
-                        batch = await session.sdk.receive_messages(max_message_count=1, max_wait_time=SESSION_IDLE)
+                self._held += 1  # taken while the receive runs (see _serve_keyless)
+                try:
+                    async with session.lock:
+                        with translated(f"receive from a session of {self.endpoint}", secrets=self._secrets):
+                            batch = await session.sdk.receive_messages(max_message_count=1, max_wait_time=SESSION_IDLE)
+                finally:
+                    self._held -= 1
             if not batch or self._paused or self._closed:  # stopped meanwhile: closing the session gives it back
                 return
-            record, attempt, problem = _codec.read(batch[0], self.endpoint)
-            delivery = SessionDelivery(session, record, attempt, batch[0], problem)
-            self._ready.put_nowait(delivery)
+            delivery = self._hand_over(session, batch[0])
             await self._until_settled(delivery, session)
+
+    def _hand_over(self, session: _Session, raw: ServiceBusReceivedMessage) -> SessionDelivery:
+        record, attempt, problem = _codec.read(raw, self.endpoint)
+        delivery = SessionDelivery(session, record, attempt, raw, problem)
+        self._held += 1
+        self._ready.put_nowait(delivery)
+        return delivery
+
+    def settled(self, delivery: SessionDelivery) -> None:
+        """``delivery`` was settled or withdrawn: it no longer counts as held."""
+        if delivery.settled.is_set():
+            return
+        self._held -= 1
+        delivery.settled.set()
+        self._freed.set()
+
+    async def _serve_keyless(self, session: _Session) -> None:
+        """A keyless session: hand over as many messages at once as the receiver may hold, receiving more as they
+        are settled; return when idle. When the receiver stops, what it withdrew goes back now and the slot keeps
+        the session until the messages being handled are settled."""
+        out: list[SessionDelivery] = []
+        while not self._paused and not self._closed:
+            batch, session.first = session.first, []
+            self._freed.clear()
+            room = self._slots - self._held
+            idle = not out  # nothing unsettled: a receive that waits the full SESSION_IDLE for nothing ends it
+            if not batch and room > 0:
+                await session.renew_if_due()
+                self._held += room  # taken while the receive runs, so slots side by side ask for no more
+                try:
+                    async with session.lock:
+                        with translated(f"receive from a session of {self.endpoint}", secrets=self._secrets):
+                            wait = SESSION_IDLE if idle else _SLICE
+                            batch = await session.sdk.receive_messages(max_message_count=room, max_wait_time=wait)
+                finally:
+                    self._held -= room
+            if self._paused or self._closed:  # stopped meanwhile: closing the session gives the batch back
+                break
+            out += [self._hand_over(session, raw) for raw in batch]
+            out = [d for d in out if not d.settled.is_set()]
+            if idle and not batch:  # (not: nothing left after a short receive; an abandoned one may be on its way)
+                return
+            if room <= 0:
+                await self._until_freed(session)
+        withdrawn = [d.raw for d in out if d.withdrawn]
+        if withdrawn:
+            with contextlib.suppress(MsgbusError), translated(f"abandon on {self.endpoint}", secrets=self._secrets):
+                async with session.lock:
+                    for raw in withdrawn:
+                        await session.sdk.abandon_message(raw)
+        for delivery in out:
+            if not delivery.withdrawn:
+                await self._until_settled(delivery, session)
+
+    async def _until_freed(self, session: _Session) -> None:
+        """Wait until a message is settled (``_freed``, cleared by the caller before it looked) or ``session``'s
+        lock is due for renewal (then renew it)."""
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(session.renewed_at + session.period - loop.time(), 0.01)):
+                await self._freed.wait()
+                return
+        await session.renew_if_due()
 
     async def _until_settled(self, delivery: SessionDelivery, session: _Session) -> None:
         """Wait for ``delivery``'s settlement, keeping its session locked meanwhile, as the SDK's AutoLockRenewer
@@ -228,7 +312,7 @@ class SessionReceiver(Receiver):
         while not self._ready.empty():
             delivery = self._ready.get_nowait()
             delivery.withdrawn = True
-            delivery.settled.set()
+            self.settled(delivery)
 
     async def close(self) -> None:
         if self._closed:
@@ -254,6 +338,11 @@ class _Session:
         self.period = max(receiver._adapter.options.lock_duration / 4, 0.05)  # a stalled loop has 3/4 of it
         self.renewed_at = 0.0
         self.first: list[ServiceBusReceivedMessage] = []  # received while taking the session
+
+    @property
+    def keyless(self) -> bool:
+        """A session of messages without a key: handed over several at a time, unordered."""
+        return (self.sdk.session.session_id or "").startswith(KEYLESS)
 
     async def renew(self) -> None:
         endpoint = self.receiver.endpoint
@@ -295,7 +384,7 @@ class SessionDelivery(Delivery):
                 async with self._session.lock:
                     await call
         finally:
-            self.settled.set()
+            self._receiver.settled(self)
 
     async def ack(self) -> None:
         await self._settle("complete", self._sdk.complete_message(self.raw))
@@ -313,7 +402,7 @@ class SessionDelivery(Delivery):
                     if until - loop.time() > 0:
                         await self.extend(0)
             except MsgbusError:  # the session lock is gone: the message is back already
-                self.settled.set()
+                self._receiver.settled(self)
                 raise
         await self._settle("abandon", self._sdk.abandon_message(self.raw))
 
