@@ -11,7 +11,9 @@ import asyncio
 import time
 import uuid
 from datetime import UTC, datetime
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from azure.servicebus import ServiceBusMessage
@@ -20,6 +22,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from proton import Message
 
+import msgbus
+from integration.brokers import Endpoint
 from integration.sbbroker.store import MAX_MESSAGE_ID, Store
 from integration.test_sbbroker_sessions import client
 
@@ -109,6 +113,45 @@ async def test_message_ids_at_the_limits(client: ServiceBusClient) -> None:
         with pytest.raises(ValueError, match="128"):  # the SDK refuses more than 128 characters itself
             await sender.send_messages(_message("too long", longest + "x"))
     assert sorted(await _bodies(client, queue)) == ["empty", "empty again", "long"]
+
+
+async def _take(consumer: msgbus.Consumer[Any], n: int) -> list[msgbus.Message[Any]]:
+    """``n`` messages (or what came within 10 s), then whatever follows within a second: a repeat would."""
+    got: list[msgbus.Message[Any]] = []
+    deadline = time.monotonic() + 10
+    while len(got) < n and time.monotonic() < deadline:
+        got += await consumer.receive(10, timeout=1)
+    return got + await consumer.receive(10, timeout=1)
+
+
+async def test_the_adapter_with_duplicate_detection_keeps_ids_and_resends_that_are_no_repeats(
+    broker_url: Callable[[str], Endpoint],
+) -> None:
+    """With ``duplicate_detection=true`` msgbus sends ``dedup_key`` as the MessageId: ids the service cannot hold
+    round-trip (carried beside it), and a delayed nack's copy and a redrive, new sends of the same id, are kept."""
+    url = broker_url("servicebus").url + "&duplicate_detection=true"
+    queue = _name("dd")
+    ids = ["plain", "ключ", "z" * 200]
+    async with msgbus.connect(url) as bus:
+        assert bus.capabilities.dedup_window == 600
+        producer, consumer = bus.producer(queue), bus.consumer(queue)
+        for _ in range(2):
+            await producer.send_many([msgbus.Outgoing(i, message_id=i) for i in ids])
+        first = await _take(consumer, len(ids))
+        assert sorted(m.id for m in first) == sorted(ids)
+        for m in first:
+            await m.nack(delay=0.5)  # a scheduled copy, within the window
+        again = await _take(consumer, len(ids))
+        assert sorted((m.id, m.attempt) for m in again) == sorted((i, 2) for i in ids)
+        for m in again:
+            await m.reject("to redrive")
+        redriven = await bus.redrive(queue, idle=0.5)
+        assert sorted(redriven.moved) == sorted(ids)
+        back = await _take(consumer, len(ids))
+        assert sorted(m.id for m in back) == sorted(ids)
+        for m in back:
+            await m.ack()
+        assert await consumer.receive(10, timeout=1) == []
 
 
 # --- the store, without AMQP ---

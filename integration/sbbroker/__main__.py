@@ -28,8 +28,12 @@ def main(argv: list[str] | None = None) -> None:
         "(repeatable; the first matching pattern wins)",
     )
     parser.add_argument(
-        "--partitioned", action="append", default=[], metavar="PATTERN", help="entities named like PATTERN are "
-        "partitioned (duplicate detection per partition key; nothing else changes)"
+        "--partitioned",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="entities named like PATTERN are "
+        "partitioned (duplicate detection per partition key; nothing else changes)",
     )
     parser.add_argument("--key-name", help="SharedAccessKeyName to accept (with --key-file)")
     parser.add_argument("--key-file", type=Path, help="file holding the SharedAccessKey that signs tokens")

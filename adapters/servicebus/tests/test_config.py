@@ -111,3 +111,18 @@ def test_the_session_of_a_record_is_its_key_or_one_of_sixteen_by_its_id() -> Non
     for bad in ("", "k" * 129):
         with pytest.raises(InvalidMessage, match="session id"):
             session_of(Record(b"", "x", key=bad))
+
+
+def test_duplicate_detection_is_declared_only_with_the_option_and_a_window_azure_accepts() -> None:
+    base = "servicebus://Root:k@127.0.0.1:5682"
+    assert _options(base).dedup_window is None
+    assert _options(base + "?duplicate_detection=true").dedup_window == 600.0  # Azure's default window
+    assert _options(base + "?dedup_window=30").dedup_window == 30.0  # a window turns it on
+    assert _options(base + "?duplicate_detection=true&dedup_window=0").dedup_window == 600.0
+    for bad in ("dedup_window=19", "dedup_window=604801", "dedup_window=-1", "dedup_window=ten"):
+        with pytest.raises(ConfigError, match="dedup_window"):
+            _options(f"{base}?{bad}")
+    parsed = parse_url(base + "?duplicate_detection=true&dedup_window=120")
+    assert create(parsed, parsed.reader()).capabilities.dedup_window == 120.0
+    parsed = parse_url(base)
+    assert create(parsed, parsed.reader()).capabilities.dedup_window is None
