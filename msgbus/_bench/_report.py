@@ -21,6 +21,7 @@ def _redacted(url: str) -> str:
 def render_text(result: dict[str, Any]) -> str:
     """A plain table of one session: median [min-max] per contender."""
     names = list(result["contenders"])
+    names += [n for n in dict.fromkeys(f["contender"] for f in result["figures"]) if n not in names]  # ordering's
     lines = [f"{result['url']}  ({result.get('server_version') or 'embedded'})"]
     header = f"{'workload':10} {'case':34}" + "".join(f"{n:>26}" for n in names)
     lines.append(header)
