@@ -34,6 +34,7 @@ def render_text(result: dict[str, Any]) -> str:
             f = by.get(n)
             cells.append(f"{_fmt(f['median'])} [{_fmt(f['min'])}-{_fmt(f['max'])}]" if f and f.get("runs") else "-")
         lines.append(f"{workload:10} {case + ' (' + unit + ')':34}" + "".join(f"{c:>26}" for c in cells))
+    lines += [f"not measured: {text}" for text in result.get("skipped", [])]
     lines.append(f"load average {result['machine']['loadavg_start']} -> {result['machine']['loadavg_end']}")
     return "\n".join(lines)
 
