@@ -52,6 +52,11 @@ index) and fails loudly on a lost, duplicated or foreign message, so no figure c
   to the handler's first line, both in one process. Percentiles are per run; the table shows their medians.
 - **pipeline** (embedded backends): send and consume at once; `memory://` in one process, `sqlite://` with a
   producer process and a consumer process; from the first send to the last handled message.
+- **ordering**: the cost of per-key order, msgbus against itself on one broker: 2,000 x 1 KiB on 64 keys (key =
+  index mod 64, sent in index order with `send_many`) preloaded, then consumed with ack by `run(handler,
+  concurrency=16)` in the same process, on the URL with `ordering=none` and with `ordering=per_key`, in turn. The
+  ratio is per_key / none. "out of key order" counts messages handed to the handler before an earlier message of
+  their key (0 wherever order was kept). A backend whose adapter refuses `ordering=per_key` is listed as not measured.
 
 **Machine.** Two cores shared by the client, the broker and (while these ran) other engineers' test runs: the
 load average at start and end of each session is recorded, and absolute figures on an idle 8-core box would be
@@ -87,7 +92,8 @@ def _ratio(ours: dict[str, Any] | None, theirs: dict[str, Any] | None) -> str:
     return f"{ours['median'] / theirs['median']:.2f}"
 
 
-WORKLOADS = ["publish", "consume", "rss", "latency", "pipeline"]
+WORKLOADS = ["publish", "consume", "rss", "latency", "pipeline", "ordering"]
+ORDERINGS = ("none", "per_key")  # the ordering workload's two contenders: msgbus on the URL with each option
 
 
 def figures(result: dict[str, Any]) -> dict[tuple[str, str], dict[str, dict[str, Any]]]:
@@ -134,11 +140,24 @@ def section(result: dict[str, Any]) -> str:
     header = ["workload", "case", "unit", *names, *(f"msgbus/{p}" for p in peers)]
     out.append("| " + " | ".join(header) + " |")
     out.append("|" + "---|" * len(header))
+    ordering = []
     for (workload, case), by in figures(result).items():
+        if workload == "ordering":
+            ordering.append((case, by))
+            continue
         unit = next(iter(by.values()))["unit"]
         cells = [_cell(by.get(n)) for n in names] + [_ratio(by.get("msgbus"), by.get(p)) for p in peers]
         out.append("| " + " | ".join([workload, case, unit, *cells]) + " |")
     out.append("")
+    if ordering:
+        out += ["Ordered vs unordered (msgbus on both):", ""]
+        out.append("| case | unit | ordering=none | ordering=per_key | per_key/none |")
+        out.append("|---|---|---|---|---|")
+        for case, by in ordering:
+            unit = next(iter(by.values()))["unit"]
+            ratio = _ratio(by.get("per_key"), by.get("none")) if unit == "msgs/s" else ""
+            out.append(f"| {case} | {unit} | {_cell(by.get('none'))} | {_cell(by.get('per_key'))} | {ratio} |")
+        out.append("")
     return "\n".join(out)
 
 

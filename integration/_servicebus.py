@@ -27,6 +27,12 @@ KEY_NAME = "RootManageSharedAccessKey"
 # A well-known test key, like RabbitMQ's guest:guest; base64 like a real one so quoting is exercised.
 TEST_KEY = "bXNnYnVzLXRlc3Qta2V5LW5vdC1hLXNlY3JldA+/="
 LOCK_DURATION = 3  # seconds, every entity: matches lock_duration in the URL so lock checks take seconds
+# Entities the test broker creates with RequiresDuplicateDetection (name pattern -> history window, seconds): it
+# has no administration API to ask for it. The contract's dedup check (the names its ContractContext.name() makes,
+# asserted in test_contract_servicebus.py) and the broker's own tests (integration/test_sbbroker_dedup.py).
+DEDUP_CHECK_ENTITIES = "ct-a-send-retried-with-the-*"
+DUPLICATE_DETECTION = {DEDUP_CHECK_ENTITIES: 600, "dd-*": 600, "ddw-*": 2, "ddp-*": 600}
+PARTITIONED = ("ddp-*",)
 
 
 def _quote(text: str) -> str:
@@ -77,6 +83,8 @@ class ServiceBus(LocalBroker):
             "--state", str(self.dir / "state.json"),
             "--lock-duration", str(LOCK_DURATION),
             "--key-name", KEY_NAME, "--key-file", str(key_file),
+            *(f"--duplicate-detection={p}={s}" for p, s in DUPLICATE_DETECTION.items()),
+            *(f"--partitioned={p}" for p in PARTITIONED),
         ]  # fmt: skip
 
     def prepare(self) -> None:

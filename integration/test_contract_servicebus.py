@@ -4,12 +4,15 @@ namespace / the official emulator given by MSGBUS_TEST_SERVICEBUS_URL (a URL or 
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import gc
 import logging
+import re
 from collections.abc import Callable, Iterator
 
 import pytest
 
+from integration._servicebus import DEDUP_CHECK_ENTITIES
 from integration.brokers import Endpoint
 from msgbus.testing import CHECKS, ContractSuite
 
@@ -85,3 +88,32 @@ assert {c.name for c in CHECKS} >= PER_KEY_CHECKS, "a per_key check was renamed"
 for _check in CHECKS:  # the others are not collected for this class (a None attribute is not a test)
     if _check.name not in PER_KEY_CHECKS:
         setattr(TestServiceBusPerKeyContract, f"test_{_check.slug}", None)
+
+
+# duplicate_detection=true: the dedup check, and the checks of what the option changes on the wire (the MessageId is
+# dedup_key, the id travels beside it when they differ; a delayed nack's copy and a redrive get MessageIds of their
+# own). The test broker gives RequiresDuplicateDetection only to the dedup check's entities (DEDUP_CHECK_ENTITIES: it
+# has no administration API); integration/test_sbbroker_dedup.py has the copy and the redrive on such an entity.
+DEDUP = "duplicate_detection=true"
+DEDUP_CHECKS = {
+    "a send retried with the same id is delivered once",
+    "headers and ids round-trip",
+    "nack redelivers",
+    "redrive returns every dead letter once",
+}
+
+
+class TestServiceBusDedupContract(ContractSuite):
+    @pytest.fixture
+    def contract_url(self, broker_url: Callable[[str], Endpoint]) -> str:
+        url = broker_url("servicebus").url
+        return url + ("&" if "?" in url else "?") + DEDUP
+
+
+assert {c.name for c in CHECKS} >= DEDUP_CHECKS, "a dedup check was renamed"
+for _check in CHECKS:
+    if _check.name not in DEDUP_CHECKS:
+        setattr(TestServiceBusDedupContract, f"test_{_check.slug}", None)
+_dedup_check = next(c for c in CHECKS if c.requires == ("dedup_window",))
+_short = re.sub(r"[^a-z0-9]+", "-", _dedup_check.slug.lower()).strip("-")[:24]  # as ContractContext.name() makes it
+assert fnmatch.fnmatchcase(f"ct-{_short}-q-0123456789", DEDUP_CHECK_ENTITIES), "the dedup check's entities moved"

@@ -198,3 +198,39 @@ def test_contenders_option_rejects_unknown_names(capsys: pytest.CaptureFixture[s
 def test_a_url_that_does_not_parse_is_shown_without_its_secrets(url: str) -> None:
     """It was shown as everything after the last '@', which kept secret options."""
     assert _report._redacted(url) == url.split("://")[0] + "://..."
+
+
+class RefusesPerKey(MsgbusContender):
+    """A backend whose adapter does not (yet) take ``ordering=per_key``: its bus refuses it when opened."""
+
+    async def open(self) -> None:
+        if "ordering=per_key" in self.url:
+            raise msgbus.errors.CapabilityMissing("this backend cannot keep per-key order (ordering=per_key)")
+        await super().open()
+
+
+async def test_ordering_measures_both_options_side_by_side_and_per_key_keeps_order(tmp_path: Path) -> None:
+    from benchmarks.render import section
+
+    plan = replace(TINY, sizes=(1024,), workloads=("ordering",), ordering_messages=120, keys=8)
+    for url in (f"memory://smoke-{uuid.uuid4().hex}", f"sqlite:///{tmp_path}/bench.db"):
+        result = await bench(url, {"msgbus": MSGBUS}, plan, lambda _: None)
+        got = {(f["case"], f["contender"]): f["runs"] for f in result["figures"]}
+        assert set(got) == {(c, o) for c in ("C=4 8 keys 1 KiB", "out of key order, C=4 8 keys 1 KiB") for o in ORDER}
+        assert all(rate > 0 for o in ORDER for rate in got[("C=4 8 keys 1 KiB", o)])
+        assert got[("out of key order, C=4 8 keys 1 KiB", "per_key")] == [0]
+        result.update(broker="memory", notes=[])
+        assert "| C=4 8 keys 1 KiB | msgs/s |" in section(result) and "per_key/none" in section(result)
+        assert "per_key" in render_text(result)
+
+
+async def test_ordering_is_skipped_with_the_reason_where_per_key_is_refused() -> None:
+    plan = replace(TINY, workloads=("ordering",), ordering_messages=20)
+    result = await bench(f"memory://smoke-{uuid.uuid4().hex}", {"msgbus": f"{__name__}:RefusesPerKey"}, plan, print)
+    assert result["figures"] == []
+    assert result["skipped"] == [
+        "ordering: ordering=per_key refused by this backend: this backend cannot keep per-key order (ordering=per_key)"
+    ]
+
+
+ORDER = ("none", "per_key")

@@ -39,7 +39,8 @@ CAPS = [
 def _column(name: str) -> str:
     """A results file's column head: ``sqs`` -> ``sqs://``, ``sqs+ordering`` -> ``sqs://`` with ``ordering=per_key``."""
     scheme, _, variant = name.partition("+")
-    return f"`{scheme}://`" + (" ordering=per_key" if variant == "ordering" else f" {variant}" if variant else "")
+    shown = {"ordering": "ordering=per_key", "dedup": "duplicate_detection=true"}.get(variant, variant)
+    return f"`{scheme}://`" + (f" {shown}" if shown else "")
 
 
 def _latest(path: Path) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:

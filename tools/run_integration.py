@@ -50,6 +50,7 @@ PHASES: list[dict[str, list[str]]] = [
         "B": [
             "integration/test_sbbroker_journal.py",
             "integration/test_sbbroker_sessions.py",
+            "integration/test_sbbroker_dedup.py",
             "adapters/servicebus/tests",
             "integration/test_contract_redis.py",
             "integration/test_inbox_redis.py",

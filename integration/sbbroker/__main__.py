@@ -19,6 +19,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=5682)
     parser.add_argument("--state", type=Path, help="JSON snapshot; changes go to a journal beside it (FILE.journal)")
     parser.add_argument("--lock-duration", type=float, default=30.0, help="seconds (every entity)")
+    parser.add_argument(
+        "--duplicate-detection",
+        action="append",
+        default=[],
+        metavar="PATTERN=SECONDS",
+        help="entities named like PATTERN (fnmatch) require duplicate detection with this history window "
+        "(repeatable; the first matching pattern wins)",
+    )
+    parser.add_argument(
+        "--partitioned",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="entities named like PATTERN are "
+        "partitioned (duplicate detection per partition key; nothing else changes)",
+    )
     parser.add_argument("--key-name", help="SharedAccessKeyName to accept (with --key-file)")
     parser.add_argument("--key-file", type=Path, help="file holding the SharedAccessKey that signs tokens")
     args = parser.parse_args(argv)
@@ -26,7 +42,13 @@ def main(argv: list[str] | None = None) -> None:
         level=logging.DEBUG if os.environ.get("SBBROKER_DEBUG") else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    store = Store(args.lock_duration)
+    windows: dict[str, float] = {}
+    for rule in args.duplicate_detection:
+        pattern, _, seconds = rule.rpartition("=")
+        if not pattern or not seconds.replace(".", "", 1).isdigit() or float(seconds) <= 0:
+            parser.error(f"--duplicate-detection takes PATTERN=SECONDS (seconds > 0), got {rule!r}")
+        windows.setdefault(pattern, float(seconds))
+    store = Store(args.lock_duration, duplicate_detection=windows, partitioned=tuple(args.partitioned))
     if args.state is not None:
         store.open(args.state)  # the snapshot, the journal replayed over it; changes journaled from now on
     key = args.key_file.read_text().strip() if args.key_file else None

@@ -83,6 +83,17 @@ def group_id(raw: bytes) -> str | None:
     return None
 
 
+def message_id(raw: bytes) -> str | None:
+    """The message's message-id as text (what duplicate detection compares), or None when it has none."""
+    try:
+        value = _message_id(sections(raw))
+    except (ValueError, DataException):
+        return None
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return None if value is None else str(value)
+
+
 def _encode(code: int, value: Any) -> bytes:
     data = Data()
     data.put_object(Described(ulong(code), value))

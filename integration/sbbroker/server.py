@@ -390,7 +390,11 @@ class Broker(Handler):
         batch = codec.split_batch(raw)
         if ent.queue is not None and ent.queue.sessions and any(codec.group_id(one) is None for one in batch):
             raise ValueError(f"'{ent.name}' requires sessions: a message without a SessionId cannot be sent to it")
+        self.store.check_ids(ent, batch)
         for one in batch:
+            if self.store.duplicate(ent, one):  # accepted, and dropped: duplicate detection
+                log.debug("duplicate dropped on %s: %s", ent.name, codec.message_id(one))
+                continue
             due = codec.message_annotations(one).get("x-opt-scheduled-enqueue-time")
             if due is not None and int(due) / 1000 > time.time():
                 self.store.schedule(ent, one, int(due) / 1000)
@@ -451,6 +455,8 @@ class Broker(Handler):
                 status, condition, result = handler(path, body)
             except LookupError as exc:
                 status, condition, result, description = 404, "com.microsoft:entity-not-found", None, str(exc)
+            except ValueError as exc:
+                status, condition, result, description = 400, "com.microsoft:argument-error", None, str(exc)
         props: dict[str, Any] = {"statusCode": status, "statusDescription": condition or description}
         if condition:
             props["statusDescription"] = description if description != "OK" else condition
@@ -509,9 +515,13 @@ class Broker(Handler):
     def _op_schedule_message(self, path: str, body: dict[str, Any]) -> tuple[int, str | None, Any]:
         ent = self.store.entity(path, None)
         seqs = []
-        for item in body.get("messages", []):
-            item = {str(k): v for k, v in item.items()}
-            raw = bytes(item["message"])
+        items = [{str(k): v for k, v in item.items()} for item in body.get("messages", [])]
+        raws = [bytes(item["message"]) for item in items]
+        self.store.check_ids(ent, raws)  # ValueError: argument-error
+        for raw in raws:
+            if self.store.duplicate(ent, raw):  # accepted, not scheduled: its number cancels nothing
+                seqs.append(self.store.next_seq())
+                continue
             due = codec.message_annotations(raw).get("x-opt-scheduled-enqueue-time")
             seqs.append(self.store.schedule(ent, raw, int(due) / 1000 if due is not None else time.time()))
         return 200, None, {"sequence-numbers": _array(Data.LONG, seqs)}

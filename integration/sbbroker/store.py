@@ -12,11 +12,17 @@ to a journal (``Journal``) before the broker replies, straight to the kernel, so
 nothing it acknowledged. At start the last snapshot is loaded and the journal replayed over it; a graceful
 stop writes a fresh snapshot and empties the journal. Locks are not kept: a message locked when the broker
 stopped is available again, with the delivery count it had.
+
+Duplicate detection (an entity's RequiresDuplicateDetection, set from the broker's configuration when the entity
+is created, as the emulator's ``Config.json`` sets it): a message whose message id the entity saw within its
+history window is accepted and dropped. On a partitioned entity the id counts per partition key (the session id,
+else the message id, when there is none), as on the service. The history is journaled like the messages.
 """
 
 from __future__ import annotations
 
 import base64
+import fnmatch
 import heapq
 import json
 import os
@@ -27,6 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 MAX_DELIVERY_COUNT = 10  # Service Bus' default MaxDeliveryCount
+MAX_MESSAGE_ID = 128  # characters: the service's limit on MessageId
 
 
 @dataclass
@@ -128,6 +135,9 @@ class Entity:
     queue: MessageQueue | None = None  # queue / undetermined
     subscriptions: dict[str, MessageQueue] = field(default_factory=dict)
     scheduled: list[tuple[float, int, bytes]] = field(default_factory=list)  # heap (due, seq, raw)
+    dedup_window: float = 0.0  # seconds of duplicate detection history (0: RequiresDuplicateDetection off)
+    partitioned: bool = False  # EnablePartitioning: duplicate detection is per partition key
+    seen: dict[str, float] = field(default_factory=dict)  # duplicate detection key -> first sent, oldest first
 
 
 class Journal:
@@ -158,11 +168,36 @@ def _b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode()
 
 
+def _dedup_key(raw: bytes, partitioned: bool) -> str | None:
+    """What duplicate detection compares: the message id (on a partitioned entity with its partition key, which
+    is the session id, else the id itself); None for a message without an id. ``ValueError`` for an id the
+    service refuses (empty, over 128 characters)."""
+    from .codec import group_id, message_annotations, message_id
+
+    mid = message_id(raw)
+    if mid is None:
+        return None
+    if not 0 < len(mid) <= MAX_MESSAGE_ID:
+        raise ValueError(f"the MessageId must have 1 to {MAX_MESSAGE_ID} characters, got {len(mid)}")
+    if not partitioned:
+        return mid
+    partition = message_annotations(raw).get("x-opt-partition-key") or group_id(raw) or mid
+    return f"{partition}\n{mid}"
+
+
 class Store:
     """Every entity, the sequence counter and the lock table; snapshots itself as JSON and journals changes."""
 
-    def __init__(self, lock_duration: float) -> None:
+    def __init__(
+        self,
+        lock_duration: float,
+        *,
+        duplicate_detection: dict[str, float] | None = None,
+        partitioned: tuple[str, ...] = (),
+    ) -> None:
         self.lock_duration = lock_duration
+        self.duplicate_detection = duplicate_detection or {}  # entity name pattern (fnmatch) -> window seconds
+        self.partitioned = partitioned  # entity name patterns of partitioned entities
         self.entities: dict[str, Entity] = {}
         self.locks: dict[uuid.UUID, tuple[MessageQueue, Stored]] = {}
         self.locking: set[MessageQueue] = set()  # queues with session locks (checked for expiry every tick)
@@ -196,8 +231,15 @@ class Store:
         ent = Entity(name, kind)
         if kind != "topic":
             ent.queue = MessageQueue(name)
+        self._configure(ent)
         self.entities[name] = ent
         return ent
+
+    def _configure(self, ent: Entity) -> None:
+        """The entity properties the broker's configuration gives names like this one (the first pattern wins)."""
+        windows = [w for pattern, w in self.duplicate_detection.items() if fnmatch.fnmatchcase(ent.name, pattern)]
+        ent.dedup_window = windows[0] if windows else 0.0
+        ent.partitioned = any(fnmatch.fnmatchcase(ent.name, pattern) for pattern in self.partitioned)
 
     @staticmethod
     def _settle(ent: Entity, kind: Literal["queue", "topic"]) -> None:
@@ -248,6 +290,33 @@ class Store:
         for mq in targets:
             mq.add(Stored(seq, raw, now, session=session))
         return targets
+
+    def check_ids(self, ent: Entity, batch: list[bytes]) -> None:
+        """``ValueError`` when a message of ``batch`` has an id duplicate detection refuses (the whole send fails)."""
+        if ent.dedup_window:
+            for raw in batch:
+                _dedup_key(raw, ent.partitioned)
+
+    def duplicate(self, ent: Entity, raw: bytes) -> bool:
+        """Whether ``raw`` repeats a message id ``ent`` saw within its duplicate detection window: the service
+        accepts such a send and drops the message. Otherwise the id is remembered from now (journaled); a repeat
+        does not extend the window. Ids must have passed ``check_ids``."""
+        if not ent.dedup_window:
+            return False
+        key = _dedup_key(raw, ent.partitioned)
+        if key is None:
+            return False
+        now = time.time()
+        while ent.seen:  # oldest first: forget what fell out of the window
+            first, at = next(iter(ent.seen.items()))
+            if at + ent.dedup_window > now:
+                break
+            del ent.seen[first]
+        if key in ent.seen:
+            return True
+        self._log("seen", name=ent.name, key=key, at=now)
+        ent.seen[key] = now
+        return False
 
     def schedule(self, ent: Entity, raw: bytes, due: float) -> int:
         seq = self.next_seq()
@@ -460,6 +529,10 @@ class Store:
             self.seq = max(self.seq, e["seq"])
         elif op == "unsched":
             self.cancel(self.entities[e["name"]], set(e["seqs"]))
+        elif op == "seen":
+            seen = self.entities[e["name"]].seen
+            seen.pop(e["key"], None)  # remembered again after it expired: keep the oldest-first order
+            seen[e["key"]] = e["at"]
         elif op == "sessions":
             self._find(e["path"]).require_sessions(e["on"])
         else:
@@ -506,6 +579,7 @@ class Store:
                         for k, mq in queues.items()
                     },
                     "scheduled": [[d, s, _b64(r)] for d, s, r in ent.scheduled],
+                    "seen": list(ent.seen.items()),
                 }
             )
         tmp = path.with_suffix(".tmp")
@@ -523,6 +597,8 @@ class Store:
         self.seq = state["seq"]
         for e in state["entities"]:
             ent = Entity(e["name"], e["kind"])
+            self._configure(ent)
+            ent.seen = {key: at for key, at in e.get("seen", [])}
             self.entities[ent.name] = ent
             for key, q in e["queues"].items():
                 mq = MessageQueue(f"{ent.name}/Subscriptions/{key}" if key else ent.name)

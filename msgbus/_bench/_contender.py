@@ -164,6 +164,7 @@ class MsgbusContender(Contender):
         super().__init__(url)
         self.label = f"msgbus {msgbus.__version__}"
         self._bus: msgbus.Bus | None = None
+        self.keys = 0  # > 0: ``publish`` gives each body the key ``k<index mod keys>`` (the ordering workload)
 
     async def open(self) -> None:
         self._bus = msgbus.connect(self.url)
@@ -204,9 +205,19 @@ class MsgbusContender(Contender):
     async def send_batch(self, queue: str, bodies: Sequence[bytes]) -> None:
         await self._b().producer(queue).send_many(bodies)
 
+    @property
+    def ordering(self) -> str:
+        """The ordering the opened bus declares (``none`` or ``per_key``)."""
+        return self._b().capabilities.ordering
+
     async def publish(self, queue: str, bodies: Sequence[bytes], mode: str, batch: int, concurrency: int) -> None:
         producer = self._b().producer(queue)  # one producer, as a service would hold it
-        if mode == "single":
+        if self.keys:
+            keys = self.keys
+            keyed = [msgbus.Outgoing(body, key=f"k{read_body(body)[1] % keys}") for body in bodies]
+            for i in range(0, len(keyed), batch):  # in send order: each key's messages in index order
+                await producer.send_many(keyed[i : i + batch])
+        elif mode == "single":
             for body in bodies:
                 await producer.send(body)
         elif mode == "batch":

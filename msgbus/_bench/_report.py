@@ -21,6 +21,7 @@ def _redacted(url: str) -> str:
 def render_text(result: dict[str, Any]) -> str:
     """A plain table of one session: median [min-max] per contender."""
     names = list(result["contenders"])
+    names += [n for n in dict.fromkeys(f["contender"] for f in result["figures"]) if n not in names]  # ordering's
     lines = [f"{result['url']}  ({result.get('server_version') or 'embedded'})"]
     header = f"{'workload':10} {'case':34}" + "".join(f"{n:>26}" for n in names)
     lines.append(header)
@@ -33,6 +34,7 @@ def render_text(result: dict[str, Any]) -> str:
             f = by.get(n)
             cells.append(f"{_fmt(f['median'])} [{_fmt(f['min'])}-{_fmt(f['max'])}]" if f and f.get("runs") else "-")
         lines.append(f"{workload:10} {case + ' (' + unit + ')':34}" + "".join(f"{c:>26}" for c in cells))
+    lines += [f"not measured: {text}" for text in result.get("skipped", [])]
     lines.append(f"load average {result['machine']['loadavg_start']} -> {result['machine']['loadavg_end']}")
     return "\n".join(lines)
 

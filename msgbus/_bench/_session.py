@@ -13,17 +13,21 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ._contender import Contender, load_contender
+from ..errors import CapabilityMissing, ConfigError
+from ._contender import Contender, MsgbusContender, load_contender
 from ._processes import consume_run, pipeline_run
 from ._report import _redacted, _size
-from ._workloads import latency_run, percentiles, publish_run
+from ._workloads import latency_run, ordering_run, percentiles, publish_run
+
+# The ordering workload's two buses: the URL with each value of the ``ordering`` option.
+ORDERINGS = ("none", "per_key")
 
 
 @dataclass
 class Figure:
     """One measured quantity for one contender: every run's value and their median, min and max."""
 
-    workload: str  # publish / consume / latency / rss / pipeline
+    workload: str  # publish / consume / latency / rss / pipeline / ordering
     case: str  # e.g. "single 16 B", "run(C=16) 1 KiB", "p99 1 KiB"
     contender: str
     unit: str
@@ -49,6 +53,8 @@ class Plan:
     prefetch: int | None = None  # consume credit; None: msgbus's default for run(concurrency=C), max(2C, 16)
     latency_messages: int = 1_000
     latency_rate: float = 500.0
+    ordering_messages: int = 2_000  # per ordering run (SQS FIFO and Service Bus sessions are slow: keep it modest)
+    keys: int = 64  # distinct keys of the ordering workload
     runs: int = 3
     workloads: tuple[str, ...] = ("publish", "consume", "latency")
 
@@ -98,6 +104,8 @@ class Session:
                 await self._consume_case(opened, queues)
             if "latency" in p.workloads:
                 await self._latency_case(opened, queues)
+            if "ordering" in p.workloads and "msgbus" in self.factories:
+                await self._ordering_case(self.factories["msgbus"])
         finally:
             janitor = opened.get("raw")  # the raw client can also remove what the libraries left behind
             for name, contender in opened.items():
@@ -177,6 +185,47 @@ class Session:
                 self._figure("latency", f"{q} {_size(size)} @ {p.latency_rate:g}/s", name, "ms").runs.append(ms)
 
         await self._each(able, "latency", step)
+
+    async def _ordering_case(self, factory: str) -> None:
+        """msgbus consuming keyed messages with ``ordering=none`` and ``ordering=per_key`` on this broker, in turn:
+        the cost of per-key order is the ratio. A backend that refuses ``per_key`` is skipped, saying why."""
+        p = self.plan
+        size = max(p.sizes)
+        case = f"C={p.concurrency} {p.keys} keys {_size(size)}"
+        opened: dict[str, Contender] = {}
+        queues = {name: f"bench-order-{name.replace('_', '')}-{secrets.token_hex(3)}" for name in ORDERINGS}
+        try:
+            for name in ORDERINGS:
+                contender = load_contender(factory, _with_option(self.url, f"ordering={name}"))
+                if not isinstance(contender, MsgbusContender):
+                    raise TypeError(f"the ordering workload needs a MsgbusContender, got {factory}")
+                contender.keys = p.keys
+                try:
+                    await contender.open()
+                except (CapabilityMissing, ConfigError) as exc:
+                    await contender.close()
+                    self.skipped.append(f"ordering: ordering={name} refused by this backend: {exc}")
+                    return
+                opened[name] = contender
+
+            async def step(name: str, c: Contender) -> None:
+                rate, disorder = await ordering_run(
+                    c, queues[name], p.ordering_messages, size, p.keys, p.batch, p.concurrency
+                )
+                self._figure("ordering", case, name, "msgs/s").runs.append(rate)
+                self._figure("ordering", f"out of key order, {case}", name, "msgs").runs.append(disorder)
+
+            await self._each(opened, f"ordering {case}", step)
+        finally:
+            for name, contender in opened.items():
+                try:
+                    await contender.cleanup(queues[name])
+                finally:
+                    await contender.close()
+
+
+def _with_option(url: str, option: str) -> str:
+    return url + ("&" if "?" in url else "?") + option
 
 
 async def pipeline_figures(factory: str, url: str, plan: Plan, log: Callable[[str], None]) -> list[dict[str, Any]]:

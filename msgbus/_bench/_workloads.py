@@ -1,6 +1,7 @@
 """The in-process workloads: ``publish`` (single awaited sends, ``send_many`` batches, concurrent single sends;
 the timed part ends when the last send returned, then the messages are drained and counted untimed) and
-``latency`` (one message at a time at a fixed rate, send call to handler entry).
+``latency`` (one message at a time at a fixed rate, send call to handler entry) and ``ordering`` (keyed messages
+preloaded, then consumed here, counting those that overtook an earlier message of their key).
 """
 
 from __future__ import annotations
@@ -91,6 +92,38 @@ async def latency_run(
         await consumer
     tally.check(f"{contender.name} latency")
     return measured
+
+
+class OrderTally(Tally):
+    """A ``Tally`` that also counts messages handed over before an earlier message of their key (key = index mod
+    ``keys``, sent in index order): 0 wherever per-key order was kept."""
+
+    def __init__(self, tag: int, expected: int, keys: int) -> None:
+        super().__init__(tag, expected)
+        self.keys = keys
+        self.last = [-1] * keys  # the highest index seen per key
+        self.out_of_order = 0
+
+    def add(self, body: bytes) -> None:
+        tag, index, _ = read_body(body)
+        if tag == self.tag and index < self.expected:
+            key = index % self.keys
+            if index < self.last[key]:
+                self.out_of_order += 1
+            self.last[key] = max(self.last[key], index)
+        super().add(body)
+
+
+async def ordering_run(
+    contender: Contender, queue: str, n: int, size: int, keys: int, batch: int, concurrency: int
+) -> tuple[float, int]:
+    """msgs/s of consuming ``n`` preloaded messages on ``keys`` keys in this process (the contender sends them with
+    their keys), and how many arrived before an earlier message of their key."""
+    tag = new_tag()
+    await contender.publish(queue, [make_body(tag, i, size) for i in range(n)], "batch", batch, 1)
+    tally = OrderTally(tag, n, keys)
+    seconds = await drain(contender, queue, tally, concurrency, f"{contender.name} ordering, {keys} keys")
+    return n / seconds, tally.out_of_order
 
 
 def percentiles(samples: Sequence[float]) -> dict[str, float]:

@@ -125,6 +125,10 @@ def _deadline_scale() -> float:
     return scale if 0 < scale <= 1 else 1.0
 
 
+# URL options that make a results file (a capability matrix column) of their own: (file suffix, option).
+_VARIANTS = (("ordering", "ordering=per_key"), ("dedup", "duplicate_detection=true"))
+
+
 async def run_check(
     check: Check, url: str, *, quick: bool = False, restart_broker: RestartHook | None = None
 ) -> CheckResult:
@@ -132,7 +136,8 @@ async def run_check(
 
     With ``$MSGBUS_CONTRACT_RESULTS`` naming a directory, the result and the backend's declared
     capabilities are appended to ``<dir>/<scheme>.jsonl`` (the capability matrix is built from these), or to
-    ``<dir>/<scheme>+ordering.jsonl`` when the URL asks for ``ordering=per_key`` (a column of its own: SQS FIFO).
+    ``<dir>/<scheme>+ordering.jsonl`` when the URL asks for ``ordering=per_key`` (a column of its own: SQS FIFO),
+    ``<dir>/<scheme>+dedup.jsonl`` for ``duplicate_detection=true`` (Service Bus).
     """
     ctx = ContractContext(url=url, quick=quick, restart_broker=restart_broker, slug=check.slug)
     result = await _run_check(check, ctx)
@@ -149,8 +154,8 @@ async def run_check(
             "capabilities": caps,
             "at": time.time(),
         }
-        ordered = re.search(r"[?&]ordering=per_key(&|$)", url) is not None
-        path = Path(directory) / f"{url.split('://', 1)[0]}{'+ordering' if ordered else ''}.jsonl"
+        variant = next((f"+{name}" for name, option in _VARIANTS if re.search(rf"[?&]{option}(&|$)", url)), "")
+        path = Path(directory) / f"{url.split('://', 1)[0]}{variant}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(line) + "\n")

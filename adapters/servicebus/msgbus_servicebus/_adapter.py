@@ -59,6 +59,8 @@ class ServiceBusAdapter(Adapter):
             counts_deliveries=True,  # DeliveryCount: abandon and lock expiry, so a dead consumer's locks too
             # MaxDeliveryCount: set on the entities msgbus creates (management=admin); elsewhere the entity's own
             native_delivery_limit=options.max_delivery_count,
+            # Duplicate detection (duplicate_detection / dedup_window): the MessageId is ``dedup_key`` (``_codec``)
+            dedup_window=options.dedup_window,
         )
         self.secrets: tuple[str | None, ...] = (options.key,)
         self._client: ServiceBusClient | None = None
@@ -146,10 +148,14 @@ class ServiceBusAdapter(Adapter):
         for record in records:
             if record.size() > limit:
                 raise MessageTooLarge(record.size(), limit)
-        messages = [_codec.encode(r) for r in records]
+        messages = [self.encode(r) for r in records]
         if self.options.ordering == "per_key":
             messages = [with_session(m, r) for m, r in zip(messages, records, strict=True)]
         await self.send_messages(entity(endpoint), messages, delay)
+
+    def encode(self, record: Record, prior_attempts: int = 0) -> ServiceBusMessage:
+        """The message for ``record`` on this bus's entities (with or without duplicate detection)."""
+        return _codec.encode(record, prior_attempts, dedup=self.options.dedup_window is not None)
 
     async def send_messages(self, name: str, messages: list[ServiceBusMessage], delay: float | None) -> None:
         sender = await self._sender(name)

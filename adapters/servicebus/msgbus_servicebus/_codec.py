@@ -4,7 +4,8 @@ Body, message id, correlation id and content type map to the message's own field
 key, the timestamp to its AMQP ``creation-time`` (milliseconds); headers are application properties, one each.
 Only what Service Bus has no field for travels as a private application property (``x-msgbus-`` names, which
 user headers cannot use): the attempts made before a delayed nack's re-sent copy, and a key the partition key
-cannot hold (empty, or over 128 characters). Messages written by other code are read the same way; one without
+cannot hold (empty, or over 128 characters), and, with duplicate detection, the message id when the one on the
+wire must differ from it (``wire_id``). Messages written by other code are read the same way; one without
 a message id gets its sequence number, without a creation time its enqueued time. The key and timestamp
 properties earlier versions wrote are still read. Dead-lettered messages are read back with Service Bus'
 ``DeadLetterReason`` and ``DeadLetterErrorDescription`` as the msgbus dead-letter headers.
@@ -12,6 +13,7 @@ properties earlier versions wrote are still read. Dead-lettered messages are rea
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -26,6 +28,7 @@ from msgbus.adapter import (
     TIMESTAMP_LIMIT,
     Endpoint,
     Record,
+    dedup_key,
 )
 from msgbus.errors import DecodeError
 
@@ -33,16 +36,34 @@ KEY = "x-msgbus-key"  # only for a key the partition key cannot hold
 TIMESTAMP = "x-msgbus-timestamp"  # read only: earlier versions wrote the exact timestamp here
 MAX_PARTITION_KEY = 128  # characters (the service's and the SDK's limit)
 PRIOR_ATTEMPTS = "x-msgbus-prior-attempts"  # deliveries before a delayed nack re-sent the message
-_PRIVATE = frozenset({KEY, TIMESTAMP, PRIOR_ATTEMPTS})
+MESSAGE_ID = "x-msgbus-id"  # the message id, when duplicate detection needs another MessageId on the wire
+_PRIVATE = frozenset({KEY, TIMESTAMP, PRIOR_ATTEMPTS, MESSAGE_ID})
 DL_REASON = "DeadLetterReason"
 DL_DESCRIPTION = "DeadLetterErrorDescription"
 MAX_REASON = 4096  # kept well inside the service's 64 KiB header limit
 _ATTEMPTS_TEXT = re.compile(r"after (\d+) attempt")
 
 
-def encode(record: Record, prior_attempts: int = 0) -> ServiceBusMessage:
-    """The message to send for ``record`` (``prior_attempts``: deliveries already made, for a re-sent copy)."""
+def wire_id(record: Record, prior_attempts: int = 0, *, dedup: bool = False) -> str:
+    """The MessageId to send. Without duplicate detection, the message id. With it, what the entity must
+    recognise a repeated send by: ``dedup_key`` (the id itself when Service Bus can hold it; a redrive is no
+    repeat), and for a delayed nack's copy (``prior_attempts``) a key of its own, since that copy is a new send
+    of the same id that duplicate detection would otherwise drop."""
+    if not dedup:
+        return record.id
+    key = dedup_key(record)
+    if prior_attempts:
+        key = hashlib.sha256(f"{key}\nattempts {prior_attempts}".encode()).hexdigest()
+    return key
+
+
+def encode(record: Record, prior_attempts: int = 0, *, dedup: bool = False) -> ServiceBusMessage:
+    """The message to send for ``record`` (``prior_attempts``: deliveries already made, for a re-sent copy;
+    ``dedup``: the entity requires duplicate detection, see ``wire_id``)."""
     props: dict[str | bytes, Any] = {k: v for k, v in record.headers.items()}
+    message_id = wire_id(record, prior_attempts, dedup=dedup)
+    if message_id != record.id:
+        props[MESSAGE_ID] = record.id
     key = record.key
     native_key = key is not None and 0 < len(key) <= MAX_PARTITION_KEY
     if key is not None and not native_key:
@@ -51,7 +72,7 @@ def encode(record: Record, prior_attempts: int = 0) -> ServiceBusMessage:
         props[PRIOR_ATTEMPTS] = str(prior_attempts)
     message = ServiceBusMessage(
         record.body,
-        message_id=record.id,
+        message_id=message_id,
         correlation_id=record.correlation_id,
         content_type=record.content_type,
         partition_key=key if native_key else None,
@@ -132,7 +153,7 @@ def read(msg: ServiceBusReceivedMessage, endpoint: Endpoint) -> tuple[Record, in
         headers[HEADER_DEAD_LETTER_SOURCE] = str(Endpoint(endpoint.kind, endpoint.name, endpoint.subscription))
     record = Record(
         body=body,
-        id=str(msg.message_id) if msg.message_id is not None else str(msg.sequence_number),
+        id=_message_id(msg, text),
         headers=headers,
         key=_text(text[KEY]) if KEY in text else msg.partition_key,
         correlation_id=None if msg.correlation_id is None else str(msg.correlation_id),
@@ -141,6 +162,14 @@ def read(msg: ServiceBusReceivedMessage, endpoint: Endpoint) -> tuple[Record, in
     )
     problem = f"malformed msgbus property on message {record.id}: {'; '.join(problems)}" if problems else None
     return record, attempt, problem
+
+
+def _message_id(msg: ServiceBusReceivedMessage, props: Mapping[str, Any]) -> str:
+    """The msgbus message id: the one carried beside a duplicate detection key, else the MessageId, else (a
+    message sent without one) the sequence number."""
+    if MESSAGE_ID in props:
+        return _text(props[MESSAGE_ID])
+    return str(msg.message_id) if msg.message_id is not None else str(msg.sequence_number)
 
 
 def _timestamp(msg: ServiceBusReceivedMessage, props: Mapping[str, Any]) -> float:

@@ -12,6 +12,9 @@ from msgbus.errors import ConfigError
 Management = Literal["admin", "none"]
 Ordering = Literal["none", "per_key"]
 
+# Duplicate detection's history window (DuplicateDetectionHistoryTimeWindow): Azure's default and bounds, seconds.
+DEFAULT_DEDUP_WINDOW = 600.0
+MIN_DEDUP_WINDOW, MAX_DEDUP_WINDOW = 20.0, 7 * 24 * 3600.0
 # Standard tier's limit is 256 KiB for the whole message; leave room for the AMQP sections around the body.
 DEFAULT_MAX_MESSAGE_SIZE = 240 * 1024
 _LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -32,6 +35,8 @@ class ServiceBusOptions:
     max_message_size: int
     retry_total: int
     ordering: Ordering = "none"  # per_key: session-enabled entities, the key is the session id (``_sessions``)
+    # Seconds of duplicate detection (RequiresDuplicateDetection on the queues and topics): None when off.
+    dedup_window: float | None = None
 
     def __repr__(self) -> str:
         return f"ServiceBusOptions(host={self.host!r}, port={self.port}, emulator={self.emulator})"
@@ -54,6 +59,13 @@ def read_options(url: BusURL, reader: OptionReader) -> ServiceBusOptions:
         raise ConfigError(f"servicebus URL takes no path (entities are named by the roles), got {url.path!r}")
     emulator = reader.bool("emulator", url.host in _LOCAL_HOSTS)
     management = reader.choice("management", "none" if emulator else "admin", ("admin", "none"))
+    detection = reader.bool("duplicate_detection", False)
+    window = reader.float("dedup_window", 0.0, min=0.0)
+    if window and not MIN_DEDUP_WINDOW <= window <= MAX_DEDUP_WINDOW:
+        raise ConfigError(
+            f"option 'dedup_window' must be from {MIN_DEDUP_WINDOW:g} to {MAX_DEDUP_WINDOW:g} seconds (Service Bus' "
+            f"DuplicateDetectionHistoryTimeWindow), got {window:g}"
+        )
     return ServiceBusOptions(
         host=url.host,
         port=url.port,
@@ -66,4 +78,5 @@ def read_options(url: BusURL, reader: OptionReader) -> ServiceBusOptions:
         max_message_size=reader.int("max_message_size", DEFAULT_MAX_MESSAGE_SIZE, min=1),
         retry_total=reader.int("retry_total", 3, min=0),
         ordering="per_key" if reader.choice("ordering", "none", ("none", "per_key")) == "per_key" else "none",
+        dedup_window=(window or DEFAULT_DEDUP_WINDOW) if detection or window else None,
     )

@@ -30,13 +30,15 @@ _D = TypeVar("_D", bound=Delivery)
 
 
 class Link(Protocol):
-    """What a receiver needs from its adapter: the settings and secrets, new SDK receivers, the send for a delayed
-    nack's copy, and ``forget``."""
+    """What a receiver needs from its adapter: the settings and secrets, new SDK receivers, the encoding and
+    send for a delayed nack's copy, and ``forget``."""
 
     options: ServiceBusOptions
     secrets: tuple[str | None, ...]
 
     def sdk_receiver(self, endpoint: Endpoint) -> ServiceBusReceiver: ...
+
+    def encode(self, record: Record, prior_attempts: int = 0) -> ServiceBusMessage: ...
 
     async def send_messages(self, name: str, messages: list[ServiceBusMessage], delay: float | None) -> None: ...
 
@@ -211,7 +213,7 @@ class ServiceBusDelivery(Delivery):
             await r.abandon(self)
             return
         if r.endpoint.kind == "queue" and not r.endpoint.dead_letter:
-            await r._adapter.send_messages(r.endpoint.name, [_codec.encode(self.record, self.attempt)], delay)
+            await r._adapter.send_messages(r.endpoint.name, [r._adapter.encode(self.record, self.attempt)], delay)
             await self.ack()
             return
         # A subscription cannot be sent to (a copy to the topic would reach every subscription): keep the

@@ -11,6 +11,7 @@ then attaches to the entity over AMQP, which fails with ``TopologyError`` for a 
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 from azure.core import exceptions as core
 from azure.servicebus.aio import ServiceBusClient
@@ -42,6 +43,24 @@ def _check_sessions(endpoint: Endpoint, requires_session: bool | None, wanted: b
         raise TopologyError(
             f"{endpoint} {state} sessions, but ordering={'per_key' if wanted else 'none'} "
             f"{'needs' if wanted else 'cannot use'} them: use another entity or change the option"
+        )
+
+
+def _check_dedup(endpoint: Endpoint, found: Any, window: float | None) -> None:
+    """An existing queue or topic must detect duplicates for at least ``window`` seconds when the option asks
+    for it (RequiresDuplicateDetection cannot be changed once the entity exists)."""
+    if window is None:
+        return
+    if not found.requires_duplicate_detection:
+        raise TopologyError(
+            f"{endpoint.kind} {endpoint.name!r} was created without duplicate detection, which cannot be turned on "
+            "later: use another entity, or drop duplicate_detection/dedup_window"
+        )
+    have = found.duplicate_detection_history_time_window
+    if have is not None and have.total_seconds() < window:
+        raise TopologyError(
+            f"{endpoint.kind} {endpoint.name!r} detects duplicates for {have.total_seconds():g} s, less than "
+            f"dedup_window={window:g}: raise its DuplicateDetectionHistoryTimeWindow or lower the option"
         )
 
 
@@ -110,21 +129,30 @@ class Topology:
         admin, lock = self._admin, timedelta(seconds=self._options.lock_duration)
         count = self._options.max_delivery_count
         sessions = self._options.ordering == "per_key"  # RequiresSession: the key is the session id
+        window = self._options.dedup_window  # RequiresDuplicateDetection, on the queue or the topic
+        dedup: dict[str, Any] = {}
+        if window is not None:
+            dedup = {
+                "requires_duplicate_detection": True,
+                "duplicate_detection_history_time_window": timedelta(seconds=window),
+            }
         try:
             if endpoint.kind == "queue":
-                _check_sessions(endpoint, (await admin.get_queue(endpoint.name)).requires_session, sessions)
+                found: Any = await admin.get_queue(endpoint.name)
+                _check_sessions(endpoint, found.requires_session, sessions)
             else:
-                await admin.get_topic(endpoint.name)
+                found = await admin.get_topic(endpoint.name)
+            _check_dedup(endpoint, found, window)
         except core.ResourceNotFoundError:
             if not create:
                 raise TopologyError(f"{endpoint.kind} {endpoint.name!r} does not exist (topology=verify)") from None
             try:
                 if endpoint.kind == "queue":
                     await admin.create_queue(
-                        endpoint.name, lock_duration=lock, max_delivery_count=count, requires_session=sessions
+                        endpoint.name, lock_duration=lock, max_delivery_count=count, requires_session=sessions, **dedup
                     )
                 else:
-                    await admin.create_topic(endpoint.name)
+                    await admin.create_topic(endpoint.name, **dedup)
             except core.ResourceExistsError:
                 pass  # created concurrently by another process
         if endpoint.kind == "topic" and endpoint.subscription is not None:

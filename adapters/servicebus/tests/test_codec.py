@@ -14,16 +14,31 @@ from azure.servicebus._transport._pyamqp_transport import PyamqpTransport
 from hypothesis import given
 from hypothesis import strategies as st
 
-from msgbus.adapter import HEADER_ATTEMPTS, HEADER_DEAD_LETTER_REASON, HEADER_DEAD_LETTER_SOURCE, Endpoint, Record
+from msgbus.adapter import (
+    HEADER_ATTEMPTS,
+    HEADER_DEAD_LETTER_HISTORY,
+    HEADER_DEAD_LETTER_REASON,
+    HEADER_DEAD_LETTER_SOURCE,
+    Endpoint,
+    Record,
+    dedup_key,
+)
 from msgbus.errors import DecodeError
 from msgbus_servicebus import _codec
 
 QUEUE = Endpoint("queue", "orders")
 
 
-def _received(record: Record, *, prior: int = 0, delivery_count: int = 0, extra: dict[str, str] | None = None) -> Any:
+def _received(
+    record: Record,
+    *,
+    prior: int = 0,
+    delivery_count: int = 0,
+    extra: dict[str, str] | None = None,
+    dedup: bool = False,
+) -> Any:
     """What a receiver would get: the outgoing message encoded to AMQP bytes and decoded by the SDK."""
-    outgoing = _codec.encode(record, prior)
+    outgoing = _codec.encode(record, prior, dedup=dedup)
     message = PyamqpTransport.to_outgoing_amqp_message(outgoing.raw_amqp_message)
     if extra:
         message = message._replace(application_properties={**message.application_properties, **extra})
@@ -119,3 +134,18 @@ def test_an_unreadable_message_is_read_as_its_body_and_a_problem(extra: dict[str
     assert problem is not None and record.headers[HEADER_DEAD_LETTER_REASON] == "DecodeError: bad", "reason kept"
     sound = _received(Record(b"ok", "id-8"))
     assert _codec.read(sound, QUEUE) == (*_codec.decode(sound, QUEUE), None)
+
+
+@given(message_id=st.text(max_size=300), history=st.none() | st.text(max_size=30), prior=st.integers(0, 3))
+def test_with_duplicate_detection_the_message_id_is_the_dedup_key_and_the_id_round_trips(
+    message_id: str, history: str | None, prior: int
+) -> None:
+    headers = {} if history is None else {HEADER_DEAD_LETTER_HISTORY: history}
+    record = Record(b"b", message_id, headers, None, None, None, 1.0)
+    received = _received(record, prior=prior, dedup=True)
+    wire = str(received.message_id)
+    assert 0 < len(wire) <= 128  # what Service Bus holds
+    assert wire == _codec.wire_id(record, prior, dedup=True)
+    assert (wire == dedup_key(record)) == (prior == 0)  # a delayed nack's copy is no repeat of the send
+    assert _codec.decode(received, QUEUE)[0].id == message_id
+    assert _codec.wire_id(record, prior) == message_id  # without duplicate detection: the id itself

@@ -111,3 +111,41 @@ def test_the_session_of_a_record_is_its_key_or_one_of_sixteen_by_its_id() -> Non
     for bad in ("", "k" * 129):
         with pytest.raises(InvalidMessage, match="session id"):
             session_of(Record(b"", "x", key=bad))
+
+
+def test_duplicate_detection_is_declared_only_with_the_option_and_a_window_azure_accepts() -> None:
+    base = "servicebus://Root:k@127.0.0.1:5682"
+    assert _options(base).dedup_window is None
+    assert _options(base + "?duplicate_detection=true").dedup_window == 600.0  # Azure's default window
+    assert _options(base + "?dedup_window=30").dedup_window == 30.0  # a window turns it on
+    assert _options(base + "?duplicate_detection=true&dedup_window=0").dedup_window == 600.0
+    for bad in ("dedup_window=19", "dedup_window=604801", "dedup_window=-1", "dedup_window=ten"):
+        with pytest.raises(ConfigError, match="dedup_window"):
+            _options(f"{base}?{bad}")
+    parsed = parse_url(base + "?duplicate_detection=true&dedup_window=120")
+    assert create(parsed, parsed.reader()).capabilities.dedup_window == 120.0
+    parsed = parse_url(base)
+    assert create(parsed, parsed.reader()).capabilities.dedup_window is None
+
+
+def test_an_existing_entity_must_detect_duplicates_for_at_least_the_window() -> None:
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    from msgbus.adapter import Endpoint
+    from msgbus.errors import TopologyError
+    from msgbus_servicebus._topology import _check_dedup
+
+    queue = Endpoint("queue", "orders")
+
+    def entity(on: bool, minutes: float) -> SimpleNamespace:
+        window = timedelta(minutes=minutes)
+        return SimpleNamespace(requires_duplicate_detection=on, duplicate_detection_history_time_window=window)
+
+    _check_dedup(queue, entity(False, 10), None)  # the option is off: anything goes
+    _check_dedup(queue, entity(True, 10), 600.0)
+    _check_dedup(queue, entity(True, 60), 600.0)
+    with pytest.raises(TopologyError, match="without duplicate detection"):
+        _check_dedup(queue, entity(False, 10), 600.0)
+    with pytest.raises(TopologyError, match="less than dedup_window=600"):
+        _check_dedup(queue, entity(True, 5), 600.0)
