@@ -1,0 +1,114 @@
+"""ordering=per_key against a real nats-server when a consumer process is killed in the middle of its partitions.
+
+The contract's ordering check runs two consumers in one process and kills none; here a worker process handles a
+key's first messages, is SIGKILLed while it holds one message of several partitions, and a survivor finishes: every
+key's messages are handled in send order across both, none twice at once, none lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections import defaultdict
+from typing import Any
+
+import msgbus
+from msgbus import Outgoing
+
+KEYS, PER_KEY, DONE_BEFORE_HOLDING = 8, 25, 40
+
+_WORKER = """
+import asyncio, sys
+import msgbus
+
+async def main():
+    done = 0
+    async def handle(msg):
+        nonlocal done
+        k, i = msg.body["k"], msg.body["i"]
+        if done >= int(sys.argv[1]):
+            print("held", k, i, flush=True)
+            await asyncio.sleep(3600)  # holds its partition until the process is killed
+        done += 1
+        print("done", k, i, flush=True)
+    async with msgbus.connect() as bus:
+        await bus.consumer(sys.argv[2]).run(handle, concurrency=8)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_consumer_killed_mid_partition_keeps_order_and_loses_nothing(nats_url: str, prefix: str) -> None:
+    url = f"{nats_url}?prefix={prefix}&ordering=per_key&ack_wait=1"
+    queue = "orders"
+    async with msgbus.connect(url) as bus:
+        items = [Outgoing({"k": f"key-{k}", "i": i}, key=f"key-{k}") for i in range(PER_KEY) for k in range(KEYS)]
+        await bus.producer(queue).send_many(items)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            _WORKER,
+            str(DONE_BEFORE_HOLDING),
+            queue,
+            stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, "MSGBUS_URL": url},
+        )
+        assert proc.stdout is not None
+        worker: dict[str, list[int]] = defaultdict(list)
+        held: set[tuple[str, int]] = set()
+        try:
+            async with asyncio.timeout(30):
+                while len(held) < 3:  # three partitions (at least) each with a message in the dying process
+                    line = (await proc.stdout.readline()).decode().split()
+                    assert line, "the worker process ended early"
+                    if line[0] == "done":
+                        worker[line[1]].append(int(line[2]))
+                    else:
+                        held.add((line[1], int(line[2])))
+        finally:
+            proc.kill()  # SIGKILL: nothing settled, nothing given back
+            await proc.wait()
+        # What it printed before the kill (handled, maybe not acked yet).
+        for raw in (await proc.stdout.read()).decode().splitlines():
+            what, k, i = raw.split()
+            (worker[k].append(int(i)) if what == "done" else held.add((k, int(i))))
+
+        survivor: dict[str, list[int]] = defaultdict(list)
+        attempts: dict[tuple[str, int], int] = {}
+        busy: set[str] = set()
+        overlaps: list[str] = []
+        finished = asyncio.Event()
+
+        async def handle(msg: msgbus.Message[Any]) -> None:
+            k, i = msg.body["k"], msg.body["i"]
+            if k in busy:
+                overlaps.append(f"{k}#{i}")
+            busy.add(k)
+            await asyncio.sleep(0.002)
+            busy.discard(k)
+            survivor[k].append(i)
+            attempts[(k, i)] = msg.attempt
+            if sum(len(v) and v[-1] == PER_KEY - 1 for v in survivor.values()) == KEYS:
+                finished.set()
+
+        consumer = bus.consumer(queue)
+        task = asyncio.create_task(consumer.run(handle, concurrency=8))
+        try:
+            async with asyncio.timeout(30):
+                await finished.wait()
+        finally:
+            consumer.stop()
+            await task
+    assert not overlaps, f"a key in two handlers at once: {overlaps[:5]}"
+    assert sum(map(len, worker.values())) >= DONE_BEFORE_HOLDING
+    for k in (f"key-{k}" for k in range(KEYS)):
+        before, after = worker.get(k, []), survivor[k]
+        assert before == list(range(len(before))), f"{k} out of order in the killed worker: {before}"
+        # The survivor takes up where the worker stopped: its last handled message again (its ack may not have
+        # left before the kill) or the next; then the rest in order, none missing.
+        start = after[0]
+        assert start in (len(before) - 1, len(before)) and start >= 0, f"{k}: worker {before}, survivor {after}"
+        assert after == list(range(start, PER_KEY)), f"{k} out of order or lost after the kill: {after}"
+    for k, i in held:
+        assert attempts[(k, i)] >= 2, f"{k}#{i} held by the killed process came back with attempt {attempts[(k, i)]}"
