@@ -429,7 +429,7 @@ class NatsAdapter(Adapter):
         if r.consumer is None:
             raise ConfigError(f"cannot receive from {endpoint}: name a subscription of the topic")
         self.connected()
-        receiver = NatsReceiver(self, r)
+        receiver = NatsReceiver(self, r, self._options.ack_wait)
         await receiver.start()
         self._receivers.add(receiver)
         return receiver

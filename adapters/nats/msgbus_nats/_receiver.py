@@ -97,14 +97,15 @@ class NatsReceiver(Receiver):
     """Pulls one queue, subscription or dead-letter stream's durable consumer (and its partitions' under
     ``ordering=per_key``). Not for several tasks at once."""
 
-    def __init__(self, adapter: Link, r: Route) -> None:
+    def __init__(self, adapter: Link, r: Route, ack_wait: float) -> None:
         self._adapter = adapter
         self._route = r
+        self._stale_after = 0.8 * ack_wait  # a partition's message waiting here longer may be back with the server
         self._source = replace(r.endpoint, dead_letter=False)
         prefix = f"$JS.API.CONSUMER.MSG.NEXT.{r.stream}"
         self._pulls = [_Pull(i, f"{prefix}.{name}") for i, (name, _) in enumerate(r.consumers)]
         self._subs: list[Subscription] = []
-        self._ready: deque[tuple[_Pull, Msg]] = deque()
+        self._ready: deque[tuple[_Pull, Msg, float]] = deque()  # (from, message, loop time it arrived)
         self._wake = asyncio.Event()
         self._closed = False
 
@@ -138,7 +139,7 @@ class NatsReceiver(Receiver):
         if self._closed:  # arrived after close: give it back at once
             await self._adapter.connected()[0].publish(msg.reply, _NAK)
             return
-        self._ready.append((pull, msg))
+        self._ready.append((pull, msg, asyncio.get_running_loop().time()))
         self._wake.set()
 
     def reconnected(self) -> None:
@@ -158,7 +159,7 @@ class NatsReceiver(Receiver):
             elif pull.index and not pull.credit:
                 await self._request(pull, 1)
         main = self._pulls[0]
-        room = wanted - sum(not pull.index for pull, _ in self._ready) - main.credit
+        room = wanted - sum(not pull.index for pull, _, _ in self._ready) - main.credit
         if room <= 0 or (main.credit and 2 * room < wanted):
             return
         await self._request(main, room)
@@ -174,9 +175,12 @@ class NatsReceiver(Receiver):
     async def _refill(self, deliveries: Sequence[NatsDelivery]) -> None:
         """After settling partition messages: ask each partition for its next one (the core has that room)."""
         for d in deliveries:
-            pull = self._pulls[d.index] if d.index < len(self._pulls) else None
-            if pull is not None and pull.index and not pull.credit and not self._closed:
-                await self._request(pull, 1)
+            if 0 < d.index < len(self._pulls):
+                await self._refill_pull(self._pulls[d.index])
+
+    async def _refill_pull(self, pull: _Pull) -> None:
+        if not pull.credit and not self._closed:
+            await self._request(pull, 1)
 
     async def receive(self, max_messages: int, timeout: float) -> list[Delivery]:
         """Wait up to ``timeout`` seconds for deliveries; up to ``max_messages`` (the core keeps the prefetch limit)."""
@@ -200,8 +204,16 @@ class NatsReceiver(Receiver):
     async def _take(self, n: int) -> list[Delivery]:
         out: list[Delivery] = []
         ready = self._ready
+        now = asyncio.get_running_loop().time()
         while ready and len(out) < n:
-            pull, msg = ready.popleft()
+            pull, msg, arrived = ready.popleft()
+            if pull.index and now - arrived > self._stale_after:
+                # Waited here (the core had no room) until its ack wait (nearly) ran out: the server hands it, the
+                # head of its partition, to another consumer, which may have handled what follows it already.
+                # Handing out this copy would run the key out of order, and settling it would settle theirs.
+                log.debug("nats: dropped a partition message that waited out its ack wait unhandled")
+                await self._refill_pull(pull)
+                continue
             try:
                 deliveries, seq, ts = ack_metadata(msg.reply)
                 if msg.subject.startswith(MAX_DELIVERIES):

@@ -10,11 +10,17 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import zlib
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgbus
 from msgbus import Outgoing
+from msgbus.adapter import Endpoint, Record
+from msgbus_nats import NatsAdapter
+
+MakeAdapter = Callable[..., Awaitable[NatsAdapter]]
 
 KEYS, PER_KEY, DONE_BEFORE_HOLDING = 8, 25, 40
 
@@ -112,3 +118,33 @@ async def test_a_consumer_killed_mid_partition_keeps_order_and_loses_nothing(nat
         assert after == list(range(start, PER_KEY)), f"{k} out of order or lost after the kill: {after}"
     for k, i in held:
         assert attempts[(k, i)] >= 2, f"{k}#{i} held by the killed process came back with attempt {attempts[(k, i)]}"
+
+
+async def test_a_partition_message_that_waited_out_its_ack_wait_here_is_not_handed_out(
+    make_adapter: MakeAdapter,
+) -> None:
+    """The core had no room for it until its ack wait ran out: another consumer got its partition's head since."""
+    a = await make_adapter(ordering="per_key", partitions="2", ack_wait="1")
+    b = await make_adapter(ordering="per_key", partitions="2", ack_wait="1")
+    queue = Endpoint("queue", "orders")
+    await a.declare(queue)
+    keys = {zlib.crc32(k.encode()) % 2: k for k in ("a", "b", "c", "d")}  # one key per partition
+    await a.send(queue, [Record(body=f"{k}{i}".encode(), id=f"{k}{i}", key=k) for k in keys.values() for i in (0, 1)])
+    first = await a.receiver(queue, prefetch=1)
+    taken = await first.receive(1, 5.0)  # one partition's head; the other's arrives and waits in the receiver
+    async with asyncio.timeout(5):
+        while not first._ready:
+            await asyncio.sleep(0.01)
+    waiting = first._ready[0][1]
+    await asyncio.sleep(1.5)  # its ack wait runs out while it waits: the server takes it back
+    other = await b.receiver(queue, prefetch=10)
+    got: list[str] = []
+    async with asyncio.timeout(10):
+        while len(got) < 2:  # the waiting one's partition, both messages in order, at the other consumer
+            batch = [d for d in await other.receive(10, 1.0) if d.record.key != taken[0].record.key]
+            await other.ack_many(batch)
+            got += [d.record.id for d in batch]
+    assert [g[1] for g in got] == ["0", "1"] and got[0].encode() == waiting.data
+    late = await first.receive(10, 0.5)
+    assert all(d.record.id != got[0] for d in late), "the stale copy of a handled partition head was handed out"
+    await first.ack_many(taken)
