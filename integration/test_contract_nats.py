@@ -41,6 +41,7 @@ ORDERED_CHECKS = {
     "at-least-once after consumer crash",
     "poison that kills its consumer",
     "only the unacked come back after close or crash",
+    "stop() hands back unstarted messages",
     "graceful shutdown",
     "bulk acks and immediate nacks under run()",
     "reconnect after broker restart",

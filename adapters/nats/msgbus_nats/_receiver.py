@@ -108,6 +108,7 @@ class NatsReceiver(Receiver):
         self._ready: deque[tuple[_Pull, Msg, float]] = deque()  # (from, message, loop time it arrived)
         self._wake = asyncio.Event()
         self._closed = False
+        self._released = False  # run() stopped: give back what arrives until receive is called again
 
     def __repr__(self) -> str:
         return f"NatsReceiver({self._route.endpoint}, consumer={self._route.stream} > {self._route.consumer})"
@@ -136,7 +137,7 @@ class NatsReceiver(Receiver):
             self._wake.set()
             return
         pull.credit = max(0, pull.credit - 1)
-        if self._closed:  # arrived after close: give it back at once
+        if self._closed or self._released:  # arrived after close or release: give it back at once
             await self._adapter.connected()[0].publish(msg.reply, _NAK)
             return
         self._ready.append((pull, msg, asyncio.get_running_loop().time()))
@@ -189,6 +190,7 @@ class NatsReceiver(Receiver):
         while True:
             if self._closed:
                 raise ClosedError(f"{self!r} is closed")
+            self._released = False
             if self._ready:
                 got = await self._take(max_messages)
                 if got:
@@ -301,6 +303,17 @@ class NatsReceiver(Receiver):
         check_size(headers, record.body, self._adapter.max_payload)
         await self._adapter.publish([(self._route.dead_subject, headers, record.body)], f"dead-letter {record.id}")
         await self._settle(d, _TERM)
+
+    async def release(self) -> None:
+        """Give back (-NAK) what arrived but was not handed out, and what the pull requests still open bring
+        until ``receive`` is called again (a pull request cannot be withdrawn), so another consumer gets it now."""
+        self._released = True
+        nc = self._adapter.client
+        if nc is None:
+            return
+        with translated(f"release on {self._route.endpoint}", self._adapter.secrets):
+            while self._ready:
+                await nc.publish(self._ready.popleft()[1].reply, _NAK)
 
     async def close(self) -> None:
         """Stop pulling; give back (-NAK) what arrived but was not handed out. Idempotent.
