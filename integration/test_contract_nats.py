@@ -28,24 +28,25 @@ class TestNatsContract(ContractSuite):
         return lambda: asyncio.to_thread(broker.restart, hard=True)  # SIGKILL: what the file store wrote survives
 
 
-# The checks ordering=per_key changes the path of: keyed sends to partition subjects, a consumer per partition with
-# one unacked message, pulls of one message per partition asked again on settling, nacks and lock expiries that
-# redeliver a partition's head first, dead-lettering that lets the partition move on. Not all the checks: each
-# endpoint is 17 consumers here, and the file must stay short in CI.
+# The checks that send keyed messages (to partition subjects, read by a consumer each with one unacked message:
+# ordering, batches, a keyed poison that kills worker processes, stop() handing partition heads
+# over), and the cheap ones that exercise the receiver's pulls on 17 consumers (competing, held, bulk acks,
+# shutdown, reconnect). Not all the checks: the file must stay short in CI (these take about a minute).
 ORDERED_CHECKS = {
     "per-key ordering",
-    "competing consumers",
-    "fan-out",
-    "held message invisible to others",
-    "retries then dead-letter",
-    "at-least-once after consumer crash",
+    "run_batch settles each message of a batch as told",
     "poison that kills its consumer",
-    "only the unacked come back after close or crash",
     "stop() hands back unstarted messages",
-    "graceful shutdown",
+    "competing consumers",
+    "held message invisible to others",
     "bulk acks and immediate nacks under run()",
+    "graceful shutdown",
     "reconnect after broker restart",
 }
+# Not kept with ordering=per_key, by design (docs/adapters/nats.md, *Per-key ordering*): each holds every one of its
+# keyed messages (200, 50) unsettled before it settles them, and a partition hands out one unsettled message at a
+# time (16 at once here). Keyed topics are in adapters/nats/tests/test_ordering.py.
+NOT_KEPT = {"nack redelivers", "headers and ids round-trip"}
 
 
 class TestNatsOrderedContract(TestNatsContract):
@@ -56,7 +57,7 @@ class TestNatsOrderedContract(TestNatsContract):
         return f"{endpoint('nats').url}?{OPTIONS}&ordering=per_key"
 
 
-assert {c.name for c in CHECKS} >= ORDERED_CHECKS
+assert {c.name for c in CHECKS} >= ORDERED_CHECKS | NOT_KEPT
 for _check in CHECKS:  # the others are not collected: this class runs the focused list only
     if _check.name not in ORDERED_CHECKS:
         setattr(TestNatsOrderedContract, f"test_{_check.slug}", None)

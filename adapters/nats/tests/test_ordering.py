@@ -15,9 +15,12 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
+
 import msgbus
 from msgbus import Outgoing
 from msgbus.adapter import Endpoint, Record
+from msgbus.errors import TopologyError
 from msgbus_nats import NatsAdapter
 
 MakeAdapter = Callable[..., Awaitable[NatsAdapter]]
@@ -148,3 +151,47 @@ async def test_a_partition_message_that_waited_out_its_ack_wait_here_is_not_hand
     late = await first.receive(10, 0.5)
     assert all(d.record.id != got[0] for d in late), "the stale copy of a handled partition head was handed out"
     await first.ack_many(taken)
+
+
+async def test_a_keyed_topic_keeps_each_subscriptions_order(nats_url: str, prefix: str) -> None:
+    """Publishes go to the topic's partition subjects; each subscription (two consumers each) gets every message,
+    a key's in publish order and one at a time. A bus without the option cannot take the topic over (documented)."""
+    url = f"{nats_url}?prefix={prefix}&ordering=per_key&ack_wait=2"
+    keys, per_key = 6, 20
+    async with msgbus.connect(url) as bus, msgbus.connect(f"{nats_url}?prefix={prefix}") as plain:
+        subs = [bus.subscriber("events", subscription=s) for s in ("a", "b") for _ in range(2)]
+        for sub in subs:
+            await sub.open()
+        with pytest.raises(TopologyError, match="other subjects"):
+            await plain.subscriber("events", subscription="all").open()
+        items = [Outgoing({"k": f"k{k}", "i": i}, key=f"k{k}") for i in range(per_key) for k in range(keys)]
+        await bus.publisher("events").publish_many(items)
+        seen: dict[str, dict[str, list[int]]] = {"a": defaultdict(list), "b": defaultdict(list)}
+        busy: set[tuple[str, str]] = set()
+        overlaps: list[str] = []
+
+        def handler(name: str) -> Callable[[msgbus.Message[Any]], Awaitable[None]]:
+            async def handle(msg: msgbus.Message[Any]) -> None:
+                k = msg.body["k"]
+                if (name, k) in busy:
+                    overlaps.append(f"{name}:{k}#{msg.body['i']}")
+                busy.add((name, k))
+                await asyncio.sleep(0.001)
+                busy.discard((name, k))
+                seen[name][k].append(msg.body["i"])
+
+            return handle
+
+        names = ["a", "a", "b", "b"]
+        tasks = [asyncio.create_task(s.run(handler(n), concurrency=4)) for s, n in zip(subs, names, strict=True)]
+        try:
+            async with asyncio.timeout(30):
+                while any(sum(map(len, seen[n].values())) < keys * per_key for n in seen):
+                    await asyncio.sleep(0.05)
+        finally:
+            for sub in subs:
+                sub.stop()
+            await asyncio.gather(*tasks)
+    assert not overlaps, overlaps[:5]
+    for name in seen:
+        assert all(seen[name][f"k{k}"] == list(range(per_key)) for k in range(keys)), (name, dict(seen[name]))
