@@ -34,7 +34,7 @@ from ._codec import check_size, encode
 from ._config import NatsOptions, read_options
 from ._errors import convert, translated
 from ._names import QUEUE_CONSUMER, Route, route
-from ._receiver import NatsReceiver
+from ._receiver import NatsReceiver, Outgoing
 
 __all__ = ["NatsAdapter", "create"]
 
@@ -54,7 +54,8 @@ def create(url: BusURL, options: OptionReader) -> NatsAdapter:
 
 def _capabilities(options: NatsOptions, max_payload: int) -> Capabilities:
     return Capabilities(
-        ordering="none",  # competing pull consumers and redeliveries reorder (see the adapter page)
+        # per_key: a key's messages go to one partition subject, read by a consumer that has one unacked at a time
+        ordering=options.ordering,
         delayed_delivery=False,  # JetStream schedules messages only from server 2.12 on
         delayed_nack=True,  # -NAK {"delay": ...}
         native_dead_letter=False,  # msgbus publishes to the dead-letter stream; max_deliver is only a backstop
@@ -86,6 +87,10 @@ class NatsAdapter(Adapter):
     def __init__(self, url: BusURL, options: NatsOptions) -> None:
         self.url = url
         self._options = options
+        self._partitions = options.partitions if options.ordering == "per_key" else 0
+        if self._partitions:
+            # A receiver keeps a pull open on every partition (one message each) beside the unkeyed consumer's.
+            self.credit = max(self.credit, self._partitions + 16)
         self.capabilities = _capabilities(options, DEFAULT_MAX_PAYLOAD)
         self._max_payload = DEFAULT_MAX_PAYLOAD
         self._nc: Client | None = None
@@ -202,7 +207,7 @@ class NatsAdapter(Adapter):
     def route(self, endpoint: Endpoint) -> Route:
         found = self._routes.get(endpoint)
         if found is None:
-            found = self._routes[endpoint] = route(self._options.prefix, endpoint)
+            found = self._routes[endpoint] = route(self._options.prefix, endpoint, self._partitions)
         return found
 
     # -- topology -----------------------------------------------------------------------------------
@@ -222,11 +227,11 @@ class NatsAdapter(Adapter):
             raise ConfigError(f"{endpoint} has no consumer: ask for a queue or a TOPIC/SUBSCRIPTION")
         _, jsm = self.connected()
         with translated(f"stats of {endpoint}", self.secrets):
-            info = await jsm.consumer_info(r.stream, r.consumer)
+            infos = [await jsm.consumer_info(r.stream, name) for name, _ in r.consumers]
             dead = await jsm.stream_info(r.dead_stream)
-        return {
-            "depth": info.num_pending or 0,
-            "in_flight": info.num_ack_pending or 0,
+        return {  # partitions: the sums over the endpoint's consumers
+            "depth": sum(info.num_pending or 0 for info in infos),
+            "in_flight": sum(info.num_ack_pending or 0 for info in infos),
             "dead_letters": dead.state.messages,
         }
 
@@ -235,7 +240,8 @@ class NatsAdapter(Adapter):
 
         A queue is a work-queue stream read by one durable consumer. A topic is an interest stream (a message
         is kept until every subscription acked it); a subscription is a durable consumer on it that starts at
-        the stream's end, so it gets every message published after ``declare`` returns.
+        the stream's end, so it gets every message published after ``declare`` returns. With ``ordering=per_key``
+        each also has ``partitions`` consumers, one per partition subject, each with one unacked message at most.
         """
         r = self.route(endpoint)
         _, jsm = self.connected()
@@ -245,15 +251,21 @@ class NatsAdapter(Adapter):
                 return
             o = self._options
             if endpoint.kind == "queue" or endpoint.dead_letter or endpoint.subscription is not None:
-                await self._stream(jsm, r.dead_stream, [r.dead_subject, r.advisory_subject], RetentionPolicy.WORK_QUEUE)
+                dead_subjects = [r.dead_subject, *r.advisory_subjects]
+                await self._stream(jsm, r.dead_stream, dead_subjects, RetentionPolicy.WORK_QUEUE)
                 await self._consumer(jsm, r.dead_stream, QUEUE_CONSUMER, DeliverPolicy.ALL, max_deliver=0)
             if endpoint.dead_letter:
                 return
             kind = RetentionPolicy.WORK_QUEUE if endpoint.kind == "queue" else RetentionPolicy.INTEREST
-            await self._stream(jsm, r.stream, [r.subject], kind)
-            if r.consumer is not None:
-                start = DeliverPolicy.ALL if endpoint.kind == "queue" else DeliverPolicy.NEW
-                await self._consumer(jsm, r.stream, r.consumer, start, max_deliver=o.max_deliver)
+            await self._stream(jsm, r.stream, r.subjects, kind)
+            start = DeliverPolicy.ALL if endpoint.kind == "queue" else DeliverPolicy.NEW
+            for i, (name, only) in enumerate(r.consumers):
+                # A partition's consumer hands out its next message only once the one before is acked or
+                # terminated, and redelivers a nacked or expired one before it: per-key order, kept by the server.
+                pending = 1 if i else o.max_ack_pending
+                await self._consumer(
+                    jsm, r.stream, name, start, max_deliver=o.max_deliver, only=only, max_ack_pending=pending
+                )
 
     async def delete(self, endpoint: Endpoint) -> None:
         """Delete the queue's stream and its dead-letter stream (their consumers go with them); a missing one is
@@ -293,7 +305,15 @@ class NatsAdapter(Adapter):
             log.info("nats: stream %s exists with other limits; using it as it is", name)
 
     async def _consumer(
-        self, jsm: JetStreamManager, stream: str, name: str, start: DeliverPolicy, *, max_deliver: int
+        self,
+        jsm: JetStreamManager,
+        stream: str,
+        name: str,
+        start: DeliverPolicy,
+        *,
+        max_deliver: int,
+        only: str | None = None,
+        max_ack_pending: int | None = None,
     ) -> None:
         o = self._options
         config = ConsumerConfig(
@@ -302,7 +322,8 @@ class NatsAdapter(Adapter):
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=o.ack_wait,
             max_deliver=max_deliver or -1,
-            max_ack_pending=o.max_ack_pending,
+            max_ack_pending=max_ack_pending or o.max_ack_pending,
+            filter_subject=only,
         )
         try:
             await jsm.add_consumer(stream, config)
@@ -315,7 +336,8 @@ class NatsAdapter(Adapter):
     async def _verify(self, jsm: JetStreamManager, r: Route) -> None:
         try:
             if r.endpoint.kind == "queue" or r.endpoint.subscription is not None:
-                await jsm.consumer_info(r.stream, r.consumer or QUEUE_CONSUMER)
+                for name, _ in r.consumers or [(QUEUE_CONSUMER, None)]:
+                    await jsm.consumer_info(r.stream, name)
             else:
                 await jsm.stream_info(r.stream)
         except jx.NotFoundError as exc:
@@ -339,24 +361,26 @@ class NatsAdapter(Adapter):
             record.size()  # a malformed record is refused typed (InvalidMessage) before anything is stored
             headers = encode(record)
             check_size(headers, record.body, self._max_payload)
-            messages.append((headers, record.body))
+            keyed = r.ordered and record.key is not None
+            messages.append((r.partition_subject(record.key or "") if keyed else r.subject, headers, record.body))
         if not messages:
             return
-        await self.publish(r.subject, messages, f"send to {endpoint}")
+        await self.publish(messages, f"send to {endpoint}")
 
-    async def publish(self, subject: str, messages: Sequence[tuple[dict[str, str], bytes]], doing: str) -> None:
-        """Publish to a stream subject and wait for every acknowledgement, retrying the unanswered ones."""
+    async def publish(self, messages: Sequence[Outgoing], doing: str) -> None:
+        """Publish (subject, headers, body) to stream subjects, in order, and wait for every acknowledgement,
+        retrying the unanswered ones."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._options.send_timeout
         pending = list(messages)
         while True:
-            retry: list[tuple[dict[str, str], bytes]] = []
+            retry: list[Outgoing] = []
             reason = ""
             futures: list[asyncio.Future[Msg]] = []
             try:
                 nc, _ = self.connected()
                 with translated(doing, self.secrets, publish=True):
-                    for headers, body in pending:
+                    for subject, headers, body in pending:
                         token = str(next(self._tokens))
                         fut = self._acks[token] = loop.create_future()
                         futures.append(fut)
@@ -405,7 +429,7 @@ class NatsAdapter(Adapter):
         if r.consumer is None:
             raise ConfigError(f"cannot receive from {endpoint}: name a subscription of the topic")
         self.connected()
-        receiver = NatsReceiver(self, r)
+        receiver = NatsReceiver(self, r, self._options.ack_wait)
         await receiver.start()
         self._receivers.add(receiver)
         return receiver

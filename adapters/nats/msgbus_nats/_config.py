@@ -11,6 +11,8 @@ from msgbus.adapter import BusURL, OptionReader
 from msgbus.errors import ConfigError
 
 _PREFIX = re.compile(r"^[A-Za-z0-9-]{1,32}$")
+DEFAULT_PARTITIONS = 16  # partition consumers of an endpoint with ordering=per_key
+MAX_PARTITIONS = 256  # each is a durable consumer on the server and a pull request per receiver
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +39,8 @@ class NatsOptions:
     reconnect_wait: float
     ping_interval: float
     max_outstanding_pings: int
+    ordering: Literal["none", "per_key"] = "none"  # per_key: keyed messages go to `partitions` partition subjects
+    partitions: int = DEFAULT_PARTITIONS  # each read by a durable consumer with max_ack_pending=1
 
     def __repr__(self) -> str:
         return f"NatsOptions(host={self.host!r}, port={self.port}, prefix={self.prefix!r}, tls={self.tls is not None})"
@@ -59,6 +63,10 @@ def read_options(url: BusURL, reader: OptionReader) -> NatsOptions:
         raise ConfigError(f"option 'prefix' must be 1-32 letters, digits or '-', got {prefix!r}")
     storage = reader.choice("storage", "file", ("file", "memory"))
     tls = _tls(reader)
+    ordering = reader.choice("ordering", "none", ("none", "per_key"))
+    partitions = reader.int("partitions", DEFAULT_PARTITIONS, min=1)
+    if partitions > MAX_PARTITIONS:
+        raise ConfigError(f"option 'partitions' must be <= {MAX_PARTITIONS}, got {partitions}")
     token = url.username if url.username and url.password is None else None
     options = NatsOptions(
         host=url.host or "127.0.0.1",
@@ -81,6 +89,8 @@ def read_options(url: BusURL, reader: OptionReader) -> NatsOptions:
         reconnect_wait=reader.float("reconnect_wait", 0.5, min=0.05),
         ping_interval=reader.float("ping_interval", 5.0, min=0.1),
         max_outstanding_pings=reader.int("max_outstanding_pings", 3, min=1),
+        ordering="per_key" if ordering == "per_key" else "none",
+        partitions=partitions,
     )
     if options.replicas > 5:
         raise ConfigError("option 'replicas' must be <= 5 (JetStream's limit)")

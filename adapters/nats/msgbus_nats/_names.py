@@ -10,6 +10,7 @@ characters keeps a readable head and a SHA-256 of the whole (again with a separa
 from __future__ import annotations
 
 import hashlib
+import zlib
 from dataclasses import dataclass
 
 from msgbus.adapter import Endpoint
@@ -37,7 +38,9 @@ class Route:
     ``stream`` holds the messages (``subject`` is where they are sent); ``consumer`` is the durable pull
     consumer a receiver reads (``None`` for a topic endpoint without a subscription, which only sends).
     ``dead_stream``/``dead_subject`` hold the endpoint's dead letters; ``source_stream``/``source_consumer``
-    name what a dead-letter endpoint's messages came from (for the max_deliver backstop).
+    name what a dead-letter endpoint's messages came from (for the max_deliver backstop). With
+    ``ordering=per_key`` (``partitions`` > 0) keyed messages go to ``<subject>.p<i>`` instead, each read by its own
+    durable consumer ``<consumer>_p<i>`` (an escaped name never has a lone ``_``, so these never collide).
     """
 
     endpoint: Endpoint
@@ -48,15 +51,44 @@ class Route:
     dead_subject: str
     source_stream: str
     source_consumer: str | None
+    partitions: int = 0
 
     @property
-    def advisory_subject(self) -> str:
-        """Where the server announces a message of the source consumer that reached max_deliver."""
-        return f"{MAX_DELIVERIES}.{self.source_stream}.{self.source_consumer}"
+    def ordered(self) -> bool:
+        """Whether keyed messages go to partitions (``partitions`` counts the source's, for a dead-letter route)."""
+        return self.partitions > 0 and not self.endpoint.dead_letter
+
+    @property
+    def consumers(self) -> list[tuple[str, str | None]]:
+        """(durable consumer, filter subject) of each consumer a receiver reads: the endpoint's own, then its
+        partitions'. Unpartitioned, the one consumer takes the whole stream (no filter, as it always had)."""
+        if self.consumer is None:
+            return []
+        if not self.ordered:
+            return [(self.consumer, None)]
+        parts = [(f"{self.consumer}_p{i}", f"{self.subject}.p{i}") for i in range(self.partitions)]
+        return [(self.consumer, self.subject), *parts]
+
+    @property
+    def subjects(self) -> list[str]:
+        """The stream's subjects: the endpoint's, and its partitions' under ``ordering=per_key``."""
+        return [self.subject, f"{self.subject}.*"] if self.ordered else [self.subject]
+
+    @property
+    def advisory_subjects(self) -> list[str]:
+        """Where the server announces messages of this endpoint's consumers that reached max_deliver."""
+        names = [self.source_consumer] if self.source_consumer else []
+        names += [f"{self.source_consumer}_p{i}" for i in range(self.partitions)] if self.source_consumer else []
+        return [f"{MAX_DELIVERIES}.{self.source_stream}.{name}" for name in names]
+
+    def partition_subject(self, key: str) -> str:
+        """Where a message with ``key`` goes: the partition its key hashes to (crc32, as the RabbitMQ adapter)."""
+        return f"{self.subject}.p{zlib.crc32(key.encode()) % self.partitions}"
 
 
-def route(prefix: str, endpoint: Endpoint) -> Route:
-    """The streams, subjects and consumers of ``endpoint`` under ``prefix`` (letters, digits, ``-``)."""
+def route(prefix: str, endpoint: Endpoint, partitions: int = 0) -> Route:
+    """The streams, subjects and consumers of ``endpoint`` under ``prefix`` (letters, digits, ``-``), with
+    ``partitions`` partition subjects and consumers for keyed messages (0: none; never for a dead-letter one)."""
     name = escape(endpoint.name)
     consumer: str | None
     if endpoint.kind == "queue":
@@ -69,5 +101,7 @@ def route(prefix: str, endpoint: Endpoint) -> Route:
         dead = f"{prefix}_dt_{name}_s_{sub}", f"{prefix}.dt.{name}.{sub}"
     source_stream, dead_stream = _bounded(stream), _bounded(dead[0])
     if endpoint.dead_letter:
-        return Route(endpoint, dead_stream, dead[1], QUEUE_CONSUMER, dead_stream, dead[1], source_stream, consumer)
-    return Route(endpoint, source_stream, subject, consumer, dead_stream, dead[1], source_stream, consumer)
+        return Route(
+            endpoint, dead_stream, dead[1], QUEUE_CONSUMER, dead_stream, dead[1], source_stream, consumer, partitions
+        )
+    return Route(endpoint, source_stream, subject, consumer, dead_stream, dead[1], source_stream, consumer, partitions)

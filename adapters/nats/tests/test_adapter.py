@@ -287,3 +287,26 @@ def test_adapter_page_names_every_option() -> None:
     options = set(NatsOptions.__dataclass_fields__) - {"host", "port", "user", "password", "token", "tls"}
     missing = [o for o in sorted(options) if f"`{o}`" not in page]
     assert not missing, f"docs/adapters/nats.md does not document {missing}"
+
+
+async def test_release_gives_back_the_read_ahead_at_once(make_adapter: MakeAdapter) -> None:
+    """run()'s stop calls release(): what the receiver fetched and did not hand out goes to another consumer now,
+    not after ack_wait (30 s here); receiving again afterwards works. (The contract's stop() check sees this only
+    when a pull happened to bring more than the core took, so it is shown here, deterministically.)"""
+    bus = await make_adapter()
+    await bus.declare(QUEUE)
+    sent = _records(5)
+    await bus.send(QUEUE, sent)
+    first = await bus.receiver(QUEUE, prefetch=5)
+    await first._pull(5)  # what a receive asking for 5 opens; the messages arrive and wait to be handed out
+    async with asyncio.timeout(5):
+        while len(first._ready) < 5:
+            await asyncio.sleep(0.01)
+    await first.release()
+    other = await bus.receiver(QUEUE, prefetch=10)
+    async with asyncio.timeout(5):
+        rest = await _drain(other, 5)
+    assert sorted(d.record.id for d in rest) == sorted(r.id for r in sent)
+    await bus.send(QUEUE, _records(1, tag="again"))
+    await other.close()
+    assert [d.record.id for d in await first.receive(5, 5.0)] == ["again0"]

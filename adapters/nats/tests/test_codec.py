@@ -141,8 +141,8 @@ def test_subscriptions_queues_and_their_dead_letters_never_share_a_stream() -> N
     assert routes[1].stream == routes[0].dead_stream and routes[4].stream == routes[3].dead_stream
     assert len({r.dead_stream for r in routes[3:]}) == 3
     assert routes[3].consumer == "s" and routes[0].consumer == routes[1].consumer == "msgbus"
-    assert routes[3].advisory_subject == "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.msgbus_t_x.s"
-    assert routes[4].advisory_subject == routes[3].advisory_subject
+    assert routes[3].advisory_subjects == ["$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.msgbus_t_x.s"]
+    assert routes[4].advisory_subjects == routes[3].advisory_subjects
 
 
 def test_long_names_are_bounded_and_still_distinct() -> None:

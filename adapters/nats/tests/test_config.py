@@ -5,11 +5,22 @@ from __future__ import annotations
 import nats.errors as nx
 import nats.js.errors as jx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from msgbus._url import parse_url
-from msgbus.errors import BrokerError, ConfigError, ConnectionLost, InvalidMessage, PublishError, TopologyError
+from msgbus.adapter import Endpoint
+from msgbus.errors import (
+    BrokerError,
+    ConfigError,
+    ConnectionLost,
+    InvalidMessage,
+    PublishError,
+    TopologyError,
+)
 from msgbus_nats import NatsAdapter, create
 from msgbus_nats._errors import convert, translated
+from msgbus_nats._names import route
 
 
 def _adapter(url: str) -> NatsAdapter:
@@ -44,6 +55,42 @@ def test_options_are_read_and_typed() -> None:
     assert adapter.capabilities.lock_duration == 2.5
 
 
+def test_ordering_per_key_declares_it_and_partitions_the_endpoints() -> None:
+    adapter = _adapter("nats://h?ordering=per_key&partitions=4")
+    assert adapter.capabilities.ordering == "per_key" and adapter._options.partitions == 4
+    assert adapter.credit >= 4 + 1  # a pull on every partition and room for unkeyed messages at defaults
+    r = adapter.route(Endpoint("queue", "orders"))
+    assert r.subjects == ["msgbus.q.orders", "msgbus.q.orders.*"]
+    assert r.consumers == [("msgbus", "msgbus.q.orders")] + [
+        (f"msgbus_p{i}", f"msgbus.q.orders.p{i}") for i in range(4)
+    ]
+    assert len(r.advisory_subjects) == 5  # the dead-letter stream captures every consumer's max_deliver advisory
+    dead = adapter.route(Endpoint("queue", "orders", dead_letter=True))
+    assert dead.consumers == [("msgbus", None)] and dead.subjects == ["msgbus.dq.orders"]
+    assert dead.advisory_subjects == r.advisory_subjects  # declared from either, the dead-letter stream is the same
+    sub = adapter.route(Endpoint("topic", "events", "billing"))
+    assert sub.consumers[1] == ("billing_p0", "msgbus.t.events.p0")
+
+
+def test_without_ordering_nothing_is_partitioned() -> None:
+    adapter = _adapter("nats://h?partitions=4")  # read, but only ordering=per_key uses it
+    assert adapter.capabilities.ordering == "none" and adapter.credit == 16
+    r = adapter.route(Endpoint("queue", "orders"))
+    assert (r.subjects, r.consumers) == (["msgbus.q.orders"], [("msgbus", None)])  # as before issue 19
+    assert r.advisory_subjects == ["$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.msgbus_q_orders.msgbus"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(key=st.text(max_size=300), partitions=st.integers(1, 256))
+def test_any_key_goes_to_one_valid_partition_subject(key: str, partitions: int) -> None:
+    """Hostile keys (dots, wildcards, spaces, NUL, surrogates are refused earlier) never make a subject of their own."""
+    r = route("msgbus", Endpoint("queue", "orders"), partitions)
+    subject = r.partition_subject(key)
+    head, _, tail = subject.rpartition(".")
+    assert head == r.subject and tail.startswith("p") and 0 <= int(tail[1:]) < partitions
+    assert subject == r.partition_subject(key)  # stable: every message of a key in one partition
+
+
 def test_a_lone_user_name_is_a_token() -> None:
     o = _adapter("nats://tok3n@host")._options
     assert (o.user, o.password, o.token) == (None, None, "tok3n")
@@ -69,6 +116,9 @@ def test_credentials_never_show() -> None:
         ("nats://h?tls=true&ca_file=/nonexistent/ca.pem", "TLS"),
         ("nats://h/somepath", "path"),
         ("nats://h?bogus=1", "bogus"),
+        ("nats://h?ordering=global", "ordering"),
+        ("nats://h?ordering=per_key&partitions=0", "partitions"),
+        ("nats://h?ordering=per_key&partitions=257", "partitions"),
     ],
 )
 def test_bad_options_are_config_errors_naming_them(url: str, names: str) -> None:
