@@ -1,0 +1,131 @@
+"""``ordering=per_key`` against a real Redis: partitions, leases, take-over after a dead receiver, nacks in place."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+
+import redis.asyncio
+
+from msgbus.adapter import Delivery, Endpoint, Receiver, Record
+from msgbus_redis import RedisAdapter
+
+MakeAdapter = Callable[..., Awaitable[RedisAdapter]]
+
+QUEUE = Endpoint("queue", "ordered")
+ORDERED = {"ordering": "per_key", "partitions": "4", "visibility_timeout": "1", "poll_interval": "0.05"}
+
+
+def _keyed(keys: list[str], per_key: int) -> list[Record]:
+    return [Record(body=f"{k}#{i}".encode(), id=f"{k}#{i}", key=k) for i in range(per_key) for k in keys]
+
+
+async def _receive(receiver: Receiver, want: int, rounds: int = 100) -> list[Delivery]:
+    got: list[Delivery] = []
+    for _ in range(rounds):
+        if len(got) >= want:
+            break
+        got += await receiver.receive(100, 0.05)
+    return got
+
+
+async def _consume_all(receiver: Receiver, n: int, rounds: int = 400) -> list[Delivery]:
+    """Receive and ack one at a time until ``n`` acked; the order they were handed out in."""
+    done: list[Delivery] = []
+    for _ in range(rounds):
+        if len(done) >= n:
+            break
+        for d in await receiver.receive(100, 0.05):
+            await d.ack()
+            done.append(d)
+    return done
+
+
+def _in_order(deliveries: list[Delivery]) -> dict[str, list[int]]:
+    seen: dict[str, list[int]] = defaultdict(list)
+    for d in deliveries:
+        key = d.record.key
+        assert key is not None
+        seen[key].append(int(d.record.id.rsplit("#", 1)[1]))
+    return seen
+
+
+async def test_a_key_is_handed_out_one_at_a_time_and_a_nack_comes_back_first(make_adapter: MakeAdapter) -> None:
+    bus = await make_adapter(**ORDERED)
+    await bus.declare(QUEUE)
+    await bus.send(QUEUE, [*_keyed(["a", "b"], 3), Record(body=b"u", id="u")])
+    receiver = await bus.receiver(QUEUE, prefetch=100)
+    first = await _receive(receiver, 3)
+    assert sorted(d.record.id for d in first) == ["a#0", "b#0", "u"]  # one of each key; the unkeyed one too
+    head = next(d for d in first if d.record.id == "a#0")
+    await head.nack(delay=0.3)
+    for d in first:
+        if d is not head:
+            await d.ack()
+    nxt = await _receive(receiver, 1)
+    assert [d.record.id for d in nxt] == ["b#1"]  # b goes on; a waits for its nacked head
+    again = await _receive(receiver, 1)
+    assert [(d.record.id, d.attempt) for d in again] == [("a#0", 2)]  # in place, counted, before a#1
+    await receiver.close()
+
+
+async def test_a_dead_receivers_partitions_are_taken_over_in_order_with_only_heads_counted(
+    make_adapter: MakeAdapter,
+) -> None:
+    """A receiver that dies holding a key's head (and its key-mates behind it): after its lease expires another
+    takes over, gets the head again as attempt 2, the rest as attempt 1, in order; 0 lost, 0 dup."""
+    bus = await make_adapter(**ORDERED)
+    await bus.declare(QUEUE)
+    sent = _keyed([f"k{i}" for i in range(8)], 5)
+    await bus.send(QUEUE, sent)
+    dying = await bus.receiver(QUEUE, prefetch=100)
+    heads = await _receive(dying, 8)
+    assert sorted(d.record.id for d in heads) == sorted(f"k{i}#0" for i in range(8))
+    # It dies: no ack, no close (its leases are left to expire).
+    survivor = await (await make_adapter(**ORDERED)).receiver(QUEUE, prefetch=100)
+    done = await _consume_all(survivor, len(sent))
+    assert sorted(d.record.id for d in done) == sorted(r.id for r in sent)  # 40 received, 0 lost, 0 dup
+    assert all(ids == list(range(5)) for ids in _in_order(done).values())
+    assert {d.record.id: d.attempt for d in done if d.attempt != 1} == {f"k{i}#0": 2 for i in range(8)}
+    await survivor.close()
+
+
+async def test_receivers_share_the_partitions(make_adapter: MakeAdapter, raw: redis.asyncio.Redis) -> None:
+    bus = await make_adapter(**ORDERED)
+    await bus.declare(QUEUE)
+    one, two = await bus.receiver(QUEUE, prefetch=10), await bus.receiver(QUEUE, prefetch=10)
+    for _ in range(10):  # a few housekeeping rounds: the first takes all, then hands over what is beyond its share
+        await asyncio.gather(one.receive(10, 0.1), two.receive(10, 0.1))
+    owners = [await raw.get(f"{bus.options.prefix}:{{q:ordered}}:p{i}:lease:msgbus") for i in range(4)]
+    assert None not in owners and len(set(owners)) == 2 and max(owners.count(o) for o in set(owners)) == 2
+    await one.close()  # gives its leases up at once: the other takes them in its next round
+    for _ in range(5):
+        await two.receive(10, 0.1)
+    assert len({await raw.get(f"{bus.options.prefix}:{{q:ordered}}:p{i}:lease:msgbus") for i in range(4)}) == 1
+    await two.close()
+
+
+async def test_hostile_keys_keep_their_order(make_adapter: MakeAdapter) -> None:
+    keys = ["", " ", "k" * 100_000, "\x00\n\t", "ключ-🔑", "{q:x}", "a:lease:msgbus", "\ufffd\u200b"]
+    bus = await make_adapter(**ORDERED)
+    await bus.declare(QUEUE)
+    sent = _keyed(keys, 4)
+    await bus.send(QUEUE, sent)
+    receiver = await bus.receiver(QUEUE, prefetch=100)
+    done = await _consume_all(receiver, len(sent))
+    assert sorted(d.record.id for d in done) == sorted(r.id for r in sent)
+    assert _in_order(done) == {k: [0, 1, 2, 3] for k in keys}
+    await receiver.close()
+
+
+async def test_an_ordered_subscription_gets_keyed_and_unkeyed_publishes(make_adapter: MakeAdapter) -> None:
+    bus = await make_adapter(**ORDERED)
+    sub = Endpoint("topic", "placed", "billing")
+    await bus.declare(sub)
+    await bus.send(Endpoint("topic", "placed"), [*_keyed(["x", "y"], 3), Record(body=b"u", id="u")])
+    receiver = await bus.receiver(sub, prefetch=100)
+    done = await _consume_all(receiver, 7)
+    assert sorted(d.record.id for d in done) == sorted([*(r.id for r in _keyed(["x", "y"], 3)), "u"])
+    assert _in_order([d for d in done if d.record.key is not None]) == {"x": [0, 1, 2], "y": [0, 1, 2]}
+    await receiver.close()
