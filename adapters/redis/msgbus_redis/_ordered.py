@@ -60,14 +60,18 @@ class OrderedReceiver(RedisReceiver):
         self._rotation = 0
 
     def _reading(self, room: int) -> tuple[str, ...]:
-        """The endpoint's own streams and the partitions of our share; with less room than streams (XREADGROUP's
-        COUNT is per stream), ``room`` of them in turn, one entry each."""
-        streams = self._route.streams + self._readable
-        if room >= len(streams):
-            return streams
-        start = self._rotation % len(streams)
-        self._rotation = start + room
-        return (streams + streams)[start : start + room]
+        """The endpoint's own streams and the partitions of our share. With less room than streams (XREADGROUP's
+        COUNT is per stream) the own streams always and as many partitions as fit, in turn; with no room beyond
+        the own streams, turn about: the own streams, then one partition."""
+        own, parts = self._route.streams, self._readable
+        fit = room - len(own)
+        if fit >= len(parts):
+            return own + parts
+        self._rotation += 1
+        if fit <= 0:
+            return super()._reading(room) if self._rotation % 2 else (parts[self._rotation // 2 % len(parts)],)
+        start = self._rotation * fit % len(parts)
+        return own + (parts + parts)[start : start + fit]
 
     def _waiting(self) -> int:
         """Fetched here and not handed out: the read-ahead to bound by ``max_messages``."""
@@ -120,8 +124,11 @@ class OrderedReceiver(RedisReceiver):
         """Through the hold, unless its key is parked: then it waits behind the nacked head."""
         out: list[RedisDelivery] = []
         for d in fetched:
+            if d.entry.stream not in self._partitions:  # unkeyed (or keyed by a producer without the option)
+                out.append(d)
+                continue
             key = d.record.key
-            parked = self._parked.get(key) if key is not None and d.entry.stream in self._partitions else None
+            parked = self._parked.get(key) if key is not None else None
             if parked is None:
                 out += self._hold.admit((d,))
             elif d.record.id != parked.head.record.id:
