@@ -198,3 +198,58 @@ async def test_a_consumer_process_killed_mid_partition_loses_nothing_and_order_h
         dead = [int(h.rsplit("#", 1)[1]) for h in before if h.startswith(f"{key}#")]
         # The survivor starts at most one back: the dead one's last of the key may not have been acked.
         assert not dead or got[0] >= max(dead), f"{key}: dead one handled {dead}, survivor {got}"
+
+
+async def test_three_consumers_at_concurrency_16_keep_each_keys_order_across_retries(
+    make_adapter: MakeAdapter, redis_url: str, prefix: str
+) -> None:
+    """Issue 19's bar: several consumers, run(concurrency=16), injected failures: a key's message i+1 never reaches
+    a handler before i succeeded, never two of a key in handlers at once; every message handled, 0 lost."""
+    import msgbus
+
+    url = f"{redis_url}{'&' if '?' in redis_url else '?'}prefix={prefix}&ordering=per_key&poll_interval=0.05"
+    keys, per_key = 40, 25
+    next_i: dict[str, int] = dict.fromkeys((f"k{k}" for k in range(keys)), 0)
+    busy: set[str] = set()
+    violations: list[str] = []
+    failed: set[str] = set()
+    done: set[str] = set()
+
+    async def handle(msg: msgbus.Message[object]) -> None:
+        key, i = msg.id.rsplit("#", 1)
+        if key in busy or int(i) != next_i[key]:
+            violations.append(f"{msg.id} attempt {msg.attempt} while next is #{next_i[key]}, busy={key in busy}")
+        busy.add(key)
+        try:
+            await asyncio.sleep(0.001)
+            if int(i) % 7 == 3 and msg.id not in failed:
+                failed.add(msg.id)
+                raise RuntimeError("injected failure")
+            next_i[key] = int(i) + 1
+            done.add(msg.id)
+        finally:
+            busy.discard(key)
+
+    buses = [msgbus.connect(url) for _ in range(3)]
+    for bus in buses:
+        await bus.open()
+    sender = buses[0].producer(QUEUE.name)
+    ids = [f"k{k}#{i}" for i in range(per_key) for k in range(keys)]
+    for start in range(0, len(ids), 200):
+        await sender.send_many(
+            [msgbus.Outgoing(b"x", key=i.split("#")[0], message_id=i) for i in ids[start : start + 200]]
+        )
+    policy = msgbus.RetryPolicy(max_attempts=5, initial_backoff=0.01, max_backoff=0.05)
+    consumers = [bus.consumer(QUEUE.name) for bus in buses]
+    tasks = [asyncio.ensure_future(c.run(handle, concurrency=16, retry=policy)) for c in consumers]
+    async with asyncio.timeout(60):
+        while len(done) < len(ids) and len(violations) < 10:
+            await asyncio.sleep(0.05)
+    for c, task in zip(consumers, tasks, strict=True):
+        c.stop()
+        await task
+    for bus in buses:
+        await bus.close()
+    assert not violations, violations[:5]
+    assert done == set(ids)  # 1000 handled, 0 lost
+    assert len(failed) == keys * (per_key // 7 + (1 if per_key % 7 > 3 else 0))  # every injected failure retried
