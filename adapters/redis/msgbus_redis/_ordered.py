@@ -65,6 +65,8 @@ class OrderedReceiver(RedisReceiver):
         the own streams, turn about: the own streams, then one partition."""
         own, parts = self._route.streams, self._readable
         fit = room - len(own)
+        if not parts:
+            return super()._reading(room)
         if fit >= len(parts):
             return own + parts
         self._rotation += 1

@@ -253,3 +253,30 @@ async def test_three_consumers_at_concurrency_16_keep_each_keys_order_across_ret
     assert not violations, violations[:5]
     assert done == set(ids)  # 1000 handled, 0 lost
     assert len(failed) == keys * (per_key // 7 + (1 if per_key % 7 > 3 else 0))  # every injected failure retried
+
+
+async def test_more_receivers_than_partitions_stand_by_and_still_take_unkeyed(make_adapter: MakeAdapter) -> None:
+    """Five receivers of a subscription with four partitions at room 1 (less than its two own streams): one holds no
+    lease and still receives unkeyed messages; every keyed one arrives once."""
+    bus = await make_adapter(**ORDERED)
+    sub = Endpoint("topic", "t5", "s")
+    await bus.declare(sub)
+    receivers = [await bus.receiver(sub, prefetch=1) for _ in range(5)]
+    for _ in range(6):
+        await asyncio.gather(*(r.receive(1, 0.05) for r in receivers))
+    await bus.send(
+        Endpoint("topic", "t5"), [*_keyed(["a", "b", "c"], 2), *(Record(b"u", id=f"u{i}") for i in range(20))]
+    )
+    got: list[Delivery] = []
+    for _ in range(200):
+        if len(got) >= 26:
+            break
+        for batch in await asyncio.gather(*(r.receive(1, 0.02) for r in receivers)):
+            for d in batch:
+                await d.ack()
+            got += batch
+    assert sorted(d.record.id for d in got) == sorted(
+        [*(r.id for r in _keyed(["a", "b", "c"], 2)), *(f"u{i}" for i in range(20))]
+    )
+    for r in receivers:
+        await r.close()
