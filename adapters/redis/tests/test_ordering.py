@@ -175,7 +175,8 @@ async def test_a_consumer_process_killed_mid_partition_loses_nothing_and_order_h
         handled.append(line.split()[0].decode())
     proc.send_signal(signal.SIGKILL)
     await proc.wait()
-    before = list(handled)  # what the dead one handled (its last ones perhaps unacked)
+    # What the dead one handled (its last ones perhaps unacked), including what it printed after we stopped reading.
+    before = handled + [line.split()[0].decode() for line in (await proc.stdout.read()).splitlines() if line]
     order: dict[str, list[int]] = defaultdict(list)
     async with msgbus.connect(url) as survivor_bus:
         done: set[str] = set()
