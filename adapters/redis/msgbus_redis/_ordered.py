@@ -57,23 +57,15 @@ class OrderedReceiver(RedisReceiver):
         self._lease_ms = max(1, round(self._options.visibility_timeout * 1000))
         self._start = secrets.randbelow(len(r.partitions))  # where this receiver starts looking for free partitions
         self._next_tidy = 0.0
-        self._rotation = 0
 
     def _reading(self, room: int) -> tuple[str, ...]:
-        """The endpoint's own streams and the partitions of our share. With less room than streams (XREADGROUP's
-        COUNT is per stream) the own streams always and as many partitions as fit, in turn; with no room beyond
-        the own streams, turn about: the own streams, then one partition."""
+        """The endpoint's own streams and every partition of our share, whatever the room: a read of only some of
+        them would block on empty ones while others have entries. With less room than streams each gives one
+        entry (COUNT is per stream); what ``receive`` cannot return yet waits here, at most one per stream."""
         own, parts = self._route.streams, self._readable
-        fit = room - len(own)
         if not parts:
             return super()._reading(room)
-        if fit >= len(parts):
-            return own + parts
-        self._rotation += 1
-        if fit <= 0:
-            return super()._reading(room) if self._rotation % 2 else (parts[self._rotation // 2 % len(parts)],)
-        start = self._rotation * fit % len(parts)
-        return own + (parts + parts)[start : start + fit]
+        return own + parts
 
     def _waiting(self) -> int:
         """Fetched here and not handed out: the read-ahead to bound by ``max_messages``."""

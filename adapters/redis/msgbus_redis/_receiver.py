@@ -113,7 +113,11 @@ class RedisReceiver(Receiver):
         with translated(f"receive from {r.endpoint}", secrets=self._adapter.secrets):
             try:
                 reply: Any = await client.xreadgroup(
-                    r.group, self._consumer, dict.fromkeys(streams, ">"), count=room // len(streams), block=block_ms
+                    r.group,
+                    self._consumer,
+                    dict.fromkeys(streams, ">"),
+                    count=max(1, room // len(streams)),
+                    block=block_ms,
                 )
             except rx.ResponseError as exc:
                 if not is_nogroup(exc):
