@@ -25,3 +25,15 @@ class TestRedisContract(ContractSuite):
         if broker.handle is None:  # from MSGBUS_TEST_REDIS_URL: not ours to restart
             return None
         return lambda: asyncio.to_thread(broker.restart, hard=True)  # SIGKILL: only the AOF survives
+
+
+class TestRedisOrderedContract(TestRedisContract):
+    """The whole contract again with ``ordering=per_key`` (16 leased partition streams per queue or subscription,
+    issue 19), at the volumes of the unordered run: keyed messages take the partitioned path in every check that
+    sends them (about 50 s with 4 checks at once, plus the reconnect check alone)."""
+
+    jobs = 4  # the checks at once (the reconnect check alone, last)
+
+    @pytest.fixture
+    def contract_url(self) -> str:
+        return f"{endpoint('redis').url}?{OPTIONS}&ordering=per_key"

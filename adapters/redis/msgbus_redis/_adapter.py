@@ -29,7 +29,8 @@ from msgbus.errors import ClosedError, ConfigError, MessageTooLarge, PublishErro
 from ._codec import encode, flatten
 from ._config import Persistence, RedisOptions, read_options
 from ._errors import translated
-from ._names import GroupSpec, Route, route
+from ._names import GroupSpec, Route, delayed_key, lease_key, route
+from ._ordered import OrderedReceiver
 from ._receiver import RedisReceiver
 from ._scripts import Scripts
 
@@ -45,7 +46,9 @@ def create(url: BusURL, options: OptionReader) -> RedisAdapter:
 
 def _capabilities(options: RedisOptions, persistence: Persistence) -> Capabilities:
     return Capabilities(
-        ordering="none",  # competing consumers, nack re-adds and reclaims all reorder
+        # Without the option competing consumers, nack re-adds and reclaims all reorder; with it keyed messages are in
+        # leased partition streams, one reader each (``_ordered``).
+        ordering=options.ordering,
         delayed_delivery=True,
         max_delay=None,
         delayed_nack=True,
@@ -134,7 +137,8 @@ class RedisAdapter(Adapter):
     def _route(self, endpoint: Endpoint) -> Route:
         found = self._routes.get(endpoint)
         if found is None:
-            found = self._routes[endpoint] = route(self.options.prefix, endpoint)
+            partitions = self.options.partitions if self.options.ordering == "per_key" else 0
+            found = self._routes[endpoint] = route(self.options.prefix, endpoint, partitions)
         return found
 
     # -- topology -----------------------------------------------------------------------------------
@@ -152,7 +156,7 @@ class RedisAdapter(Adapter):
         client, _ = self.connected()
         depth = in_flight = consumers = 0
         with translated(f"stats of {endpoint}", secrets=self.secrets):
-            for stream in r.streams:
+            for stream in (*r.streams, *r.partitions):
                 try:
                     groups = await client.xinfo_groups(stream)
                 except rx.ResponseError as exc:
@@ -189,8 +193,10 @@ class RedisAdapter(Adapter):
         live = self._route(Endpoint("queue", deleted_queue(endpoint)))
         dead = self._route(Endpoint("queue", endpoint.name, dead_letter=True))
         client, _ = self.connected()
+        partitioned = [*live.partitions, *(delayed_key(p) for p in live.partitions)]
+        partitioned += [lease_key(p, live.group) for p in live.partitions] + ([live.members] if live.members else [])
         with translated(f"delete {endpoint}", secrets=self.secrets):
-            await client.delete(live.send_stream, live.send_delayed, dead.send_stream, dead.send_delayed)
+            await client.delete(live.send_stream, live.send_delayed, dead.send_stream, dead.send_delayed, *partitioned)
 
     async def create_groups(self, groups: Sequence[GroupSpec], *, recover: bool = False) -> None:
         """XGROUP CREATE ... MKSTREAM for each group, ignoring existing ones.
@@ -240,17 +246,22 @@ class RedisAdapter(Adapter):
         body = self.options.body_fields
         with translated(f"send to {endpoint}", publish=True, secrets=self.secrets):
             if delay is not None and delay > 0:
-                args: list[bytes | str | int] = [math.ceil(delay * 1000)]
+                by_set: dict[str, list[bytes | str | int]] = {}
                 for record in records:
                     fields = flatten(encode(record, 0, body))
-                    args += [len(fields), secrets.token_hex(8), *fields]
-                await scripts.send_delayed(keys=[r.send_delayed], args=args)
+                    stream = _stream_of(r, record)
+                    target = r.send_delayed if stream == r.send_stream else delayed_key(stream)
+                    by_set.setdefault(target, [math.ceil(delay * 1000)]).extend(
+                        [len(fields), secrets.token_hex(8), *fields]
+                    )
+                for target, args in by_set.items():
+                    await scripts.send_delayed(keys=[target], args=args)
             elif len(records) == 1:
-                await client.xadd(r.send_stream, encode(records[0], 0, body))  # type: ignore[arg-type]
+                await client.xadd(_stream_of(r, records[0]), encode(records[0], 0, body))  # type: ignore[arg-type]
             else:
-                pipe = client.pipeline(transaction=False)
+                pipe = client.pipeline(transaction=False)  # one connection, in order: a partition's in send order
                 for record in records:
-                    pipe.xadd(r.send_stream, encode(record, 0, body))  # type: ignore[arg-type]
+                    pipe.xadd(_stream_of(r, record), encode(record, 0, body))  # type: ignore[arg-type]
                 await pipe.execute()
             if self.options.wait_replicas:
                 await self._wait_replicas(client)
@@ -269,13 +280,18 @@ class RedisAdapter(Adapter):
         if not r.receivable:
             raise ConfigError(f"cannot receive from {endpoint}: name a subscription of the topic")
         self.connected()
-        receiver = RedisReceiver(self, r)
+        receiver = OrderedReceiver(self, r) if r.partitions else RedisReceiver(self, r)
         self._receivers.add(receiver)
         return receiver
 
     def forget(self, receiver: RedisReceiver) -> None:
         """``receiver`` closed: the adapter no longer closes it."""
         self._receivers.discard(receiver)
+
+
+def _stream_of(r: Route, record: Record) -> str:
+    """Where ``record`` goes: a keyed one to its key's partition under ``ordering=per_key``, else the send stream."""
+    return r.partition_of(record.key) if r.partitions and record.key is not None else r.send_stream
 
 
 async def _detect_persistence(client: Redis) -> Persistence:

@@ -12,6 +12,8 @@ Persistence = Literal["auto", "none", "process-crash", "disk"]
 
 DEFAULT_MAX_MESSAGE_SIZE = 8 * 1024 * 1024
 REDIS_MAX_BULK = 512 * 1024 * 1024  # Redis' hard limit for one string (proto-max-bulk-len default)
+DEFAULT_PARTITIONS = 16  # partition streams of an endpoint with ordering=per_key
+MAX_PARTITIONS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +43,8 @@ class RedisOptions:
     ssl_keyfile: str | None
     ssl_check_hostname: bool
     body_fields: tuple[bytes, ...] = (b"body",)
+    ordering: Literal["none", "per_key"] = "none"  # per_key: keyed messages in `partitions` leased streams by key hash
+    partitions: int = DEFAULT_PARTITIONS
 
     def __repr__(self) -> str:
         return f"RedisOptions(host={self.host!r}, port={self.port}, db={self.db}, tls={self.tls})"
@@ -73,9 +77,18 @@ def read_options(url: BusURL, reader: OptionReader) -> RedisOptions:
         ssl_keyfile=reader.str("ssl_keyfile") if tls else None,
         ssl_check_hostname=reader.bool("ssl_check_hostname", True) if tls else False,
         body_fields=_body_fields(reader.str("body_fields", "body") or "body"),
+        ordering="per_key" if reader.choice("ordering", "none", ("none", "per_key")) == "per_key" else "none",
+        partitions=reader.int("partitions", DEFAULT_PARTITIONS, min=1),
     )
+    if options.partitions > MAX_PARTITIONS:
+        raise ConfigError(f"option 'partitions' must be <= {MAX_PARTITIONS}, got {options.partitions}")
     if options.max_message_size > REDIS_MAX_BULK // 2:
         raise ConfigError(f"option 'max_message_size' must be <= {REDIS_MAX_BULK // 2} (Redis strings hold 512 MiB)")
+    if options.ordering == "per_key" and 3 * options.poll_interval > options.visibility_timeout:
+        raise ConfigError(
+            "with ordering=per_key option 'poll_interval' must be at most a third of 'visibility_timeout' "
+            "(receivers renew their partition leases every poll_interval; a lease lasts visibility_timeout)"
+        )
     if options.socket_timeout <= options.poll_interval:
         raise ConfigError("option 'socket_timeout' must be longer than 'poll_interval' (receives block that long)")
     return options

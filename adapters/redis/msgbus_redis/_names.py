@@ -7,7 +7,8 @@ subscription name, so no two (topic, subscription) pairs can map to the same key
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from msgbus.adapter import Endpoint
@@ -42,10 +43,50 @@ class Route:
     movers: tuple[tuple[str, str], ...]  # (sorted set, stream) pairs a receiver keeps moving
     groups: tuple[GroupSpec, ...]  # what declare() creates
     receivable: bool
+    # ordering=per_key: the partition streams keyed messages go to (by key hash), each read by one leaseholder
+    # of ``group`` at a time (``lease_key``); empty otherwise and on dead-letter streams.
+    partitions: tuple[str, ...] = ()
+    members: str = ""  # sorted set: the group's live receivers (by last-seen time), to share the partitions
+
+    def partition_of(self, key: str) -> str:
+        """The partition stream of ``key``: crc32 of its UTF-8 bytes (lone surrogates escaped, never raising)."""
+        return self.partitions[zlib.crc32(key.encode("utf-8", "surrogatepass")) % len(self.partitions)]
 
 
-def route(prefix: str, endpoint: Endpoint) -> Route:
-    """The key layout of ``endpoint`` under ``prefix``; raises ``ConfigError`` for unusable names."""
+def lease_key(partition: str, group: str) -> str:
+    """The string key whose value names the receiver of ``group`` that alone reads ``partition`` now."""
+    return f"{partition}:lease:{group}"
+
+
+def delayed_key(stream: str) -> str:
+    """The sorted set of delayed sends to partition ``stream``."""
+    return f"{stream}:delayed"
+
+
+def route(prefix: str, endpoint: Endpoint, partitions: int = 0) -> Route:
+    """The key layout of ``endpoint`` under ``prefix`` (with ``partitions`` partition streams for keyed messages
+    under ``ordering=per_key``); raises ``ConfigError`` for unusable names."""
+    found = _route(prefix, endpoint)
+    if not partitions or endpoint.dead_letter:
+        return found
+    base = found.shared or found.send_stream
+    streams = tuple(f"{base}:p{i}" for i in range(partitions))
+    group = found.group
+    groups = found.groups
+    if found.receivable:
+        start: Literal["0", "$"] = "$" if found.shared is not None else "0"
+        groups += tuple(GroupSpec(p, group, start) for p in streams)
+    return replace(
+        found,
+        partitions=streams,
+        members=f"{base}:members:{group}" if found.receivable else "",
+        deletable=found.deletable | (frozenset(streams) if found.shared is None else frozenset()),
+        movers=found.movers + tuple((delayed_key(p), p) for p in streams) if found.receivable else found.movers,
+        groups=groups,
+    )
+
+
+def _route(prefix: str, endpoint: Endpoint) -> Route:
     _check_name("queue" if endpoint.kind == "queue" else "topic", endpoint.name)
     if endpoint.kind == "queue":
         return _queue(f"{prefix}:{{q:{endpoint.name}}}", endpoint)

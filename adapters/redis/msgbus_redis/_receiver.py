@@ -89,26 +89,35 @@ class RedisReceiver(Receiver):
                 raise ClosedError(f"{self!r} is closed")
             now = loop.time()
             if now >= self._next_housekeeping:
-                got = await self._housekeeping(max_messages)
-                if got:
-                    return got
+                claimed = await self._housekeeping(max_messages)
+                if claimed:
+                    return list(claimed)
                 now = loop.time()
             block_ms = int((min(deadline, self._next_housekeeping) - now) * 1000)
             got = await self._read(max_messages, block_ms if block_ms >= 1 else None)
             if got or loop.time() >= deadline:
-                return got
+                return list(got)
 
-    async def _read(self, room: int, block_ms: int | None) -> list[Delivery]:
-        r = self._route
-        streams = r.streams
+    def _reading(self, room: int) -> tuple[str, ...]:
+        """The streams ``receive`` reads new entries from, ``room`` entries in all."""
+        streams = self._route.streams
         if room < len(streams):  # XREADGROUP's COUNT is per stream: read one stream in turn
             streams = (streams[self._turn % len(streams)],)
             self._turn += 1
+        return streams
+
+    async def _read(self, room: int, block_ms: int | None) -> list[RedisDelivery]:
+        r = self._route
+        streams = self._reading(room)
         client, _ = self._adapter.connected()
         with translated(f"receive from {r.endpoint}", secrets=self._adapter.secrets):
             try:
                 reply: Any = await client.xreadgroup(
-                    r.group, self._consumer, dict.fromkeys(streams, ">"), count=room // len(streams), block=block_ms
+                    r.group,
+                    self._consumer,
+                    dict.fromkeys(streams, ">"),
+                    count=max(1, room // len(streams)),
+                    block=block_ms,
                 )
             except rx.ResponseError as exc:
                 if not is_nogroup(exc):
@@ -118,7 +127,7 @@ class RedisReceiver(Receiver):
         entries = [(stream.decode(), eid, fields, 1) for stream, items in reply or () for eid, fields in items]
         return await self._deliveries(entries)
 
-    async def _housekeeping(self, room: int) -> list[Delivery]:
+    async def _housekeeping(self, room: int) -> list[RedisDelivery]:
         r = self._route
         _, scripts = self._adapter.connected()
         loop = asyncio.get_running_loop()
@@ -155,9 +164,11 @@ class RedisReceiver(Receiver):
         entries = [(reclaim_from, eid, _pairs(flat), int(count)) for eid, count, flat in claimed]
         return await self._deliveries(entries)
 
-    async def _deliveries(self, entries: Sequence[tuple[str, bytes, Mapping[bytes, bytes], int]]) -> list[Delivery]:
+    async def _deliveries(
+        self, entries: Sequence[tuple[str, bytes, Mapping[bytes, bytes], int]]
+    ) -> list[RedisDelivery]:
         """Entry ids stay bytes for the acks (redis-py then sends them as they are) and are ``str`` in ``raw``."""
-        out: list[Delivery] = []
+        out: list[RedisDelivery] = []
         body_fields = self._options.body_fields
         for stream, rid, fields, deliveries in entries:
             # Any entry is deliverable (``_codec``): one written by other code gets the field convention.
@@ -240,9 +251,14 @@ class RedisReceiver(Receiver):
         except ClosedError:
             return
         try:
-            await scripts.forget_consumer(keys=list(self._route.streams), args=[self._route.group, self._consumer])
+            await self._leave(scripts)
+            streams = [*self._route.streams, *self._route.partitions]
+            await scripts.forget_consumer(keys=streams, args=[self._route.group, self._consumer])
         except (rx.RedisError, OSError) as exc:  # best effort: a leftover idle consumer name is harmless
             log.debug("could not remove consumer %s: %s", self._consumer, type(exc).__name__)
+
+    async def _leave(self, scripts: Scripts) -> None:
+        """Before the consumer name goes: give up what it holds besides pending entries (partition leases)."""
 
 
 def _pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:

@@ -190,6 +190,131 @@ return removed
 """
 
 
+# ordering=per_key: one round of a receiver's partition leases. Registers it as a live member of the group (pruning
+# members unseen for a lease), renews the leases it holds, hands over those beyond its fair share (ceil(partitions /
+# members)) once nothing of them is pending for it, and takes free ones up to its share, starting at its own offset.
+# KEYS[1] members sorted set, then n lease keys, then the n partition streams (same order).
+# ARGV[1] consumer, ARGV[2] lease ms, ARGV[3] group, ARGV[4] '1' to take free partitions, ARGV[5] start offset.
+# Returns {share, {1-based indexes of the partitions it holds, ascending}}: it reads the first `share` of them.
+LEASES = (
+    _NOW_MS
+    + """
+local n = (#KEYS - 1) / 2
+local me, lease = ARGV[1], tonumber(ARGV[2])
+local now = now_ms()
+redis.call('ZADD', KEYS[1], now, me)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - lease)
+redis.call('PEXPIRE', KEYS[1], lease * 10)
+local share = math.ceil(n / redis.call('ZCARD', KEYS[1]))
+local owned = {}
+for i = 1, n do
+  if redis.call('GET', KEYS[1 + i]) == me then owned[#owned + 1] = i end
+end
+local kept = {}
+for j, i in ipairs(owned) do
+  if j > share and #redis.call('XPENDING', KEYS[1 + n + i], ARGV[3], '-', '+', 1, me) == 0 then
+    redis.call('DEL', KEYS[1 + i])
+  else
+    redis.call('PEXPIRE', KEYS[1 + i], lease)
+    kept[#kept + 1] = i
+  end
+end
+if ARGV[4] == '1' then
+  local start = tonumber(ARGV[5])
+  for k = 0, n - 1 do
+    if #kept >= share then break end
+    local i = (start + k) % n + 1
+    if redis.call('GET', KEYS[1 + i]) ~= me and redis.call('SET', KEYS[1 + i], me, 'NX', 'PX', lease) then
+      kept[#kept + 1] = i
+    end
+  end
+end
+table.sort(kept)
+return {share, kept}
+"""
+)
+
+# ordering=per_key: a new leaseholder takes over a partition's pending entries (its predecessor died, stopped or
+# handed it over), oldest first: they come before anything unread. Only the first pending entry of each key can
+# have reached a handler (the rest waited behind it in the predecessor's hold), so only that one counts a delivery
+# (XCLAIM); the others are claimed with JUSTID, which leaves their count alone. Entries deleted meanwhile are acked.
+# KEYS[1] partition stream. ARGV[1] group, ARGV[2] consumer, ARGV[3] most entries.
+# Returns {id, deliveries including this one, fields} per entry.
+TAKE_OVER = """
+local out, seen = {}, {}
+for _, p in ipairs(redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', tonumber(ARGV[3]))) do
+  local id = p[1]
+  local e = redis.call('XRANGE', KEYS[1], id, id)
+  if #e == 0 then
+    redis.call('XACK', KEYS[1], ARGV[1], id)
+  else
+    local fields, key = e[1][2], nil
+    for i = 1, #fields, 2 do if fields[i] == 'key' then key = fields[i + 1] end end
+    if key == nil or not seen[key] then
+      redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id)
+      out[#out + 1] = {id, p[4] + 1, fields}
+    else
+      redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'JUSTID')
+      out[#out + 1] = {id, p[4], fields}
+    end
+    if key ~= nil then seen[key] = true end
+  end
+end
+return out
+"""
+
+# ordering=per_key: deliver nacked entries of a partition again, in place (a copy at the tail would pass the key's
+# later messages): XCLAIM counts the delivery. Only entries still pending for this consumer (its lease may have
+# gone to another meanwhile). KEYS[1] partition stream. ARGV[1] group, ARGV[2] consumer, ARGV[3..] entry ids.
+# Returns {id, deliveries including this one, fields} per entry.
+REDELIVER = """
+local out = {}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2])
+  if #p > 0 then
+    local e = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i])
+    if e[1] and e[1][2] then out[#out + 1] = {ARGV[i], p[1][4] + 1, e[1][2]} end
+  end
+end
+return out
+"""
+
+# ordering=per_key: extend a partition lease while it is this consumer's. KEYS[1] lease. ARGV[1] consumer, ARGV[2] ms.
+RENEW_LEASE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+"""
+
+# ordering=per_key: leave the group's members and give up every lease this consumer holds (stop, close): the next
+# leaseholder takes over what is pending at once instead of after the lease expires.
+# KEYS[1] members, KEYS[2..] lease keys. ARGV[1] consumer.
+RELEASE_LEASES = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+local released = 0
+for i = 2, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then
+    redis.call('DEL', KEYS[i])
+    released = released + 1
+  end
+end
+return released
+"""
+
+# ordering=per_key: a leaseholder's periodic care of one partition: trim it below what every group still needs (a
+# topic's partition) and remove consumers of the group that hold nothing and were unseen that long.
+# KEYS[1] partition stream. ARGV[1] '1' to trim, ARGV[2] group, ARGV[3] idle ms.
+TIDY_PARTITION = (
+    _TRIM_SHARED
+    + _PRUNE_CONSUMERS
+    + """
+local trimmed = 0
+if ARGV[1] == '1' then trimmed = trim_shared(KEYS[1]) end
+prune_consumers(KEYS[1], ARGV[2], tonumber(ARGV[3]))
+return trimmed
+"""
+)
+
+
 class Scripts:
     """The Lua scripts registered on one client (EVALSHA, reloaded by redis-py after a restart)."""
 
@@ -200,3 +325,9 @@ class Scripts:
         self.maintain: AsyncScript = client.register_script(MAINTAIN)
         self.ensure_stream: AsyncScript = client.register_script(ENSURE_STREAM)
         self.forget_consumer: AsyncScript = client.register_script(FORGET_CONSUMER)
+        self.leases: AsyncScript = client.register_script(LEASES)
+        self.take_over: AsyncScript = client.register_script(TAKE_OVER)
+        self.redeliver: AsyncScript = client.register_script(REDELIVER)
+        self.renew_lease: AsyncScript = client.register_script(RENEW_LEASE)
+        self.release_leases: AsyncScript = client.register_script(RELEASE_LEASES)
+        self.tidy_partition: AsyncScript = client.register_script(TIDY_PARTITION)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from redis import exceptions as rx
 
 from msgbus._url import parse_url
@@ -127,3 +129,52 @@ def test_body_fields_option() -> None:
     for bad in ("id", "body,", "Content-Type", "x-msgbus-prior-attempts", "headers"):
         with pytest.raises(ConfigError, match="body_fields"):
             _adapter(f"redis://?body_fields={bad}")
+
+
+def test_ordering_option_declares_per_key_and_partitions() -> None:
+    plain = _adapter("redis://")
+    assert (plain.options.ordering, plain.options.partitions, plain.capabilities.ordering) == ("none", 16, "none")
+    ordered = _adapter("redis://?ordering=per_key&partitions=4")
+    assert (ordered.options.ordering, ordered.options.partitions) == ("per_key", 4)
+    assert ordered.capabilities.ordering == "per_key"
+    assert _adapter("redis://?ordering=none").capabilities.ordering == "none"
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("redis://?ordering=fifo", "ordering"),
+        ("redis://?ordering=per_key&partitions=0", "partitions"),
+        ("redis://?ordering=per_key&partitions=257", "partitions"),
+        ("redis://?ordering=per_key&partitions=many", "partitions"),
+        ("redis://?ordering=per_key&visibility_timeout=0.5&poll_interval=0.2", "poll_interval"),
+    ],
+)
+def test_bad_ordering_options_raise_config_error(url: str, says: str) -> None:
+    with pytest.raises(ConfigError, match=says):
+        _adapter(url)
+
+
+def test_ordered_routes_add_partition_streams_under_the_same_hash_tag() -> None:
+    queue = route("p", Endpoint("queue", "a"), 4)
+    assert queue.partitions == ("p:{q:a}:p0", "p:{q:a}:p1", "p:{q:a}:p2", "p:{q:a}:p3")
+    assert queue.streams == ("p:{q:a}",)  # unkeyed messages: the queue's own stream, as without the option
+    assert set(queue.partitions) <= queue.deletable  # one group: acked entries go at once
+    assert {g.stream for g in queue.groups} >= set(queue.partitions)
+    sub = route("p", Endpoint("topic", "t", "s"), 4)
+    assert sub.partitions == tuple(f"p:{{t:t}}:p{i}" for i in range(4)) and not set(sub.partitions) & sub.deletable
+    assert all(g.start == "$" for g in sub.groups if g.stream in sub.partitions)
+    assert sub.members == "p:{t:t}:members:s" != route("p", Endpoint("topic", "t", "s2"), 4).members
+    assert route("p", Endpoint("queue", "a", dead_letter=True), 4).partitions == ()  # dead letters: not partitioned
+    publish = route("p", Endpoint("topic", "t"), 4)
+    assert publish.partitions == sub.partitions and not publish.receivable
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text())
+def test_any_key_has_one_partition(key: str) -> None:
+    """Hostile keys (empty, huge, control characters, lone surrogates) map to a partition; never raise."""
+    r = route("p", Endpoint("queue", "a"), 16)
+    assert r.partition_of(key) in r.partitions
+    assert r.partition_of(key) == r.partition_of(str(key))  # a pure function of the key
+    assert r.partition_of(key * 1000) in r.partitions
