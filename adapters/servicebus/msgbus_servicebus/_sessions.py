@@ -110,8 +110,8 @@ class SessionReceiver(Receiver):
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing: set[asyncio.Task[None]] = set()  # sessions being let go
         self._looking = 0  # slots looking for a session right now
-        # Messages received and not settled yet (ready or handed out), at most ``slots``, as a receiver without
-        # sessions holds at most its prefetch: what a consumer that dies held counts a delivery each.
+        # Messages received and not settled yet (ready or handed out), about ``slots`` at most, as a receiver
+        # without sessions holds at most its prefetch: what a consumer that dies held counts a delivery each.
         self._held = 0
         self._freed = asyncio.Event()  # set by each settlement
         self._paused = False
@@ -213,13 +213,9 @@ class SessionReceiver(Receiver):
                 continue
             if not batch:
                 await session.renew_if_due()  # settling does not renew a session: a busy one would run out
-                self._held += 1  # taken while the receive runs (see _serve_keyless)
-                try:
-                    async with session.lock:
-                        with translated(f"receive from a session of {self.endpoint}", secrets=self._secrets):
-                            batch = await session.sdk.receive_messages(max_message_count=1, max_wait_time=SESSION_IDLE)
-                finally:
-                    self._held -= 1
+                async with session.lock:
+                    with translated(f"receive from a session of {self.endpoint}", secrets=self._secrets):
+                        batch = await session.sdk.receive_messages(max_message_count=1, max_wait_time=SESSION_IDLE)
             if not batch or self._paused or self._closed:  # stopped meanwhile: closing the session gives it back
                 return
             delivery = self._hand_over(session, batch[0])
@@ -248,18 +244,16 @@ class SessionReceiver(Receiver):
         while not self._paused and not self._closed:
             batch, session.first = session.first, []
             self._freed.clear()
-            room = self._slots - self._held
             idle = not out  # nothing unsettled: a receive that waits the full SESSION_IDLE for nothing ends it
+            # A share of the room: the sessions' slots receive side by side, so together they may go over it by
+            # what their receives in flight bring (a share each), never by a session's whole backlog.
+            room = min(self._slots - self._held, max(1, self._slots // 4))
             if not batch and room > 0:
                 await session.renew_if_due()
-                self._held += room  # taken while the receive runs, so slots side by side ask for no more
-                try:
-                    async with session.lock:
-                        with translated(f"receive from a session of {self.endpoint}", secrets=self._secrets):
-                            wait = SESSION_IDLE if idle else _SLICE
-                            batch = await session.sdk.receive_messages(max_message_count=room, max_wait_time=wait)
-                finally:
-                    self._held -= room
+                async with session.lock:
+                    with translated(f"receive from a session of {self.endpoint}", secrets=self._secrets):
+                        wait = SESSION_IDLE if idle else _SLICE
+                        batch = await session.sdk.receive_messages(max_message_count=room, max_wait_time=wait)
             if self._paused or self._closed:  # stopped meanwhile: closing the session gives the batch back
                 break
             out += [self._hand_over(session, raw) for raw in batch]
