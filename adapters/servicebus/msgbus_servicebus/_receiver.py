@@ -165,6 +165,18 @@ class ServiceBusReceiverAdapter(Receiver):
         _forget(sdk, together)
         return [d for d in deliveries if _sdk(d) is not sdk]
 
+    async def release(self) -> None:
+        """Give back what arrived on the credit a receive call left open (it waits in the SDK's buffer): released
+        now, without counting a delivery, not left locked until its lock expires ("stop() hands back"). The SDK
+        drains and releases the same way when it closes a receiver; this keeps the receiver open."""
+        drain = getattr(getattr(self.sdk, "_amqp_transport", None), "drain_and_release_messages_async", None)
+        handler = getattr(self.sdk, "_handler", None)
+        if drain is None or handler is None or self._stale or self._closed:
+            return
+        async with self.lock:
+            with translated(f"release the read-ahead of {self.endpoint}", secrets=self._secrets):
+                await drain(handler)
+
     async def close(self) -> None:
         if self._closed:
             return
