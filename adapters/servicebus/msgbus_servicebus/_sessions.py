@@ -11,8 +11,9 @@ proceed.
 
 A message without a key goes to one of ``KEYLESS_SESSIONS`` sessions chosen by a hash of its id
 (``msgbus-keyless-N``), as Kafka spreads keyless records over partitions. Keyless messages promise no order, so
-the slot that holds such a session hands over up to ``prefetch`` of its messages at once, as a receiver without
-sessions would: a keyless message never waits behind another. Its own id as its session would keep it apart from
+the slot that holds such a session hands over several of its messages at once (a quarter of ``prefetch`` per
+receive, the receiver holding about ``prefetch`` in all), as a receiver without sessions would: a keyless message
+never waits behind another. Its own id as its session would keep it apart from
 every other too, but costs a session (on the SDK: a connection, a token and an attach) per message: 5 messages a
 second per consumer against the test broker.
 """
@@ -237,9 +238,9 @@ class SessionReceiver(Receiver):
         self._freed.set()
 
     async def _serve_keyless(self, session: _Session) -> None:
-        """A keyless session: hand over as many messages at once as the receiver may hold, receiving more as they
-        are settled; return when idle. When the receiver stops, what it withdrew goes back now and the slot keeps
-        the session until the messages being handled are settled."""
+        """A keyless session: hand over several messages at once while the receiver holds fewer than ``prefetch``,
+        receiving more as they are settled; return when idle. When the receiver stops, what it withdrew goes back
+        now and the slot keeps the session until the messages being handled are settled."""
         out: list[SessionDelivery] = []
         while not self._paused and not self._closed:
             batch, session.first = session.first, []
