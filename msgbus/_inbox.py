@@ -238,17 +238,18 @@ class Inbox(Generic[T]):
                 log.warning("msgbus: could not make the acks on %s durable: %s", self.endpoint, err)
 
     async def release(self) -> None:
-        """Nack every buffered message (fetched, never handed out), so other consumers get them now; all at once,
-        so adapters that batch settlements (SQS, Pub/Sub) send a few calls, not one round trip per message."""
+        """Hand every buffered message (fetched, never handed out) back to the backend, so other consumers get
+        them now: all at once (``Receiver.release_many``), without counting a delivery where the backend can."""
         while self.buffer:
-            batch = list(self.buffer)
+            batch = [msg for msg in self.buffer if msg._settle(nacked=True)]
             self.buffer.clear()
-            results = await asyncio.gather(*(msg.nack() for msg in batch), return_exceptions=True)
-            for msg, result in zip(batch, results, strict=True):
-                if isinstance(result, MsgbusError):
-                    log.debug("msgbus: release of %s failed (its lock will expire): %s", msg.id, result)
-                elif isinstance(result, BaseException):
-                    raise result
+            if not batch:
+                continue
+            assert self.receiver is not None  # the buffer is filled through it
+            try:
+                await self.receiver.release_many([msg._delivery for msg in batch])
+            except MsgbusError as err:
+                log.debug("msgbus: release of %d buffered message(s) failed (locks expire): %s", len(batch), err)
 
     async def release_read_ahead(self) -> None:
         """After ``run()``: the receiver gives back its read-ahead too (a stopped consumer may stay open for long)."""

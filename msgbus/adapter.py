@@ -15,6 +15,7 @@ This module is the whole public kit for adapter authors: an adapter distribution
 from __future__ import annotations
 
 import abc
+import asyncio
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
@@ -251,6 +252,16 @@ class Receiver(abc.ABC):
         """Ack several deliveries; adapters with a batch ack override this."""
         for d in deliveries:
             await d.ack()
+
+    async def release_many(self, deliveries: Sequence[Delivery]) -> None:
+        """Give back deliveries ``receive`` returned that no handler got (a stopping consumer's buffer), so other
+        consumers get them now; where the backend can, without counting a delivery (nobody attempted them: a
+        message handed back by every restart must not reach the delivery limit unhandled). The default nacks
+        each, all at once (adapters that batch settlements send a few calls); raises the first failure after."""
+        results = await asyncio.gather(*(d.nack() for d in deliveries), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     async def flush(self) -> None:  # noqa: B027 - optional hook
         """Return once every settlement made so far is durable. Adapters whose ``ack_many`` only records an

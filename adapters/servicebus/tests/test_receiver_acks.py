@@ -1,7 +1,9 @@
-"""How the Service Bus receiver completes the runtime's batched acks (msgbus_servicebus/_receiver.py), against a
-recording stand-in for the SDK receiver: one ``$management`` update-disposition for those the current SDK receiver
-received, one ``complete_message`` each for the rest or when that request fails. What the service does with them
-is the contract suite's business (integration/test_contract_servicebus.py, on the sbbroker test double)."""
+"""How the Service Bus receiver completes the runtime's batched acks and gives back a stopping consumer's buffer
+(msgbus_servicebus/_receiver.py), against a recording stand-in for the SDK receiver: one ``$management``
+update-disposition for those the current SDK receiver received, one ``complete_message`` each for the rest or when
+that request fails; a ``released`` disposition each for a buffer given back (no delivery counted), an abandon where
+that fails. What the service does with them is the contract suite's business (integration/test_contract_servicebus.py,
+on the sbbroker test double)."""
 
 from __future__ import annotations
 
@@ -18,9 +20,10 @@ from msgbus_servicebus._receiver import ServiceBusDelivery, ServiceBusReceiverAd
 
 
 class FakeMessage:
-    def __init__(self) -> None:
+    def __init__(self, delivery_id: int = 0) -> None:
         self.lock_token = str(uuid.uuid4())
         self._delivery_tag = uuid.UUID(self.lock_token).bytes_le
+        self._delivery_id = delivery_id
 
 
 class FakeSdk:
@@ -31,7 +34,20 @@ class FakeSdk:
         self.lost = lost
         self.together: list[tuple[str, list[str]]] = []
         self.alone: list[str] = []
-        self._handler = SimpleNamespace(_link=SimpleNamespace(_received_delivery_tags=set()))
+        self.abandoned: list[str] = []
+        self.dispositions: list[tuple[int, bytes, str]] = []
+        self.refuse_release = False
+        self._handler = SimpleNamespace(
+            _link=SimpleNamespace(_received_delivery_tags=set()), settle_messages_async=self._disposition
+        )
+
+    async def _disposition(self, delivery_id: int, delivery_tag: bytes, outcome: str) -> None:
+        if self.refuse_release:
+            raise sb.ServiceBusConnectionError(message="link detached")
+        self.dispositions.append((delivery_id, delivery_tag, outcome))
+
+    async def abandon_message(self, message: FakeMessage) -> None:
+        self.abandoned.append(message.lock_token)
 
     async def _settle_message_via_mgmt_link(self, status: str, tokens: list[str]) -> None:
         self.together.append((status, tokens))
@@ -64,7 +80,7 @@ class FakeLink:
 
 
 def deliveries(receiver: ServiceBusReceiverAdapter, sdk: FakeSdk, n: int) -> list[ServiceBusDelivery]:
-    out = [ServiceBusDelivery(receiver, sdk, Record(b"x", f"m{i}"), 1, FakeMessage()) for i in range(n)]  # type: ignore[arg-type]
+    out = [ServiceBusDelivery(receiver, sdk, Record(b"x", f"m{i}"), 1, FakeMessage(i)) for i in range(n)]  # type: ignore[arg-type]
     sdk._handler._link._received_delivery_tags |= {d.raw._delivery_tag for d in out}  # unsettled on the link
     return out
 
@@ -111,3 +127,23 @@ async def test_a_single_ack_is_a_plain_complete() -> None:
     (one,) = deliveries(receiver, sdk, 1)
     await receiver.ack_many([one])
     assert (sdk.together, sdk.alone) == ([], [one.raw.lock_token])
+
+
+async def test_a_stopping_consumers_buffer_is_released_not_abandoned() -> None:
+    """``released`` counts no delivery on Service Bus; an abandon would (a handed-back message comes back a suspect,
+    and ten stops would dead-letter it unhandled). Those of a replaced SDK receiver went with its connection."""
+    old, sdk = FakeSdk(), FakeSdk()
+    receiver = ServiceBusReceiverAdapter(FakeLink(sdk), Endpoint("queue", "q"))  # type: ignore[arg-type]
+    before, batch = deliveries(receiver, old, 2), deliveries(receiver, sdk, 3)
+    await receiver.release_many([*before, *batch])
+    assert sdk.dispositions == [(d.raw._delivery_id, d.raw._delivery_tag, "released") for d in batch]
+    assert (sdk.abandoned, sdk.together, old.dispositions, old.abandoned) == ([], [], [], [])
+
+
+async def test_a_release_that_fails_is_an_abandon() -> None:
+    sdk = FakeSdk()
+    sdk.refuse_release = True
+    receiver = ServiceBusReceiverAdapter(FakeLink(sdk), Endpoint("queue", "q"))  # type: ignore[arg-type]
+    (one,) = deliveries(receiver, sdk, 1)
+    await receiver.release_many([one])
+    assert (sdk.dispositions, sdk.abandoned) == ([], [one.raw.lock_token])
