@@ -206,7 +206,9 @@ def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     what = ", ".join(sorted({w for w, _ in redone}))
     credit = new["plan"].get("prefetch")
     what += f" (prefetch {credit})" if credit else ""
-    note = f"{what} re-measured with {new['plan']['messages']} messages {new['started']} ({load})"
+    plan = new["plan"]
+    count = plan.get("ordering_messages", plan["messages"]) if what == "ordering" else plan["messages"]
+    note = f"{what} re-measured with {count} messages {new['started']} ({load})"
     return {
         **old,
         "contenders": {**old["contenders"], **new["contenders"]},  # a contender added since the first run
