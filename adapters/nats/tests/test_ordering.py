@@ -78,9 +78,14 @@ async def test_a_consumer_killed_mid_partition_keeps_order_and_loses_nothing(nat
         finally:
             proc.kill()  # SIGKILL: nothing settled, nothing given back
             await proc.wait()
-        # What it printed before the kill (handled, maybe not acked yet).
+        # What it printed before the kill (handled, maybe not acked yet). A line that is not "what key i" (one run
+        # in 21 here met one; its text was not kept) is set aside and shown if a check below fails.
+        cut: list[str] = []
         for raw in (await proc.stdout.read()).decode().splitlines():
-            what, k, i = raw.split()
+            if len(parts := raw.split()) != 3:
+                cut.append(raw)
+                continue
+            what, k, i = parts
             (worker[k].append(int(i)) if what == "done" else held.add((k, int(i))))
 
         survivor: dict[str, list[int]] = defaultdict(list)
@@ -117,7 +122,7 @@ async def test_a_consumer_killed_mid_partition_keeps_order_and_loses_nothing(nat
         # The survivor takes up where the worker stopped: its last handled message again (its ack may not have
         # left before the kill) or the next; then the rest in order, none missing.
         start = after[0]
-        assert start in (len(before) - 1, len(before)) and start >= 0, f"{k}: worker {before}, survivor {after}"
+        assert start in (len(before) - 1, len(before)) and start >= 0, f"{k}: worker {before}, survivor {after} {cut}"
         assert after == list(range(start, PER_KEY)), f"{k} out of order or lost after the kill: {after}"
     for k, i in held:
         assert attempts[(k, i)] >= 2, f"{k}#{i} held by the killed process came back with attempt {attempts[(k, i)]}"
