@@ -324,6 +324,15 @@ class _Store:
         )
         return cur.rowcount
 
+    def release(self, held: Iterable[tuple[int, int]], now: float) -> int:
+        """(seq, lease) rows back, visible now, their lease's count taken back: nobody saw them."""
+        cur = self.conn.executemany(
+            "UPDATE msgbus_messages SET lease = NULL, visible_at = ?, attempts = attempts - 1"
+            " WHERE seq = ? AND lease = ?",
+            [(now, seq, lease) for seq, lease in held],
+        )
+        return cur.rowcount
+
     def extend(self, seq: int, lease: int, until: float) -> int:
         cur = self.conn.execute(
             "UPDATE msgbus_messages SET visible_at = ? WHERE seq = ? AND lease = ?", (until, seq, lease)
@@ -612,17 +621,8 @@ class _SqliteReceiver(Receiver):
         rows = [(row[0], lease) for row in future.result()]
         endpoint_id = self.endpoint_id
 
-        def release(s: _Store, now: float) -> tuple[None, Iterable[int]]:
-            # attempts was already counted by the lease; give it back since nobody saw the message
-            s.conn.executemany(
-                "UPDATE msgbus_messages SET lease = NULL, visible_at = ?, attempts = attempts - 1"
-                " WHERE seq = ? AND lease = ?",
-                [(now, seq, tok) for seq, tok in rows],
-            )
-            return None, (endpoint_id,)
-
         try:
-            self.adapter._submit(release)
+            self.adapter._submit(lambda s, now: (s.release(rows, now), (endpoint_id,)))
         except ClosedError:
             pass
 
@@ -645,6 +645,21 @@ class _SqliteReceiver(Receiver):
                 held.append((d._ref.seq, d._ref.lease))
         if held:
             await self.adapter._ack(held, self.endpoint_id)
+
+    async def release_many(self, deliveries: Sequence[Delivery]) -> None:
+        """Give back deliveries no handler got in one transaction, uncounted: a stop's hand-back is no attempt."""
+        held: list[tuple[int, int]] = []
+        others: list[Delivery] = []
+        for d in deliveries:
+            if not isinstance(d, _SqliteDelivery) or d._receiver is not self:
+                others.append(d)
+            elif not d._settled:
+                d._settled = True
+                held.append((d._ref.seq, d._ref.lease))
+        if held:
+            endpoint_id = self.endpoint_id
+            await self.adapter._call(lambda s, now: (s.release(held, now), (endpoint_id,)))
+        await super().release_many(others)
 
     async def close(self) -> None:
         """Stop receiving. Held deliveries stay leased (and can still be settled) until they expire."""
@@ -692,7 +707,7 @@ class SqliteAdapter(Adapter):
             lock_extension=True,
             lock_duration=visibility_timeout,
             restartable=False,
-            counts_deliveries=True,  # every lease counts, expired or released
+            counts_deliveries=True,  # every lease counts, expired or nacked (a stop's hand-back does not)
             dedup_window=dedup_window or None,  # msgbus_sent
         )
         self._db: _DbThread | None = None

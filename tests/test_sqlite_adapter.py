@@ -189,6 +189,23 @@ async def test_ack_nack_and_attempts(adapter: Adapter) -> None:
     assert await r.receive(10, 0.05) == []
 
 
+async def test_a_stops_hand_back_counts_no_attempt_and_a_stale_handle_is_harmless(adapter: Adapter) -> None:
+    """``release_many`` (a stopping consumer's buffer): back at once with the attempt it had, a nack's count not
+    added; the released handles settle nothing afterwards."""
+    await adapter.declare(Q)
+    await adapter.send(Q, [rec(1), rec(2), rec(3)])
+    r = await adapter.receiver(Q, prefetch=10)
+    first = await r.receive(1, 1.0)
+    await first[0].nack()
+    held = await r.receive(10, 1.0)  # m1 at attempt 2, m2 and m3 at attempt 1
+    assert sorted((d.record.id, d.attempt) for d in held) == [("m1", 2), ("m2", 1), ("m3", 1)]
+    await r.release_many(held)
+    for d in held:
+        await d.ack()  # already given back: a stale handle
+    again = await r.receive(10, 1.0)
+    assert sorted((d.record.id, d.attempt) for d in again) == [("m1", 2), ("m2", 1), ("m3", 1)]
+
+
 async def test_nack_with_delay_holds_the_message_back(adapter: Adapter) -> None:
     await adapter.declare(Q)
     await adapter.send(Q, [rec(1)])
