@@ -42,7 +42,7 @@ from .errors import ClosedError, ConfigError, MessageTooLarge, TopologyError
 __all__ = ["MemoryAdapter", "create", "reset"]
 
 _READY, _DELAYED, _BLOCKED, _LEASED, _GONE = range(5)
-_ACK, _NACK, _DEAD_LETTER = range(3)
+_ACK, _NACK, _DEAD_LETTER, _RELEASE = range(4)
 _FOREVER = float("inf")
 DEDUP_REMEMBERED = 100_000  # send ids a queue remembers for deduplication; older ones are forgotten first
 
@@ -50,13 +50,14 @@ DEDUP_REMEMBERED = 100_000  # send ids a queue remembers for deduplication; olde
 class _Message:
     """One stored copy of a record in one queue, subscription or dead-letter destination."""
 
-    __slots__ = ("attempt", "key", "lease_deadline", "record", "seq", "state", "visible_at")
+    __slots__ = ("attempt", "given_back", "key", "lease_deadline", "record", "seq", "state", "visible_at")
 
     def __init__(self, record: Record, seq: int, key: str | None) -> None:
         self.record = record
         self.seq = seq  # send order within its store
         self.key = key  # None when unkeyed or when the store does not order by key
-        self.attempt = 0  # deliveries so far; also the token of the current lease
+        self.attempt = 0  # leases so far: the token of the current one
+        self.given_back = 0  # leases a stopping consumer gave back unhandled: not deliveries (``release_many``)
         self.state = _READY
         self.visible_at = 0.0
         self.lease_deadline = 0.0
@@ -332,7 +333,8 @@ class _MemoryDelivery(Delivery):
     def __init__(self, receiver: _MemoryReceiver, msg: _Message) -> None:
         # Base __init__ inlined: this runs once per received message.
         self.record = msg.record
-        self.attempt = self._lease = msg.attempt
+        self._lease = msg.attempt
+        self.attempt = msg.attempt - msg.given_back
         self.raw = self.problem = None
         self._receiver = receiver
         self._msg = msg
@@ -424,26 +426,44 @@ class _MemoryReceiver(Receiver):
                         store.remove(msg, now)
                 elif action == _NACK:
                     store.release(msg, now + delay, now)
+                elif action == _RELEASE:
+                    msg.given_back += 1
+                    store.release(msg, now, now)
                 else:
                     store.remove(msg, now)
                     target = store.dead_letters
                     if target is None:  # already a dead-letter destination: back to its end
                         store.add((msg.record,), 0.0, now)
                     else:
-                        target.add((dead_letter_record(msg.record, reason, msg.attempt, self._endpoint),), 0.0, now)
+                        target.add((dead_letter_record(msg.record, reason, d.attempt, self._endpoint),), 0.0, now)
                         target.notify()
             store.compact()
             store.notify()
 
-    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
-        """Ack a batch under one lock acquisition."""
+    def _mine(self, deliveries: Sequence[Delivery]) -> tuple[list[_MemoryDelivery], list[Delivery]]:
+        """``deliveries`` split into this receiver's and the others."""
         mine: list[_MemoryDelivery] = []
+        others: list[Delivery] = []
         for d in deliveries:
             if isinstance(d, _MemoryDelivery) and d._receiver is self:
                 mine.append(d)
             else:
-                await d.ack()
+                others.append(d)
+        return mine, others
+
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """Ack a batch under one lock acquisition."""
+        mine, others = self._mine(deliveries)
+        for d in others:
+            await d.ack()
         self.settle(mine, _ACK, 0.0, "")
+
+    async def release_many(self, deliveries: Sequence[Delivery]) -> None:
+        """A stopping consumer's buffer, back under one lock acquisition and uncounted: the lease given back is
+        not a delivery, so the next one reports the attempt the message had."""
+        mine, others = self._mine(deliveries)
+        self.settle(mine, _RELEASE, 0.0, "")
+        await super().release_many(others)
 
     async def close(self) -> None:
         """Stop receiving; unsettled deliveries keep their leases until they expire. Idempotent."""

@@ -94,6 +94,25 @@ async def test_nack_redelivers_same_id_attempt_plus_one_in_place(adapter: Adapte
     assert [d.attempt for d in again] == [2, 1, 1]
 
 
+async def test_a_stops_hand_back_counts_no_attempt_and_a_stale_handle_is_harmless(adapter: Adapter) -> None:
+    """``release_many`` (a stopping consumer's buffer): back at once, in place, with the attempt each had; a
+    released handle settles nothing, and a nack after it counts from the attempt the message had."""
+    await adapter.send(Q, [rec(i) for i in range(3)])
+    r = await adapter.receiver(Q, prefetch=10)
+    first = await r.receive(1, 1.0)
+    await first[0].nack()
+    held = await r.receive(10, 1.0)
+    assert [(d.record.id, d.attempt) for d in held] == [("m0", 2), ("m1", 1), ("m2", 1)]
+    await r.release_many(held)
+    for d in held:
+        await d.ack()  # already given back: a stale handle
+    again = await r.receive(10, 1.0)
+    assert [(d.record.id, d.attempt) for d in again] == [("m0", 2), ("m1", 1), ("m2", 1)]
+    await again[0].nack()
+    (third,) = await r.receive(1, 1.0)
+    assert (third.record.id, third.attempt) == ("m0", 3)
+
+
 async def test_delayed_nack_holds_back(adapter: Adapter) -> None:
     await adapter.send(Q, [rec(0)])
     r = await adapter.receiver(Q, prefetch=10)
