@@ -19,6 +19,8 @@ from msgbus.errors import DecodeError, InvalidMessage
 
 Row = tuple[bytes | None, bytes, bytes]  # key, body, meta
 
+_RAW_DECODE = json.JSONDecoder().raw_decode
+
 
 def encode(record: Record) -> Row:
     """The row values of ``record``; ``InvalidMessage`` for strings that are not valid UTF-8 (lone surrogates)."""
@@ -44,7 +46,7 @@ def encode(record: Record) -> Row:
 def decode(key: bytes | None, body: bytes, meta: bytes, seq: int = 0) -> Record:
     """The record in row ``seq``; ``DecodeError`` when ``meta`` holds fields of the wrong types (or no JSON)."""
     try:
-        fields: Any = json.loads(meta) if meta.strip() else {}
+        fields: Any = _parse(meta)
         if isinstance(fields, list):  # before issue 18
             message_id, headers, correlation_id, content_type, timestamp = fields
             if not isinstance(message_id, str):
@@ -61,25 +63,37 @@ def decode(key: bytes | None, body: bytes, meta: bytes, seq: int = 0) -> Record:
                 raise ValueError("the id is not a string")
         else:
             raise ValueError("meta is not a JSON object")
-        if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+        # JSON makes exact types: ``type(x) is`` checks are ``isinstance`` here, at a fraction of the cost.
+        if type(headers) is not dict or (headers and not all(type(v) is str for v in headers.values())):
             raise ValueError("the headers are not an object of strings")
-        if not isinstance(timestamp, int | float) or isinstance(timestamp, bool):
+        if type(timestamp) is not float and (type(timestamp) is not int):
             raise ValueError("the timestamp is not a number")
-        content_type = _optional_str(content_type)
+        if content_type is not None and type(content_type) is not str:
+            raise ValueError(f"expected a string or null, got {type(content_type).__name__}")
+        if correlation_id is not None and type(correlation_id) is not str:
+            raise ValueError(f"expected a string or null, got {type(correlation_id).__name__}")
         return Record(
-            body=body,
-            id=message_id,
-            headers=headers,
-            key=None if key is None else key.decode(),
-            correlation_id=_optional_str(correlation_id),
-            content_type=content_type if typed or not headers else content_type_from(headers),
-            timestamp=float(timestamp),
+            body,
+            message_id,
+            headers,
+            None if key is None else key.decode(),
+            correlation_id,
+            content_type if typed or not headers else content_type_from(headers),
+            float(timestamp),
         )
     except (ValueError, TypeError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise DecodeError(f"malformed msgbus row: {exc}") from exc
 
 
-def _optional_str(value: object) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    raise ValueError(f"expected a string or null, got {type(value).__name__}")
+def _parse(meta: bytes) -> Any:
+    """``meta``'s JSON value. msgbus's own rows (one UTF-8 object, nothing around it) skip ``json.loads``'s
+    encoding detection and whitespace passes, half of its cost per message; anything else takes the full path."""
+    if meta[:1] == b"{":
+        try:
+            text = meta.decode()
+            value, end = _RAW_DECODE(text)
+            if end == len(text):
+                return value
+        except ValueError:  # UnicodeDecodeError, JSONDecodeError: json.loads decides (and says why)
+            pass
+    return json.loads(meta) if meta.strip() else {}

@@ -15,6 +15,13 @@ from dataclasses import dataclass
 # Taken (transaction-scoped) while creating the tables, so buses opening at once do not race on the catalog.
 SETUP_LOCK = 0x6D736762_7573  # "msgbus"
 
+# Pages of ``messages`` are filled to this percent, so that a lease (which rewrites every row of a page it takes:
+# they are consecutive) finds room for the new versions on the same page. The update is then HOT: no index
+# entry is written and the old version is pruned in place. Leases of 256 rows of 16 B to 20 KB were 100 % HOT at
+# 40 and 50, 97 % at 60, about 50 % at 70 to 100 (80 before issue 20); at 50 the server spent a third less CPU per
+# consumed message than at 80, and a batch send about 5 % more time (40: 25 %, more pages per row).
+FILLFACTOR = 50
+
 
 def _create(s: str) -> str:
     return f"""
@@ -36,7 +43,13 @@ CREATE TABLE IF NOT EXISTS {s}.messages (
     key bytea,
     body bytea NOT NULL,
     meta bytea NOT NULL
-) WITH (fillfactor = 80);
+) WITH (fillfactor = {FILLFACTOR});
+DO $$ BEGIN  -- a table an earlier version made (at 80): for rows inserted from now on; no rewrite, no row locks
+    IF NOT ('fillfactor={FILLFACTOR}' = ANY(COALESCE((SELECT reloptions FROM pg_class
+            WHERE oid = '{s}.messages'::regclass), '{{}}'))) THEN
+        ALTER TABLE {s}.messages SET (fillfactor = {FILLFACTOR});
+    END IF;
+END $$;
 CREATE INDEX IF NOT EXISTS messages_ready ON {s}.messages (endpoint, seq);
 CREATE INDEX IF NOT EXISTS messages_key ON {s}.messages (endpoint, key, seq) WHERE key IS NOT NULL;
 """

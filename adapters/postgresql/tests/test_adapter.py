@@ -20,7 +20,7 @@ import msgbus
 from msgbus.adapter import HEADER_DEAD_LETTER_REASON, Delivery, Endpoint, Receiver, Record
 from msgbus.errors import ConnectionLost, MessageTooLarge, MsgbusError, TopologyError
 from msgbus_postgresql import PostgresAdapter
-from msgbus_postgresql._schema import Statements
+from msgbus_postgresql._schema import FILLFACTOR, Statements
 
 MakeAdapter = Callable[..., Awaitable[PostgresAdapter]]
 QUEUE = Endpoint("queue", "jobs")
@@ -192,6 +192,35 @@ async def test_deliveries_to_consumers_that_vanished_are_counted(make_adapter: M
         assert sorted(d.attempt for d in got) == [attempt] * 3
         await doomed.close()  # gone without settling, as a killed consumer
         await asyncio.sleep(0.4)
+
+
+async def test_a_lease_rewrites_rows_in_place_even_on_a_table_an_earlier_version_made(
+    make_adapter: MakeAdapter,
+) -> None:
+    """Leases are HOT updates (no index entry written): the table keeps room on each page for the new versions
+    of every row a lease takes. A table made at the earlier fillfactor (80) is set to the new one on open."""
+    first = await make_adapter()
+    await first.declare(QUEUE)
+    assert first.pool is not None
+    table = f'"{first.options.schema}".messages'
+    await first.pool.execute(f"ALTER TABLE {table} SET (fillfactor = 80)")  # as an earlier version made it
+    bus = await make_adapter()
+    await bus.declare(QUEUE)
+    assert bus.pool is not None
+    assert f"fillfactor={FILLFACTOR}" in await bus.pool.fetchval(
+        "SELECT reloptions FROM pg_class WHERE oid = $1::regclass", table
+    )
+    await bus.send(QUEUE, [Record(body=b"x" * 1024, id=f"m{i}") for i in range(64)])
+    sql = Statements.for_schema(bus.options.schema, bus.options.channel)
+    async with bus.pool.acquire() as conn, conn.transaction():  # counted for this transaction only
+        endpoint = await conn.fetchval(
+            f'SELECT id FROM "{bus.options.schema}".endpoints WHERE name = $1 AND NOT dead_letter', QUEUE.name
+        )
+        assert len(await conn.fetch(sql.lease, endpoint, 64, 1, 30.0)) == 64
+        updated, hot = await conn.fetchrow(
+            "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_xact_user_tables WHERE relid = $1::regclass", table
+        )
+    assert (updated, hot) == (64, 64)
 
 
 async def test_verify_mode_finds_missing_tables_and_endpoints(make_adapter: MakeAdapter) -> None:

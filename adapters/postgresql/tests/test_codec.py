@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from msgbus.adapter import Record
 from msgbus.errors import DecodeError, InvalidMessage
-from msgbus_postgresql._codec import decode, encode
+from msgbus_postgresql._codec import _parse, decode, encode
 
 # Any str that UTF-8 can carry (no lone surrogates), NUL and control characters included.
 text = st.text(st.characters(exclude_categories=("Cs",)), max_size=40)
@@ -104,3 +104,37 @@ def test_meta_is_a_self_describing_object() -> None:
         "timestamp": 1.5,
         "content_type": "application/json",
     }
+
+
+def _reference(meta: bytes) -> object:
+    """What decode read meta as before its fast path: ``json.loads`` (empty or blank meta is an empty object)."""
+    return json.loads(meta) if meta.strip() else {}
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | text,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(text, inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@given(
+    st.one_of(
+        st.binary(max_size=40),
+        st.builds(lambda b: b"{" + b, st.binary(max_size=40)),
+        st.builds(
+            lambda value, before, after: (before + json.dumps(value, ensure_ascii=False) + after).encode(),
+            json_values,
+            st.sampled_from(["", " ", "\n"]),
+            st.sampled_from(["", " ", "\t", "x", "}", "{}"]),
+        ),
+    )
+)
+def test_the_fast_meta_path_reads_exactly_what_json_loads_reads(meta: bytes) -> None:
+    try:
+        expected: object = _reference(meta)
+    except ValueError:
+        with pytest.raises(ValueError):
+            _parse(meta)
+        return
+    assert _parse(meta) == expected
