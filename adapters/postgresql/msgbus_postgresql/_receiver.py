@@ -171,6 +171,27 @@ class PostgresReceiver(Receiver):
         if gone < len(seqs):
             log.warning("postgresql: %d message(s) were acked after their lease expired", len(seqs) - gone)
 
+    async def release_many(self, deliveries: Sequence[Delivery]) -> None:
+        """Give back deliveries no handler got, uncounted (``attempts - 1``: a stop's hand-back is no attempt), with
+        one statement per lease they came in (usually one)."""
+        by_lease: dict[int, list[int]] = {}
+        others: list[Delivery] = []
+        for d in deliveries:
+            if not isinstance(d, PostgresDelivery) or d._receiver is not self:
+                others.append(d)
+            elif not d._settled:
+                d._settled = True
+                by_lease.setdefault(d.raw.lease, []).append(d.raw.seq)
+        sql = self._adapter.sql
+
+        async def release(conn: Any) -> None:
+            for token, seqs in by_lease.items():
+                await conn.execute(sql.release, seqs, token)
+
+        if by_lease:
+            await self._adapter.run(f"release on {self.endpoint}", release)
+        await super().release_many(others)
+
     async def close(self) -> None:
         """Stop receiving. Held deliveries stay leased (and can still be settled) until the lease runs out."""
         if not self._closed:

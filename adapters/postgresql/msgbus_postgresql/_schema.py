@@ -150,7 +150,8 @@ SELECT (SELECT count(*) FROM back), (SELECT count(*) FROM woken)""",
             extend=(
                 f"UPDATE {s}.messages SET visible_at = now() + make_interval(secs => $3) WHERE seq = $1 AND lease = $2"
             ),
-            # Rows leased by a receive that was cancelled before anyone saw them: as if never leased.
+            # Rows leased by a receive that was cancelled before anyone saw them, or handed back unhandled by a
+            # stopping consumer (``release_many``): as if never leased.
             release=f"""
 WITH back AS (
     UPDATE {s}.messages AS m SET lease = NULL, visible_at = now(), attempts = m.attempts - 1

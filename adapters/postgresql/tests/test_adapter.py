@@ -194,6 +194,24 @@ async def test_deliveries_to_consumers_that_vanished_are_counted(make_adapter: M
         await asyncio.sleep(0.4)
 
 
+async def test_a_stops_hand_back_counts_no_attempt_and_a_stale_handle_is_harmless(make_adapter: MakeAdapter) -> None:
+    """``release_many`` (a stopping consumer's buffer, from two leases): back at once with the attempt each had;
+    the released handles settle nothing afterwards."""
+    bus = await make_adapter()
+    await bus.declare(QUEUE)
+    await bus.send(QUEUE, _records(3))
+    r = await bus.receiver(QUEUE, prefetch=10)
+    (first,) = await r.receive(1, 5.0)
+    await first.nack()
+    held = [*await r.receive(1, 5.0), *await _drain(r, 2, ack=False)]
+    assert sorted((d.record.id, d.attempt) for d in held) == [("m0", 2), ("m1", 1), ("m2", 1)]
+    await r.release_many(held)
+    for d in held:
+        await d.ack()  # already given back: a stale handle
+    again = await _drain(r, 3, ack=False)
+    assert sorted((d.record.id, d.attempt) for d in again) == [("m0", 2), ("m1", 1), ("m2", 1)]
+
+
 async def test_a_lease_rewrites_rows_in_place_even_on_a_table_an_earlier_version_made(
     make_adapter: MakeAdapter,
 ) -> None:
