@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from msgbus.adapter import TIMESTAMP_LIMIT, Record
-from msgbus_redis._codec import _PLAIN, _decode, _plain, decode, encode, flatten
+from msgbus_redis._codec import decode, encode, flatten
 
 text = st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=40)
 records = st.builds(
@@ -135,25 +135,3 @@ def test_any_entry_decodes_to_a_sound_record_that_round_trips(fields: dict[bytes
     record, attempts = decode(fields, f"{ms}-0".encode())
     assert record.size() >= 0  # every text encodable, the timestamp a time
     assert decode(encode(record, attempts), b"1-0") == (record, attempts)
-
-
-plain_values = st.binary(max_size=12) | st.sampled_from([b"1.5", b"1700000000.25", b"nan", b"-1", b"1e300", b"\xff"])
-
-
-@given(
-    st.dictionaries(st.sampled_from(sorted(_PLAIN)), plain_values),
-    st.integers(min_value=0, max_value=2**48),
-    st.sampled_from([(b"body",), (b"body", b"data"), (b"data", b"body"), (b"id",)]),
-)
-def test_the_quick_path_reads_what_the_general_one_does(
-    fields: dict[bytes, bytes], ms: int, body_fields: tuple[bytes, ...]
-) -> None:
-    """``decode`` skips the header loop for entries with only msgbus's own fields (``_plain``): same result."""
-    entry_id = f"{ms}-0".encode()
-    assert decode(fields, entry_id, body_fields) == _decode(fields, entry_id, body_fields)
-
-
-def test_an_entry_msgbus_wrote_without_headers_takes_the_quick_path() -> None:
-    record = Record(b"b", "m1", {}, "k", "c", "text/plain", 1.5)
-    fields = encode(record)
-    assert fields.keys() <= _PLAIN and _plain(fields, b"1-0") == record
