@@ -36,9 +36,13 @@ log = logging.getLogger("msgbus.redis")
 _MOVE_BATCH = 500  # most delayed entries one housekeeping round moves per sorted set
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StreamEntry:
-    """``Delivery.raw`` on this backend: where the entry lives and its fields as Redis returned them."""
+    """``Delivery.raw`` on this backend: where the entry lives and its fields as Redis returned them.
+
+    Treat it as immutable; it is not frozen because one is made per message, and a frozen one costs three times as
+    much to make (like ``Record``).
+    """
 
     stream: str
     entry_id: str
@@ -124,8 +128,10 @@ class RedisReceiver(Receiver):
                     raise
                 await self._adapter.create_groups(r.groups, recover=True)
                 return []
-        entries = [(stream.decode(), eid, fields, 1) for stream, items in reply or () for eid, fields in items]
-        return await self._deliveries(entries)
+        out: list[RedisDelivery] = []
+        for stream, items in reply or ():
+            out += self._deliveries(stream.decode(), [(eid, fields, 1) for eid, fields in items])
+        return out
 
     async def _housekeeping(self, room: int) -> list[RedisDelivery]:
         r = self._route
@@ -161,19 +167,20 @@ class RedisReceiver(Receiver):
                 return []
         if moved >= _MOVE_BATCH:
             self._next_housekeeping = now  # more are due: move them on the next call
-        entries = [(reclaim_from, eid, _pairs(flat), int(count)) for eid, count, flat in claimed]
-        return await self._deliveries(entries)
+        return self._deliveries(reclaim_from, [(eid, _pairs(flat), int(count)) for eid, count, flat in claimed])
 
-    async def _deliveries(
-        self, entries: Sequence[tuple[str, bytes, Mapping[bytes, bytes], int]]
+    def _deliveries(
+        self, stream: str, entries: Sequence[tuple[bytes, Mapping[bytes, bytes], int]]
     ) -> list[RedisDelivery]:
-        """Entry ids stay bytes for the acks (redis-py then sends them as they are) and are ``str`` in ``raw``."""
-        out: list[RedisDelivery] = []
+        """``(entry id, fields, deliveries)`` of ``stream`` as deliveries. Entry ids stay bytes for the acks (redis-py
+        then sends them as they are) and are ``str`` in ``raw``."""
         body_fields = self._options.body_fields
-        for stream, rid, fields, deliveries in entries:
+        out: list[RedisDelivery] = []
+        append = out.append
+        for rid, fields, deliveries in entries:
             # Any entry is deliverable (``_codec``): one written by other code gets the field convention.
             record, before = decode(fields, rid, body_fields)
-            out.append(RedisDelivery(self, record, before + deliveries, StreamEntry(stream, rid.decode(), fields), rid))
+            append(RedisDelivery(self, record, before + deliveries, StreamEntry(stream, rid.decode(), fields), rid))
         return out
 
     # -- settling (called by RedisDelivery) ---------------------------------------------------------
@@ -279,7 +286,11 @@ class RedisDelivery(Delivery):
         rid: bytes,
         problem: str | None = None,
     ) -> None:
-        super().__init__(record, attempt, entry, problem)
+        # Delivery.__init__'s assignments, without the call: one of these is made per message.
+        self.record = record
+        self.attempt = attempt
+        self.raw = entry
+        self.problem = problem
         self._receiver = receiver
         self.entry = entry
         self.rid = rid  # ``entry.entry_id`` as Redis sent it
