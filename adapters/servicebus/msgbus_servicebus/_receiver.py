@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any, Protocol, TypeVar
 
 from azure.servicebus import ServiceBusMessage, ServiceBusReceivedMessage
@@ -154,19 +154,21 @@ class ServiceBusReceiverAdapter(Receiver):
         over would run it alone as a suspect (``msgbus._redelivery``). Pre-settled, a frame each and no round
         trip, as the SDK releases its own buffer. Without that path (another SDK version): abandoned."""
         sdk = self.sdk
-        settle = getattr(getattr(sdk, "_handler", None), "settle_messages_async", None)
-        if settle is None or self._stale:
+        if self._stale:
             await super().release_many(deliveries)
             return
         abandon: list[Delivery] = []
         async with self.lock:
             for delivery in deliveries:
-                raw = _message(delivery)
                 if _sdk(delivery) is not sdk:  # received before a reconnect: its lock went with the connection
+                    continue
+                call = release_call(sdk, _message(delivery))
+                if call is None:
+                    abandon.append(delivery)
                     continue
                 try:
                     with translated(f"release on {self.endpoint}", secrets=self._secrets):
-                        await settle(raw._delivery_id, raw._delivery_tag, "released")
+                        await call
                 except MsgbusError as err:
                     log.debug("msgbus: release of %s failed (%s); abandoned", delivery.record.id, err)
                     abandon.append(delivery)
@@ -193,13 +195,11 @@ class ServiceBusReceiverAdapter(Receiver):
         """Give back what arrived on the credit a receive call left open (it waits in the SDK's buffer): released
         now, without counting a delivery, not left locked until its lock expires ("stop() hands back"). The SDK
         drains and releases the same way when it closes a receiver; this keeps the receiver open."""
-        drain = getattr(getattr(self.sdk, "_amqp_transport", None), "drain_and_release_messages_async", None)
-        handler = getattr(self.sdk, "_handler", None)
-        if drain is None or handler is None or self._stale or self._closed:
+        if self._stale or self._closed:
             return
         async with self.lock:
             with translated(f"release the read-ahead of {self.endpoint}", secrets=self._secrets):
-                await drain(handler)
+                await release_read_ahead(self.sdk)
 
     async def close(self) -> None:
         if self._closed:
@@ -286,6 +286,23 @@ class ServiceBusDelivery(Delivery):
         with translated(f"renew lock on {r.endpoint}", secrets=r._secrets):
             async with r.lock:
                 await self._sdk.renew_message_lock(self.raw)
+
+
+async def release_read_ahead(sdk: ServiceBusReceiver) -> None:
+    """Drain ``sdk``'s link and release what arrives on the credit a receive call left open and what waits in its
+    buffer (AMQP ``released``, no delivery counted): the SDK's own close-time drain, which the SDK runs only for
+    receivers without sessions. Nothing where that private path is missing (another SDK version)."""
+    drain = getattr(getattr(sdk, "_amqp_transport", None), "drain_and_release_messages_async", None)
+    handler = getattr(sdk, "_handler", None)
+    if drain is not None and handler is not None:
+        await drain(handler)
+
+
+def release_call(sdk: ServiceBusReceiver, raw: ServiceBusReceivedMessage) -> Awaitable[None] | None:
+    """The call that gives ``raw`` back with AMQP ``released`` (pre-settled: no delivery counted, no round trip),
+    the SDK's own give-back of its buffer on close; None where that private path is missing (another SDK)."""
+    settle = getattr(getattr(sdk, "_handler", None), "settle_messages_async", None)
+    return None if settle is None else settle(raw._delivery_id, raw._delivery_tag, "released")
 
 
 def _forget(sdk: ServiceBusReceiver, deliveries: Sequence[Delivery]) -> None:

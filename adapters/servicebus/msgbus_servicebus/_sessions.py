@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import zlib
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import Any, Protocol
 
 from azure.servicebus import NEXT_AVAILABLE_SESSION, ServiceBusMessage, ServiceBusReceivedMessage, ServiceBusReceiveMode
@@ -37,7 +37,7 @@ from msgbus.errors import ClosedError, InvalidMessage, MsgbusError
 from . import _codec
 from ._config import ServiceBusOptions
 from ._errors import translated
-from ._receiver import close_quietly
+from ._receiver import close_quietly, release_call, release_read_ahead
 
 log = logging.getLogger("msgbus.servicebus")
 
@@ -197,7 +197,7 @@ class SessionReceiver(Receiver):
 
     def _let_go(self, session: _Session) -> None:
         """Close the session's receiver in the background: the next session need not wait for that round trip."""
-        closing = asyncio.create_task(close_quietly(session.sdk.close()))
+        closing = asyncio.create_task(close_quietly(_released_then_closed(session)))
         self._closing.add(closing)
         closing.add_done_callback(self._closing.discard)
 
@@ -264,11 +264,11 @@ class SessionReceiver(Receiver):
             if room <= 0:
                 await self._until_freed(session)
         withdrawn = [d.raw for d in out if d.withdrawn]
-        if withdrawn:
-            with contextlib.suppress(MsgbusError), translated(f"abandon on {self.endpoint}", secrets=self._secrets):
+        if withdrawn:  # released: nobody saw them, so no delivery is counted (abandoned without that SDK path)
+            with contextlib.suppress(MsgbusError), translated(f"release on {self.endpoint}", secrets=self._secrets):
                 async with session.lock:
                     for raw in withdrawn:
-                        await session.sdk.abandon_message(raw)
+                        await (release_call(session.sdk, raw) or session.sdk.abandon_message(raw))
         for delivery in out:
             if not delivery.withdrawn:
                 await self._until_settled(delivery, session)
@@ -300,6 +300,23 @@ class SessionReceiver(Receiver):
             except MsgbusError:  # the session is lost: its message is back already; settling it will say so
                 return
 
+    async def release_many(self, deliveries: Sequence[Delivery]) -> None:
+        """Give back unstarted messages released through their sessions' receivers: no delivery counted, each its
+        session's next again. Abandoned where that fails (the kit's default nack)."""
+        rest: list[Delivery] = []
+        for d in deliveries:
+            call = release_call(d._sdk, d.raw) if isinstance(d, SessionDelivery) and d._receiver is self else None
+            if call is None:
+                rest.append(d)
+                continue
+            assert isinstance(d, SessionDelivery)
+            try:
+                await d._settle("release", call)
+            except MsgbusError as err:
+                log.debug("msgbus: release of %s failed (%s); abandoned", d.record.id, err)
+                rest.append(d)
+        await super().release_many(rest)
+
     async def release(self) -> None:
         """Stop taking sessions; what waits in the ready queue goes back (its slot closes its session). Slots whose
         message is being handled keep their session until it is settled."""
@@ -321,6 +338,18 @@ class SessionReceiver(Receiver):
             await asyncio.wait(self._tasks, timeout=10)
         if self._closing:  # let them finish, or their sockets leak
             await asyncio.wait(self._closing, timeout=10)
+
+
+async def _released_then_closed(session: _Session) -> None:
+    """Close a session's receiver, first releasing what arrived on the credit its last receive left open (an
+    abandoned message coming back, say): closing the link with it unsettled would count it a delivery nobody saw.
+    """
+    try:
+        async with session.lock:
+            await release_read_ahead(session.sdk)
+    except Exception as exc:  # the link may be gone already (lost session): closing is what matters
+        log.debug("msgbus: servicebus session drain failed: %s", type(exc).__name__)
+    await session.sdk.close()
 
 
 class _Session:
