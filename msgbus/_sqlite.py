@@ -634,20 +634,9 @@ class _SqliteReceiver(Receiver):
         if not changed:
             log.warning("msgbus: lease on message %s expired before it was settled", delivery.record.id)
 
-    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
-        """Ack all of ``deliveries`` with one statement in one transaction."""
-        held: list[tuple[int, int]] = []
-        for d in deliveries:
-            if not isinstance(d, _SqliteDelivery) or d._receiver is not self:
-                await d.ack()
-            elif not d._settled:
-                d._settled = True
-                held.append((d._ref.seq, d._ref.lease))
-        if held:
-            await self.adapter._ack(held, self.endpoint_id)
-
-    async def release_many(self, deliveries: Sequence[Delivery]) -> None:
-        """Give back deliveries no handler got in one transaction, uncounted: a stop's hand-back is no attempt."""
+    def _claim(self, deliveries: Sequence[Delivery]) -> tuple[list[tuple[int, int]], list[Delivery]]:
+        """The (seq, lease) of this receiver's deliveries not settled yet, marked settled now; and the deliveries
+        of other receivers, for them to settle."""
         held: list[tuple[int, int]] = []
         others: list[Delivery] = []
         for d in deliveries:
@@ -656,6 +645,19 @@ class _SqliteReceiver(Receiver):
             elif not d._settled:
                 d._settled = True
                 held.append((d._ref.seq, d._ref.lease))
+        return held, others
+
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """Ack all of ``deliveries`` with one statement in one transaction."""
+        held, others = self._claim(deliveries)
+        for d in others:
+            await d.ack()
+        if held:
+            await self.adapter._ack(held, self.endpoint_id)
+
+    async def release_many(self, deliveries: Sequence[Delivery]) -> None:
+        """Give back deliveries no handler got in one transaction, uncounted: a stop's hand-back is no attempt."""
+        held, others = self._claim(deliveries)
         if held:
             endpoint_id = self.endpoint_id
             await self.adapter._call(lambda s, now: (s.release(held, now), (endpoint_id,)))

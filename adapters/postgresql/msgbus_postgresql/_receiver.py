@@ -152,19 +152,27 @@ class PostgresReceiver(Receiver):
         if row is None or not row[0]:
             log.warning("postgresql: the lease on message %s expired before it was settled", delivery.record.id)
 
-    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
-        """Ack all of ``deliveries`` with one statement."""
-        seqs: list[int] = []
-        leases: list[int] = []
+    def _claim(self, deliveries: Sequence[Delivery]) -> tuple[list[PostgresMessage], list[Delivery]]:
+        """The rows of this receiver's deliveries not settled yet, marked settled now; and the deliveries of other
+        receivers, for them to settle."""
+        held: list[PostgresMessage] = []
+        others: list[Delivery] = []
         for d in deliveries:
             if not isinstance(d, PostgresDelivery) or d._receiver is not self:
-                await d.ack()
+                others.append(d)
             elif not d._settled:
                 d._settled = True
-                seqs.append(d.raw.seq)
-                leases.append(d.raw.lease)
-        if not seqs:
+                held.append(d.raw)
+        return held, others
+
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """Ack all of ``deliveries`` with one statement."""
+        held, others = self._claim(deliveries)
+        for d in others:
+            await d.ack()
+        if not held:
             return
+        seqs, leases = [m.seq for m in held], [m.lease for m in held]
         sql = self._adapter.sql
         row = await self._adapter.run(f"ack on {self.endpoint}", lambda c: c.fetchrow(sql.ack, seqs, leases))
         gone = 0 if row is None else int(row[0])
@@ -174,14 +182,10 @@ class PostgresReceiver(Receiver):
     async def release_many(self, deliveries: Sequence[Delivery]) -> None:
         """Give back deliveries no handler got, uncounted (``attempts - 1``: a stop's hand-back is no attempt), with
         one statement per lease they came in (usually one)."""
+        held, others = self._claim(deliveries)
         by_lease: dict[int, list[int]] = {}
-        others: list[Delivery] = []
-        for d in deliveries:
-            if not isinstance(d, PostgresDelivery) or d._receiver is not self:
-                others.append(d)
-            elif not d._settled:
-                d._settled = True
-                by_lease.setdefault(d.raw.lease, []).append(d.raw.seq)
+        for m in held:
+            by_lease.setdefault(m.lease, []).append(m.seq)
         sql = self._adapter.sql
 
         async def release(conn: Any) -> None:
