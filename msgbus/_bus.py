@@ -776,14 +776,14 @@ class Consumer(Generic[T]):
         if not room:
             return []
         out: list[Message[T]] = []
+        endpoint, model, content_type = self._endpoint, self._model, self._content_type
+        decode = _codec.decode_delivery
         for delivery in await receiver.receive(room, timeout):
-            if self._endpoint.subscription is not None and _redrive.for_other_subscription(
-                delivery.record, self._endpoint
-            ):
+            if endpoint.subscription is not None and _redrive.for_other_subscription(delivery.record, endpoint):
                 await delivery.ack()  # a redriven dead letter of a sibling subscription: not ours
                 continue
             try:
-                body = _codec.decode_delivery(delivery, self._model, self._content_type)
+                body = decode(delivery, model, content_type)
             except DecodeError as err:
                 if self._endpoint.dead_letter:  # already dead: hand it out raw rather than loop
                     body = _codec.sanitize(delivery).body

@@ -173,7 +173,9 @@ class Inbox(Generic[T]):
 
     def ack_soon(self, msg: Message[Any]) -> None:
         """Ack without waiting: acks that pile up while one batch is in flight go out as the next batch."""
-        if msg._settle():
+        if not msg.settled:  # ``msg._settle()``, inlined: this runs once per handled message
+            msg.settled = True
+            self.settled(msg)
             if not self._acks:
                 self._acks_since = time.monotonic()
             self._acks.append(msg._delivery)
@@ -181,9 +183,10 @@ class Inbox(Generic[T]):
                 self._ack_flush = asyncio.get_running_loop().create_task(self._flush_acks())
 
     def acks_overdue(self, batch: int, delay: float) -> bool:
-        """Whether ``batch`` acks wait to be sent, or the oldest has waited ``delay`` seconds."""
-        acks = self._acks
-        return bool(acks) and (len(acks) >= batch or time.monotonic() - self._acks_since >= delay)
+        """Whether ``send_acks`` has something to do: a ``batch``-th ack waits (one turn of the loop per batch),
+        ``8 * batch`` wait, or the oldest has waited ``delay`` seconds. Asked once per handled message: cheap."""
+        n = len(self._acks)
+        return n > 0 and (n % batch == 0 or n >= 8 * batch or time.monotonic() - self._acks_since >= delay)
 
     async def send_acks(self, batch: int, delay: float) -> None:
         """Let the acks waiting now go to the backend. Under ``delay`` seconds old: one turn of the loop (the
@@ -194,7 +197,7 @@ class Inbox(Generic[T]):
         """
         late = time.monotonic() - self._acks_since >= delay
         if not late and len(self._acks) < 8 * batch:
-            if len(self._acks) % batch == 0:  # a turn per batch, not per message, while one is in flight
+            if self._acks and len(self._acks) % batch == 0:  # a turn per batch, not per message, while one is in flight
                 await asyncio.sleep(0)
             return
         waiting = self._acks

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from ._batch import Batch, failures
 from ._codec import describe
@@ -84,6 +84,8 @@ async def run(
         # The per-message path: take from the inbox's buffer without a coroutine when it has some,
         # and track in-flight messages only when their locks need extending.
         buffer = inbox.buffer
+        batch = handler if isinstance(handler, Batch) else None
+        call = cast(Handler, handler)  # when ``batch`` is None: checked once here, not per message
         while not stop.is_set():
             msg = buffer.popleft() if buffer else await inbox.take(stop)
             if msg is None:
@@ -104,15 +106,15 @@ async def run(
                     if extending:
                         in_flight.add(msg)
                     alone = True
-            if isinstance(handler, Batch):
-                await handle_batch(handler, await gather_batch(handler, msg, alone), alone)
+            if batch is not None:
+                await handle_batch(batch, await gather_batch(batch, msg, alone), alone)
                 continue
             if not alone:
                 if turns.held:
                     await turns.wait()
                 turns.running += 1
             try:
-                await handler(msg)
+                await call(msg)
             except Exception as exc:
                 if alone:
                     turns.leave(msg)  # it can no longer kill anyone: others may run during its backoff
@@ -141,7 +143,8 @@ async def run(
                 elif inbox.acks_overdue(ACK_BATCH, ACK_DELAY):
                     await inbox.send_acks(ACK_BATCH, ACK_DELAY)
             finally:
-                in_flight.discard(msg)
+                if extending:
+                    in_flight.discard(msg)
                 if alone:
                     turns.leave(msg)
                 else:

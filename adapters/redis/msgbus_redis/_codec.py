@@ -46,6 +46,8 @@ _JSON = "application/json"
 
 
 _CT_COMMON = frozenset({CONTENT_TYPE, b"content_type", b"Content-Type", b"contentType"})
+#: The fields of an entry msgbus wrote without headers nor prior attempts (``decode``'s quick path).
+_PLAIN = frozenset({BODY, ID, TIMESTAMP, KEY, CORRELATION_ID, CONTENT_TYPE})
 
 
 def _is_content_type(name: bytes) -> bool:
@@ -91,7 +93,35 @@ def _text(value: bytes) -> str:
 def decode(
     fields: Mapping[bytes, bytes], entry_id: bytes, body_fields: tuple[bytes, ...] = DEFAULT_BODY_FIELDS
 ) -> tuple[Record, int]:
-    """The record in the entry ``entry_id`` and the attempts made before it. Never raises (see the module)."""
+    """The record in the entry ``entry_id`` and the attempts made before it. Never raises (see the module).
+
+    An entry as msgbus writes it without headers (only the fields in ``_PLAIN``, a valid timestamp) takes a quick
+    path: one set comparison instead of a look at each field; ``_decode`` reads every other entry, the same way."""
+    if body_fields == DEFAULT_BODY_FIELDS and fields.keys() <= _PLAIN:
+        get = fields.get
+        body, raw_ts = get(BODY), get(TIMESTAMP)
+        if body is not None and raw_ts is not None:
+            try:
+                timestamp = float(raw_ts)
+            except ValueError:
+                timestamp = -1.0
+            if 0 <= timestamp < TIMESTAMP_LIMIT:  # also false for NaN
+                raw_id, key, correlation_id, content_type = get(ID), get(KEY), get(CORRELATION_ID), get(CONTENT_TYPE)
+                record = Record(
+                    body if type(body) is bytes else bytes(body),
+                    _text(entry_id if raw_id is None else raw_id),
+                    {},
+                    None if key is None else _text(key),
+                    None if correlation_id is None else _text(correlation_id),
+                    None if content_type is None else _text(content_type),
+                    timestamp,
+                )
+                return record, 0
+    return _decode(fields, entry_id, body_fields)
+
+
+def _decode(fields: Mapping[bytes, bytes], entry_id: bytes, body_fields: tuple[bytes, ...]) -> tuple[Record, int]:
+    """``decode`` of any entry."""
     body = None
     for body_name in body_fields:
         body = fields.get(body_name)

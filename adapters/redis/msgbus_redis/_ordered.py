@@ -118,7 +118,7 @@ class OrderedReceiver(RedisReceiver):
         """Through the hold, unless its key is parked: then it waits behind the nacked head."""
         out: list[RedisDelivery] = []
         for d in fetched:
-            if d.entry.stream not in self._partitions:  # unkeyed (or keyed by a producer without the option)
+            if d.stream not in self._partitions:  # unkeyed (or keyed by a producer without the option)
                 out.append(d)
                 continue
             key = d.record.key
@@ -178,11 +178,11 @@ class OrderedReceiver(RedisReceiver):
     def _forget(self, lost: set[str]) -> None:
         """Leases lost (expired while this receiver was stalled): drop what it fetched of them and did not hand out;
         their new holder has taken those entries over."""
-        kept = [d for d in self._hold.drain() if d.entry.stream not in lost]
+        kept = [d for d in self._hold.drain() if d.stream not in lost]
         for key, parked in list(self._parked.items()):
-            if parked.head.entry.stream in lost:
+            if parked.head.stream in lost:
                 del self._parked[key]
-        back = [d for d in self._back if d.entry.stream not in lost]
+        back = [d for d in self._back if d.stream not in lost]
         self._back.clear()
         self._back.extend(back + self._hold.admit(kept))
 
@@ -215,7 +215,7 @@ class OrderedReceiver(RedisReceiver):
         parked = [self._parked.pop(key) for key in due]
         by_stream: dict[str, list[bytes]] = {}
         for p in parked:
-            by_stream.setdefault(p.head.entry.stream, []).append(p.head.rid)
+            by_stream.setdefault(p.head.stream, []).append(p.head.rid)
         _, scripts = self._adapter.connected()
         fresh: dict[tuple[str, bytes], RedisDelivery] = {}
         r = self._route
@@ -223,10 +223,10 @@ class OrderedReceiver(RedisReceiver):
             with translated(f"receive from {r.endpoint}", secrets=self._adapter.secrets):
                 claimed: Any = await scripts.redeliver(keys=[stream], args=[r.group, self._consumer, *ids])
             got = self._deliveries(stream, [(eid, _pairs(flat), int(n)) for eid, n, flat in claimed])
-            fresh.update(((d.entry.stream, d.rid), d) for d in got)
+            fresh.update(((d.stream, d.rid), d) for d in got)
         out: list[RedisDelivery] = []
         for p in parked:
-            again = fresh.get((p.head.entry.stream, p.head.rid))
+            again = fresh.get((p.head.stream, p.head.rid))
             out += self._admit([*([again] if again is not None else []), *p.behind])
         return out
 
@@ -244,7 +244,7 @@ class OrderedReceiver(RedisReceiver):
             await super().ack_many(deliveries)
         except BaseException:
             for d in deliveries:
-                if isinstance(d, RedisDelivery) and d.entry.stream in self._partitions:
+                if isinstance(d, RedisDelivery) and d.stream in self._partitions:
                     self._park(d, None)
             raise
         for d in deliveries:
@@ -252,7 +252,7 @@ class OrderedReceiver(RedisReceiver):
                 self._hold.settled(d)
 
     async def _nack(self, d: RedisDelivery, delay: float | None) -> None:
-        if d.entry.stream not in self._partitions:
+        if d.stream not in self._partitions:
             await super()._nack(d, delay)
             return
         self._park(d, delay)
@@ -263,10 +263,10 @@ class OrderedReceiver(RedisReceiver):
 
     async def _extend(self, d: RedisDelivery) -> None:
         """A partition message: renew its partition's lease (which is what keeps it ours); others as unordered."""
-        if d.entry.stream not in self._partitions:
+        if d.stream not in self._partitions:
             await super()._extend(d)
             return
         _, scripts = self._adapter.connected()
-        lease = lease_key(d.entry.stream, self._route.group)
+        lease = lease_key(d.stream, self._route.group)
         with translated(f"extend lock on {self._route.endpoint}", secrets=self._adapter.secrets):
             await scripts.renew_lease(keys=[lease], args=[self._consumer, self._lease_ms])

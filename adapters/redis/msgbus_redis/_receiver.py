@@ -10,7 +10,7 @@ import math
 import os
 import secrets
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -130,7 +130,7 @@ class RedisReceiver(Receiver):
                 return []
         out: list[RedisDelivery] = []
         for stream, items in reply or ():
-            out += self._deliveries(stream.decode(), [(eid, fields, 1) for eid, fields in items])
+            out += self._deliveries(stream.decode(), ((eid, fields, 1) for eid, fields in items))
         return out
 
     async def _housekeeping(self, room: int) -> list[RedisDelivery]:
@@ -170,7 +170,7 @@ class RedisReceiver(Receiver):
         return self._deliveries(reclaim_from, [(eid, _pairs(flat), int(count)) for eid, count, flat in claimed])
 
     def _deliveries(
-        self, stream: str, entries: Sequence[tuple[bytes, Mapping[bytes, bytes], int]]
+        self, stream: str, entries: Iterable[tuple[bytes, Mapping[bytes, bytes], int]]
     ) -> list[RedisDelivery]:
         """``(entry id, fields, deliveries)`` of ``stream`` as deliveries. Entry ids stay bytes for the acks (redis-py
         then sends them as they are) and are ``str`` in ``raw``."""
@@ -180,7 +180,7 @@ class RedisReceiver(Receiver):
         for rid, fields, deliveries in entries:
             # Any entry is deliverable (``_codec``): one written by other code gets the field convention.
             record, before = decode(fields, rid, body_fields)
-            append(RedisDelivery(self, record, before + deliveries, StreamEntry(stream, rid.decode(), fields), rid))
+            append(RedisDelivery(self, record, before + deliveries, stream, rid, fields))
         return out
 
     # -- settling (called by RedisDelivery) ---------------------------------------------------------
@@ -190,7 +190,7 @@ class RedisReceiver(Receiver):
         mine = [d for d in deliveries if isinstance(d, RedisDelivery)]
         by_stream: dict[str, list[bytes]] = {}
         for d in mine:
-            by_stream.setdefault(d.entry.stream, []).append(d.rid)
+            by_stream.setdefault(d.stream, []).append(d.rid)
         if not by_stream:
             return
         client, _ = self._adapter.connected()
@@ -211,12 +211,12 @@ class RedisReceiver(Receiver):
     ) -> None:
         _, scripts = self._adapter.connected()
         delay_ms = 0 if delay is None or delay <= 0 else math.ceil(delay * 1000)
-        deletable = "1" if d.entry.stream in self._route.deletable else "0"
+        deletable = "1" if d.stream in self._route.deletable else "0"
         args: list[bytes | str | int] = [self._route.group, d.rid, deletable, delay_ms, self._consumer]
         args += flatten(fields)
         with translated(f"settle on {self._route.endpoint}", secrets=self._adapter.secrets):
             try:
-                await scripts.settle(keys=[d.entry.stream, target, delayed], args=args)
+                await scripts.settle(keys=[d.stream, target, delayed], args=args)
             except rx.ResponseError as exc:
                 if not is_nogroup(exc):
                     raise
@@ -239,7 +239,7 @@ class RedisReceiver(Receiver):
     async def _extend(self, d: RedisDelivery) -> None:
         _, scripts = self._adapter.connected()
         with translated(f"extend lock on {self._route.endpoint}", secrets=self._adapter.secrets):
-            extended = await scripts.extend(keys=[d.entry.stream], args=[self._route.group, d.rid, self._consumer])
+            extended = await scripts.extend(keys=[d.stream], args=[self._route.group, d.rid, self._consumer])
         if not extended:
             log.debug("msgbus: %s on %s is no longer ours; not extended", d.entry.entry_id, self._route.endpoint)
 
@@ -275,25 +275,37 @@ def _pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:
 class RedisDelivery(Delivery):
     """A stream entry pending in the group under this receiver's consumer name."""
 
-    __slots__ = ("_receiver", "entry", "rid")
+    __slots__ = ("_fields", "_receiver", "rid", "stream")
 
     def __init__(
         self,
         receiver: RedisReceiver,
         record: Record,
         attempt: int,
-        entry: StreamEntry,
+        stream: str,
         rid: bytes,
+        fields: Mapping[bytes, bytes],
         problem: str | None = None,
     ) -> None:
-        # Delivery.__init__'s assignments, without the call: one of these is made per message.
+        # Delivery.__init__'s assignments, without the call: one of these is made per message, and it holds
+        # what ``entry`` is made of rather than an entry (one object less per message for the GC to track).
         self.record = record
         self.attempt = attempt
-        self.raw = entry
         self.problem = problem
         self._receiver = receiver
-        self.entry = entry
-        self.rid = rid  # ``entry.entry_id`` as Redis sent it
+        self.stream = stream
+        self.rid = rid  # the entry id as Redis sent it
+        self._fields = fields
+
+    @property
+    def entry(self) -> StreamEntry:
+        """Where the entry lives and its fields (made on demand)."""
+        return StreamEntry(self.stream, self.rid.decode(), self._fields)
+
+    @property
+    def raw(self) -> StreamEntry:  # type: ignore[override]  # read-only here: made on demand
+        """``Delivery.raw``: the ``StreamEntry``."""
+        return self.entry
 
     async def ack(self) -> None:
         """XACK (+ XDEL on single-group streams) in one transaction."""
