@@ -53,6 +53,9 @@ def create(url: BusURL, options: OptionReader) -> RabbitMQAdapter:
     return RabbitMQAdapter(url, read_options(url, options))
 
 
+CLASSIC_CREDIT = 128  # the natural credit on classic queues (see ``RabbitMQAdapter.credit``)
+
+
 class RabbitMQAdapter(Adapter):
     """One robust aio-pika connection (a confirming publish channel, a topology channel) for sends and
     declares; each receiver consumes on a pika connection of its own.
@@ -80,6 +83,10 @@ class RabbitMQAdapter(Adapter):
             # One delivery per partition at defaults: more would let a consumer-killing message take what is held
             # behind it in its partition to the delivery limit (docs/adapters/rabbitmq.md, *Per-key ordering*).
             self.credit = options.partitions
+        elif not quorum:
+            # A classic queue does not count what a stopping consumer puts back, so the reason for 16 is gone;
+            # at 16-32 the consumer waits for the broker's next push (docs/benchmarks.md: 8k vs 14k+ msgs/s).
+            self.credit = CLASSIC_CREDIT
         self.capabilities = Capabilities(
             ordering="per_key" if self.ordered else "none",
             delayed_delivery=True,
