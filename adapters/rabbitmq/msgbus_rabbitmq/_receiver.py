@@ -562,6 +562,18 @@ class RabbitMQReceiver(Receiver):
                 if self._current(incoming):
                     self._settle(incoming, "releasing", requeue=True)
 
+    async def release_many(self, deliveries: Sequence[Delivery]) -> None:
+        """A stopping consumer's buffer, nacked (the kit's default) once the broker stops pushing to this receiver
+        (basic.cancel, as ``release`` does; the next ``receive`` consumes again): otherwise what goes back is pushed
+        straight back here and returned again by ``release``, a second delivery counted for nothing. Ordered
+        receivers keep their consumers: cancelling one hands its partition to the next consumer while this one
+        still holds that partition's messages."""
+        if self._hold is None:
+            async with self._switch:
+                if not self._closed:
+                    await self._cancel()
+        await super().release_many(deliveries)
+
     def _return_all(self, deliveries: Sequence[RabbitMQDelivery]) -> None:
         for d in deliveries:
             self._return(d.raw)

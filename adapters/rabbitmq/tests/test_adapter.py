@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -364,3 +365,36 @@ async def test_a_queue_made_without_a_delivery_limit_is_kept_as_it_is(
     assert len(await _drain(receiver, 3)) == 3
     await receiver.close()
     assert "exists without x-delivery-limit" in caplog.text
+
+
+@pytest.mark.parametrize("queue_type", ["quorum", "classic"])
+async def test_what_a_stopping_consumer_gives_back_is_counted_once(
+    make_adapter: Callable[..., RabbitMQAdapter], names: Callable[[str], str], queue_type: str
+) -> None:
+    """``run()`` stopping: ``release_many`` gives back the core's buffer, then ``release`` what the broker pushed and
+    ``receive`` did not return. A message given back once comes back as attempt 2 (quorum: the broker counts the
+    return; classic: the redelivered flag, or the copy a nack makes), not 3 after being pushed straight back here."""
+    adapter = make_adapter(queue_type=queue_type)
+    await adapter.open()
+    try:
+        ep = Endpoint("queue", names("q"))
+        await adapter.declare(ep)
+        sent = _records(10)
+        await adapter.send(ep, sent)
+        receiver = await adapter.receiver(ep, prefetch=10)
+        taken = await _drain(receiver, 4, ack=False)
+        async with asyncio.timeout(10):
+            while len(receiver._buffer) < 10 - len(taken):  # type: ignore[attr-defined]  # pushed, not received
+                await asyncio.sleep(0.01)
+        await receiver.release_many(taken)
+        await asyncio.sleep(0.3)  # time for the broker to push the returned messages to a consumer still there
+        await receiver.release()
+        await receiver.close()
+        other = await adapter.receiver(ep, prefetch=10)
+        back = await _drain(other, 10)
+        await _nothing_more(other)
+        await other.close()
+        assert sorted(d.record.id for d in back) == sorted(r.id for r in sent)  # 10 sent, 10 back, 0 lost, 0 dup
+        assert [d.attempt for d in back] == [2] * 10
+    finally:
+        await adapter.close()
