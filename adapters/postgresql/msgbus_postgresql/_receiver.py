@@ -92,8 +92,8 @@ class PostgresReceiver(Receiver):
         self._closed = False
         self._ahead: _Ahead | None = None  # the read-ahead lease in flight, or done and not collected yet
         self._kept: list[PostgresDelivery] = []  # read-ahead rows collected, not handed out yet
-        self._since = 0.0  # when the oldest read-ahead lease was sent
-        self._expiry: asyncio.TimerHandle | None = None  # gives the read-ahead back at ``_since`` + its age
+        self._kept_since = 0.0  # when the oldest lease of ``_kept`` was sent (the loop's clock)
+        self._expiry: asyncio.TimerHandle | None = None  # gives the read-ahead back when its oldest lease is too old
         adapter.listen(endpoint_id, self._wake)
 
     def __repr__(self) -> str:
@@ -193,10 +193,7 @@ class PostgresReceiver(Receiver):
         task = self._leasing(limit, token, "read ahead from")
         task.add_done_callback(_retrieve)  # a failure is raised by the next receive, or only logged
         self._ahead = _Ahead(task, token, started)
-        if not self._kept:
-            self._since = started
-            age = self._adapter.options.visibility_timeout * READ_AHEAD_AGE
-            self._expiry = loop.call_at(started + age, self._expire)
+        self._rearm()
         return True
 
     async def _from_read_ahead(self, limit: int) -> list[Delivery]:
@@ -211,30 +208,49 @@ class PostgresReceiver(Receiver):
             except BaseException:
                 if self._ahead is ahead:
                     self._ahead = None
-                    self._settle_expiry()
+                    self._rearm()
                 raise
             if self._ahead is ahead:  # else release(), close() or the expiry took it meanwhile
                 self._ahead = None
-                good, bad = self._decode(rows, ahead.token)
-                self._kept += good
+                if not self._kept:
+                    self._kept_since = ahead.started
+                # A full batch goes out: the next lease goes out first, and runs while this one is decoded.
+                full = len(self._kept) + len(rows)
+                now = limit >= READ_AHEAD_MIN and full >= limit and not self._too_old(self._kept_since)
+                try:
+                    if now and self._read_ahead(2 * limit - full):
+                        await asyncio.sleep(0)
+                finally:  # cancelled: the rows stay read ahead
+                    good, bad = self._decode(rows, ahead.token)
+                    self._kept += good
+                    self._rearm()
                 await self._dead_letter_malformed(bad)
         if not self._kept:
-            self._settle_expiry()
             return []
-        age = self._adapter.options.visibility_timeout * READ_AHEAD_AGE
-        if asyncio.get_running_loop().time() - self._since >= age:
+        if self._too_old(self._kept_since):
             await self._give_back()  # a fresh lease follows: these were leased too long ago to hand out
             return []
         out: list[Delivery] = list(self._kept[:limit])
         del self._kept[:limit]
-        self._settle_expiry()
+        self._rearm()
         return out
 
-    def _settle_expiry(self) -> None:
-        """Drop the expiry timer once nothing is read ahead."""
-        if self._ahead is None and not self._kept and self._expiry is not None:
+    def _too_old(self, sent: float) -> bool:
+        """Whether rows of a lease sent at ``sent`` are too old to hand out (``READ_AHEAD_AGE`` of the lease)."""
+        age = self._adapter.options.visibility_timeout * READ_AHEAD_AGE
+        return asyncio.get_running_loop().time() - sent >= age
+
+    def _rearm(self) -> None:
+        """Set the timer that gives the read-ahead back when its oldest lease reaches the age limit (none if empty)."""
+        if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
+        sent = [self._kept_since] if self._kept else []
+        if self._ahead is not None:
+            sent.append(self._ahead.started)
+        if sent:
+            age = self._adapter.options.visibility_timeout * READ_AHEAD_AGE
+            self._expiry = asyncio.get_running_loop().call_at(min(sent) + age, self._expire)
 
     def _expire(self) -> None:
         self._expiry = None
@@ -246,7 +262,7 @@ class PostgresReceiver(Receiver):
         then come back, counted, when their lease runs out)."""
         ahead, self._ahead = self._ahead, None
         kept, self._kept = self._kept, []
-        self._settle_expiry()
+        self._rearm()
         if ahead is not None or kept:
             await asyncio.shield(_spawn(self._release_ahead(ahead, kept)))
 
