@@ -173,10 +173,10 @@ async def test_read_ahead_is_not_handed_out_once_another_consumer_may_hold_it(ma
     slow = await bus.receiver(QUEUE, prefetch=BATCH)
     assert isinstance(slow, PostgresReceiver)
     first = await slow.receive(BATCH, 5.0)
-    await slow.ack_many(first)
-    await _ahead(slow)
     assert slow._expiry is not None
     slow._expiry.cancel()  # as if the loop were blocked past the give-back
+    await slow.ack_many(first)
+    await _ahead(slow)
     await asyncio.sleep(0.7)  # the read-ahead's lease runs out
     other = await bus.receiver(QUEUE, prefetch=2 * BATCH)
     taken = await other.receive(2 * BATCH, 5.0)
