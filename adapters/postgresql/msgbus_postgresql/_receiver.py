@@ -6,11 +6,13 @@ deliverable it waits for a NOTIFY on the endpoint (a send, a nack, an ack that f
 to become visible (a delay or a lease running out: the table says when), or ``poll_interval`` at most, in
 case a notification was lost with a connection.
 
-Read-ahead: a receive that returns a full batch of at least ``READ_AHEAD_MIN`` starts leasing the next one, so
-that lease's round trip overlaps the handlers. The next receive hands those rows out first. Read-ahead rows are
-leased, unknown to the runtime and never extended: they are given back uncounted (``attempts - 1``) once
-``visibility_timeout * READ_AHEAD_AGE`` old, by ``release()`` and by ``close()``; only a dying process leaves them
-to come back, counted, when the lease runs out.
+Read-ahead: a receive that returns a full batch of at least ``READ_AHEAD_MIN`` first deliveries starts leasing the
+next one, so that lease's round trip overlaps the handlers. The next receive hands those rows out first. A batch
+with a redelivery reads nothing ahead: a consumer working through what a dead one held (``run()`` runs those one at
+a time, in case one of them killed it) holds nothing more, so a second death counts no more than its buffer.
+Read-ahead rows are leased, unknown to the runtime and never extended: they are given back uncounted
+(``attempts - 1``) once ``visibility_timeout * READ_AHEAD_AGE`` old, by ``release()`` and by ``close()``; only a
+dying process leaves them to come back, counted, when the lease runs out.
 """
 
 from __future__ import annotations
@@ -127,6 +129,7 @@ class PostgresReceiver(Receiver):
         if (
             max_messages >= READ_AHEAD_MIN
             and len(got) == max_messages
+            and all(d.attempt == 1 for d in got)
             and self._read_ahead(max_messages - len(self._kept))
         ):
             try:
@@ -214,9 +217,16 @@ class PostgresReceiver(Receiver):
                 self._ahead = None
                 if not self._kept:
                     self._kept_since = ahead.started
-                # A full batch goes out: the next lease goes out first, and runs while this one is decoded.
+                # A full batch of first deliveries goes out: the next lease goes out first, and runs while this one
+                # is decoded.
                 full = len(self._kept) + len(rows)
-                now = limit >= READ_AHEAD_MIN and full >= limit and not self._too_old(self._kept_since)
+                now = (
+                    limit >= READ_AHEAD_MIN
+                    and full >= limit
+                    and not self._too_old(self._kept_since)
+                    and all(row[1] == 1 for row in rows)
+                    and all(d.attempt == 1 for d in self._kept)
+                )
                 try:
                     if now and self._read_ahead(2 * limit - full):
                         await asyncio.sleep(0)

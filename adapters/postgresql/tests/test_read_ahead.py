@@ -109,6 +109,27 @@ async def test_run_with_read_ahead_handles_each_message_once(
     assert sum(reads) >= 10  # the consumer did read ahead
 
 
+async def test_a_batch_with_a_redelivery_reads_nothing_ahead(make_adapter: MakeAdapter) -> None:
+    """A consumer working through redeliveries (what a dead consumer held, or a nack) holds nothing beyond its
+    batch: if one of them kills it, nothing else is counted for it. First deliveries read ahead again."""
+    bus = await make_adapter()
+    await bus.declare(QUEUE)
+    await bus.send(QUEUE, _records(3 * BATCH))
+    r = await bus.receiver(QUEUE, prefetch=BATCH)
+    assert isinstance(r, PostgresReceiver)
+    (first,) = await r.receive(1, 5.0)
+    await first.nack()
+    mixed = await r.receive(BATCH, 5.0)
+    assert len(mixed) == BATCH and sorted(d.attempt for d in mixed)[-1] == 2  # full, with the redelivery
+    assert r._ahead is None and not r._kept
+    fresh = await r.receive(BATCH, 5.0)
+    assert len(fresh) == BATCH and {d.attempt for d in fresh} == {1}
+    rest = await _ahead(r)  # a full batch of first deliveries reads ahead
+    assert len(rest) == BATCH
+    await r.ack_many([*mixed, *fresh, *await _drain(r, BATCH, ask=BATCH)])
+    assert await bus.stats(QUEUE) == {"depth": 0, "in_flight": 0, "dead_letters": 0}
+
+
 async def test_release_gives_the_read_ahead_to_another_consumer_uncounted(make_adapter: MakeAdapter) -> None:
     bus = await make_adapter()  # visibility_timeout 30 s: only a give-back makes them visible within the test
     await bus.declare(QUEUE)
