@@ -7,11 +7,9 @@ never come, rows msgbus did not write, hostile names and headers, messages at an
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -253,72 +251,24 @@ async def test_verify_mode_finds_missing_tables_and_endpoints(make_adapter: Make
     await bus.declare(QUEUE, create=False)
 
 
-class _Proxy:
-    """A TCP relay to the server that can go silent (drop bytes, keep sockets open): a half-open link."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.silent = False
-        self.server: asyncio.Server | None = None
-        self.port = 0
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(*self.target)
-        self._writers += [writer, up_writer]
-        for src, dst in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pipe(src, dst))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError, asyncio.CancelledError):
-            while data := await src.read(65536):
-                if not self.silent:
-                    dst.write(data)
-                    await dst.drain()
-        dst.close()
-
-    async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        for writer in self._writers:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-
-
 async def test_a_silent_connection_fails_in_bounded_time_and_is_replaced(
-    make_adapter: MakeAdapter, pg_url: str
+    make_adapter: MakeAdapter,
+    proxied: tuple[Any, str],  # conftest's Proxy, and the URL through it
 ) -> None:
-    parts = urlsplit(pg_url)
-    proxy = _Proxy((parts.hostname or "127.0.0.1", parts.port or 5432))
-    await proxy.start()
-    try:
-        url = pg_url.replace(f"{parts.hostname}:{parts.port}", f"127.0.0.1:{proxy.port}")
-        bus = await make_adapter(url, command_timeout=1, connect_timeout=1, reconnect_timeout=2, keepalive_interval=0.5)
-        await bus.declare(QUEUE)
-        receiver = await bus.receiver(QUEUE, prefetch=10)
-        await bus.send(QUEUE, _records(1, tag="before"))
-        assert [d.record.id for d in await _drain(receiver, 1)] == ["before0"]
-        proxy.silent = True
-        async with asyncio.timeout(8):  # command_timeout 1 s, retried for reconnect_timeout 2 s: no hang
-            with pytest.raises(ConnectionLost):
-                await bus.send(QUEUE, _records(1, tag="lost"))
-        proxy.silent = False
-        await bus.send(QUEUE, _records(5, tag="after"))  # fresh connections through the recovered link
-        got = await _drain(receiver, 5, rounds=50)
-        assert {d.record.id for d in got} >= {f"after{i}" for i in range(5)}
-    finally:
-        await proxy.close()
+    proxy, url = proxied
+    bus = await make_adapter(url, command_timeout=1, connect_timeout=1, reconnect_timeout=2, keepalive_interval=0.5)
+    await bus.declare(QUEUE)
+    receiver = await bus.receiver(QUEUE, prefetch=10)
+    await bus.send(QUEUE, _records(1, tag="before"))
+    assert [d.record.id for d in await _drain(receiver, 1)] == ["before0"]
+    proxy.silent = True
+    async with asyncio.timeout(8):  # command_timeout 1 s, retried for reconnect_timeout 2 s: no hang
+        with pytest.raises(ConnectionLost):
+            await bus.send(QUEUE, _records(1, tag="lost"))
+    proxy.silent = False
+    await bus.send(QUEUE, _records(5, tag="after"))  # fresh connections through the recovered link
+    got = await _drain(receiver, 5, rounds=50)
+    assert {d.record.id for d in got} >= {f"after{i}" for i in range(5)}
 
 
 @pytest.mark.usefixtures("make_adapter")  # its cleanup drops this test's schema
