@@ -85,7 +85,7 @@ class RabbitMQAdapter(Adapter):
             self.credit = options.partitions
         elif not quorum:
             # A classic queue does not count what a stopping consumer puts back, so the reason for 16 is gone;
-            # at 16-32 the consumer waits for the broker's next push (docs/benchmarks.md: 8k vs 14k+ msgs/s).
+            # at 16-32 the consumer waits for the broker's next push (docs/benchmarks.md: 8k vs 13k+ msgs/s).
             self.credit = CLASSIC_CREDIT
         self.capabilities = Capabilities(
             ordering="per_key" if self.ordered else "none",
