@@ -7,7 +7,6 @@ over the server's max_payload, headers and names NATS cannot carry as they are, 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -17,6 +16,7 @@ from urllib.parse import urlsplit
 import pytest
 
 import msgbus
+from integration._proxy import SilentProxy
 from msgbus.adapter import HEADER_ATTEMPTS, HEADER_DEAD_LETTER_REASON, Delivery, Endpoint, Receiver, Record
 from msgbus.errors import ConfigError, MessageTooLarge, MsgbusError, TopologyError
 from msgbus_nats import NatsAdapter
@@ -153,49 +153,6 @@ async def test_max_deliver_backstop_lands_in_the_dead_letter_stream(make_adapter
     assert await dead.receive(10, 0.3) == []
 
 
-class _Proxy:
-    """A TCP relay to the NATS server that can go silent (drop bytes, keep sockets open): a half-open link."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.silent = False
-        self.server: asyncio.Server | None = None
-        self.port = 0
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(*self.target)
-        self._writers += [writer, up_writer]
-        for src, dst in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pipe(src, dst))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError, asyncio.CancelledError):
-            while data := await src.read(65536):
-                if not self.silent:
-                    dst.write(data)
-                    await dst.drain()
-        dst.close()
-
-    async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        for writer in self._writers:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-
-
 # nats-py gives up a reconnect attempt whose INFO never came (the link is silent) without waiting for its
 # socket to close, leaving that StreamWriter to the garbage collector; collected below, inside this filter.
 @pytest.mark.filterwarnings(
@@ -206,7 +163,7 @@ async def test_a_silent_connection_is_noticed_and_replaced_in_bounded_time(
     make_adapter: MakeAdapter, nats_url: str
 ) -> None:
     parts = urlsplit(nats_url)
-    proxy = _Proxy((parts.hostname or "127.0.0.1", parts.port or 4222))
+    proxy = SilentProxy((parts.hostname or "127.0.0.1", parts.port or 4222))
     await proxy.start()
     try:
         bus = await make_adapter(

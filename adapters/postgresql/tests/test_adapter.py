@@ -253,7 +253,7 @@ async def test_verify_mode_finds_missing_tables_and_endpoints(make_adapter: Make
 
 async def test_a_silent_connection_fails_in_bounded_time_and_is_replaced(
     make_adapter: MakeAdapter,
-    proxied: tuple[Any, str],  # conftest's Proxy, and the URL through it
+    proxied: tuple[Any, str],  # a SilentProxy (integration/_proxy.py), and the URL through it
 ) -> None:
     proxy, url = proxied
     bus = await make_adapter(url, command_timeout=1, connect_timeout=1, reconnect_timeout=2, keepalive_interval=0.5)

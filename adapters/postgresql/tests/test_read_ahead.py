@@ -130,6 +130,19 @@ async def test_a_batch_with_a_redelivery_reads_nothing_ahead(make_adapter: MakeA
     assert await bus.stats(QUEUE) == {"depth": 0, "in_flight": 0, "dead_letters": 0}
 
 
+async def _read_ahead_back_uncounted(
+    bus: PostgresAdapter, other: Receiver, holder: Receiver, held: list[Delivery]
+) -> None:
+    """``other`` gets the rows ``holder`` read ahead (the second batch) once each, at attempt 1 (given back uncounted:
+    nobody attempted them); then ``holder``'s batch and those are acked, and the queue is empty."""
+    got = await other.receive(2 * BATCH, 5.0)
+    assert sorted(d.record.id for d in got) == [f"m{i:04d}" for i in range(BATCH, 2 * BATCH)]  # once each
+    assert {d.attempt for d in got} == {1}
+    await holder.ack_many(held)
+    await other.ack_many(got)
+    assert await bus.stats(QUEUE) == {"depth": 0, "in_flight": 0, "dead_letters": 0}
+
+
 async def test_release_gives_the_read_ahead_to_another_consumer_uncounted(make_adapter: MakeAdapter) -> None:
     bus = await make_adapter()  # visibility_timeout 30 s: only a give-back makes them visible within the test
     await bus.declare(QUEUE)
@@ -141,14 +154,8 @@ async def test_release_gives_the_read_ahead_to_another_consumer_uncounted(make_a
     assert len(await _ahead(holder)) == BATCH  # the rest of the queue, leased ahead
     assert await other.receive(2 * BATCH, 0.3) == []  # leased: nobody else gets them
     await holder.release()
-    got = await other.receive(2 * BATCH, 5.0)
-    expected = {f"m{i:04d}" for i in range(BATCH, 2 * BATCH)}
-    assert {d.record.id for d in got} == expected and len(got) == BATCH  # exactly the read-ahead, once each
-    assert {d.attempt for d in got} == {1}  # given back uncounted: nobody attempted them
+    await _read_ahead_back_uncounted(bus, other, holder, held)
     assert await holder.receive(BATCH, 0.2) == []  # receiving after release() works (nothing left to get)
-    await holder.ack_many(held)
-    await other.ack_many(got)
-    assert await bus.stats(QUEUE) == {"depth": 0, "in_flight": 0, "dead_letters": 0}
 
 
 async def test_close_gives_the_read_ahead_back_uncounted_even_mid_lease(make_adapter: MakeAdapter) -> None:
@@ -160,12 +167,7 @@ async def test_close_gives_the_read_ahead_back_uncounted_even_mid_lease(make_ada
     _ahead(holder)  # in flight: closed before its answer came, its rows are given back once it comes
     await holder.close()
     other = await bus.receiver(QUEUE, prefetch=2 * BATCH)
-    got = await other.receive(2 * BATCH, 5.0)
-    assert sorted(d.record.id for d in got) == [f"m{i:04d}" for i in range(BATCH, 2 * BATCH)]
-    assert {d.attempt for d in got} == {1}
-    await holder.ack_many(held)  # a closed receiver's deliveries can still be settled
-    await other.ack_many(got)
-    assert await bus.stats(QUEUE) == {"depth": 0, "in_flight": 0, "dead_letters": 0}
+    await _read_ahead_back_uncounted(bus, other, holder, held)  # a closed receiver's deliveries can still be settled
 
 
 async def test_a_receive_cancelled_while_waiting_for_the_read_ahead_loses_nothing(make_adapter: MakeAdapter) -> None:
@@ -231,7 +233,7 @@ async def test_read_ahead_older_than_its_share_of_the_lease_is_given_back_by_its
 
 async def test_a_failed_read_ahead_raises_a_typed_error_and_loses_nothing(
     make_adapter: MakeAdapter,
-    proxied: tuple[Any, str],  # conftest's Proxy, and the URL through it
+    proxied: tuple[Any, str],  # a SilentProxy (integration/_proxy.py), and the URL through it
 ) -> None:
     proxy, url = proxied
     unretrieved: list[dict[str, Any]] = []
