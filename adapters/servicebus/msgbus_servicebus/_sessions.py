@@ -305,13 +305,13 @@ class SessionReceiver(Receiver):
         session's next again. Abandoned where that fails (the kit's default nack)."""
         rest: list[Delivery] = []
         for d in deliveries:
-            call = release_call(d._sdk, d.raw) if isinstance(d, SessionDelivery) and d._receiver is self else None
-            if call is None:
+            mine = d if isinstance(d, SessionDelivery) and d._receiver is self else None
+            call = None if mine is None else release_call(mine._sdk, mine.raw)
+            if mine is None or call is None:
                 rest.append(d)
                 continue
-            assert isinstance(d, SessionDelivery)
             try:
-                await d._settle("release", call)
+                await mine._settle("release", call)
             except MsgbusError as err:
                 log.debug("msgbus: release of %s failed (%s); abandoned", d.record.id, err)
                 rest.append(d)
