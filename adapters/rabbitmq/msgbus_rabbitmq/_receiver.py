@@ -113,6 +113,7 @@ class RabbitMQReceiver(Receiver):
         self._hold: KeyHold[RabbitMQDelivery] | None = KeyHold() if ordered else None
         self._parked: dict[str, tuple[str, list[RabbitMQDelivery]]] = {}
         self._returning: dict[int, tuple[asyncio.TimerHandle, Incoming, list[RabbitMQDelivery]]] = {}
+        self._kept: deque[RabbitMQDelivery] = deque()  # given back by a stopping run() on a partition: see release_many
         # Per partition: deliveries unsettled here, and since when it is consumed (see ``_hand_off``).
         self._unsettled = [0] * len(self._queues)
         self._since = [0.0] * len(self._queues)
@@ -268,6 +269,7 @@ class RabbitMQReceiver(Receiver):
             for handle, _, _ in self._returning.values():
                 handle.cancel()
             self._returning.clear()
+            self._kept.clear()
 
     # -- consuming ------------------------------------------------------------------------------------
 
@@ -293,15 +295,15 @@ class RabbitMQReceiver(Receiver):
                 self._tags[queue] = ok.method.consumer_tag
                 self._since[partition] = asyncio.get_running_loop().time()
 
-    async def _cancel(self, idle_only: bool = False) -> None:
+    async def _cancel(self, idle_only: bool = False, main_only: bool = False) -> None:
         """basic.cancel every consumer (a lost channel has dropped them anyway); with ``idle_only`` not those of
         partitions with deliveries unsettled here: a single-active-consumer queue whose consumer cancels goes to the
-        next one at once, which would get their keys' next messages."""
+        next one at once, which would get their keys' next messages. ``main_only``: the endpoint's own queue's."""
         for queue, tag in list(self._tags.items()):
             if self._channel is None or (idle_only and self._receiving):
                 return  # a receive() came meanwhile: it wants them (one cancel is a round trip, 17 take a while)
             partition = self._queues.index(queue)
-            if idle_only and partition > 0 and self._unsettled[partition]:
+            if partition > 0 and (main_only or (idle_only and self._unsettled[partition])):
                 continue
             del self._tags[queue]
             try:
@@ -359,7 +361,9 @@ class RabbitMQReceiver(Receiver):
         buffer, hold = self._buffer, self._hold
         while not out:
             if hold is not None:
-                out.extend(hold.ready(max_messages))  # their turn came: fetched before anything still buffered
+                while self._kept and len(out) < max_messages:  # given back by release_many, still ours: first
+                    out.append(self._kept.popleft())
+                out.extend(hold.ready(max_messages - len(out)))  # their turn came: before anything buffered
                 if out:
                     return out
             if not buffer:
@@ -550,6 +554,9 @@ class RabbitMQReceiver(Receiver):
             if not self._closed:
                 await self._cancel()
             if self._hold is not None:  # in order within each key: nacked heads, what waits for them, what is held
+                while self._kept:
+                    kept = self._kept.popleft()
+                    self._return(kept.raw, self._hold.released(kept))
                 for handle, incoming, behind in list(self._returning.values()):
                     handle.cancel()
                     self._return(incoming, behind)
@@ -565,14 +572,31 @@ class RabbitMQReceiver(Receiver):
     async def release_many(self, deliveries: Sequence[Delivery]) -> None:
         """A stopping consumer's buffer, nacked (the kit's default) once the broker stops pushing to this receiver
         (basic.cancel, as ``release`` does; the next ``receive`` consumes again): otherwise what goes back is pushed
-        straight back here and returned again by ``release``, a second delivery counted for nothing. Ordered
-        receivers keep their consumers: cancelling one hands its partition to the next consumer while this one
-        still holds that partition's messages."""
-        if self._hold is None:
-            async with self._switch:
-                if not self._closed:
-                    await self._cancel()
+        straight back here and returned again by ``release``, a second delivery counted for nothing.
+
+        Ordered receivers cancel only the endpoint's own queue (keyless messages). A partition's consumer stays,
+        since cancelling it would hand the partition over while handlers here still run its messages; its
+        deliveries stay here unsettled instead (``receive`` hands them out again first, ``release`` gives them
+        back after its cancel, ``close`` with the channel): nobody else could have them while this receiver is
+        the partition's single active consumer, and a nack would have the broker push them straight back."""
+        if self._hold is not None:
+            rest: list[Delivery] = []
+            for d in deliveries:
+                if isinstance(d, RabbitMQDelivery) and self._keeps(d):
+                    self._kept.append(d)
+                else:
+                    rest.append(d)
+            if not rest:
+                return
+            deliveries = rest
+        async with self._switch:
+            if not self._closed:
+                await self._cancel(main_only=self._hold is not None)
         await super().release_many(deliveries)
+
+    def _keeps(self, delivery: RabbitMQDelivery) -> bool:
+        """Whether ``release_many`` keeps ``delivery``: a partition's, of this receiver's open channel."""
+        return delivery._receiver is self and delivery.raw.partition > 0 and self._current(delivery.raw)
 
     def _return_all(self, deliveries: Sequence[RabbitMQDelivery]) -> None:
         for d in deliveries:

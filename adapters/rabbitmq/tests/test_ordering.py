@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -28,6 +29,28 @@ def _keyed(key: str, n: int) -> list[Record]:
 async def _one(receiver: Receiver, timeout: float = 5.0) -> Delivery:
     (d,) = await receiver.receive(1, timeout)
     return d
+
+
+async def _take(receiver: Receiver, ids: set[str]) -> list[Delivery]:
+    """Receive until exactly ``ids`` came (held keys' later messages stay held); anything else fails the test."""
+    got: list[Delivery] = []
+    async with asyncio.timeout(10):
+        while {d.record.id for d in got} != ids:
+            got += await receiver.receive(20, 1.0)
+            assert {d.record.id for d in got} <= ids and len(got) == len({d.record.id for d in got}), got
+    return got
+
+
+async def _all_in_order(receiver: Receiver, n: int) -> list[tuple[str, int]]:
+    """``n`` deliveries, acking each, then nothing more: (id, attempt) in the order received."""
+    seen: list[tuple[str, int]] = []
+    async with asyncio.timeout(20):
+        while len(seen) < n:
+            for d in await receiver.receive(20, 1.0):
+                seen.append((d.record.id, d.attempt))
+                await d.ack()
+    assert await receiver.receive(20, 0.5) == []
+    return seen
 
 
 async def test_a_nacked_head_comes_back_before_its_keys_later_messages(
@@ -128,3 +151,49 @@ async def test_a_second_receiver_waits_until_the_first_lets_go(
     finally:
         await first.close()
         await second.close()
+
+
+async def test_what_a_stopping_consumer_gives_back_is_counted_once(
+    ordered: RabbitMQAdapter, names: Callable[[str], str]
+) -> None:
+    """``run()`` stopping: ``release_many`` gives back the core's buffer while handlers may still run (a partition's
+    consumer stays: cancelling it would hand the partition over), then ``release`` the rest. Each message comes back
+    counted once, keyed or not, in order per key: not pushed straight back here and returned again (attempt 3)."""
+    ep = Endpoint("queue", names("q"))
+    await ordered.declare(ep)
+    assert partition_of(Record(b"", "x", key="a"), 8) != partition_of(Record(b"", "x", key="b"), 8)
+    plain = [Record(f"p-{i}".encode(), f"p-{i}") for i in range(4)]  # no key: the endpoint's own queue
+    await ordered.send(ep, [*_keyed("a", 3), *_keyed("b", 3), *plain])
+    receiver = await ordered.receiver(ep, prefetch=80)  # 10 per partition: everything is pushed at once
+    taken = await _take(receiver, {"a-0", "b-0", "p-0", "p-1", "p-2", "p-3"})  # a-1.. and b-1.. held behind
+    await receiver.release_many(taken)
+    await asyncio.sleep(0.3)  # time for the broker to push what went back to a consumer still there
+    await receiver.release()
+    await receiver.close()
+    other = await ordered.receiver(ep, prefetch=80)
+    try:
+        seen = await _all_in_order(other, 10)
+    finally:
+        await other.close()
+    assert sorted(seen) == sorted((r.id, 2) for r in [*_keyed("a", 3), *_keyed("b", 3), *plain])
+    for key in "ab":
+        assert [i for i, _ in seen if i.startswith(key)] == [f"{key}-{i}" for i in range(3)]
+
+
+async def test_a_partitions_given_back_messages_go_out_again_uncounted(
+    ordered: RabbitMQAdapter, names: Callable[[str], str]
+) -> None:
+    """What ``release_many`` gave back of a partition this receiver still consumes is its next ``receive``'s, at
+    the same attempt (nobody attempted it), before its key's later messages; given back keyless ones go to the
+    endpoint's queue, for any consumer (here this one again, counted: the broker had them back)."""
+    ep = Endpoint("queue", names("q"))
+    await ordered.declare(ep)
+    await ordered.send(ep, [*_keyed("a", 3), Record(b"p", "p-0")])
+    receiver = await ordered.receiver(ep, prefetch=80)
+    try:
+        await receiver.release_many(await _take(receiver, {"a-0", "p-0"}))
+        seen = await _all_in_order(receiver, 4)
+    finally:
+        await receiver.close()
+    assert [s for s in seen if s[0].startswith("a")] == [("a-0", 1), ("a-1", 1), ("a-2", 1)]
+    assert ("p-0", 2) in seen
