@@ -9,6 +9,7 @@ import logging
 import math
 import secrets
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from redis import exceptions as rx
 from redis.asyncio import Redis
@@ -109,6 +110,9 @@ class RedisAdapter(Adapter):
             decode_responses=False,
             protocol=2,  # reply shapes this module parses (RESP3 nests XREADGROUP replies differently)
         )
+        # XREADGROUP's reply as Redis sends it: each entry's fields stay the flat list the receivers decode in place
+        # (redis-py would make a dict of each, which msgbus's own entries do not need).
+        client.set_response_callback("XREADGROUP", _as_sent)
         try:
             with translated("connect", secrets=self.secrets):
                 await client.ping()
@@ -310,3 +314,8 @@ async def _detect_persistence(client: Redis) -> Persistence:
 
 def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _as_sent(response: Any, **_options: Any) -> Any:
+    """A reply unparsed (a redis-py response callback)."""
+    return response

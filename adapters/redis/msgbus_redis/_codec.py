@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from msgbus.adapter import TIMESTAMP_LIMIT, Record
 
@@ -46,8 +46,6 @@ _JSON = "application/json"
 
 
 _CT_COMMON = frozenset({CONTENT_TYPE, b"content_type", b"Content-Type", b"contentType"})
-#: The fields of an entry msgbus wrote without headers nor prior attempts (``decode``'s quick path).
-_PLAIN = frozenset({BODY, ID, TIMESTAMP, KEY, CORRELATION_ID, CONTENT_TYPE})
 
 
 def _is_content_type(name: bytes) -> bool:
@@ -90,26 +88,50 @@ def _text(value: bytes) -> str:
     return value.decode("utf-8", "replace")
 
 
-def decode(
-    fields: Mapping[bytes, bytes], entry_id: bytes, body_fields: tuple[bytes, ...] = DEFAULT_BODY_FIELDS
-) -> tuple[Record, int]:
-    """The record in the entry ``entry_id`` and the attempts made before it. Never raises (see the module).
+def pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:
+    """``{name: value}`` of an entry's fields as Redis sends them, ``[name, value, ...]`` (a name twice: the last)."""
+    it = iter(flat)
+    return dict(zip(it, it, strict=False))
 
-    An entry as msgbus writes it without headers (only the fields in ``_PLAIN``, a valid timestamp) takes a quick
-    path: one set comparison instead of a look at each field; ``_decode`` reads every other entry, the same way."""
-    if body_fields == DEFAULT_BODY_FIELDS and fields.keys() <= _PLAIN:
-        get = fields.get
-        body, raw_ts = get(BODY), get(TIMESTAMP)
-        if body is not None and raw_ts is not None:
+
+def decode(
+    flat: Sequence[bytes], entry_id: bytes, body_fields: tuple[bytes, ...] = DEFAULT_BODY_FIELDS
+) -> tuple[Record, int]:
+    """The record in the entry ``entry_id``, its fields as Redis sends them (``[name, value, ...]``), and the
+    attempts made before it. Never raises (see the module).
+
+    An entry as msgbus writes it without headers (``body``, ``id``, ``timestamp``, then ``key``, ``correlation-id``
+    and ``content-type`` where set, in that order; a valid timestamp) takes a quick path: each name looked at in
+    place, no dict made; ``_decode`` reads every other entry, the same way."""
+    n = len(flat)
+    if (
+        6 <= n <= 12
+        and flat[0] == BODY
+        and flat[2] == ID
+        and flat[4] == TIMESTAMP
+        and body_fields == DEFAULT_BODY_FIELDS
+    ):
+        key = correlation_id = content_type = None
+        i = 6
+        if i < n and flat[i] == KEY:
+            key = flat[i + 1]
+            i += 2
+        if i < n and flat[i] == CORRELATION_ID:
+            correlation_id = flat[i + 1]
+            i += 2
+        if i < n and flat[i] == CONTENT_TYPE:
+            content_type = flat[i + 1]
+            i += 2
+        if i == n:
             try:
-                timestamp = float(raw_ts)
+                timestamp = float(flat[5])
             except ValueError:
                 timestamp = -1.0
             if 0 <= timestamp < TIMESTAMP_LIMIT:  # also false for NaN
-                raw_id, key, correlation_id, content_type = get(ID), get(KEY), get(CORRELATION_ID), get(CONTENT_TYPE)
+                body = flat[1]
                 record = Record(
                     body if type(body) is bytes else bytes(body),
-                    _text(entry_id if raw_id is None else raw_id),
+                    _text(flat[3]),
                     {},
                     None if key is None else _text(key),
                     None if correlation_id is None else _text(correlation_id),
@@ -117,7 +139,7 @@ def decode(
                     timestamp,
                 )
                 return record, 0
-    return _decode(fields, entry_id, body_fields)
+    return _decode(pairs(flat), entry_id, body_fields)
 
 
 def _decode(fields: Mapping[bytes, bytes], entry_id: bytes, body_fields: tuple[bytes, ...]) -> tuple[Record, int]:

@@ -27,7 +27,7 @@ from msgbus.errors import ClosedError
 
 from ._errors import is_nogroup, translated
 from ._names import Route, lease_key
-from ._receiver import Link, RedisDelivery, RedisReceiver, _pairs
+from ._receiver import Link, RedisDelivery, RedisReceiver
 from ._scripts import Scripts
 
 _TAKE_OVER_MAX = 100_000  # most pending entries taken over from one partition at once (a predecessor's read-ahead)
@@ -161,7 +161,7 @@ class OrderedReceiver(RedisReceiver):
         r = self._route
         with translated(f"receive from {r.endpoint}", secrets=self._adapter.secrets):
             claimed: Any = await scripts.take_over(keys=[partition], args=[r.group, self._consumer, _TAKE_OVER_MAX])
-        return self._deliveries(partition, [(eid, _pairs(flat), int(n)) for eid, n, flat in claimed])
+        return self._deliveries(partition, [(eid, flat, int(n)) for eid, n, flat in claimed])
 
     async def _tidy(self, scripts: Scripts) -> None:
         """Every ``trim_interval``, one held partition in turn: trim it (a topic's) and prune idle consumer names."""
@@ -222,7 +222,7 @@ class OrderedReceiver(RedisReceiver):
         for stream, ids in by_stream.items():
             with translated(f"receive from {r.endpoint}", secrets=self._adapter.secrets):
                 claimed: Any = await scripts.redeliver(keys=[stream], args=[r.group, self._consumer, *ids])
-            got = self._deliveries(stream, [(eid, _pairs(flat), int(n)) for eid, n, flat in claimed])
+            got = self._deliveries(stream, [(eid, flat, int(n)) for eid, n, flat in claimed])
             fresh.update(((d.stream, d.rid), d) for d in got)
         out: list[RedisDelivery] = []
         for p in parked:

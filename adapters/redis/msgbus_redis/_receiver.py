@@ -25,7 +25,7 @@ from msgbus.adapter import (
 )
 from msgbus.errors import ClosedError
 
-from ._codec import decode, encode, flatten
+from ._codec import decode, encode, flatten, pairs
 from ._config import RedisOptions
 from ._errors import is_nogroup, translated
 from ._names import GroupSpec, Route
@@ -130,7 +130,7 @@ class RedisReceiver(Receiver):
                 return []
         out: list[RedisDelivery] = []
         for stream, items in reply or ():
-            out += self._deliveries(stream.decode(), ((eid, fields, 1) for eid, fields in items))
+            out += self._deliveries(stream.decode(), ((eid, flat, 1) for eid, flat in items))
         return out
 
     async def _housekeeping(self, room: int) -> list[RedisDelivery]:
@@ -167,20 +167,18 @@ class RedisReceiver(Receiver):
                 return []
         if moved >= _MOVE_BATCH:
             self._next_housekeeping = now  # more are due: move them on the next call
-        return self._deliveries(reclaim_from, [(eid, _pairs(flat), int(count)) for eid, count, flat in claimed])
+        return self._deliveries(reclaim_from, [(eid, flat, int(count)) for eid, count, flat in claimed])
 
-    def _deliveries(
-        self, stream: str, entries: Iterable[tuple[bytes, Mapping[bytes, bytes], int]]
-    ) -> list[RedisDelivery]:
-        """``(entry id, fields, deliveries)`` of ``stream`` as deliveries. Entry ids stay bytes for the acks (redis-py
-        then sends them as they are) and are ``str`` in ``raw``."""
+    def _deliveries(self, stream: str, entries: Iterable[tuple[bytes, Sequence[bytes], int]]) -> list[RedisDelivery]:
+        """``(entry id, fields as Redis sends them, deliveries)`` of ``stream`` as deliveries. Entry ids stay bytes for
+        the acks (redis-py then sends them as they are) and are ``str`` in ``raw``."""
         body_fields = self._options.body_fields
         out: list[RedisDelivery] = []
         append = out.append
-        for rid, fields, deliveries in entries:
+        for rid, flat, deliveries in entries:
             # Any entry is deliverable (``_codec``): one written by other code gets the field convention.
-            record, before = decode(fields, rid, body_fields)
-            append(RedisDelivery(self, record, before + deliveries, stream, rid, fields))
+            record, before = decode(flat, rid, body_fields)
+            append(RedisDelivery(self, record, before + deliveries, stream, rid, flat))
         return out
 
     # -- settling (called by RedisDelivery) ---------------------------------------------------------
@@ -268,14 +266,10 @@ class RedisReceiver(Receiver):
         """Before the consumer name goes: give up what it holds besides pending entries (partition leases)."""
 
 
-def _pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:
-    return dict(zip(flat[::2], flat[1::2], strict=True))
-
-
 class RedisDelivery(Delivery):
     """A stream entry pending in the group under this receiver's consumer name."""
 
-    __slots__ = ("_fields", "_receiver", "rid", "stream")
+    __slots__ = ("_flat", "_receiver", "rid", "stream")
 
     def __init__(
         self,
@@ -284,7 +278,7 @@ class RedisDelivery(Delivery):
         attempt: int,
         stream: str,
         rid: bytes,
-        fields: Mapping[bytes, bytes],
+        flat: Sequence[bytes],
         problem: str | None = None,
     ) -> None:
         # Delivery.__init__'s assignments, without the call: one of these is made per message, and it holds
@@ -295,12 +289,12 @@ class RedisDelivery(Delivery):
         self._receiver = receiver
         self.stream = stream
         self.rid = rid  # the entry id as Redis sent it
-        self._fields = fields
+        self._flat = flat  # the fields as Redis sent them: ``[name, value, ...]``
 
     @property
     def entry(self) -> StreamEntry:
         """Where the entry lives and its fields (made on demand)."""
-        return StreamEntry(self.stream, self.rid.decode(), self._fields)
+        return StreamEntry(self.stream, self.rid.decode(), pairs(self._flat))
 
     @property
     def raw(self) -> StreamEntry:  # type: ignore[override]  # read-only here: made on demand
