@@ -194,8 +194,13 @@ def targets(results: list[dict[str, Any]]) -> str:
             credit = re.search(r"prefetch \d+", case)
             name = TITLES[broker] + " consume" + (f" ({credit.group(0)})" if credit else " at defaults")
             ours, theirs = _get(rows, "consume", case, "msgbus"), _get(rows, "consume", case, peer)
-            if ours is not None:
-                row(f"{name} >= {floor:,} msgs/s", f"{ours:,.0f}", ours >= floor)
+            if ours is not None:  # beside it, what the clients under msgbus reach in the same run
+                under = [f"{p} {v:,.0f}" for p in ("raw", "aiormq") if (v := _get(rows, "consume", case, p))]
+                row(
+                    f"{name} >= {floor:,} msgs/s",
+                    f"{ours:,.0f}" + (f" ({', '.join(under)})" if under else ""),
+                    ours >= floor,
+                )
             if ours is not None and theirs and ratio:
                 row(f"{name} >= {ratio}x {peer}", f"{ours / theirs:.2f}x", ours / theirs >= ratio)
             if broker == "rabbitmq" and ours is not None:
