@@ -234,7 +234,7 @@ class OrderedReceiver(RedisReceiver):
         """``d`` goes back: it stays pending here and is delivered again after ``delay``; its key waits for it."""
         behind = self._hold.released(d)
         due = asyncio.get_running_loop().time() + (delay or 0.0)
-        key = d.record.key if d.record.key is not None else f"\0{d.entry.entry_id}"
+        key = d.record.key if d.record.key is not None else f"\0{d.rid.decode()}"
         self._parked[key] = _Parked(d, due, behind)
 
     async def ack_many(self, deliveries: Sequence[Delivery]) -> None:

@@ -38,7 +38,8 @@ _MOVE_BATCH = 500  # most delayed entries one housekeeping round moves per sorte
 
 @dataclass(slots=True)
 class StreamEntry:
-    """``Delivery.raw`` on this backend: where the entry lives and its fields as Redis returned them.
+    """``Delivery.raw`` on this backend: where the entry lives and its fields by name (a name Redis returned twice:
+    the last value).
 
     Treat it as immutable; it is not frozen because one is made per message, and a frozen one costs three times as
     much to make (like ``Record``).
@@ -239,7 +240,7 @@ class RedisReceiver(Receiver):
         with translated(f"extend lock on {self._route.endpoint}", secrets=self._adapter.secrets):
             extended = await scripts.extend(keys=[d.stream], args=[self._route.group, d.rid, self._consumer])
         if not extended:
-            log.debug("msgbus: %s on %s is no longer ours; not extended", d.entry.entry_id, self._route.endpoint)
+            log.debug("msgbus: %s on %s is no longer ours; not extended", d.rid.decode(), self._route.endpoint)
 
     async def close(self) -> None:
         """Stop receiving; unsettled entries return to others after ``visibility_timeout``. Idempotent.
