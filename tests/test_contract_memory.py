@@ -146,6 +146,13 @@ def _batch_twice_as_large(handler: Any, max_batch: int, max_wait: float) -> _bat
     return _batch.Batch(handler, 2 * max_batch, max_wait)
 
 
+async def _release_by_dead_lettering(self: Any, deliveries: Any) -> None:
+    """A stop that counts what it gives back so often that its buffer goes to the dead letters (RabbitMQ's
+    ordered receiver did, once per stop, until the count passed max_attempts)."""
+    for d in deliveries:
+        await d.dead_letter("delivered 6 times without being settled (max_attempts=5)")
+
+
 _REAL_DEAD_LETTER_RECORD = dead_letter_record
 _REAL_RECEIVE = _memory._MemoryReceiver.receive
 _REAL_DECODE_DELIVERY = _codec.decode_delivery
@@ -253,6 +260,12 @@ BREAKAGES: dict[str, tuple[Any, str, Any, str]] = {
         _batch_twice_as_large,
         "run_batch settles each message of a batch as told",
     ),
+    "a stop dead-letters its buffer": (
+        _memory._MemoryReceiver,
+        "release_many",
+        _release_by_dead_lettering,
+        "graceful shutdown",
+    ),
     "keys are not ordered (batches)": (
         _memory._Store,
         "__init__",
@@ -272,3 +285,15 @@ async def test_a_broken_promise_fails_its_check(breakage: str, monkeypatch: pyte
     result = await run_check(replace(check, deadline=8), url, quick=True)
     assert result.status == "fail", f"{breakage}: {promise} should fail but {result.status}: {result.detail}"
     print(f"{breakage} -> {promise}: {result.detail}")
+
+
+async def test_graceful_shutdown_names_what_was_dead_lettered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages dead-lettered by a stop are named with their reason at once, not waited for until the deadline."""
+    monkeypatch.setattr(_memory._MemoryReceiver, "release_many", _release_by_dead_lettering)
+    monkeypatch.delenv("MSGBUS_CONTRACT_RESULTS", raising=False)
+    (check,) = select("graceful shutdown")
+    result = await run_check(check, f"memory://broken-{uuid.uuid4().hex[:8]}", quick=True)
+    assert result.status == "fail"
+    assert "of the stopped consumers were dead-lettered instead" in result.detail, result.detail
+    assert "delivered 6 times without being settled" in result.detail, result.detail
+    assert "deadline" not in result.detail, result.detail

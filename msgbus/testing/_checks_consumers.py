@@ -14,6 +14,7 @@ from msgbus.errors import MsgbusError
 
 from ._context import ContractContext, Tally, ensure, examples
 from ._flow import (
+    DeadLetterWatch,
     chunked,
     drain,
     expect_only_sentinels,
@@ -453,7 +454,11 @@ async def check_graceful_shutdown(ctx: ContractContext) -> None:
     phases.append(f"stop() with shutdown_timeout=0.3: {conc} overrunning handlers cancelled and nacked")
     rest = Tally()
     fresh = (await ctx.open_bus()).consumer(queue, prefetch=100)
-    await drain(ctx, fresh, rest, lambda: len(set(rest.counts) | set(finished.counts)) >= n, what="the rest")
+    dead = DeadLetterWatch(ctx, queue)  # none may be: each stop gave its messages back uncounted or counted once
+    seen = (rest.counts, finished.counts, dead.tally.counts)
+    await drain(ctx, fresh, rest, lambda: len(set[str]().union(*seen)) >= n, what="the rest")
+    await dead.stop()
+    dead.ensure_none("messages of the stopped consumers were")
     doubled = set(rest.counts) & set(finished.counts)
     ensure(finished.dups == 0 and not doubled, f"{len(doubled) + finished.dups} handled messages came back")
     ensure(

@@ -7,12 +7,13 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from msgbus import Bus, Consumer, Message, Producer, Publisher
+from msgbus import HEADER_ATTEMPTS, HEADER_DEAD_LETTER_REASON, Bus, Consumer, Message, Producer, Publisher
 
 from ._context import ContractContext, Tally, ensure, examples, fail
 
 __all__ = [
     "SENTINEL_HEADER",
+    "DeadLetterWatch",
     "chunked",
     "drain",
     "expect_only_sentinel",
@@ -50,6 +51,37 @@ async def expect_raises(aw: Awaitable[object], error: type[BaseException], what:
     except Exception as exc:  # a different type is a broken promise, reported with its type
         fail(f"{what}: expected {error.__name__}, got {type(exc).__name__}: {exc}")
     fail(f"{what}: expected {error.__name__}, but it returned normally")
+
+
+class DeadLetterWatch:
+    """Reads ``dead_letters(queue)`` in the background while a check waits for messages to come back, so one
+    dead-lettered instead (a stop that counted the deliveries it gave back, say) is named with its reason
+    rather than waited for until the check's deadline. What it reads it acks."""
+
+    def __init__(self, ctx: ContractContext, queue: str) -> None:
+        self.tally = Tally()
+        self._reasons: dict[str, str] = {}
+        self._reading = True
+        self._task = ctx.background(self._read(ctx.bus.dead_letters(queue)), "dead letters")
+
+    async def _read(self, dlq: Consumer[Any]) -> None:
+        while self._reading:  # not cancelled mid-receive: some clients leak the connection of a cancelled call
+            for msg in await dlq.receive(max_messages=50, timeout=0.5):
+                self.tally.add(msg.id)
+                reason = msg.headers.get(HEADER_DEAD_LETTER_REASON, "")
+                self._reasons.setdefault(msg.id, f"{reason!r} at attempt {msg.headers.get(HEADER_ATTEMPTS, '?')}")
+                await msg.ack()
+
+    async def stop(self) -> None:
+        """Stop reading (after the receive in progress)."""
+        self._reading = False
+        await self._task
+
+    def ensure_none(self, what: str) -> None:
+        """Fail, naming them and a reason, if any message was dead-lettered."""
+        ids = sorted(self.tally.counts)
+        if ids:
+            fail(f"{len(ids)} {what} dead-lettered instead: {examples(ids)}; reason {self._reasons[ids[0]]}")
 
 
 def reached(tally: Tally, n: int) -> Callable[[], bool]:
