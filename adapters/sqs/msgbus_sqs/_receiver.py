@@ -37,6 +37,7 @@ from ._errors import is_missing, translated
 from ._topology import Resolved, Topology
 
 log = logging.getLogger("msgbus.sqs")
+CALLS_AT_ONCE = 10  # ReceiveMessage calls one fetch makes at once (FIFO: of 1 message each; else of 10)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +75,7 @@ class SqsReceiver(Receiver):
         self.hold: KeyHold[SqsDelivery] | None = KeyHold() if self._o.fifo else None
         self._deleter = Batcher(self._flush_deletes, "delete")
         self._changer = Batcher(self._flush_visibility, "change-visibility")
+        self._backlog = False  # the last fetch came back full: the queue has more ready than was asked
 
     def __repr__(self) -> str:
         return f"SqsReceiver({self.endpoint})"
@@ -87,10 +89,11 @@ class SqsReceiver(Receiver):
     async def receive(self, max_messages: int, timeout: float) -> list[Delivery]:
         """Long-poll up to ``timeout`` seconds (whole seconds, at most ``wait_time``), then top up without waiting.
 
-        The top-up asks for whole batches of 10, one call at a time (a receiver must not crowd out the
-        endpoint's other clients), and leaves a remainder under 10 for the next receive: a call costs the same
-        for 2 messages as for 10, and the deletes follow in the same sizes. Topping up stops after a quarter of
-        the visibility timeout, so the first messages are still locked when the core starts extending them.
+        The top-up asks for whole batches of 10, up to ``CALLS_AT_ONCE`` calls at once (never more than the
+        credit asked for), and leaves a remainder under 10 for the next receive: a call costs the same for 2
+        messages as for 10, and the deletes follow in the same sizes. While the queue has a backlog the long
+        poll is skipped (``_fetch``). Topping up stops after a quarter of the visibility timeout, so the first
+        messages are still locked when the core starts extending them.
 
         On a FIFO queue each call takes one message (the top-up makes up to 10 such calls at once): SQS then never
         hands this consumer a group's next message while it holds one, so a message waiting behind its key is
@@ -114,36 +117,53 @@ class SqsReceiver(Receiver):
         return [*await self._fetch(max_messages, timeout)]
 
     async def _fetch(self, max_messages: int, timeout: float) -> list[SqsDelivery]:
-        """ReceiveMessage: one long poll of up to ``timeout`` seconds, then calls without waiting to top it up."""
+        """ReceiveMessage: one long poll of up to ``timeout`` seconds, then calls without waiting to top it up.
+
+        While the queue has a backlog (the last fetch came back full) the long poll is skipped: the first round
+        is already the calls without waiting, made at once, so a consumer with a credit of 30 takes 30 in one
+        round trip rather than three in a row (where each call waits for the one before, the consumer's
+        handlers wait too). A round that comes back short ends the backlog; one that gets nothing falls back to
+        the long poll.
+        """
         wait = min(self._o.wait_time, whole_seconds(timeout, self._o.wait_time))
         where, url = await self._where()
-        asked = 1 if self._o.fifo else min(BATCH_MAX, max_messages)
-        try:
-            out = await self._receive_call(url, asked, wait)
-        except TopologyError as exc:
-            if not isinstance(exc.__cause__, Exception) or not is_missing(exc.__cause__):
-                raise
-            log.warning("msgbus: %s vanished; declaring it again", self.endpoint)
-            await self._adapter.recover(self.endpoint, where)
-            return []
+        out: list[SqsDelivery] = []
+        full = self._backlog
+        if not full:
+            asked = 1 if self._o.fifo else min(BATCH_MAX, max_messages)
+            try:
+                out = await self._receive_call(url, asked, wait)
+            except TopologyError as exc:
+                if not isinstance(exc.__cause__, Exception) or not is_missing(exc.__cause__):
+                    raise
+                log.warning("msgbus: %s vanished; declaring it again", self.endpoint)
+                await self._adapter.recover(self.endpoint, where)
+                return []
+            full = len(out) == asked
         loop = asyncio.get_running_loop()
         top_up_until = loop.time() + self._o.visibility_timeout / 4
-        got = len(out)
-        while got == asked and len(out) < max_messages and loop.time() < top_up_until:
-            room = max_messages - len(out)
-            if room < BATCH_MAX and not self._o.fifo:
-                break  # the remainder waits for the next receive: a call costs the same for 2 as for 10
-            asked = min(BATCH_MAX, room)
-            sizes = [1] * asked if self._o.fifo else [asked]
+        while full and (sizes := self._round(max_messages - len(out))) and loop.time() < top_up_until:
             results = await asyncio.gather(*(self._receive_call(url, n, 0) for n in sizes), return_exceptions=True)
             more = [d for r in results if isinstance(r, list) for d in r]
             out.extend(more)
-            got = len(more)
+            full = len(more) == sum(sizes)
             failed = [r for r in results if isinstance(r, BaseException)]
             if failed:  # keep what arrived; the next receive meets the error again if it lasts
                 log.debug("msgbus: topping up a receive from %s failed: %s", self.endpoint, failed[0])
-                break
+                full = False
+        if not out and self._backlog:  # the backlog is gone (or the calls failed): wait for messages as usual
+            self._backlog = False
+            return await self._fetch(max_messages, timeout)
+        self._backlog = full
         return out
+
+    def _round(self, room: int) -> list[int]:
+        """The sizes of one round's calls for ``room`` more messages, at most ``CALLS_AT_ONCE`` of them: FIFO calls
+        of 1 (see ``receive``), otherwise whole calls of 10; a remainder under 10 waits for the next receive (a
+        call costs the same for 2 messages as for 10, and the deletes follow in the same sizes)."""
+        if self._o.fifo:
+            return [1] * min(CALLS_AT_ONCE, room)
+        return [BATCH_MAX] * min(room // BATCH_MAX, CALLS_AT_ONCE)
 
     async def _receive_call(self, url: str, max_messages: int, wait: int) -> list[SqsDelivery]:
         """One ReceiveMessage call."""

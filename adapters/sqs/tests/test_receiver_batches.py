@@ -28,11 +28,13 @@ class FakeSqs:
         self.available = available
         self.refuse = refuse
         self.receives: list[int] = []
+        self.waits: list[int] = []
         self.deletes: list[int] = []
         self._n = itertools.count()
 
-    async def receive_message(self, *, MaxNumberOfMessages: int, **_: Any) -> dict[str, Any]:
+    async def receive_message(self, *, MaxNumberOfMessages: int, WaitTimeSeconds: int, **_: Any) -> dict[str, Any]:
         self.receives.append(MaxNumberOfMessages)
+        self.waits.append(WaitTimeSeconds)
         n = min(MaxNumberOfMessages, self.available)
         self.available -= n
         await asyncio.sleep(0)
@@ -75,7 +77,7 @@ class FakeLink:
         (32, 1000, [10, 10, 10], 30),  # the remainder of 2 waits for the next receive
         (40, 1000, [10, 10, 10, 10], 40),
         (5, 1000, [5], 5),  # less than a batch: asked as is
-        (32, 14, [10, 10], 14),  # the queue ran dry in the top-up
+        (32, 14, [10, 10, 10], 14),  # the queue ran dry in the top-up (its two calls go out at once)
         (32, 7, [10], 7),  # not full: no top-up
     ],
 )
@@ -85,6 +87,28 @@ async def test_a_receive_tops_up_in_whole_batches(room: int, available: int, cal
     out = await receiver.receive(room, 1.0)
     assert (sqs.receives, len(out)) == (calls, got)
     assert len({d.record.id for d in out}) == got
+
+
+async def test_a_backlog_is_taken_in_one_round_without_a_long_poll() -> None:
+    """After a full fetch the next one makes its calls at once without waiting (one round trip, not three in a
+    row); a round that comes back short ends the backlog, and the receive after it long-polls again."""
+    sqs = FakeSqs(65)
+    receiver = SqsReceiver(FakeLink(sqs), Endpoint("queue", "q"))
+    assert len(await receiver.receive(32, 1.0)) == 30
+    assert (sqs.receives, sqs.waits) == ([10, 10, 10], [1, 0, 0])  # a long poll, then a round of two at once
+    assert len(await receiver.receive(32, 1.0)) == 30
+    assert (sqs.receives[3:], sqs.waits[3:]) == ([10, 10, 10], [0, 0, 0])  # the backlog: one round of three
+    assert len(await receiver.receive(32, 1.0)) == 5  # short: the backlog is gone
+    assert len(await receiver.receive(32, 1.0)) == 0
+    assert sqs.waits[6:] == [0, 0, 0, 1]  # the next receive waits for messages again
+
+
+async def test_a_backlog_that_is_gone_falls_back_to_the_long_poll() -> None:
+    sqs = FakeSqs(30)
+    receiver = SqsReceiver(FakeLink(sqs), Endpoint("queue", "q"))
+    assert len(await receiver.receive(32, 1.0)) == 30
+    assert await receiver.receive(32, 1.0) == []
+    assert sqs.waits == [1, 0, 0, 0, 0, 0, 1]  # the round got nothing: the same receive long-polls
 
 
 async def test_acks_go_out_in_batches_of_ten_and_every_failure_waits_for_the_rest() -> None:
